@@ -1,0 +1,54 @@
+"""torchpruner: on-the-fly structured pruning for PyTorch.
+
+Score the units (neurons, channels, filters) of a layer with an attribution metric computed over a
+DataLoader, then remove the weakest for real: parameters are sliced, the layers that consume them
+are sliced too, and the live training state (Dropout rates, gradients, BatchNorm statistics,
+optimizer buffers) is fixed in place.
+
+Everything public is re-exported here (``from torchpruner import Pruner, ShapleyAttributionMetric``).
+Submodules are imported on first use, so ``import torchpruner`` is cheap and never imports
+torchvision or captum.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # attributions
+    "AttributionMetric": "torchpruner.attributions",
+    "RandomAttributionMetric": "torchpruner.attributions",
+    "APoZAttributionMetric": "torchpruner.attributions",
+    "SensitivityAttributionMetric": "torchpruner.attributions",
+    "TaylorAttributionMetric": "torchpruner.attributions",
+    "WeightNormAttributionMetric": "torchpruner.attributions",
+    "ShapleyAttributionMetric": "torchpruner.attributions",
+    "CaptumAttributionMetric": "torchpruner.attributions",
+    # pruner
+    "Pruner": "torchpruner.pruner",
+    "Plan": "torchpruner.pruner",
+    "register_slicing_rule": "torchpruner.pruner",
+    "register_per_element_optimizer": "torchpruner.pruner",
+    # graph
+    "ModelGraph": "torchpruner.graph",
+    "CallSite": "torchpruner.graph",
+    "get_graph": "torchpruner.graph",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'torchpruner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__
