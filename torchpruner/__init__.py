@@ -36,6 +36,10 @@ _EXPORTS = {
     "ModelGraph": "torchpruner.graph",
     "CallSite": "torchpruner.graph",
     "get_graph": "torchpruner.graph",
+    # utils
+    "count_parameters": "torchpruner.utils",
+    "count_flops": "torchpruner.utils",
+    "measure_latency": "torchpruner.utils",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
