@@ -1,0 +1,24 @@
+"""Attribution metrics: one score per unit of a layer, higher = more important = keep.
+
+Every metric shares one data loop (:mod:`torchpruner.attributions.base`) and leaves the model as
+it found it. captum is imported only when :class:`CaptumAttributionMetric` runs.
+"""
+
+from .base import AttributionMetric, default_batch_fn, per_example_loss
+from .captum_adapter import CaptumAttributionMetric
+from .methods import (APoZAttributionMetric, RandomAttributionMetric,
+                      SensitivityAttributionMetric, ShapleyAttributionMetric,
+                      TaylorAttributionMetric, WeightNormAttributionMetric)
+
+__all__ = [
+    "AttributionMetric",
+    "APoZAttributionMetric",
+    "CaptumAttributionMetric",
+    "RandomAttributionMetric",
+    "SensitivityAttributionMetric",
+    "ShapleyAttributionMetric",
+    "TaylorAttributionMetric",
+    "WeightNormAttributionMetric",
+    "default_batch_fn",
+    "per_example_loss",
+]

@@ -1,0 +1,138 @@
+"""Any captum layer attribution of the per-example loss, as a pruning metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import (AttributionMetric, Batch, BatchFn, Reduction, SiteRunner, _first_tensor,
+                   per_example_loss, sum_positions)
+
+
+class _LayerProbe(nn.Identity):
+    """Identity module the evaluation point's output is routed through; captum hooks this module.
+
+    Using a probe instead of the real module makes call sites of functions (``F.relu``) and
+    modules called several times per forward (torchvision ResNet's ReLU) work, and keeps
+    captum's hooks off the user's model.
+    """
+
+
+class CaptumAttributionMetric(AttributionMetric):
+    """Turn a captum layer attribution method into a pruning metric.
+
+    The forward function given to captum returns the per-example **negative** loss ``−ℓₙ``
+    (so positive attributions = the unit helps = keep); the attribution of the evaluation point is
+    summed over positions to one score per example and unit, then reduced over examples.
+    With ``method=LayerGradientXActivation`` the signed scores equal
+    ``TaylorAttributionMetric(signed=True)``.
+
+    Args:
+        model, data_generator, criterion, device, reduction, max_batches, batch_fn, progress: as
+            for :class:`~torchpruner.attributions.base.AttributionMetric`.
+        method: a captum layer attribution class, ``cls(forward_func, layer, **init_kwargs)``
+            with ``.attribute(inputs, additional_forward_args=..., **kwargs)``; default
+            ``captum.attr.LayerConductance``.
+        init_kwargs: keyword arguments for the method's constructor (e.g.
+            ``{"multiply_by_inputs": False}``).
+        absolute: score ``|Σ_s attribution|`` instead of the signed sum (default ``False``).
+        **attribute_kwargs: passed to ``attribute`` (``n_steps=``, ``baselines=``,
+            ``internal_batch_size=`` ...). ``run(..., **kwargs)`` overrides any of these options.
+
+    Inputs must be positional tensors (captum expands them for path methods); keyword inputs from
+    a dict ``batch_fn`` are passed unchanged, which is only right for methods that do not expand
+    the batch (gradient × activation, activation, ablation).
+
+    Tested with: LayerGradientXActivation, LayerActivation, LayerConductance, InternalInfluence,
+    LayerIntegratedGradients, LayerFeatureAblation.
+    """
+
+    name: ClassVar[str] = "Captum"
+    default_options: ClassVar[dict[str, Any]] = {"method": None, "init_kwargs": None, "absolute": False}
+    needs_grad: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_generator: Iterable,
+        criterion: Callable,
+        device: torch.device | str | None = None,
+        method: type | None = None,
+        reduction: Reduction = "mean",
+        max_batches: int | None = None,
+        batch_fn: BatchFn | None = None,
+        progress: bool | None = None,
+        init_kwargs: dict[str, Any] | None = None,
+        absolute: bool = False,
+        **attribute_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            model, data_generator, criterion, device, reduction, max_batches, batch_fn, progress,
+            method=method, init_kwargs=init_kwargs, absolute=absolute, **attribute_kwargs,
+        )
+        self._probe = _LayerProbe()
+
+    def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return dict(options)  # everything that is not ours goes to captum's attribute()
+
+    @staticmethod
+    def _method_class(options: dict[str, Any]) -> type:
+        method = options["method"]
+        if method is None:
+            from captum.attr import LayerConductance
+
+            method = LayerConductance
+        if not isinstance(method, type) or not hasattr(method, "attribute"):
+            raise TypeError(f"method must be a captum layer attribution class, got {method!r}")
+        return method
+
+    def describe(self, module_name: str, options: dict[str, Any]) -> str:
+        return f"{self._method_class(options).__name__} {module_name}"
+
+    def intercept_function(self, runner: SiteRunner) -> Callable[[torch.Tensor], torch.Tensor]:
+        probe = self._probe
+
+        def through_probe(z: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            return probe(z).clone()  # a new tensor: downstream in-place ops leave captum's copy alone
+
+        return through_probe
+
+    def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        method_cls = self._method_class(options)
+        attribute_kwargs = {
+            k: v for k, v in options.items() if k not in self.default_options
+        }
+        if not batch.args:
+            raise TypeError(
+                "CaptumAttributionMetric needs positional tensor inputs; make batch_fn return a "
+                "tensor or a tuple of tensors"
+            )
+        criterion, kwargs = self.criterion, batch.kwargs
+
+        def forward_func(*inputs_and_target: Any) -> torch.Tensor:
+            *inputs, target = inputs_and_target
+            output = runner.forward(*inputs, **kwargs)
+            first = _first_tensor(inputs)
+            return -per_example_loss(criterion, output, target, None if first is None else first.shape[0])
+
+        attributor = method_cls(forward_func, self._probe, **(options["init_kwargs"] or {}))
+        inputs = batch.args[0] if len(batch.args) == 1 else batch.args
+        with torch.enable_grad():
+            attribution = attributor.attribute(
+                inputs, additional_forward_args=(batch.target,), **attribute_kwargs
+            )
+        if isinstance(attribution, (tuple, list)):
+            attribution = attribution[0]
+        if not isinstance(attribution, torch.Tensor) or attribution.shape[0] != batch.size:
+            raise RuntimeError(
+                f"{method_cls.__name__} returned {type(attribution).__name__} "
+                f"{tuple(getattr(attribution, 'shape', ()))}; expected a tensor shaped like the "
+                f"activation at {runner.site.label}"
+            )
+        scores = sum_positions(attribution.detach(), runner.unit_axis)
+        return scores.abs() if options["absolute"] else scores

@@ -1,0 +1,18 @@
+"""One file per attribution metric."""
+
+from .apoz import APoZAttributionMetric
+from .random import RandomAttributionMetric
+from .sensitivity import SensitivityAttributionMetric
+from .shapley import ShapleyAttributionMetric
+from .taylor import TaylorAttributionMetric
+from .weight_norm import WeightNormAttributionMetric, unit_weight_norms
+
+__all__ = [
+    "APoZAttributionMetric",
+    "RandomAttributionMetric",
+    "SensitivityAttributionMetric",
+    "ShapleyAttributionMetric",
+    "TaylorAttributionMetric",
+    "WeightNormAttributionMetric",
+    "unit_weight_norms",
+]
