@@ -1,0 +1,20 @@
+"""Structured pruning in place: slicing rules per layer type, plans, optimizer surgery.
+
+``Pruner(model, input_size, device, optimizer).prune_model(layer, indices, cascading_modules)``
+removes units of ``layer`` and slices the layers that read them; the same ``nn.Parameter`` objects
+keep their (sliced) data, gradients and optimizer state, so training continues with the same
+model and optimizer. ``Pruner.plan(...)`` returns the :class:`Plan` without changing anything.
+See :mod:`torchpruner.pruner.rules` for adding a slicing rule for your own layer.
+"""
+
+from .optimizer import register_per_element_optimizer
+from .plan import AttributeChange, OptimizerStateSlice, Plan, TensorSlice
+from .pruner import Pruner, discover_cascading_modules, kept_units
+from .rules import (DROPOUT_POLICIES, SlicingRule, UnitSelection, get_slicing_rule, register_slicing_rule,
+                    set_attribute, slice_tensor)
+
+__all__ = [
+    "Pruner", "Plan", "TensorSlice", "AttributeChange", "OptimizerStateSlice",
+    "SlicingRule", "UnitSelection", "register_slicing_rule", "get_slicing_rule", "slice_tensor", "set_attribute",
+    "register_per_element_optimizer", "kept_units", "discover_cascading_modules", "DROPOUT_POLICIES",
+]
