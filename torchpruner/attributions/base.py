@@ -14,7 +14,6 @@ import inspect
 import itertools
 import logging
 import os
-import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,46 +243,16 @@ def unit_mask_shape(ndim: int, unit_axis: int, num_units: int) -> list[int]:
 # Leaving the model as found
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def preserved_rng_state() -> Iterator[None]:
-    """Restore the global torch (CPU and CUDA), numpy and python RNG states on exit.
-
-    Iterating a shuffled DataLoader draws from the global torch generator; scoring inside a
-    training loop must not change the training run.
-    """
-    torch_state = torch.get_rng_state()
-    cuda_states = (
-        torch.cuda.get_rng_state_all()
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else None
-    )
-    numpy_state = np.random.get_state()
-    python_state = random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode; restore every submodule's own ``training`` flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-@contextlib.contextmanager
 def left_as_found(model: nn.Module) -> Iterator[None]:
-    """Eval mode and RNG preservation; BatchNorm statistics cannot move in eval mode."""
-    with preserved_rng_state(), eval_mode(model):
+    """Eval mode (every module's own training flag restored on exit) and the global torch,
+    CUDA, numpy and python RNG states restored on exit.
+
+    Iterating a shuffled DataLoader draws from the global torch generator, and scoring inside a
+    training loop must not change the training run. BatchNorm statistics cannot move in eval mode.
+    """
+    from torchpruner.graph import preserved_state
+
+    with preserved_state(model, eval_mode=True):
         yield
 
 

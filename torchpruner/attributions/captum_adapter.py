@@ -38,9 +38,13 @@ class CaptumAttributionMetric(AttributionMetric):
             ``captum.attr.LayerConductance``.
         init_kwargs: keyword arguments for the method's constructor (e.g.
             ``{"multiply_by_inputs": False}``).
+        attribute_kwargs: keyword arguments for ``attribute``, as a dict; needed for captum's
+            own ``method=`` (the integration rule, e.g. ``{"method": "riemann_trapezoid"}``),
+            whose name is taken by the captum class here.
         absolute: score ``|Σ_s attribution|`` instead of the signed sum (default ``False``).
-        **attribute_kwargs: passed to ``attribute`` (``n_steps=``, ``baselines=``,
-            ``internal_batch_size=`` ...). ``run(..., **kwargs)`` overrides any of these options.
+        **more_attribute_kwargs: also passed to ``attribute`` (``n_steps=``, ``baselines=``,
+            ``internal_batch_size=``, ``layer_mask=`` ...). ``run(..., **kwargs)`` overrides any
+            of these options.
 
     Inputs must be positional tensors (captum expands them for path methods); keyword inputs from
     a dict ``batch_fn`` are passed unchanged, which is only right for methods that do not expand
@@ -51,7 +55,9 @@ class CaptumAttributionMetric(AttributionMetric):
     """
 
     name: ClassVar[str] = "Captum"
-    default_options: ClassVar[dict[str, Any]] = {"method": None, "init_kwargs": None, "absolute": False}
+    default_options: ClassVar[dict[str, Any]] = {
+        "method": None, "init_kwargs": None, "attribute_kwargs": None, "absolute": False,
+    }
     needs_grad: ClassVar[bool] = True
 
     def __init__(
@@ -66,12 +72,14 @@ class CaptumAttributionMetric(AttributionMetric):
         batch_fn: BatchFn | None = None,
         progress: bool | None = None,
         init_kwargs: dict[str, Any] | None = None,
+        attribute_kwargs: dict[str, Any] | None = None,
         absolute: bool = False,
-        **attribute_kwargs: Any,
+        **more_attribute_kwargs: Any,
     ) -> None:
         super().__init__(
             model, data_generator, criterion, device, reduction, max_batches, batch_fn, progress,
-            method=method, init_kwargs=init_kwargs, absolute=absolute, **attribute_kwargs,
+            method=method, init_kwargs=init_kwargs, attribute_kwargs=attribute_kwargs,
+            absolute=absolute, **more_attribute_kwargs,
         )
         self._probe = _LayerProbe()
 
@@ -104,9 +112,8 @@ class CaptumAttributionMetric(AttributionMetric):
 
     def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         method_cls = self._method_class(options)
-        attribute_kwargs = {
-            k: v for k, v in options.items() if k not in self.default_options
-        }
+        attribute_kwargs = dict(options["attribute_kwargs"] or {})
+        attribute_kwargs.update((k, v) for k, v in options.items() if k not in self.default_options)
         if not batch.args:
             raise TypeError(
                 "CaptumAttributionMetric needs positional tensor inputs; make batch_fn return a "
