@@ -284,6 +284,16 @@ class Pruner:
 
     # -- public API -----------------------------------------------------------------------
 
+    def _graph_with_sites(self, graph: ModelGraph, modules: Sequence[nn.Module]) -> ModelGraph:
+        """fx traces *through* user-defined modules; when one of ``modules`` has no call site of
+        its own, use a forward-hook trace, where every leaf module is a call site."""
+        if graph.method != "fx" or all(id(m) in graph._by_module for m in modules):
+            return graph
+        missing = [self._name_of(m) for m in modules if id(m) not in graph._by_module]
+        logger.info("modules %s are traced through by torch.fx; following the data flow with forward hooks", missing)
+        args, kwargs = make_example_inputs(self.model, self.input_size, self.example_inputs, self.device)
+        return ModelGraph(self.model, args, kwargs, method="hooks")
+
     def graph(self) -> ModelGraph:
         """The traced graph of the model (cached by the tracer; rebuilt after a prune)."""
         if self.input_size is None and self.example_inputs is None:
@@ -323,6 +333,7 @@ class Pruner:
         if cascading_modules is None:
             cascading_modules = discover_cascading_modules(graph, module)
         cascade = self._check_cascade(cascading_modules, module, name)
+        graph = self._graph_with_sites(graph, [module] + cascade)
         consumers = self._follow(graph, module, name, remove, num_units, cascade)
 
         source_selection = UnitSelection.from_remove(remove, num_units, dropout_policy=self.dropout_policy)

@@ -1,0 +1,377 @@
+"""Pruner, one layer type at a time: the pruned model equals its zeroed twin (float64, eval mode).
+
+Zeroed twin: a copy of the unpruned model with the pruned units zeroed by a persistent mask hook at
+the last element-wise module after them (after the activation, so f(0) != 0 does not matter).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchpruner.pruner import Pruner, SlicingRule, kept_units, register_slicing_rule, set_attribute, slice_tensor
+
+from _pruner_utils import masked_units
+
+torch.set_default_dtype(torch.float64)
+
+
+def zeroed_twin_check(model: nn.Module, source: nn.Module, indices, cascade, mask_module: nn.Module,
+                      x: torch.Tensor, mask_indices=None, axis: int = 1, **pruner_kwargs) -> Pruner:
+    model = model.double().eval()
+    x = x.double() if x.is_floating_point() else x
+    names = {id(m): n for n, m in model.named_modules()}
+    twin = copy.deepcopy(model)
+    with masked_units(twin.get_submodule(names[id(mask_module)]), mask_indices or indices, axis):
+        expected = twin(x)
+    parameters_before = {n: p for n, p in model.named_parameters()}
+    pruner = Pruner(model, example_inputs=x, **pruner_kwargs)
+    pruner.prune_model(source, indices, cascading_modules=cascade)
+    for n, p in model.named_parameters():
+        assert p is parameters_before[n], f"{n} is a new Parameter object"
+    got = model(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    return pruner
+
+
+def seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def randomize_bn(model: nn.Module) -> None:
+    """Non-trivial running statistics and affine parameters."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            if m.running_mean is not None:
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+            if m.weight is not None:
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+def test_linear_units_on_dim1(order):
+    seeded()
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Sigmoid(), nn.Dropout(0.3), nn.Linear(6, 3))
+    randomize_bn(model)
+    cascade = [model[1], model[3], model[4]]
+    if order == "reversed":
+        cascade = cascade[::-1]
+    zeroed_twin_check(model, model[0], [1, 4], cascade, model[2], torch.randn(7, 5))
+    assert model[0].out_features == 4 and model[1].num_features == 4 and model[4].in_features == 4
+    assert math.isclose(model[3].p, 0.3 * (1 - 2 / 6))
+
+
+def test_linear_units_on_last_dim_tokens():
+    seeded()
+    model = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3))
+    zeroed_twin_check(model, model[0], [0, 5], [model[2]], model[1], torch.randn(2, 4, 5), axis=2)
+    assert model[2].weight.shape == (3, 4)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_bn_conv(dims):
+    seeded()
+    conv, bn = getattr(nn, f"Conv{dims}d"), getattr(nn, f"BatchNorm{dims}d")
+    model = nn.Sequential(conv(2, 6, 3, padding=1), bn(6), nn.Softplus(), conv(6, 4, 3))
+    randomize_bn(model)
+    x = torch.randn((2, 2) + (5,) * dims)
+    zeroed_twin_check(model, model[0], [0, 2, 3], [model[3], model[1]], model[2], x)
+    assert model[0].out_channels == 3 and model[3].in_channels == 3 and model[1].num_features == 3
+    assert model[1].num_batches_tracked.shape == ()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_transpose(dims):
+    seeded()
+    convt, bn = getattr(nn, f"ConvTranspose{dims}d"), getattr(nn, f"BatchNorm{dims}d")
+    model = nn.Sequential(convt(2, 6, 3, stride=2), bn(6, affine=False), nn.Tanh(), convt(6, 4, 2))
+    randomize_bn(model)
+    x = torch.randn((2, 2) + (3,) * dims)
+    zeroed_twin_check(model, model[0], [1, 5], [model[1], model[3]], model[2], x)
+    assert model[0].weight.shape[:2] == (2, 4) and model[3].weight.shape[:2] == (4, 4)
+    assert model[0].out_channels == 4 and model[3].in_channels == 4
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_passes_channels_through(multiplier):
+    seeded()
+    c = 6
+    model = nn.Sequential(nn.Conv2d(3, c, 1), nn.BatchNorm2d(c), nn.ReLU(),
+                          nn.Conv2d(c, c * multiplier, 3, padding=1, groups=c), nn.BatchNorm2d(c * multiplier),
+                          nn.Hardswish(), nn.Conv2d(c * multiplier, 4, 1))
+    randomize_bn(model)
+    pruned = [1, 4]
+    dw_out = [p * multiplier + j for p in pruned for j in range(multiplier)]
+    zeroed_twin_check(model, model[0], pruned, [model[6], model[4], model[3], model[1]], model[5],
+                      torch.randn(2, 3, 5, 5), mask_indices=dw_out)
+    assert model[3].groups == 4 and model[3].in_channels == 4 and model[3].out_channels == 4 * multiplier
+    assert kept_units(model[3], "out") == [p for p in range(c * multiplier) if p not in dw_out]
+
+
+@pytest.mark.parametrize("indices", [[0, 6], [1, 5]], ids=["different-positions", "same-positions"])
+def test_grouped_conv_consumer_equal_within_groups(indices):
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2))
+    zeroed_twin_check(model, model[0], indices, [model[2]], model[1], torch.randn(2, 2, 5, 5))
+    assert model[2].groups == 2 and model[2].in_channels == 6 and model[2].weight.shape == (4, 3, 3, 3)
+
+
+def test_grouped_conv_consumer_whole_groups():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    zeroed_twin_check(model, model[0], [4, 5, 6, 7], [model[2], model[4]], model[3], torch.randn(2, 2, 5, 5),
+                      mask_indices=[2, 3])
+    assert model[2].groups == 1 and model[2].in_channels == 4 and model[2].out_channels == 2
+
+
+def test_grouped_conv_source_equal_within_groups():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    zeroed_twin_check(model, model[0], [1, 6], [model[2]], model[1], torch.randn(2, 4, 5, 5))
+    assert model[0].groups == 2 and model[0].out_channels == 6
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2, 3], [0, 1, 4]], ids=["whole-output-group", "unequal"])
+def test_grouped_conv_source_refused(indices):
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    pruner = Pruner(model, input_size=(4, 5, 5))
+    with pytest.raises(ValueError, match="'0'.*group"):
+        pruner.prune_model(model[0], indices, [model[2]])
+    assert model[0].out_channels == 8
+
+
+def test_grouped_conv_transpose():
+    seeded()
+    model = nn.Sequential(nn.ConvTranspose2d(4, 8, 3, groups=2), nn.ReLU(), nn.ConvTranspose2d(8, 4, 3, groups=2))
+    zeroed_twin_check(model, model[0], [0, 6], [model[2]], model[1], torch.randn(2, 4, 4, 4))
+    assert model[0].weight.shape == (4, 3, 3, 3) and model[2].weight.shape == (6, 2, 3, 3)
+
+
+def test_prelu_per_channel():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.PReLU(5), nn.Conv2d(5, 2, 1))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.1, 0.5)
+    zeroed_twin_check(model, model[0], [3], [model[1], model[2]], model[1], torch.randn(2, 2, 5, 5))
+    assert model[1].num_parameters == 4
+
+
+class FunctionalNet(nn.Module):
+    """Conv -> pool -> functional flatten -> Linear, with functional activations."""
+
+    def __init__(self, flatten: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+        self.flatten = flatten
+
+    def forward(self, x):
+        h = self.pool(F.relu(self.conv(x)))
+        h = h.flatten(1) if self.flatten == "flatten" else h.view(h.size(0), -1)
+        return self.fc(torch.sigmoid(h))
+
+
+@pytest.mark.parametrize("flatten", ["flatten", "view"])
+def test_conv_flatten_linear_functional(flatten):
+    seeded()
+    model = FunctionalNet(flatten).double().eval()
+    x = torch.randn(2, 2, 6, 6)
+    twin = copy.deepcopy(model)
+    with masked_units(twin.pool, [1, 2]):
+        # zeroing pooled relu outputs; sigmoid(0) = 0.5 reaches fc, so compare with the rebuilt model below
+        pass
+    pruner = Pruner(model, input_size=(2, 6, 6))
+    plan = pruner.plan(model.conv, [1, 2], [model.fc])
+    assert "fc.weight" in str(plan) and "[3, 16] -> [3, 8]" in str(plan)
+    pruner.prune_model(model.conv, [1, 2], [model.fc])
+    # explicit reference: the columns of channel c are c*4 .. c*4+3
+    keep_cols = [c * 4 + j for c in (0, 3) for j in range(4)]
+    ref = FunctionalNet(flatten).double().eval()
+    with torch.no_grad():
+        ref.conv = nn.Conv2d(2, 2, 3).double()
+        ref.conv.weight.copy_(twin.conv.weight[[0, 3]])
+        ref.conv.bias.copy_(twin.conv.bias[[0, 3]])
+        ref.fc = nn.Linear(8, 3).double()
+        ref.fc.weight.copy_(twin.fc.weight[:, keep_cols])
+        ref.fc.bias.copy_(twin.fc.bias)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert kept_units(model.fc, "in") == keep_cols
+
+
+def test_conv_pool_flatten_linear_sequential():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 2))
+    randomize_bn(model)
+    zeroed_twin_check(model, model[0], [0, 3], [model[5], model[1]], model[3], torch.randn(2, 2, 6, 6))
+    assert model[5].in_features == 8
+
+
+def test_layernorm_matches_rebuilt_model():
+    seeded()
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    keep = [0, 2, 3, 5]
+    ref = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    with torch.no_grad():
+        ref[0].weight.copy_(model[0].weight[keep]); ref[0].bias.copy_(model[0].bias[keep])
+        ref[1].weight.copy_(model[1].weight[keep]); ref[1].bias.copy_(model[1].bias[keep])
+        ref[3].weight.copy_(model[3].weight[:, keep]); ref[3].bias.copy_(model[3].bias)
+    x = torch.randn(3, 5)
+    Pruner(model, input_size=(5,)).prune_model(model[0], [1, 4], [model[3], model[1]])
+    assert model[1].normalized_shape == (4,)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy,expected", [("linear", 0.5 * (1 - 2 / 8)), ("sqrt", 0.5 * math.sqrt(6 / 8)),
+                                             ("keep", 0.5)])
+def test_dropout_policies(policy, expected):
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    Pruner(model, input_size=(3,), dropout_policy=policy).prune_model(model[0], [0, 1], [model[2], model[3]])
+    assert math.isclose(model[2].p, expected)
+
+
+def test_embedding_source_with_token_inputs():
+    seeded()
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 3))
+    tokens = torch.randint(0, 10, (2, 4))
+    expected_keep = [0, 1, 3, 5]
+    ref_out = F.linear(model[0].weight[tokens][..., expected_keep], model[1].weight[:, expected_keep], model[1].bias)
+    Pruner(model, example_inputs=tokens).prune_model(model[0], [2, 4], [model[1]])
+    torch.testing.assert_close(model(tokens), ref_out)
+    assert model[0].embedding_dim == 4
+
+
+def test_kept_units_across_two_prunes_and_module_level_calls():
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruner = Pruner(model, input_size=(3,))
+    pruner.prune_model(model[0], [1, 2], [model[2]])
+    pruner.prune_model(model[0], [0, 3], [model[2]])
+    assert pruner.kept_units(model[0]) == [3, 4, 6, 7]
+    assert pruner.kept_units(model[2], "in") == [3, 4, 6, 7]
+    assert pruner.kept_units(model[2], "out") == [0, 1]
+    assert repr(model[0]) == "Linear(in_features=3, out_features=4, bias=True)"
+
+
+def test_prune_module_and_prune_parameter():
+    model = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.4), nn.Linear(6, 2))
+    pruner = Pruner(model)
+    pruner.prune_module(model[0], [0, 1])
+    pruner.prune_module(model[2], [0, 1], direction="in")
+    with pytest.raises(ValueError, match="original_len"):
+        pruner.prune_module(model[1], [0, 1])
+    pruner.prune_module(model[1], [0, 1], original_len=6)
+    assert math.isclose(model[1].p, 0.4 * (1 - 2 / 6))
+    assert model(torch.randn(2, 3)).shape == (2, 2)
+    pruner.prune_parameter(model[2], "bias", [1])
+    assert model[2].bias.shape == (1,) and model[2].out_features == 2  # attributes are the caller's business
+
+
+def test_plan_is_a_dry_run_and_applies_to_an_averaged_copy():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2))
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    copy_ = copy.deepcopy(model)
+    pruner = Pruner(model, input_size=(2, 5, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = pruner.plan(model[0], [1], [model[1], model[4]])
+    text = str(plan)
+    for expected in ["0.weight", "[4, 2, 3, 3] -> [3, 2, 3, 3]", "1.running_var", "4.in_features", "36 -> 27",
+                     "4.weight"]:
+        assert expected in text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plan.apply(model)
+    plan.apply(ema)
+    plan.apply(copy_)
+    for m in (ema.module, copy_):
+        assert repr(m) == repr(model)
+        for (n, a), (_, b) in zip(model.state_dict().items(), m.state_dict().items()):
+            assert a.shape == b.shape, n
+    ema.update_parameters(model)
+    x = torch.randn(2, 2, 5, 5)
+    assert ema(x).shape == (2, 2)
+    with pytest.raises(ValueError, match="0.weight.*shape"):
+        plan.apply(copy_)  # already applied: shapes no longer match
+
+
+def test_compiled_model_is_unwrapped():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = torch.compile(model)
+    pruner = Pruner(compiled, input_size=(3,))
+    pruner.prune_model(model[0], [1], [model[2]])
+    assert compiled._orig_mod[0].out_features == 3
+
+
+def test_grad_is_sliced_between_backward_and_step():
+    seeded()
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    model(torch.randn(4, 3)).sum().backward()
+    g0, g2 = model[0].weight.grad.clone(), model[2].weight.grad.clone()
+    Pruner(model, input_size=(3,)).prune_model(model[0], [0, 3], [model[2]])
+    assert torch.equal(model[0].weight.grad, g0[[1, 2, 4]])
+    assert torch.equal(model[2].weight.grad, g2[:, [1, 2, 4]])
+    model(torch.randn(4, 3)).sum().backward()  # the AccumulateGrad nodes accept the new shapes
+    assert model[0].weight.grad.shape == (3, 3)
+
+
+def test_shape_probing_has_no_side_effects():
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.ReLU(), nn.Linear(5, 2))
+    model.train()
+    model[4].eval()
+    bn_state = {k: v.clone() for k, v in model[1].state_dict().items()}
+    rng = torch.get_rng_state()
+    pruner = Pruner(model, input_size=(3,))
+    pruner.plan(model[0], [1], [model[1], model[2], model[4]])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and model[1].training and not model[4].training
+    assert all(torch.equal(bn_state[k], v) for k, v in model[1].state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+class Scale(nn.Module):
+    """A user layer: per-channel scale on dim 1."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+@register_slicing_rule(Scale)
+class ScaleRule(SlicingRule):
+    passes_units_through = True
+    input_unit_axis = 1
+
+    def out_units(self, module):
+        return module.channels
+
+    in_units = out_units
+
+    def prune_in(self, module, selection):
+        return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(module, "channels", len(selection.keep))
+
+    prune_out = prune_in
+
+
+def test_user_registered_rule():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), Scale(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    zeroed_twin_check(model, model[0], [2], [model[1], model[3]], model[2], torch.randn(2, 2, 5, 5))
+    assert model[1].channels == 3 and model[1].weight.shape == (3,)
