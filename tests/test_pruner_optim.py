@@ -1,0 +1,214 @@
+"""Optimizer surgery: training after a prune equals training a masked twin (float64).
+
+Masked trajectory: train a few steps, prune with the live optimizer, train more. A twin (same
+weights, same optimizer state) trains with the pruned units zeroed after their activation from the
+same step on. Every remaining parameter (and every per-element optimizer state tensor) equals the
+corresponding slice of the twin's: the masked units contribute nothing to the kept units' gradients,
+and per-element optimizers update each element from its own history only. (The twin's pruned-unit
+weights still decay and drift; they are not compared.)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict
+
+import pytest
+import torch
+import torch.nn as nn
+
+from torchpruner.pruner import Pruner, register_per_element_optimizer
+
+from _pruner_utils import assert_same_snapshot, masked_units, snapshot
+
+DTYPE = torch.float64
+
+OPTIMIZERS = {
+    "SGD": (torch.optim.SGD, dict(lr=0.05)),
+    "SGD-nesterov-wd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    "Adam-amsgrad": (torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    "AdamW": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "AdamW-amsgrad": (torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+    "Adamax": (torch.optim.Adamax, dict(lr=1e-2)),
+    "NAdam": (torch.optim.NAdam, dict(lr=1e-2, weight_decay=1e-2)),
+    "RAdam": (torch.optim.RAdam, dict(lr=1e-2)),
+    "RMSprop-centered-momentum": (torch.optim.RMSprop, dict(lr=1e-3, centered=True, momentum=0.9)),
+    "Adagrad": (torch.optim.Adagrad, dict(lr=0.05, initial_accumulator_value=0.1)),
+    "Adadelta": (torch.optim.Adadelta, dict(lr=1.0)),
+    "ASGD": (torch.optim.ASGD, dict(lr=1e-2, t0=2)),
+    "Rprop": (torch.optim.Rprop, dict(lr=1e-2)),
+}
+
+PRUNED = [1, 4, 6]
+KEEP = [i for i in range(8) if i not in PRUNED]
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    # no bias before BatchNorm: its gradient would be zero up to rounding noise, which Rprop's sign
+    # and centered RMSprop's ratio amplify
+    return nn.Sequential(nn.Linear(5, 8, bias=False), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(),
+                         nn.Linear(6, 3)).to(DTYPE)
+
+
+# how each parameter / buffer of the pruned model maps onto the twin's
+SLICERS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "0.weight": lambda t: t[KEEP],
+    "1.weight": lambda t: t[KEEP], "1.bias": lambda t: t[KEEP],
+    "1.running_mean": lambda t: t[KEEP], "1.running_var": lambda t: t[KEEP],
+    "3.weight": lambda t: t[:, KEEP],
+}
+
+
+def batches(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 5, generator=g, dtype=DTYPE), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+def train_step(model, optimizer, batch, scheduler=None):
+    x, y = batch
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
+def assert_matches_twin(model, twin, optimizer=None, twin_optimizer=None):
+    twin_state = twin.state_dict()
+    for key, value in model.state_dict().items():
+        expected = SLICERS.get(key, lambda t: t)(twin_state[key])
+        assert value.shape == expected.shape, key
+        torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12, msg=key)
+    if optimizer is not None:
+        twin_params = dict(twin.named_parameters())
+        for name, param in model.named_parameters():
+            state, twin_state_p = optimizer.state[param], twin_optimizer.state[twin_params[name]]
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    expected = SLICERS.get(name, lambda t: t)(twin_state_p[key])
+                    torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12, msg=f"{name}/{key}")
+
+
+def twin_of(model, optimizer, cls, kwargs):
+    twin = copy.deepcopy(model)
+    twin_optimizer = cls(twin.parameters(), **kwargs)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return twin, twin_optimizer
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_masked_trajectory(name):
+    cls, kwargs = OPTIMIZERS[name]
+    model = make_model()
+    optimizer = cls(model.parameters(), **kwargs)
+    data = batches(7)
+    for batch in data[:3]:
+        train_step(model, optimizer, batch)
+    twin, twin_optimizer = twin_of(model, optimizer, cls, kwargs)
+    params_before = list(model.parameters())
+    plan = Pruner(model, input_size=(5,), optimizer=optimizer).prune_model(model[0], PRUNED, [model[3], model[1]])
+    assert "optim" in str(plan)
+    assert all(a is b for a, b in zip(model.parameters(), params_before))
+    # state_dict round trip after surgery: a fresh optimizer loaded from it continues identically
+    reloaded_model = copy.deepcopy(model)
+    reloaded = cls(reloaded_model.parameters(), **kwargs)
+    reloaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    with masked_units(twin[2], PRUNED):
+        for batch in data[3:]:
+            train_step(model, optimizer, batch)
+            train_step(twin, twin_optimizer, batch)
+            train_step(reloaded_model, reloaded, batch)
+    assert_matches_twin(model, twin, optimizer, twin_optimizer)
+    for a, b in zip(model.parameters(), reloaded_model.parameters()):
+        # load_state_dict casts float state to the parameter dtype (NAdam's float32 mu_product)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["SGD-nesterov-wd", "Adam-amsgrad", "RMSprop-centered-momentum", "Rprop"])
+def test_prune_between_backward_and_step(name):
+    cls, kwargs = OPTIMIZERS[name]
+    model = make_model()
+    optimizer = cls(model.parameters(), **kwargs)
+    data = batches(7)
+    for batch in data[:3]:
+        train_step(model, optimizer, batch)
+    twin, twin_optimizer = twin_of(model, optimizer, cls, kwargs)
+    for m, opt in ((model, optimizer), (twin, twin_optimizer)):
+        x, y = data[3]
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+    Pruner(model, input_size=(5,), optimizer=optimizer).prune_model(model[0], PRUNED, [model[1], model[3]])
+    assert model[0].weight.grad.shape == (5, 5)
+    optimizer.step()
+    twin_optimizer.step()
+    with masked_units(twin[2], PRUNED):  # the twin is masked from the next forward on
+        for batch in data[4:]:
+            train_step(model, optimizer, batch)
+            train_step(twin, twin_optimizer, batch)
+    assert_matches_twin(model, twin, optimizer, twin_optimizer)
+
+
+@pytest.mark.parametrize("name", ["SGD-nesterov-wd", "AdamW", "Adagrad"])
+def test_two_param_groups_and_scheduler(name):
+    cls, kwargs = OPTIMIZERS[name]
+
+    def build(m):
+        groups = [{"params": list(m[0].parameters()) + list(m[1].parameters()), "lr": kwargs["lr"] * 0.5},
+                  {"params": list(m[3].parameters()) + list(m[5].parameters()), "weight_decay": 0.05}]
+        opt = cls(groups, **kwargs)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    model = make_model()
+    optimizer, scheduler = build(model)
+    data = batches(8)
+    for batch in data[:3]:
+        train_step(model, optimizer, batch, scheduler)
+    twin = copy.deepcopy(model)
+    twin_optimizer, twin_scheduler = build(twin)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    twin_scheduler.load_state_dict(scheduler.state_dict())
+    Pruner(model, input_size=(5,), optimizer=optimizer).prune_model(model[0], PRUNED, [model[3], model[1]])
+    with masked_units(twin[2], PRUNED):
+        for batch in data[3:]:
+            train_step(model, optimizer, batch, scheduler)
+            train_step(twin, twin_optimizer, batch, twin_scheduler)
+    assert optimizer.param_groups[0]["lr"] == twin_optimizer.param_groups[0]["lr"] < kwargs["lr"] * 0.5
+    assert_matches_twin(model, twin, optimizer, twin_optimizer)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.LBFGS, torch.optim.SparseAdam, torch.optim.Adafactor, torch.optim.Muon],
+                         ids=lambda c: c.__name__)
+def test_refused_optimizers_by_name(cls):
+    model = make_model()
+    params = [model[3].weight] if cls is torch.optim.Muon else model.parameters()
+    optimizer = cls(params, lr=0.1) if cls is not torch.optim.SparseAdam else cls(list(model.parameters()), lr=0.1)
+    with pytest.raises(TypeError, match=cls.__name__):
+        Pruner(model, input_size=(5,), optimizer=optimizer)
+
+
+class MySGD(torch.optim.SGD):
+    pass
+
+
+def test_unknown_optimizer_refused_then_registered():
+    model = make_model()
+    optimizer = MySGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(model, optimizer, batches(1)[0])
+    with pytest.raises(TypeError, match="MySGD.*register_per_element_optimizer"):
+        Pruner(model, input_size=(5,), optimizer=optimizer)
+    register_per_element_optimizer(MySGD)
+    Pruner(model, input_size=(5,), optimizer=optimizer).prune_model(model[0], [0], [model[1], model[3]])
+    assert optimizer.state[model[0].weight]["momentum_buffer"].shape == (7, 5)
+
+
+def test_refused_optimizer_on_plan_apply_changes_nothing():
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(model, sgd, batches(1)[0])
+    plan = Pruner(model, input_size=(5,)).plan(model[0], [0], [model[1], model[3]])
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="LBFGS"):
+        plan.apply(model, lbfgs)
+    assert_same_snapshot(before, snapshot(model))
