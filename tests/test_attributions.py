@@ -373,6 +373,23 @@ def test_resnet18_bn_before_inplace_relu_equals_captum(resnet):
     assert graph.evaluation_point(block.bn2, find_best=True) is graph.site(block.bn2)  # stops at `out += identity`
 
 
+def test_resnet18_apoz_before_inplace_add(resnet):
+    """bn2's output is modified in place by `out += identity`: APoZ must see bn2's own output."""
+    model, x, y = resnet
+    block = model.layer1[0]
+    captured = []
+    handle = block.bn2.register_forward_hook(lambda m, i, o: captured.append(o.clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    expected = (captured[0] > 0).double().mean(dim=(0, 2, 3)).numpy()
+    with pytest.warns(UserWarning, match="not a ReLU-like"):
+        scores = APoZAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu").run(block.bn2)
+    np.testing.assert_array_equal(scores, expected)
+
+
 def test_resnet18_reused_relu_second_call(resnet):
     """The block's one ReLU runs twice; its second call (after `out += identity`) feeds the next block.
     Taylor there = captum's gradient × input of the next block's conv1 (the same tensor, both paths)."""
