@@ -16,8 +16,8 @@ must be listed.
 
 from __future__ import annotations
 
+import importlib
 import logging
-import operator
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -46,7 +46,7 @@ def discover_cascading_modules(graph: ModelGraph, module: nn.Module) -> List[nn.
     Delegates to ``torchpruner.graph.dependency.discover(graph, module)`` once it exists.
     """
     try:
-        from torchpruner.graph import dependency  # noqa: F401  (written in the dependency issue)
+        dependency = importlib.import_module("torchpruner.graph.dependency")  # the dependency issue
     except ModuleNotFoundError as exc:
         if exc.name != "torchpruner.graph.dependency":
             raise
@@ -451,6 +451,7 @@ class Pruner:
 
     def _rule_edits(self, rule: SlicingRule, module: nn.Module, name: str, selection: UnitSelection,
                     direction: str) -> List[Edit]:
+        _check_not_parametrized(module, name)
         try:
             return rule.prune_out(module, selection) if direction == "out" else rule.prune_in(module, selection)
         except GroupedSliceError as exc:
