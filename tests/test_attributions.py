@@ -433,6 +433,46 @@ def test_token_linear_units_on_last_dim():
     np.testing.assert_allclose(shapley.run(model.proj).sum(1), (nothing - everything).numpy(), rtol=1e-9)
 
 
+def test_model_fx_cannot_trace_uses_hooks_graph():
+    """Data-dependent control flow: the graph falls back to forward hooks; scores are unchanged."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.act(self.fc1(x))
+            if h.sum() > -1:  # data-dependent: torch.fx cannot trace this
+                h = h * 2
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    model = Branchy().to(DTYPE).eval()
+    x, y = classification_data((5,))
+    assert get_graph(model, (x[:2],)).method == "hooks"
+    taylor = TaylorAttributionMetric(model, batches(x, y, 5), F.cross_entropy, "cpu", reduction="none", signed=True)
+    np.testing.assert_allclose(taylor.run(model.fc1, True), captum_gxa(model, model.act, x, y), rtol=1e-10)
+    scores = ShapleyAttributionMetric(model, batches(x, y, 5), F.cross_entropy, "cpu", reduction="none",
+                                      sv_samples=1, seed=0).run(model.fc1, True)
+    with torch.no_grad():
+        nothing = F.cross_entropy(model.fc2(torch.zeros(len(x), 6, dtype=DTYPE)), y, reduction="none")
+        everything = F.cross_entropy(model(x), y, reduction="none")
+    np.testing.assert_allclose(scores.sum(1), (nothing - everything).numpy(), rtol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_honoured():
+    cpu_model, cuda_model = convnet(), convnet().cuda()  # same seed, same weights
+    x, y = classification_data((2, 6, 6))
+    cpu_scores = TaylorAttributionMetric(cpu_model, batches(x, y, 4), F.cross_entropy, "cpu").run(cpu_model[0])
+    scores = TaylorAttributionMetric(cuda_model, batches(x, y, 4), F.cross_entropy, torch.device("cuda")).run(cuda_model[0])
+    np.testing.assert_allclose(scores, cpu_scores, rtol=1e-8)
+    cuda_rng = torch.cuda.get_rng_state()
+    ShapleyAttributionMetric(cuda_model, batches(x, y, 4), F.cross_entropy, "cuda", sv_samples=1).run(cuda_model[0])
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+
+
 # --------------------------------------------------------------------------------------------
 # The captum adapter
 # --------------------------------------------------------------------------------------------

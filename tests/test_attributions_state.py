@@ -70,6 +70,7 @@ def all_hooks(model):
     return found
 
 
+@pytest.mark.filterwarnings("ignore:APoZ evaluated")
 @pytest.mark.parametrize("name", list(METRICS))
 @pytest.mark.parametrize("find_best", [False, True])
 def test_training_flag_restored_per_module(name, find_best):

@@ -465,8 +465,6 @@ class AttributionMetric:
     needs_data: ClassVar[bool] = True
     #: Metrics that need neither the data nor the traced evaluation point (WeightNorm).
     needs_trace: ClassVar[bool] = True
-    #: Metrics that need ∂ℓ/∂z run the data pass with gradients enabled.
-    needs_grad: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -58,7 +58,6 @@ class CaptumAttributionMetric(AttributionMetric):
     default_options: ClassVar[dict[str, Any]] = {
         "method": None, "init_kwargs": None, "attribute_kwargs": None, "absolute": False,
     }
-    needs_grad: ClassVar[bool] = True
 
     def __init__(
         self,

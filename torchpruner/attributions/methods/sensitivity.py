@@ -13,7 +13,6 @@ class SensitivityAttributionMetric(AttributionMetric):
     """``Σ_s |∂ℓₙ/∂z[n, c, s]|`` per example n and unit c."""
 
     name: ClassVar[str] = "Sensitivity"
-    needs_grad: ClassVar[bool] = True
 
     def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         _, grad = runner.activation_and_gradient(batch)

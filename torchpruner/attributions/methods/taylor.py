@@ -21,7 +21,6 @@ class TaylorAttributionMetric(AttributionMetric):
 
     name: ClassVar[str] = "Taylor"
     default_options: ClassVar[dict[str, Any]] = {"signed": False}
-    needs_grad: ClassVar[bool] = True
 
     def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         z, grad = runner.activation_and_gradient(batch)
