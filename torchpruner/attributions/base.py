@@ -545,7 +545,7 @@ class AttributionMetric:
         with left_as_found(model):
             if not self.needs_trace:
                 return self._finish(self.score_without_data(model, site_module, None, options))
-            batches = self._batches()
+            batches = self._batches(model)
             first = next(batches, None)
             if first is None:
                 raise ValueError(
@@ -594,11 +594,13 @@ class AttributionMetric:
         first = next(itertools.chain(model.parameters(), model.buffers()), None)
         return first.device if first is not None else None
 
-    def _batches(self) -> Iterator[Any]:
+    def _batches(self, model: nn.Module) -> Iterator[Batch]:
+        """The data generator's batches (at most ``max_batches``) as :class:`Batch` on the device."""
         iterator = iter(self.data_generator)
         if self.max_batches is not None:
             iterator = itertools.islice(iterator, self.max_batches)
-        return iterator
+        device = self._device(model)
+        return (make_batch(raw, self.batch_fn, device) for raw in iterator)
 
     def _total_batches(self) -> int | None:
         try:
@@ -610,11 +612,10 @@ class AttributionMetric:
         return total
 
     def _evaluation_point(
-        self, model: nn.Module, module: Any, first_raw: Any, find_best: bool, call_index: int
+        self, model: nn.Module, module: Any, batch: Batch, find_best: bool, call_index: int
     ) -> tuple[Any, Any]:
         from torchpruner.graph import get_graph
 
-        batch = make_batch(first_raw, self.batch_fn, self._device(model))
         graph = get_graph(model, batch.args, batch.kwargs or None)
         if _is_call_site(module):
             site = module
@@ -641,11 +642,10 @@ class AttributionMetric:
         return site, graph
 
     def _data_pass(
-        self, model: nn.Module, graph: Any, site: Any, raw_batches: Iterable, options: dict[str, Any]
+        self, model: nn.Module, graph: Any, site: Any, batches: Iterable[Batch], options: dict[str, Any]
     ) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        device = self._device(model)
         label = site.label
         accumulator = _ScoreAccumulator(self.reduction)
         self.prepare(site, options)
@@ -661,8 +661,7 @@ class AttributionMetric:
         try:
             with graph.intercept({site: self.intercept_function(runner)}) as forward:
                 runner.forward = forward
-                for raw in raw_batches:
-                    batch = make_batch(raw, self.batch_fn, device)
+                for batch in batches:
                     scores = self.score_batch(runner, batch, options)
                     if scores.shape != (batch.size, site.num_units):
                         raise RuntimeError(

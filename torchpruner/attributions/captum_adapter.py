@@ -100,7 +100,7 @@ class CaptumAttributionMetric(AttributionMetric):
         return f"{self._method_class(options).__name__} {module_name}"
 
     def intercept_function(self, runner: SiteRunner) -> Callable[[torch.Tensor], torch.Tensor]:
-        probe = self._probe
+        probe = self._probe = _LayerProbe()  # a fresh probe per run
 
         def through_probe(z: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled() and not z.requires_grad:
