@@ -204,6 +204,25 @@ def test_shapley_samples_telescope_to_loss_difference(hidden, n, samples, seed):
     np.testing.assert_allclose(scores.sum(1), nothing - everything, rtol=1e-9, atol=1e-12)
 
 
+def test_shapley_sample_equals_marginals_along_its_permutation():
+    """One sample = the marginals v(S ∪ c) − v(S) along the drawn ordering, computed by hand."""
+    from torchpruner.attributions.methods import draw_permutations
+
+    model = mlp(seed=4)
+    x, y = classification_data((5,), n=5)
+    scores = ShapleyAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none",
+                                      sv_samples=1, seed=11).run(model[0], True)
+    (order,) = draw_permutations(7, 1, seed=11)
+    expected = np.zeros((5, 7))
+    active: list[int] = []
+    for unit in order.tolist():
+        before = -loss_with_units_zeroed(model[:2], model[2:], x, y, [u for u in range(7) if u not in active])
+        active.append(unit)
+        after = -loss_with_units_zeroed(model[:2], model[2:], x, y, [u for u in range(7) if u not in active])
+        expected[:, unit] = after - before
+    np.testing.assert_allclose(scores, expected, rtol=1e-10, atol=1e-14)
+
+
 def brute_force_shapley(head, tail, x, y):
     """Exact Shapley values of v(S) = −ℓ(only S active), enumerating all 2^n coalitions."""
     units = head(x).shape[1]

@@ -3,7 +3,7 @@
 from .apoz import APoZAttributionMetric
 from .random import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
-from .shapley import ShapleyAttributionMetric
+from .shapley import ShapleyAttributionMetric, draw_permutations
 from .taylor import TaylorAttributionMetric
 from .weight_norm import WeightNormAttributionMetric, unit_weight_norms
 
@@ -14,5 +14,6 @@ __all__ = [
     "ShapleyAttributionMetric",
     "TaylorAttributionMetric",
     "WeightNormAttributionMetric",
+    "draw_permutations",
     "unit_weight_norms",
 ]

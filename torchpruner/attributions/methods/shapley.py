@@ -10,6 +10,16 @@ import torch
 from ..base import AttributionMetric, Batch, SiteRunner
 
 
+def draw_permutations(num_units: int, samples: int, seed: int | None = None) -> list[torch.Tensor]:
+    """The orderings a Shapley run uses: ``samples`` permutations of ``range(num_units)`` from a
+    private generator seeded with ``seed`` (``None``: a fresh seed from the OS). Exposed so that
+    faster implementations can be checked against this one on the same orderings."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"sv_samples must be a positive int, got {samples!r}")
+    generator = torch.Generator().manual_seed(int(secrets.randbits(63) if seed is None else seed))
+    return [torch.randperm(num_units, generator=generator) for _ in range(samples)]
+
+
 class ShapleyAttributionMetric(AttributionMetric):
     """Shapley value of unit c in the game ``v(S) = −ℓₙ(only the units in S active)``.
 
@@ -32,12 +42,7 @@ class ShapleyAttributionMetric(AttributionMetric):
     default_options: ClassVar[dict[str, Any]] = {"sv_samples": 5, "seed": None}
 
     def prepare(self, site: Any, options: dict[str, Any]) -> None:
-        samples = options["sv_samples"]
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise ValueError(f"sv_samples must be a positive int, got {samples!r}")
-        seed = options["seed"]
-        generator = torch.Generator().manual_seed(int(secrets.randbits(63) if seed is None else seed))
-        self._permutations = [torch.randperm(site.num_units, generator=generator) for _ in range(samples)]
+        self._permutations = draw_permutations(site.num_units, options["sv_samples"], options["seed"])
 
     def describe(self, module_name: str, options: dict[str, Any]) -> str:
         return f"Shapley {module_name}: 0/{options['sv_samples']} permutations"
