@@ -19,7 +19,15 @@ from torchpruner.pruner import Pruner, SlicingRule, kept_units, register_slicing
 
 from _pruner_utils import masked_units
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 everywhere in this module (exact comparisons), restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def zeroed_twin_check(model: nn.Module, source: nn.Module, indices, cascade, mask_module: nn.Module,
@@ -326,6 +334,24 @@ def test_grad_is_sliced_between_backward_and_step():
     assert torch.equal(model[2].weight.grad, g2[:, [1, 2, 4]])
     model(torch.randn(4, 3)).sum().backward()  # the AccumulateGrad nodes accept the new shapes
     assert model[0].weight.grad.shape == (3, 3)
+
+
+def test_prune_while_the_previous_graph_is_alive():
+    """The previous step's loss keeps the parameters' gradient accumulators (with the old shapes)
+    alive; the next backward must still work."""
+    seeded()
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    loss = model(torch.randn(4, 3)).sum()
+    loss.backward()
+    optimizer.step()
+    weight = model[0].weight
+    Pruner(model, input_size=(3,), optimizer=optimizer).prune_model(model[0], [1], [model[2]])
+    assert model[0].weight is weight and weight in optimizer.state
+    loss = model(torch.randn(4, 3)).sum()
+    loss.backward()
+    optimizer.step()
+    assert weight.grad.shape == (4, 3)
 
 
 def test_shape_probing_has_no_side_effects():

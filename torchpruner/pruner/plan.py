@@ -143,6 +143,34 @@ def resolve_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _replace_parameter_data(parameter: nn.Parameter, data: torch.Tensor, grad: Optional[torch.Tensor],
+                            name: str) -> None:
+    """Give ``parameter`` (the same Python object) new data and gradient.
+
+    A graph from a forward pass before the prune (e.g. the previous step's ``loss`` still in
+    scope) keeps the parameter's gradient accumulator alive, and that node remembers the old shape:
+    after a plain ``parameter.data = ...`` the next ``backward()`` would fail. Swapping in a fresh
+    tensor implementation (``torch.utils.swap_tensors``) gives the parameter a new accumulator while
+    the object, its attributes, optimizer keys and param-group membership stay. Where swapping is
+    impossible (weak references to the parameter, extra views of it, Parameter subclasses) the data
+    is assigned and a warning says what to avoid.
+    """
+    swap = getattr(torch.utils, "swap_tensors", None)
+    if swap is not None and type(parameter) is nn.Parameter:
+        replacement = nn.Parameter(data, requires_grad=parameter.requires_grad)
+        if grad is not None:
+            replacement.grad = grad
+        replacement.__dict__.update(parameter.__dict__)
+        try:
+            swap(parameter, replacement)
+            return
+        except RuntimeError as exc:
+            logger.warning("could not swap the tensor of '%s' (%s); assigning .data instead: a graph from before "
+                           "the prune that is still alive will fail in backward()", name, exc)
+    parameter.data = data
+    parameter.grad = grad
+
+
 @dataclass(eq=False)
 class Plan:
     """Everything one prune will change, in application order.
@@ -237,10 +265,14 @@ class Plan:
             for edit, module in bound:
                 if isinstance(edit, TensorSlice):
                     tensor = getattr(module, edit.tensor_name)
-                    grad = tensor.grad if edit.is_parameter else None
-                    tensor.data = apply_slice(tensor.data, edit.axis, edit.keep, edit.group_keep)
-                    if grad is not None:
-                        tensor.grad = apply_slice(grad, edit.axis, edit.keep, edit.group_keep)
+                    data = apply_slice(tensor.data, edit.axis, edit.keep, edit.group_keep)
+                    if edit.is_parameter:
+                        grad = tensor.grad
+                        if grad is not None:
+                            grad = apply_slice(grad, edit.axis, edit.keep, edit.group_keep)
+                        _replace_parameter_data(tensor, data, grad, edit.qualified_name)
+                    else:
+                        tensor.data = data
                 else:
                     setattr(module, edit.attribute, edit.new)
         apply_optimizer_surgery(optimizer_plan)
