@@ -59,6 +59,11 @@ def convnet(seed=0):
     return model
 
 
+def captum_layer(name):
+    import captum.attr
+    return getattr(captum.attr, name)
+
+
 def captum_gxa(model, layer, x, y, attribute_to_layer_input=False):
     """captum's gradient × activation of the per-example negative loss, summed over positions."""
     from captum.attr import LayerGradientXActivation
@@ -450,6 +455,18 @@ def test_token_linear_units_on_last_dim():
         nothing = F.cross_entropy(model.head(torch.zeros(6, 5, dtype=DTYPE)), y, reduction="none")
         everything = F.cross_entropy(model(ids), y, reduction="none")
     np.testing.assert_allclose(shapley.run(model.proj).sum(1), (nothing - everything).numpy(), rtol=1e-9)
+    from captum.attr import LayerConductance, LayerIntegratedGradients
+
+    gxa = CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=captum_layer("LayerGradientXActivation"),
+                                  reduction="none", absolute=True)
+    np.testing.assert_allclose(gxa.run(model.proj), expected, rtol=1e-10)
+    layer_ig = CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=LayerIntegratedGradients,
+                                       reduction="none", n_steps=200).run(model.proj)
+    with torch.no_grad():  # layer IG's baseline: the layer output for token id 0 everywhere
+        zero_tokens = F.cross_entropy(model(torch.zeros_like(ids)), y, reduction="none")
+    np.testing.assert_allclose(layer_ig.sum(1), (zero_tokens - everything).numpy(), rtol=0.03, atol=1e-4)
+    with pytest.raises(TypeError, match="floating-point"):
+        CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=LayerConductance).run(model.proj)
 
 
 def test_model_fx_cannot_trace_uses_hooks_graph():

@@ -12,6 +12,10 @@ from .base import (AttributionMetric, Batch, BatchFn, Reduction, SiteRunner, _fi
                    per_example_loss, sum_positions)
 
 
+#: captum methods that interpolate between baseline and actual *inputs*.
+INPUT_PATH_METHODS = frozenset({"LayerConductance", "InternalInfluence", "LayerGradientShap"})
+
+
 class _LayerProbe(nn.Identity):
     """Identity module the evaluation point's output is routed through; captum hooks this module.
 
@@ -48,7 +52,9 @@ class CaptumAttributionMetric(AttributionMetric):
 
     Inputs must be positional tensors (captum expands them for path methods); keyword inputs from
     a dict ``batch_fn`` are passed unchanged, which is only right for methods that do not expand
-    the batch (gradient × activation, activation, ablation).
+    the batch (gradient × activation, activation, ablation). LayerConductance and
+    InternalInfluence interpolate the inputs, so they need floating-point inputs; for token ids use
+    LayerIntegratedGradients (tested) or LayerGradientXActivation.
 
     Tested with: LayerGradientXActivation, LayerActivation, LayerConductance, InternalInfluence,
     LayerIntegratedGradients, LayerFeatureAblation.
@@ -117,6 +123,14 @@ class CaptumAttributionMetric(AttributionMetric):
             raise TypeError(
                 "CaptumAttributionMetric needs positional tensor inputs; make batch_fn return a "
                 "tensor or a tuple of tensors"
+            )
+        if method_cls.__name__ in INPUT_PATH_METHODS and any(
+            isinstance(a, torch.Tensor) and not a.is_floating_point() for a in batch.args
+        ):
+            raise TypeError(
+                f"{method_cls.__name__} interpolates the model inputs, which needs floating-point "
+                "inputs; for integer inputs (token ids) use LayerIntegratedGradients (it "
+                "interpolates the layer) or LayerGradientXActivation"
             )
         criterion, kwargs = self.criterion, batch.kwargs
 
