@@ -358,7 +358,11 @@ class _LeafTracer(fx.Tracer):
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
         module_path = type(m).__module__
-        return module_path.startswith(("torch.nn", "torch.ao.nn", "torchvision.ops"))
+        if module_path.startswith("torchvision.ops"):
+            # torchvision.ops blocks built from nn modules (SqueezeExcitation) are traced through,
+            # so their inner layers get call sites; leaf ops (StochasticDepth, Permute) stay leaves
+            return not any(True for _ in m.children())
+        return module_path.startswith(("torch.nn", "torch.ao.nn"))
 
 
 class _ShapeRecorder(fx.Interpreter):

@@ -329,9 +329,11 @@ class Pruner:
         description = f"remove {len(remove)} of {num_units} output units of '{name}' ({type(module).__name__})"
         if len(remove) == 0:
             return Plan(description=description + " (nothing to do)")
-        graph = self.graph()
         if cascading_modules is None:
-            cascading_modules = discover_cascading_modules(graph, module)
+            # automatic discovery (dependency issue): the whole coupled group of the pruned units
+            from torchpruner.graph.dependency import plan_prune
+            return plan_prune(self, module, remove)
+        graph = self.graph()
         cascade = self._check_cascade(cascading_modules, module, name)
         graph = self._graph_with_sites(graph, [module] + cascade)
         consumers = self._follow(graph, module, name, remove, num_units, cascade)

@@ -1,0 +1,1289 @@
+"""Automatic dependency discovery: which tensors lose which units when a layer is pruned.
+
+Pruning output channel ``c`` of a convolution removes more than one weight row: the BatchNorm
+after it loses channel ``c``, the next convolution loses input column ``c``, and if the channel
+feeds a residual addition, every other tensor added to it must lose the same channel, and so must
+every consumer of the sum. This module finds all of that in the traced graph
+(:class:`~torchpruner.graph.ModelGraph`, fx mode).
+
+Model
+-----
+Every tensor in the forward pass that carries units gets *slots*, one per position along its unit
+axis. Ops connect slots that must disappear together:
+
+- element-wise ops, BatchNorm, activations, Dropout, pooling, mean/sum over other dims connect
+  slot ``i`` of their input(s) with slot ``i`` of their output (broadcast operands of size 1 are
+  free; a residual addition therefore connects both operands);
+- concatenation along the unit axis shifts by the branch offset; split/chunk the other way round;
+- reshapes, flattens, permutes, indexing and expands are *followed empirically*: the op is run on
+  a tensor of slot ids, then again with two slots removed; if the second result is not the first
+  one with those slots removed (a hard-coded ``x.view(-1, 16*5*5)``, a channel shuffle) the op is
+  refused. ``flatten`` into a Linear thereby maps channel ``c`` to its ``H*W`` inputs;
+- depthwise convolutions pass channels through; grouped convolutions force equal pruning in every
+  group; GroupNorm whole groups; ``nn.MultiheadAttention`` equal pruning in every head.
+
+A connected set of slots is one *unit*; units that share a tensor form a coupled *group*. Modules
+own slots in three ways: ``out`` (Conv/Linear/Embedding output units: the group's *sources*),
+``in`` (a consumer's weight columns, or a channel-wise layer such as BatchNorm) and bare
+parameters read through ``get_attr`` (class tokens, position embeddings, layer scales).
+
+A group is refused (with the op and the call site in the message) when one of its tensors is a
+model input, flows into an op that cannot be followed, or is a model output (soft: allowed when
+the caller asks to prune classifier outputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .trace import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTIONS,
+                    CallSite, ModelGraph)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "get_dependency_graph"]
+
+
+class DependencyError(ValueError):
+    """A prune that the traced graph cannot support (names the op and the call site)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Op tables
+# --------------------------------------------------------------------------------------------
+
+#: Element-wise functions of any number of tensor operands (broadcasting): slot i <-> slot i.
+ELEMENTWISE_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | set(DROPOUT_FUNCTIONS) | {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum,
+    torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.square, torch.pow,
+    torch.clamp, torch.clip, torch.where, torch.erf, torch.sin, torch.cos, torch.reciprocal,
+    F.hardtanh, F.hardshrink, F.softshrink, torch.clone, torch.detach, torch.nan_to_num,
+}
+ELEMENTWISE_METHODS = set(ACTIVATION_METHODS) | {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
+    "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_",
+    "clone", "contiguous", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as",
+    "sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "exp_", "erf", "reciprocal",
+    "maximum", "minimum", "masked_fill", "nan_to_num", "requires_grad_",
+}
+#: Ops that only move data around: followed empirically (see module docstring).
+MOVEMENT_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.swapdims,
+    torch.movedim, torch.unsqueeze, torch.squeeze, torch.unflatten, torch.narrow, torch.t,
+    operator.getitem, torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.roll,
+    torch.flip, torch.tile, torch.split_with_sizes,
+}
+MOVEMENT_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "swapaxes", "swapdims", "movedim",
+    "unsqueeze", "squeeze", "expand", "unflatten", "narrow", "t", "split", "chunk", "unbind",
+    "tensor_split", "roll", "flip", "repeat", "tile", "__getitem__", "split_with_sizes", "view_as",
+    "reshape_as", "expand_as",
+}
+#: Reductions over some dims: fine unless the unit axis is reduced.
+REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
+                       torch.logsumexp, torch.nansum, torch.nanmean}
+REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean"}
+#: Functions with a ``dim`` argument that act independently on the other dims.
+DIM_WISE_FUNCTIONS = {F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
+                      F.normalize, torch.cumsum}
+DIM_WISE_METHODS = {"softmax", "log_softmax", "cumsum"}
+#: Spatial functions on [N, C, *spatial]: the channel axis (1) passes through.
+SPATIAL_FUNCTIONS = {
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate,
+    F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pad,
+}
+#: Ops whose output does not carry the tensor's units (shape queries): ignored.
+SHAPE_QUERY_FUNCTIONS = {getattr, len, torch.numel}
+SHAPE_QUERY_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous"}
+
+SPATIAL_MODULES: Tuple[type, ...] = (
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Upsample,
+    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.ZeroPad2d,
+)
+PASS_THROUGH_MODULES: Tuple[type, ...] = tuple(m for m in ACTIVATION_MODULES if m is not nn.PReLU) + (
+    nn.Identity, nn.AlphaDropout, nn.FeatureAlphaDropout)
+MOVEMENT_MODULES: Tuple[type, ...] = (nn.Flatten, nn.Unflatten)
+DIM_WISE_MODULES: Tuple[type, ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+
+
+def _is_torchvision(module: nn.Module, name: str) -> bool:
+    return type(module).__module__.startswith("torchvision") and type(module).__name__ == name
+
+
+class _CannotFollow(Exception):
+    """Raised inside the analysis when an op cannot be followed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Slots
+# --------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Space:
+    """The slots of one tensor: positions ``start .. start + size - 1`` along ``axis``."""
+
+    node: fx.Node
+    site: Optional[CallSite]
+    start: int
+    size: int
+    axis: int
+    shape: Tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def slots(self) -> np.ndarray:
+        return np.arange(self.start, self.start + self.size)
+
+
+@dataclass(eq=False)
+class _Role:
+    """A module (or a bare parameter) whose tensors are sliced when units of ``space`` go."""
+
+    space: _Space
+    direction: str                     # "out", "in" or "param"
+    module: nn.Module
+    module_name: str
+    parameter: Optional[str] = None    # for "param": the tensor's attribute name on ``module``
+    axis: Optional[int] = None         # for "param": the sliced axis
+
+
+@dataclass
+class Member:
+    """One module (or bare parameter) of a coupled group, as printed by ``str(group)``.
+
+    Attributes:
+        module_name: qualified name (for a bare parameter: its owner's name).
+        module: the module.
+        direction: ``"out"`` (its output units go: a source of the group), ``"in"`` (its input
+            units / channel-wise parameters go) or ``"param"`` (a bare parameter is sliced).
+        parameter: for ``"param"``: the parameter's attribute name.
+        num_units: units on the sliced side before pruning.
+        units_per_group_unit: how many of those a single group unit removes (``H*W`` after a
+            flatten, ``groups`` for a grouped convolution's input...).
+    """
+
+    module_name: str
+    module: nn.Module
+    direction: str
+    parameter: Optional[str]
+    num_units: int
+    units_per_group_unit: int
+
+    def __str__(self) -> str:
+        what = f"{self.module_name}.{self.parameter}" if self.parameter else self.module_name
+        per = f", {self.units_per_group_unit} per unit" if self.units_per_group_unit != 1 else ""
+        return f"{self.direction:<5} {what} ({type(self.module).__name__}, {self.num_units} units{per})"
+
+
+class Group:
+    """A coupled group: units that can only be removed together from all of its tensors.
+
+    Attributes:
+        index: position in :meth:`DependencyGraph.groups`.
+        num_units: number of group units; unit ``u`` is ordered by the first source's channels.
+        members: the modules and parameters that are sliced (see :class:`Member`).
+        refusal: None when the group can be pruned, else the reason (names the op and call site).
+        output_reason: set when the group reaches a model output (classifier outputs): prunable
+            only when asked (``include_outputs=True``).
+    """
+
+    def __init__(self, dep: "DependencyGraph", index: int, unit_labels: np.ndarray) -> None:
+        self._dep = dep
+        self.index = index
+        self._unit_labels = unit_labels      # global unit label of group unit u
+        self._spaces: List[_Space] = []
+        self._roles: List[_Role] = []
+        self.refusal: Optional[str] = None
+        self.output_reason: Optional[str] = None
+        self.members: List[Member] = []
+
+    # -- description ---------------------------------------------------------------------
+
+    @property
+    def num_units(self) -> int:
+        return len(self._unit_labels)
+
+    @property
+    def source_roles(self) -> List[_Role]:
+        return [r for r in self._roles if r.direction in ("out", "param")]
+
+    @property
+    def sources(self) -> List[CallSite]:
+        """Call sites whose output units are owned by a pruned layer (Conv/Linear/Embedding
+        outputs, bare parameters): zeroing their channels there removes the group's units."""
+        return [r.space.site for r in self._roles if r.direction in ("out", "param") and r.space.site is not None]
+
+    @property
+    def modules(self) -> List[nn.Module]:
+        seen: List[nn.Module] = []
+        for member in self.members:
+            if all(member.module is not m for m in seen):
+                seen.append(member.module)
+        return seen
+
+    @property
+    def source_modules(self) -> List[nn.Module]:
+        return [r.module for r in self._roles if r.direction == "out"]
+
+    def prunable(self, include_outputs: bool = False) -> bool:
+        return (self.refusal is None and (include_outputs or self.output_reason is None)
+                and bool(self.source_roles) and self.num_units > 1)
+
+    def why_not_prunable(self, include_outputs: bool = False) -> Optional[str]:
+        if self.refusal is not None:
+            return self.refusal
+        if self.output_reason is not None and not include_outputs:
+            return self.output_reason + " (pass include_outputs=True to prune it)"
+        if not self.source_roles:
+            return "no layer owns these units (they come from a model input or a fixed tensor)"
+        if self.num_units <= 1:
+            return "a single unit cannot be pruned"
+        return None
+
+    def __contains__(self, module: nn.Module) -> bool:
+        return any(m.module is module for m in self.members)
+
+    def __repr__(self) -> str:
+        first = self.members[0].module_name if self.members else "?"
+        return f"Group({self.index}, {self.num_units} units, {len(self.members)} members, first={first!r})"
+
+    def __str__(self) -> str:
+        state = "prunable" if self.prunable() else f"not prunable: {self.why_not_prunable()}"
+        lines = [f"Group {self.index}: {self.num_units} units, {len(self.members)} members ({state})"]
+        lines += [f"  {member}" for member in self.members]
+        return "\n".join(lines)
+
+    # -- unit bookkeeping -----------------------------------------------------------------
+
+    def _unit_of(self, space: _Space) -> np.ndarray:
+        """Group-unit index of every slot of ``space`` (-1 for slots of other groups)."""
+        labels = self._dep._labels[space.start:space.start + space.size]
+        return np.where(self._dep._group_of_label[labels] == self.index, self._dep._unit_index[labels], -1)
+
+    def positions(self, space: _Space, units: Iterable[int]) -> np.ndarray:
+        """Positions along ``space``'s unit axis removed with the given group units."""
+        units = np.asarray(sorted(set(int(u) for u in units)), dtype=np.int64)
+        unit_of = self._unit_of(space)
+        return np.nonzero(np.isin(unit_of, units))[0]
+
+    def mask_points(self) -> List[Tuple[CallSite, Callable[[Sequence[int]], Tuple[int, np.ndarray]]]]:
+        """Where zeroing is *exactly* pruning: the tensors that the group's consumers read.
+
+        Returns ``[(call_site, positions_fn)]``; ``positions_fn(units) -> (axis, positions)``.
+        Zeroing those positions at those call sites (eval mode) gives the pruned model's output
+        unless the group contains LayerNorm/GroupNorm over the pruned axis (their statistics change).
+        """
+        points = []
+        seen: Set[int] = set()
+        for role in self._roles:
+            if role.direction != "in" or role.space.site is None or id(role.space) in seen:
+                continue
+            if self._dep._passes_through(role):
+                continue
+            seen.add(id(role.space))
+            space = role.space
+            points.append((space.site, (lambda units, space=space: (space.axis, self.positions(space, units)))))
+        return points
+
+    def source_points(self) -> List[Tuple[CallSite, Callable[[Sequence[int]], Tuple[int, np.ndarray]]]]:
+        """The group's sources (layer outputs feeding the shared units), as
+        ``[(call_site, positions_fn)]``; for attribution metrics that score a group unit by
+        zeroing it at every source (see DESIGN.md, "Coupled groups")."""
+        points = []
+        for role in self._roles:
+            if role.direction in ("out", "param") and role.space.site is not None:
+                space = role.space
+                points.append((space.site, (lambda units, space=space: (space.axis, self.positions(space, units)))))
+        return points
+
+    def units_for(self, module: nn.Module, indices: Sequence[int], call_index: int = 0) -> List[int]:
+        """Group units removed when ``indices`` of ``module``'s output units go.
+
+        Raises:
+            DependencyError: when ``indices`` are not a whole number of group units (a grouped
+                convolution needs equal pruning in every group, GroupNorm whole groups...).
+        """
+        space = self._dep._output_space(module, call_index)
+        unit_of = self._unit_of(space)
+        indices = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)
+        units = sorted(set(int(u) for u in unit_of[indices]))
+        needed = self.positions(space, units)
+        if len(needed) != len(indices) or not np.array_equal(needed, indices):
+            extra = sorted(set(needed.tolist()) - set(indices.tolist()))
+            name = self._dep.graph.module_name(module)
+            raise DependencyError(
+                f"cannot prune units {indices.tolist()[:20]} of '{name}' alone: they are coupled with its units "
+                f"{extra[:20]}{'...' if len(extra) > 20 else ''} (grouped convolution / GroupNorm / attention heads "
+                f"require equal pruning in every group); add them to the indices")
+        return units
+
+    def unit_channels(self, module: nn.Module, call_index: int = 0) -> List[np.ndarray]:
+        """For each group unit, the output positions of ``module`` it covers."""
+        space = self._dep._output_space(module, call_index)
+        unit_of = self._unit_of(space)
+        return [np.nonzero(unit_of == u)[0] for u in range(self.num_units)]
+
+    def removals(self, units: Sequence[int]) -> List[Tuple[_Role, np.ndarray]]:
+        """``[(role, removed positions)]`` for every member, deduplicated per module and side."""
+        return self._dep.removals({self: units})
+
+
+# --------------------------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------------------------
+
+class DependencyGraph:
+    """Coupled groups of a traced model. Built once per :class:`ModelGraph` (see
+    :func:`get_dependency_graph`).
+
+    Args:
+        graph: the traced model (must be in fx mode: the hooks fallback cannot see merges).
+    """
+
+    def __init__(self, graph: ModelGraph) -> None:
+        if graph.method != "fx" or graph.traced is None:
+            raise DependencyError(
+                f"automatic dependency discovery needs torch.fx tracing, which failed on "
+                f"{type(graph.model).__name__} ({type(graph.fx_error).__name__}: {graph.fx_error}); "
+                f"pass cascading_modules explicitly")
+        self.graph = graph
+        self.model = graph.model
+        self._site_by_node: Dict[fx.Node, CallSite] = getattr(graph, "_site_by_node")
+        self._spaces: Dict[fx.Node, _Space] = {}
+        self._space_list: List[_Space] = []
+        self._num_slots = 0
+        self._edges: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._blocked: Dict[int, Tuple[str, bool]] = {}     # id(space) -> (reason, hard)
+        self._roles: List[_Role] = []
+        self._pending_attr_blocks: Dict[fx.Node, str] = {}
+        self._first_role_space: Dict[Tuple[int, str], _Space] = {}
+        self._modules = dict(self.model.named_modules(remove_duplicate=False))
+        self._traced_modules = dict(graph.traced.named_modules())
+        for node in graph.traced.graph.nodes:
+            try:
+                self._visit(node)
+            except _CannotFollow as exc:
+                self._block_node(node, str(exc))
+        self._build_groups()
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _shape(self, node: Any) -> Optional[Tuple[int, ...]]:
+        site = self._site_by_node.get(node) if isinstance(node, fx.Node) else None
+        return tuple(site.shape) if site is not None and site.shape is not None else None
+
+    def _dtype(self, node: fx.Node) -> Optional[torch.dtype]:
+        site = self._site_by_node.get(node)
+        return site.dtype if site is not None else None
+
+    def _alloc(self, node: fx.Node, axis: int, shape: Optional[Tuple[int, ...]] = None) -> _Space:
+        shape = shape if shape is not None else self._shape(node)
+        assert shape is not None
+        axis = axis % len(shape)
+        space = _Space(node=node, site=self._site_by_node.get(node), start=self._num_slots,
+                       size=int(shape[axis]), axis=axis, shape=tuple(shape))
+        self._num_slots += space.size
+        self._spaces[node] = space
+        self._space_list.append(space)
+        if node in self._pending_attr_blocks:
+            self._block(space, self._pending_attr_blocks.pop(node))
+        return space
+
+    def _link(self, a: _Space, a_pos: np.ndarray, b: _Space, b_pos: np.ndarray) -> None:
+        self._edges.append((a.start + np.asarray(a_pos, dtype=np.int64), b.start + np.asarray(b_pos, dtype=np.int64)))
+
+    def _link_same(self, a: _Space, b: _Space) -> None:
+        if a.size != b.size:
+            raise _CannotFollow(f"internal: linking {a.size} with {b.size} units")
+        self._link(a, np.arange(a.size), b, np.arange(b.size))
+
+    def _block(self, space: _Space, reason: str, hard: bool = True) -> None:
+        old = self._blocked.get(id(space))
+        if old is None or (hard and not old[1]):
+            self._blocked[id(space)] = (reason, hard)
+
+    def _label(self, node: fx.Node) -> str:
+        site = self._site_by_node.get(node)
+        if site is not None and site.kind == "module":
+            return f"'{site.label}' ({type(site.module).__name__})"
+        target = node.target
+        op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+        return f"{op} at call site '{node.name}'"
+
+    def _block_node(self, node: fx.Node, reason: str) -> None:
+        """Block every slotted input of ``node`` (and its output): the op cannot be followed."""
+        for arg in self._slotted_inputs(node, attrs=True):
+            if arg in self._spaces:
+                self._block(self._spaces[arg], reason)
+            elif arg.op == "get_attr":
+                self._pending_attr_blocks.setdefault(arg, reason)
+        shape = self._shape(node)
+        if shape is not None and len(shape) >= 1 and node not in self._spaces:
+            site = self._site_by_node.get(node)
+            axis = site.unit_axis if site is not None and site.unit_axis is not None else len(shape) - 1
+            self._block(self._alloc(node, axis), reason)
+        elif node in self._spaces:
+            self._block(self._spaces[node], reason)
+
+    def _slotted_inputs(self, node: fx.Node, attrs: bool = False) -> List[fx.Node]:
+        """Input nodes with slots (through tuple producers such as split); attrs: bare params too."""
+        found: List[fx.Node] = []
+        for arg in node.all_input_nodes:
+            if arg in self._spaces or (attrs and arg.op == "get_attr"):
+                found.append(arg)
+            elif self._shape(arg) is None and arg.op in ("call_function", "call_method", "call_module"):
+                for inner in arg.all_input_nodes:
+                    if inner in self._spaces or (attrs and inner.op == "get_attr"):
+                        found.append(inner)
+        return list(dict.fromkeys(found))
+
+    def _space_of(self, node: Any, axis: Optional[int] = None) -> Optional[_Space]:
+        """The slots of ``node``; bare parameters get slots on first use (along ``axis``)."""
+        if not isinstance(node, fx.Node):
+            return None
+        space = self._spaces.get(node)
+        if space is not None:
+            return space
+        if node.op == "get_attr":
+            shape = self._shape(node)
+            if shape is None or len(shape) == 0:
+                return None
+            return self._alloc(node, len(shape) - 1 if axis is None else axis)
+        return None
+
+    # -- visiting nodes -----------------------------------------------------------------------
+
+    def _visit(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            shape, dtype = self._shape(node), self._dtype(node)
+            if shape is not None and len(shape) >= 2 and dtype is not None and dtype.is_floating_point:
+                site = self._site_by_node.get(node)
+                self._block(self._alloc(node, site.unit_axis if site.unit_axis is not None else 1),
+                            f"the units come from the model input '{node.target}'")
+            return
+        if node.op == "get_attr":
+            return  # slots on first use
+        if node.op == "output":
+            for arg in _flatten_nodes(node.args):
+                space = self._space_of(arg)
+                if space is not None:
+                    self._block(space, f"the units reach the model output ({self._label(arg)})", hard=False)
+            return
+        slotted = self._slotted_inputs(node, attrs=True)
+        shape = self._shape(node)
+        if node.op == "call_module":
+            module = self._traced_modules[node.target]
+            self._visit_module(node, module, slotted)
+            return
+        target = node.target
+        is_fn, is_method = node.op == "call_function", node.op == "call_method"
+        if (is_fn and target in SHAPE_QUERY_FUNCTIONS) or (is_method and target in SHAPE_QUERY_METHODS):
+            return
+        if shape is None:
+            # tuples (split/chunk) are followed at their getitem; other non-tensors are ignored
+            if is_fn and target is operator.getitem and node.args and isinstance(node.args[0], fx.Node) \
+                    and node.args[0].op == "call_module":
+                return
+            return
+        if is_fn and target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and node.args[0].op == "call_module" and self._shape(node.args[0]) is None:
+            self._visit_module_item(node)
+            return
+        if not [n for n in slotted if n.op != "get_attr"]:
+            if not slotted:
+                # a tensor created without any tensor input (torch.zeros(...)): fixed size
+                site = self._site_by_node.get(node)
+                if site is not None and site.unit_axis is not None:
+                    self._block(self._alloc(node, site.unit_axis),
+                                f"tensor of fixed size created by {self._label(node)}")
+                return
+        if (is_fn and target in ELEMENTWISE_FUNCTIONS) or (is_method and target in ELEMENTWISE_METHODS):
+            self._elementwise(node)
+        elif (is_fn and target in (torch.cat, torch.concat)) or (is_method and target == "cat"):
+            self._concat(node)
+        elif is_fn and target is torch.stack:
+            self._stack(node)
+        elif (is_fn and target in REDUCTION_FUNCTIONS) or (is_method and target in REDUCTION_METHODS):
+            self._reduction(node)
+        elif (is_fn and target in DIM_WISE_FUNCTIONS) or (is_method and target in DIM_WISE_METHODS):
+            self._dim_wise(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
+        elif is_fn and target in SPATIAL_FUNCTIONS:
+            self._spatial(node)
+        elif is_fn and target in (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm):
+            self._functional_norm(node)
+        elif (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS):
+            self._movement(node)
+        else:
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: "
+                                f"unsupported op")
+
+    def _input_space(self, node: fx.Node) -> Tuple[fx.Node, _Space]:
+        data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
+        if len(data) != 1:
+            raise _CannotFollow(f"{self._label(node)} reads {len(data)} tensors with units; expected one")
+        return data[0], self._spaces[data[0]]
+
+    # -- element-wise, concat, reductions ----------------------------------------------------
+
+    def _elementwise(self, node: fx.Node) -> None:
+        shape = self._shape(node)
+        nd = len(shape)
+        operands = [n for n in _flatten_nodes((node.args, node.kwargs)) if self._shape(n) is not None]
+        # the output's unit axis: from the first operand with real (non-attr) slots
+        out_axis = None
+        for n in operands:
+            if n in self._spaces and n.op != "get_attr":
+                space = self._spaces[n]
+                out_axis = space.axis + (nd - space.ndim)
+                if space.shape[space.axis] == shape[out_axis]:
+                    break
+        if out_axis is None:
+            for n in operands:
+                if n.op == "get_attr":
+                    space = self._space_of(n)
+                    if space is not None:
+                        out_axis = space.axis + (nd - space.ndim)
+                        break
+        if out_axis is None or out_axis < 0:
+            raise _CannotFollow(f"cannot align the units of the operands of {self._label(node)}")
+        out = self._alloc(node, out_axis)
+        for n in operands:
+            op_shape = self._shape(n)
+            b = out_axis - (nd - len(op_shape))
+            existing = self._spaces.get(n)
+            if b < 0 or op_shape[b] == 1:
+                # broadcast along the unit axis: the operand has no units here
+                if existing is not None and existing.shape[existing.axis] > 1:
+                    self._block(existing, f"its units are broadcast against another axis in {self._label(node)}")
+                continue
+            if existing is None and n.op != "get_attr":
+                self._block(out, f"{self._label(node)} combines the units with a tensor of fixed size "
+                                 f"({self._label(n)})")
+                continue
+            space = self._space_of(n, axis=b)
+            if space is None or space.axis != b or space.size != out.size:
+                self._block(out, f"the operands of {self._label(node)} carry units on different axes")
+                if space is not None:
+                    self._block(space, f"the operands of {self._label(node)} carry units on different axes")
+                continue
+            self._link_same(space, out)
+
+    def _dim_arg(self, node: fx.Node, position: int, name: str = "dim", default: Any = None) -> Any:
+        if name in node.kwargs:
+            return node.kwargs[name]
+        if len(node.args) > position:
+            return node.args[position]
+        return default
+
+    def _concat(self, node: fx.Node) -> None:
+        tensors = self._dim_arg(node, 0, "tensors")
+        dim = self._dim_arg(node, 1, "dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+            raise _CannotFollow(f"cannot read the arguments of {self._label(node)}")
+        shape = self._shape(node)
+        dim = dim % len(shape)
+        spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+        axes = {s.axis for s in spaces if s is not None and s.node.op != "get_attr"}
+        if len(axes) != 1:
+            raise _CannotFollow(f"the inputs of {self._label(node)} carry units on different axes")
+        axis = axes.pop()
+        out = self._alloc(node, axis)
+        if dim == axis:
+            offset = 0
+            for t, space in zip(tensors, spaces):
+                size = self._shape(t)[dim]
+                if space is None:
+                    space = self._space_of(t, axis=dim)
+                if space is None or space.axis != dim:
+                    self._block(out, f"{self._label(node)} concatenates a tensor without units ({self._label(t)})")
+                else:
+                    self._link(space, np.arange(size), out, offset + np.arange(size))
+                offset += size
+        else:
+            for t, space in zip(tensors, spaces):
+                if space is None:
+                    space = self._space_of(t, axis=axis)
+                if space is None or space.axis != axis or space.size != out.size:
+                    self._block(out, f"the inputs of {self._label(node)} carry units on different axes")
+                    continue
+                self._link_same(space, out)
+
+    def _stack(self, node: fx.Node) -> None:
+        tensors = self._dim_arg(node, 0, "tensors")
+        dim = self._dim_arg(node, 1, "dim", 0)
+        shape = self._shape(node)
+        dim = dim % len(shape)
+        spaces = [self._space_of(t) for t in tensors]
+        axes = {s.axis for s in spaces if s is not None}
+        if len(axes) != 1 or any(s is None for s in spaces):
+            raise _CannotFollow(f"the inputs of {self._label(node)} carry units on different axes")
+        axis = axes.pop()
+        out = self._alloc(node, axis + 1 if dim <= axis else axis)
+        for space in spaces:
+            self._link_same(space, out)
+
+    def _reduction(self, node: fx.Node) -> None:
+        x, space = self._input_space(node)
+        dims = self._dim_arg(node, 1, "dim", None)
+        keepdim = self._dim_arg(node, 2, "keepdim", False)
+        if dims is None:
+            raise _CannotFollow(f"{self._label(node)} reduces over all dims, including the units")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [d % space.ndim for d in dims]
+        if space.axis in dims:
+            raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
+        axis = space.axis if keepdim else space.axis - sum(1 for d in dims if d < space.axis)
+        self._link_same(space, self._alloc(node, axis))
+
+    def _dim_wise(self, node: fx.Node, dim: Any) -> None:
+        x, space = self._input_space(node)
+        if not isinstance(dim, int):
+            raise _CannotFollow(f"cannot read the dim of {self._label(node)}")
+        if dim % space.ndim == space.axis:
+            raise _CannotFollow(f"{self._label(node)} mixes the units (dim={dim} is the unit axis)")
+        self._link_same(space, self._alloc(node, space.axis))
+
+    def _spatial(self, node: fx.Node, spatial_dims: Optional[int] = None) -> None:
+        x, space = self._input_space(node)
+        out_shape = self._shape(node)
+        if spatial_dims is None and node.target is F.pad:
+            pad = self._dim_arg(node, 1, "pad")
+            spatial_dims = len(pad) // 2 if isinstance(pad, (list, tuple)) else space.ndim - 2
+        if spatial_dims is None:
+            name = getattr(node.target, "__name__", "")
+            spatial_dims = int(name[-2]) if name[-2:-1].isdigit() and name.endswith("d") else space.ndim - 2
+        if space.axis >= space.ndim - spatial_dims or len(out_shape) != space.ndim \
+                or out_shape[space.axis] != space.size:
+            raise _CannotFollow(f"{self._label(node)} acts on the unit axis {space.axis}")
+        self._link_same(space, self._alloc(node, space.axis))
+
+    def _functional_norm(self, node: fx.Node) -> None:
+        """F.layer_norm / group_norm / batch_norm / instance_norm with parameters read as attrs."""
+        x, space = self._input_space(node)
+        target = node.target
+        if target is F.layer_norm:
+            normalized = self._dim_arg(node, 1, "normalized_shape")
+            if space.axis < space.ndim - len(normalized):
+                self._link_same(space, self._alloc(node, space.axis))
+                return
+            if space.axis != space.ndim - 1:
+                raise _CannotFollow(f"{self._label(node)} normalises units on a non-last axis")
+        elif target is F.group_norm:
+            raise _CannotFollow(f"functional group_norm at {self._label(node)} is not supported; use nn.GroupNorm")
+        elif space.axis != 1:
+            raise _CannotFollow(f"{self._label(node)} normalises channels on axis 1, the units are on {space.axis}")
+        out = self._alloc(node, space.axis)
+        self._link_same(space, out)
+        for arg in node.all_input_nodes:
+            if arg is x:
+                continue
+            if arg.op != "get_attr":
+                raise _CannotFollow(f"{self._label(node)} reads a computed weight ({self._label(arg)})")
+            param = self._space_of(arg, axis=0)
+            if param is None or param.ndim != 1 or param.size != space.size:
+                raise _CannotFollow(f"{self._label(node)} reads a parameter of unexpected shape")
+            self._link_same(param, out)
+
+    # -- data movement (followed empirically) -------------------------------------------------
+
+    def _movement(self, node: fx.Node, module: Optional[nn.Module] = None) -> None:
+        inputs = [n for n in self._slotted_inputs(node, attrs=True)]
+        if len(inputs) != 1:
+            raise _CannotFollow(f"{self._label(node)} reads {len(inputs)} tensors with units")
+        x = inputs[0]
+        space = self._space_of(x)
+        if space is None:
+            raise _CannotFollow(f"{self._label(node)}: input without units")
+        out_shape = self._shape(node)
+        full = _slot_ids(space.shape, space.axis, np.arange(space.size))
+        try:
+            y = self._evaluate(node, {x: full}, module)
+        except _CannotFollow:
+            raise
+        except Exception as exc:
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {exc})")
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(out_shape):
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)}")
+        out_axis, line = _unit_line(y)
+        if out_axis is None:
+            raise _CannotFollow(
+                f"{self._label(node)} spreads the units over several axes (a channel shuffle or a reshape "
+                f"that splits the unit axis); it cannot be pruned")
+        present = set(np.unique(line).tolist())
+        if present != set(range(space.size)):
+            raise _CannotFollow(f"{self._label(node)} selects a fixed subset of the units (hard-coded indexing, or a split of the unit axis)")
+        if space.size >= 2:
+            for removed in _probe_removals(space.size):
+                keep = np.setdiff1d(np.arange(space.size), removed)
+                small = _slot_ids(space.shape, space.axis, keep)
+                try:
+                    y_small = self._evaluate(node, {x: small}, module)
+                except Exception as exc:
+                    raise _CannotFollow(
+                        f"hard-coded shape in {self._label(node)}: it fails once units are removed "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                expected = y.index_select(out_axis, torch.as_tensor(np.nonzero(np.isin(line, keep))[0]))
+                if not isinstance(y_small, torch.Tensor) or y_small.shape != expected.shape \
+                        or not torch.equal(y_small, expected):
+                    raise _CannotFollow(f"hard-coded shape in {self._label(node)}: its result is wrong once units "
+                                        f"are removed (e.g. x.view(-1, C*H*W) with a literal size)")
+        out = self._alloc(node, out_axis)
+        self._link(space, line, out, np.arange(out.size))
+
+    def _evaluate(self, node: fx.Node, env: Dict[fx.Node, torch.Tensor], module: Optional[nn.Module] = None,
+                  depth: int = 0) -> Any:
+        """Run ``node`` with ``env`` substituted; the shape arithmetic feeding it is re-run too
+        (``x.size(0)``, ``h // p``), other tensors are stand-ins of their recorded shape."""
+        if node in env:
+            return env[node]
+        if depth > 40:
+            raise _CannotFollow("argument chain too deep")
+        if depth > 0 and self._shape(node) is not None:
+            return torch.empty(self._shape(node), device="meta", dtype=self._dtype(node) or torch.float32)
+
+        def value(arg: Any) -> Any:
+            if isinstance(arg, fx.Node):
+                return self._evaluate(arg, env, None, depth + 1)
+            if isinstance(arg, (list, tuple)):
+                return type(arg)(value(a) for a in arg)
+            if isinstance(arg, slice):
+                return slice(value(arg.start), value(arg.stop), value(arg.step))
+            if isinstance(arg, dict):
+                return {k: value(v) for k, v in arg.items()}
+            return arg
+
+        args = value(node.args)
+        kwargs = value(dict(node.kwargs))
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module" and depth == 0:
+            mod = module if module is not None else self._traced_modules[node.target]
+            return mod(*args, **kwargs)
+        raise _CannotFollow(f"cannot evaluate {node.op} '{node.name}' in a shape computation")
+
+    # -- modules ----------------------------------------------------------------------------
+
+    def _visit_module(self, node: fx.Node, module: nn.Module, slotted: List[fx.Node]) -> None:
+        name = self._site_by_node[node].module_name or node.target
+        shape = self._shape(node)
+        from torchpruner.pruner.rules import get_slicing_rule  # lazy: pruner imports graph
+        if isinstance(module, nn.MultiheadAttention):
+            return  # handled at its getitem (the module returns a tuple)
+        data = [n for n in slotted if n.op != "get_attr"]
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            if shape is not None:
+                self._add_role(self._alloc(node, len(shape) - 1), "out", module, name)
+            return
+        if isinstance(module, MOVEMENT_MODULES) or _is_torchvision(module, "Permute"):
+            if data:
+                self._movement(node, module)
+            return
+        if not data:
+            if shape is not None:
+                site = self._site_by_node[node]
+                if site.unit_axis is not None:
+                    space = self._alloc(node, site.unit_axis)
+                    self._block(space, f"{self._label(node)} produces units from no input units")
+            return
+        if len(data) != 1:
+            raise _CannotFollow(f"{self._label(node)} reads {len(data)} tensors with units")
+        x = data[0]
+        space = self._spaces[x]
+        if shape is None:
+            raise _CannotFollow(f"{self._label(node)} does not return a single tensor")
+        rule = get_slicing_rule(module)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            self._conv(node, module, name, space)
+        elif isinstance(module, nn.Linear) or (rule is not None and getattr(rule, "input_unit_axis", None) == -1
+                                               and not getattr(rule, "passes_units_through", False)):
+            if space.axis != space.ndim - 1:
+                raise _CannotFollow(f"{self._label(node)} reads its input units on the last axis but the units "
+                                    f"are on axis {space.axis} of a {space.ndim}-d tensor")
+            self._add_role(space, "in", module, name)
+            self._add_role(self._alloc(node, len(shape) - 1), "out", module, name)
+        elif isinstance(module, nn.GroupNorm):
+            self._require_axis(node, space, 1)
+            out = self._alloc(node, 1)
+            self._link_same(space, out)
+            per = module.num_channels // module.num_groups
+            slots = np.arange(space.size)
+            self._link(space, slots, space, slots - slots % per)  # whole groups only
+            self._add_role(space, "in", module, name)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            dims = len(module.normalized_shape)
+            out = self._alloc(node, space.axis)
+            self._link_same(space, out)
+            if space.axis >= space.ndim - dims:
+                self._add_role(space, "in", module, name)  # also updates normalized_shape
+        elif isinstance(module, nn.modules.batchnorm._NormBase) or isinstance(module, nn.PReLU):
+            if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+                self._link_same(space, self._alloc(node, space.axis))
+                return
+            self._require_axis(node, space, 1)
+            self._link_same(space, self._alloc(node, 1))
+            self._add_role(space, "in", module, name)
+        elif isinstance(module, nn.modules.dropout._DropoutNd):
+            self._link_same(space, self._alloc(node, space.axis))
+            self._add_role(space, "in", module, name)  # p follows the pruner's dropout_policy
+        elif isinstance(module, PASS_THROUGH_MODULES) or _is_torchvision(module, "StochasticDepth"):
+            self._link_same(space, self._alloc(node, space.axis))
+        elif isinstance(module, DIM_WISE_MODULES):
+            if module.dim is None or module.dim % space.ndim == space.axis:
+                raise _CannotFollow(f"{self._label(node)} mixes the units along their axis")
+            self._link_same(space, self._alloc(node, space.axis))
+        elif isinstance(module, SPATIAL_MODULES):
+            spatial = space.ndim - 2
+            for digit in "123":
+                if type(module).__name__.endswith(f"{digit}d"):
+                    spatial = int(digit)
+            if space.axis >= space.ndim - spatial or shape[space.axis] != space.size:
+                raise _CannotFollow(f"{self._label(node)} acts on the unit axis {space.axis}")
+            self._link_same(space, self._alloc(node, space.axis))
+        elif rule is not None and getattr(rule, "passes_units_through", False):
+            axis = getattr(rule, "input_unit_axis", None)
+            if axis is not None and axis % space.ndim != space.axis:
+                raise _CannotFollow(f"{self._label(node)} reads units on axis {axis}, they are on {space.axis}")
+            self._link_same(space, self._alloc(node, space.axis))
+            if getattr(rule, "has_unit_state", True):
+                self._add_role(space, "in", module, name)
+        elif rule is not None and rule.out_units(module) is not None:
+            axis = getattr(rule, "input_unit_axis", None)
+            if rule.in_units(module) is None or axis is None or axis % space.ndim != space.axis:
+                raise _CannotFollow(f"{self._label(node)}: its rule does not say where it reads its units")
+            self._add_role(space, "in", module, name)
+            self._add_role(self._alloc(node, axis % len(shape)), "out", module, name)
+        else:
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: no slicing rule for "
+                                f"{type(module).__name__} (register one with torchpruner.register_slicing_rule)")
+
+    def _require_axis(self, node: fx.Node, space: _Space, axis: int) -> None:
+        if space.axis != axis:
+            raise _CannotFollow(f"{self._label(node)} reads units on axis {axis}; they are on axis {space.axis}")
+
+    def _conv(self, node: fx.Node, module: nn.modules.conv._ConvNd, name: str, space: _Space) -> None:
+        self._require_axis(node, space, 1)
+        groups, cin, cout = module.groups, module.in_channels, module.out_channels
+        out = self._alloc(node, 1)
+        if groups == 1:
+            self._add_role(space, "in", module, name)
+            self._add_role(out, "out", module, name)
+        elif groups == cin:
+            # depthwise: channel c -> output channels c*m .. c*m+m-1; pruned through its input
+            mult = cout // cin
+            self._link(space, np.repeat(np.arange(cin), mult), out, np.arange(cout))
+            self._add_role(space, "in", module, name)
+        else:
+            ipg, opg = cin // groups, cout // groups
+            cin_slots, cout_slots = np.arange(cin), np.arange(cout)
+            self._link(space, cin_slots, space, cin_slots % ipg)     # equal pruning in every group
+            self._link(out, cout_slots, out, cout_slots % opg)
+            self._add_role(space, "in", module, name)
+            self._add_role(out, "out", module, name)
+
+    def _visit_module_item(self, node: fx.Node) -> None:
+        """``getitem`` on a module returning a tuple: ``nn.MultiheadAttention``'s output."""
+        source = node.args[0]
+        module = self._traced_modules[source.target]
+        name = self._site_by_node[source].module_name or source.target
+        shape = self._shape(node)
+        if isinstance(module, nn.MultiheadAttention) and node.args[1] == 0:
+            self._attention(source, node, module, name)
+            return
+        if isinstance(module, nn.MultiheadAttention):
+            return  # attention weights: no units of their own
+        raise _CannotFollow(f"cannot follow the units through {self._label(source)}: it returns a tuple")
+
+    def _attention(self, source: fx.Node, node: fx.Node, module: nn.MultiheadAttention, name: str) -> None:
+        query = source.kwargs.get("query", source.args[0] if source.args else None)
+        key = source.kwargs.get("key", source.args[1] if len(source.args) > 1 else None)
+        value = source.kwargs.get("value", source.args[2] if len(source.args) > 2 else None)
+        label = self._label(source)
+        space = self._spaces.get(query)
+        if space is None:
+            raise _CannotFollow(f"{label}: query without units")
+        if not (query is key is value) or not module._qkv_same_embed_dim:
+            raise _CannotFollow(f"{label}: only self-attention (query is key is value) can be pruned")
+        if space.axis != space.ndim - 1:
+            raise _CannotFollow(f"{label}: units must be on the last axis")
+        out = self._alloc(node, len(self._shape(node)) - 1)
+        self._link_same(space, out)
+        head_dim = module.embed_dim // module.num_heads
+        slots = np.arange(space.size)
+        self._link(space, slots, space, slots % head_dim)   # embed dim i is head dim i % head_dim: all heads alike
+        self._add_role(space, "in", module, name)
+
+    def _add_role(self, space: _Space, direction: str, module: nn.Module, name: str) -> None:
+        first = self._first_role_space.setdefault((id(module), direction), space)
+        if first is not space:
+            # a module called several times shares its weights: each call loses the same units
+            if first.size != space.size:
+                raise _CannotFollow(f"module '{name}' is called with different unit counts")
+            self._link_same(first, space)
+            return
+        self._roles.append(_Role(space=space, direction=direction, module=module, module_name=name))
+
+    def _passes_through(self, role: _Role) -> bool:
+        from torchpruner.pruner.rules import get_slicing_rule
+        module = role.module
+        if role.direction != "in":
+            return False
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.groups == module.in_channels and module.groups > 1
+        if isinstance(module, nn.MultiheadAttention):
+            return True
+        rule = get_slicing_rule(module)
+        return bool(getattr(rule, "passes_units_through", False))
+
+    # -- groups -------------------------------------------------------------------------------
+
+    def _build_groups(self) -> None:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = self._num_slots
+        for space in self._space_list:          # bare parameters: roles for their owners
+            if space.node.op == "get_attr":
+                self._attr_role(space)
+        if self._edges:
+            a = np.concatenate([e[0] for e in self._edges])
+            b = np.concatenate([e[1] for e in self._edges])
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        matrix = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+        _, labels = connected_components(matrix, directed=False)   # one label per unit
+        self._labels = labels
+        num_labels = int(labels.max()) + 1 if n else 0
+        # units held by exactly the same tensors form a group (a residual stream; one branch of a
+        # concatenation is its own group even though the concatenated tensor holds every branch)
+        space_of_slot = np.repeat(np.arange(len(self._space_list)), [s.size for s in self._space_list])
+        pairs = np.unique(space_of_slot.astype(np.int64) * max(num_labels, 1) + labels)
+        pair_space, pair_label = pairs // max(num_labels, 1), pairs % max(num_labels, 1)
+        rng = np.random.default_rng(0)
+        keys = rng.integers(0, np.iinfo(np.int64).max, size=len(self._space_list), dtype=np.int64).astype(np.uint64)
+        signature = np.zeros(num_labels, dtype=np.uint64)
+        np.add.at(signature, pair_label, keys[pair_space])
+        _, raw_group = np.unique(signature, return_inverse=True)
+        raw_group = raw_group.reshape(-1)
+        # order groups by their first tensor in data-flow order, units by a source's channels
+        anchor: Dict[int, _Space] = {}
+        for role in self._roles:
+            if role.direction in ("out", "param"):
+                for raw in np.unique(raw_group[labels[role.space.start:role.space.start + role.space.size]]):
+                    anchor.setdefault(int(raw), role.space)
+        self._group_of_label = np.full(num_labels, -1, dtype=np.int64)
+        self._unit_index = np.full(num_labels, -1, dtype=np.int64)
+        groups: List[Group] = []
+        for space in self._space_list:
+            lab = labels[space.start:space.start + space.size]
+            for raw in pd_unique(raw_group[lab]):
+                if self._group_of_label[lab[raw_group[lab] == raw][0]] >= 0:
+                    continue
+                first = anchor.get(int(raw), space)
+                first_lab = labels[first.start:first.start + first.size]
+                first_lab = pd_unique(first_lab[raw_group[first_lab] == raw])
+                group = Group(self, len(groups), first_lab)
+                self._group_of_label[first_lab] = group.index
+                self._unit_index[first_lab] = np.arange(len(first_lab))
+                groups.append(group)
+        group_of_pair = self._group_of_label[pair_label]
+        for k, space in enumerate(self._space_list):
+            reason = self._blocked.get(id(space))
+            for gi in np.unique(group_of_pair[pair_space == k]):
+                group = groups[gi]
+                group._spaces.append(space)
+                if reason is not None:
+                    if reason[1] and group.refusal is None:
+                        group.refusal = reason[0]
+                    elif not reason[1] and group.output_reason is None:
+                        group.output_reason = reason[0]
+        space_index = {id(space): k for k, space in enumerate(self._space_list)}
+        for role in self._roles:
+            for gi in np.unique(group_of_pair[pair_space == space_index[id(role.space)]]):
+                groups[gi]._roles.append(role)
+        for group in groups:
+            seen = set()
+            for role in group._roles:
+                key = (id(role.module), role.direction, role.parameter)
+                if key in seen:
+                    continue
+                seen.add(key)
+                mine = int((group._unit_of(role.space) >= 0).sum())
+                group.members.append(Member(role.module_name, role.module, role.direction, role.parameter,
+                                            role.space.size, max(1, mine // max(1, group.num_units))))
+        self._groups = groups
+
+    def removals(self, selection: Mapping[Group, Sequence[int]]) -> List[Tuple[_Role, np.ndarray]]:
+        """``[(role, removed positions)]`` when the given units of the given groups go, merged per
+        module and side (a layer reading a concatenation loses inputs of several groups)."""
+        merged: Dict[Tuple[int, str, Optional[str]], Tuple[_Role, np.ndarray]] = {}
+        order: List[Tuple[int, str, Optional[str]]] = []
+        for group, units in selection.items():
+            for role in group._roles:
+                key = (id(role.module), role.direction, role.parameter)
+                positions = group.positions(role.space, units)
+                if key in merged:  # several calls of one module are linked: same positions
+                    merged[key] = (merged[key][0], np.union1d(merged[key][1], positions))
+                    continue
+                merged[key] = (role, positions)
+                order.append(key)
+        return [merged[k] for k in order if len(merged[k][1])]
+
+    def _attr_role(self, space: _Space) -> None:
+        from torchpruner.pruner.rules import get_slicing_rule
+        path = space.node.target
+        owner_path, _, attr = path.rpartition(".")
+        owner = self._modules.get(owner_path)
+        if owner is None:
+            self._block(space, f"cannot find the owner of the parameter '{path}'")
+            return
+        rule = get_slicing_rule(owner)
+        if rule is not None and getattr(rule, "passes_units_through", False) and attr in ("weight", "bias"):
+            role = _Role(space=space, direction="in", module=owner, module_name=owner_path)
+        else:
+            role = _Role(space=space, direction="param", module=owner, module_name=owner_path or "(model)",
+                         parameter=attr, axis=space.axis)
+        self._roles.append(role)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def _output_space(self, module: nn.Module, call_index: int = 0) -> _Space:
+        site = self.graph.site(module, call_index)
+        space = self._spaces.get(site.node)
+        if space is None and isinstance(module, nn.MultiheadAttention):
+            for user in site.node.users:
+                if user.target is operator.getitem and user.args[1] == 0:
+                    space = self._spaces.get(user)
+        if space is None:
+            raise DependencyError(f"module '{site.label}' ({type(module).__name__}) has no output units to prune")
+        return space
+
+    def groups(self, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False,
+               prunable_only: bool = True) -> List[Group]:
+        """The coupled groups (each once), in data-flow order.
+
+        Args:
+            ignored_layers: modules whose output units must not be pruned; a group with such a
+                source is left out.
+            include_outputs: also list groups that reach the model output (classifier outputs).
+            prunable_only: leave out groups that cannot be pruned (see ``group.why_not_prunable``).
+        """
+        ignored = {id(m) for m in ignored_layers}
+        result = []
+        for group in self._groups:
+            if not group.members:
+                continue
+            if prunable_only and not group.prunable(include_outputs):
+                continue
+            if any(id(m) in ignored for m in group.source_modules):
+                continue
+            result.append(group)
+        return result
+
+    @property
+    def all_groups(self) -> List[Group]:
+        return [g for g in self._groups if g.members]
+
+    def groups_of(self, module: nn.Module, call_index: int = 0) -> List[Group]:
+        """The groups holding ``module``'s output units (usually one)."""
+        space = self._output_space(module, call_index)
+        gids = self._group_of_label[self._labels[space.start:space.start + space.size]]
+        return [self._groups[g] for g in pd_unique(gids)]
+
+    def group_of(self, module: nn.Module, call_index: int = 0) -> Group:
+        """The group holding ``module``'s output units (DependencyError if they span several)."""
+        groups = self.groups_of(module, call_index)
+        if len(groups) != 1:
+            raise DependencyError(f"the output units of '{self.graph.module_name(module)}' belong to "
+                                  f"{len(groups)} groups; use groups_of()")
+        return groups[0]
+
+    def select(self, module: nn.Module, indices: Sequence[int], call_index: int = 0) -> Dict[Group, List[int]]:
+        """``{group: units}`` removed when output units ``indices`` of ``module`` go."""
+        space = self._output_space(module, call_index)
+        indices = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)
+        gids = self._group_of_label[self._labels[space.start + indices]]
+        selection: Dict[Group, List[int]] = {}
+        for gi in pd_unique(gids):
+            group = self._groups[gi]
+            selection[group] = group.units_for(module, indices[gids == gi], call_index)
+        return selection
+
+
+def pd_unique(values: np.ndarray) -> np.ndarray:
+    """Unique values in order of first appearance."""
+    values = np.asarray(values)
+    _, first = np.unique(values, return_index=True)
+    return values[np.sort(first)]
+
+def _flatten_nodes(value: Any) -> List[fx.Node]:
+    found: List[fx.Node] = []
+    fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(v, fx.Node) else None)
+    return found
+
+
+def _slot_ids(shape: Sequence[int], axis: int, ids: np.ndarray) -> torch.Tensor:
+    """A tensor of ``shape`` (with ``len(ids)`` on ``axis``) holding each position's slot id."""
+    shape = list(shape)
+    shape[axis] = len(ids)
+    view = [1] * len(shape)
+    view[axis] = len(ids)
+    return torch.as_tensor(ids, dtype=torch.int64).reshape(view).expand(shape).contiguous()
+
+
+def _unit_line(y: torch.Tensor) -> Tuple[Optional[int], Optional[np.ndarray]]:
+    """The one axis along which slot ids vary (constant along every other axis)."""
+    if y.dim() == 0:
+        return None, None
+    candidates = []
+    for axis in range(y.dim()):
+        index = [0] * y.dim()
+        index[axis] = slice(None)
+        line = y[tuple(index)]
+        view = [1] * y.dim()
+        view[axis] = y.shape[axis]
+        if torch.equal(y, line.reshape(view).expand_as(y)):
+            candidates.append((axis, line))
+    varying = [(a, l) for a, l in candidates if l.numel() > 1 and not bool((l == l[0]).all())]
+    if len(varying) == 1:
+        return varying[0][0], varying[0][1].numpy()
+    if not varying and candidates and bool((y == y.flatten()[0]).all()):
+        # a single unit: the last axis holding it
+        for a, l in reversed(candidates):
+            if y.shape[a] >= 1:
+                return a, l.numpy()
+    return None, None
+
+
+def _probe_removals(size: int) -> List[np.ndarray]:
+    probes = [np.array([0, size // 2]) if size >= 3 else np.array([0])]
+    if size >= 4:
+        probes.append(np.array([size - 1]))
+    return [np.unique(p) for p in probes]
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+_DEP_CACHE: Dict[int, Tuple[ModelGraph, DependencyGraph]] = {}
+
+
+def get_dependency_graph(graph: ModelGraph) -> DependencyGraph:
+    """The :class:`DependencyGraph` of ``graph`` (built once per graph object)."""
+    cached = getattr(graph, "_torchpruner_dependencies", None)
+    if cached is None:
+        cached = DependencyGraph(graph)
+        graph._torchpruner_dependencies = cached
+    return cached
+
+
+# --------------------------------------------------------------------------------------------
+# Plans (used by Pruner.plan when cascading_modules is None)
+# --------------------------------------------------------------------------------------------
+
+def discover(graph: ModelGraph, module: nn.Module) -> List[nn.Module]:
+    """Every other module sliced when output units of ``module`` are pruned (its whole group)."""
+    dep = get_dependency_graph(graph)
+    found: List[nn.Module] = []
+    for group in dep.groups_of(module):
+        for member in group.members:
+            if member.module is not module and all(member.module is not m for m in found):
+                found.append(member.module)
+    return found
+
+
+def plan_edits(pruner: Any, selection: Mapping[Group, Sequence[int]]) -> List[Any]:
+    """The edits (tensor slices, attribute changes, kept-unit records) that remove ``selection``."""
+    from torchpruner.pruner.pruner import _complement, _kept_units_edit
+    from torchpruner.pruner.rules import UnitSelection, get_slicing_rule, slice_tensor
+
+    dep = next(iter(selection)).__dict__["_dep"] if selection else None
+    edits: List[Any] = []
+    kept: Dict[int, List[Any]] = {}   # module id -> [module, rule, out_keep, in_keep]
+    for role, positions in dep.removals(selection):
+        space = role.space
+        remove = torch.as_tensor(positions, dtype=torch.long)
+        if role.direction == "param":
+            keep = _complement(remove, space.size)
+            edits += slice_tensor(role.module, role.parameter, role.axis, keep)
+            continue
+        module = role.module
+        rule = get_slicing_rule(module)
+        if rule is None:
+            raise DependencyError(f"'{role.module_name}' ({type(module).__name__}) has no slicing rule")
+        unit_selection = UnitSelection.from_remove(remove, space.size, axis=space.axis, ndim=space.ndim,
+                                                   dropout_policy=pruner.dropout_policy)
+        edits += pruner._rule_edits(rule, module, role.module_name, unit_selection, role.direction)
+        record = kept.setdefault(id(module), [module, rule, None, None])
+        if role.direction == "out":
+            record[2] = unit_selection.keep
+        else:
+            record[3] = unit_selection.keep
+            out_removed = pruner._removed_out(rule, module, role.module_name, unit_selection)
+            out_count = rule.out_units(module)
+            if out_removed is not None and out_count is not None:
+                record[2] = _complement(out_removed, out_count)
+    for module, rule, out_keep, in_keep in kept.values():
+        edits += _kept_units_edit(module, rule, out_keep, in_keep)
+    return edits
+
+
+def describe_selection(dep: DependencyGraph, selection: Mapping[Group, Sequence[int]]) -> str:
+    parts = []
+    for group, units in selection.items():
+        names = ", ".join(str(m) for m in group.members)
+        parts.append(f"{len(units)} of {group.num_units} units of group {group.index} [{names}]")
+    return "; ".join(parts)
+
+
+def plan_prune(pruner: Any, module: nn.Module, remove: torch.Tensor, call_index: int = 0):
+    """Plan for ``Pruner.plan(module, indices)`` with ``cascading_modules=None``: the whole
+    coupled group of ``module``'s pruned output units (every source, consumer and bare parameter)."""
+    graph = pruner.graph()
+    dep = get_dependency_graph(graph)
+    name = graph.module_name(module)
+    selection = dep.select(module, remove.tolist(), call_index)
+    for group, units in selection.items():
+        reason = group.refusal
+        if reason is not None:
+            raise DependencyError(f"cannot prune '{name}' ({type(module).__name__}): {reason}")
+        if len(units) >= group.num_units:
+            raise DependencyError(f"cannot prune every unit of '{name}' (group {group.index} would be empty)")
+    return plan_group(pruner, selection, f"remove {len(remove)} output units of '{name}' ({type(module).__name__})")
+
+
+def plan_group(pruner: Any, selection: Mapping[Group, Sequence[int]], description: Optional[str] = None):
+    """Plan the removal of ``{group: units}`` (validated, nothing changed)."""
+    if not selection:
+        from torchpruner.pruner.plan import Plan
+        return Plan(description=(description or "nothing") + " (nothing to do)")
+    dep = next(iter(selection))._dep
+    for group, units in selection.items():
+        units = list(units)
+        if any(not 0 <= int(u) < group.num_units for u in units):
+            raise ValueError(f"group {group.index} has {group.num_units} units; got units {units[:10]}")
+        if len(set(int(u) for u in units)) >= group.num_units:
+            raise ValueError(f"cannot remove every unit of group {group.index}")
+    edits = plan_edits(pruner, selection)
+    text = describe_selection(dep, selection)
+    return pruner._finish(f"{description}: {text}" if description else f"remove {text}", edits)
