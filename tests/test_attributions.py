@@ -21,9 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchpruner.attributions import (APoZAttributionMetric, CaptumAttributionMetric,
-                                      RandomAttributionMetric, SensitivityAttributionMetric,
-                                      ShapleyAttributionMetric, TaylorAttributionMetric,
-                                      WeightNormAttributionMetric)
+                                      SensitivityAttributionMetric, ShapleyAttributionMetric,
+                                      TaylorAttributionMetric, WeightNormAttributionMetric)
 from torchpruner.attributions.methods.weight_norm import unit_weight_norms
 from torchpruner.graph import get_graph
 

@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -99,14 +99,14 @@ def to_device(obj: Any, device: torch.device | None) -> Any:
     return obj
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
+def first_tensor(obj: Any) -> torch.Tensor | None:
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, Mapping):
         obj = list(obj.values())
     if isinstance(obj, (tuple, list)):
         for item in obj:
-            found = _first_tensor(item)
+            found = first_tensor(item)
             if found is not None:
                 return found
     return None
@@ -122,7 +122,7 @@ def make_batch(raw: Any, batch_fn: BatchFn | None, device: torch.device | None) 
     else:
         args, kwargs = (inputs,), {}
     args, kwargs, target = to_device(args, device), to_device(kwargs, device), to_device(target, device)
-    first = _first_tensor((args, kwargs))
+    first = first_tensor((args, kwargs))
     if first is None or first.dim() == 0:
         raise ValueError("a batch has no tensor input with a batch dimension")
     return Batch(args=args, kwargs=kwargs, target=target, size=int(first.shape[0]))

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import (AttributionMetric, Batch, BatchFn, Reduction, SiteRunner, _first_tensor,
+from .base import (AttributionMetric, Batch, BatchFn, Reduction, SiteRunner, first_tensor,
                    per_example_loss, sum_positions)
 
 
@@ -137,7 +137,7 @@ class CaptumAttributionMetric(AttributionMetric):
         def forward_func(*inputs_and_target: Any) -> torch.Tensor:
             *inputs, target = inputs_and_target
             output = runner.forward(*inputs, **kwargs)
-            first = _first_tensor(inputs)
+            first = first_tensor(inputs)
             return -per_example_loss(criterion, output, target, None if first is None else first.shape[0])
 
         attributor = method_cls(forward_func, self._probe, **(options["init_kwargs"] or {}))
