@@ -98,6 +98,30 @@ def test_taylor_equals_captum_gradient_x_activation(arch, layer_index, shape, si
         assert (per_example < 0).any() and (per_example > 0).any()  # the sign really is kept
 
 
+@settings(max_examples=10)
+@given(widths=st.lists(st.integers(1, 5), min_size=1, max_size=3), layer=st.integers(0, 10),
+       batch_size=st.integers(1, 7), find_best=st.booleans(), seed=st.integers(0, 1000))
+def test_taylor_equals_captum_on_random_conv_stacks(widths, layer, batch_size, find_best, seed):
+    """Random Conv → BN → ReLU stacks; any conv; any batch size; with or without moving past BN/ReLU."""
+    torch.manual_seed(seed)
+    layers, channels = [], 2
+    for width in widths:
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 16, 3)).to(DTYPE).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+    x, y = classification_data((2, 4, 4), n=7, seed=seed)
+    conv_index = 3 * (layer % len(widths))
+    expected_layer = model[conv_index + 2] if find_best else model[conv_index]
+    reference = captum_gxa(model, expected_layer, x, y)
+    metric = TaylorAttributionMetric(model, batches(x, y, batch_size), F.cross_entropy, "cpu", reduction="none",
+                                     signed=True)
+    np.testing.assert_allclose(metric.run(model[conv_index], find_best), reference, rtol=1e-9, atol=1e-13)
+
+
 def test_sensitivity_equals_per_example_autograd():
     """Each example alone through the network, gradient by plain autograd: also checks that the
     one-backward per-example trick of the library is exact in eval mode (BatchNorm included)."""
