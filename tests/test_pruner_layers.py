@@ -401,3 +401,64 @@ def test_user_registered_rule():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), Scale(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
     zeroed_twin_check(model, model[0], [2], [model[1], model[3]], model[2], torch.randn(2, 2, 5, 5))
     assert model[1].channels == 3 and model[1].weight.shape == (3,)
+
+
+def test_instance_norm_with_affine_and_stats():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.InstanceNorm2d(6, affine=True, track_running_stats=True), nn.ReLU(),
+                          nn.Conv2d(6, 2, 1))
+    randomize_bn(model)
+    zeroed_twin_check(model, model[0], [0, 5], [model[1], model[3]], model[2], torch.randn(2, 2, 6, 6))
+    assert model[1].num_features == 4 and model[1].running_mean.shape == (4,)
+
+
+def test_group_norm_whole_groups_only():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6), nn.ReLU(), nn.Conv2d(6, 2, 1))
+    # whole groups: the statistics of the remaining groups do not change -> equals the zeroed twin
+    zeroed_twin_check(model, model[0], [2, 3], [model[1], model[3]], model[2], torch.randn(2, 2, 6, 6))
+    assert model[1].num_groups == 2 and model[1].num_channels == 4
+    with pytest.raises(ValueError, match="'1'.*whole groups"):
+        Pruner(model, input_size=(2, 6, 6)).prune_model(model[0], [0], [model[1], model[3]])
+    assert model[1].num_channels == 4
+
+
+def test_layernorm_on_tokens():
+    seeded()
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2)).double()
+    x = torch.randn(2, 3, 5)
+    keep = [0, 1, 3, 4]
+    h = F.linear(x, model[0].weight[keep], model[0].bias[keep])
+    h = F.layer_norm(h, (4,), model[1].weight[keep], model[1].bias[keep], model[1].eps)
+    expected = F.linear(h, model[2].weight[:, keep], model[2].bias)
+    Pruner(model, example_inputs=x).prune_model(model[0], [2, 5], [model[2], model[1]])
+    torch.testing.assert_close(model(x), expected)
+
+
+class DataDependent(nn.Module):
+    """torch.fx cannot trace this (``if`` on a tensor value): the Pruner follows a hooks trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if h.sum() > -1e9:
+            h = h * 1.0
+        return self.fc(h.flatten(1))
+
+
+def test_untraceable_model_uses_hooks_trace():
+    seeded()
+    model = DataDependent().double().eval()
+    x = torch.randn(2, 2, 6, 6)
+    twin = copy.deepcopy(model)
+    with masked_units(twin.conv, [1]):  # relu(0) = 0: zeroing the conv output is enough here
+        expected = twin(x)
+    pruner = Pruner(model, input_size=(2, 6, 6))
+    assert pruner.graph().method == "hooks"
+    pruner.prune_model(model.conv, [1], [model.fc])
+    torch.testing.assert_close(model(x), expected)
+    assert model.fc.in_features == 48

@@ -490,9 +490,9 @@ class Pruner:
                 raise ValueError(f"'{source_name}' output shape {site.shape} does not hold its {num_units} units "
                                  f"on the expected axis {site.unit_axis}")
             flows[id(site)] = _Flow(remove, num_units, site.unit_axis, tuple(site.shape))
+        last_flow: Optional[_Flow] = flows[id(graph.sites_of(source)[-1])]
         cascade_ids = {id(m) for m in cascade}
         selections: Dict[int, Tuple[nn.Module, UnitSelection]] = {}
-        last_flow: Optional[_Flow] = None
         first_index = min(s.index for s in graph.sites_of(source))
         for site in graph.sites:
             if site.index <= first_index or id(site) in flows:
