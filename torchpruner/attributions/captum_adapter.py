@@ -57,7 +57,9 @@ class CaptumAttributionMetric(AttributionMetric):
     LayerIntegratedGradients (tested) or LayerGradientXActivation.
 
     Tested with: LayerGradientXActivation, LayerActivation, LayerConductance, InternalInfluence,
-    LayerIntegratedGradients, LayerFeatureAblation.
+    LayerIntegratedGradients, LayerFeatureAblation (LayerGradientShap runs). Not supported:
+    LayerDeepLift, LayerDeepLiftShap, LayerLRP — they need the model itself as the forward
+    function to hook its nonlinearities.
     """
 
     name: ClassVar[str] = "Captum"
