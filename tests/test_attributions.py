@@ -589,6 +589,21 @@ def test_captum_adapter_methods():
         np.testing.assert_allclose(ablation[:, unit] / 36, leave_out, rtol=1e-9, atol=1e-12)
 
 
+def test_captum_adapter_refuses_model_hooking_methods():
+    from captum.attr import LayerDeepLift, LayerLRP
+
+    model = mlp()
+    x, y = classification_data((5,))
+    for method in (LayerDeepLift, LayerLRP):
+        with pytest.raises(TypeError, match="not supported"):
+            CaptumAttributionMetric(model, batches(x, y, 4), F.cross_entropy, method=method).run(model[0])
+    assert all_hooks_removed(model)
+
+
+def all_hooks_removed(model):
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+
+
 def test_import_without_captum():
     code = ("import sys; import torchpruner, torchpruner.attributions; "
             "assert 'captum' not in sys.modules, 'captum imported eagerly'")

@@ -12,6 +12,8 @@ from .base import (AttributionMetric, Batch, BatchFn, Reduction, SiteRunner, fir
                    per_example_loss, sum_positions)
 
 
+#: captum methods that hook the model's own modules and so need the model as forward function.
+MODEL_HOOKING_METHODS = frozenset({"LayerDeepLift", "LayerDeepLiftShap", "LayerLRP"})
 #: captum methods that interpolate between baseline and actual *inputs*.
 INPUT_PATH_METHODS = frozenset({"LayerConductance", "InternalInfluence", "LayerGradientShap"})
 
@@ -102,6 +104,12 @@ class CaptumAttributionMetric(AttributionMetric):
             method = LayerConductance
         if not isinstance(method, type) or not hasattr(method, "attribute"):
             raise TypeError(f"method must be a captum layer attribution class, got {method!r}")
+        if method.__name__ in MODEL_HOOKING_METHODS:
+            raise TypeError(
+                f"{method.__name__} is not supported: it needs the model itself as the forward "
+                "function (to hook its nonlinearities), while this adapter attributes the "
+                "per-example loss"
+            )
         return method
 
     def describe(self, module_name: str, options: dict[str, Any]) -> str:
