@@ -298,6 +298,21 @@ def test_several_and_keyword_inputs_via_batch_fn():
     np.testing.assert_allclose(positional, (-g * z).abs().detach().numpy(), rtol=1e-10)
 
 
+@pytest.mark.parametrize("name", DATA_METRICS)
+def test_called_under_no_grad_or_inference_mode(name):
+    model = make_model()
+    reference = METRICS[name](model, loader(shuffle=False), F.cross_entropy).run(model[0], True)
+    with torch.no_grad():
+        np.testing.assert_allclose(METRICS[name](model, loader(shuffle=False), F.cross_entropy).run(model[0], True),
+                                   reference, rtol=1e-12)
+    with torch.inference_mode():
+        x, y = make_data()  # inference tensors
+        data = [(x[:5], y[:5]), (x[5:], y[5:])]
+        np.testing.assert_allclose(METRICS[name](model, data, F.cross_entropy).run(model[0], True), reference,
+                                   rtol=1e-12)
+        assert torch.is_inference_mode_enabled()
+
+
 def test_device_honoured_and_autocast_accumulates_in_float32():
     model = make_model().float()
     x, y = make_data(8)

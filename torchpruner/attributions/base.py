@@ -86,10 +86,10 @@ def default_batch_fn(batch: Any) -> tuple[Any, Any]:
 
 def to_device(obj: Any, device: torch.device | None) -> Any:
     """Move every tensor inside ``obj`` (nested tuples, lists, dicts) to ``device``."""
-    if device is None:
-        return obj
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        # tensors made under torch.inference_mode cannot enter autograd: use a normal copy
+        obj = obj.clone() if obj.is_inference() else obj
+        return obj if device is None else obj.to(device)
     if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -252,7 +252,8 @@ def left_as_found(model: nn.Module) -> Iterator[None]:
     """
     from torchpruner.graph import preserved_state
 
-    with preserved_state(model, eval_mode=True):
+    # inference_mode(False): gradient metrics must work even when called under inference_mode
+    with preserved_state(model, eval_mode=True), torch.inference_mode(False):
         yield
 
 
