@@ -462,3 +462,19 @@ def test_untraceable_model_uses_hooks_trace():
     pruner.prune_model(model.conv, [1], [model.fc])
     torch.testing.assert_close(model(x), expected)
     assert model.fc.in_features == 48
+
+
+def test_parameter_free_modules_may_be_listed():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 2))
+    zeroed_twin_check(model, model[0], [1, 2], [model[3], model[1], model[4], model[2]], model[1],
+                      torch.randn(2, 2, 6, 6))
+    assert model[4].in_features == 8
+
+
+def test_depthwise_conv_transpose_in_cascade():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 3, groups=4), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1))
+    zeroed_twin_check(model, model[0], [0, 3], [model[2], model[4]], model[3], torch.randn(2, 2, 4, 4))
+    assert model[2].groups == 2 and model[2].weight.shape == (2, 1, 3, 3)

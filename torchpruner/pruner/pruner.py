@@ -587,11 +587,13 @@ class Pruner:
         removed_out = self._removed_out(rule, module, name, selection)
         if removed_out is None or site.shape is None:
             return None
+        out_count = rule.out_units(module)
+        if torch.equal(removed_out, selection.remove) and out_count in (None, flow.num_units):
+            return _follow_site(flow, site, source_name)  # same units out (BN, Dropout, Flatten, pooling...)
         out_shape = tuple(site.shape)
         if len(out_shape) != ndim:
             raise ValueError(f"'{name}' changes the rank of its input; cannot follow the pruned units through it")
-        out_units = rule.out_units(module) if rule.out_units(module) is not None else flow.num_units
-        return _Flow(removed_out, out_units, flow.axis, out_shape)
+        return _Flow(removed_out, out_count if out_count is not None else flow.num_units, flow.axis, out_shape)
 
     def _finish(self, description: str, edits: List[Edit]) -> Plan:
         """Name every edit, validate the plan against the model and the optimizer."""
