@@ -817,9 +817,11 @@ class DependencyGraph:
         elif isinstance(module, nn.Linear) or (rule is not None and getattr(rule, "input_unit_axis", None) == -1
                                                and not getattr(rule, "passes_units_through", False)):
             if space.axis != space.ndim - 1:
-                raise _CannotFollow(f"{self._label(node)} reads its input units on the last axis but the units "
-                                    f"are on axis {space.axis} of a {space.ndim}-d tensor")
-            self._add_role(space, "in", module, name)
+                if x.op != "placeholder":
+                    raise _CannotFollow(f"{self._label(node)} reads its input units on the last axis but the "
+                                        f"units are on axis {space.axis} of a {space.ndim}-d tensor")
+            else:
+                self._add_role(space, "in", module, name)
             self._add_role(self._alloc(node, len(shape) - 1), "out", module, name)
         elif isinstance(module, nn.GroupNorm):
             self._require_axis(node, space, 1)
@@ -925,6 +927,10 @@ class DependencyGraph:
             raise _CannotFollow(f"{label}: only self-attention (query is key is value) can be pruned")
         if space.axis != space.ndim - 1:
             raise _CannotFollow(f"{label}: units must be on the last axis")
+        # torch ties q/k/v/out dims to embed_dim, so pruning the stream also prunes in_proj rows AND
+        # columns of one tensor; the plan format slices one axis per tensor edit (request filed)
+        raise _CannotFollow(f"{label}: pruning the embed dim of nn.MultiheadAttention is not supported yet "
+                            f"(its packed in_proj_weight would need row and column slices)")
         out = self._alloc(node, len(self._shape(node)) - 1)
         self._link_same(space, out)
         head_dim = module.embed_dim // module.num_heads
@@ -1287,3 +1293,4 @@ def plan_group(pruner: Any, selection: Mapping[Group, Sequence[int]], descriptio
     edits = plan_edits(pruner, selection)
     text = describe_selection(dep, selection)
     return pruner._finish(f"{description}: {text}" if description else f"remove {text}", edits)
+

@@ -1,0 +1,468 @@
+"""Automatic dependency discovery: ``prune_model(module, indices)`` with ``cascading_modules=None``.
+
+Oracle (float64, eval mode): the pruned model equals its unpruned twin with the pruned units
+zeroed where the group's consumers read them (``group.mask_points()``): every source of a residual
+addition, the branch of a concatenation at its offset, the H*W inputs after a flatten... LayerNorm
+over the pruned axis changes the statistics of the remaining units, so that case is compared with
+an explicitly rebuilt smaller model instead.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from torchpruner.graph import get_graph
+from torchpruner.graph.dependency import DependencyError, get_dependency_graph
+from torchpruner.pruner import Pruner
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """float64, eval mode, non-trivial BatchNorm statistics and affine terms (f(0) != 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen, dtype=torch.float64) - 0.5)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen, dtype=torch.float64) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen, dtype=torch.float64) - 0.5)
+    return model
+
+
+def masked_twin_output(twin: nn.Module, x: torch.Tensor, module: nn.Module, indices) -> torch.Tensor:
+    """Output of the unpruned ``twin`` with ``module``'s group units zeroed at the mask points."""
+    graph = get_graph(twin, (x,))
+    dep = get_dependency_graph(graph)
+    fns = {}
+    for group, units in dep.select(module, indices).items():
+        for site, positions in group.mask_points():
+            axis, pos = positions(units)
+            prev = fns.get(site)
+
+            def mask(z, axis=axis, pos=torch.as_tensor(pos), prev=prev):
+                z = prev(z) if prev is not None else z.clone()
+                index = [slice(None)] * z.dim()
+                index[axis] = pos
+                z[tuple(index)] = 0
+                return z
+            fns[site] = mask
+    assert fns, "the group has no consumer to mask"
+    with graph.intercept(fns) as forward, torch.no_grad():
+        return forward(x)
+
+
+def check_zeroed_twin(model: nn.Module, x: torch.Tensor, module_name: str, indices, atol: float = 1e-10):
+    model = randomize(model)
+    twin = copy.deepcopy(model)
+    module = model.get_submodule(module_name)
+    expected = masked_twin_output(twin, x, twin.get_submodule(module_name), indices)
+    params_before = sum(p.numel() for p in model.parameters())
+    pruner = Pruner(model, example_inputs=x)
+    plan = pruner.prune_model(module, indices)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=atol, rtol=0)
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    # a second forward/backward after the prune works
+    model.train()
+    model(x).sum().backward()
+    return model, plan
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return F.relu(out)
+
+
+class ResNetTiny(nn.Module):
+    def __init__(self, width=6, classes=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.block1 = BasicBlock(width, width)          # identity shortcut
+        self.block2 = BasicBlock(width, width)          # identity shortcut
+        self.block3 = BasicBlock(width, 2 * width, 2)   # downsample shortcut
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.block3(self.block2(self.block1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConcatNet(nn.Module):
+    """Two branches concatenated, then a conv, then flatten into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(9)
+        self.conv = nn.Conv2d(9, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.cat([torch.sigmoid(self.a(x)), F.gelu(self.b(x))], dim=1)
+        y = F.max_pool2d(F.relu(self.bn2(self.conv(torch.tanh(self.bn(y))))), 2)
+        return self.fc(y.flatten(1))
+
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)   # channel multiplier 2
+        self.bn2 = nn.BatchNorm2d(12)
+        self.pw = nn.Conv2d(12, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = nn.functional.hardswish(self.bn1(self.conv1(x)))
+        x = F.relu6(self.bn2(self.dw(x)))
+        return self.fc(self.pw(x).mean((2, 3)))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.pool = nn.MaxPool1d(2)
+        self.conv2 = nn.Conv1d(6, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(4 * 5, 3)
+
+    def forward(self, x):
+        x = self.pool(F.elu(self.bn1(self.conv1(x))))
+        return self.fc(self.drop(torch.flatten(F.relu(self.conv2(x)), 1)))
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.grouped = nn.Conv2d(8, 6, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv3 = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.conv3(F.relu(self.bn(self.grouped(F.relu(self.conv1(x))))))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, r):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, r, 1)
+        self.fc2 = nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class SENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.se = SqueezeExcite(6, 3)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.se(F.silu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(self.conv2(x), 1).flatten(1))
+
+
+class MixerBlock(nn.Module):
+    """Token model: embedding, class token, position embedding, LayerNorms, MLP, residuals."""
+
+    def __init__(self, d_in=5, d=8, hidden=12, tokens=4, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, d))
+        self.ln1 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1) + self.pos
+        h = h + self.fc2(F.gelu(self.fc1(self.ln1(h))))
+        return self.head(self.ln2(h)[:, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Zeroed twin
+# --------------------------------------------------------------------------------------------
+
+def image(c=3, hw=8, seed=1):
+    return torch.randn(2, c, hw, hw, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("module_name, indices", [
+    ("stem", [0, 3]),                 # residual stream through two identity shortcuts
+    ("block1.conv2", [1, 4, 5]),      # same stream, named through another source
+    ("block1.conv1", [0, 2]),         # inside a block
+    ("block3.conv2", [0, 7, 11]),     # downsample shortcut stream into the classifier
+    ("block3.downsample.0", [3]),
+])
+def test_zeroed_twin_residual(module_name, indices):
+    model, plan = check_zeroed_twin(ResNetTiny(), image(), module_name, indices)
+    if module_name in ("stem", "block1.conv2"):
+        # the whole stream: every source and every consumer
+        text = str(plan)
+        for name in ("stem.weight", "bn.weight", "block1.conv2.weight", "block2.conv2.weight",
+                     "block1.conv1.weight", "block3.conv1.weight", "block3.downsample.0.weight"):
+            assert name in text
+        assert model.stem.out_channels == model.block1.conv2.out_channels == model.block2.conv2.out_channels == 6 - len(indices)
+
+
+def test_zeroed_twin_concat_offset_and_flatten():
+    model, plan = check_zeroed_twin(ConcatNet(), image(), "b", [0, 4])
+    assert model.bn.num_features == 7 and model.conv.in_channels == 7 and model.a.out_channels == 4
+    model, _ = check_zeroed_twin(ConcatNet(), image(), "a", [1])
+    assert model.b.out_channels == 5
+    model, _ = check_zeroed_twin(ConcatNet(), image(), "conv", [2])
+    assert model.fc.in_features == 3 * 16   # channel -> its H*W flattened inputs
+
+
+def test_zeroed_twin_depthwise_separable():
+    model, _ = check_zeroed_twin(DepthwiseSeparable(), image(), "conv1", [1, 5])
+    assert model.dw.groups == 4 and model.dw.out_channels == 8 and model.pw.in_channels == 8
+    model, _ = check_zeroed_twin(DepthwiseSeparable(), image(), "pw", [0, 2])
+    assert model.fc.in_features == 3
+
+
+def test_zeroed_twin_conv1d_dropout():
+    model, _ = check_zeroed_twin(Conv1dNet(), torch.randn(2, 2, 10, dtype=torch.float64), "conv2", [1])
+    assert model.fc.in_features == 15
+    assert model.drop.p == pytest.approx(0.3 * (1 - 5 / 20))
+    model, _ = check_zeroed_twin(Conv1dNet(), torch.randn(2, 2, 10, dtype=torch.float64), "conv1", [0, 3, 5])
+    assert model.conv2.in_channels == 3
+
+
+def test_zeroed_twin_grouped_conv_equal_per_group():
+    model, _ = check_zeroed_twin(GroupedNet(), image(), "conv1", [1, 5])   # local unit 1 of both groups
+    assert model.grouped.in_channels == 6 and model.grouped.groups == 2
+    model, _ = check_zeroed_twin(GroupedNet(), image(), "grouped", [0, 3])
+    assert model.conv3.in_channels == 4
+
+
+def test_grouped_conv_unequal_refused_before_any_change():
+    model = randomize(GroupedNet())
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(DependencyError, match=r"conv1.*coupled with its units \[4\]"):
+        Pruner(model, input_size=(3, 8, 8)).prune_model(model.conv1, [0])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_zeroed_twin_squeeze_excitation():
+    model, plan = check_zeroed_twin(SENet(), image(), "conv1", [0, 4])
+    # the gate's producer loses the same channels as the gated tensor
+    assert model.se.fc2.out_channels == 4 and model.se.fc1.in_channels == 4 and model.conv2.in_channels == 4
+    model, _ = check_zeroed_twin(SENet(), image(), "se.fc1", [1])
+    assert model.se.fc2.in_channels == 2
+
+
+def test_zeroed_twin_token_mlp_hidden():
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    model, _ = check_zeroed_twin(MixerBlock(), x, "fc1", [0, 3, 7])
+    assert model.fc2.in_features == 9
+
+
+def test_layernorm_stream_against_rebuilt_model():
+    """Pruning the token stream (Linear outputs, class token, position embedding, LayerNorms,
+    residual) equals a smaller model built by hand from the kept entries."""
+    torch.manual_seed(0)
+    model = MixerBlock().double().eval()
+    with torch.no_grad():
+        for ln in (model.ln1, model.ln2):
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    remove = [1, 6]
+    keep = [i for i in range(8) if i not in remove]
+    small = MixerBlock(d=len(keep)).double().eval()
+    with torch.no_grad():
+        small.embed.weight.copy_(model.embed.weight[keep]); small.embed.bias.copy_(model.embed.bias[keep])
+        small.cls.copy_(model.cls[..., keep]); small.pos.copy_(model.pos[..., keep])
+        for a, b in ((small.ln1, model.ln1), (small.ln2, model.ln2)):
+            a.weight.copy_(b.weight[keep]); a.bias.copy_(b.bias[keep])
+        small.fc1.weight.copy_(model.fc1.weight[:, keep]); small.fc1.bias.copy_(model.fc1.bias)
+        small.fc2.weight.copy_(model.fc2.weight[keep]); small.fc2.bias.copy_(model.fc2.bias[keep])
+        small.head.weight.copy_(model.head.weight[:, keep]); small.head.bias.copy_(model.head.bias)
+        expected = small(x)
+    plan = Pruner(model, example_inputs=x).prune_model(model.embed, remove)
+    assert "cls" in str(plan) and "pos" in str(plan) and "ln2.weight" in str(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-12, rtol=0)
+    assert model.ln1.normalized_shape == (6,) and model.cls.shape == (1, 1, 6)
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------------
+
+class HardCodedView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 5)
+        self.fc = nn.Linear(16 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).view(-1, 16 * 4 * 4))
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("model_cls, layer, match", [
+    (HardCodedView, "conv", r"'conv'.*hard-coded shape in view at call site 'view'"),
+    (ChannelShuffle, "conv", r"'conv'.*view at call site 'view' spreads the units over several axes"),
+])
+def test_unfollowable_ops_are_refused_before_any_change(model_cls, layer, match):
+    model = randomize(model_cls())
+    state = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=match):
+        Pruner(model, input_size=(3, 8, 8), optimizer=optimizer).prune_model(model.get_submodule(layer), [0, 1])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_flatten_with_batch_derived_view_is_followed():
+    class SizeView(HardCodedView):
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            return self.fc(y.view(y.size(0), -1))
+    model, _ = check_zeroed_twin(SizeView(), image(hw=8), "conv", [2, 9])
+    assert model.fc.in_features == 14 * 16
+
+
+def test_classifier_outputs_excluded_from_groups_unless_asked():
+    model = ResNetTiny()
+    graph = get_graph(model, (torch.randn(2, 3, 8, 8),))
+    dep = get_dependency_graph(graph)
+    groups = dep.groups()
+    assert all(model.fc not in g.source_modules for g in groups)
+    assert any(model.fc in g.source_modules for g in dep.groups(include_outputs=True))
+    stream = dep.group_of(model.stem)
+    assert stream in groups and model.block2.conv2 in stream.source_modules
+    assert sum(1 for g in groups if g is stream) == 1           # each group once
+    assert stream not in dep.groups(ignored_layers=[model.block1.conv2])
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis: random residual widths and indices
+# --------------------------------------------------------------------------------------------
+
+@settings(max_examples=8)
+@given(width=st.integers(2, 6), data=st.data())
+def test_zeroed_twin_random_residual(width, data):
+    names = ["stem", "block1.conv1", "block2.conv2", "block3.conv1", "block3.conv2"]
+    name = data.draw(st.sampled_from(names))
+    model = ResNetTiny(width=width)
+    count = model.get_submodule(name).out_channels
+    indices = data.draw(st.lists(st.integers(0, count - 1), min_size=1, max_size=count - 1, unique=True))
+    check_zeroed_twin(model, image(hw=6), name, indices)
+
+
+# --------------------------------------------------------------------------------------------
+# Masked trajectory: residual net, Adam, live optimizer
+# --------------------------------------------------------------------------------------------
+
+def test_masked_trajectory_residual_adam():
+    torch.manual_seed(0)
+    model = ResNetTiny(width=4).double()
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # Adam steps in place
+    indices = [1, 2]
+    plan = Pruner(model, example_inputs=x, optimizer=optimizer).prune_model(model.stem, indices)
+    assert plan.optimizer_slices
+
+    graph = get_graph(twin, (x,))
+    dep = get_dependency_graph(graph)
+    fns = {}
+    for group, units in dep.select(twin.stem, indices).items():
+        for site, positions in group.mask_points():
+            axis, pos = positions(units)
+
+            def mask(z, axis=axis, pos=torch.as_tensor(pos)):
+                m = torch.ones(z.shape[axis], dtype=z.dtype)
+                m[pos] = 0
+                shape = [1] * z.dim()
+                shape[axis] = -1
+                return z * m.view(shape)
+            fns[site] = mask
+    model.train(); twin.train()
+    with graph.intercept(fns) as twin_forward:
+        for _ in range(3):
+            optimizer.zero_grad(); twin_opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(twin_forward(x), y).backward()
+            optimizer.step(); twin_opt.step()
+    keep = [i for i in range(4) if i not in indices]
+    torch.testing.assert_close(model.stem.weight, twin.stem.weight[keep], atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.block1.conv1.weight, twin.block1.conv1.weight[:, keep], atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.block2.bn2.bias, twin.block2.bn2.bias[keep], atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.block3.downsample[0].weight, twin.block3.downsample[0].weight[:, keep],
+                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.fc.weight, twin.fc.weight, atol=1e-10, rtol=0)
