@@ -437,8 +437,20 @@ class DependencyGraph:
                 self._pending_attr_blocks.setdefault(arg, reason)
         shape = self._shape(node)
         if shape is not None and len(shape) >= 1 and node not in self._spaces:
+            # the blocked output still needs a sensible unit axis, so it does not poison its users
             site = self._site_by_node.get(node)
             axis = site.unit_axis if site is not None and site.unit_axis is not None else len(shape) - 1
+            if node.op == "call_function" and node.target is operator.getitem \
+                    and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module":
+                source = self._slotted_inputs(node)
+                module = self._traced_modules.get(node.args[0].target)
+                if isinstance(module, nn.MultiheadAttention) or not source:
+                    axis = len(shape) - 1
+            for arg in self._slotted_inputs(node):
+                space = self._spaces.get(arg)
+                if space is not None and space.ndim == len(shape) and space.node.op != "placeholder":
+                    axis = space.axis
+                    break
             self._block(self._alloc(node, axis), reason)
         elif node in self._spaces:
             self._block(self._spaces[node], reason)

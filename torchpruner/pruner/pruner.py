@@ -428,6 +428,20 @@ class Pruner:
         plan.apply(self.model, self.optimizer)
         return plan
 
+    def groups(self, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False) -> list:
+        """The coupled groups of the model that can be pruned, each once (see
+        :mod:`torchpruner.graph.dependency`): ``group.num_units``, ``group.members``,
+        ``print(group)``. Classifier outputs are left out unless ``include_outputs=True``."""
+        from torchpruner.graph.prune_groups import pruner_groups  # dependency issue
+        return pruner_groups(self, ignored_layers, include_outputs)
+
+    def prune_group(self, group: Any, units: Any) -> Plan:
+        """Remove ``units`` (indices into ``range(group.num_units)``) of a group from ``groups()``."""
+        from torchpruner.graph.dependency import plan_group  # dependency issue
+        plan = plan_group(self, {group: [int(u) for u in units]})
+        plan.apply(self.model, self.optimizer)
+        return plan
+
     def kept_units(self, module: nn.Module, direction: str = "out") -> Optional[List[int]]:
         """Original ids of the units ``module`` still holds; see :func:`kept_units`."""
         self._name_of(module)

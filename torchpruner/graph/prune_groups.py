@@ -1,0 +1,232 @@
+"""Thin helpers over coupled groups: prune a fraction of every group, once or on a schedule.
+
+Built only from public pieces: ``pruner.groups()`` (:class:`~torchpruner.graph.dependency.Group`),
+a score per group unit, and one validated plan that removes the chosen units of every group at
+once (with optimizer surgery)::
+
+    from torchpruner import Pruner
+    from torchpruner.graph.prune_groups import prune_groups, IterativePruning
+
+    pruner = Pruner(model, input_size=(3, 224, 224), optimizer=optimizer)
+    plan = prune_groups(pruner, fraction=0.3)                       # 30% of every group, L1 scores
+    plan = prune_groups(pruner, fraction=0.3, global_ranking=True)  # one ranking over all groups
+    plan = prune_groups(pruner, ratios={model.layer1[0].conv1: 0.5}, fraction=0.0)
+
+    schedule = IterativePruning(pruner, target=0.5, steps=5, every=200)
+    for step, (x, y) in enumerate(loader):
+        ...; optimizer.step()
+        schedule.step()          # prunes a little at steps 200, 400, ... 1000
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .dependency import Group, get_dependency_graph, plan_group
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["pruner_groups", "weight_norm_scores", "select_units", "prune_groups", "IterativePruning"]
+
+ScoreFn = Callable[[Group], np.ndarray]
+
+
+def pruner_groups(pruner: Any, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False) -> List[Group]:
+    """The coupled groups of the pruner's model that can be pruned (see ``Pruner.groups``)."""
+    return get_dependency_graph(pruner.graph()).groups(ignored_layers=ignored_layers,
+                                                       include_outputs=include_outputs)
+
+
+def weight_norm_scores(group: Group) -> np.ndarray:
+    """L1 norm of every weight slice removed with each group unit, normalised per layer.
+
+    Each member (source rows, consumer columns, channel-wise parameters) contributes its per-unit
+    L1 norm divided by that member's mean, so a wide layer does not drown a narrow one.
+    """
+    scores = np.zeros(group.num_units)
+    for role, _ in group.removals(range(group.num_units)):
+        module = role.module
+        unit_of = group._unit_of(role.space)
+        if role.direction == "param":
+            tensor, axis = getattr(module, role.parameter), role.axis
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            if role.direction == "in" and module.groups > 1:
+                continue  # grouped/depthwise inputs: counted through their producer
+            tensor = module.weight
+            axis = 0 if (role.direction == "out") != module.transposed else 1
+        elif isinstance(module, (nn.Linear, nn.Bilinear)):
+            tensor, axis = module.weight, 0 if role.direction == "out" else 1
+        elif isinstance(module, nn.Embedding):
+            tensor, axis = module.weight, 1
+        else:
+            tensor = getattr(module, "weight", None)
+            axis = 0
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
+                continue
+        if tensor is None or tensor.shape[axis] != len(unit_of):
+            continue
+        with torch.no_grad():
+            per_position = tensor.detach().abs().double().movedim(axis, 0).reshape(len(unit_of), -1).sum(1).cpu().numpy()
+        mine = unit_of >= 0
+        per_unit = np.bincount(unit_of[mine], weights=per_position[mine], minlength=group.num_units)
+        mean = per_unit.mean()
+        if mean > 0:
+            scores += per_unit / mean
+    return scores
+
+
+def _as_scores(group: Group, scores: Optional[ScoreFn]) -> np.ndarray:
+    values = np.asarray(weight_norm_scores(group) if scores is None else scores(group), dtype=np.float64)
+    if values.shape != (group.num_units,):
+        raise ValueError(f"scores for group {group.index} must have shape ({group.num_units},), got {values.shape}")
+    return values
+
+
+def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Optional[Mapping[nn.Module, float]] = None,
+                 scores: Optional[ScoreFn] = None, global_ranking: bool = False, min_units: int = 1,
+                 round_to: int = 1) -> Dict[Group, List[int]]:
+    """Choose the lowest-scored units of each group.
+
+    Args:
+        groups: the groups (from ``pruner.groups()``).
+        fraction: fraction of each group's units to remove (the default for groups not in ``ratios``).
+        ratios: per-layer fractions keyed by a layer whose output units the group holds (a source).
+        scores: ``scores(group) -> array (num_units,)``; higher = keep. Default: per-layer
+            normalised weight L1 norms (:func:`weight_norm_scores`). An attribution metric's
+            ``run(group)`` fits here.
+        global_ranking: rank all groups' units together after normalising each group's scores by
+            their mean (per-layer normalisation), removing ``fraction`` of all units in total.
+        min_units: never leave a group with fewer units.
+        round_to: remove a multiple of this many units per group (hardware-friendly widths).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    ratios = dict(ratios or {})
+    chosen: Dict[Group, List[int]] = {}
+    per_group = {g: _as_scores(g, scores) for g in groups}
+
+    def limit(group: Group, count: int) -> int:
+        count = min(count, group.num_units - max(1, min_units))
+        return max(0, (count // round_to) * round_to)
+
+    if global_ranking:
+        entries = []
+        for group, values in per_group.items():
+            mean = np.abs(values).mean()
+            normalised = values / mean if mean > 0 else values
+            entries += [(float(v), group.index, u, group) for u, v in enumerate(normalised)]
+        total = int(math.floor(fraction * len(entries)))
+        entries.sort(key=lambda e: (e[0], e[1], e[2]))
+        counts: Dict[Group, int] = {}
+        for value, _, unit, group in entries:
+            if total <= 0:
+                break
+            if counts.get(group, 0) + 1 > limit(group, group.num_units):
+                continue
+            chosen.setdefault(group, []).append(unit)
+            counts[group] = counts.get(group, 0) + 1
+            total -= 1
+        for group in list(chosen):
+            keep_count = limit(group, len(chosen[group]))
+            chosen[group] = sorted(chosen[group][:keep_count]) if keep_count else []
+            if not chosen[group]:
+                del chosen[group]
+        return chosen
+    for group, values in per_group.items():
+        ratio = fraction
+        for module, value in ratios.items():
+            if any(module is m for m in group.source_modules):
+                ratio = float(value)
+                break
+        count = limit(group, int(math.floor(ratio * group.num_units)))
+        if count > 0:
+            order = np.argsort(values, kind="stable")
+            chosen[group] = sorted(int(u) for u in order[:count])
+    return chosen
+
+
+def prune_groups(pruner: Any, fraction: float = 0.3, ratios: Optional[Mapping[nn.Module, float]] = None,
+                 scores: Optional[ScoreFn] = None, global_ranking: bool = False, min_units: int = 1,
+                 round_to: int = 1, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False,
+                 dry_run: bool = False):
+    """Prune ``fraction`` of every prunable group of the pruner's model in one validated plan.
+
+    Same arguments as :func:`select_units`, plus ``ignored_layers`` / ``include_outputs`` (see
+    ``Pruner.groups``). Returns the :class:`~torchpruner.pruner.Plan` (applied unless ``dry_run``);
+    model, optimizer state, gradients and Dropout rates are fixed in place.
+    """
+    groups = pruner_groups(pruner, ignored_layers, include_outputs)
+    selection = select_units(groups, fraction, ratios, scores, global_ranking, min_units, round_to)
+    plan = plan_group(pruner, selection, f"prune {len(selection)} of {len(groups)} groups")
+    if not dry_run and selection:
+        plan.apply(pruner.model, pruner.optimizer)
+    return plan
+
+
+class IterativePruning:
+    """Prune a little every ``every`` steps until ``target`` of every group is gone.
+
+    Call :meth:`step` once per training step (after ``optimizer.step()``); at steps ``every``,
+    ``2*every``, ... ``steps*every`` each group is cut to ``(1 - target * k / steps)`` of its
+    original width (lowest scores first) with the live optimizer.
+
+    Args:
+        pruner: the :class:`~torchpruner.pruner.Pruner` (holds the model and the optimizer).
+        target: fraction of each group's original units removed in the end.
+        steps: number of pruning events.
+        every: training steps between events.
+        scores, min_units, round_to, ignored_layers: as in :func:`prune_groups`.
+    """
+
+    def __init__(self, pruner: Any, target: float = 0.5, steps: int = 5, every: int = 100,
+                 scores: Optional[ScoreFn] = None, min_units: int = 1, round_to: int = 1,
+                 ignored_layers: Sequence[nn.Module] = ()) -> None:
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target must be in [0, 1), got {target}")
+        if steps < 1 or every < 1:
+            raise ValueError("steps and every must be positive")
+        self.pruner, self.target, self.steps, self.every = pruner, target, steps, every
+        self.scores, self.min_units, self.round_to, self.ignored_layers = scores, min_units, round_to, ignored_layers
+        self.step_count = 0
+        self.events = 0
+        self.plans: List[Any] = []
+        self._original: Dict[str, int] = {}
+        for group in pruner_groups(pruner, ignored_layers):
+            self._original[self._key(group)] = group.num_units
+
+    @staticmethod
+    def _key(group: Group) -> str:
+        sources = [m for m in group.members if m.direction in ("out", "param")]
+        return sources[0].module_name + "/" + (sources[0].parameter or "") if sources else str(group.index)
+
+    def step(self) -> Optional[Any]:
+        """Advance one training step; returns the applied plan at a pruning event, else None."""
+        self.step_count += 1
+        if self.events >= self.steps or self.step_count % self.every:
+            return None
+        self.events += 1
+        keep_fraction = 1.0 - self.target * self.events / self.steps
+        selection: Dict[Group, List[int]] = {}
+        for group in pruner_groups(self.pruner, self.ignored_layers):
+            original = self._original.get(self._key(group))
+            if original is None:
+                continue
+            wanted = max(self.min_units, int(math.ceil(original * keep_fraction)))
+            count = group.num_units - wanted
+            count = (count // self.round_to) * self.round_to if count > 0 else 0
+            if count <= 0:
+                continue
+            values = _as_scores(group, self.scores)
+            selection[group] = sorted(int(u) for u in np.argsort(values, kind="stable")[:count])
+        plan = plan_group(self.pruner, selection, f"iterative pruning event {self.events}/{self.steps}")
+        if selection:
+            plan.apply(self.pruner.model, self.pruner.optimizer)
+        self.plans.append(plan)
+        logger.info("%s", plan.description)
+        return plan
