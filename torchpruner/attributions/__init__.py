@@ -1,11 +1,13 @@
 """Attribution metrics: one score per unit of a layer, higher = more important = keep.
 
 Every metric shares one data loop (:mod:`torchpruner.attributions.base`) and leaves the model as
-it found it. captum is imported only when :class:`CaptumAttributionMetric` runs.
+it found it. captum is imported only when :class:`CaptumAttributionMetric` runs. ``run(group)``
+scores a coupled group from ``pruner.groups()`` (:mod:`torchpruner.attributions.groups`).
 """
 
 from .base import AttributionMetric, default_batch_fn, per_example_loss
 from .captum_adapter import CaptumAttributionMetric
+from .groups import CoupledGroupWarning
 from .methods import (APoZAttributionMetric, RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
                       TaylorAttributionMetric, WeightNormAttributionMetric)
@@ -14,6 +16,7 @@ __all__ = [
     "AttributionMetric",
     "APoZAttributionMetric",
     "CaptumAttributionMetric",
+    "CoupledGroupWarning",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",

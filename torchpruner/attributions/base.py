@@ -342,6 +342,7 @@ class SiteRunner:
     def __init__(self, forward: Callable, site: Any, criterion: Callable) -> None:
         self.forward = forward
         self.site = site
+        self.label: str = site.label
         self.unit_axis: int = site.unit_axis
         self.num_units: int = site.num_units
         self.criterion = criterion
@@ -520,11 +521,16 @@ class AttributionMetric:
         """Score the units of ``module``.
 
         Args:
-            module: a module of the model (its output is the evaluation point), or a
-                ``CallSite`` of the model's traced graph.
+            module: a module of the model (its output is the evaluation point), a
+                ``CallSite`` of the model's traced graph, or a coupled group from
+                ``pruner.groups()``: one score per group unit, for removing the unit from every
+                layer of the group at once (see :mod:`torchpruner.attributions.groups`).
+                A module whose units are shared with other layers (a residual stream) is scored
+                locally, with a :class:`~torchpruner.attributions.groups.CoupledGroupWarning`.
             find_best_evaluation_module: evaluate after the BatchNorm / activation / Dropout
                 that follow ``module`` in the data flow (stops at a merge such as add or cat).
-            call_index: which call of a module that runs several times per forward.
+                Ignored for a group: it is always scored where zeroing equals pruning.
+            call_index: which call of a module that runs several times per forward (not for groups).
             **kwargs: metric options overriding the constructor's (``signed``, ``sv_samples``,
                 ``seed``, ...).
 
@@ -533,6 +539,10 @@ class AttributionMetric:
         """
         options = self.options(kwargs)
         model = self._unwrapped_model()
+        from .groups import is_group
+
+        if is_group(module):
+            return self._run_group(model, module, options)
         site_module = getattr(module, "module", None) if _is_call_site(module) else module
         if not _is_call_site(module):
             if not isinstance(module, nn.Module):
@@ -571,6 +581,21 @@ class AttributionMetric:
         """One score per unit ``[C]`` for metrics without a data pass. ``site`` is the traced
         evaluation point (``None`` when ``needs_trace`` is False)."""
         raise NotImplementedError
+
+    #: False for metrics that cannot score a coupled group (``run(group)`` raises TypeError).
+    supports_groups: ClassVar[bool] = True
+
+    def score_group_batch(self, runner: Any, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        """Per-example, per-group-unit scores ``[N, U]`` for one batch; ``runner`` is a
+        :class:`~torchpruner.attributions.groups.GroupRunner`."""
+        raise NotImplementedError(f"{type(self).__name__} does not score coupled groups")
+
+    def score_group_without_data(self, model: nn.Module, group: Any, options: dict[str, Any]) -> torch.Tensor:
+        """One score per group unit ``[U]`` for metrics without a data pass."""
+        raise NotImplementedError(f"{type(self).__name__} does not score coupled groups")
+
+    def prepare_group(self, runner: Any, options: dict[str, Any]) -> None:
+        """Called once per ``run(group)`` before the first batch."""
 
     def describe(self, module_name: str, options: dict[str, Any]) -> str:
         """Progress-bar description."""
@@ -640,34 +665,79 @@ class AttributionMetric:
                 "output is a tensor with a unit axis (Linear, Conv, BatchNorm, activation)"
             )
         logger.debug("%s: evaluation point %s (unit axis %d, %d units)", self.name, site.name, site.unit_axis, site.num_units)
+        if isinstance(module, nn.Module):
+            from .groups import warn_if_coupled
+
+            warn_if_coupled(graph, module, call_index, stacklevel=4)
         return site, graph
 
     def _data_pass(
         self, model: nn.Module, graph: Any, site: Any, batches: Iterable[Batch], options: dict[str, Any]
     ) -> np.ndarray:
-        from tqdm.auto import tqdm
-
-        label = site.label
-        accumulator = _ScoreAccumulator(self.reduction)
         self.prepare(site, options)
         runner = SiteRunner(None, site, self.criterion)
+        return self._scoring_loop(
+            graph, {site: self.intercept_function(runner)}, runner,
+            lambda batch: self.score_batch(runner, batch, options),
+            site.num_units, self.describe(site.label, options), batches,
+        )
+
+    def _run_group(self, model: nn.Module, group: Any, options: dict[str, Any]) -> np.ndarray:
+        """``run(group)``: one score per group unit (see :mod:`torchpruner.attributions.groups`)."""
+        from torchpruner.graph import get_graph
+
+        from .groups import GroupRunner, check_group, group_label, mask_points
+
+        if not self.supports_groups:
+            raise TypeError(
+                f"{type(self).__name__} cannot score a coupled group: it attributes a single layer, "
+                "while a group unit lives in several tensors; use TaylorAttributionMetric "
+                "(gradient x activation summed over the group), or score one layer with run(module)"
+            )
+        check_group(model, group)
+        label = group_label(group)
+        with left_as_found(model):
+            if not self.needs_data:
+                return self._finish(self.score_group_without_data(model, group, options))
+            batches = self._batches(model)
+            first = next(batches, None)
+            if first is None:
+                raise ValueError(f"the data generator yielded no batches; {type(self).__name__} needs data")
+            graph = get_graph(model, first.args, first.kwargs or None)
+            runner = GroupRunner(mask_points(graph, group), group.num_units, self.criterion, label)
+            logger.debug("%s: %s zeroed at %s", self.name, label, [p.site.name for p in runner.points])
+            self.prepare_group(runner, options)
+            return self._scoring_loop(
+                graph, runner.functions(), runner, lambda batch: self.score_group_batch(runner, batch, options),
+                group.num_units, self.describe(label, options), itertools.chain([first], batches),
+            )
+
+    def _scoring_loop(
+        self, graph: Any, functions: dict, runner: Any, score: Callable[[Batch], torch.Tensor],
+        num_units: int, description: str, batches: Iterable[Batch],
+    ) -> np.ndarray:
+        """The one data loop: intercept ``functions`` for the whole run, score every batch
+        (``[N, units]``), reduce over examples."""
+        from tqdm.auto import tqdm
+
+        accumulator = _ScoreAccumulator(self.reduction)
         bar = tqdm(
             total=self._total_batches(),
-            desc=self.describe(label, options),
+            desc=description,
             unit="batch",
             disable=not progress_enabled(self.progress),
             leave=False,
         )
         self._bar = bar
         try:
-            with graph.intercept({site: self.intercept_function(runner)}) as forward:
+            with graph.intercept(functions) as forward:
                 runner.forward = forward
                 for batch in batches:
-                    scores = self.score_batch(runner, batch, options)
-                    if scores.shape != (batch.size, site.num_units):
+                    scores = score(batch)
+                    if scores.shape != (batch.size, num_units):
                         raise RuntimeError(
-                            f"{type(self).__name__}.score_batch returned shape {tuple(scores.shape)}, "
-                            f"expected {(batch.size, site.num_units)}"
+                            f"{type(self).__name__} scored a batch with shape {tuple(scores.shape)}, "
+                            f"expected {(batch.size, num_units)}"
                         )
                     accumulator.add(scores)
                     bar.update(1)

@@ -65,6 +65,7 @@ class CaptumAttributionMetric(AttributionMetric):
     """
 
     name: ClassVar[str] = "Captum"
+    supports_groups: ClassVar[bool] = False  # captum attributes one layer; a group unit lives in several
     default_options: ClassVar[dict[str, Any]] = {
         "method": None, "init_kwargs": None, "attribute_kwargs": None, "absolute": False,
     }

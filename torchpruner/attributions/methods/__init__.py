@@ -5,7 +5,8 @@ from .random import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
 from .shapley import ShapleyAttributionMetric, draw_permutations
 from .taylor import TaylorAttributionMetric
-from .weight_norm import WeightNormAttributionMetric, unit_weight_norms
+from .weight_norm import (WeightNormAttributionMetric, group_weight_norms, input_weight_norms,
+                          unit_weight_norms)
 
 __all__ = [
     "APoZAttributionMetric",
@@ -15,5 +16,7 @@ __all__ = [
     "TaylorAttributionMetric",
     "WeightNormAttributionMetric",
     "draw_permutations",
+    "group_weight_norms",
+    "input_weight_norms",
     "unit_weight_norms",
 ]

@@ -30,8 +30,13 @@ class RandomAttributionMetric(AttributionMetric):
     def score_without_data(
         self, model: nn.Module, module: nn.Module | None, site: Any, options: dict[str, Any]
     ) -> torch.Tensor:
-        seed = options["seed"]
-        if seed is None:
-            seed = secrets.randbits(63)
-        generator = torch.Generator().manual_seed(int(seed))
-        return torch.rand(site.num_units, generator=generator, dtype=torch.float64)
+        return _draw(site.num_units, options["seed"])
+
+    def score_group_without_data(self, model: nn.Module, group: Any, options: dict[str, Any]) -> torch.Tensor:
+        """One draw per group unit (no data, no trace)."""
+        return _draw(group.num_units, options["seed"])
+
+
+def _draw(num_units: int, seed: int | None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(int(secrets.randbits(63) if seed is None else seed))
+    return torch.rand(num_units, generator=generator, dtype=torch.float64)

@@ -17,3 +17,8 @@ class SensitivityAttributionMetric(AttributionMetric):
     def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         _, grad = runner.activation_and_gradient(batch)
         return sum_positions(grad.abs(), runner.unit_axis)
+
+    def score_group_batch(self, runner: Any, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        """``Σ_p Σ_s |g_p|`` over the group's mask points p (``g_p`` the total derivative at p)."""
+        pairs = runner.activations_and_gradients(batch)
+        return runner.sum_per_unit([g.abs() for _, g in pairs])

@@ -30,6 +30,10 @@ class ShapleyAttributionMetric(AttributionMetric):
     example. The same orderings are used for every batch, and payoffs are per example so every
     ``reduction`` applies. Cost: ``sv_samples · (units + 1)`` forward passes per batch.
 
+    For a coupled group (``run(group)``) the players are the group units and a coalition zeroes
+    the units outside it at every tensor the group's consumers read, which is exactly pruning them:
+    the loss of the coalition "all but c" is the loss after ``Pruner.prune_model`` removes c.
+
     This is the straightforward reference implementation (every coalition runs the whole model).
 
     Options:
@@ -44,13 +48,18 @@ class ShapleyAttributionMetric(AttributionMetric):
     def prepare(self, site: Any, options: dict[str, Any]) -> None:
         self._permutations = draw_permutations(site.num_units, options["sv_samples"], options["seed"])
 
+    def prepare_group(self, runner: Any, options: dict[str, Any]) -> None:
+        self._permutations = draw_permutations(runner.num_units, options["sv_samples"], options["seed"])
+
     def describe(self, module_name: str, options: dict[str, Any]) -> str:
         return f"Shapley {module_name}: 0/{options['sv_samples']} permutations"
 
     def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        """Also scores groups (``runner`` a ``GroupRunner``): the players are the group units and a
+        coalition zeroes the units outside it at every mask point of the group together."""
         num_units = runner.num_units
         total = torch.zeros(batch.size, num_units, dtype=torch.float64)
-        label = runner.site.label
+        label = runner.label
         for k, permutation in enumerate(self._permutations):
             self._set_progress(f"Shapley {label}: {k}/{len(self._permutations)} permutations")
             keep = torch.zeros(num_units, dtype=torch.bool)
@@ -62,3 +71,5 @@ class ShapleyAttributionMetric(AttributionMetric):
                 value_before = value_after
         self._set_progress(f"Shapley {label}: {len(self._permutations)}/{len(self._permutations)} permutations")
         return total / len(self._permutations)
+
+    score_group_batch = score_batch

@@ -26,3 +26,11 @@ class TaylorAttributionMetric(AttributionMetric):
         z, grad = runner.activation_and_gradient(batch)
         scores = sum_positions(-wide(grad) * wide(z), runner.unit_axis)
         return scores if options["signed"] else scores.abs()
+
+    def score_group_batch(self, runner: Any, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        """``|Σ_p Σ_s −g_p·z_p|`` over the group's mask points p, the absolute value of the joint
+        sum (``g_p`` the total derivative at p): ``−dℓ/dt`` for scaling the unit by ``1 − t``
+        everywhere it is removed, the first-order estimate of ``ℓ(unit pruned) − ℓ``."""
+        pairs = runner.activations_and_gradients(batch)
+        scores = runner.sum_per_unit([-wide(g) * wide(z) for z, g in pairs])
+        return scores if options["signed"] else scores.abs()
