@@ -161,6 +161,11 @@ def _replace_parameter_data(parameter: nn.Parameter, data: torch.Tensor, grad: O
         if grad is not None:
             replacement.grad = grad
         replacement.__dict__.update(parameter.__dict__)
+        # tensor hooks live on the tensor implementation, which is swapped out: carry them over
+        # (the same dicts, so handles taken before the prune still remove them)
+        for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+            if getattr(parameter, hooks, None):
+                setattr(replacement, hooks, getattr(parameter, hooks))
         try:
             swap(parameter, replacement)
             return

@@ -1,0 +1,149 @@
+"""Defects found in review, each pinned by a test that failed before its fix.
+
+Every test names the DESIGN.md / issue promise it checks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchpruner.attributions import TaylorAttributionMetric
+from torchpruner.pruner import Pruner
+
+from _pruner_utils import assert_same_snapshot, snapshot
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Scoring inside a training loop must not change the training run (DESIGN "Metric
+#    definitions"; issue 2 "restores ... the global RNG state"). PyTorch's reproducibility recipe
+#    gives the DataLoader its own seeded generator; scoring with that loader advanced it, so the
+#    next training epoch saw a different shuffle.
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="DataLoader generator not restored (fix pending)")
+def test_scoring_leaves_a_seeded_dataloader_generator_as_found():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    generator = torch.Generator().manual_seed(123)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=generator)
+    expected_order = [y.tolist() for _, y in loader]  # what the next epoch should see
+    generator.manual_seed(123)
+
+    TaylorAttributionMetric(model, loader, F.cross_entropy, "cpu", max_batches=2).run(model[0])
+
+    assert [y.tolist() for _, y in loader] == expected_order
+
+
+@pytest.mark.xfail(strict=True, reason="DataLoader generator not restored (fix pending)")
+def test_scoring_leaves_a_seeded_sampler_generator_as_found():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    generator = torch.Generator().manual_seed(7)
+    sampler = torch.utils.data.RandomSampler(data, generator=generator)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+    state = generator.get_state().clone()
+
+    TaylorAttributionMetric(model, loader, F.cross_entropy, "cpu").run(model[0])
+
+    assert torch.equal(generator.get_state(), state)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. "Pruning keeps each nn.Parameter object ... so optimizers, schedulers and hooks that hold
+#    references keep working" (DESIGN). Tensor hooks on a parameter (gradient masks, clipping,
+#    optimizer-in-backward via register_post_accumulate_grad_hook) silently stopped firing after a
+#    prune.
+# --------------------------------------------------------------------------------------------
+
+def test_parameter_tensor_hooks_survive_a_prune():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    calls = {"grad": 0, "post": 0}
+
+    def zero_grad_hook(grad):  # e.g. freezing a weight through its gradient
+        calls["grad"] += 1
+        return grad * 0
+
+    def post_hook(_param):
+        calls["post"] += 1
+
+    model[0].weight.register_hook(zero_grad_hook)
+    handle = model[0].bias.register_post_accumulate_grad_hook(post_hook)
+
+    Pruner(model, (6,)).prune_model(model[0], [0, 5], cascading_modules=[model[2]])
+    F.cross_entropy(model(x), y).backward()
+
+    assert calls == {"grad": 1, "post": 1}
+    assert torch.count_nonzero(model[0].weight.grad) == 0
+    handle.remove()  # handles taken before the prune still work
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert calls == {"grad": 2, "post": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. "A refused prune leaves model and optimizer exactly as they were" / bad input raises
+#    "before anything is modified" (DESIGN). A model torch.fx cannot trace (data-dependent
+#    control flow, shape asserts) falls back to the forward-hook trace, which cannot see merges
+#    (x + f(x), torch.cat): the plan was accepted and the model left broken.
+# --------------------------------------------------------------------------------------------
+
+class _UntraceableResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.sum() > -1e9:  # data-dependent: torch.fx cannot trace this
+            h = h + self.body(h)
+        return self.head(h)
+
+
+@pytest.mark.xfail(strict=True, reason="hooks trace cannot see merges (fix pending)")
+def test_hooks_trace_refuses_a_prune_into_an_invisible_merge():
+    torch.manual_seed(0)
+    model = _UntraceableResidual()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 3, 8, 8)
+    model(x).sum().backward()
+    optimizer.step()
+    pruner = Pruner(model, (3, 8, 8), "cpu", optimizer)
+    assert pruner.graph().method == "hooks"
+    before = snapshot(model, optimizer)
+
+    with pytest.raises(ValueError, match="'body'"):
+        pruner.prune_model(model.body, [0], cascading_modules=[model.head])
+
+    assert_same_snapshot(before, snapshot(model, optimizer))
+    model(x)  # still runs
+
+
+def test_hooks_trace_still_prunes_a_plain_chain():
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 4, 3)
+            self.c2 = nn.Conv2d(4, 2, 3)
+            self.fc = nn.Linear(2 * 4 * 4, 3)
+
+        def forward(self, x):
+            assert x.shape[1] == 3  # a shape assert: torch.fx cannot trace it
+            h = torch.relu(self.c1(x))
+            return self.fc(self.c2(h).flatten(1))
+
+    torch.manual_seed(0)
+    model = Chain().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    pruner = Pruner(model, (3, 8, 8))
+    assert pruner.graph().method == "hooks"
+    pruner.prune_model(model.c2, [1], cascading_modules=[model.fc])
+    assert model(x).shape == (2, 3)
