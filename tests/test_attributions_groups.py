@@ -1,0 +1,510 @@
+"""Scoring coupled groups: ``attr.run(group)`` (float64, eval mode).
+
+Oracles:
+* what is scored is what is pruned: the loss of the Shapley coalition "all but u" equals the loss of
+  a copy of the model after ``Pruner.prune_model`` removed u (residual stream, concatenation,
+  depthwise-separable block, flatten into Linear);
+* Shapley samples telescope to ℓ(no unit) − ℓ(all units), ℓ(no unit) from a hand-written forward;
+* Taylor and Sensitivity against a hand-written forward with an explicit gate on every tensor
+  that reads the residual stream (the derivative of the loss with respect to the gate);
+* a single-source group scores like ``run(module, find_best_evaluation_module=True)``;
+* WeightNorm of a group, by hand over every weight slice the prune removes;
+* the model is left as found, also on error; stale groups and captum are refused clearly.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from test_attributions_state import Boom, all_hooks, failing_criterion
+
+from torchpruner.attributions import (APoZAttributionMetric, CaptumAttributionMetric, CoupledGroupWarning,
+                                      RandomAttributionMetric, SensitivityAttributionMetric,
+                                      ShapleyAttributionMetric, TaylorAttributionMetric,
+                                      WeightNormAttributionMetric)
+from torchpruner.attributions.methods import draw_permutations
+from torchpruner.graph import ModelGraph, get_graph, make_example_inputs
+from torchpruner.pruner import Pruner
+
+DTYPE = torch.float64
+pytestmark = pytest.mark.filterwarnings("ignore:APoZ")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial statistics and affine parameters, so zeroing before a BatchNorm ≠ pruning."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g, dtype=DTYPE) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g, dtype=DTYPE) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g, dtype=DTYPE) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g, dtype=DTYPE) - 0.5)
+    return model
+
+
+class Block(nn.Module):
+    """The last conv of the block adds into the stream."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self, c: int = 4, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(2, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(*[Block(c) for _ in range(blocks)])
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def residual_twin(model: ResidualNet, x, gate):
+    """ResidualNet's forward written out, with ``gate(k, t)`` applied to every tensor that a layer
+    reads from the stream: the blocks' inputs (read by conv1 and by the addition) and fc's input."""
+    h = gate(0, F.relu(model.bn(model.stem(x))))
+    for k, block in enumerate(model.blocks):
+        h = F.relu(h + block.bn2(block.conv2(F.relu(block.bn1(block.conv1(h))))))
+        if k + 1 < len(model.blocks):
+            h = gate(k + 1, h)
+    return model.fc(gate(len(model.blocks), F.adaptive_avg_pool2d(h, 1).flatten(1)))
+
+
+class ConcatNet(nn.Module):
+    """Two branches concatenated, read by a conv and (flattened) by a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.b, self.bn_b = nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4)
+        self.mix = nn.Conv2d(7, 3, 3)
+        self.fc = nn.Linear(3 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = torch.cat([F.relu(self.bn_a(self.a(x))), torch.tanh(self.bn_b(self.b(x)))], dim=1)
+        return self.fc(F.relu(self.mix(x)).flatten(1))
+
+
+def separable_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3),
+    )
+
+
+def plain_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 2 * 2, 3),
+    )
+
+
+ARCHS = {
+    "residual": (lambda: ResidualNet(), (2, 4, 4)),
+    "concat": (lambda: ConcatNet(), (2, 4, 4)),
+    "separable": (separable_net, (2, 4, 4)),
+    "plain": (plain_net, (2, 4, 4)),
+}
+
+
+def build(arch: str, seed: int = 0) -> tuple[nn.Module, tuple]:
+    make, input_size = ARCHS[arch]
+    torch.manual_seed(seed)
+    return randomize_batchnorms(make().to(DTYPE), seed).eval(), input_size
+
+
+def data(input_size, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + tuple(input_size), generator=g, dtype=DTYPE), torch.randint(0, 3, (n,), generator=g)
+
+
+def batches(x, y, size=4):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def model_groups(model: nn.Module, input_size) -> list:
+    """The prunable coupled groups, as ``Pruner.groups()`` lists them."""
+    pruner = Pruner(model, input_size=input_size)
+    if hasattr(pruner, "groups"):
+        return pruner.groups()
+    from torchpruner.graph.dependency import get_dependency_graph  # until Pruner.groups() lands
+
+    return get_dependency_graph(pruner.graph()).groups()
+
+
+def losses(model, x, y) -> np.ndarray:
+    with torch.no_grad():
+        return F.cross_entropy(model.eval()(x), y, reduction="none").numpy()
+
+
+def pruned_copy(model: nn.Module, input_size, group, unit: int) -> nn.Module:
+    """A deep copy of ``model`` with group unit ``unit`` pruned by the Pruner (automatic discovery)."""
+    source = next(m for m in group.members if m.direction == "out")
+    channels = group.unit_channels(source.module)[unit].tolist()
+    twin = copy.deepcopy(model)
+    layer = dict(twin.named_modules())[source.module_name]
+    Pruner(twin, input_size=input_size).prune_model(layer, channels)
+    return twin
+
+
+# --------------------------------------------------------------------------------------------
+# What is scored is what is pruned
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_pruning_a_unit_equals_the_shapley_coalition_all_but_it(arch):
+    """One sampled ordering switches units on one at a time, so the last unit's marginal is
+    ℓ(all but it) − ℓ(all): that coalition's loss must be the pruned model's loss."""
+    model, input_size = build(arch)
+    x, y = data(input_size)
+    full = losses(model, x, y)
+    groups = model_groups(model, input_size)
+    assert groups
+    for group in groups:
+        lasts: dict[int, int] = {}  # unit -> a seed whose ordering ends with it
+        for seed in range(200):
+            lasts.setdefault(int(draw_permutations(group.num_units, 1, seed)[0][-1]), seed)
+            if len(lasts) == min(group.num_units, 3):
+                break
+        for unit, seed in lasts.items():
+            metric = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
+                                              sv_samples=1, seed=seed)
+            all_but_unit = metric.run(group)[:, unit] + full
+            pruned = pruned_copy(model, input_size, group, unit)
+            np.testing.assert_allclose(losses(pruned, x, y), all_but_unit, rtol=1e-10, atol=1e-12,
+                                       err_msg=f"{arch}: {group!r}, unit {unit}")
+
+
+def test_residual_group_is_zeroed_where_the_consumers_read_the_stream():
+    model, input_size = build("residual")
+    (stream,) = [g for g in model_groups(model, input_size) if len(g.sources) > 1]
+    assert [site.label for site in stream.sources] == ["stem", "blocks.0.conv2", "blocks.1.conv2"]
+    # relu after the stem, relu after block 0 (block 1's input), fc's flattened input
+    assert [site.name for site, _ in stream.mask_points()] == ["relu", "relu_2", "flatten"]
+
+
+# --------------------------------------------------------------------------------------------
+# Against a hand-written forward with a gate on the stream
+# --------------------------------------------------------------------------------------------
+def stream_group(model, input_size):
+    (group,) = [g for g in model_groups(model, input_size) if len(g.sources) > 1]
+    return group
+
+
+@pytest.mark.parametrize("seed, samples", [(0, 1), (1, 1), (2, 3)])
+def test_group_shapley_telescopes_to_no_unit_minus_all(seed, samples):
+    model, input_size = build("residual", seed)
+    x, y = data(input_size, seed=seed)
+    group = stream_group(model, input_size)
+    scores = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
+                                      sv_samples=samples, seed=seed).run(group)
+    with torch.no_grad():
+        nothing = F.cross_entropy(residual_twin(model, x, lambda k, t: t * 0), y, reduction="none").numpy()
+    np.testing.assert_allclose(scores.sum(1), nothing - losses(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+def gate_on_units(m: torch.Tensor):
+    """gate(k, t): multiply unit c of example n by m[n, c] (t is [N, C, ...])."""
+    return lambda k, t: t * m.reshape(m.shape + (1,) * (t.dim() - 2))
+
+
+@pytest.mark.filterwarnings("ignore::torchpruner.attributions.CoupledGroupWarning")
+@pytest.mark.parametrize("signed", [True, False])
+def test_group_taylor_is_the_joint_first_order_sum(signed):
+    """Taylor of a group unit = −∂ℓₙ/∂m_c for one gate m_c on every tensor that reads the stream,
+    i.e. Σ over those tensors of Σₛ −g·z summed jointly (g: the total derivative)."""
+    model, input_size = build("residual", seed=3)
+    x, y = data(input_size, n=5, seed=3)
+    group = stream_group(model, input_size)
+    scores = TaylorAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none",
+                                     signed=signed).run(group)
+    m = torch.ones(len(x), group.num_units, dtype=DTYPE, requires_grad=True)
+    loss = F.cross_entropy(residual_twin(model, x, gate_on_units(m)), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, m)
+    expected = -grad.numpy()
+    np.testing.assert_allclose(scores, expected if signed else np.abs(expected), rtol=1e-9, atol=1e-12)
+    # not the same as summing each source's local score
+    local = sum(TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", signed=True)
+                .run(layer) for layer in (model.stem, model.blocks[0].conv2, model.blocks[1].conv2))
+    assert not np.allclose(local, expected.mean(0))
+
+
+def test_group_sensitivity_sums_gradient_magnitudes_over_the_stream_tensors():
+    model, input_size = build("residual", seed=4)
+    x, y = data(input_size, n=5, seed=4)
+    group = stream_group(model, input_size)
+    scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu",
+                                          reduction="none").run(group)
+    perturbations, values = [], []
+
+    def gate(k, t):
+        e = torch.zeros_like(t, requires_grad=True)
+        perturbations.append(e)
+        return t + e
+
+    loss = F.cross_entropy(residual_twin(model, x, gate), y, reduction="sum")
+    grads = torch.autograd.grad(loss, perturbations)
+    expected = sum(g.abs().reshape(g.shape[0], g.shape[1], -1).sum(2) for g in grads)
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_group_apoz_counts_every_tensor_the_consumers_read():
+    model, input_size = build("residual", seed=5)
+    x, y = data(input_size, n=5, seed=5)
+    group = stream_group(model, input_size)
+    scores = APoZAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none").run(group)
+    tensors = []
+    with torch.no_grad():
+        residual_twin(model, x, lambda k, t: tensors.append(t) or t)
+    positive = sum((t > 0).double().reshape(t.shape[0], t.shape[1], -1).sum(2) for t in tensors)
+    count = sum(t[0, 0].numel() for t in tensors)
+    np.testing.assert_allclose(scores, (positive / count).numpy(), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# A single-source group scores like the layer at its best evaluation point
+# --------------------------------------------------------------------------------------------
+SAME_AS_MODULE = {
+    "taylor": lambda m, d: TaylorAttributionMetric(m, d, F.cross_entropy, "cpu", reduction="none"),
+    "signed_taylor": lambda m, d: TaylorAttributionMetric(m, d, F.cross_entropy, "cpu", signed=True),
+    "sensitivity": lambda m, d: SensitivityAttributionMetric(m, d, F.cross_entropy, "cpu", reduction="none"),
+    "apoz": lambda m, d: APoZAttributionMetric(m, d, F.cross_entropy, "cpu", reduction="none"),
+    "shapley": lambda m, d: ShapleyAttributionMetric(m, d, F.cross_entropy, "cpu", reduction="none",
+                                                     sv_samples=2, seed=5),
+    "random": lambda m, d: RandomAttributionMetric(m, d, F.cross_entropy, "cpu", seed=3),
+}
+
+
+@pytest.mark.parametrize("name", list(SAME_AS_MODULE))
+@pytest.mark.parametrize("arch, layer", [("plain", 0), ("plain", 3), ("mlp", 0)])
+def test_single_source_group_equals_module_at_its_best_evaluation_point(name, arch, layer):
+    """A layer whose units only it produces is zeroed after its BatchNorm and activation, where
+    the next layer reads them: ``find_best_evaluation_module=True`` is that point."""
+    if arch == "mlp":
+        torch.manual_seed(1)
+        model, input_size = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).to(DTYPE).eval(), (5,)
+    else:
+        model, input_size = build(arch, seed=1)
+    x, y = data(input_size, n=5, seed=1)
+    module = model[layer]
+    (group,) = [g for g in model_groups(model, input_size) if any(s.module is module for s in g.sources)]
+    graph = get_graph(model, *make_example_inputs(model, input_size))
+    (point,) = [site for site, _ in group.mask_points()]
+    if isinstance(point.module, nn.Flatten):  # the Linear reads the flattened tensor: same values
+        point = point.inputs[0]
+    assert point is graph.evaluation_point(module, find_best=True)
+    metric = SAME_AS_MODULE[name](model, batches(x, y, 2))
+    np.testing.assert_allclose(metric.run(group), metric.run(module, True), rtol=1e-10, atol=1e-13)
+
+
+# --------------------------------------------------------------------------------------------
+# WeightNorm and Random
+# --------------------------------------------------------------------------------------------
+def test_group_weight_norm_by_hand_residual():
+    """Σ over every weight slice removed with unit c, each layer divided by its mean over c."""
+    model, input_size = build("residual", seed=6)
+    group = stream_group(model, input_size)
+    l1 = lambda w, dims: w.detach().abs().sum(dims)
+    per_layer = [l1(model.stem.weight, (1, 2, 3)), model.bn.weight.detach().abs(), l1(model.fc.weight, 0)]
+    for block in model.blocks:
+        per_layer += [l1(block.conv1.weight, (0, 2, 3)), l1(block.conv2.weight, (1, 2, 3)),
+                      block.bn2.weight.detach().abs()]
+    expected = sum(v / v.mean() for v in per_layer)
+    scores = WeightNormAttributionMetric(model, None, F.cross_entropy).run(group)
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-12)
+
+
+def test_group_weight_norm_by_hand_flatten_and_depthwise():
+    model, input_size = build("separable", seed=7)
+    groups = model_groups(model, input_size)
+    l1 = lambda w, dims: w.detach().abs().sum(dims)
+    (first,) = [g for g in groups if g.sources[0].module is model[0]]
+    per_layer = [l1(model[0].weight, (1, 2, 3)), model[1].weight.detach().abs(),
+                 l1(model[3].weight, (1, 2, 3)), model[4].weight.detach().abs(), l1(model[6].weight, (0, 2, 3))]
+    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(first),
+                               sum(v / v.mean() for v in per_layer).numpy(), rtol=1e-12)
+    (last,) = [g for g in groups if g.sources[0].module is model[6]]
+    columns = l1(model[9].weight, 0).reshape(5, 16).sum(1)  # a channel owns its 4x4 flattened inputs
+    rows = l1(model[6].weight, (1, 2, 3))
+    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(last),
+                               (rows / rows.mean() + columns / columns.mean()).numpy(), rtol=1e-12)
+
+
+def test_group_random_is_per_unit_and_seeded():
+    model, input_size = build("residual")
+    group = stream_group(model, input_size)
+    metric = RandomAttributionMetric(model, None, F.cross_entropy, seed=4)
+    scores = metric.run(group)
+    assert scores.shape == (group.num_units,) and ((0 <= scores) & (scores < 1)).all()
+    np.testing.assert_array_equal(scores, metric.run(group))
+    assert not np.array_equal(scores, metric.run(group, seed=5))
+
+
+# --------------------------------------------------------------------------------------------
+# run(module) inside a larger group
+# --------------------------------------------------------------------------------------------
+def test_run_module_warns_when_the_layer_shares_its_units_and_traces_once(monkeypatch):
+    model, input_size = build("residual")
+    x, y = data(input_size)
+    builds = []
+    original = ModelGraph.__init__
+    monkeypatch.setattr(ModelGraph, "__init__", lambda self, *a, **k: (builds.append(1), original(self, *a, **k))[1])
+    metric = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu")
+    with pytest.warns(CoupledGroupWarning, match=r"'blocks\.0\.conv2' \(Conv2d\) belongs to a coupled group "
+                                                 r"of 3 layers sharing 4 units") as record:
+        local = metric.run(model.blocks[0].conv2)
+    assert record[0].filename == __file__  # points at the caller
+    assert len(builds) == 1  # the dependency analysis reuses the traced graph
+    with pytest.warns(CoupledGroupWarning, match="'stem'"):
+        metric.run(model.stem, find_best_evaluation_module=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metric.run(model.blocks[0].conv1)  # its units are its own
+        metric.run(model.blocks[0].bn2)  # not a source: the local meaning, silently
+        group = stream_group(model, input_size)  # the Pruner's graph is the tracer's cached graph
+        metric.run(group)
+    assert len(builds) == 1
+    assert local.shape == (4,)
+
+
+def test_run_module_without_fx_trace_does_not_warn():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x) + self.b(x)
+            if h.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+                h = -h
+            return self.head(torch.relu(h))
+
+    torch.manual_seed(0)
+    model = DataDependent().to(DTYPE)
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.tensor([0, 1, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = TaylorAttributionMetric(model, [(x, y)], F.cross_entropy).run(model.a)
+    assert scores.shape == (4,)
+
+
+# --------------------------------------------------------------------------------------------
+# The model is left as found; clear refusals
+# --------------------------------------------------------------------------------------------
+GROUP_METRICS = {
+    "random": lambda m, d, c: RandomAttributionMetric(m, d, c, "cpu", seed=0),
+    "weight_norm": lambda m, d, c: WeightNormAttributionMetric(m, d, c, "cpu"),
+    "apoz": lambda m, d, c: APoZAttributionMetric(m, d, c, "cpu"),
+    "sensitivity": lambda m, d, c: SensitivityAttributionMetric(m, d, c, "cpu"),
+    "taylor": lambda m, d, c: TaylorAttributionMetric(m, d, c, "cpu"),
+    "shapley": lambda m, d, c: ShapleyAttributionMetric(m, d, c, "cpu", sv_samples=1, seed=0),
+}
+
+
+def state_of(model):
+    return {
+        "training": [m.training for m in model.modules()],
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy()),
+        "hooks": all_hooks(model),
+    }
+
+
+def assert_same_state(before, after):
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"] == []
+    for k, v in before["tensors"].items():
+        assert torch.equal(after["tensors"][k], v), k
+    for k, v in before["grads"].items():
+        assert (after["grads"][k] is None) if v is None else torch.equal(after["grads"][k], v), k
+    assert torch.equal(after["rng"][0], before["rng"][0])
+    np.testing.assert_array_equal(after["rng"][1], before["rng"][1])
+
+
+@pytest.mark.parametrize("name", list(GROUP_METRICS))
+def test_group_run_leaves_the_model_as_found(name):
+    model, input_size = build("residual")
+    group = stream_group(model, input_size)
+    x, y = data(input_size, n=8)
+    model.train()
+    model.blocks[0].eval()  # a mixed state
+    model.stem.weight.grad = torch.ones_like(model.stem.weight)  # an existing grad; others stay None
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True)
+    modes = []
+    criterion = lambda out, t, reduction="mean": (modes.append(model.bn.training),
+                                                  F.cross_entropy(out, t, reduction=reduction))[1]
+    before = state_of(model)
+    GROUP_METRICS[name](model, loader, criterion).run(group)
+    assert_same_state(before, state_of(model))
+    assert not any(modes)  # every forward in eval mode (BatchNorm statistics cannot move)
+
+
+@pytest.mark.parametrize("name", ["sensitivity", "taylor", "shapley"])
+def test_group_run_leaves_the_model_as_found_on_error(name):
+    model, input_size = build("residual")
+    group = stream_group(model, input_size)
+    x, y = data(input_size, n=8)
+    model.train()
+    before = state_of(model)
+    with pytest.raises(Boom):
+        GROUP_METRICS[name](model, batches(x, y), failing_criterion(1)).run(group)
+    assert_same_state(before, state_of(model))
+
+
+def test_group_scores_independent_of_batch_size_and_reductions():
+    model, input_size = build("concat", seed=2)
+    x, y = data(input_size, n=7, seed=2)
+    for group in model_groups(model, input_size):
+        for make in (GROUP_METRICS["taylor"], GROUP_METRICS["shapley"], GROUP_METRICS["apoz"]):
+            one = make(model, batches(x, y, 7), F.cross_entropy).run(group)
+            many = make(model, batches(x, y, 2), F.cross_entropy).run(group)
+            np.testing.assert_allclose(many, one, rtol=1e-10, atol=1e-13)
+        metric = TaylorAttributionMetric(model, batches(x, y, 3), F.cross_entropy, reduction="none")
+        per_example = metric.run(group)
+        assert per_example.shape == (7, group.num_units)
+        metric.reduction = "sum"
+        np.testing.assert_allclose(metric.run(group), per_example.sum(0), rtol=1e-12)
+
+
+def test_captum_refuses_groups_clearly():
+    from captum.attr import LayerGradientXActivation
+
+    model, input_size = build("residual")
+    x, y = data(input_size)
+    metric = CaptumAttributionMetric(model, batches(x, y), F.cross_entropy, method=LayerGradientXActivation)
+    with pytest.raises(TypeError, match="CaptumAttributionMetric cannot score a coupled group"):
+        metric.run(stream_group(model, input_size))
+
+
+def test_stale_group_and_group_of_another_model_refused():
+    model, input_size = build("residual")
+    x, y = data(input_size)
+    group = stream_group(model, input_size)
+    other = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="not part of the model"):
+        TaylorAttributionMetric(other, batches(x, y), F.cross_entropy).run(group)
+    Pruner(model, input_size=input_size).prune_model(model.stem, [1])
+    for make in (GROUP_METRICS["taylor"], GROUP_METRICS["weight_norm"]):
+        with pytest.raises(ValueError, match="compute the groups again"):
+            make(model, batches(x, y), F.cross_entropy).run(group)
+    fresh = stream_group(model, input_size)
+    assert TaylorAttributionMetric(model, batches(x, y), F.cross_entropy).run(fresh).shape == (3,)
