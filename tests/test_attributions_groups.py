@@ -143,12 +143,7 @@ def batches(x, y, size=4):
 
 def model_groups(model: nn.Module, input_size) -> list:
     """The prunable coupled groups, as ``Pruner.groups()`` lists them."""
-    pruner = Pruner(model, input_size=input_size)
-    if hasattr(pruner, "groups"):
-        return pruner.groups()
-    from torchpruner.graph.dependency import get_dependency_graph  # until Pruner.groups() lands
-
-    return get_dependency_graph(pruner.graph()).groups()
+    return Pruner(model, input_size=input_size).groups()
 
 
 def losses(model, x, y) -> np.ndarray:
@@ -199,6 +194,80 @@ def test_residual_group_is_zeroed_where_the_consumers_read_the_stream():
     assert [site.label for site in stream.sources] == ["stem", "blocks.0.conv2", "blocks.1.conv2"]
     # relu after the stem, relu after block 0 (block 1's input), fc's flattened input
     assert [site.name for site, _ in stream.mask_points()] == ["relu", "relu_2", "flatten"]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d: int = 8, heads: int = 2, hidden: int = 6) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Tokens [N, L, 5] -> embed -> 2 blocks -> mean over tokens -> head; units on the last dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.blocks = nn.Sequential(TransformerBlock(), TransformerBlock())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def transformer():
+    torch.manual_seed(0)
+    return TinyTransformer().to(DTYPE).eval(), (5, 5)
+
+
+def test_transformer_mlp_group_pruned_equals_coalition_all_but_it():
+    model, input_size = transformer()
+    x, y = data(input_size)
+    full = losses(model, x, y)
+    (group,) = [g for g in model_groups(model, input_size) if g.sources[0].module is model.blocks[1].fc1]
+    for seed in (0, 1):
+        unit = int(draw_permutations(group.num_units, 1, seed)[0][-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing inexact in this group
+            scores = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
+                                              sv_samples=1, seed=seed).run(group)
+        pruned = pruned_copy(model, input_size, group, unit)
+        np.testing.assert_allclose(losses(pruned, x, y), scores[:, unit] + full, rtol=1e-10, atol=1e-12)
+
+
+def test_transformer_stream_group_warns_that_zeroing_is_not_pruning():
+    model, input_size = transformer()
+    x, y = data(input_size)
+    (stream,) = [g for g in model_groups(model, input_size) if len(g.sources) > 1]
+    with pytest.warns(UserWarning, match=r"not exactly pruning them: pruning also changes the statistics of "
+                                         r"'blocks\.0\.ln1' \(LayerNorm\)") as record:
+        scores = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy).run(stream)
+    assert record[0].filename == __file__
+    assert scores.shape == (stream.num_units,) == (4,)  # 8 dims, equal in both heads of 4
+
+
+def test_group_weight_norm_by_hand_transformer_stream():
+    """Embed dim i is group unit i % 4 (the same dim in both heads); the attention owns in_proj
+    column i, rows i, E+i, 2E+i and out_proj row and column i."""
+    model, input_size = transformer()
+    (stream,) = [g for g in model_groups(model, input_size) if len(g.sources) > 1]
+    a = lambda t: t.detach().abs()
+    per_dim = [a(model.embed.weight).sum(1), a(model.head.weight).sum(0)]
+    for block in model.blocks:
+        w_in, w_out = a(block.attn.in_proj_weight), a(block.attn.out_proj.weight)
+        attention = w_in.sum(0) + w_in.reshape(3, 8, 8).sum((0, 2)) + w_out.sum(0) + w_out.sum(1)
+        per_dim += [a(block.ln1.weight), attention, a(block.ln2.weight), a(block.fc1.weight).sum(0),
+                    a(block.fc2.weight).sum(1)]
+    per_unit = [v.reshape(2, 4).sum(0) for v in per_dim]
+    expected = sum(v / v.mean() for v in per_unit)
+    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(stream), expected.numpy(),
+                               rtol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

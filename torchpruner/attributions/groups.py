@@ -217,7 +217,31 @@ def mask_points(graph: Any, group: Any) -> list[MaskPoint]:
                                 units=torch.as_tensor(index[inside], dtype=torch.long)))
     if not points:
         raise ValueError(f"{group_label(group)} has no tensor read by another layer: nothing to zero")
+    inexact = inexact_members(group)
+    if inexact:
+        warnings.warn(
+            f"{group_label(group)} is scored by zeroing its units where its consumers read them, which "
+            f"is not exactly pruning them: pruning also changes {'; '.join(inexact[:3])}",
+            UserWarning,
+            stacklevel=4,
+        )
     return points
+
+
+def inexact_members(group: Any) -> list[str]:
+    """Why zeroing the group's units is not the same as pruning them (empty when it is): a
+    LayerNorm / RMSNorm over the pruned axis normalises with statistics that include the pruned
+    units, and attention mixes every embed dim into its scores (and its scale 1/sqrt(head_dim)
+    changes)."""
+    reasons = []
+    for member in group.members:
+        if member.direction != "in":
+            continue
+        if isinstance(member.module, (nn.LayerNorm, nn.RMSNorm)):
+            reasons.append(f"the statistics of '{member.module_name}' ({type(member.module).__name__})")
+        elif isinstance(member.module, nn.MultiheadAttention):
+            reasons.append(f"the attention of '{member.module_name}' (MultiheadAttention)")
+    return reasons
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,10 +73,14 @@ def input_weight_norms(module: nn.Module) -> torch.Tensor | None:
       column i of the filters of group g (for a depthwise conv: the filters of channel j).
     * ``ConvTranspose*d`` ``[in, out/groups, k...]``: row j.
     * normalisation layers and ``PReLU`` (channel-wise: the input unit is the output unit): ``|γ_c|``.
+    * self-attention ``MultiheadAttention``: embed dim i owns ``in_proj_weight`` column i and rows
+      ``i, E+i, 2E+i`` (q, k, v) and ``out_proj.weight`` row and column i.
 
     Raises:
         TypeError: the layer type has no known unit layout.
     """
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_embed_norms(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
@@ -93,6 +97,16 @@ def input_weight_norms(module: nn.Module) -> torch.Tensor | None:
     if isinstance(module, nn.PReLU):
         return w.reshape(-1)
     raise TypeError(f"no known input-unit layout for the weights of a {type(module).__name__}")
+
+
+def _attention_embed_norms(module: nn.MultiheadAttention) -> torch.Tensor:
+    if not module._qkv_same_embed_dim:
+        raise TypeError("MultiheadAttention with kdim/vdim != embed_dim has no single embed-dim layout")
+    embed = module.embed_dim
+    w_in = module.in_proj_weight.detach().abs().to(torch.float64)          # [3E, E]
+    w_out = module.out_proj.weight.detach().abs().to(torch.float64)        # [E, E]
+    rows = w_in.reshape(3, embed, embed).sum(dim=(0, 2))
+    return w_in.sum(dim=0) + rows + w_out.sum(dim=1) + w_out.sum(dim=0)
 
 
 def group_weight_norms(group: Any) -> torch.Tensor:
