@@ -188,6 +188,34 @@ def test_pruning_a_unit_equals_the_shapley_coalition_all_but_it(arch):
                                        err_msg=f"{arch}: {group!r}, unit {unit}")
 
 
+def test_torchvision_resnet18_downsample_group_pruned_equals_coalition():
+    """Real-world pitfalls: in-place ``out += identity``, one ReLU module called twice per block,
+    a 1x1 downsample conv + BatchNorm as a second source of the stream."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = randomize_batchnorms(torchvision.models.resnet18(num_classes=3).to(DTYPE).eval())
+    input_size = (3, 16, 16)
+    x, y = data(input_size, n=2)
+    (group,) = [g for g in model_groups(model, input_size)
+                if any(s.label == "layer2.0.downsample.0" for s in g.sources)]
+    assert {s.label for s in group.sources} == {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"}
+    seed = 3
+    unit = int(draw_permutations(group.num_units, 1, seed)[0][-1])
+    scores = ShapleyAttributionMetric(model, [(x, y)], F.cross_entropy, reduction="none", sv_samples=1,
+                                      seed=seed).run(group)
+    full = losses(model, x, y)
+    np.testing.assert_allclose(losses(pruned_copy(model, input_size, group, unit), x, y), scores[:, unit] + full,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_groups_traced_for_another_input_size_score_the_same():
+    model, _ = build("residual", seed=8)
+    x, y = data((2, 6, 6), n=4, seed=8)
+    small, same = stream_group(model, (2, 4, 4)), stream_group(model, (2, 6, 6))
+    metric = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, signed=True)
+    np.testing.assert_allclose(metric.run(small), metric.run(same), rtol=1e-12)
+
+
 def test_residual_group_is_zeroed_where_the_consumers_read_the_stream():
     model, input_size = build("residual")
     (stream,) = [g for g in model_groups(model, input_size) if len(g.sources) > 1]
