@@ -23,7 +23,6 @@ from _pruner_utils import assert_same_snapshot, snapshot
 #    next training epoch saw a different shuffle.
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="DataLoader generator not restored (fix pending)")
 def test_scoring_leaves_a_seeded_dataloader_generator_as_found():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -38,7 +37,6 @@ def test_scoring_leaves_a_seeded_dataloader_generator_as_found():
     assert [y.tolist() for _, y in loader] == expected_order
 
 
-@pytest.mark.xfail(strict=True, reason="DataLoader generator not restored (fix pending)")
 def test_scoring_leaves_a_seeded_sampler_generator_as_found():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))

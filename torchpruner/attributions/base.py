@@ -242,19 +242,38 @@ def unit_mask_shape(ndim: int, unit_axis: int, num_units: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Leaving the model as found
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def left_as_found(model: nn.Module) -> Iterator[None]:
-    """Eval mode (every module's own training flag restored on exit) and the global torch,
-    CUDA, numpy and python RNG states restored on exit.
+def _loader_generators(data_generator: Any) -> list[torch.Generator]:
+    """The private ``torch.Generator`` objects a DataLoader (or its samplers) draws from."""
+    found: list[torch.Generator] = []
+    sampler = getattr(data_generator, "sampler", None)
+    batch_sampler = getattr(data_generator, "batch_sampler", None)
+    for owner in (data_generator, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None) if owner is not None else None
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
-    Iterating a shuffled DataLoader draws from the global torch generator, and scoring inside a
-    training loop must not change the training run. BatchNorm statistics cannot move in eval mode.
+
+@contextlib.contextmanager
+def left_as_found(model: nn.Module, data_generator: Any = None) -> Iterator[None]:
+    """Eval mode (every module's own training flag restored on exit) and the global torch,
+    CUDA, numpy and python RNG states restored on exit, as well as the private generators of
+    ``data_generator`` (``DataLoader(..., generator=g)``, ``RandomSampler(..., generator=g)``).
+
+    Iterating a shuffled DataLoader draws from the global torch generator (or from its own), and
+    scoring inside a training loop must not change the training run. BatchNorm statistics cannot
+    move in eval mode.
     """
     from torchpruner.graph import preserved_state
 
+    generators = [(g, g.get_state()) for g in _loader_generators(data_generator)]
     # inference_mode(False): gradient metrics must work even when called under inference_mode
-    with preserved_state(model, eval_mode=True), torch.inference_mode(False):
-        yield
+    try:
+        with preserved_state(model, eval_mode=True), torch.inference_mode(False):
+            yield
+    finally:
+        for generator, state in generators:
+            generator.set_state(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +572,7 @@ class AttributionMetric:
                     f"{type(model).__name__} (scoring needs a submodule of the model)"
                 )
 
-        with left_as_found(model):
+        with left_as_found(model, self.data_generator):
             if not self.needs_trace:
                 return self._finish(self.score_without_data(model, site_module, None, options))
             batches = self._batches(model)
@@ -696,7 +715,7 @@ class AttributionMetric:
             )
         check_group(model, group)
         label = group_label(group)
-        with left_as_found(model):
+        with left_as_found(model, self.data_generator):
             if not self.needs_data:
                 return self._finish(self.score_group_without_data(model, group, options))
             batches = self._batches(model)
