@@ -605,3 +605,17 @@ def test_stale_group_and_group_of_another_model_refused():
             make(model, batches(x, y), F.cross_entropy).run(group)
     fresh = stream_group(model, input_size)
     assert TaylorAttributionMetric(model, batches(x, y), F.cross_entropy).run(fresh).shape == (3,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_group_scores_on_cuda_equal_cpu():
+    model, input_size = build("residual", seed=9)
+    x, y = data(input_size, seed=9)
+    group = stream_group(model, input_size)
+    expected = {name: GROUP_METRICS[name](model, batches(x, y), F.cross_entropy).run(group)
+                for name in ("taylor", "sensitivity", "shapley", "apoz")}
+    model.cuda()
+    group = stream_group(model, input_size)
+    for name, cpu in expected.items():
+        cuda = GROUP_METRICS[name](model, batches(x, y), F.cross_entropy).run(group)  # batches moved to cuda
+        np.testing.assert_allclose(cuda, cpu, rtol=1e-9, atol=1e-12, err_msg=name)

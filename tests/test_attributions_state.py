@@ -270,6 +270,7 @@ def test_batch_layouts():
         default_batch_fn(x)
 
 
+@pytest.mark.filterwarnings("ignore::torchpruner.attributions.CoupledGroupWarning")  # a and b feed one sum
 def test_several_and_keyword_inputs_via_batch_fn():
     class TwoInputs(nn.Module):
         def __init__(self):

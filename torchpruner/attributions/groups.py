@@ -148,7 +148,7 @@ def member_slices(group: Any) -> list[MemberSlice]:
 
     slices: dict[tuple, MemberSlice] = {}
     for role, positions in group.removals(range(num_units)):
-        positions = np.asarray(positions, dtype=np.int64)
+        positions = np.sort(np.asarray(positions, dtype=np.int64))
         slices[key(role)] = MemberSlice(role.module, role.module_name, role.direction, role.parameter,
                                         getattr(role, "axis", None), positions, np.zeros(len(positions), np.int64))
     for bit in range(max(1, (num_units - 1).bit_length())):
