@@ -106,7 +106,6 @@ class _UntraceableResidual(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.xfail(strict=True, reason="hooks trace cannot see merges (fix pending)")
 def test_hooks_trace_refuses_a_prune_into_an_invisible_merge():
     torch.manual_seed(0)
     model = _UntraceableResidual()

@@ -354,7 +354,36 @@ class Pruner:
         listed = ", ".join(f"'{self._name_of(m)}'" for m, _ in consumers)
         if listed:
             description += f"; slice {listed}"
-        return self._finish(description, edits)
+        plan = self._finish(description, edits)
+        if graph.method == "hooks":
+            self._check_runs_after(plan, name)
+        return plan
+
+    def _check_runs_after(self, plan: Plan, source_name: str) -> None:
+        """A forward-hook trace cannot see merges (``x + f(x)``, ``torch.cat``) or reshapes, so the
+        data flow it gives may be wrong: apply the plan to a copy and refuse it if the copy no
+        longer runs on the example input."""
+        import copy
+
+        from torchpruner.graph import preserved_state
+
+        try:
+            trial = copy.deepcopy(self.model)
+        except Exception as exc:  # models that cannot be copied: the plan stays unchecked
+            logger.warning("could not copy %s to check the plan (%s); a merge the hooks trace cannot see "
+                           "would break the model", type(self.model).__name__, exc)
+            return
+        plan.apply(trial)
+        args, kwargs = make_example_inputs(trial, self.input_size, self.example_inputs, self.device)
+        try:
+            with preserved_state(trial), torch.no_grad():
+                trial(*args, **kwargs)
+        except Exception as exc:
+            raise ValueError(
+                f"pruning '{source_name}' as planned breaks the model: {type(exc).__name__}: {exc}. torch.fx "
+                f"could not trace {type(self.model).__name__}, and the forward-hook trace does not see merges "
+                f"(x + f(x), torch.cat) or reshapes that the pruned units flow into; prune a layer whose units "
+                f"reach only the listed modules, or make the model traceable by torch.fx") from None
 
     def prune_model(self, module: nn.Module, indices: Any,
                     cascading_modules: Optional[Sequence[nn.Module]] = None) -> Plan:
