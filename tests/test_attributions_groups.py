@@ -582,6 +582,17 @@ def test_group_scores_independent_of_batch_size_and_reductions():
         np.testing.assert_allclose(metric.run(group), per_example.sum(0), rtol=1e-12)
 
 
+def test_classifier_output_group_has_nothing_to_zero():
+    model, input_size = build("plain")
+    x, y = data(input_size)
+    (output,) = [g for g in Pruner(model, input_size=input_size).groups(include_outputs=True)
+                 if g.sources[0].module is model[6]]
+    with pytest.raises(ValueError, match="only reach the model output"):
+        TaylorAttributionMetric(model, batches(x, y), F.cross_entropy).run(output)
+    rows = model[6].weight.detach().abs().sum(1)
+    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(output), rows / rows.mean())
+
+
 def test_captum_refuses_groups_clearly():
     from captum.attr import LayerGradientXActivation
 

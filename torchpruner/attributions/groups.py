@@ -83,7 +83,7 @@ def source_modules(group: Any) -> list[nn.Module]:
 def check_group(model: nn.Module, group: Any) -> None:
     """Refuse groups that cannot be pruned (so "what is scored is what is pruned" cannot hold)
     and groups of another model."""
-    reason = group.why_not_prunable()
+    reason = group.why_not_prunable(include_outputs=True)  # output units: see inexact_members
     if reason is not None:
         raise ValueError(f"{group_label(group)} cannot be scored: {reason}")
     in_model = {id(m) for m in model.modules()}
@@ -216,7 +216,8 @@ def mask_points(graph: Any, group: Any) -> list[MaskPoint]:
                                 positions=torch.as_tensor(inside, dtype=torch.long),
                                 units=torch.as_tensor(index[inside], dtype=torch.long)))
     if not points:
-        raise ValueError(f"{group_label(group)} has no tensor read by another layer: nothing to zero")
+        raise ValueError(f"{group_label(group)} has no tensor read by another layer (its units only reach "
+                         "the model output): nothing to zero")
     inexact = inexact_members(group)
     if inexact:
         warnings.warn(
@@ -231,9 +232,11 @@ def mask_points(graph: Any, group: Any) -> list[MaskPoint]:
 def inexact_members(group: Any) -> list[str]:
     """Why zeroing the group's units is not the same as pruning them (empty when it is): a
     LayerNorm / RMSNorm over the pruned axis normalises with statistics that include the pruned
-    units, and attention mixes every embed dim into its scores (and its scale 1/sqrt(head_dim)
-    changes)."""
+    units, attention mixes every embed dim into its scores (and its scale 1/sqrt(head_dim)
+    changes), and units that reach the model output are removed from it."""
     reasons = []
+    if getattr(group, "output_reason", None):
+        reasons.append(f"the model output ({group.output_reason})")
     for member in group.members:
         if member.direction != "in":
             continue
