@@ -208,6 +208,21 @@ def test_torchvision_resnet18_downsample_group_pruned_equals_coalition():
                                rtol=1e-10, atol=1e-12)
 
 
+def test_group_scores_drive_prune_groups():
+    """``attr.run`` is a score function for ``prune_groups``: the lowest-scored unit of the stream goes."""
+    from torchpruner.graph.prune_groups import prune_groups
+
+    model, input_size = build("residual", seed=10)
+    x, y = data(input_size, seed=10)
+    metric = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, sv_samples=2, seed=0)
+    group = stream_group(model, input_size)
+    weakest = int(np.argmin(metric.run(group)))
+    removed = group.unit_channels(model.stem)[weakest].tolist()
+    pruner = Pruner(model, input_size=input_size)
+    prune_groups(pruner, fraction=0.25, scores=metric.run)
+    assert pruner.kept_units(model.stem) == [c for c in range(4) if c not in removed]
+
+
 def test_groups_traced_for_another_input_size_score_the_same():
     model, _ = build("residual", seed=8)
     x, y = data((2, 6, 6), n=4, seed=8)
