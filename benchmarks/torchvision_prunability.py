@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import copy  # noqa: E402
 
-from torchpruner.graph import get_graph  # noqa: E402
+from torchpruner.graph import get_graph, invalidate_graph  # noqa: E402
 from torchpruner.graph.dependency import get_dependency_graph, plan_group  # noqa: E402
 from torchpruner.graph.prune_groups import select_units  # noqa: E402
 from torchpruner.pruner import Pruner  # noqa: E402
@@ -131,6 +131,10 @@ def run_one(name: str, fraction: float) -> dict:
         record["traceback"] = traceback.format_exc()[-2000:]
     finally:
         record["seconds"] = round(time.perf_counter() - start, 2)
+        # the tracer's cache holds each model through its graph: drop it, or the sweep runs out of memory
+        for obj in (locals().get("model"), locals().get("twin")):
+            if obj is not None:
+                invalidate_graph(obj)
         gc.collect()
     return record
 
@@ -173,12 +177,18 @@ def main() -> None:
     parser.add_argument("models", nargs="*")
     parser.add_argument("--fraction", type=float, default=0.3)
     parser.add_argument("--out", default=str(HERE / "torchvision_prunability.md"))
+    parser.add_argument("--resume", action="store_true", help="keep the models already in the .json")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     json_path = Path(args.out).with_suffix(".json")
     records = []
+    if args.resume and json_path.exists():
+        records = [r for r in json.loads(json_path.read_text()) if r["model"] in names]
+    done = {r["model"] for r in records}
     for name in names:
+        if name in done:
+            continue
         record = run_one(name, args.fraction)
         records.append(record)
         print(f"{name:28s} {record['status']:8s} {record.get('seconds', 0):7.1f}s {record.get('twin_error', '')} "
