@@ -144,3 +144,80 @@ def test_hooks_trace_still_prunes_a_plain_chain():
     assert pruner.graph().method == "hooks"
     pruner.prune_model(model.c2, [1], cascading_modules=[model.fc])
     assert model(x).shape == (2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Zeroed-twin oracle / "bad input ... raises before anything is modified" (DESIGN) for the
+#    explicit cascading_modules path: the data flow was followed by shapes alone, so an op that
+#    keeps the shape but reorders the units (x.flip(1), x.roll(1, 1), x[:, perm]) was taken for an
+#    element-wise op (the pruned model silently computed something else), and a reduction over
+#    the unit axis whose output happened to have a matching shape prefix (x.sum(1) with H == C)
+#    was accepted and left the model broken. cascading_modules=None (dependency analysis) was right.
+# --------------------------------------------------------------------------------------------
+
+class _AcrossUnits(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.next = nn.Conv2d(8, 2, 1)
+        self.fc = nn.Linear(2 * 8 * 8, 2)
+        self.fc_sum = nn.Linear(8 * 8, 2)
+        self.op = op
+        self.register_buffer("perm", torch.arange(7, -1, -1))
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.op == "flip":
+            h = h.flip(1)
+        elif self.op == "roll":
+            h = torch.roll(h, 1, dims=1)
+        elif self.op == "index":
+            h = h[:, self.perm]
+        elif self.op == "softmax":
+            h = F.softmax(h, dim=1)
+        elif self.op == "sum":  # [N, 8, 8, 8] -> [N, 8, 8]: shape prefix matches
+            return self.fc_sum(h.sum(1).flatten(1))
+        return self.fc(self.next(h).flatten(1))
+
+
+@pytest.mark.parametrize("op", ["flip", "roll", "index", "softmax", "sum"])
+def test_explicit_cascade_refuses_ops_across_units(op):
+    torch.manual_seed(0)
+    model = _AcrossUnits(op).double()
+    pruner = Pruner(model, (3, 8, 8))
+    assert pruner.graph().method == "fx"
+    cascade = [model.fc_sum] if op == "sum" else [model.next]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'conv'"):
+        pruner.prune_model(model.conv, [0], cascading_modules=cascade)
+    assert_same_snapshot(before, snapshot(model))
+
+
+class _AlongOtherDims(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.conv(x)[:, :, 1:-1].flip(-1).softmax(dim=2)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_explicit_cascade_still_follows_ops_along_other_dims():
+    import copy
+
+    torch.manual_seed(0)
+    model = _AlongOtherDims().double().eval()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    Pruner(model, (3, 8, 8)).prune_model(model.conv, [0, 5], cascading_modules=[model.fc])
+
+    def zero(_module, inputs):  # softmax(0) != 0: mask where the units reach the consumer
+        (features,) = inputs
+        features = features.clone()
+        features[:, [0, 5]] = 0
+        return (features,)
+
+    twin.fc.register_forward_pre_hook(zero)
+    torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-12)

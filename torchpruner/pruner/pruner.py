@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -195,6 +196,72 @@ def _literal_ints(args: Any) -> List[int]:
     return out
 
 
+# ops that act along the dims they are given: (position of the dims argument after the input, keyword)
+_ALONG_DIMS: Dict[Any, Tuple[int, str]] = {}
+for _target, _position, _keyword in (
+        ("flip", 0, "dims"), (torch.flip, 0, "dims"), ("roll", 1, "dims"), (torch.roll, 1, "dims"),
+        ("narrow", 0, "dim"), (torch.narrow, 0, "dim"), ("index_select", 0, "dim"), (torch.index_select, 0, "dim"),
+        ("gather", 0, "dim"), (torch.gather, 0, "dim"), ("take_along_dim", 1, "dim"), (torch.take_along_dim, 1, "dim"),
+        ("cumsum", 0, "dim"), (torch.cumsum, 0, "dim"), ("cumprod", 0, "dim"), (torch.cumprod, 0, "dim"),
+        ("softmax", 0, "dim"), (torch.softmax, 0, "dim"), (torch.nn.functional.softmax, 0, "dim"),
+        ("log_softmax", 0, "dim"), (torch.log_softmax, 0, "dim"), (torch.nn.functional.log_softmax, 0, "dim"),
+        (torch.nn.functional.normalize, 1, "dim"),
+        *[(r, 0, "dim") for r in ("sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "std", "var",
+                                  "prod", "norm", "logsumexp", "nansum", "nanmean", "median", "all", "any")],
+        *[(getattr(torch, r), 0, "dim") for r in ("sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin",
+                                                  "std", "var", "prod", "norm", "logsumexp", "nansum", "nanmean",
+                                                  "median", "all", "any")]):
+    _ALONG_DIMS[_target] = (_position, _keyword)
+# reductions whose dims default to "all of them"
+_ALL_DIMS_BY_DEFAULT = {t for t in _ALONG_DIMS if (t if isinstance(t, str) else getattr(t, "__name__", "")) in (
+    "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "std", "var", "prod", "norm", "nansum",
+    "nanmean", "median", "all", "any")}
+
+
+def _acts_across_units(site: CallSite, axis: int, ndim: int) -> Optional[str]:
+    """Why ``site`` mixes or reorders the units on ``axis`` (None when it does not, as far as known).
+
+    Shapes alone cannot tell ``x.flip(1)`` or ``x[:, perm]`` from an element-wise op, nor
+    ``x.sum(1)`` from a spatial reduction when sizes coincide: read the op's arguments.
+    """
+    node = site.node
+    if node is None or site.kind not in ("function", "method"):
+        return None
+    if site.target is operator.getitem:
+        index = node.args[1] if len(node.args) > 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        full = slice(None, None, None)
+        if any(i is None for i in index):
+            return "indexing that inserts dims" if index.index(None) <= axis else None
+        if Ellipsis in index:
+            cut = index.index(Ellipsis)
+            before, after = index[:cut], index[cut + 1:]
+            if axis < len(before):
+                return None if before[axis] == full else "indexing on the unit axis"
+            offset = axis - (ndim - len(after))
+            return None if offset < 0 or after[offset] == full else "indexing on the unit axis"
+        if axis < len(index) and index[axis] != full:
+            return "indexing on the unit axis"
+        if any(not isinstance(i, (slice, int)) for i in index[:axis]):
+            return "advanced indexing before the unit axis"
+        return None
+    spec = _ALONG_DIMS.get(site.target)
+    if spec is None:
+        return None
+    position, keyword = spec
+    rest = list(node.args[1:])
+    dims = node.kwargs.get(keyword, rest[position] if position < len(rest) else None)
+    if dims is None:
+        return f"{_describe_target(site)} over every dim" if site.target in _ALL_DIMS_BY_DEFAULT else None
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    try:
+        if any(int(d) % ndim == axis for d in dims):
+            return f"{_describe_target(site)} along the unit axis {axis}"
+    except (TypeError, ValueError):
+        return f"{_describe_target(site)} along dims {dims} the pruner cannot read"
+    return None
+
+
 def _follow_site(flow: _Flow, site: CallSite, source_name: str) -> Optional[_Flow]:
     """Where the units of ``flow`` are in ``site``'s output (``site`` reads them unchanged per unit)."""
     if site.shape is None:
@@ -220,6 +287,10 @@ def _follow_site(flow: _Flow, site: CallSite, source_name: str) -> Optional[_Flo
         if any(v in unit_dims for v in literal) and len(out_shape) > a and out_shape[a] in literal:
             raise ValueError(problem + f", a reshape with hard-coded sizes {literal}: it would break after "
                              f"pruning; use x.flatten(1) or x.view(x.size(0), -1)")
+    across = _acts_across_units(site, a, len(in_shape))
+    if across is not None:
+        raise ValueError(problem + f", {across}: it mixes or reorders the units; prune another layer "
+                         f"or let the pruner find the cascade (cascading_modules=None)")
     if len(out_shape) > a and out_shape[:a + 1] == in_shape[:a + 1]:
         return _Flow(flow.remove, flow.num_units, a, out_shape)  # element-wise, pooling, trailing reduction
     if len(out_shape) > a and out_shape[:a] == in_shape[:a]:
