@@ -235,3 +235,18 @@ def test_random_mlps_every_linear_has_its_width(widths, act, bn):
         assert graph.site(linear).num_units == width
         best = graph.evaluation_point(linear, find_best=True)
         assert isinstance(best.module, act) and best.num_units == width
+
+
+def test_cached_graph_does_not_keep_the_model_alive():
+    import copy
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    graph = get_graph(model, *make_example_inputs(model, (3,)))
+    clone = copy.deepcopy(model)  # a copy does not inherit the cached graph
+    assert get_graph(clone, *make_example_inputs(clone, (3,))) is not graph
+    ref = weakref.ref(model)
+    del model, graph, clone
+    gc.collect()
+    assert ref() is None

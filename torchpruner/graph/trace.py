@@ -30,7 +30,6 @@ import contextlib
 import logging
 import operator
 import random
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -673,7 +672,28 @@ def _get_attr_path(module: nn.Module, path: str) -> Any:
 # Cache: one graph per model and input signature, rebuilt when the structure changes
 # --------------------------------------------------------------------------------------------
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, ModelGraph]]" = weakref.WeakKeyDictionary()
+_SLOT = "_torchpruner_graph_cache"
+
+
+class _GraphSlot:
+    """Holds a model's cached graph on the model itself.
+
+    A graph refers to its model, so a global cache keyed by the model would keep every model
+    alive. Kept on the model, the two form an ordinary reference cycle that the garbage collector
+    frees with the model. ``deepcopy`` and pickling give an empty slot (a copy traces anew).
+    """
+
+    __slots__ = ("key", "graph")
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        self.graph: Optional[ModelGraph] = None
+
+    def __deepcopy__(self, memo: dict) -> "_GraphSlot":
+        return _GraphSlot()
+
+    def __reduce__(self) -> Tuple[type, tuple]:
+        return (_GraphSlot, ())
 
 
 def _structure_key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -696,21 +716,23 @@ def _structure_key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
 def get_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> ModelGraph:
     """The cached :class:`ModelGraph` of ``model`` for inputs like ``args``/``kwargs``.
 
-    The cache is keyed by the model object; an entry is reused while the parameter/buffer shapes,
+    The cache lives on the model object; an entry is reused while the parameter/buffer shapes,
     the module structure and the input shapes (batch size ignored) are the same, so the attribution
     metrics and the Pruner share one trace and a prune triggers a new one.
     """
     model = unwrap_model(model)
     kwargs = dict(kwargs or {})
     key = _structure_key(model, args, kwargs)
-    cached = _CACHE.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    slot = model.__dict__.get(_SLOT)
+    if isinstance(slot, _GraphSlot) and slot.graph is not None and slot.key == key and slot.graph.model is model:
+        return slot.graph
     graph = ModelGraph(model, args, kwargs)
-    _CACHE[model] = (key, graph)
+    slot = _GraphSlot()
+    slot.key, slot.graph = key, graph
+    model.__dict__[_SLOT] = slot  # a shallow copy of the model shares it: the `is model` check above
     return graph
 
 
 def invalidate_graph(model: nn.Module) -> None:
     """Forget the cached graph of ``model`` (done automatically when shapes change)."""
-    _CACHE.pop(unwrap_model(model), None)
+    unwrap_model(model).__dict__.pop(_SLOT, None)
