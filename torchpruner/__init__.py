@@ -32,6 +32,8 @@ _EXPORTS = {
     "Plan": "torchpruner.pruner",
     "register_slicing_rule": "torchpruner.pruner",
     "register_per_element_optimizer": "torchpruner.pruner",
+    "save_pruned": "torchpruner.pruner",
+    "load_pruned": "torchpruner.pruner",
     # graph
     "ModelGraph": "torchpruner.graph",
     "CallSite": "torchpruner.graph",

@@ -7,6 +7,7 @@ model and optimizer. ``Pruner.plan(...)`` returns the :class:`Plan` without chan
 See :mod:`torchpruner.pruner.rules` for adding a slicing rule for your own layer.
 """
 
+from .checkpoint import load_pruned, pruning_manifest, resize_to_manifest, save_pruned
 from .optimizer import register_per_element_optimizer
 from .plan import AttributeChange, OptimizerStateSlice, Plan, TensorSlice
 from .pruner import Pruner, discover_cascading_modules, kept_units
@@ -16,5 +17,5 @@ from .rules import (DROPOUT_POLICIES, SlicingRule, UnitSelection, get_slicing_ru
 __all__ = [
     "Pruner", "Plan", "TensorSlice", "AttributeChange", "OptimizerStateSlice",
     "SlicingRule", "UnitSelection", "register_slicing_rule", "get_slicing_rule", "slice_tensor", "set_attribute",
-    "register_per_element_optimizer", "kept_units", "discover_cascading_modules", "DROPOUT_POLICIES",
+    "register_per_element_optimizer", "save_pruned", "load_pruned", "pruning_manifest", "resize_to_manifest", "kept_units", "discover_cascading_modules", "DROPOUT_POLICIES",
 ]

@@ -1,0 +1,77 @@
+"""Pruned checkpoints: state dict + JSON manifest resize a freshly built model, then load."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchpruner.pruner import Pruner
+from torchpruner.pruner.checkpoint import load_pruned, pruning_manifest, resize_to_manifest, save_pruned
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv = nn.Conv2d(8, 12, 3, padding=1)
+        self.drop = nn.Dropout(0.4)
+        self.fc = nn.Linear(12 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))
+        h = h + F.relu(self.block(h))             # residual: stem and block are coupled
+        h = F.relu(self.conv(self.dw(h)))
+        h = F.adaptive_avg_pool2d(h, 4).flatten(1)
+        return self.fc(self.drop(h))
+
+
+def _pruned_net():
+    torch.manual_seed(0)
+    net = Net().double()
+    net.bn.running_mean.uniform_(-1, 1)
+    pruner = Pruner(net, input_size=(3, 8, 8))
+    pruner.prune_model(net.stem, [1, 6])                       # whole residual group, dw passes through
+    pruner.prune_model(net.conv, [0, 3, 4, 11], cascading_modules=[net.drop, net.fc])
+    return net.eval()
+
+
+def test_round_trip_into_a_fresh_model(tmp_path):
+    net = _pruned_net()
+    manifest_path = save_pruned(net, tmp_path / "pruned.pt")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["kept_units"]["stem"]["out"] == [0, 2, 3, 4, 5, 7]
+    assert manifest["conv_groups"]["dw"] == 6
+    fresh = Net().double()
+    load_pruned(fresh, tmp_path / "pruned.pt")
+    fresh.eval()
+    assert repr(fresh) == repr(net)
+    assert fresh.drop.p == pytest.approx(net.drop.p)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    assert pruning_manifest(fresh)["kept_units"] == manifest["kept_units"]
+
+
+def test_a_model_that_cannot_take_the_shapes_is_left_unchanged(tmp_path):
+    net = _pruned_net()
+    manifest = pruning_manifest(net)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="'stem'"):
+        resize_to_manifest(other, manifest)
+    manifest["kept_units"]["conv"]["out"].append(99)
+    fresh = Net().double()
+    with pytest.raises(ValueError, match="'conv'.*99"):
+        resize_to_manifest(fresh, manifest)
+    assert repr(fresh) == repr(Net().double())
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        load_pruned(nn.Linear(2, 2), tmp_path / "plain.pt")
