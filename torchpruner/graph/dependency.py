@@ -350,6 +350,32 @@ class Group:
 # The analysis
 # --------------------------------------------------------------------------------------------
 
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Label the connected components of an undirected graph on ``n`` nodes with edges ``a[i]-b[i]``.
+
+    Vectorised union: every edge hooks the larger representative onto the smaller, then pointer
+    jumping flattens the trees; repeated until no edge joins two representatives. Labels are
+    0..k-1, numbered by each component's smallest node.
+    """
+    labels = np.arange(n, dtype=np.int64)
+    if len(a) == 0:
+        return labels
+    while True:
+        low = np.minimum(labels[a], labels[b])
+        hooked = labels.copy()
+        np.minimum.at(hooked, labels[a], low)
+        np.minimum.at(hooked, labels[b], low)
+        while True:  # pointer jumping: every node points at its representative
+            jumped = hooked[hooked]
+            if np.array_equal(jumped, hooked):
+                break
+            hooked = jumped
+        if np.array_equal(hooked, labels):
+            break
+        labels = hooked
+    return np.unique(labels, return_inverse=True)[1].reshape(-1)
+
+
 class DependencyGraph:
     """Coupled groups of a traced model. Built once per :class:`ModelGraph` (see
     :func:`get_dependency_graph`).
@@ -971,9 +997,6 @@ class DependencyGraph:
     # -- groups -------------------------------------------------------------------------------
 
     def _build_groups(self) -> None:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
         n = self._num_slots
         for space in self._space_list:          # bare parameters: roles for their owners
             if space.node.op == "get_attr":
@@ -983,8 +1006,7 @@ class DependencyGraph:
             b = np.concatenate([e[1] for e in self._edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        matrix = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        _, labels = connected_components(matrix, directed=False)   # one label per unit
+        labels = connected_components(n, a, b)   # one label per unit
         self._labels = labels
         num_labels = int(labels.max()) + 1 if n else 0
         # units held by exactly the same tensors form a group (a residual stream; one branch of a
