@@ -137,25 +137,14 @@ class MemberSlice:
 
 
 def member_slices(group: Any) -> list[MemberSlice]:
-    """For every member of the group, which positions each group unit removes (from
-    ``group.removals``, asked ``1 + log2(units)`` times; see :func:`unit_index`)."""
-    # TODO(dependency): a public per-member unit map on Group would replace the role attributes
-    # read here (requested in /work/coord/requests.md).
-    num_units = group.num_units
-
-    def key(role: Any) -> tuple:
-        return id(role.module), role.direction, role.parameter
-
-    slices: dict[tuple, MemberSlice] = {}
-    for role, positions in group.removals(range(num_units)):
-        positions = np.sort(np.asarray(positions, dtype=np.int64))
-        slices[key(role)] = MemberSlice(role.module, role.module_name, role.direction, role.parameter,
-                                        getattr(role, "axis", None), positions, np.zeros(len(positions), np.int64))
-    for bit in range(max(1, (num_units - 1).bit_length())):
-        for role, positions in group.removals([u for u in range(num_units) if u >> bit & 1]):
-            member = slices[key(role)]
-            member.units[np.searchsorted(member.positions, np.asarray(positions, dtype=np.int64))] += 1 << bit
-    return list(slices.values())
+    """For every member of the group, which positions each group unit removes
+    (from ``group.member_units()``)."""
+    slices = []
+    for role, unit_of in group.member_units():
+        positions = np.nonzero(unit_of >= 0)[0].astype(np.int64)
+        slices.append(MemberSlice(role.module, role.module_name, role.direction, role.parameter,
+                                  getattr(role, "axis", None), positions, unit_of[positions].astype(np.int64)))
+    return slices
 
 
 # --------------------------------------------------------------------------------------------

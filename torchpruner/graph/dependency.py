@@ -345,6 +345,22 @@ class Group:
         """``[(role, removed positions)]`` for every member, deduplicated per module and side."""
         return self._dep.removals({self: units})
 
+    def member_units(self) -> List[Tuple[_Role, np.ndarray]]:
+        """``[(role, unit_of)]`` for every member, deduplicated per module, side and parameter as in
+        :meth:`removals`: ``unit_of[p]`` is the group unit removed with position ``p`` of the
+        member's sliced axis, -1 where the position belongs to another group."""
+        merged: Dict[Tuple[int, str, Optional[str]], Tuple[_Role, np.ndarray]] = {}
+        for role in self._roles:
+            key = (id(role.module), role.direction, role.parameter)
+            unit_of = self._unit_of(role.space)
+            if key in merged:  # several calls of one module are linked: same positions
+                first = merged[key][1]
+                if first.shape == unit_of.shape:
+                    merged[key] = (merged[key][0], np.where(first >= 0, first, unit_of))
+                continue
+            merged[key] = (role, unit_of)
+        return [entry for entry in merged.values() if (entry[1] >= 0).any()]
+
 
 # --------------------------------------------------------------------------------------------
 # The analysis

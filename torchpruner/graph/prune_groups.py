@@ -46,39 +46,13 @@ def pruner_groups(pruner: Any, ignored_layers: Sequence[nn.Module] = (), include
 def weight_norm_scores(group: Group) -> np.ndarray:
     """L1 norm of every weight slice removed with each group unit, normalised per layer.
 
-    Each member (source rows, consumer columns, channel-wise parameters) contributes its per-unit
-    L1 norm divided by that member's mean, so a wide layer does not drown a narrow one.
+    The same definition as ``WeightNormAttributionMetric(...).run(group)`` (one implementation:
+    :func:`torchpruner.attributions.methods.weight_norm.group_weight_norms`): each member's per-unit
+    L1 norm divided by that member's mean over the group's units, summed over members.
     """
-    scores = np.zeros(group.num_units)
-    for role, _ in group.removals(range(group.num_units)):
-        module = role.module
-        unit_of = group._unit_of(role.space)
-        if role.direction == "param":
-            tensor, axis = getattr(module, role.parameter), role.axis
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            if role.direction == "in" and module.groups > 1:
-                continue  # grouped/depthwise inputs: counted through their producer
-            tensor = module.weight
-            axis = 0 if (role.direction == "out") != module.transposed else 1
-        elif isinstance(module, (nn.Linear, nn.Bilinear)):
-            tensor, axis = module.weight, 0 if role.direction == "out" else 1
-        elif isinstance(module, nn.Embedding):
-            tensor, axis = module.weight, 1
-        else:
-            tensor = getattr(module, "weight", None)
-            axis = 0
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
-                continue
-        if tensor is None or tensor.shape[axis] != len(unit_of):
-            continue
-        with torch.no_grad():
-            per_position = tensor.detach().abs().double().movedim(axis, 0).reshape(len(unit_of), -1).sum(1).cpu().numpy()
-        mine = unit_of >= 0
-        per_unit = np.bincount(unit_of[mine], weights=per_position[mine], minlength=group.num_units)
-        mean = per_unit.mean()
-        if mean > 0:
-            scores += per_unit / mean
-    return scores
+    from torchpruner.attributions.methods.weight_norm import group_weight_norms
+
+    return group_weight_norms(group).numpy()
 
 
 def _as_scores(group: Group, scores: Optional[ScoreFn]) -> np.ndarray:
