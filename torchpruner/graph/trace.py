@@ -350,10 +350,35 @@ def _map_axis_through_permute(site: CallSite, axis: int, in_ndim: int) -> Option
 # The graph
 # --------------------------------------------------------------------------------------------
 
+#: User module types traced as one call site (see :func:`register_leaf_module`).
+_USER_LEAF_TYPES: List[type] = []
+
+
+def register_leaf_module(*module_types: type) -> None:
+    """Trace modules of these types as single call sites instead of tracing through them.
+
+    ``torchpruner.pruner.register_slicing_rule`` calls this for your layer types, so the graph shows
+    your layer (with its rule) rather than the ops inside it. Cached graphs are rebuilt.
+    """
+    global _LEAF_VERSION
+    for module_type in module_types:
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise TypeError(f"register_leaf_module expects nn.Module subclasses, got {module_type!r}")
+        if module_type not in _USER_LEAF_TYPES:
+            _USER_LEAF_TYPES.append(module_type)
+            _LEAF_VERSION += 1
+
+
+_LEAF_VERSION = 0
+
+
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps every torch.nn module (and torchvision ops modules) as a leaf."""
+    """fx tracer that keeps every torch.nn module, childless torchvision ops modules and
+    registered user types (:func:`register_leaf_module`) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _USER_LEAF_TYPES and isinstance(m, tuple(_USER_LEAF_TYPES)):
+            return True
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
         module_path = type(m).__module__
@@ -710,7 +735,7 @@ def _structure_key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
             return tuple(sorted((k, describe(v)) for k, v in value.items()))
         return repr(value)
 
-    return tensors, modules, describe(args), describe(kwargs)
+    return tensors, modules, describe(args), describe(kwargs), _LEAF_VERSION
 
 
 def get_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> ModelGraph:

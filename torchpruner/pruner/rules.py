@@ -56,6 +56,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Type, TypeVar
 import torch
 import torch.nn as nn
 
+from torchpruner.graph.trace import register_leaf_module
+
 from .plan import AttributeChange, Edit, TensorSlice
 
 logger = logging.getLogger(__name__)
@@ -166,6 +168,8 @@ def register_slicing_rule(*module_types: type) -> Callable[[R], R]:
         instance = rule_class()
         for module_type in module_types:
             _RULES[module_type] = instance
+            if not module_type.__module__.startswith(("torch.", "torchvision.")):
+                register_leaf_module(module_type)  # the graph shows the layer, not the ops inside it
         return rule_class
 
     return decorator
