@@ -1,0 +1,371 @@
+"""Shared pieces of the experiment scripts: arguments, evaluation, criteria by name, removal,
+FLOPs/latency, tables and files.
+
+The FLOPs and latency helpers here are meant to move into ``torchpruner.utils`` (the library's room);
+until then the experiments keep their own copy.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Flip to True once torchpruner discovers cascading modules itself (pruner.groups()): the scripts then
+# pass cascading_modules=None and the explicit lists in experiments/models.py are no longer consulted.
+AUTOMATIC_DISCOVERY = False
+
+DEFAULT_RESULTS = "results"
+
+
+# --------------------------------------------------------------------------------------------
+# arguments, seeds, devices
+
+def base_parser(description: str, epochs: int = 30) -> argparse.ArgumentParser:
+    """Arguments every study shares."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist", "cifar10"],
+                        help="data set; only digits ships with the install, the others need --data-root")
+    parser.add_argument("--data-root", default=None, help="folder with a local copy of mnist/fashion-mnist/cifar10")
+    parser.add_argument("--arch", default=None, choices=["cnn", "vgg", "mlp"],
+                        help="model (default: cnn, or vgg for cifar10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the random criteria")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="folder for checkpoints, tables and figures")
+    parser.add_argument("--epochs", type=int, default=epochs, help="training epochs of the base model")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--retrain", action="store_true", help="ignore a cached checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def results_folder(root: str | Path, study: str) -> Path:
+    folder = Path(root) / study
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation, size and speed
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device="cpu") -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over a loader, in eval mode (mode restored)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    try:
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs)
+            total_loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == targets).sum().item()
+            count += len(targets)
+    finally:
+        model.train(was_training)
+    return total_loss / count, correct / count
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_size, device="cpu") -> int:
+    """FLOPs of one forward pass of a single example (torch.utils.flop_counter; a multiply-add is 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.zeros((1, *input_size), device=device)
+        with FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_size, batch_size: int = 64, device="cpu", repeats: int = 20,
+                    warmup: int = 3) -> float:
+    """Median wall-clock seconds of one forward pass of a batch (eval mode, synchronised on CUDA)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    example = torch.randn((batch_size, *input_size), device=device,
+                          generator=torch.Generator(device=device).manual_seed(0))
+    timings = []
+    try:
+        for step in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(example)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                timings.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(timings)
+
+
+# --------------------------------------------------------------------------------------------
+# criteria by name
+
+def mean_plus_2std(values: np.ndarray) -> np.ndarray:
+    """The Shapley paper's best aggregation over examples: mean + 2 standard deviations."""
+    values = np.asarray(values, dtype=np.float64)
+    return values.mean(axis=0) + 2.0 * values.std(axis=0)
+
+
+# name -> (torchpruner class name, constructor options, uses the seed, description)
+CRITERIA = {
+    "random": ("RandomAttributionMetric", {}, True, "uniform random scores"),
+    "weight_norm": ("WeightNormAttributionMetric", {}, False, "L1 norm of each unit's weights"),
+    "apoz": ("APoZAttributionMetric", {}, False, "1 - average percentage of zeros"),
+    "sensitivity": ("SensitivityAttributionMetric", {}, False, "sum of |dLoss/dz|"),
+    "taylor": ("TaylorAttributionMetric", {}, False, "|first-order Taylor| of the loss"),
+    "taylor_signed": ("TaylorAttributionMetric", {"signed": True}, False, "signed first-order Taylor"),
+    "shapley": ("ShapleyAttributionMetric", {}, True, "Shapley value, mean over examples"),
+    "shapley_2std": ("ShapleyAttributionMetric", {"reduction": mean_plus_2std}, True,
+                     "Shapley value, mean + 2 std over examples"),
+}
+DEFAULT_CRITERIA = ["random", "weight_norm", "apoz", "sensitivity", "taylor", "taylor_signed", "shapley",
+                    "shapley_2std"]
+SEEDED_PREFIXES = ("random", "shapley")
+
+
+def criterion_is_seeded(name: str) -> bool:
+    return name in CRITERIA and CRITERIA[name][2]
+
+
+def make_metric(name: str, model: nn.Module, loader, device, seed: int = 0, sv_samples: int = 5,
+                max_batches: int | None = None, reduction=None):
+    """A torchpruner attribution metric for a criterion name (see :data:`CRITERIA`).
+
+    ``captum:<Method>`` (e.g. ``captum:LayerConductance``) wraps any captum layer method through
+    ``CaptumAttributionMetric``. ``reduction`` (over examples) overrides the criterion's own.
+    """
+    from torchpruner import attributions
+
+    options: dict = {"progress": False}  # the scripts show their own progress bars
+    if max_batches is not None:
+        options["max_batches"] = max_batches
+    if reduction is not None:
+        options["reduction"] = reduction
+    if name.startswith("captum:"):
+        return attributions.CaptumAttributionMetric(model, loader, F.cross_entropy, device,
+                                                    method=captum_method(name.split(":", 1)[1]), **options)
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} or captum:<Method>")
+    class_name, extra, seeded, _ = CRITERIA[name]
+    options = {**extra, **options}
+    if seeded:
+        options["seed"] = seed
+    if class_name == "ShapleyAttributionMetric":
+        options["sv_samples"] = sv_samples
+    metric_class = getattr(attributions, class_name)
+    return metric_class(model, loader, F.cross_entropy, device, **options)
+
+
+def captum_method(name: str):
+    """A captum layer attribution class by name (``LayerConductance``, ``LayerGradientXActivation``, ...)."""
+    import captum.attr  # lazy: captum is only needed for these criteria
+
+    method = getattr(captum.attr, name, None)
+    if not isinstance(method, type) or not name.startswith("Layer"):
+        layer_methods = sorted(n for n in dir(captum.attr) if n.startswith("Layer") and n != "LayerAttribution")
+        raise ValueError(f"unknown captum layer method {name!r}; available: {', '.join(layer_methods)}")
+    return method
+
+
+def score_layer(name: str, model: nn.Module, module: nn.Module, loader, device, seed: int = 0,
+                sv_samples: int = 5, max_batches: int | None = None) -> np.ndarray:
+    """Scores of ``module``'s units at the evaluation point after its BatchNorm and activation."""
+    metric = make_metric(name, model, loader, device, seed=seed, sv_samples=sv_samples, max_batches=max_batches)
+    scores = metric.run(module, find_best_evaluation_module=True)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(scores)):
+        raise FloatingPointError(f"criterion {name} gave non-finite scores for {type(module).__name__}")
+    return scores
+
+
+def removal_order(scores: np.ndarray) -> np.ndarray:
+    """Unit indices from least to most important (lowest score first); ties keep index order."""
+    return np.argsort(np.asarray(scores), kind="stable")
+
+
+# --------------------------------------------------------------------------------------------
+# removing units: through the Pruner, or by an equivalent mask at the evaluation point
+
+def cascading_for(layer) -> list | None:
+    """The cascading modules to hand to ``Pruner.prune_model`` for one of our prunable layers."""
+    return None if AUTOMATIC_DISCOVERY else list(layer.cascading)
+
+
+def make_pruner(model: nn.Module, input_size, device, optimizer=None):
+    from torchpruner.pruner import Pruner
+
+    return Pruner(model, input_size=tuple(input_size), device=device, optimizer=optimizer)
+
+
+def prune_units(pruner, layer, indices: Iterable[int]) -> None:
+    """Remove ``indices`` (positions in the layer's *current* units) with the torchpruner Pruner."""
+    indices = sorted(int(i) for i in indices)
+    if indices:
+        pruner.prune_model(layer.module, indices, cascading_modules=cascading_for(layer))
+
+
+class UnitMask:
+    """A persistent mask on the output of a layer's activation: zeroing a unit there equals removing it.
+
+    The mask multiplies along dim 1 (channels of a conv map, features of a Linear output). Use as a
+    context manager; the hook is removed on exit.
+    """
+
+    def __init__(self, activation: nn.Module, num_units: int):
+        self.activation = activation
+        self.mask = torch.ones(num_units)
+        self._handle = None
+
+    def _hook(self, module, inputs, output):
+        shape = [1] * output.dim()
+        shape[1] = -1
+        return output * self.mask.to(device=output.device, dtype=output.dtype).view(shape)
+
+    def drop(self, indices) -> None:
+        self.mask[list(indices)] = 0.0
+
+    def __enter__(self):
+        self._handle = self.activation.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# output: tables, files, figures
+
+def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:
+    """A compact fixed-width text table."""
+    if not rows:
+        return "(empty)"
+    columns = columns or list(rows[0])
+
+    def cell(value):
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else format(value, floatfmt)
+        return str(value)
+
+    cells = [[cell(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(r[i]) for r in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(w) for column, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(value.rjust(w) if _is_number(value) else value.ljust(w) for value, w in zip(r, widths))
+              for r in cells]
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace("±", "").split()[0])
+        return True
+    except (ValueError, IndexError):
+        return False
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    path = Path(path)
+    columns = columns or (list(rows[0]) if rows else [])
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_json(path: Path, payload) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(payload, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """Temporarily limit torch's intra-op threads (None: leave as is)."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
