@@ -34,6 +34,11 @@ _EXPORTS = {
     "register_per_element_optimizer": "torchpruner.pruner",
     "save_pruned": "torchpruner.pruner",
     "load_pruned": "torchpruner.pruner",
+    "kept_units": "torchpruner.pruner",
+    # coupled groups
+    "prune_groups": "torchpruner.graph.prune_groups",
+    "IterativePruning": "torchpruner.graph.prune_groups",
+    "CoupledGroupWarning": "torchpruner.attributions.groups",
     # graph
     "ModelGraph": "torchpruner.graph",
     "CallSite": "torchpruner.graph",
