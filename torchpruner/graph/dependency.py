@@ -1266,18 +1266,24 @@ def discover(graph: ModelGraph, module: nn.Module) -> List[nn.Module]:
 
 def plan_edits(pruner: Any, selection: Mapping[Group, Sequence[int]]) -> List[Any]:
     """The edits (tensor slices, attribute changes, kept-unit records) that remove ``selection``."""
+    from torchpruner.pruner.plan import KEPT_UNITS_ATTRIBUTE, AttributeChange
     from torchpruner.pruner.pruner import _complement, _kept_units_edit
     from torchpruner.pruner.rules import UnitSelection, get_slicing_rule, slice_tensor
 
     dep = next(iter(selection)).__dict__["_dep"] if selection else None
     edits: List[Any] = []
     kept: Dict[int, List[Any]] = {}   # module id -> [module, rule, out_keep, in_keep]
+    param_kept: Dict[int, Tuple[nn.Module, Dict[str, List[int]]]] = {}  # bare parameters' kept ids
     for role, positions in dep.removals(selection):
         space = role.space
         remove = torch.as_tensor(positions, dtype=torch.long)
         if role.direction == "param":
             keep = _complement(remove, space.size)
             edits += slice_tensor(role.module, role.parameter, role.axis, keep)
+            # recorded like a layer's kept units, so a pruned checkpoint can replay the slice
+            key = param_record_key(role.parameter, role.axis)
+            current = (getattr(role.module, KEPT_UNITS_ATTRIBUTE, None) or {}).get(key, list(range(space.size)))
+            param_kept.setdefault(id(role.module), (role.module, {}))[1][key] = [current[i] for i in keep.tolist()]
             continue
         module = role.module
         rule = get_slicing_rule(module)
@@ -1297,7 +1303,21 @@ def plan_edits(pruner: Any, selection: Mapping[Group, Sequence[int]]) -> List[An
                 record[2] = _complement(out_removed, out_count)
     for module, rule, out_keep, in_keep in kept.values():
         edits += _kept_units_edit(module, rule, out_keep, in_keep)
+    for module, records in param_kept.values():
+        record_edit = next((e for e in edits if isinstance(e, AttributeChange) and e.module is module
+                            and e.attribute == KEPT_UNITS_ATTRIBUTE), None)
+        if record_edit is not None:
+            record_edit.new = {**record_edit.new, **records}
+        else:
+            old = getattr(module, KEPT_UNITS_ATTRIBUTE, None)
+            edits.append(AttributeChange(module=module, attribute=KEPT_UNITS_ATTRIBUTE, old=old,
+                                         new={**(old or {}), **records}))
     return edits
+
+
+def param_record_key(parameter: str, axis: int) -> str:
+    """Key of a bare parameter's kept ids in a module's kept-units record (``"param:pos:2"``)."""
+    return f"param:{parameter}:{axis}"
 
 
 def describe_selection(dep: DependencyGraph, selection: Mapping[Group, Sequence[int]]) -> str:

@@ -62,6 +62,9 @@ def _resize(model: nn.Module, manifest: Dict[str, Any]) -> None:
         module = modules.get(name)
         if module is None:
             raise ValueError(f"the manifest names a layer '{name}' that this model does not have")
+        _resize_bare_parameters(pruner, module, name, record)
+        if not any(direction in record for direction in ("in", "out")):
+            continue
         if get_slicing_rule(module) is None:
             raise ValueError(f"'{name}' ({type(module).__name__}) has no slicing rule, cannot take the saved shape")
         # "in" first: for depthwise/pass-through layers it removes the matching outputs as well
@@ -98,6 +101,30 @@ def _resize(model: nn.Module, manifest: Dict[str, Any]) -> None:
     if mismatched:
         raise ValueError("the model cannot take the saved shapes (tensors pruned outside a recorded layer, or "
                          "another architecture): " + "; ".join(mismatched[:8]))
+
+
+def _resize_bare_parameters(pruner: Pruner, module: nn.Module, name: str, record: Dict[str, List[int]]) -> None:
+    """Replay the slices of bare parameters (position embeddings, class tokens, layer scales) that
+    a coupled group removed: recorded as ``"param:<parameter>:<axis>"`` -> kept ids."""
+    for key, wanted_ids in record.items():
+        if not key.startswith("param:"):
+            continue
+        _, parameter, axis_text = key.split(":")
+        axis = int(axis_text)
+        tensor = getattr(module, parameter, None)
+        if not isinstance(tensor, torch.Tensor) or not -tensor.dim() <= axis < tensor.dim():
+            raise ValueError(f"the manifest slices '{name}.{parameter}' on axis {axis}, which this model does not have")
+        own = getattr(module, KEPT_UNITS_ATTRIBUTE, None) or {}
+        current = own.get(key, list(range(tensor.shape[axis])))
+        wanted = set(wanted_ids)
+        missing = wanted - set(current)
+        if missing:
+            raise ValueError(f"'{name}.{parameter}': the manifest keeps entries {sorted(missing)[:5]} that this "
+                             f"model does not have (different architecture?)")
+        remove = [position for position, unit in enumerate(current) if unit not in wanted]
+        if remove:
+            pruner.prune_parameter(module, parameter, remove, axis=axis)
+            setattr(module, KEPT_UNITS_ATTRIBUTE, {**own, key: [unit for unit in current if unit in wanted]})
 
 
 def resize_to_manifest(model: nn.Module, manifest: Dict[str, Any]) -> nn.Module:

@@ -1,0 +1,71 @@
+"""Review findings on automatic discovery, coupled groups, prune_groups / IterativePruning and
+pruned checkpoints. Each test pins one defect (float64, eval mode where outputs are compared).
+"""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchpruner import IterativePruning, Pruner, load_pruned, save_pruned
+from torchpruner.graph.prune_groups import select_units
+
+torch.set_num_threads(1)
+D = torch.float64
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --------------------------------------------------------------------------------------------
+# Pruned checkpoints of a group with a bare parameter (position embedding, class token, layer scale)
+# --------------------------------------------------------------------------------------------
+
+class TokenNet(nn.Module):
+    """Integer tokens -> Embedding + a bare position-embedding Parameter -> token MLP -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.pos = nn.Parameter(torch.randn(1, 5, 6))
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens) + self.pos
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_checkpoint_round_trip_of_a_group_with_a_bare_parameter(tmp_path):
+    torch.manual_seed(0)
+    model = TokenNet().double().eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    pruner = Pruner(model, example_inputs=tokens)
+    twin = copy.deepcopy(model)
+    pruner.prune_model(model.emb, [1, 4])   # the embedding stream: emb, pos, fc1 in, fc2 out, head in
+    assert model.pos.shape == (1, 5, 4)
+    with torch.no_grad():  # zeroed twin: the stream units are zero everywhere (no norm layer here)
+        twin.emb.weight[:, [1, 4]] = 0
+        twin.pos[..., [1, 4]] = 0
+        twin.fc2.weight[[1, 4]] = 0
+        twin.fc2.bias[[1, 4]] = 0
+        torch.testing.assert_close(model(tokens), twin(tokens), atol=1e-12, rtol=0)
+    save_pruned(model, tmp_path / "m.pt")
+    fresh = TokenNet().double().eval()
+    load_pruned(fresh, tmp_path / "m.pt")
+    assert same_state(fresh, model)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens), model(tokens), atol=0, rtol=0)
+    # the fresh model remembers which position dims it holds: a second round trip works too
+    save_pruned(fresh, tmp_path / "f.pt")
+    again = TokenNet().double().eval()
+    load_pruned(again, tmp_path / "f.pt")
+    assert same_state(again, model)
