@@ -69,3 +69,29 @@ def test_checkpoint_round_trip_of_a_group_with_a_bare_parameter(tmp_path):
     again = TokenNet().double().eval()
     load_pruned(again, tmp_path / "f.pt")
     assert same_state(again, model)
+
+
+# --------------------------------------------------------------------------------------------
+# Rounding: fractions of the ORIGINAL units, not one unit less because of binary floats
+# --------------------------------------------------------------------------------------------
+
+def mlp(hidden: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+
+@pytest.mark.parametrize("hidden, target", [(10, 0.7), (20, 0.7), (100, 0.29), (100, 0.57)])
+def test_iterative_pruning_reaches_the_target_of_the_original_units(hidden, target):
+    model = mlp(hidden)
+    schedule = IterativePruning(Pruner(model, input_size=(4,)), target=target, steps=1, every=1)
+    schedule.step()
+    assert model[0].out_features == hidden - round(target * hidden)   # 10 * (1 - 0.7) is 3.0000000000000004
+
+
+@pytest.mark.parametrize("hidden, fraction", [(100, 0.29), (100, 0.57), (50, 0.58)])
+@pytest.mark.parametrize("global_ranking", [False, True])
+def test_prune_groups_fraction_is_not_rounded_down_by_float_error(hidden, fraction, global_ranking):
+    model = mlp(hidden)
+    groups = Pruner(model, input_size=(4,)).groups()
+    selection = select_units(groups, fraction=fraction, global_ranking=global_ranking)
+    assert len(selection[groups[0]]) == round(fraction * hidden)      # 0.29 * 100 is 28.999999999999996

@@ -55,6 +55,11 @@ def weight_norm_scores(group: Group) -> np.ndarray:
     return group_weight_norms(group).numpy()
 
 
+def _units_of(fraction: float, num_units: int) -> int:
+    """``floor(fraction * num_units)``, robust to binary floats (0.29 * 100 is 28.999999999999996)."""
+    return int(math.floor(fraction * num_units + 1e-9))
+
+
 def _as_scores(group: Group, scores: Optional[ScoreFn]) -> np.ndarray:
     values = np.asarray(weight_norm_scores(group) if scores is None else scores(group), dtype=np.float64)
     if values.shape != (group.num_units,):
@@ -95,7 +100,7 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Optiona
             mean = np.abs(values).mean()
             normalised = values / mean if mean > 0 else values
             entries += [(float(v), group.index, u, group) for u, v in enumerate(normalised)]
-        total = int(math.floor(fraction * len(entries)))
+        total = _units_of(fraction, len(entries))
         entries.sort(key=lambda e: (e[0], e[1], e[2]))
         counts: Dict[Group, int] = {}
         for value, _, unit, group in entries:
@@ -118,7 +123,7 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Optiona
             if any(module is m for m in group.source_modules):
                 ratio = float(value)
                 break
-        count = limit(group, int(math.floor(ratio * group.num_units)))
+        count = limit(group, _units_of(ratio, group.num_units))
         if count > 0:
             order = np.argsort(values, kind="stable")
             chosen[group] = sorted(int(u) for u in order[:count])
@@ -185,13 +190,13 @@ class IterativePruning:
         if self.events >= self.steps or self.step_count % self.every:
             return None
         self.events += 1
-        keep_fraction = 1.0 - self.target * self.events / self.steps
+        fraction = self.target * self.events / self.steps
         selection: Dict[Group, List[int]] = {}
         for group in pruner_groups(self.pruner, self.ignored_layers):
             original = self._original.get(self._key(group))
             if original is None:
                 continue
-            wanted = max(self.min_units, int(math.ceil(original * keep_fraction)))
+            wanted = max(self.min_units, original - _units_of(fraction, original))
             count = group.num_units - wanted
             count = (count // self.round_to) * self.round_to if count > 0 else 0
             if count <= 0:
