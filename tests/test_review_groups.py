@@ -95,3 +95,36 @@ def test_prune_groups_fraction_is_not_rounded_down_by_float_error(hidden, fracti
     groups = Pruner(model, input_size=(4,)).groups()
     selection = select_units(groups, fraction=fraction, global_ranking=global_ranking)
     assert len(selection[groups[0]]) == round(fraction * hidden)      # 0.29 * 100 is 28.999999999999996
+
+
+# --------------------------------------------------------------------------------------------
+# An op whose arguments the analysis cannot read refuses its group, not the whole model
+# --------------------------------------------------------------------------------------------
+
+class ShapeFromTensor(nn.Module):
+    """``F.layer_norm(y, y.shape[2:])``: normalized_shape is a traced value, not a literal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y = self.b(F.layer_norm(y, y.shape[2:]))
+        return self.fc2(F.relu(self.fc1(y.mean((2, 3)))))
+
+
+def test_unreadable_op_arguments_refuse_only_their_group():
+    model = ShapeFromTensor().double().eval()
+    pruner = Pruner(model, input_size=(3, 6, 6))
+    groups = pruner.groups()      # used to raise TypeError ("object of type 'Node' has no len()")
+    assert any(model.fc1 in g for g in groups)
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="layer_norm"):
+        pruner.prune_model(model.a, [1])
+    assert same_state(model, before)
+    pruner.prune_model(model.fc1, [0, 5])
+    assert model.fc2.in_features == 6

@@ -424,6 +424,9 @@ class DependencyGraph:
                 self._visit(node)
             except _CannotFollow as exc:
                 self._block_node(node, str(exc))
+            except Exception as exc:  # arguments the analysis cannot read (a traced shape as an argument...)
+                self._block_node(node, f"cannot follow the units through {self._label(node)} "
+                                       f"({type(exc).__name__}: {str(exc)[:120]})")
         self._build_groups()
 
     # -- slots ------------------------------------------------------------------------------
