@@ -128,3 +128,30 @@ def test_unreadable_op_arguments_refuse_only_their_group():
     assert same_state(model, before)
     pruner.prune_model(model.fc1, [0, 5])
     assert model.fc2.in_features == 6
+
+
+# --------------------------------------------------------------------------------------------
+# A stale group (from before a prune) or a group of another model is refused clearly
+# --------------------------------------------------------------------------------------------
+
+def test_stale_group_refused_with_a_clear_error_and_nothing_changed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 8, 8, dtype=D)).sum().backward()
+    optimizer.step()
+    pruner = Pruner(model, input_size=(3, 8, 8), optimizer=optimizer)
+    group = pruner.groups()[0]
+    pruner.prune_group(group, [0])
+    before, state = copy.deepcopy(model), copy.deepcopy(optimizer.state_dict())
+    for units in ([1], [3]):   # used to fail with an IndexError from the bookkeeping
+        with pytest.raises(ValueError, match="groups again"):
+            pruner.prune_group(group, units)
+    assert same_state(model, before)
+    assert all(torch.equal(a, b) for s, t in zip(state["state"].values(), optimizer.state_dict()["state"].values())
+               for a, b in zip(s.values(), t.values()))
+    other = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="another model"):
+        Pruner(other, input_size=(3, 8, 8)).prune_group(pruner.groups()[0], [0])
+    pruner.prune_group(pruner.groups()[0], [1])
+    assert model[0].out_channels == 2

@@ -408,6 +408,7 @@ class DependencyGraph:
                 f"pass cascading_modules explicitly")
         self.graph = graph
         self.model = graph.model
+        self._tensor_shapes = _tensor_shapes(self.model)   # a prune makes these groups stale
         self._site_by_node: Dict[fx.Node, CallSite] = getattr(graph, "_site_by_node")
         self._spaces: Dict[fx.Node, _Space] = {}
         self._space_list: List[_Space] = []
@@ -1184,6 +1185,11 @@ class DependencyGraph:
         return selection
 
 
+def _tensor_shapes(model: nn.Module) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return tuple((name, tuple(tensor.shape)) for name, tensor in named)
+
+
 def pd_unique(values: np.ndarray) -> np.ndarray:
     """Unique values in order of first appearance."""
     values = np.asarray(values)
@@ -1353,7 +1359,15 @@ def plan_group(pruner: Any, selection: Mapping[Group, Sequence[int]], descriptio
         from torchpruner.pruner.plan import Plan
         return Plan(description=(description or "nothing") + " (nothing to do)")
     dep = next(iter(selection))._dep
+    if dep.model is not pruner.model:
+        raise ValueError(f"the group belongs to another model ({type(dep.model).__name__} object at "
+                         f"{id(dep.model):#x}); compute the groups on this model with pruner.groups()")
+    if _tensor_shapes(dep.model) != dep._tensor_shapes:
+        raise ValueError("the group is stale: the model was pruned since it was computed; "
+                         "compute the groups again with pruner.groups()")
     for group, units in selection.items():
+        if group._dep is not dep:
+            raise ValueError("the groups come from different analyses; compute the groups again with pruner.groups()")
         units = list(units)
         if any(not 0 <= int(u) < group.num_units for u in units):
             raise ValueError(f"group {group.index} has {group.num_units} units; got units {units[:10]}")
