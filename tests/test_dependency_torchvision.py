@@ -174,3 +174,15 @@ def test_iterative_schedule_in_training_loop_with_live_optimizer():
     assert widths[1] == (8, 12) and widths[2] == (6, 9) and widths[5] == (4, 6) and widths[7] == (4, 6)
     assert len(schedule.plans) == 2
     assert optimizer.state[model.stem.weight]["exp_avg"].shape == model.stem.weight.shape
+
+
+def test_ratios_and_global_ranking_are_refused_together():
+    import torch.nn as nn
+    from torchpruner import Pruner
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    pruner = Pruner(model, input_size=(4,))
+    before = repr(model)
+    with pytest.raises(ValueError, match="global_ranking"):
+        prune_groups(pruner, fraction=0.3, ratios={model[0]: 0.5}, global_ranking=True)
+    assert repr(model) == before

@@ -80,12 +80,16 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Optiona
             normalised weight L1 norms (:func:`weight_norm_scores`). An attribution metric's
             ``run(group)`` fits here.
         global_ranking: rank all groups' units together after normalising each group's scores by
-            their mean (per-layer normalisation), removing ``fraction`` of all units in total.
+            their mean (per-layer normalisation), removing ``fraction`` of all units in total (at
+            most: ``min_units`` and ``round_to`` are applied per group afterwards). Not with ``ratios``.
         min_units: never leave a group with fewer units.
         round_to: remove a multiple of this many units per group (hardware-friendly widths).
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if global_ranking and ratios:
+        raise ValueError("ratios= and global_ranking=True do not combine: a global ranking decides each "
+                         "group's share itself; use one or the other")
     ratios = dict(ratios or {})
     chosen: Dict[Group, List[int]] = {}
     per_group = {g: _as_scores(g, scores) for g in groups}
