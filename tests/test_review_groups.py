@@ -155,3 +155,35 @@ def test_stale_group_refused_with_a_clear_error_and_nothing_changed():
         Pruner(other, input_size=(3, 8, 8)).prune_group(pruner.groups()[0], [0])
     pruner.prune_group(pruner.groups()[0], [1])
     assert model[0].out_channels == 2
+
+
+def test_std_and_var_with_unbiased_argument_keep_the_unit_axis():
+    """torch.std(x, dim, unbiased, keepdim): the third slot is not keepdim. Reducing the token axis
+    before the unit axis must move the units from axis 2 to axis 1 (zeroed twin, float64)."""
+    import copy
+
+    import torch
+    import torch.nn as nn
+
+    from torchpruner import Pruner
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 6)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, tokens):
+            h = torch.relu(self.proj(tokens))            # [N, L, 6], units on the last axis
+            return self.fc(torch.std(h, 1, True, False) + h.var(1, False))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    twin = copy.deepcopy(model)
+    mask = torch.ones(6, dtype=torch.float64)
+    mask[[1, 4]] = 0
+    twin.proj.register_forward_hook(lambda m, i, o: o * mask)
+    Pruner(model, input_size=(5, 4)).prune_model(model.proj, [1, 4])
+    assert model.fc.in_features == 4
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-12)

@@ -701,13 +701,15 @@ class DependencyGraph:
     def _reduction(self, node: fx.Node) -> None:
         x, space = self._input_space(node)
         dims = self._dim_arg(node, 1, "dim", None)
-        keepdim = self._dim_arg(node, 2, "keepdim", False)
-        if dims is None:
+        if dims is None or isinstance(dims, bool):  # x.std(False): the bool is `unbiased`, all dims go
             raise _CannotFollow(f"{self._label(node)} reduces over all dims, including the units")
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % space.ndim for d in dims]
         if space.axis in dims:
             raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
+        # keepdim from the traced output rank, not from argument positions (std/var put `unbiased` 3rd)
+        out_shape = self._shape(node)
+        keepdim = out_shape is not None and len(out_shape) == space.ndim
         axis = space.axis if keepdim else space.axis - sum(1 for d in dims if d < space.axis)
         self._link_same(space, self._alloc(node, axis))
 
