@@ -1,9 +1,5 @@
 """Shared pieces of the experiment scripts: arguments, evaluation, criteria by name, removal,
-FLOPs/latency, tables and files.
-
-The FLOPs and latency helpers here are meant to move into ``torchpruner.utils`` (the library's room);
-until then the experiments keep their own copy.
-"""
+model costs (through ``torchpruner.utils``), tables and files."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +9,6 @@ import json
 import math
 import os
 import random
-import statistics
-import time
 from pathlib import Path
 from typing import Iterable
 
@@ -23,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Flip to True once torchpruner discovers cascading modules itself (pruner.groups()): the scripts then
-# pass cascading_modules=None and the explicit lists in experiments/models.py are no longer consulted.
-AUTOMATIC_DISCOVERY = False
+# torchpruner finds the cascading modules in the traced graph (cascading_modules=None). Set to False to
+# hand it the explicit lists of experiments/models.py instead (a cross-check of the discovery).
+AUTOMATIC_DISCOVERY = True
 
 DEFAULT_RESULTS = "results"
 
@@ -93,49 +87,15 @@ def evaluate(model: nn.Module, loader, device="cpu") -> tuple[float, float]:
     return total_loss / count, correct / count
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def model_costs(model: nn.Module, input_size, batch_size: int = 64, repeats: int = 10,
+                threads: int | None = None) -> dict:
+    """Parameters, FLOPs of one example and median latency (ms) of a batch, via ``torchpruner.utils``."""
+    from torchpruner.utils import count_flops, count_parameters, measure_latency
 
-
-@torch.no_grad()
-def count_flops(model: nn.Module, input_size, device="cpu") -> int:
-    """FLOPs of one forward pass of a single example (torch.utils.flop_counter; a multiply-add is 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        example = torch.zeros((1, *input_size), device=device)
-        with FlopCounterMode(display=False) as counter:
-            model(example)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, input_size, batch_size: int = 64, device="cpu", repeats: int = 20,
-                    warmup: int = 3) -> float:
-    """Median wall-clock seconds of one forward pass of a batch (eval mode, synchronised on CUDA)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    example = torch.randn((batch_size, *input_size), device=device,
-                          generator=torch.Generator(device=device).manual_seed(0))
-    timings = []
-    try:
-        for step in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(example)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step >= warmup:
-                timings.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return statistics.median(timings)
+    latency = measure_latency(model, input_size=tuple(input_size), batch_size=batch_size, repeats=repeats,
+                              threads=threads)
+    return {"params": count_parameters(model), "flops": count_flops(model, input_size=tuple(input_size)),
+            "latency_ms": 1000.0 * latency["median_s"]}
 
 
 # --------------------------------------------------------------------------------------------
