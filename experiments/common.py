@@ -48,6 +48,25 @@ def base_parser(description: str, epochs: int = 30) -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--widths`` / ``--hidden``: the size of the model a study builds."""
+    parser.add_argument("--widths", default=None,
+                        help="conv widths of the cnn (e.g. 16,32), vgg config, or mlp hidden sizes")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden units of the cnn's/vgg's classifier")
+    return parser
+
+
+def model_options_from(args: argparse.Namespace, arch: str) -> dict:
+    """Constructor options of ``arch`` from :func:`add_model_arguments`'s arguments."""
+    options = {}
+    if args.widths:
+        key = {"cnn": "widths", "vgg": "config", "mlp": "hidden"}[arch]
+        options[key] = tuple(int(w) for w in args.widths.split(","))
+    if args.hidden is not None and arch != "mlp":
+        options["hidden"] = args.hidden
+    return options
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, DEFAULT_CRITERIA, base_parser, criterion_is_seeded, evaluate,
+from experiments.common import (CRITERIA, DEFAULT_CRITERIA, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate,
                                 format_table, make_metric, make_pruner, mean_plus_2std, mean_std, prune_units,
                                 pyplot, removal_order, resolve_device, results_folder, score_layer,
                                 UnitMask, write_csv, write_json)
@@ -62,8 +62,7 @@ def build_parser():
     parser.add_argument("--verify-points", type=int, default=2,
                         help="points per curve re-done with the Pruner in mask mode (0: none)")
     parser.add_argument("--max-removed", type=int, default=None, help="stop each curve after this many units")
-    parser.add_argument("--widths", default=None, help="conv widths of the cnn, e.g. 16,32")
-    parser.add_argument("--hidden", type=int, default=None, help="hidden units of the cnn's fc1")
+    add_model_arguments(parser)
     parser.add_argument("--figure", default=None, help="also write the PNG to this path")
     return parser
 
@@ -81,12 +80,7 @@ def main(argv=None) -> dict:
 
     splits = load_dataset(args.dataset, args.data_root, split_seed=args.split_seed)
     arch = args.arch or default_arch(splits.name)
-    model_options = {}
-    if args.widths:
-        key = "widths" if arch == "cnn" else ("config" if arch == "vgg" else "hidden")
-        model_options[key] = tuple(int(w) for w in args.widths.split(","))
-    if args.hidden is not None:
-        model_options["hidden"] = args.hidden
+    model_options = model_options_from(args, arch)
     model, info = load_or_train(arch, splits, args.results, seed=args.seed, epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, device=device, model_options=model_options,
                                 progress=progress, retrain=args.retrain)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, base_parser, criterion_is_seeded, evaluate, format_table, make_metric,
+from experiments.common import (CRITERIA, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate, format_table, make_metric,
                                 mean_std, pyplot, resolve_device, results_folder, seed_everything, write_csv,
                                 write_json)
 from experiments.data import few_per_class, load_dataset
@@ -47,7 +47,7 @@ def build_parser():
                         help="epochs of fine-tuning on the same few examples (0: none)")
     parser.add_argument("--n-seeds", type=int, default=3, help="seeds for the random criteria (random, shapley)")
     parser.add_argument("--sv-samples", type=int, default=5, help="permutations per Shapley estimate")
-    return parser
+    return add_model_arguments(parser)
 
 
 def group_scores(name: str, model: nn.Module, loader, device, seed: int, sv_samples: int, input_size) -> dict:
@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
     splits = load_dataset(args.dataset, args.data_root, split_seed=args.split_seed)
     arch = args.arch or default_arch(args.dataset)
     model, info = load_or_train(arch, splits, args.results, seed=args.seed, epochs=args.epochs, lr=args.lr,
-                                batch_size=args.batch_size, device=device, progress=progress, retrain=args.retrain)
+                                batch_size=args.batch_size, device=device, model_options=model_options_from(args, arch),
+                                progress=progress, retrain=args.retrain)
     _, _, test_loader = splits.loaders(batch_size=args.batch_size, seed=args.seed)
     few = few_per_class(splits.train, args.per_class, seed=args.seed)
     few_loader = DataLoader(few, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(args.seed))

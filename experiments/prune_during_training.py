@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, base_parser, evaluate, format_table, make_metric, model_costs, pyplot,
+from experiments.common import (CRITERIA, add_model_arguments, base_parser, model_options_from, evaluate, format_table, make_metric, model_costs, pyplot,
                                 resolve_device, results_folder, seed_everything, write_csv, write_json)
 from experiments.data import load_dataset
 from experiments.models import build_model, default_arch, train_one_epoch
@@ -55,22 +55,11 @@ def build_parser():
                         help="fraction of each group's current units removed at an event")
     parser.add_argument("--sv-samples", type=int, default=5, help="permutations per Shapley estimate")
     parser.add_argument("--score-batches", type=int, default=None, help="cap on validation batches for scoring")
-    parser.add_argument("--widths", default=None, help="conv widths of the cnn (e.g. 16,32) or mlp hidden sizes")
-    parser.add_argument("--hidden", type=int, default=None, help="hidden units of the cnn's fc1")
+    add_model_arguments(parser)
     parser.add_argument("--latency-batch", type=int, default=64, help="batch size of the latency measurement")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="which runs to do (pruned is always run)")
     return parser
-
-
-def model_options_from(args, arch: str) -> dict:
-    options = {}
-    if args.widths:
-        key = {"cnn": "widths", "vgg": "config", "mlp": "hidden"}[arch]
-        options[key] = tuple(int(w) for w in args.widths.split(","))
-    if args.hidden is not None and arch != "mlp":
-        options["hidden"] = args.hidden
-    return options
 
 
 def group_widths(pruner) -> str:

@@ -1,0 +1,182 @@
+"""Smoke-sized runs of every study (outputs exist and are well-formed), the removal order of the
+criteria comparison, and the data loaders (MNIST-format files written here; CIFAR-10 only with a
+real copy). Everything is written under pytest's tmp_path, never into the repository."""
+
+import csv
+import gzip
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import compare_criteria, low_data, prune_during_training, prune_untrained
+from experiments.common import removal_order
+from experiments.data import load_dataset, read_idx
+
+TINY_CNN = ["--epochs", "1", "--widths", "4,6", "--hidden", "8", "--no-progress", "--batch-size", "128"]
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _png_ok(path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib import image
+
+    pixels = image.imread(str(path))
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert float(np.asarray(pixels).std()) > 0.01  # not a blank canvas
+
+
+def test_compare_criteria_smoke_and_removal_order(tmp_path):
+    payload = compare_criteria.main(["--results", str(tmp_path), *TINY_CNN, "--criteria",
+                                     "random,weight_norm,taylor,shapley,shapley_2std", "--n-seeds", "2",
+                                     "--sv-samples", "1", "--verify-points", "1"])
+    folder = tmp_path / "compare_criteria" / "digits_cnn_seed0"
+    curves = _rows(folder / "curves.csv")
+    summary = _rows(folder / "summary.csv")
+    assert set(curves[0]) == {"layer", "criterion", "seed", "removed", "unit", "test_loss", "test_accuracy"}
+    assert {row["criterion"] for row in summary} == {"random", "weight_norm", "taylor", "shapley", "shapley_2std"}
+    assert {row["seeds"] for row in summary if row["criterion"] in ("random", "shapley")} == {"2"}
+    _png_ok(folder / "compare_criteria.png")
+    results = json.loads((folder / "results.json").read_text())
+    assert {"summary", "curves", "verification", "timing"} <= set(results)
+    assert results["verification"]["max_abs_loss_diff"] < 1e-4  # masked removal == real removal
+
+    # The removal order really is the score order: lowest score first, every unit once.
+    for curve in payload["curves"]:
+        scores = np.asarray(curve["scores"])
+        removed = [int(row["unit"]) for row in curves
+                   if row["layer"] == curve["layer"] and row["criterion"] == curve["criterion"]
+                   and int(row["seed"]) == curve["seed"] and int(row["removed"]) > 0]
+        assert removed == curve["order"][:len(removed)]
+        assert len(removed) == curve["units"] - 1 and len(set(removed)) == len(removed)
+        assert np.all(np.diff(scores[removed]) >= 0)
+    # Recorded scores are the metric's: weight norm recomputed from the cached trained model.
+    from experiments.models import load_or_train
+    from torchpruner import WeightNormAttributionMetric
+
+    splits = load_dataset("digits")
+    model, info = load_or_train("cnn", splits, tmp_path, epochs=1, batch_size=128,
+                                model_options={"widths": (4, 6), "hidden": 8}, progress=False)
+    assert info["cached"]
+    recorded = next(c for c in payload["curves"] if c["criterion"] == "weight_norm" and c["layer"] == "conv2")
+    expected = WeightNormAttributionMetric(model, None, None, "cpu").run(model.conv2)
+    np.testing.assert_allclose(recorded["scores"], expected, rtol=1e-6)
+
+
+def test_removal_order_breaks_ties_by_index():
+    assert removal_order(np.array([0.5, 0.1, 0.5, -1.0])).tolist() == [3, 1, 0, 2]
+
+
+def test_prune_during_training_smoke(tmp_path):
+    payload = prune_during_training.main(["--results", str(tmp_path), *TINY_CNN, "--epochs", "3", "--every", "1",
+                                          "--events", "2", "--fraction", "0.3", "--criterion", "weight_norm",
+                                          "--latency-batch", "8"])
+    folder = next((tmp_path / "prune_during_training").iterdir())
+    history = _rows(folder / "history.csv")
+    assert {"variant", "epoch", "test_accuracy", "params", "flops", "latency_ms"} <= set(history[0])
+    pruned = [row for row in history if row["variant"] == "pruned"]
+    params = [int(row["params"]) for row in pruned]
+    assert params[0] > params[1] > params[2] == params[3]  # rows are epochs 0..3; pruned after epochs 1 and 2
+    summary = {row["variant"]: row for row in _rows(folder / "summary.csv")}
+    assert summary["scratch"]["params"] == summary["pruned"]["params"] != summary["unpruned"]["params"]
+    _png_ok(next(folder.glob("*.png")))
+    assert payload is not None
+
+
+def test_low_data_smoke(tmp_path):
+    low_data.main(["--results", str(tmp_path), *TINY_CNN, "--criteria", "random,weight_norm", "--keep", "0.5,1.0",
+                   "--per-class", "2", "--finetune-epochs", "1", "--n-seeds", "2"])
+    folder = next((tmp_path / "low_data").iterdir())
+    runs = _rows(folder / "runs.csv")
+    assert len(runs) == (2 + 1) * 2  # random x 2 seeds + weight_norm, two keep ratios
+    full = [row for row in runs if float(row["keep"]) == 1.0]
+    half = [row for row in runs if float(row["keep"]) == 0.5]
+    assert len({row["params"] for row in full}) == 1 and int(half[0]["params"]) < int(full[0]["params"])
+    assert all(0.0 <= float(row["accuracy"]) <= 1.0 for row in runs)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["per_class"] == 2 and len(results["summary"]) == 4
+    _png_ok(folder / "low_data.png")
+
+
+def test_prune_untrained_smoke(tmp_path):
+    payload = prune_untrained.main(["--results", str(tmp_path), "--hidden", "12,10", "--n-seeds", "1",
+                                    "--sv-samples", "2", "--score-examples", "64", "--no-progress"])
+    run = payload["runs"][0]
+    assert run["params_after"] < run["params_before"]
+    widths = [int(w) for w in run["widths_after"].split("/")]
+    assert all(1 <= w for w in widths) and widths != [12, 10]
+    folder = next((tmp_path / "prune_untrained").iterdir())
+    assert _rows(folder / "runs.csv")[0]["widths_before"] == "12/10"
+    _png_ok(folder / "prune_untrained.png")
+
+
+def _write_idx(path, array, compress=False):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    array = np.asarray(array)
+    header = struct.pack(">BBBB", 0, 0, codes[array.dtype.type], array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _in_val(index, splits, train_images):
+    """Whether raw training image ``index`` went to the validation split (matched by its pixels)."""
+    val = splits.val.tensors[0][:, 0].numpy()
+    raw = train_images[index] / 255.0
+    ordered = np.corrcoef(val.reshape(len(val), -1), raw.reshape(1, -1))[-1, :-1]
+    return bool(np.any(ordered > 1 - 1e-6))
+
+
+@pytest.mark.parametrize("name, folder, compress", [("mnist", "MNIST", False), ("fashion-mnist", "FashionMNIST", True)])
+def test_idx_loader_reads_torchvision_layout(tmp_path, name, folder, compress):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / folder / "raw"
+    train_images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
+    train_labels = np.tile(np.arange(10, dtype=np.uint8), 6)
+    test_images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    test_labels = np.tile(np.arange(10, dtype=np.uint8), 2)
+    _write_idx(raw / "train-images-idx3-ubyte", train_images, compress)
+    _write_idx(raw / "train-labels-idx1-ubyte", train_labels, compress)
+    _write_idx(raw / "t10k-images-idx3-ubyte", test_images, compress)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", test_labels, compress)
+    suffix = ".gz" if compress else ""
+    np.testing.assert_array_equal(read_idx(raw / f"train-labels-idx1-ubyte{suffix}"), train_labels)
+    splits = load_dataset(name, tmp_path, val_size=10)
+    assert splits.input_size == (1, 28, 28) and splits.num_classes == 10
+    assert len(splits.train) == 50 and len(splits.val) == 10 and len(splits.test) == 20
+    images, labels = splits.test.tensors
+    # standardised with the training split's statistics (pixels scaled to [0, 1] first)
+    train_pixels = splits.train.tensors[0]
+    assert images.dtype == torch.float32 and abs(float(train_pixels.mean())) < 1e-4
+    assert abs(float(train_pixels.std()) - 1.0) < 1e-2
+    fit = train_images[[i for i in range(60) if not _in_val(i, splits, train_images)]] / 255.0
+    np.testing.assert_allclose(images[3, 0].numpy(), (test_images[3] / 255.0 - fit.mean()) / fit.std(), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_array_equal(labels.numpy(), test_labels)
+    assert sorted(np.bincount(splits.val.tensors[1].numpy()).tolist()) == [1] * 10  # stratified
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="MNIST"):
+        load_dataset("mnist", tmp_path)
+    with pytest.raises(FileNotFoundError, match="CIFAR-10"):
+        load_dataset("cifar10", tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("CIFAR10_ROOT"), reason="needs a real CIFAR-10 copy in $CIFAR10_ROOT")
+def test_cifar10_real_copy():
+    splits = load_dataset("cifar10", os.environ["CIFAR10_ROOT"])
+    assert splits.input_size == (3, 32, 32) and len(splits.test) == 10000
