@@ -440,3 +440,22 @@ def test_score_length_is_unit_count(channels, size, batch, call):
     y = torch.randint(0, 2, (batch,))
     scores = METRICS[call](model, [(x, y)], F.cross_entropy, reduction="none").run(model[0], True)
     assert scores.shape == (batch, channels)
+
+
+def test_apoz_does_not_warn_after_relu_then_identity():
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    from torchpruner import APoZAttributionMetric
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Identity(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    data = [(torch.randn(4, 1, 8, 8), torch.randint(0, 2, (4,)))]
+    attr = APoZAttributionMetric(model, data, torch.nn.functional.cross_entropy, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = attr.run(model[2])
+    assert scores.shape == (4,) and ((0 <= scores) & (scores <= 1)).all()
+    with pytest.warns(UserWarning, match="ReLU"):
+        attr.run(model[0])  # before the ReLU: still warned

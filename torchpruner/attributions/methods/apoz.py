@@ -11,13 +11,14 @@ from ..base import AttributionMetric, Batch, SiteRunner, units_view
 
 
 def _after_relu(site: Any) -> bool:
-    """The site is a ReLU-like activation, possibly followed by Dropout / max pooling / flatten."""
+    """The site is a ReLU-like activation, possibly followed by Dropout / Identity / max pooling / flatten."""
     seen = 0
     while site is not None and seen < 16:
         if site.is_relu_like:
             return True
         passthrough = site.is_dropout or _is_flatten(site) or (
-            site.kind == "module" and type(site.module).__name__.startswith(("MaxPool", "AdaptiveMaxPool"))
+            site.kind == "module" and (isinstance(site.module, torch.nn.Identity)
+                                       or type(site.module).__name__.startswith(("MaxPool", "AdaptiveMaxPool")))
         )
         if not passthrough or len(site.inputs) != 1:
             return False
