@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import copy  # noqa: E402
 
 from torchpruner.graph import get_graph, invalidate_graph  # noqa: E402
-from torchpruner.graph.dependency import get_dependency_graph, plan_group  # noqa: E402
+from torchpruner.graph.dependency import get_dependency_graph, plan_group, zeroing_functions  # noqa: E402
 from torchpruner.graph.prune_groups import select_units  # noqa: E402
 from torchpruner.pruner import Pruner  # noqa: E402
 
@@ -58,19 +58,7 @@ def zeroed_twin_error(model, twin, selection, x) -> str:
         return "LN"
     graph = get_graph(twin, (x,))
     twin_groups = {g.index: g for g in get_dependency_graph(graph).all_groups}
-    fns = {}
-    for group, units in selection.items():
-        for site, positions in twin_groups[group.index].mask_points():
-            axis, pos = positions(units)
-            prev = fns.get(site)
-
-            def mask(z, axis=axis, pos=torch.as_tensor(pos), prev=prev):
-                z = prev(z) if prev is not None else z.clone()
-                index = [slice(None)] * z.dim()
-                index[axis] = pos
-                z[tuple(index)] = 0
-                return z
-            fns[site] = mask
+    fns = zeroing_functions({twin_groups[group.index]: units for group, units in selection.items()})
     model.eval()
     twin.eval()
     with torch.no_grad(), graph.intercept(fns) as forward:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from torchpruner.graph import get_graph
-from torchpruner.graph.dependency import DependencyError, get_dependency_graph
+from torchpruner.graph.dependency import DependencyError, get_dependency_graph, zeroing_functions
 from torchpruner.pruner import Pruner
 
 torch.set_num_threads(1)
@@ -47,19 +47,7 @@ def masked_twin_output(twin: nn.Module, x: torch.Tensor, module: nn.Module, indi
     """Output of the unpruned ``twin`` with ``module``'s group units zeroed at the mask points."""
     graph = get_graph(twin, (x,))
     dep = get_dependency_graph(graph)
-    fns = {}
-    for group, units in dep.select(module, indices).items():
-        for site, positions in group.mask_points():
-            axis, pos = positions(units)
-            prev = fns.get(site)
-
-            def mask(z, axis=axis, pos=torch.as_tensor(pos), prev=prev):
-                z = prev(z) if prev is not None else z.clone()
-                index = [slice(None)] * z.dim()
-                index[axis] = pos
-                z[tuple(index)] = 0
-                return z
-            fns[site] = mask
+    fns = zeroing_functions(dep.select(module, indices))
     assert fns, "the group has no consumer to mask"
     with graph.intercept(fns) as forward, torch.no_grad():
         return forward(x)
@@ -440,18 +428,7 @@ def test_masked_trajectory_residual_adam():
 
     graph = get_graph(twin, (x,))
     dep = get_dependency_graph(graph)
-    fns = {}
-    for group, units in dep.select(twin.stem, indices).items():
-        for site, positions in group.mask_points():
-            axis, pos = positions(units)
-
-            def mask(z, axis=axis, pos=torch.as_tensor(pos)):
-                m = torch.ones(z.shape[axis], dtype=z.dtype)
-                m[pos] = 0
-                shape = [1] * z.dim()
-                shape[axis] = -1
-                return z * m.view(shape)
-            fns[site] = mask
+    fns = zeroing_functions(dep.select(twin.stem, indices))
     model.train(); twin.train()
     with graph.intercept(fns) as twin_forward:
         for _ in range(3):

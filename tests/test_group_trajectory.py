@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from torchpruner import Pruner, prune_groups
 from torchpruner.graph import get_graph, make_example_inputs
+from torchpruner.graph.dependency import get_dependency_graph, zeroing_functions
 from torchpruner.graph.prune_groups import select_units
 
 
@@ -78,19 +79,9 @@ def test_group_prune_mid_training_equals_masked_twin(name):
     selection = select_units(groups, fraction=0.25, scores=_scores)
     assert len(selection) == len(groups)
     twin_graph = get_graph(twin, *make_example_inputs(twin, (3, 6, 6)))
-    sites = {site.name: site for site in twin_graph.sites}
-    masks = {}
-    for group, units in selection.items():
-        for site, positions_fn in group.mask_points():
-            axis, positions = positions_fn(units)
-            twin_site = sites[site.name]
-            mask = masks.get(twin_site)
-            if mask is None:
-                mask = torch.ones(twin_site.shape[axis], dtype=torch.float64)
-            mask[torch.as_tensor(positions)] = 0
-            masks[twin_site] = mask
-    fns = {site: (lambda z, m=mask, a=site.unit_axis: z * m.view([-1 if d == a else 1 for d in range(z.dim())]))
-           for site, mask in masks.items()}
+    twin_groups = {group.index: group for group in get_dependency_graph(twin_graph).all_groups}
+    fns = zeroing_functions({twin_groups[group.index]: units for group, units in selection.items()})
+    assert len(fns) >= 4  # relu (stream), depthwise output, cat, the pooled stream
 
     plan = prune_groups(pruner, fraction=0.25, scores=_scores)
     assert "optimizer" in str(plan) or name.startswith("sgd")  # state slices are listed

@@ -50,7 +50,7 @@ from .trace import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "get_dependency_graph"]
+__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "get_dependency_graph", "zeroing_functions"]
 
 
 class DependencyError(ValueError):
@@ -365,6 +365,34 @@ class Group:
 # --------------------------------------------------------------------------------------------
 # The analysis
 # --------------------------------------------------------------------------------------------
+
+def zeroing_functions(selection: Mapping["Group", Sequence[int]]) -> Dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
+    """``{call_site: fn}`` that zeroes the selected units of each group at its mask points.
+
+    For ``graph.intercept(...)`` on the graph the groups were computed on: the forward it yields
+    is the model with those units masked where their consumers read them, which in eval mode equals
+    the pruned model (except with a LayerNorm/GroupNorm over the pruned axis). ``fn`` returns a new
+    tensor, so in-place ops downstream and autograd are safe.
+    """
+    entries: Dict[CallSite, List[Tuple[int, torch.Tensor]]] = {}
+    for group, units in selection.items():
+        for site, positions_fn in group.mask_points():
+            axis, positions = positions_fn(units)
+            if len(positions):
+                entries.setdefault(site, []).append((axis, torch.as_tensor(positions, dtype=torch.long)))
+
+    def zero(cuts: List[Tuple[int, torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()
+            for axis, positions in cuts:
+                index: List[Any] = [slice(None)] * z.dim()
+                index[axis] = positions.to(z.device)
+                z[tuple(index)] = 0
+            return z
+        return fn
+
+    return {site: zero(cuts) for site, cuts in entries.items()}
+
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Label the connected components of an undirected graph on ``n`` nodes with edges ``a[i]-b[i]``.
