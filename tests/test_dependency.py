@@ -468,6 +468,24 @@ class AttentionBlock(nn.Module):
         return self.head(h.mean(1))
 
 
+
+@torch.no_grad()
+def rebuilt_attention_block(model, keep, keep3):
+    """An explicitly rebuilt smaller AttentionBlock holding ``model``'s kept embedding dims."""
+    small = AttentionBlock(d=len(keep)).double().eval()
+    small.embed.weight.copy_(model.embed.weight[keep]); small.embed.bias.copy_(model.embed.bias[keep])
+    for a, b in ((small.ln1, model.ln1), (small.ln2, model.ln2)):
+        a.weight.copy_(b.weight[keep]); a.bias.copy_(b.bias[keep])
+    small.attn.in_proj_weight.copy_(model.attn.in_proj_weight[keep3][:, keep])
+    small.attn.in_proj_bias.copy_(model.attn.in_proj_bias[keep3])
+    small.attn.out_proj.weight.copy_(model.attn.out_proj.weight[keep][:, keep])
+    small.attn.out_proj.bias.copy_(model.attn.out_proj.bias[keep])
+    small.fc1.weight.copy_(model.fc1.weight[:, keep]); small.fc1.bias.copy_(model.fc1.bias)
+    small.fc2.weight.copy_(model.fc2.weight[keep]); small.fc2.bias.copy_(model.fc2.bias[keep])
+    small.head.weight.copy_(model.head.weight[:, keep]); small.head.bias.copy_(model.head.bias)
+    return small.eval()
+
+
 def test_attention_embed_dim_against_rebuilt_model():
     torch.manual_seed(0)
     model = AttentionBlock().double().eval()
@@ -475,38 +493,14 @@ def test_attention_embed_dim_against_rebuilt_model():
     remove = [1, 5]                      # local dim 1 of both heads (head_dim 4)
     keep = torch.tensor([i for i in range(8) if i not in remove])
     keep3 = torch.cat([keep, keep + 8, keep + 16])
-    small = AttentionBlock(d=6).double().eval()
-    with torch.no_grad():
-        small.embed.weight.copy_(model.embed.weight[keep]); small.embed.bias.copy_(model.embed.bias[keep])
-        for a, b in ((small.ln1, model.ln1), (small.ln2, model.ln2)):
-            a.weight.copy_(b.weight[keep]); a.bias.copy_(b.bias[keep])
-        small.attn.in_proj_weight.copy_(model.attn.in_proj_weight[keep3][:, keep])
-        small.attn.in_proj_bias.copy_(model.attn.in_proj_bias[keep3])
-        small.attn.out_proj.weight.copy_(model.attn.out_proj.weight[keep][:, keep])
-        small.attn.out_proj.bias.copy_(model.attn.out_proj.bias[keep])
-        small.fc1.weight.copy_(model.fc1.weight[:, keep]); small.fc1.bias.copy_(model.fc1.bias)
-        small.fc2.weight.copy_(model.fc2.weight[keep]); small.fc2.bias.copy_(model.fc2.bias[keep])
-        small.head.weight.copy_(model.head.weight[:, keep]); small.head.bias.copy_(model.head.bias)
-        expected = small(x)
+    expected = rebuilt_attention_block(model, keep, keep3)(x)
     optimizer = torch.optim.Adam(model.parameters())
     model(x).sum().backward()
     optimizer.step()
     with pytest.raises(DependencyError, match=r"coupled with its units \[5\]"):
         Pruner(model, example_inputs=x, optimizer=optimizer).prune_model(model.embed, [1])
     # the optimizer step changed the weights: rebuild the reference from the stepped model
-    small2 = copy.deepcopy(small)
-    with torch.no_grad():
-        small2.embed.weight.copy_(model.embed.weight[keep]); small2.embed.bias.copy_(model.embed.bias[keep])
-        for a, b in ((small2.ln1, model.ln1), (small2.ln2, model.ln2)):
-            a.weight.copy_(b.weight[keep]); a.bias.copy_(b.bias[keep])
-        small2.attn.in_proj_weight.copy_(model.attn.in_proj_weight[keep3][:, keep])
-        small2.attn.in_proj_bias.copy_(model.attn.in_proj_bias[keep3])
-        small2.attn.out_proj.weight.copy_(model.attn.out_proj.weight[keep][:, keep])
-        small2.attn.out_proj.bias.copy_(model.attn.out_proj.bias[keep])
-        small2.fc1.weight.copy_(model.fc1.weight[:, keep]); small2.fc1.bias.copy_(model.fc1.bias)
-        small2.fc2.weight.copy_(model.fc2.weight[keep]); small2.fc2.bias.copy_(model.fc2.bias[keep])
-        small2.head.weight.copy_(model.head.weight[:, keep]); small2.head.bias.copy_(model.head.bias)
-        expected = small2(x)
+    expected = rebuilt_attention_block(model, keep, keep3)(x)
     exp_avg_in_proj = optimizer.state[model.attn.in_proj_weight]["exp_avg"][keep3][:, keep].clone()
     plan = Pruner(model, example_inputs=x, optimizer=optimizer).prune_model(model.embed, remove)
     assert "attn.in_proj_weight" in str(plan) and "attn.out_proj.weight" in str(plan)
