@@ -615,7 +615,8 @@ class Pruner:
             listed = site.kind == "module" and id(site.module) in cascade_ids
             if not incoming:
                 if listed and graph.method == "hooks" and last_flow is not None:
-                    incoming_flow = self._hooks_guess(last_flow, site, source_name)
+                    incoming_flow = self._hooks_guess(last_flow, site, source_name, source,
+                                                      flows[id(graph.sites_of(source)[0])])
                 else:
                     continue
             else:
@@ -649,20 +650,78 @@ class Pruner:
         order = {id(m): min(s.index for s in graph.sites_of(m)) for m, _ in selections.values()}
         return sorted(selections.values(), key=lambda item: order[id(item[0])])
 
-    def _hooks_guess(self, flow: _Flow, site: CallSite, source_name: str) -> _Flow:
-        """hooks-mode graphs miss functional reshapes: assume a flatten when the counts say so."""
+    def _hooks_guess(self, flow: _Flow, site: CallSite, source_name: str, source: nn.Module,
+                     source_flow: _Flow) -> _Flow:
+        """hooks-mode graphs miss functional reshapes: assume a channel-major flatten when the counts say
+        so, and verify it on the model (:meth:`_verify_flatten`) before trusting it."""
         rule = get_slicing_rule(site.module)
         in_units = rule.in_units(site.module) if rule is not None else None
         if in_units is None or in_units == flow.num_units:
             return flow
         if in_units % flow.num_units == 0:
             block = in_units // flow.num_units
-            logger.warning("hooks-mode trace: assuming '%s' reads the units of '%s' flattened channel-major "
-                           "(%d inputs per unit)", site.label, source_name, block)
             remove = (flow.remove[:, None] * block + torch.arange(block)[None, :]).flatten()
+            self._verify_flatten(source, source_flow, flow, site, remove, source_name)
+            logger.info("hooks-mode trace: '%s' reads the units of '%s' flattened channel-major (%d inputs per "
+                        "unit; checked on the model)", site.label, source_name, block)
             return _Flow(remove, in_units, flow.axis, (flow.shape[0], in_units))
         raise ValueError(f"'{site.label}' reads {in_units} units, which do not follow from the {flow.num_units} "
                          f"pruned-layer units of '{source_name}'")
+
+    def _verify_flatten(self, source: nn.Module, source_flow: _Flow, flow: _Flow, site: CallSite,
+                        guessed: torch.Tensor, source_name: str) -> None:
+        """Check a guessed flatten mapping by perturbing the pruned units at ``source``'s output.
+
+        The consumer's inputs that change must all be among the guessed positions (an activation can
+        hide a change, never create one), and some must change. Otherwise the data between the two
+        layers is rearranged by code the hooks trace cannot see (a permute before a flatten...), and
+        the prune is refused rather than guessed.
+        """
+        why = (f"torch.fx could not trace the model, and '{site.label}' reads the units of '{source_name}' through "
+               f"operations the fallback trace cannot see")
+        if not (torch.equal(flow.remove, source_flow.remove) and flow.num_units == source_flow.num_units):
+            raise ValueError(f"{why}; the mapping cannot be verified, so the prune is refused")
+        from torchpruner.graph import preserved_state
+
+        args, kwargs = make_example_inputs(self.model, self.input_size, self.example_inputs, self.device)
+        seen: List[torch.Tensor] = []
+        sign = {"value": 0.0}
+
+        def grab(_module: nn.Module, inputs: tuple) -> None:
+            seen.append(inputs[0].detach().reshape(inputs[0].shape[0], -1).clone())
+
+        def perturb(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+            if sign["value"] == 0.0 or not isinstance(output, torch.Tensor):
+                return None
+            index: List[Any] = [slice(None)] * output.dim()
+            index[source_flow.axis] = source_flow.remove.to(output.device)
+            output = output.clone()
+            output[tuple(index)] += sign["value"] * (1.0 + output[tuple(index)].abs())
+            return output
+
+        handles = [site.module.register_forward_pre_hook(grab), source.register_forward_hook(perturb)]
+        try:
+            with preserved_state(self.model), torch.no_grad():
+                for value in (0.0, 1.0, -1.0):
+                    sign["value"] = value
+                    self.model(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls = len(seen) // 3
+        if calls == 0 or seen[0].shape[1] != flow.num_units * (len(guessed) // max(len(flow.remove), 1)):
+            raise ValueError(f"{why}; the mapping cannot be verified, so the prune is refused")
+        baseline = seen[:calls]
+        changed = torch.zeros(seen[0].shape[1], dtype=torch.bool)
+        for run in (seen[calls:2 * calls], seen[2 * calls:]):
+            for before, after in zip(baseline, run):
+                changed |= (before != after).any(dim=0).cpu()
+        allowed = torch.zeros_like(changed)
+        allowed[guessed] = True
+        if not changed.any() or (changed & ~allowed).any():
+            raise ValueError(f"{why}, and they are not a channel-major flatten of the pruned units (e.g. a permute "
+                             f"before the flatten); pass a model torch.fx can trace, or prune it in a way "
+                             f"that keeps the unit order")
 
     def _through_module(self, site: CallSite, flow: _Flow, source_name: str, listed: bool,
                         selections: Dict[int, Tuple[nn.Module, UnitSelection]]) -> Optional[_Flow]:
