@@ -74,12 +74,7 @@ def _resize(model: nn.Module, manifest: Dict[str, Any]) -> None:
             current = kept_units(module, direction)
             if current is None:
                 raise ValueError(f"'{name}' has no {direction}put units, but the manifest records some")
-            wanted = set(record[direction])
-            missing = wanted - set(current)
-            if missing:
-                raise ValueError(f"'{name}': the manifest keeps {direction}put units {sorted(missing)[:5]} "
-                                 f"that this model does not have (different architecture?)")
-            remove = [position for position, unit in enumerate(current) if unit not in wanted]
+            remove = _positions_to_remove(current, record[direction], f"'{name}'", f"{direction}put units")
             if remove:
                 pruner.prune_module(module, remove, direction=direction,
                                     original_len=len(current) if isinstance(module, nn.modules.dropout._DropoutNd) else None)
@@ -103,6 +98,16 @@ def _resize(model: nn.Module, manifest: Dict[str, Any]) -> None:
                          "another architecture): " + "; ".join(mismatched[:8]))
 
 
+def _positions_to_remove(current: List[int], wanted_ids: List[int], label: str, what: str) -> List[int]:
+    """Positions of ``current`` (original ids held now) whose ids the manifest does not keep."""
+    wanted = set(wanted_ids)
+    missing = wanted - set(current)
+    if missing:
+        raise ValueError(f"{label}: the manifest keeps {what} {sorted(missing)[:5]} that this model does not have "
+                         f"(different architecture?)")
+    return [position for position, unit in enumerate(current) if unit not in wanted]
+
+
 def _resize_bare_parameters(pruner: Pruner, module: nn.Module, name: str, record: Dict[str, List[int]]) -> None:
     """Replay the slices of bare parameters (position embeddings, class tokens, layer scales) that
     a coupled group removed: recorded as ``"param:<parameter>:<axis>"`` -> kept ids."""
@@ -116,12 +121,8 @@ def _resize_bare_parameters(pruner: Pruner, module: nn.Module, name: str, record
             raise ValueError(f"the manifest slices '{name}.{parameter}' on axis {axis}, which this model does not have")
         own = getattr(module, KEPT_UNITS_ATTRIBUTE, None) or {}
         current = own.get(key, list(range(tensor.shape[axis])))
+        remove = _positions_to_remove(current, wanted_ids, f"'{name}.{parameter}'", "entries")
         wanted = set(wanted_ids)
-        missing = wanted - set(current)
-        if missing:
-            raise ValueError(f"'{name}.{parameter}': the manifest keeps entries {sorted(missing)[:5]} that this "
-                             f"model does not have (different architecture?)")
-        remove = [position for position, unit in enumerate(current) if unit not in wanted]
         if remove:
             pruner.prune_parameter(module, parameter, remove, axis=axis)
             setattr(module, KEPT_UNITS_ATTRIBUTE, {**own, key: [unit for unit in current if unit in wanted]})
