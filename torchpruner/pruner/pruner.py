@@ -141,6 +141,22 @@ def kept_units(module: nn.Module, direction: str = "out") -> Optional[List[int]]
     return list(range(count)) if count is not None else None
 
 
+def _slices_of(plan: Plan) -> Dict[Tuple[str, str, int], list]:
+    """Every tensor slice of a plan as ``{(module, tensor, axis): kept ids}`` in one canonical form
+    (grouped slices expanded over their blocks), so plans built differently can be compared."""
+    from .plan import apply_slice
+
+    slices = {}
+    for edit in plan.edits:
+        if not isinstance(edit, TensorSlice):
+            continue
+        first, length = edit.old_shape[0], edit.old_shape[edit.axis]
+        ids = torch.arange(first) if edit.axis == 0 else torch.arange(first * length).reshape(first, length)
+        kept = apply_slice(ids, 0 if edit.axis == 0 else 1, edit.keep, edit.group_keep)
+        slices[(edit.module_name, edit.tensor_name, edit.axis)] = kept.tolist()
+    return slices
+
+
 def _kept_units_edit(module: nn.Module, rule: SlicingRule, out_keep: Optional[torch.Tensor],
                      in_keep: Optional[torch.Tensor]) -> List[Edit]:
     old = getattr(module, KEPT_UNITS_ATTRIBUTE, None)
@@ -428,7 +444,29 @@ class Pruner:
         plan = self._finish(description, edits)
         if graph.method == "hooks":
             self._check_runs_after(plan, name)
+        else:
+            self._cross_check(plan, module, name, remove)
         return plan
+
+    def _cross_check(self, plan: Plan, module: nn.Module, name: str, remove: torch.Tensor) -> None:
+        """The explicit-cascade walk and the dependency analysis are two readings of one graph: where
+        the analysis can plan the same prune, every tensor slice of the two plans must agree, or the
+        prune is refused (one of them is wrong, and a wrong slice is a silently wrong model)."""
+        from torchpruner.graph.dependency import plan_prune
+
+        try:
+            reference = plan_prune(self, module, remove)
+        except (ValueError, TypeError, NotImplementedError):
+            return  # the analysis refuses this prune (a coupled group, an op it cannot follow)
+        mine, theirs = _slices_of(plan), _slices_of(reference)
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                which = "only the explicit cascade" if key not in theirs else (
+                    "only the graph analysis" if key not in mine else "the two differently")
+                raise ValueError(f"pruning '{name}' with the given cascading_modules: '{key[0]}.{key[1]}' is sliced "
+                                 f"by {which} (explicit walk vs dependency analysis); refusing a prune the two "
+                                 f"readings of the graph disagree on (prune with cascading_modules=None, and "
+                                 f"please report this model)")
 
     def _check_runs_after(self, plan: Plan, source_name: str) -> None:
         """A forward-hook trace cannot see merges (``x + f(x)``, ``torch.cat``) or reshapes, so the
