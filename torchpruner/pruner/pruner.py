@@ -141,19 +141,23 @@ def kept_units(module: nn.Module, direction: str = "out") -> Optional[List[int]]
     return list(range(count)) if count is not None else None
 
 
-def _slices_of(plan: Plan) -> Dict[Tuple[str, str, int], list]:
-    """Every tensor slice of a plan as ``{(module, tensor, axis): kept ids}`` in one canonical form
-    (grouped slices expanded over their blocks), so plans built differently can be compared."""
-    from .plan import apply_slice
-
+def _slices_of(plan: Plan) -> Dict[Tuple[str, str, int], tuple]:
+    """Every tensor slice of a plan as ``{(module, tensor, axis): kept ids}`` in one canonical form, so
+    plans built differently can be compared: a grouped slice along axis 0 becomes flat ids, one
+    along another axis a tuple of per-block ids (a single block when every block keeps the same)."""
     slices = {}
     for edit in plan.edits:
         if not isinstance(edit, TensorSlice):
             continue
-        first, length = edit.old_shape[0], edit.old_shape[edit.axis]
-        ids = torch.arange(first) if edit.axis == 0 else torch.arange(first * length).reshape(first, length)
-        kept = apply_slice(ids, 0 if edit.axis == 0 else 1, edit.keep, edit.group_keep)
-        slices[(edit.module_name, edit.tensor_name, edit.axis)] = kept.tolist()
+        if edit.group_keep is None:
+            kept: tuple = (tuple(edit.keep.tolist()),)
+        elif edit.axis == 0:
+            size = edit.old_shape[0] // len(edit.group_keep)
+            kept = (tuple(b * size + i for b, block in enumerate(edit.group_keep) for i in block.tolist()),)
+        else:
+            blocks = [tuple(block.tolist()) for block in edit.group_keep]
+            kept = (blocks[0],) if all(block == blocks[0] for block in blocks) else tuple(blocks)
+        slices[(edit.module_name, edit.tensor_name, edit.axis)] = kept
     return slices
 
 
