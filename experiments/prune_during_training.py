@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     print(format_table([{**row, "params": f"{row['params']:,}", "flops": f"{row['flops']:,}",
                          "latency_ms": f"{row['latency_ms']:.3f}", "train_seconds": f"{row['train_seconds']:.1f}"}
                         for row in summary], SUMMARY_COLUMNS))
-    print(f"\nlatency: median forward of a batch of {args.latency_batch} on {device}, "
+    print(f"\nlatency: fastest of 20 forwards of a batch of {args.latency_batch} on {device}, "
           f"{torch.get_num_threads()} threads; FLOPs of one example; widths = units per group")
     print(f"total {elapsed:.1f} s\nresults: {out}\nfigure: {figure}")
     return payload
@@ -195,7 +195,7 @@ def plot_history(history, path: Path, args, title: str = "") -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     panels = [("test_accuracy", "test accuracy", False), ("test_loss", "test loss", True),
-              ("params", "parameters", True), ("latency_ms", "latency of a batch (ms)", False)]
+              ("params", "parameters", True), ("latency_ms", "latency of a batch (ms, best of 20)", False)]
     variants = [v for v in VARIANTS if any(row["variant"] == v for row in history)]
     events = sorted({row["epoch"] for row in history if row["variant"] == "pruned" and row["pruned_units"]})
     for ax, (key, label, log) in zip(axes, panels):
