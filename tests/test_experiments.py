@@ -180,3 +180,27 @@ def test_missing_data_is_a_clear_error(tmp_path):
 def test_cifar10_real_copy():
     splits = load_dataset("cifar10", os.environ["CIFAR10_ROOT"])
     assert splits.input_size == (3, 32, 32) and len(splits.test) == 10000
+
+
+@pytest.mark.parametrize("script", ["compare_criteria", "prune_during_training", "low_data", "prune_untrained"])
+def test_scripts_show_help(script, capsys):
+    module = {"compare_criteria": compare_criteria, "prune_during_training": prune_during_training,
+              "low_data": low_data, "prune_untrained": prune_untrained}[script]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--seed" in text and "--device" in text and "--results" in text and "--no-progress" in text
+
+
+def test_script_runs_as_a_file(tmp_path):
+    """``python experiments/X.py`` works from any folder (the script puts the repository on sys.path)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "prune_untrained.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "--seed" in done.stdout
