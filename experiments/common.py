@@ -124,6 +124,12 @@ def model_costs(model: nn.Module, input_size, batch_size: int = 64, repeats: int
 # --------------------------------------------------------------------------------------------
 # criteria by name
 
+# One colour per criterion, shared by every figure.
+CRITERION_COLOURS = {"random": "#7f7f7f", "weight_norm": "#1f77b4", "apoz": "#ff7f0e", "sensitivity": "#2ca02c",
+                     "taylor": "#9467bd", "taylor_signed": "#8c564b", "shapley": "#d62728",
+                     "shapley_2std": "#e377c2"}
+
+
 def mean_plus_2std(values: np.ndarray) -> np.ndarray:
     """The Shapley paper's best aggregation over examples: mean + 2 standard deviations."""
     values = np.asarray(values, dtype=np.float64)

@@ -31,16 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, DEFAULT_CRITERIA, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate,
+from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate,
                                 format_table, make_metric, make_pruner, mean_plus_2std, mean_std, prune_units,
                                 pyplot, removal_order, resolve_device, results_folder, score_layer,
                                 UnitMask, write_csv, write_json)
 from experiments.data import load_dataset, make_loader
 from experiments.models import default_arch, load_or_train, prunable_layers
 
-# Fixed colours so that every figure uses the same one per criterion.
-COLOURS = {"random": "#7f7f7f", "weight_norm": "#1f77b4", "apoz": "#ff7f0e", "sensitivity": "#2ca02c",
-           "taylor": "#9467bd", "taylor_signed": "#8c564b", "shapley": "#d62728", "shapley_2std": "#e377c2"}
+COLOURS = CRITERION_COLOURS
 CURVE_COLUMNS = ["layer", "criterion", "seed", "removed", "unit", "test_loss", "test_accuracy"]
 SUMMARY_COLUMNS = ["criterion", "loss_increase", "loss_increase_std", "accuracy_drop", "accuracy_drop_std",
                    "seeds", "score_seconds"]

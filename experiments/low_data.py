@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate, format_table, make_metric,
+from experiments.common import (CRITERIA, CRITERION_COLOURS, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate, format_table, make_metric,
                                 mean_std, pyplot, resolve_device, results_folder, seed_everything, write_csv,
                                 write_json)
 from experiments.data import few_per_class, load_dataset
@@ -93,7 +93,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
             rows = [row for row in summary if row["criterion"] == criterion]
             keeps = [row["keep"] for row in rows]
             ax.errorbar(keeps, [row[column] for row in rows], yerr=[row[column + "_std"] for row in rows],
-                        marker="o", capsize=3, label=criterion,
+                        marker="o", capsize=3, label=criterion, color=CRITERION_COLOURS.get(criterion),
                         linestyle="--" if criterion == "random" else "-")
         ax.set_title(label)
         ax.set_xlabel("fraction of units kept")
