@@ -153,6 +153,15 @@ DEFAULT_CRITERIA = ["random", "weight_norm", "apoz", "sensitivity", "taylor", "t
 SEEDED_PREFIXES = ("random", "shapley")
 
 
+def parse_criteria(text: str) -> list[str]:
+    """Comma-separated criterion names, each one of :data:`CRITERIA` or ``captum:<Method>``."""
+    criteria = [name.strip() for name in text.split(",") if name.strip()]
+    for name in criteria:
+        if name not in CRITERIA and not name.startswith("captum:"):
+            raise SystemExit(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} or captum:<Method>")
+    return criteria
+
+
 def criterion_is_seeded(name: str) -> bool:
     return name in CRITERIA and CRITERIA[name][2]
 

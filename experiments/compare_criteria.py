@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate,
-                                format_table, make_metric, make_pruner, mean_plus_2std, mean_std, prune_units,
+from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, add_model_arguments, base_parser,
+                                criterion_is_seeded, evaluate, model_options_from, parse_criteria, format_table, make_metric, make_pruner, mean_plus_2std, mean_std, prune_units,
                                 pyplot, removal_order, resolve_device, results_folder, score_layer,
                                 UnitMask, write_csv, write_json)
 from experiments.data import load_dataset, make_loader
@@ -70,11 +70,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     device = resolve_device(args.device)
     progress = not args.no_progress
-    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    criteria = parse_criteria(args.criteria)
     criteria += [f"captum:{m.strip()}" for m in args.captum.split(",") if m.strip()]
-    for name in criteria:
-        if name not in CRITERIA and not name.startswith("captum:"):
-            raise SystemExit(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} or --captum")
 
     splits = load_dataset(args.dataset, args.data_root, split_seed=args.split_seed)
     arch = args.arch or default_arch(splits.name)

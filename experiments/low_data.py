@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, CRITERION_COLOURS, add_model_arguments, base_parser, model_options_from, criterion_is_seeded, evaluate, format_table, make_metric,
-                                mean_std, pyplot, resolve_device, results_folder, seed_everything, write_csv,
+from experiments.common import (CRITERIA, CRITERION_COLOURS, add_model_arguments, base_parser, criterion_is_seeded,
+                                evaluate, format_table, make_metric, model_options_from, parse_criteria, mean_std, pyplot, resolve_device, results_folder, seed_everything, write_csv,
                                 write_json)
 from experiments.data import few_per_class, load_dataset
 from experiments.models import default_arch, load_or_train, train_one_epoch
@@ -111,10 +111,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     device = resolve_device(args.device)
     progress = not args.no_progress
-    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    for name in criteria:
-        if name not in CRITERIA and not name.startswith("captum:"):
-            raise SystemExit(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} or captum:<Method>")
+    criteria = parse_criteria(args.criteria)
     keeps = [float(k) for k in args.keep.split(",")]
     if not all(0.0 < k <= 1.0 for k in keeps) or args.per_class < 1:
         raise SystemExit("--keep values must be in (0, 1] and --per-class >= 1")

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, add_model_arguments, base_parser, model_options_from, evaluate, format_table, make_metric, model_costs, pyplot,
+from experiments.common import (CRITERIA, add_model_arguments, base_parser, model_options_from, parse_criteria,
+                                evaluate, format_table, make_metric, model_costs, pyplot,
                                 resolve_device, results_folder, seed_everything, write_csv, write_json)
 from experiments.data import load_dataset
 from experiments.models import build_model, default_arch, train_one_epoch
@@ -122,8 +123,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     device = resolve_device(args.device)
     progress = not args.no_progress
-    if args.criterion not in CRITERIA and not args.criterion.startswith("captum:"):
-        raise SystemExit(f"unknown criterion {args.criterion!r}; choose from {', '.join(CRITERIA)} or captum:<Method>")
+    if len(parse_criteria(args.criterion)) != 1:
+        raise SystemExit(f"--criterion takes one criterion, got {args.criterion!r}")
     if args.every < 1 or args.events < 0 or not 0.0 <= args.fraction < 1.0:
         raise SystemExit("need --every >= 1, --events >= 0 and 0 <= --fraction < 1")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
