@@ -97,15 +97,23 @@ def twin_of(model, optimizer, cls, kwargs):
     return twin, twin_optimizer
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_masked_trajectory(name):
+def trained_with_twin(name, steps=3, n_batches=7):
+    """A model trained ``steps`` steps with ``OPTIMIZERS[name]``, its optimizer, an identical twin
+    with a deep copy of the optimizer state, and the batches (the rest continue training)."""
     cls, kwargs = OPTIMIZERS[name]
     model = make_model()
     optimizer = cls(model.parameters(), **kwargs)
-    data = batches(7)
-    for batch in data[:3]:
+    data = batches(n_batches)
+    for batch in data[:steps]:
         train_step(model, optimizer, batch)
     twin, twin_optimizer = twin_of(model, optimizer, cls, kwargs)
+    return model, optimizer, twin, twin_optimizer, data
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_masked_trajectory(name):
+    cls, kwargs = OPTIMIZERS[name]
+    model, optimizer, twin, twin_optimizer, data = trained_with_twin(name)
     params_before = list(model.parameters())
     plan = Pruner(model, input_size=(5,), optimizer=optimizer).prune_model(model[0], PRUNED, [model[3], model[1]])
     assert "optim" in str(plan)
@@ -127,13 +135,7 @@ def test_masked_trajectory(name):
 
 @pytest.mark.parametrize("name", ["SGD-nesterov-wd", "Adam-amsgrad", "RMSprop-centered-momentum", "Rprop"])
 def test_prune_between_backward_and_step(name):
-    cls, kwargs = OPTIMIZERS[name]
-    model = make_model()
-    optimizer = cls(model.parameters(), **kwargs)
-    data = batches(7)
-    for batch in data[:3]:
-        train_step(model, optimizer, batch)
-    twin, twin_optimizer = twin_of(model, optimizer, cls, kwargs)
+    model, optimizer, twin, twin_optimizer, data = trained_with_twin(name)
     for m, opt in ((model, optimizer), (twin, twin_optimizer)):
         x, y = data[3]
         opt.zero_grad()
