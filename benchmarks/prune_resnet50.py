@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchpruner.graph.prune_groups import prune_groups  # noqa: E402
+from torchpruner.schedule import prune_groups  # noqa: E402
 from torchpruner.pruner import Pruner  # noqa: E402
 
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import copy  # noqa: E402
 
 from torchpruner.graph import get_graph, invalidate_graph  # noqa: E402
-from torchpruner.graph.dependency import get_dependency_graph, plan_group, zeroing_functions  # noqa: E402
-from torchpruner.graph.prune_groups import select_units  # noqa: E402
+from torchpruner.graph.dependency import get_dependency_graph, zeroing_functions  # noqa: E402
+from torchpruner.schedule import select_units  # noqa: E402
 from torchpruner.pruner import Pruner  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -96,7 +96,7 @@ def run_one(name: str, fraction: float) -> dict:
             record["note"] = "; ".join(f"{r} (x{c})" for r, c in refused.most_common(2))
         twin = copy.deepcopy(model) if record["params_before"] < 150_000_000 else None
         selection = select_units(groups, fraction)
-        plan = plan_group(pruner, selection, f"prune {len(selection)} groups")
+        plan = pruner.plan_groups(selection, f"prune {len(selection)} groups")
         plan.apply(model, None)
         record["plan_s"] = round(time.perf_counter() - start, 2)
         x = torch.randn(2, 3, size, size)

@@ -79,7 +79,7 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
 
 def train_variant(variant: str, model: nn.Module, splits, args, device, progress: bool, prune: bool = False):
     """Train ``model`` for ``args.epochs``; with ``prune``, score and cut every group on the schedule."""
-    from torchpruner.graph.prune_groups import prune_groups
+    from torchpruner.schedule import prune_groups
     from torchpruner.pruner import Pruner
 
     train_loader, val_loader, test_loader = splits.loaders(batch_size=args.batch_size, seed=args.seed)

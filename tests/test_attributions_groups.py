@@ -210,7 +210,7 @@ def test_torchvision_resnet18_downsample_group_pruned_equals_coalition():
 
 def test_group_scores_drive_prune_groups():
     """``attr.run`` is a score function for ``prune_groups``: the lowest-scored unit of the stream goes."""
-    from torchpruner.graph.prune_groups import prune_groups
+    from torchpruner.schedule import prune_groups
 
     model, input_size = build("residual", seed=10)
     x, y = data(input_size, seed=10)

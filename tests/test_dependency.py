@@ -278,7 +278,7 @@ def test_zeroed_twin_grouped_conv_equal_per_group():
 def test_grouped_conv_unequal_refused_before_any_change():
     model = randomize(GroupedNet())
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(DependencyError, match=r"conv1.*coupled with its units \[4\]"):
+    with pytest.raises(ValueError, match=r"'grouped'.*groups=2.*\[1, 0\] units per group"):
         Pruner(model, input_size=(3, 8, 8)).prune_model(model.conv1, [0])
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])

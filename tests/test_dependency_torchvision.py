@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from torchpruner.graph import get_graph
 from torchpruner.graph.dependency import get_dependency_graph
-from torchpruner.graph.prune_groups import IterativePruning, prune_groups, select_units, weight_norm_scores
+from torchpruner.schedule import IterativePruning, prune_groups, select_units, weight_norm_scores
 from torchpruner.pruner import Pruner
 
 torchvision = pytest.importorskip("torchvision")

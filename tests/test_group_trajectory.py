@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torchpruner import Pruner, prune_groups
 from torchpruner.graph import get_graph, make_example_inputs
 from torchpruner.graph.dependency import get_dependency_graph, zeroing_functions
-from torchpruner.graph.prune_groups import select_units
+from torchpruner.schedule import select_units
 
 
 class CoupledNet(nn.Module):

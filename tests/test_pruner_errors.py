@@ -66,7 +66,7 @@ BAD_INPUTS = {
                               "'fc3'.*does not depend"),
     "consumer-missing": (lambda m: (m.fc1, [1], [m.bn, m.drop]), ValueError, "'fc2'.*not in cascading_modules"),
     "bn-missing": (lambda m: (m.fc1, [1], [m.fc2]), ValueError, "'bn'.*not in cascading_modules"),
-    "into-rule-less-module": (lambda m: (m.fc3, [1], []), ValueError, "'soft'.*no slicing rule"),
+    "into-softmax-over-units": (lambda m: (m.fc3, [1], []), ValueError, "'soft'.*mixes the units"),
     "source-in-cascade": (lambda m: (m.fc1, [1], good_cascade(m) + [m.fc1]), ValueError, "'fc1'.*pruned layer"),
 }
 
@@ -129,7 +129,7 @@ class Reshaping(nn.Module):
         return self.fc(h)
 
 
-@pytest.mark.parametrize("mode,match", [("hard-coded", "'conv'.*hard-coded"), ("merge", "'conv'.*merges")])
+@pytest.mark.parametrize("mode,match", [("hard-coded", "'conv'.*hard-coded"), ("merge", "'conv2'.*shares the pruned units of 'conv'.*not in cascading_modules")])
 def test_data_flow_refusals(mode, match):
     model = Reshaping(mode)
     pruner = Pruner(model, input_size=(1, 4, 4))

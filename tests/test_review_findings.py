@@ -5,6 +5,8 @@ Every test names the DESIGN.md / issue promise it checks.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -180,17 +182,40 @@ class _AcrossUnits(nn.Module):
         return self.fc(self.next(h).flatten(1))
 
 
-@pytest.mark.parametrize("op", ["flip", "roll", "index", "softmax", "sum"])
-def test_explicit_cascade_refuses_ops_across_units(op):
+@pytest.mark.parametrize("op", ["roll", "index", "softmax", "sum"])
+@pytest.mark.parametrize("cascade", ["explicit", "discovered"])
+def test_ops_across_units_are_refused_on_both_paths(op, cascade):
     torch.manual_seed(0)
     model = _AcrossUnits(op).double()
     pruner = Pruner(model, (3, 8, 8))
     assert pruner.graph().method == "fx"
-    cascade = [model.fc_sum] if op == "sum" else [model.next]
+    listed = ([model.fc_sum] if op == "sum" else [model.next]) if cascade == "explicit" else None
     before = snapshot(model)
     with pytest.raises(ValueError, match="'conv'"):
-        pruner.prune_model(model.conv, [0], cascading_modules=cascade)
+        pruner.prune_model(model.conv, [0], cascading_modules=listed)
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_channel_flip_is_a_permutation_both_paths_follow():
+    """``h.flip(1)`` reorders the units consistently before and after pruning: the one analysis
+    maps unit c to column 7 - c of the next layer, for a listed cascade as for discovery."""
+    torch.manual_seed(0)
+    model = _AcrossUnits("flip").double()
+    twin = copy.deepcopy(model)
+    plans = [Pruner(m, (3, 8, 8)).plan(m.conv, [0, 5], cascading_modules=c)
+             for m, c in ((model, [model.next]), (twin, None))]
+    assert [str(e.keep.tolist()) for e in plans[0].edits if hasattr(e, "keep")] == \
+        [str(e.keep.tolist()) for e in plans[1].edits if hasattr(e, "keep")]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        mask = torch.ones(1, 8, 1, 1, dtype=torch.float64)
+        mask[:, [0, 5]] = 0
+        handle = twin.conv.register_forward_hook(lambda m, i, o: o * mask)
+        expected = twin(x)
+        handle.remove()
+        plans[0].apply(model)
+        assert model.next.in_channels == 6
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
 
 
 class _AlongOtherDims(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchpruner import IterativePruning, Pruner, load_pruned, save_pruned
-from torchpruner.graph.prune_groups import select_units
+from torchpruner.schedule import select_units
 
 torch.set_num_threads(1)
 D = torch.float64

@@ -30,14 +30,16 @@ _EXPORTS = {
     # pruner
     "Pruner": "torchpruner.pruner",
     "Plan": "torchpruner.pruner",
-    "register_slicing_rule": "torchpruner.pruner",
+    "register_slicing_rule": "torchpruner.rules",
+    "SlicingRule": "torchpruner.rules",
     "register_per_element_optimizer": "torchpruner.pruner",
     "save_pruned": "torchpruner.pruner",
     "load_pruned": "torchpruner.pruner",
-    "kept_units": "torchpruner.pruner",
+    "kept_units": "torchpruner.rules",
     # coupled groups
-    "prune_groups": "torchpruner.graph.prune_groups",
-    "IterativePruning": "torchpruner.graph.prune_groups",
+    "Group": "torchpruner.graph.dependency",
+    "prune_groups": "torchpruner.schedule",
+    "IterativePruning": "torchpruner.schedule",
     "CoupledGroupWarning": "torchpruner.attributions.groups",
     # graph
     "ModelGraph": "torchpruner.graph",

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -45,8 +45,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .trace import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTIONS,
-                    CallSite, ModelGraph)
+from torchpruner._ops import (DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, DIM_WISE_MODULES, ELEMENTWISE_FUNCTIONS,
+                              ELEMENTWISE_METHODS, MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES,
+                              PASS_THROUGH_MODULES, REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_FUNCTIONS,
+                              SHAPE_QUERY_METHODS, SPATIAL_FUNCTIONS, SPATIAL_MODULES)
+from torchpruner.rules import get_slicing_rule
+
+from .trace import CallSite, ModelGraph
 
 logger = logging.getLogger(__name__)
 
@@ -55,70 +60,6 @@ __all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "get_depende
 
 class DependencyError(ValueError):
     """A prune that the traced graph cannot support (names the op and the call site)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Op tables
-# --------------------------------------------------------------------------------------------
-
-#: Element-wise functions of any number of tensor operands (broadcasting): slot i <-> slot i.
-ELEMENTWISE_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | set(DROPOUT_FUNCTIONS) | {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, operator.neg, operator.pow,
-    torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum,
-    torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.square, torch.pow,
-    torch.clamp, torch.clip, torch.where, torch.erf, torch.sin, torch.cos, torch.reciprocal,
-    F.hardtanh, F.hardshrink, F.softshrink, torch.clone, torch.detach, torch.nan_to_num,
-}
-ELEMENTWISE_METHODS = set(ACTIVATION_METHODS) | {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
-    "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_",
-    "clone", "contiguous", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as",
-    "sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "exp_", "erf", "reciprocal",
-    "maximum", "minimum", "masked_fill", "nan_to_num", "requires_grad_",
-}
-#: Ops that only move data around: followed empirically (see module docstring).
-MOVEMENT_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.swapdims,
-    torch.movedim, torch.unsqueeze, torch.squeeze, torch.unflatten, torch.narrow, torch.t,
-    operator.getitem, torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.roll,
-    torch.flip, torch.tile, torch.split_with_sizes,
-}
-MOVEMENT_METHODS = {
-    "view", "reshape", "flatten", "permute", "transpose", "swapaxes", "swapdims", "movedim",
-    "unsqueeze", "squeeze", "expand", "unflatten", "narrow", "t", "split", "chunk", "unbind",
-    "tensor_split", "roll", "flip", "repeat", "tile", "__getitem__", "split_with_sizes", "view_as",
-    "reshape_as", "expand_as",
-}
-#: Reductions over some dims: fine unless the unit axis is reduced.
-REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
-                       torch.logsumexp, torch.nansum, torch.nanmean}
-REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean"}
-#: Functions with a ``dim`` argument that act independently on the other dims.
-DIM_WISE_FUNCTIONS = {F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
-                      F.normalize, torch.cumsum}
-DIM_WISE_METHODS = {"softmax", "log_softmax", "cumsum"}
-#: Spatial functions on [N, C, *spatial]: the channel axis (1) passes through.
-SPATIAL_FUNCTIONS = {
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate,
-    F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pad,
-}
-#: Ops whose output does not carry the tensor's units (shape queries): ignored.
-SHAPE_QUERY_FUNCTIONS = {getattr, len, torch.numel}
-SHAPE_QUERY_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous"}
-
-SPATIAL_MODULES: Tuple[type, ...] = (
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Upsample,
-    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-    nn.modules.padding._ReplicationPadNd, nn.ZeroPad2d,
-)
-PASS_THROUGH_MODULES: Tuple[type, ...] = tuple(m for m in ACTIVATION_MODULES if m is not nn.PReLU) + (
-    nn.Identity, nn.AlphaDropout, nn.FeatureAlphaDropout)
-MOVEMENT_MODULES: Tuple[type, ...] = (nn.Flatten, nn.Unflatten)
-DIM_WISE_MODULES: Tuple[type, ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 
 def _is_torchvision(module: nn.Module, name: str) -> bool:
@@ -314,6 +255,41 @@ class Group:
                 points.append((space.site, (lambda units, space=space: (space.axis, self.positions(space, units)))))
         return points
 
+    def count_cells(self) -> Optional[np.ndarray]:
+        """Cell of every group unit under the grouped-convolution count constraints, or None.
+
+        A grouped convolution (``1 < groups < in_channels``) that reads or writes the group's units
+        needs the same number of them removed from each of its conv groups. Units in one cell share
+        their conv group in every such convolution: removing the same number from every cell
+        satisfies all of them (see :func:`torchpruner.schedule.select_units`).
+        """
+        keys = np.zeros(self.num_units, dtype=np.int64)
+        constrained = False
+        for space, groups in self._dep._count_constraints:
+            unit_of = self._unit_of(space)
+            inside = unit_of >= 0
+            if not inside.any():
+                continue
+            constrained = True
+            block = np.arange(space.size) // (space.size // groups)
+            keys[unit_of[inside]] = keys[unit_of[inside]] * groups + block[inside]
+        if not constrained:
+            return None
+        return np.unique(keys, return_inverse=True)[1].reshape(-1)
+
+    def reads(self, module: nn.Module) -> bool:
+        """True when some call of ``module`` reads a tensor that holds units of this group (also for
+        modules with nothing to slice: activations, pooling)."""
+        graph = self._dep.graph
+        if not graph.has_sites(module):
+            return False
+        for site in graph.sites_of(module):
+            for node in _flatten_nodes((site.node.args, site.node.kwargs)):
+                space = self._dep._spaces.get(node)
+                if space is not None and (self._unit_of(space) >= 0).any():
+                    return True
+        return False
+
     def units_for(self, module: nn.Module, indices: Sequence[int], call_index: int = 0) -> List[int]:
         """Group units removed when ``indices`` of ``module``'s output units go.
 
@@ -436,7 +412,7 @@ class DependencyGraph:
                 f"pass cascading_modules explicitly")
         self.graph = graph
         self.model = graph.model
-        self._tensor_shapes = _tensor_shapes(self.model)   # a prune makes these groups stale
+        self.tensor_shapes = tensor_shapes(self.model)   # a prune makes these groups stale
         self._site_by_node: Dict[fx.Node, CallSite] = getattr(graph, "_site_by_node")
         self._spaces: Dict[fx.Node, _Space] = {}
         self._space_list: List[_Space] = []
@@ -446,6 +422,7 @@ class DependencyGraph:
         self._roles: List[_Role] = []
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
+        self._count_constraints: List[Tuple[_Space, int]] = []   # (space, conv groups): equal counts per block
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
         for node in graph.traced.graph.nodes:
@@ -874,7 +851,6 @@ class DependencyGraph:
     def _visit_module(self, node: fx.Node, module: nn.Module, slotted: List[fx.Node]) -> None:
         name = self._site_by_node[node].module_name or node.target
         shape = self._shape(node)
-        from torchpruner.pruner.rules import get_slicing_rule  # lazy: pruner imports graph
         if isinstance(module, nn.MultiheadAttention):
             return  # handled at its getitem (the module returns a tuple)
         data = [n for n in slotted if n.op != "get_attr"]
@@ -983,10 +959,9 @@ class DependencyGraph:
             self._link(space, np.repeat(np.arange(cin), mult), out, np.arange(cout))
             self._add_role(space, "in", module, name)
         else:
-            ipg, opg = cin // groups, cout // groups
-            cin_slots, cout_slots = np.arange(cin), np.arange(cout)
-            self._link(space, cin_slots, space, cin_slots % ipg)     # equal pruning in every group
-            self._link(out, cout_slots, out, cout_slots % opg)
+            # grouped: any positions, but the same *count* in every conv group (the weight stays a
+            # valid grouped weight); nothing is linked, the count is a constraint on the selection
+            self._count_constraints += [(space, groups), (out, groups)]
             self._add_role(space, "in", module, name)
             self._add_role(out, "out", module, name)
 
@@ -995,7 +970,6 @@ class DependencyGraph:
         source = node.args[0]
         module = self._traced_modules[source.target]
         name = self._site_by_node[source].module_name or source.target
-        shape = self._shape(node)
         if isinstance(module, nn.MultiheadAttention) and node.args[1] == 0:
             self._attention(source, node, module, name)
             return
@@ -1033,7 +1007,6 @@ class DependencyGraph:
         self._roles.append(_Role(space=space, direction=direction, module=module, module_name=name))
 
     def _passes_through(self, role: _Role) -> bool:
-        from torchpruner.pruner.rules import get_slicing_rule
         module = role.module
         if role.direction != "in":
             return False
@@ -1135,7 +1108,6 @@ class DependencyGraph:
         return [merged[k] for k in order if len(merged[k][1])]
 
     def _attr_role(self, space: _Space) -> None:
-        from torchpruner.pruner.rules import get_slicing_rule
         path = space.node.target
         owner_path, _, attr = path.rpartition(".")
         owner = self._modules.get(owner_path)
@@ -1215,7 +1187,7 @@ class DependencyGraph:
         return selection
 
 
-def _tensor_shapes(model: nn.Module) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
+def tensor_shapes(model: nn.Module) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     return tuple((name, tuple(tensor.shape)) for name, tensor in named)
 
@@ -1301,167 +1273,3 @@ def discover(graph: ModelGraph, module: nn.Module) -> List[nn.Module]:
             if member.module is not module and all(member.module is not m for m in found):
                 found.append(member.module)
     return found
-
-
-def plan_edits(pruner: Any, selection: Mapping[Group, Sequence[int]]) -> List[Any]:
-    """The edits (tensor slices, attribute changes, kept-unit records) that remove ``selection``."""
-    from torchpruner.pruner.plan import KEPT_UNITS_ATTRIBUTE, AttributeChange
-    from torchpruner.pruner.pruner import _complement, _kept_units_edit
-    from torchpruner.pruner.rules import UnitSelection, get_slicing_rule, slice_tensor
-
-    dep = next(iter(selection)).__dict__["_dep"] if selection else None
-    edits: List[Any] = []
-    kept: Dict[int, List[Any]] = {}   # module id -> [module, rule, out_keep, in_keep]
-    param_kept: Dict[int, Tuple[nn.Module, Dict[str, List[int]]]] = {}  # bare parameters' kept ids
-    for role, positions in dep.removals(selection):
-        space = role.space
-        remove = torch.as_tensor(positions, dtype=torch.long)
-        if role.direction == "param":
-            keep = _complement(remove, space.size)
-            edits += slice_tensor(role.module, role.parameter, role.axis, keep)
-            # recorded like a layer's kept units, so a pruned checkpoint can replay the slice
-            key = param_record_key(role.parameter, role.axis)
-            current = (getattr(role.module, KEPT_UNITS_ATTRIBUTE, None) or {}).get(key, list(range(space.size)))
-            param_kept.setdefault(id(role.module), (role.module, {}))[1][key] = [current[i] for i in keep.tolist()]
-            continue
-        module = role.module
-        rule = get_slicing_rule(module)
-        if rule is None:
-            raise DependencyError(f"'{role.module_name}' ({type(module).__name__}) has no slicing rule")
-        unit_selection = UnitSelection.from_remove(remove, space.size, axis=space.axis, ndim=space.ndim,
-                                                   dropout_policy=pruner.dropout_policy)
-        edits += pruner._rule_edits(rule, module, role.module_name, unit_selection, role.direction)
-        record = kept.setdefault(id(module), [module, rule, None, None])
-        if role.direction == "out":
-            record[2] = unit_selection.keep
-        else:
-            record[3] = unit_selection.keep
-            out_removed = pruner._removed_out(rule, module, role.module_name, unit_selection)
-            out_count = rule.out_units(module)
-            if out_removed is not None and out_count is not None:
-                record[2] = _complement(out_removed, out_count)
-    for module, rule, out_keep, in_keep in kept.values():
-        edits += _kept_units_edit(module, rule, out_keep, in_keep)
-    for module, records in param_kept.values():
-        record_edit = next((e for e in edits if isinstance(e, AttributeChange) and e.module is module
-                            and e.attribute == KEPT_UNITS_ATTRIBUTE), None)
-        if record_edit is not None:
-            record_edit.new = {**record_edit.new, **records}
-        else:
-            old = getattr(module, KEPT_UNITS_ATTRIBUTE, None)
-            edits.append(AttributeChange(module=module, attribute=KEPT_UNITS_ATTRIBUTE, old=old,
-                                         new={**(old or {}), **records}))
-    return edits
-
-
-def param_record_key(parameter: str, axis: int) -> str:
-    """Key of a bare parameter's kept ids in a module's kept-units record (``"param:pos:2"``)."""
-    return f"param:{parameter}:{axis}"
-
-
-def describe_selection(dep: DependencyGraph, selection: Mapping[Group, Sequence[int]]) -> str:
-    parts = []
-    for group, units in selection.items():
-        names = ", ".join(str(m) for m in group.members)
-        parts.append(f"{len(units)} of {group.num_units} units of group {group.index} [{names}]")
-    return "; ".join(parts)
-
-
-def plan_prune(pruner: Any, module: nn.Module, remove: torch.Tensor, call_index: int = 0):
-    """Plan for ``Pruner.plan(module, indices)`` with ``cascading_modules=None``: the whole
-    coupled group of ``module``'s pruned output units (every source, consumer and bare parameter)."""
-    graph = pruner.graph()
-    dep = get_dependency_graph(graph)
-    name = graph.module_name(module)
-    selection = dep.select(module, remove.tolist(), call_index)
-    for group, units in selection.items():
-        reason = group.refusal
-        if reason is not None:
-            raise DependencyError(f"cannot prune '{name}' ({type(module).__name__}): {reason}")
-        if len(units) >= group.num_units:
-            raise DependencyError(f"cannot prune every unit of '{name}' (group {group.index} would be empty)")
-    return plan_group(pruner, selection, f"remove {len(remove)} output units of '{name}' ({type(module).__name__})")
-
-
-def plan_group(pruner: Any, selection: Mapping[Group, Sequence[int]], description: Optional[str] = None):
-    """Plan the removal of ``{group: units}`` (validated, nothing changed)."""
-    if not selection:
-        from torchpruner.pruner.plan import Plan
-        return Plan(description=(description or "nothing") + " (nothing to do)")
-    dep = next(iter(selection))._dep
-    if dep.model is not pruner.model:
-        raise ValueError(f"the group belongs to another model ({type(dep.model).__name__} object at "
-                         f"{id(dep.model):#x}); compute the groups on this model with pruner.groups()")
-    if _tensor_shapes(dep.model) != dep._tensor_shapes:
-        raise ValueError("the group is stale: the model was pruned since it was computed; "
-                         "compute the groups again with pruner.groups()")
-    for group, units in selection.items():
-        if group._dep is not dep:
-            raise ValueError("the groups come from different analyses; compute the groups again with pruner.groups()")
-        units = list(units)
-        if any(not 0 <= int(u) < group.num_units for u in units):
-            raise ValueError(f"group {group.index} has {group.num_units} units; got units {units[:10]}")
-        if len(set(int(u) for u in units)) >= group.num_units:
-            raise ValueError(f"cannot remove every unit of group {group.index}")
-    edits = plan_edits(pruner, selection)
-    text = describe_selection(dep, selection)
-    return pruner._finish(f"{description}: {text}" if description else f"remove {text}", edits)
-
-
-
-# --------------------------------------------------------------------------------------------
-# Slicing rule for nn.MultiheadAttention (embed-dim pruning), registered on import
-# --------------------------------------------------------------------------------------------
-
-def _register_attention_rule() -> None:
-    from torchpruner.pruner.rules import SlicingRule, UnitSelection, register_slicing_rule, set_attribute, slice_tensor
-    from torchpruner.pruner.rules import _RULES  # noqa: F401  (registry present)
-
-    if nn.MultiheadAttention in _RULES:
-        return
-
-    @register_slicing_rule(nn.MultiheadAttention)
-    class MultiheadAttentionRule(SlicingRule):
-        """Self-attention ``nn.MultiheadAttention`` (kdim == vdim == embed_dim): torch ties the q, k,
-        v and output dims to ``embed_dim``, so embed dim ``i`` goes from the input (in_proj columns),
-        from q, k and v (in_proj rows ``i``, ``E+i``, ``2E+i``) and from the output (out_proj rows and
-        columns), the same local dims in every head (``head_dim`` shrinks, ``num_heads`` stays).
-        Not equivalent to masking (the attention scale ``1/sqrt(head_dim)`` changes)."""
-
-        passes_units_through = True
-        input_unit_axis = -1
-
-        def out_units(self, module: nn.MultiheadAttention) -> int:
-            return module.embed_dim
-
-        in_units = out_units
-
-        def prune_in(self, module: nn.MultiheadAttention, selection: UnitSelection) -> list:
-            if not module._qkv_same_embed_dim:
-                raise ValueError("only MultiheadAttention with kdim == vdim == embed_dim can be pruned")
-            embed, heads = module.embed_dim, module.num_heads
-            head_dim = embed // heads
-            local = sorted({int(i) % head_dim for i in selection.remove})
-            if sorted(h * head_dim + j for h in range(heads) for j in local) != sorted(int(i) for i in selection.remove):
-                raise ValueError(f"MultiheadAttention ({heads} heads of {head_dim}) must lose the same dims in every head")
-            keep = selection.keep
-            keep3 = torch.cat([keep, keep + embed, keep + 2 * embed])
-            new = len(keep)
-            # two slices of one tensor (rows, then columns): both planned against the original shape
-            edits = slice_tensor(module, "in_proj_weight", 0, keep3) + slice_tensor(module, "in_proj_weight", 1, keep)
-            edits += slice_tensor(module, "in_proj_bias", 0, keep3)
-            for name in ("bias_k", "bias_v"):
-                if getattr(module, name, None) is not None:
-                    edits += slice_tensor(module, name, 2, keep)
-            edits += slice_tensor(module.out_proj, "weight", 0, keep) + slice_tensor(module.out_proj, "weight", 1, keep)
-            edits += slice_tensor(module.out_proj, "bias", 0, keep)
-            edits += set_attribute(module, "embed_dim", new) + set_attribute(module, "kdim", new)
-            edits += set_attribute(module, "vdim", new) + set_attribute(module, "head_dim", new // heads)
-            edits += set_attribute(module.out_proj, "in_features", new)
-            edits += set_attribute(module.out_proj, "out_features", new)
-            return edits
-
-        prune_out = prune_in
-
-
-_register_attention_rule()

@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import operator
-import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
+
+from torchpruner._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, BATCHNORM_FUNCTIONS,
+                              BATCHNORM_MODULES, CHANNEL_AXIS_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES,
+                              LAST_AXIS_MODULES, MERGE_FUNCTIONS, MERGE_METHODS, RELU_LIKE_FUNCTIONS,
+                              RELU_LIKE_METHODS, RELU_LIKE_MODULES, leaf_version, user_leaf_types)
+from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,168 +51,6 @@ __all__ = [
     "unwrap_model",
     "preserved_state",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Op families
-# --------------------------------------------------------------------------------------------
-
-#: Modules whose output keeps the units of their input (element-wise activations).
-ACTIVATION_MODULES: Tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
-    nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Hardshrink,
-    nn.Softshrink,
-)
-ACTIVATION_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.prelu,
-    F.rrelu, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.hardtanh_, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus,
-    F.softsign, F.tanhshrink, F.logsigmoid, F.threshold,
-}
-ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
-#: Activations for which "fraction of positive outputs" (APoZ) is meaningful.
-RELU_LIKE_MODULES: Tuple[type, ...] = (nn.ReLU, nn.ReLU6)
-RELU_LIKE_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6}
-RELU_LIKE_METHODS = {"relu", "relu_"}
-
-DROPOUT_MODULES: Tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                                     nn.AlphaDropout, nn.FeatureAlphaDropout)
-DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                     F.feature_alpha_dropout}
-BATCHNORM_MODULES: Tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
-BATCHNORM_FUNCTIONS = {F.batch_norm}
-
-#: Functions/methods that merge several tensors: an evaluation point never moves past them.
-MERGE_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul,
-                   operator.sub, torch.sub, torch.cat, torch.concat, torch.stack}
-MERGE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
-
-#: Module types whose units are on the last axis of their output ([N, ..., D]).
-LAST_AXIS_MODULES: Tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding,
-                                       nn.EmbeddingBag, nn.MultiheadAttention, nn.RMSNorm)
-#: Module types whose units are on axis 1 ([N, C, ...]).
-CHANNEL_AXIS_MODULES: Tuple[type, ...] = (
-    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm, nn.LocalResponseNorm,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._LPPoolNd,
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Model and input helpers
-# --------------------------------------------------------------------------------------------
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the module that owns the parameters: strips ``torch.compile``'s wrapper.
-
-    Raises:
-        TypeError: for ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (their replicas
-            and gradient reducers hold the old parameter shapes; prune ``model.module`` and wrap
-            again afterwards), and for anything that is not an ``nn.Module``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        raise TypeError(
-            f"{type(model).__name__} wrappers are not supported: prune the wrapped model "
-            f"(`model.module`), then delete the old wrapper and wrap again (its reducer caches the "
-            f"old parameter shapes)")
-    seen = 0
-    while hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-        model = model._orig_mod  # torch.compile's OptimizedModule shares the parameters
-        seen += 1
-        if seen > 8:
-            break
-    return model
-
-
-def _model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return torch.get_default_dtype(), tensor.device
-    return torch.get_default_dtype(), torch.device("cpu")
-
-
-def make_example_inputs(
-    model: nn.Module,
-    input_size: Optional[Sequence[int]] = None,
-    example_inputs: Any = None,
-    device: Optional[torch.device | str] = None,
-    batch_size: int = 2,
-) -> Tuple[tuple, dict]:
-    """Normalise what a user gives to describe the model's input into ``(args, kwargs)``.
-
-    Args:
-        model: the model (its floating dtype and device are used for generated inputs).
-        input_size: the input shape without the batch dimension, any layout. A random tensor of
-            shape ``(batch_size, *input_size)`` is generated from a private generator (the global
-            RNG is not touched).
-        example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs
-            (integer token ids are fine). Used as given, moved to ``device``.
-        device: where inputs go; defaults to the device of the model's parameters.
-        batch_size: batch size of generated inputs (2, so shapes are never ambiguous).
-
-    Returns:
-        ``(args, kwargs)`` ready for ``model(*args, **kwargs)``.
-    """
-    dtype, param_device = _model_dtype_device(model)
-    device = torch.device(device) if device is not None else param_device
-    if example_inputs is not None:
-        if isinstance(example_inputs, Mapping):
-            return (), {k: _to_device(v, device) for k, v in example_inputs.items()}
-        if isinstance(example_inputs, (tuple, list)):
-            return tuple(_to_device(v, device) for v in example_inputs), {}
-        return (_to_device(example_inputs, device),), {}
-    if input_size is None:
-        raise ValueError("give either input_size (shape without the batch dim) or example_inputs")
-    try:
-        shape = tuple(int(s) for s in input_size)
-    except TypeError as exc:
-        raise TypeError(f"input_size must be a sequence of ints, got {input_size!r}") from exc
-    if any(s <= 0 for s in shape):
-        raise ValueError(f"input_size must be positive, got {shape}")
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((batch_size,) + shape, generator=generator, dtype=dtype).to(device)
-    return (x,), {}
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
-    """Run a block in eval mode and restore each module's training flag and the global RNG.
-
-    RNG covered: torch (CPU and every CUDA device already initialised), numpy and ``random``.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    np_rng = np.random.get_state()
-    py_rng = random.getstate()
-    try:
-        if eval_mode:
-            model.eval()
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        np.random.set_state(np_rng)
-        random.setstate(py_rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,26 +190,6 @@ def _map_axis_through_permute(site: CallSite, axis: int, in_ndim: int) -> Option
 # The graph
 # --------------------------------------------------------------------------------------------
 
-#: User module types traced as one call site (see :func:`register_leaf_module`).
-_USER_LEAF_TYPES: List[type] = []
-
-
-def register_leaf_module(*module_types: type) -> None:
-    """Trace modules of these types as single call sites instead of tracing through them.
-
-    ``torchpruner.pruner.register_slicing_rule`` calls this for your layer types, so the graph shows
-    your layer (with its rule) rather than the ops inside it. Cached graphs are rebuilt.
-    """
-    global _LEAF_VERSION
-    for module_type in module_types:
-        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-            raise TypeError(f"register_leaf_module expects nn.Module subclasses, got {module_type!r}")
-        if module_type not in _USER_LEAF_TYPES:
-            _USER_LEAF_TYPES.append(module_type)
-            _LEAF_VERSION += 1
-
-
-_LEAF_VERSION = 0
 
 
 class _LeafTracer(fx.Tracer):
@@ -377,7 +197,8 @@ class _LeafTracer(fx.Tracer):
     registered user types (:func:`register_leaf_module`) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _USER_LEAF_TYPES and isinstance(m, tuple(_USER_LEAF_TYPES)):
+        leaves = user_leaf_types()
+        if leaves and isinstance(m, leaves):
             return True
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
@@ -575,6 +396,10 @@ class ModelGraph:
                              f"forward pass of {type(self.model).__name__}, so it has no units to score or prune")
         return sites
 
+    def has_sites(self, module: nn.Module) -> bool:
+        """True when ``module`` has call sites of its own (fx traces through some modules)."""
+        return bool(self._by_module.get(id(module)))
+
     def site(self, module: nn.Module, call_index: int = 0) -> CallSite:
         """The ``call_index``-th call site of ``module``."""
         sites = self.sites_of(module)
@@ -735,7 +560,7 @@ def _structure_key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
             return tuple(sorted((k, describe(v)) for k, v in value.items()))
         return repr(value)
 
-    return tensors, modules, describe(args), describe(kwargs), _LEAF_VERSION
+    return tensors, modules, describe(args), describe(kwargs), leaf_version()
 
 
 def get_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> ModelGraph:

@@ -23,11 +23,10 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from torchpruner.graph import unwrap_model
+from torchpruner._state import unwrap_model
+from torchpruner.rules import KEPT_UNITS_ATTRIBUTE, get_slicing_rule, kept_units
 
-from .plan import KEPT_UNITS_ATTRIBUTE
-from .pruner import Pruner, kept_units
-from .rules import get_slicing_rule
+from .pruner import Pruner
 
 __all__ = ["pruning_manifest", "resize_to_manifest", "save_pruned", "load_pruned", "MANIFEST_SUFFIX"]
 

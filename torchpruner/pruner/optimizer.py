@@ -22,11 +22,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 import torch
 import torch.nn as nn
 
-from .plan import OptimizerStateSlice, TensorSlice, apply_slice
+from torchpruner.rules import TensorSlice, apply_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["register_per_element_optimizer", "check_optimizer", "plan_optimizer_surgery",
+__all__ = ["OptimizerStateSlice", "register_per_element_optimizer", "check_optimizer", "plan_optimizer_surgery",
            "apply_optimizer_surgery", "PER_ELEMENT_OPTIMIZERS", "REFUSED_OPTIMIZERS"]
 
 PER_ELEMENT_OPTIMIZERS: set = {
@@ -41,6 +41,21 @@ REFUSED_OPTIMIZERS: Dict[str, str] = {
     "Adafactor": "its factored row/column statistics couple the elements of a parameter",
     "Muon": "its orthogonalised updates couple the elements of each weight matrix",
 }
+
+
+@dataclass(eq=False)
+class OptimizerStateSlice:
+    """Slice optimizer state ``state[parameter][key]`` like the parameter it belongs to."""
+
+    parameter_name: str
+    key: str
+    axis: int
+    old_shape: Tuple[int, ...]
+    new_shape: Tuple[int, ...]
+
+    def describe(self) -> str:
+        return (f"optim  state[{self.parameter_name}][{self.key!r}]".ljust(48)
+                + f" {list(self.old_shape)} -> {list(self.new_shape)} axis {self.axis}")
 
 
 def register_per_element_optimizer(optimizer_class: Type[torch.optim.Optimizer]) -> Type[torch.optim.Optimizer]:

@@ -12,132 +12,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel
+
+from torchpruner._state import unwrap_model
+from torchpruner.rules import KEPT_UNITS_ATTRIBUTE, Edit, TensorSlice, apply_slice
+
+from .optimizer import OptimizerStateSlice, apply_optimizer_surgery, plan_optimizer_surgery
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TensorSlice", "AttributeChange", "OptimizerStateSlice", "Plan", "Edit", "KEPT_UNITS_ATTRIBUTE",
-           "apply_slice", "resolve_model"]
-
-#: Module attribute holding ``{"out": [...], "in": [...]}``: original unit ids a layer still holds.
-KEPT_UNITS_ATTRIBUTE = "_torchpruner_kept_units"
-
-
-def apply_slice(tensor: torch.Tensor, axis: int, keep: torch.Tensor,
-                group_keep: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-    """Keep ``keep`` along ``axis`` (per block of dim 0 with ``group_keep``); returns a new tensor."""
-    if group_keep is None:
-        return tensor.index_select(axis, keep.to(tensor.device))
-    blocks = tensor.chunk(len(group_keep), dim=0)
-    return torch.cat([b.index_select(axis, k.to(tensor.device)) for b, k in zip(blocks, group_keep)], dim=0)
-
-
-def _sliced_shape(old_shape: Tuple[int, ...], axis: int, keep: torch.Tensor) -> Tuple[int, ...]:
-    shape = list(old_shape)
-    shape[axis] = len(keep)
-    return tuple(shape)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-@dataclass(eq=False)
-class TensorSlice:
-    """Keep ``keep`` along ``axis`` of parameter/buffer ``tensor_name`` of a module.
-
-    Attributes:
-        module: the module while planning (not used to apply: ``module_name`` is).
-        tensor_name: attribute name of the parameter or buffer.
-        axis: sliced axis.
-        keep: kept indices (CPU int64).
-        old_shape: shape the tensor must have when the plan is applied.
-        is_parameter: parameter (with ``.grad`` and optimizer state) or buffer.
-        group_keep: per-block kept indices for grouped layers (see :func:`apply_slice`).
-        module_name: qualified name, filled in by the planner.
-    """
-
-    module: Optional[nn.Module]
-    tensor_name: str
-    axis: int
-    keep: torch.Tensor
-    old_shape: Tuple[int, ...]
-    is_parameter: bool
-    group_keep: Optional[Tuple[torch.Tensor, ...]] = None
-    module_name: str = ""
-
-    @property
-    def new_shape(self) -> Tuple[int, ...]:
-        return _sliced_shape(self.old_shape, self.axis, self.keep)
-
-    @property
-    def removed_elements(self) -> int:
-        return _numel(self.old_shape) - _numel(self.new_shape)
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.module_name}.{self.tensor_name}" if self.module_name else self.tensor_name
-
-    def describe(self) -> str:
-        kind = "param " if self.is_parameter else "buffer"
-        grouped = " (per group)" if self.group_keep is not None else ""
-        return (f"{kind} {self.qualified_name:<40} {list(self.old_shape)} -> {list(self.new_shape)} "
-                f"axis {self.axis}{grouped}  (-{self.removed_elements} elements)")
-
-
-@dataclass(eq=False)
-class AttributeChange:
-    """Set ``module.<attribute>`` from ``old`` to ``new``."""
-
-    module: Optional[nn.Module]
-    attribute: str
-    old: Any
-    new: Any
-    module_name: str = ""
-
-    def describe(self) -> str:
-        name = f"{self.module_name}.{self.attribute}" if self.module_name else self.attribute
-        old, new = self.old, self.new
-        if isinstance(old, float) or isinstance(new, float):
-            old, new = f"{old:.6g}", f"{new:.6g}"
-        if self.attribute == KEPT_UNITS_ATTRIBUTE:
-            return f"record {name:<40} kept unit ids updated"
-        return f"attr   {name:<40} {old} -> {new}"
-
-
-@dataclass(eq=False)
-class OptimizerStateSlice:
-    """Slice optimizer state ``state[parameter][key]`` like the parameter it belongs to."""
-
-    parameter_name: str
-    key: str
-    axis: int
-    old_shape: Tuple[int, ...]
-    new_shape: Tuple[int, ...]
-
-    def describe(self) -> str:
-        return (f"optim  state[{self.parameter_name}][{self.key!r}]".ljust(48)
-                + f" {list(self.old_shape)} -> {list(self.new_shape)} axis {self.axis}")
-
-
-Edit = Union[TensorSlice, AttributeChange]
+__all__ = ["Plan", "resolve_model"]
 
 
 def resolve_model(model: nn.Module) -> nn.Module:
     """Strip wrappers that share parameters: ``torch.compile`` and ``AveragedModel`` (``.module``)."""
-    from torchpruner.graph import unwrap_model
-
     model = unwrap_model(model)
-    try:
-        from torch.optim.swa_utils import AveragedModel
-    except ImportError:  # pragma: no cover
-        AveragedModel = ()
     while isinstance(model, AveragedModel):
         model = unwrap_model(model.module)
     return model
@@ -184,7 +77,6 @@ class Plan:
         description: one line: what is pruned (module, units).
         edits: tensor slices and attribute changes (module names resolved).
         optimizer_slices: optimizer-state slices planned for the pruner's optimizer.
-        removed_units: ``{module name: original-index tensor}`` of the pruned layer.
     """
 
     description: str
@@ -258,8 +150,6 @@ class Plan:
             ValueError / TypeError: before anything changes, when the model does not match the plan
                 or the optimizer cannot be sliced.
         """
-        from .optimizer import apply_optimizer_surgery, plan_optimizer_surgery
-
         model = resolve_model(model)
         bound = self._bind(model)
         parameter_slices = [(edit, module._parameters[edit.tensor_name]) for edit, module in bound

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..graph.trace import make_example_inputs, preserved_state, unwrap_model
+from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
 
 __all__ = ["count_parameters", "count_flops", "measure_latency"]
 

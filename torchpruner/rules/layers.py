@@ -1,237 +1,17 @@
-"""Slicing rules: how each layer type loses units, in a registry keyed by module type.
-
-A rule answers four questions about a module (the four verbs):
-
-``out_units(module)``
-    how many units the module produces (``out_features``, ``out_channels``...), or None.
-``in_units(module)``
-    how many units it reads (``in_features``, ``in_channels``...), or None when any count works
-    (Dropout, activations).
-``prune_out(module, selection)``
-    the edits that remove the selected *output* units (the module is the pruned layer).
-``prune_in(module, selection)``
-    the edits that remove the selected *input* units (the module consumes the pruned layer).
-
-Rules never modify anything: they return :class:`~torchpruner.pruner.plan.TensorSlice` and
-:class:`~torchpruner.pruner.plan.AttributeChange` edits that the planner collects, validates and
-only then applies. A rule whose module keeps its input units in its output (BatchNorm, LayerNorm,
-PReLU, Dropout, activations, depthwise convolutions) sets ``passes_units_through = True``: after
-``prune_in`` the same units disappear from its output, so the layers after it are pruned too.
-
-Register a rule for your own layer (subclasses of a registered type find the rule of the nearest
-registered base class)::
-
-    import torch.nn as nn
-    from torchpruner.pruner import SlicingRule, register_slicing_rule, slice_tensor, set_attribute
-
-    class Scale(nn.Module):                 # y = x * weight, per channel on dim 1
-        def __init__(self, channels):
-            super().__init__()
-            self.channels = channels
-            self.weight = nn.Parameter(torch.ones(channels))
-        def forward(self, x):
-            return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
-
-    @register_slicing_rule(Scale)
-    class ScaleRule(SlicingRule):
-        passes_units_through = True         # channel c in -> channel c out
-        input_unit_axis = 1
-        def out_units(self, module): return module.channels
-        def in_units(self, module): return module.channels
-        def prune_out(self, module, selection):
-            return [slice_tensor(module, "weight", 0, selection.keep),
-                    set_attribute(module, "channels", len(selection.keep))]
-        prune_in = prune_out
-
-Then ``Pruner.prune_model(conv, indices, cascading_modules=[scale, next_conv])`` works.
-"""
+"""Slicing rules of the torch.nn layers (registered on import of :mod:`torchpruner.rules`)."""
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
-from torchpruner.graph.trace import register_leaf_module
+from torchpruner._ops import PARAMETER_FREE_PASS_THROUGH_MODULES
 
-from .plan import AttributeChange, Edit, TensorSlice
+from .edits import Edit, set_attribute, slice_tensor
+from .registry import DROPOUT_POLICIES, GroupedSliceError, SlicingRule, UnitSelection, register_slicing_rule
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "UnitSelection",
-    "SlicingRule",
-    "register_slicing_rule",
-    "get_slicing_rule",
-    "slice_tensor",
-    "set_attribute",
-    "DROPOUT_POLICIES",
-]
-
-#: How a Dropout after a pruned layer changes its rate ``p`` when ``k`` of ``n`` units go.
-DROPOUT_POLICIES: Dict[str, Callable[[float, int, int], float]] = {
-    # the 2020 TorchPruner rule: fewer units, proportionally less dropout
-    "linear": lambda p, n, k: p * (1.0 - k / n),
-    # Han et al. 2015 ("Learning both weights and connections"): D_r = D_o * sqrt(C_r / C_o)
-    "sqrt": lambda p, n, k: p * math.sqrt((n - k) / n),
-    "keep": lambda p, n, k: p,
-}
-
-
-@dataclass(frozen=True)
-class UnitSelection:
-    """The units a rule removes from one side (input or output) of a module.
-
-    Attributes:
-        remove: sorted, unique int64 indices of the units to remove (CPU tensor).
-        keep: sorted int64 indices of the units that stay (the complement of ``remove``).
-        num_units: the number of units on that side before pruning.
-        axis: axis of the units in the module's input/output tensor (batch dim included), when
-            known from the trace; None otherwise.
-        ndim: number of dims of that tensor, when known.
-        dropout_policy: name of the rule for Dropout rates (see :data:`DROPOUT_POLICIES`).
-    """
-
-    remove: torch.Tensor
-    keep: torch.Tensor
-    num_units: int
-    axis: Optional[int] = None
-    ndim: Optional[int] = None
-    dropout_policy: str = "linear"
-
-    @classmethod
-    def from_remove(cls, remove: torch.Tensor, num_units: int, **kwargs) -> "UnitSelection":
-        remove = torch.as_tensor(remove, dtype=torch.long).flatten().unique(sorted=True)
-        mask = torch.ones(num_units, dtype=torch.bool)
-        mask[remove] = False
-        return cls(remove=remove, keep=mask.nonzero().flatten(), num_units=num_units, **kwargs)
-
-
-class SlicingRule:
-    """Base class of slicing rules; see the module docstring for the four verbs.
-
-    Class attributes:
-        passes_units_through: True when input unit ``c`` is output unit ``c`` (after ``prune_in``
-            the same units leave the output, so pruning continues downstream).
-        input_unit_axis: where the module reads its units: ``1`` (channels, ``[N, C, ...]``),
-            ``-1`` (last dim, ``[N, ..., D]``) or None (anywhere / checked by the rule).
-        has_unit_state: True when the module holds per-unit tensors (then it must be listed
-            in ``cascading_modules`` when pruned units flow into it).
-    """
-
-    passes_units_through: bool = False
-    input_unit_axis: Optional[int] = None
-    has_unit_state: bool = True
-
-    def out_units(self, module: nn.Module) -> Optional[int]:
-        return None
-
-    def in_units(self, module: nn.Module) -> Optional[int]:
-        return None
-
-    def prune_out(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
-        raise TypeError(f"{type(module).__name__} cannot be pruned on its output units")
-
-    def prune_in(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
-        raise TypeError(f"{type(module).__name__} cannot consume pruned units")
-
-    def removed_out_after_in(self, module: nn.Module, selection: UnitSelection) -> Optional[torch.Tensor]:
-        """Output units that disappear when ``selection`` is removed from the input.
-
-        None for consumers (their output keeps its size). The default follows
-        ``passes_units_through``; grouped convolutions override it.
-        """
-        return selection.remove if self.passes_units_through else None
-
-
-_RULES: Dict[type, SlicingRule] = {}
-R = TypeVar("R", bound=Type[SlicingRule])
-
-
-def register_slicing_rule(*module_types: type) -> Callable[[R], R]:
-    """Class decorator: use this rule for ``module_types`` (and their subclasses).
-
-    Args:
-        module_types: ``nn.Module`` subclasses; a later registration replaces an earlier one.
-    """
-    for module_type in module_types:
-        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-            raise TypeError(f"register_slicing_rule expects nn.Module subclasses, got {module_type!r}")
-
-    def decorator(rule_class: R) -> R:
-        if not (isinstance(rule_class, type) and issubclass(rule_class, SlicingRule)):
-            raise TypeError(f"{rule_class!r} is not a SlicingRule subclass")
-        instance = rule_class()
-        for module_type in module_types:
-            _RULES[module_type] = instance
-            if not module_type.__module__.startswith(("torch.", "torchvision.")):
-                register_leaf_module(module_type)  # the graph shows the layer, not the ops inside it
-        return rule_class
-
-    return decorator
-
-
-def get_slicing_rule(module: nn.Module) -> Optional[SlicingRule]:
-    """The rule registered for ``type(module)`` or its nearest registered base class."""
-    for klass in type(module).__mro__:
-        rule = _RULES.get(klass)
-        if rule is not None:
-            return rule
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Edit helpers for rules
-# --------------------------------------------------------------------------------------------
-
-def slice_tensor(module: nn.Module, tensor_name: str, axis: int, keep: torch.Tensor,
-                 group_keep: Optional[Sequence[torch.Tensor]] = None) -> List[Edit]:
-    """An edit that keeps ``keep`` along ``axis`` of a parameter or buffer of ``module``.
-
-    Returns an empty list when the tensor is None (``bias=False``, untracked BatchNorm stats).
-
-    Args:
-        module: the module that owns the tensor.
-        tensor_name: attribute name of the parameter or buffer (``"weight"``, ``"running_mean"``).
-        axis: the axis that is sliced.
-        keep: indices kept along ``axis``.
-        group_keep: for grouped layers: the tensor is cut into ``len(group_keep)`` equal blocks
-            along dim 0 and block ``j`` keeps ``group_keep[j]`` along ``axis`` (which must not be 0).
-    """
-    if tensor_name in module._parameters:
-        tensor, is_parameter = module._parameters[tensor_name], True
-    elif tensor_name in module._buffers:
-        tensor, is_parameter = module._buffers[tensor_name], False
-    else:
-        raise TypeError(f"{type(module).__name__} has no parameter or buffer named {tensor_name!r}")
-    if tensor is None:
-        return []
-    axis = axis % tensor.dim()
-    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
-    groups = None
-    if group_keep is not None:
-        if axis == 0:
-            raise ValueError("group_keep slices within blocks of dim 0; axis must not be 0")
-        groups = tuple(torch.as_tensor(k, dtype=torch.long).cpu() for k in group_keep)
-    return [TensorSlice(module=module, tensor_name=tensor_name, axis=axis, keep=keep,
-                        old_shape=tuple(tensor.shape), is_parameter=is_parameter, group_keep=groups)]
-
-
-def set_attribute(module: nn.Module, attribute: str, value) -> List[Edit]:
-    """An edit that sets ``module.<attribute> = value`` (skipped when already equal)."""
-    old = getattr(module, attribute)
-    if old == value:
-        return []
-    return [AttributeChange(module=module, attribute=attribute, old=old, new=value)]
-
-
-# --------------------------------------------------------------------------------------------
-# Built-in rules
-# --------------------------------------------------------------------------------------------
 
 @register_slicing_rule(nn.Linear)
 class LinearRule(SlicingRule):
@@ -279,10 +59,6 @@ class EmbeddingRule(SlicingRule):
 def _per_group_removal(remove: torch.Tensor, num_units: int, groups: int) -> List[torch.Tensor]:
     per_group = num_units // groups
     return [remove[(remove >= g * per_group) & (remove < (g + 1) * per_group)] - g * per_group for g in range(groups)]
-
-
-class GroupedSliceError(ValueError):
-    """Pruning that would break the group structure of a grouped convolution."""
 
 
 @register_slicing_rule(nn.modules.conv._ConvNd)
@@ -521,18 +297,7 @@ class DropoutRule(SlicingRule):
     prune_out = prune_in
 
 
-_PARAMETER_FREE_PASS_THROUGH = tuple(
-    getattr(nn, name) for name in (
-        "ReLU", "ReLU6", "LeakyReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish",
-        "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh", "Softplus", "Softsign", "Tanhshrink", "LogSigmoid",
-        "Threshold", "Hardshrink", "Softshrink", "Identity", "Flatten",
-    ) if hasattr(nn, name)) + (
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd,
-)
-
-
-@register_slicing_rule(*_PARAMETER_FREE_PASS_THROUGH)
+@register_slicing_rule(*PARAMETER_FREE_PASS_THROUGH_MODULES)
 class ParameterFreeRule(SlicingRule):
     """Element-wise activations, pooling, Identity, Flatten: nothing to slice, units pass through."""
 
@@ -543,3 +308,4 @@ class ParameterFreeRule(SlicingRule):
         return []
 
     prune_out = prune_in
+

@@ -5,7 +5,7 @@ a score per group unit, and one validated plan that removes the chosen units of 
 once (with optimizer surgery)::
 
     from torchpruner import Pruner
-    from torchpruner.graph.prune_groups import prune_groups, IterativePruning
+    from torchpruner import prune_groups, IterativePruning
 
     pruner = Pruner(model, input_size=(3, 224, 224), optimizer=optimizer)
     plan = prune_groups(pruner, fraction=0.3)                       # 30% of every group, L1 scores
@@ -25,22 +25,17 @@ import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 import torch.nn as nn
 
-from .dependency import Group, get_dependency_graph, plan_group
+from torchpruner.attributions.methods.weight_norm import group_weight_norms
+from torchpruner.graph.dependency import Group
+from torchpruner.pruner import Pruner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["pruner_groups", "weight_norm_scores", "select_units", "prune_groups", "IterativePruning"]
+__all__ = ["weight_norm_scores", "select_units", "prune_groups", "IterativePruning"]
 
 ScoreFn = Callable[[Group], np.ndarray]
-
-
-def pruner_groups(pruner: Any, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False) -> List[Group]:
-    """The coupled groups of the pruner's model that can be pruned (see ``Pruner.groups``)."""
-    return get_dependency_graph(pruner.graph()).groups(ignored_layers=ignored_layers,
-                                                       include_outputs=include_outputs)
 
 
 def weight_norm_scores(group: Group) -> np.ndarray:
@@ -50,8 +45,6 @@ def weight_norm_scores(group: Group) -> np.ndarray:
     :func:`torchpruner.attributions.methods.weight_norm.group_weight_norms`): each member's per-unit
     L1 norm divided by that member's mean over the group's units, summed over members.
     """
-    from torchpruner.attributions.methods.weight_norm import group_weight_norms
-
     return group_weight_norms(group).numpy()
 
 
@@ -65,6 +58,24 @@ def _as_scores(group: Group, scores: Optional[ScoreFn]) -> np.ndarray:
     if values.shape != (group.num_units,):
         raise ValueError(f"scores for group {group.index} must have shape ({group.num_units},), got {values.shape}")
     return values
+
+
+def _lowest(group: Group, values: np.ndarray, count: int) -> List[int]:
+    """The ``count`` lowest-scored units of ``group`` (rounded down to what grouped convolutions
+    allow: the same number from every cell of :meth:`Group.count_cells`)."""
+    cells = group.count_cells()
+    order = np.argsort(values, kind="stable")
+    if cells is None:
+        return sorted(int(u) for u in order[:count])
+    num_cells = int(cells.max()) + 1
+    per_cell = count // num_cells
+    chosen: List[int] = []
+    for cell in range(num_cells):
+        members = [int(u) for u in order if cells[u] == cell]
+        if per_cell >= len(members):
+            return []  # a cell would be emptied: the grouped layout cannot lose this many
+        chosen += members[:per_cell]
+    return sorted(chosen)
 
 
 def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Optional[Mapping[nn.Module, float]] = None,
@@ -117,7 +128,10 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Optiona
             total -= 1
         for group in list(chosen):
             keep_count = limit(group, len(chosen[group]))
-            chosen[group] = sorted(chosen[group][:keep_count]) if keep_count else []
+            if group.count_cells() is None:
+                chosen[group] = sorted(chosen[group][:keep_count]) if keep_count else []
+            else:  # the same count from every conv group: re-chosen by score within each cell
+                chosen[group] = _lowest(group, per_group[group], keep_count)
             if not chosen[group]:
                 del chosen[group]
         return chosen
@@ -128,13 +142,13 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Optiona
                 ratio = float(value)
                 break
         count = limit(group, _units_of(ratio, group.num_units))
-        if count > 0:
-            order = np.argsort(values, kind="stable")
-            chosen[group] = sorted(int(u) for u in order[:count])
+        units = _lowest(group, values, count) if count > 0 else []
+        if units:
+            chosen[group] = units
     return chosen
 
 
-def prune_groups(pruner: Any, fraction: float = 0.3, ratios: Optional[Mapping[nn.Module, float]] = None,
+def prune_groups(pruner: Pruner, fraction: float = 0.3, ratios: Optional[Mapping[nn.Module, float]] = None,
                  scores: Optional[ScoreFn] = None, global_ranking: bool = False, min_units: int = 1,
                  round_to: int = 1, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False,
                  dry_run: bool = False):
@@ -144,9 +158,9 @@ def prune_groups(pruner: Any, fraction: float = 0.3, ratios: Optional[Mapping[nn
     ``Pruner.groups``). Returns the :class:`~torchpruner.pruner.Plan` (applied unless ``dry_run``);
     model, optimizer state, gradients and Dropout rates are fixed in place.
     """
-    groups = pruner_groups(pruner, ignored_layers, include_outputs)
+    groups = pruner.groups(ignored_layers, include_outputs)
     selection = select_units(groups, fraction, ratios, scores, global_ranking, min_units, round_to)
-    plan = plan_group(pruner, selection, f"prune {len(selection)} of {len(groups)} groups")
+    plan = pruner.plan_groups(selection, f"prune {len(selection)} of {len(groups)} groups")
     if not dry_run and selection:
         plan.apply(pruner.model, pruner.optimizer)
     return plan
@@ -167,7 +181,7 @@ class IterativePruning:
         scores, min_units, round_to, ignored_layers: as in :func:`prune_groups`.
     """
 
-    def __init__(self, pruner: Any, target: float = 0.5, steps: int = 5, every: int = 100,
+    def __init__(self, pruner: Pruner, target: float = 0.5, steps: int = 5, every: int = 100,
                  scores: Optional[ScoreFn] = None, min_units: int = 1, round_to: int = 1,
                  ignored_layers: Sequence[nn.Module] = ()) -> None:
         if not 0.0 <= target < 1.0:
@@ -180,7 +194,7 @@ class IterativePruning:
         self.events = 0
         self.plans: List[Any] = []
         self._original: Dict[str, int] = {}
-        for group in pruner_groups(pruner, ignored_layers):
+        for group in pruner.groups(ignored_layers):
             self._original[self._key(group)] = group.num_units
 
     @staticmethod
@@ -196,7 +210,7 @@ class IterativePruning:
         self.events += 1
         fraction = self.target * self.events / self.steps
         selection: Dict[Group, List[int]] = {}
-        for group in pruner_groups(self.pruner, self.ignored_layers):
+        for group in self.pruner.groups(self.ignored_layers):
             original = self._original.get(self._key(group))
             if original is None:
                 continue
@@ -207,7 +221,7 @@ class IterativePruning:
                 continue
             values = _as_scores(group, self.scores)
             selection[group] = sorted(int(u) for u in np.argsort(values, kind="stable")[:count])
-        plan = plan_group(self.pruner, selection, f"iterative pruning event {self.events}/{self.steps}")
+        plan = self.pruner.plan_groups(selection, f"iterative pruning event {self.events}/{self.steps}")
         if selection:
             plan.apply(self.pruner.model, self.pruner.optimizer)
         self.plans.append(plan)

@@ -1,0 +1,17 @@
+"""Slicing rules (floor 1): the edits a prune is made of, the rule registry, every built-in rule.
+
+Importing this package registers the rules of the torch.nn layers (:mod:`.layers`) and of
+``nn.MultiheadAttention`` (:mod:`.attention`), so every planner and :func:`torchpruner.load_pruned`
+see the same rules in any process.
+"""
+
+from . import attention, layers  # noqa: F401  (registers the built-in rules)
+from .edits import KEPT_UNITS_ATTRIBUTE, AttributeChange, Edit, TensorSlice, apply_slice, set_attribute, slice_tensor
+from .registry import DROPOUT_POLICIES, GroupedSliceError, SlicingRule, UnitSelection, get_slicing_rule, register_slicing_rule
+from .units import complement, kept_units, kept_units_edit, normalize_indices, param_record_key
+
+__all__ = [
+    "AttributeChange", "DROPOUT_POLICIES", "Edit", "GroupedSliceError", "KEPT_UNITS_ATTRIBUTE", "SlicingRule",
+    "TensorSlice", "UnitSelection", "apply_slice", "complement", "get_slicing_rule", "kept_units", "kept_units_edit",
+    "normalize_indices", "param_record_key", "register_slicing_rule", "set_attribute", "slice_tensor",
+]

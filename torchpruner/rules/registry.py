@@ -1,0 +1,183 @@
+"""The slicing-rule registry: how each layer type loses units, keyed by module type.
+
+A rule answers four questions about a module (the four verbs):
+
+``out_units(module)``
+    how many units the module produces (``out_features``, ``out_channels``...), or None.
+``in_units(module)``
+    how many units it reads (``in_features``, ``in_channels``...), or None when any count works
+    (Dropout, activations).
+``prune_out(module, selection)``
+    the edits that remove the selected *output* units (the module is the pruned layer).
+``prune_in(module, selection)``
+    the edits that remove the selected *input* units (the module consumes the pruned layer).
+
+Rules never modify anything: they return :class:`~torchpruner.rules.edits.TensorSlice` and
+:class:`~torchpruner.rules.edits.AttributeChange` edits that the planner collects, validates and
+only then applies. A rule whose module keeps its input units in its output (BatchNorm, LayerNorm,
+PReLU, Dropout, activations, depthwise convolutions) sets ``passes_units_through = True``: after
+``prune_in`` the same units disappear from its output, so the layers after it are pruned too.
+Layout facts (a convolution's weight layout, its channel groups) live on the rule, nowhere else.
+
+Register a rule for your own layer (subclasses of a registered type find the rule of the nearest
+registered base class):
+
+>>> import torch, torch.nn as nn
+>>> from torchpruner.rules import SlicingRule, register_slicing_rule, set_attribute, slice_tensor
+>>> class Scale(nn.Module):                 # y = x * weight, per channel on dim 1
+...     def __init__(self, channels):
+...         super().__init__()
+...         self.channels = channels
+...         self.weight = nn.Parameter(torch.ones(channels))
+...     def forward(self, x):
+...         return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
+>>> @register_slicing_rule(Scale)
+... class ScaleRule(SlicingRule):
+...     passes_units_through = True         # channel c in -> channel c out
+...     input_unit_axis = 1
+...     def out_units(self, module): return module.channels
+...     def in_units(self, module): return module.channels
+...     def prune_in(self, module, selection):
+...         return (slice_tensor(module, "weight", 0, selection.keep)
+...                 + set_attribute(module, "channels", len(selection.keep)))
+...     prune_out = prune_in
+>>> from torchpruner import Pruner
+>>> model = nn.Sequential(nn.Conv2d(1, 4, 3), Scale(4), nn.Conv2d(4, 2, 3))
+>>> plan = Pruner(model, input_size=(1, 8, 8)).prune_model(model[0], [1, 2], cascading_modules=[model[1], model[2]])
+>>> model[1].weight.shape, model[2].in_channels
+(torch.Size([2]), 2)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.nn as nn
+
+from torchpruner._ops import register_leaf_module
+
+from .edits import Edit
+
+__all__ = ["UnitSelection", "SlicingRule", "register_slicing_rule", "get_slicing_rule", "GroupedSliceError",
+           "DROPOUT_POLICIES"]
+
+#: How a Dropout after a pruned layer changes its rate ``p`` when ``k`` of ``n`` units go.
+DROPOUT_POLICIES: dict[str, Callable[[float, int, int], float]] = {
+    # the 2020 TorchPruner rule: fewer units, proportionally less dropout
+    "linear": lambda p, n, k: p * (1.0 - k / n),
+    # Han et al. 2015 ("Learning both weights and connections"): D_r = D_o * sqrt(C_r / C_o)
+    "sqrt": lambda p, n, k: p * math.sqrt((n - k) / n),
+    "keep": lambda p, n, k: p,
+}
+
+
+@dataclass(frozen=True)
+class UnitSelection:
+    """The units a rule removes from one side (input or output) of a module.
+
+    Attributes:
+        remove: sorted, unique int64 indices of the units to remove (CPU tensor).
+        keep: sorted int64 indices of the units that stay (the complement of ``remove``).
+        num_units: the number of units on that side before pruning.
+        axis: axis of the units in the module's input/output tensor (batch dim included), when
+            known from the trace; None otherwise.
+        ndim: number of dims of that tensor, when known.
+        dropout_policy: name of the rule for Dropout rates (see :data:`DROPOUT_POLICIES`).
+    """
+
+    remove: torch.Tensor
+    keep: torch.Tensor
+    num_units: int
+    axis: int | None = None
+    ndim: int | None = None
+    dropout_policy: str = "linear"
+
+    @classmethod
+    def from_remove(cls, remove: torch.Tensor, num_units: int, **kwargs) -> "UnitSelection":
+        remove = torch.as_tensor(remove, dtype=torch.long).flatten().unique(sorted=True)
+        mask = torch.ones(num_units, dtype=torch.bool)
+        mask[remove] = False
+        return cls(remove=remove, keep=mask.nonzero().flatten(), num_units=num_units, **kwargs)
+
+
+class SlicingRule:
+    """Base class of slicing rules; see the module docstring for the four verbs.
+
+    Class attributes:
+        passes_units_through: True when input unit ``c`` is output unit ``c`` (after ``prune_in``
+            the same units leave the output, so pruning continues downstream).
+        input_unit_axis: where the module reads its units: ``1`` (channels, ``[N, C, ...]``),
+            ``-1`` (last dim, ``[N, ..., D]``) or None (anywhere / checked by the rule).
+        has_unit_state: True when the module holds per-unit tensors (then it must be listed
+            in ``cascading_modules`` when pruned units flow into it).
+    """
+
+    passes_units_through: bool = False
+    input_unit_axis: int | None = None
+    has_unit_state: bool = True
+
+    def out_units(self, module: nn.Module) -> int | None:
+        return None
+
+    def in_units(self, module: nn.Module) -> int | None:
+        return None
+
+    def prune_out(self, module: nn.Module, selection: UnitSelection) -> list[Edit]:
+        raise TypeError(f"{type(module).__name__} cannot be pruned on its output units")
+
+    def prune_in(self, module: nn.Module, selection: UnitSelection) -> list[Edit]:
+        raise TypeError(f"{type(module).__name__} cannot consume pruned units")
+
+    def removed_out_after_in(self, module: nn.Module, selection: UnitSelection) -> torch.Tensor | None:
+        """Output units that disappear when ``selection`` is removed from the input.
+
+        None for consumers (their output keeps its size). The default follows
+        ``passes_units_through``; grouped convolutions override it.
+        """
+        return selection.remove if self.passes_units_through else None
+
+
+_RULES: dict[type, SlicingRule] = {}
+R = TypeVar("R", bound=type[SlicingRule])
+
+
+def register_slicing_rule(*module_types: type) -> Callable[[R], R]:
+    """Class decorator: use this rule for ``module_types`` (and their subclasses).
+
+    Args:
+        module_types: ``nn.Module`` subclasses; a later registration replaces an earlier one.
+    """
+    for module_type in module_types:
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise TypeError(f"register_slicing_rule expects nn.Module subclasses, got {module_type!r}")
+
+    def decorator(rule_class: R) -> R:
+        if not (isinstance(rule_class, type) and issubclass(rule_class, SlicingRule)):
+            raise TypeError(f"{rule_class!r} is not a SlicingRule subclass")
+        instance = rule_class()
+        for module_type in module_types:
+            _RULES[module_type] = instance
+            if not module_type.__module__.startswith(("torch.", "torchvision.")):
+                register_leaf_module(module_type)  # the graph shows the layer, not the ops inside it
+        return rule_class
+
+    return decorator
+
+
+def get_slicing_rule(module: nn.Module) -> SlicingRule | None:
+    """The rule registered for ``type(module)`` or its nearest registered base class."""
+    for klass in type(module).__mro__:
+        rule = _RULES.get(klass)
+        if rule is not None:
+            return rule
+    return None
+
+
+
+
+class GroupedSliceError(ValueError):
+    """Pruning that would break the group structure of a grouped convolution."""
