@@ -1,13 +1,13 @@
 """Checks on explicit cascades in models torch.fx cannot trace: a cascade through an invisible flatten
 is verified on the model, so a channel-last flatten is refused instead of silently mis-sliced."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
 
 from torchpruner import Pruner
+
+from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_units, snapshot
 
 
 class Untraceable(nn.Module):
@@ -37,29 +37,26 @@ def _model(channel_last):
 
 def test_channel_major_flatten_is_verified_and_pruned():
     model = _model(channel_last=False)
-    twin = copy.deepcopy(model)
-    mask = torch.ones(1, 4, 1, 1, dtype=torch.float64)
-    mask[:, [1, 2]] = 0
-    handle = None
-    pruner = Pruner(model, input_size=(2, 5, 5))
-    assert pruner.graph().method == "hooks"
-    pruner.prune_model(model.conv, [1, 2], cascading_modules=[model.bn, model.fc])
-    assert model.fc.in_features == 18
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    handle = twin.bn.register_forward_hook(lambda m, i, o: o * mask + (mask - 1) * 1e6)  # relu(-big) = 0
-    try:
-        torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-12)
-    finally:
-        handle.remove()
+
+    def prune():
+        pruner = Pruner(model, input_size=(2, 5, 5))
+        assert pruner.graph().method == "hooks"
+        pruner.prune_model(model.conv, [1, 2], cascading_modules=[model.bn, model.fc])
+
+    # the relu is functional: set the units to -1e6 before it (relu(-big) = 0)
+    assert_prune_equals_zeroed_twin(model, prune, lambda twin: masked_units(twin.bn, [1, 2], value=-1e6), x,
+                                    rtol=1e-12, atol=1e-12)
+    assert model.fc.in_features == 18
 
 
 def test_channel_last_flatten_is_refused_unchanged():
     model = _model(channel_last=True)
-    before = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     pruner = Pruner(model, input_size=(2, 5, 5))
     with pytest.raises(ValueError, match="'fc'.*not a channel-major flatten"):
         pruner.prune_model(model.conv, [1, 2], cascading_modules=[model.bn, model.fc])
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_unchanged(before, model)
     assert model.conv.out_channels == 4 and model.fc.in_features == 36
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks

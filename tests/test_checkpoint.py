@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torchpruner.pruner import Pruner
 from torchpruner.pruner.checkpoint import load_pruned, pruning_manifest, resize_to_manifest, save_pruned
 
+from oracles import assert_state_matches, assert_unchanged, snapshot
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -52,6 +54,7 @@ def test_round_trip_into_a_fresh_model(tmp_path):
     assert repr(fresh) == repr(net)
     assert fresh.drop.p == pytest.approx(net.drop.p)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_state_matches(fresh, net)
     torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
     assert pruning_manifest(fresh)["kept_units"] == manifest["kept_units"]
 
@@ -60,15 +63,17 @@ def test_a_model_that_cannot_take_the_shapes_is_left_unchanged(tmp_path):
     net = _pruned_net()
     manifest = pruning_manifest(net)
     other = nn.Sequential(nn.Conv2d(3, 8, 3))
-    before = {k: v.clone() for k, v in other.state_dict().items()}
+    before = snapshot(other)
     with pytest.raises(ValueError, match="'stem'"):
         resize_to_manifest(other, manifest)
+    assert_unchanged(before, other)
     manifest["kept_units"]["conv"]["out"].append(99)
     fresh = Net().double()
+    before = snapshot(fresh)
     with pytest.raises(ValueError, match="'conv'.*99"):
         resize_to_manifest(fresh, manifest)
+    assert_unchanged(before, fresh)
     assert repr(fresh) == repr(Net().double())
-    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):

@@ -7,9 +7,6 @@ over the pruned axis changes the statistics of the remaining units, so that case
 an explicitly rebuilt smaller model instead.
 """
 
-import copy
-
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,8 +14,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from torchpruner.graph import get_graph
-from torchpruner.graph.dependency import DependencyError, get_dependency_graph, zeroing_functions
+from torchpruner.graph.dependency import DependencyError, get_dependency_graph
 from torchpruner.pruner import Pruner
+
+from oracles import (assert_prune_equals_zeroed_twin, assert_state_matches, assert_unchanged, kept,
+                     masked_at_mask_points, rebuilt, snapshot, train, twin_of)
 
 torch.set_num_threads(1)
 
@@ -43,28 +43,14 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def masked_twin_output(twin: nn.Module, x: torch.Tensor, module: nn.Module, indices) -> torch.Tensor:
-    """Output of the unpruned ``twin`` with ``module``'s group units zeroed at the mask points."""
-    graph = get_graph(twin, (x,))
-    dep = get_dependency_graph(graph)
-    fns = zeroing_functions(dep.select(module, indices))
-    assert fns, "the group has no consumer to mask"
-    with graph.intercept(fns) as forward, torch.no_grad():
-        return forward(x)
-
-
 def check_zeroed_twin(model: nn.Module, x: torch.Tensor, module_name: str, indices, atol: float = 1e-10):
+    """Zeroed twin with the group's units masked where its consumers read them."""
     model = randomize(model)
-    twin = copy.deepcopy(model)
-    module = model.get_submodule(module_name)
-    expected = masked_twin_output(twin, x, twin.get_submodule(module_name), indices)
     params_before = sum(p.numel() for p in model.parameters())
-    pruner = Pruner(model, example_inputs=x)
-    plan = pruner.prune_model(module, indices)
-    with torch.no_grad():
-        out = model(x)
-    assert out.shape == expected.shape
-    torch.testing.assert_close(out, expected, atol=atol, rtol=0)
+    plan = assert_prune_equals_zeroed_twin(
+        model, lambda: Pruner(model, example_inputs=x).prune_model(model.get_submodule(module_name), indices),
+        lambda twin: masked_at_mask_points(twin, (x,), (twin.get_submodule(module_name), indices)), x,
+        rtol=0, atol=atol)
     assert sum(p.numel() for p in model.parameters()) < params_before
     # a second forward/backward after the prune works
     model.train()
@@ -277,11 +263,10 @@ def test_zeroed_twin_grouped_conv_equal_per_group():
 
 def test_grouped_conv_unequal_refused_before_any_change():
     model = randomize(GroupedNet())
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"'grouped'.*groups=2.*\[1, 0\] units per group"):
         Pruner(model, input_size=(3, 8, 8)).prune_model(model.conv1, [0])
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key])
+    assert_unchanged(before, model)
 
 
 def test_zeroed_twin_squeeze_excitation():
@@ -310,15 +295,12 @@ def test_layernorm_stream_against_rebuilt_model():
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     remove = [1, 6]
     keep = [i for i in range(8) if i not in remove]
-    small = MixerBlock(d=len(keep)).double().eval()
+    stream = {name: kept(keep) for name in ("embed.weight", "embed.bias", "ln1.weight", "ln1.bias", "ln2.weight",
+                                            "ln2.bias", "fc2.weight", "fc2.bias")}
+    small = rebuilt(MixerBlock(d=len(keep)), model, {**stream, "cls": kept(None, None, keep),
+                                                     "pos": kept(None, None, keep), "fc1.weight": kept(None, keep),
+                                                     "head.weight": kept(None, keep)})
     with torch.no_grad():
-        small.embed.weight.copy_(model.embed.weight[keep]); small.embed.bias.copy_(model.embed.bias[keep])
-        small.cls.copy_(model.cls[..., keep]); small.pos.copy_(model.pos[..., keep])
-        for a, b in ((small.ln1, model.ln1), (small.ln2, model.ln2)):
-            a.weight.copy_(b.weight[keep]); a.bias.copy_(b.bias[keep])
-        small.fc1.weight.copy_(model.fc1.weight[:, keep]); small.fc1.bias.copy_(model.fc1.bias)
-        small.fc2.weight.copy_(model.fc2.weight[keep]); small.fc2.bias.copy_(model.fc2.bias[keep])
-        small.head.weight.copy_(model.head.weight[:, keep]); small.head.bias.copy_(model.head.bias)
         expected = small(x)
     plan = Pruner(model, example_inputs=x).prune_model(model.embed, remove)
     assert "cls" in str(plan) and "pos" in str(plan) and "ln2.weight" in str(plan)
@@ -360,12 +342,11 @@ class ChannelShuffle(nn.Module):
 ])
 def test_unfollowable_ops_are_refused_before_any_change(model_cls, layer, match):
     model = randomize(model_cls())
-    state = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = snapshot(model, optimizer)
     with pytest.raises(ValueError, match=match):
         Pruner(model, input_size=(3, 8, 8), optimizer=optimizer).prune_model(model.get_submodule(layer), [0, 1])
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key])
+    assert_unchanged(before, model, optimizer)
 
 
 def test_flatten_with_batch_derived_view_is_followed():
@@ -415,34 +396,28 @@ def test_masked_trajectory_residual_adam():
     x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (8,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    twin = copy.deepcopy(model)
-    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
-    twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # Adam steps in place
+    train(model, optimizer, [(x, y)] * 3)
+    twin, twin_opt = twin_of(model, optimizer, lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
     indices = [1, 2]
     plan = Pruner(model, example_inputs=x, optimizer=optimizer).prune_model(model.stem, indices)
     assert plan.optimizer_slices
 
-    graph = get_graph(twin, (x,))
-    dep = get_dependency_graph(graph)
-    fns = zeroing_functions(dep.select(twin.stem, indices))
     model.train(); twin.train()
-    with graph.intercept(fns) as twin_forward:
-        for _ in range(3):
-            optimizer.zero_grad(); twin_opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            F.cross_entropy(twin_forward(x), y).backward()
-            optimizer.step(); twin_opt.step()
+    train(model, optimizer, [(x, y)] * 3)
+    with masked_at_mask_points(twin, (x,), (twin.stem, indices)) as twin_forward:
+        train(twin_forward, twin_opt, [(x, y)] * 3)
+    # every tensor, sliced where the stream runs: the stem, the identity blocks' last convs and
+    # BatchNorms (rows), the convs that read the stream (columns); block3 and fc are kept whole
     keep = [i for i in range(4) if i not in indices]
-    torch.testing.assert_close(model.stem.weight, twin.stem.weight[keep], atol=1e-10, rtol=0)
-    torch.testing.assert_close(model.block1.conv1.weight, twin.block1.conv1.weight[:, keep], atol=1e-10, rtol=0)
-    torch.testing.assert_close(model.block2.bn2.bias, twin.block2.bn2.bias[keep], atol=1e-10, rtol=0)
-    torch.testing.assert_close(model.block3.downsample[0].weight, twin.block3.downsample[0].weight[:, keep],
-                               atol=1e-10, rtol=0)
-    torch.testing.assert_close(model.fc.weight, twin.fc.weight, atol=1e-10, rtol=0)
+    rows, cols = kept(keep), kept(None, keep)
+    slices = {"stem.weight": rows, "stem.bias": rows}
+    for bn in ("bn", "block1.bn2", "block2.bn2"):
+        slices.update({f"{bn}.{t}": rows for t in ("weight", "bias", "running_mean", "running_var")})
+    for conv in ("block1.conv2", "block2.conv2"):
+        slices[f"{conv}.weight"] = rows
+    for conv in ("block1.conv1", "block2.conv1", "block3.conv1", "block3.downsample.0"):
+        slices[f"{conv}.weight"] = cols
+    assert_state_matches(model, twin, slices, optimizer=optimizer, reference_optimizer=twin_opt, atol=1e-10, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,21 +444,14 @@ class AttentionBlock(nn.Module):
 
 
 
-@torch.no_grad()
 def rebuilt_attention_block(model, keep, keep3):
     """An explicitly rebuilt smaller AttentionBlock holding ``model``'s kept embedding dims."""
-    small = AttentionBlock(d=len(keep)).double().eval()
-    small.embed.weight.copy_(model.embed.weight[keep]); small.embed.bias.copy_(model.embed.bias[keep])
-    for a, b in ((small.ln1, model.ln1), (small.ln2, model.ln2)):
-        a.weight.copy_(b.weight[keep]); a.bias.copy_(b.bias[keep])
-    small.attn.in_proj_weight.copy_(model.attn.in_proj_weight[keep3][:, keep])
-    small.attn.in_proj_bias.copy_(model.attn.in_proj_bias[keep3])
-    small.attn.out_proj.weight.copy_(model.attn.out_proj.weight[keep][:, keep])
-    small.attn.out_proj.bias.copy_(model.attn.out_proj.bias[keep])
-    small.fc1.weight.copy_(model.fc1.weight[:, keep]); small.fc1.bias.copy_(model.fc1.bias)
-    small.fc2.weight.copy_(model.fc2.weight[keep]); small.fc2.bias.copy_(model.fc2.bias[keep])
-    small.head.weight.copy_(model.head.weight[:, keep]); small.head.bias.copy_(model.head.bias)
-    return small.eval()
+    rows, cols = kept(keep), kept(None, keep)
+    return rebuilt(AttentionBlock(d=len(keep)), model, {
+        "embed.weight": rows, "embed.bias": rows, "ln1.weight": rows, "ln1.bias": rows, "ln2.weight": rows,
+        "ln2.bias": rows, "attn.in_proj_weight": kept(keep3, keep), "attn.in_proj_bias": kept(keep3),
+        "attn.out_proj.weight": kept(keep, keep), "attn.out_proj.bias": rows, "fc1.weight": cols,
+        "fc2.weight": rows, "fc2.bias": rows, "head.weight": cols})
 
 
 def test_attention_embed_dim_against_rebuilt_model():
@@ -497,8 +465,10 @@ def test_attention_embed_dim_against_rebuilt_model():
     optimizer = torch.optim.Adam(model.parameters())
     model(x).sum().backward()
     optimizer.step()
+    before = snapshot(model, optimizer)
     with pytest.raises(DependencyError, match=r"coupled with its units \[5\]"):
         Pruner(model, example_inputs=x, optimizer=optimizer).prune_model(model.embed, [1])
+    assert_unchanged(before, model, optimizer)
     # the optimizer step changed the weights: rebuild the reference from the stepped model
     expected = rebuilt_attention_block(model, keep, keep3)(x)
     exp_avg_in_proj = optimizer.state[model.attn.in_proj_weight]["exp_avg"][keep3][:, keep].clone()

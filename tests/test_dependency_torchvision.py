@@ -1,7 +1,6 @@
 """Coupled groups on real architectures, and the group helpers (fraction, ratios, global ranking,
 iterative schedule). torchvision models are built with ``weights=None`` (no download)."""
 
-import copy
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ from torchpruner.graph import get_graph
 from torchpruner.graph.dependency import get_dependency_graph
 from torchpruner.schedule import IterativePruning, prune_groups, select_units, weight_norm_scores
 from torchpruner.pruner import Pruner
+
+from oracles import assert_unchanged, snapshot
 
 torchvision = pytest.importorskip("torchvision")
 torch.set_num_threads(1)
@@ -70,8 +71,10 @@ def test_shufflenet_channel_shuffle_groups_refused_with_reason():
     assert any("spreads the units over several axes" in r for r in refused)
     assert all(("call site" in r) or ("model input" in r) for r in refused)
     pruner = Pruner(model, input_size=(3, 64, 64))
+    before = snapshot(model)
     with pytest.raises(ValueError, match="channel shuffle"):
         pruner.prune_model(model.stage2[0].branch2[5], [0])   # feeds the shuffle
+    assert_unchanged(before, model)
 
 
 def test_vit_mlp_groups_pruned_stream_refused():
@@ -182,7 +185,7 @@ def test_ratios_and_global_ranking_are_refused_together():
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
     pruner = Pruner(model, input_size=(4,))
-    before = repr(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="global_ranking"):
         prune_groups(pruner, fraction=0.3, ratios={model[0]: 0.5}, global_ranking=True)
-    assert repr(model) == before
+    assert_unchanged(before, model)

@@ -9,6 +9,8 @@ from hypothesis import given, settings, strategies as st
 from torchpruner.graph import ModelGraph, get_graph, make_example_inputs, unwrap_model
 from torchpruner.graph.trace import invalidate_graph
 
+from oracles import assert_unchanged, snapshot
+
 
 def _graph(model, input_size, **kw):
     return ModelGraph(model, *make_example_inputs(model, input_size), **kw)
@@ -173,13 +175,12 @@ def test_tracing_leaves_model_untouched():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Dropout(0.5), nn.ReLU())
     model.train()
     model[1].eval()  # a mixed-mode model must come back mixed
-    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)  # modes, BatchNorm statistics, hooks (none)
     rng = torch.get_rng_state()
     for method in ("fx", "hooks"):
         _graph(model, (1, 6, 6), method=method)
         assert [m.training for m in model.modules()] == [True, True, False, True, True]
-        for key, value in model.state_dict().items():
-            assert torch.equal(value, stats[key]), key
+        assert_unchanged(before, model)
         assert torch.equal(torch.get_rng_state(), rng)
         for module in model.modules():
             assert not module._forward_hooks

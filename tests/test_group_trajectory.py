@@ -7,8 +7,6 @@ depthwise conv and a bare parameter, so the optimizer surgery of every kind of g
 exercised: conv rows and columns, depthwise filters, BatchNorm, a gain vector read in forward.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -16,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchpruner import Pruner, prune_groups
-from torchpruner.graph import get_graph, make_example_inputs
-from torchpruner.graph.dependency import get_dependency_graph, zeroing_functions
+from torchpruner.graph import make_example_inputs
 from torchpruner.schedule import select_units
+
+from oracles import assert_state_matches, kept, masked_at_mask_points, train, twin_of
 
 
 class CoupledNet(nn.Module):
@@ -58,52 +57,45 @@ def test_group_prune_mid_training_equals_masked_twin(name):
     model = CoupledNet().double()
     optimizer = OPTIMIZERS[name](model.parameters())
     data = [(torch.randn(6, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(8)]
+    train(model, optimizer, data[:3])
+    twin, twin_optimizer = twin_of(model, optimizer, lambda m: OPTIMIZERS[name](m.parameters()))
 
-    def train_step(forward, opt, x, y):
-        opt.zero_grad()
-        F.cross_entropy(forward(x), y).backward()
-        opt.step()
-
-    for x, y in data[:3]:
-        train_step(model, optimizer, x, y)
-
-    twin = copy.deepcopy(model)
-    twin_optimizer = OPTIMIZERS[name](twin.parameters())
-    # load_state_dict keeps the tensors it is given: copy them, or unsliced buffers would be shared
-    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-
-    # Which units go, and where the twin masks them (its own graph: call sites matched by name).
+    # Which units go (the twin masks them at its own graph's mask points: groups matched by index).
     pruner = Pruner(model, input_size=(3, 6, 6), optimizer=optimizer)
     groups = pruner.groups()
     assert len(groups) >= 3  # stream, branch, pointwise
     selection = select_units(groups, fraction=0.25, scores=_scores)
     assert len(selection) == len(groups)
-    twin_graph = get_graph(twin, *make_example_inputs(twin, (3, 6, 6)))
-    twin_groups = {group.index: group for group in get_dependency_graph(twin_graph).all_groups}
-    fns = zeroing_functions({twin_groups[group.index]: units for group, units in selection.items()})
-    assert len(fns) >= 4  # relu (stream), depthwise output, cat, the pooled stream
+    units_by_group = {group.index: units for group, units in selection.items()}
 
     plan = prune_groups(pruner, fraction=0.25, scores=_scores)
     assert "optimizer" in str(plan) or name.startswith("sgd")  # state slices are listed
     assert model.stem.out_channels == 6 and model.gain.shape == (6,)
 
-    with twin_graph.intercept(fns) as masked_twin:
-        for x, y in data[3:]:
-            model.train(), twin.train()
-            train_step(model, optimizer, x, y)
-            train_step(masked_twin, twin_optimizer, x, y)
+    # at least: relu (stream), depthwise output, cat, the pooled stream
+    with masked_at_mask_points(twin, make_example_inputs(twin, (3, 6, 6))[0], units_by_group,
+                               min_sites=4) as masked_twin:
+        model.train(), twin.train()
+        train(model, optimizer, data[3:])
+        train(masked_twin, twin_optimizer, data[3:])
         model.eval(), twin.eval()
         probe = torch.randn(4, 3, 6, 6, dtype=torch.float64)
         torch.testing.assert_close(model(probe), masked_twin(probe), rtol=1e-9, atol=1e-10)
 
-    # Parameter by parameter where the kept ids say which slice to compare.
-    kept_stream = model.stem._torchpruner_kept_units["out"]
-    torch.testing.assert_close(model.stem.weight, twin.stem.weight[kept_stream], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(model.gain, twin.gain[kept_stream], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(model.bn.running_var, twin.bn.running_var[kept_stream], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(model.depthwise.weight, twin.depthwise.weight[kept_stream], rtol=1e-9, atol=1e-12)
-    kept_in = model.merge._torchpruner_kept_units["in"]
-    torch.testing.assert_close(model.merge.weight, twin.merge.weight[kept_stream][:, kept_in], rtol=1e-9, atol=1e-12)
+    # Every tensor and its optimizer state, sliced where the kept ids say.
+    stream = model.stem._torchpruner_kept_units["out"]
+    branch = model.branch._torchpruner_kept_units["out"]
+    pointwise = model.pointwise._torchpruner_kept_units["out"]
+    merge_in = model.merge._torchpruner_kept_units["in"]
+    assert merge_in == branch + [6 + unit for unit in pointwise]
+    slices = {"stem.weight": kept(stream), "stem.bias": kept(stream), "gain": kept(stream),
+              "branch.weight": kept(branch, stream), "branch.bias": kept(branch),
+              "depthwise.weight": kept(stream), "depthwise.bias": kept(stream),
+              "pointwise.weight": kept(pointwise, stream), "pointwise.bias": kept(pointwise),
+              "merge.weight": kept(stream, merge_in), "merge.bias": kept(stream), "fc.weight": kept(None, stream),
+              **{f"bn.{t}": kept(stream) for t in ("weight", "bias", "running_mean", "running_var")}}
+    assert_state_matches(model, twin, slices, optimizer=optimizer, reference_optimizer=twin_optimizer,
+                         rtol=1e-9, atol=1e-12)
     for param in (model.stem.weight, model.merge.weight, model.gain):
         state = optimizer.state[param]
         for key, value in state.items():

@@ -10,8 +10,6 @@ weights still decay and drift; they are not compared.)
 
 from __future__ import annotations
 
-import copy
-from typing import Callable, Dict
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ import torch.nn as nn
 
 from torchpruner.pruner import Pruner, register_per_element_optimizer
 
-from _pruner_utils import assert_same_snapshot, masked_units, snapshot
+from oracles import assert_state_matches, assert_unchanged, kept, masked_units, snapshot, train, twin_of
 
 DTYPE = torch.float64
 
@@ -52,12 +50,8 @@ def make_model(seed: int = 0) -> nn.Sequential:
 
 
 # how each parameter / buffer of the pruned model maps onto the twin's
-SLICERS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "0.weight": lambda t: t[KEEP],
-    "1.weight": lambda t: t[KEEP], "1.bias": lambda t: t[KEEP],
-    "1.running_mean": lambda t: t[KEEP], "1.running_var": lambda t: t[KEEP],
-    "3.weight": lambda t: t[:, KEEP],
-}
+SLICES = {"0.weight": kept(KEEP), "1.weight": kept(KEEP), "1.bias": kept(KEEP), "1.running_mean": kept(KEEP),
+          "1.running_var": kept(KEEP), "3.weight": kept(None, KEEP)}
 
 
 def batches(n: int, seed: int = 1):
@@ -65,36 +59,9 @@ def batches(n: int, seed: int = 1):
     return [(torch.randn(16, 5, generator=g, dtype=DTYPE), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
 
 
-def train_step(model, optimizer, batch, scheduler=None):
-    x, y = batch
-    optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-
-
-def assert_matches_twin(model, twin, optimizer=None, twin_optimizer=None):
-    twin_state = twin.state_dict()
-    for key, value in model.state_dict().items():
-        expected = SLICERS.get(key, lambda t: t)(twin_state[key])
-        assert value.shape == expected.shape, key
-        torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12, msg=key)
-    if optimizer is not None:
-        twin_params = dict(twin.named_parameters())
-        for name, param in model.named_parameters():
-            state, twin_state_p = optimizer.state[param], twin_optimizer.state[twin_params[name]]
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    expected = SLICERS.get(name, lambda t: t)(twin_state_p[key])
-                    torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12, msg=f"{name}/{key}")
-
-
-def twin_of(model, optimizer, cls, kwargs):
-    twin = copy.deepcopy(model)
-    twin_optimizer = cls(twin.parameters(), **kwargs)
-    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    return twin, twin_optimizer
+def assert_matches_twin(model, twin, optimizer, twin_optimizer):
+    assert_state_matches(model, twin, SLICES, optimizer=optimizer, reference_optimizer=twin_optimizer,
+                         rtol=1e-9, atol=1e-12)
 
 
 def trained_with_twin(name, steps=3, n_batches=7):
@@ -104,9 +71,8 @@ def trained_with_twin(name, steps=3, n_batches=7):
     model = make_model()
     optimizer = cls(model.parameters(), **kwargs)
     data = batches(n_batches)
-    for batch in data[:steps]:
-        train_step(model, optimizer, batch)
-    twin, twin_optimizer = twin_of(model, optimizer, cls, kwargs)
+    train(model, optimizer, data[:steps])
+    twin, twin_optimizer = twin_of(model, optimizer, lambda m: cls(m.parameters(), **kwargs))
     return model, optimizer, twin, twin_optimizer, data
 
 
@@ -119,14 +85,11 @@ def test_masked_trajectory(name):
     assert "optim" in str(plan)
     assert all(a is b for a, b in zip(model.parameters(), params_before))
     # state_dict round trip after surgery: a fresh optimizer loaded from it continues identically
-    reloaded_model = copy.deepcopy(model)
-    reloaded = cls(reloaded_model.parameters(), **kwargs)
-    reloaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    reloaded_model, reloaded = twin_of(model, optimizer, lambda m: cls(m.parameters(), **kwargs))
+    train(model, optimizer, data[3:])
+    train(reloaded_model, reloaded, data[3:])
     with masked_units(twin[2], PRUNED):
-        for batch in data[3:]:
-            train_step(model, optimizer, batch)
-            train_step(twin, twin_optimizer, batch)
-            train_step(reloaded_model, reloaded, batch)
+        train(twin, twin_optimizer, data[3:])
     assert_matches_twin(model, twin, optimizer, twin_optimizer)
     for a, b in zip(model.parameters(), reloaded_model.parameters()):
         # load_state_dict casts float state to the parameter dtype (NAdam's float32 mu_product)
@@ -144,10 +107,9 @@ def test_prune_between_backward_and_step(name):
     assert model[0].weight.grad.shape == (5, 5)
     optimizer.step()
     twin_optimizer.step()
+    train(model, optimizer, data[4:])
     with masked_units(twin[2], PRUNED):  # the twin is masked from the next forward on
-        for batch in data[4:]:
-            train_step(model, optimizer, batch)
-            train_step(twin, twin_optimizer, batch)
+        train(twin, twin_optimizer, data[4:])
     assert_matches_twin(model, twin, optimizer, twin_optimizer)
 
 
@@ -158,23 +120,23 @@ def test_two_param_groups_and_scheduler(name):
     def build(m):
         groups = [{"params": list(m[0].parameters()) + list(m[1].parameters()), "lr": kwargs["lr"] * 0.5},
                   {"params": list(m[3].parameters()) + list(m[5].parameters()), "weight_decay": 0.05}]
-        opt = cls(groups, **kwargs)
-        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return cls(groups, **kwargs)
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
     model = make_model()
-    optimizer, scheduler = build(model)
+    optimizer = build(model)
+    scheduler = schedule(optimizer)
     data = batches(8)
-    for batch in data[:3]:
-        train_step(model, optimizer, batch, scheduler)
-    twin = copy.deepcopy(model)
-    twin_optimizer, twin_scheduler = build(twin)
-    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    train(model, optimizer, data[:3], scheduler=scheduler)
+    twin, twin_optimizer = twin_of(model, optimizer, build)
+    twin_scheduler = schedule(twin_optimizer)
     twin_scheduler.load_state_dict(scheduler.state_dict())
     Pruner(model, input_size=(5,), optimizer=optimizer).prune_model(model[0], PRUNED, [model[3], model[1]])
+    train(model, optimizer, data[3:], scheduler=scheduler)
     with masked_units(twin[2], PRUNED):
-        for batch in data[3:]:
-            train_step(model, optimizer, batch, scheduler)
-            train_step(twin, twin_optimizer, batch, twin_scheduler)
+        train(twin, twin_optimizer, data[3:], scheduler=twin_scheduler)
     assert optimizer.param_groups[0]["lr"] == twin_optimizer.param_groups[0]["lr"] < kwargs["lr"] * 0.5
     assert_matches_twin(model, twin, optimizer, twin_optimizer)
 
@@ -196,7 +158,7 @@ class MySGD(torch.optim.SGD):
 def test_unknown_optimizer_refused_then_registered():
     model = make_model()
     optimizer = MySGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_step(model, optimizer, batches(1)[0])
+    train(model, optimizer, batches(1))
     with pytest.raises(TypeError, match="MySGD.*register_per_element_optimizer"):
         Pruner(model, input_size=(5,), optimizer=optimizer)
     register_per_element_optimizer(MySGD)
@@ -207,10 +169,10 @@ def test_unknown_optimizer_refused_then_registered():
 def test_refused_optimizer_on_plan_apply_changes_nothing():
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_step(model, sgd, batches(1)[0])
+    train(model, sgd, batches(1))
     plan = Pruner(model, input_size=(5,)).plan(model[0], [0], [model[1], model[3]])
     lbfgs = torch.optim.LBFGS(model.parameters())
-    before = snapshot(model)
+    before = snapshot(model, lbfgs)
     with pytest.raises(TypeError, match="LBFGS"):
         plan.apply(model, lbfgs)
-    assert_same_snapshot(before, snapshot(model))
+    assert_unchanged(before, model, lbfgs)

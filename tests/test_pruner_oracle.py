@@ -8,7 +8,6 @@ with those units zeroed after their activation by a persistent mask hook.
 
 from __future__ import annotations
 
-import copy
 import random
 
 import torch
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 from torchpruner.pruner import Pruner
 
-from _pruner_utils import masked_units
+from oracles import assert_prune_equals_zeroed_twin, counterpart, masked_units
 
 ACTIVATIONS = {
     "relu": lambda w: nn.ReLU(), "sigmoid": lambda w: nn.Sigmoid(), "softplus": lambda w: nn.Softplus(),
@@ -111,12 +110,9 @@ def test_pruned_equals_zeroed_twin(arch):
     cascade = extras + [next_layer]
     random.Random(seed).shuffle(cascade)
     x = torch.randn((3,) + input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    names = {id(m): n for n, m in model.named_modules()}
-    twin = copy.deepcopy(model)
-    with masked_units(twin.get_submodule(names[id(mask_module)]), indices):
-        expected = twin(x)
-    Pruner(model, input_size=input_shape).prune_model(layer, indices, cascade)
-    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: Pruner(model, input_size=input_shape).prune_model(layer, indices, cascade),
+        lambda twin: masked_units(counterpart(twin, model, mask_module), indices), x)
     kept = [i for i in range(len(indices) + (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels))
             if i not in indices]
     assert getattr(layer, "_torchpruner_kept_units")["out"] == kept

@@ -3,9 +3,7 @@ pruned checkpoints. Each test pins one defect (float64, eval mode where outputs 
 """
 
 import copy
-import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -14,13 +12,10 @@ import torch.nn.functional as F
 from torchpruner import IterativePruning, Pruner, load_pruned, save_pruned
 from torchpruner.schedule import select_units
 
+from oracles import assert_prune_equals_zeroed_twin, assert_state_matches, assert_unchanged, masked_units, snapshot
+
 torch.set_num_threads(1)
 D = torch.float64
-
-
-def same_state(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,14 +56,14 @@ def test_checkpoint_round_trip_of_a_group_with_a_bare_parameter(tmp_path):
     save_pruned(model, tmp_path / "m.pt")
     fresh = TokenNet().double().eval()
     load_pruned(fresh, tmp_path / "m.pt")
-    assert same_state(fresh, model)
+    assert_state_matches(fresh, model)
     with torch.no_grad():
         torch.testing.assert_close(fresh(tokens), model(tokens), atol=0, rtol=0)
     # the fresh model remembers which position dims it holds: a second round trip works too
     save_pruned(fresh, tmp_path / "f.pt")
     again = TokenNet().double().eval()
     load_pruned(again, tmp_path / "f.pt")
-    assert same_state(again, model)
+    assert_state_matches(again, model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,10 +117,10 @@ def test_unreadable_op_arguments_refuse_only_their_group():
     pruner = Pruner(model, input_size=(3, 6, 6))
     groups = pruner.groups()      # used to raise TypeError ("object of type 'Node' has no len()")
     assert any(model.fc1 in g for g in groups)
-    before = copy.deepcopy(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="layer_norm"):
         pruner.prune_model(model.a, [1])
-    assert same_state(model, before)
+    assert_unchanged(before, model)
     pruner.prune_model(model.fc1, [0, 5])
     assert model.fc2.in_features == 6
 
@@ -143,13 +138,11 @@ def test_stale_group_refused_with_a_clear_error_and_nothing_changed():
     pruner = Pruner(model, input_size=(3, 8, 8), optimizer=optimizer)
     group = pruner.groups()[0]
     pruner.prune_group(group, [0])
-    before, state = copy.deepcopy(model), copy.deepcopy(optimizer.state_dict())
+    before = snapshot(model, optimizer)
     for units in ([1], [3]):   # used to fail with an IndexError from the bookkeeping
         with pytest.raises(ValueError, match="groups again"):
             pruner.prune_group(group, units)
-    assert same_state(model, before)
-    assert all(torch.equal(a, b) for s, t in zip(state["state"].values(), optimizer.state_dict()["state"].values())
-               for a, b in zip(s.values(), t.values()))
+        assert_unchanged(before, model, optimizer)
     other = copy.deepcopy(model)
     with pytest.raises(ValueError, match="another model"):
         Pruner(other, input_size=(3, 8, 8)).prune_group(pruner.groups()[0], [0])
@@ -160,8 +153,6 @@ def test_stale_group_refused_with_a_clear_error_and_nothing_changed():
 def test_std_and_var_with_unbiased_argument_keep_the_unit_axis():
     """torch.std(x, dim, unbiased, keepdim): the third slot is not keepdim. Reducing the token axis
     before the unit axis must move the units from axis 2 to axis 1 (zeroed twin, float64)."""
-    import copy
-
     import torch
     import torch.nn as nn
 
@@ -179,11 +170,7 @@ def test_std_and_var_with_unbiased_argument_keep_the_unit_axis():
 
     torch.manual_seed(0)
     model = Net().double().eval()
-    twin = copy.deepcopy(model)
-    mask = torch.ones(6, dtype=torch.float64)
-    mask[[1, 4]] = 0
-    twin.proj.register_forward_hook(lambda m, i, o: o * mask)
-    Pruner(model, input_size=(5, 4)).prune_model(model.proj, [1, 4])
-    assert model.fc.in_features == 4
     x = torch.randn(3, 5, 4, dtype=torch.float64)
-    torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-12)
+    assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, input_size=(5, 4)).prune_model(model.proj, [1, 4]),
+                                    lambda twin: masked_units(twin.proj, [1, 4], axis=-1), x, rtol=1e-12, atol=1e-12)
+    assert model.fc.in_features == 4

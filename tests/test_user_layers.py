@@ -1,13 +1,13 @@
 """A user layer with a registered slicing rule is one call site in the fx graph, and automatic
 discovery prunes through it (zeroed-twin oracle, float64)."""
 
-import copy
-
 import torch
 import torch.nn as nn
 
 from torchpruner.graph import ModelGraph, make_example_inputs
 from torchpruner.pruner import Pruner, SlicingRule, register_slicing_rule, set_attribute, slice_tensor
+
+from oracles import assert_prune_equals_zeroed_twin, masked_units
 
 
 class ChannelScale(nn.Module):
@@ -57,12 +57,9 @@ def test_registered_user_layer_is_a_leaf_call_site():
 
 def test_automatic_discovery_prunes_through_a_user_layer():
     model = _net()
-    twin = copy.deepcopy(model)
     removed = [1, 4]
-    mask = torch.ones(1, 6, 1, 1, dtype=torch.float64)
-    mask[:, removed] = 0
-    twin[2].register_forward_hook(lambda m, i, o: o * mask)  # zero after the activation
-    Pruner(model, input_size=(2, 6, 6)).prune_model(model[0], removed)
-    assert model[1].weight.shape == (4,) and model[3].in_channels == 4
     x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
-    torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-12)
+    assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, input_size=(2, 6, 6)).prune_model(model[0], removed),
+                                    lambda twin: masked_units(twin[2], removed), x,  # zero after the activation
+                                    rtol=1e-12, atol=1e-12)
+    assert model[1].weight.shape == (4,) and model[3].in_channels == 4
