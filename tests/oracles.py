@@ -1,4 +1,4 @@
-"""The correctness oracles of the test suite (DESIGN.md "Correctness oracles"), in one place.
+"""The correctness oracles of the test suite (ARCHITECTURE.md "Correctness oracles"), in one place.
 
 - **Unchanged**: ``snapshot(model, optimizer)`` before a refused prune (or a dry run, or a trace),
   ``assert_unchanged(before, model, optimizer)`` after it: bit for bit, every parameter and buffer,

@@ -148,15 +148,6 @@ def test_empty_indices_is_a_no_op():
     assert_unchanged(before, model, optimizer)
 
 
-def test_discovery_not_available_yet_says_so():
-    model, _ = trained()
-    pruner = Pruner(model, input_size=(4,))
-    try:
-        pruner.plan(model.fc1, [1])
-    except NotImplementedError as exc:
-        assert "cascading_modules" in str(exc) and "'fc1'" in str(exc)
-
-
 def test_missing_input_description():
     model, _ = trained()
     with pytest.raises(ValueError, match="input_size"):

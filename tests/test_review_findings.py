@@ -1,6 +1,6 @@
 """Defects found in review, each pinned by a test that failed before its fix.
 
-Every test names the DESIGN.md / issue promise it checks.
+Every test names the promise (ARCHITECTURE.md, "Guarantees") it checks.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_un
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Scoring inside a training loop must not change the training run (DESIGN "Metric
-#    definitions"; issue 2 "restores ... the global RNG state"). PyTorch's reproducibility recipe
+# 1. Scoring inside a training loop must not change the training run (ARCHITECTURE.md "Guarantees":
+#    scoring restores the global RNG state). PyTorch's reproducibility recipe
 #    gives the DataLoader its own seeded generator; scoring with that loader advanced it, so the
 #    next training epoch saw a different shuffle.
 # --------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def test_scoring_leaves_a_seeded_sampler_generator_as_found():
 
 # --------------------------------------------------------------------------------------------
 # 2. "Pruning keeps each nn.Parameter object ... so optimizers, schedulers and hooks that hold
-#    references keep working" (DESIGN). Tensor hooks on a parameter (gradient masks, clipping,
+#    references keep working" (ARCHITECTURE.md). Tensor hooks on a parameter (gradient masks, clipping,
 #    optimizer-in-backward via register_post_accumulate_grad_hook) silently stopped firing after a
 #    prune.
 # --------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_parameter_tensor_hooks_survive_a_prune():
 
 # --------------------------------------------------------------------------------------------
 # 3. "A refused prune leaves model and optimizer exactly as they were" / bad input raises
-#    "before anything is modified" (DESIGN). A model torch.fx cannot trace (data-dependent
+#    "before anything is modified" (ARCHITECTURE.md). A model torch.fx cannot trace (data-dependent
 #    control flow, shape asserts) falls back to the forward-hook trace, which cannot see merges
 #    (x + f(x), torch.cat): the plan was accepted and the model left broken.
 # --------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_hooks_trace_still_prunes_a_plain_chain():
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Zeroed-twin oracle / "bad input ... raises before anything is modified" (DESIGN) for the
+# 4. Zeroed-twin oracle / "bad input ... raises before anything is modified" (ARCHITECTURE.md) for the
 #    explicit cascading_modules path: the data flow was followed by shapes alone, so an op that
 #    keeps the shape but reorders the units (x.flip(1), x.roll(1, 1), x[:, perm]) was taken for an
 #    element-wise op (the pruned model silently computed something else), and a reduction over

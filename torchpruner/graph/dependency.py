@@ -247,7 +247,7 @@ class Group:
     def source_points(self) -> List[Tuple[CallSite, Callable[[Sequence[int]], Tuple[int, np.ndarray]]]]:
         """The group's sources (layer outputs feeding the shared units), as
         ``[(call_site, positions_fn)]``; for attribution metrics that score a group unit by
-        zeroing it at every source (see DESIGN.md, "Coupled groups")."""
+        zeroing it at every source."""
         points = []
         for role in self._roles:
             if role.direction in ("out", "param") and role.space.site is not None:
@@ -1258,18 +1258,3 @@ def get_dependency_graph(graph: ModelGraph) -> DependencyGraph:
         cached = DependencyGraph(graph)
         graph._torchpruner_dependencies = cached
     return cached
-
-
-# --------------------------------------------------------------------------------------------
-# Plans (used by Pruner.plan when cascading_modules is None)
-# --------------------------------------------------------------------------------------------
-
-def discover(graph: ModelGraph, module: nn.Module) -> List[nn.Module]:
-    """Every other module sliced when output units of ``module`` are pruned (its whole group)."""
-    dep = get_dependency_graph(graph)
-    found: List[nn.Module] = []
-    for group in dep.groups_of(module):
-        for member in group.members:
-            if member.module is not module and all(member.module is not m for m in found):
-                found.append(member.module)
-    return found
