@@ -30,8 +30,9 @@ How each metric reads the points (per example n, group unit u, positions s of u)
 * Shapley: players are the group units; a coalition zeroes every unit outside it at every read
   point. The loss of the coalition "all but u" is the loss after ``Pruner.prune_model`` removes u.
 * Taylor: ``|Σ_e Σ_s −g_e·z_e|`` over the entry points e, with ``g_e`` the *total* derivative of
-  ℓₙ with respect to the tensor at e (through every later point too): ``−dℓ/dt`` for scaling the
-  unit by ``1 − t`` at every entry point, the first-order estimate of the joint removal.
+  ℓₙ with respect to the tensor at e (through every later point too): ``dℓ/dt`` at ``t = 0``
+  for scaling the unit by ``1 − t`` at every entry point (t = 1 is pruning), the first-order
+  estimate of ``ℓ(unit pruned) − ℓ``.
 * Sensitivity: ``Σ_e Σ_s |g_e|`` with the same total derivatives.
 * APoZ: the fraction of positive values over all positions of the unit at all read points.
 * Random: one U(0, 1) number per group unit.
@@ -204,7 +205,9 @@ def group_runner(graph: ModelGraph, group: Group, criterion: Callable) -> Runner
     if not read:
         raise ValueError(f"{group_label(group)} has no tensor read by another layer (its units only reach "
                          "the model output): nothing to zero")
-    entry = read
+    entry = _points(graph, group, group.entry_points(), known)
+    if not entry:
+        raise ValueError(f"{group_label(group)} has no tensor where its units enter the model")
     inexact = inexact_members(group)
     if inexact:
         warnings.warn(

@@ -16,8 +16,8 @@ class TaylorAttributionMetric(AttributionMetric):
 
     ``−g·z`` is the first-order estimate of ``ℓ(z_c = 0) − ℓ(z)``: positive when removing the unit
     would increase the loss. For a coupled group the sum runs over the group's entry points e,
-    ``|Σ_e Σ_s −g_e·z_e|`` with ``g_e`` the total derivative at e: ``−dℓ/dt`` for scaling the unit
-    by ``1 − t`` once per source (see :mod:`torchpruner.attributions.groups`).
+    ``|Σ_e Σ_s −g_e·z_e|`` with ``g_e`` the total derivative at e: ``dℓ/dt`` at ``t = 0`` for scaling
+    the unit by ``1 − t`` once per source (see :mod:`torchpruner.attributions.groups`).
 
     Options:
         signed (bool): keep the sign (no absolute value), default ``False``.
