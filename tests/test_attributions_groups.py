@@ -6,7 +6,8 @@ Oracles:
   depthwise-separable block, flatten into Linear);
 * Shapley samples telescope to ℓ(no unit) − ℓ(all units), ℓ(no unit) from a hand-written forward;
 * Taylor and Sensitivity against a hand-written forward with an explicit gate on every tensor
-  that reads the residual stream (the derivative of the loss with respect to the gate);
+  that enters the residual stream (the derivative of the loss with respect to the gate), and
+  against a finite difference of scaling the unit at the entry points of the real model;
 * a single-source group scores like ``run(module, find_best_evaluation_module=True)``;
 * WeightNorm of a group, by hand over every weight slice the prune removes;
 * the model is left as found, also on error; stale groups and captum are refused clearly.
@@ -338,44 +339,116 @@ def gate_on_units(m: torch.Tensor):
     return lambda k, t: t * m.reshape(m.shape + (1,) * (t.dim() - 2))
 
 
+def residual_entry_twin(model: ResidualNet, x, gate):
+    """ResidualNet's forward written out, with ``gate(k, t)`` applied to every tensor that enters
+    the stream: the stem's output after BN and ReLU (read by block 0's conv1 and its addition)
+    and each block's bn2 output (the addend); the block outputs read by the next block and by fc
+    are not gated, they already contain the gated entries."""
+    h = gate(0, F.relu(model.bn(model.stem(x))))
+    for k, block in enumerate(model.blocks):
+        h = F.relu(h + gate(k + 1, block.bn2(block.conv2(F.relu(block.bn1(block.conv1(h)))))))
+    return model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def test_residual_group_enters_the_stream_after_each_sources_batchnorm():
+    model, input_size = build("residual")
+    stream = stream_group(model, input_size)
+    assert [site.name for site, _ in stream.entry_points()] == ["relu", "blocks_0_bn2", "blocks_1_bn2"]
+
+
 @pytest.mark.filterwarnings("ignore::torchpruner.attributions.CoupledGroupWarning")
 @pytest.mark.parametrize("signed", [True, False])
-def test_group_taylor_is_the_joint_first_order_sum(signed):
-    """Taylor of a group unit = −∂ℓₙ/∂m_c for one gate m_c on every tensor that reads the stream,
-    i.e. Σ over those tensors of Σₛ −g·z summed jointly (g: the total derivative)."""
+def test_group_taylor_is_the_first_order_term_of_scaling_each_entry_once(signed):
+    """Taylor of a group unit = dℓₙ/dt at t = 0 for scaling unit c by (1 − t) once at every
+    tensor that enters the stream (one gate m_c shared by the entries), by autograd on a
+    hand-written forward."""
     model, input_size = build("residual", seed=3)
     x, y = data(input_size, n=5, seed=3)
     group = stream_group(model, input_size)
     scores = TaylorAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none",
                                      signed=signed).run(group)
     m = torch.ones(len(x), group.num_units, dtype=DTYPE, requires_grad=True)
-    loss = F.cross_entropy(residual_twin(model, x, gate_on_units(m)), y, reduction="sum")
+    loss = F.cross_entropy(residual_entry_twin(model, x, gate_on_units(m)), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, m)
     expected = -grad.numpy()
     np.testing.assert_allclose(scores, expected if signed else np.abs(expected), rtol=1e-9, atol=1e-12)
-    # not the same as summing each source's local score
+    # the read points are chained: gating every tensor a layer reads compounds (the stem counted
+    # once per block), which is not the first-order term of the joint removal
+    m = torch.ones(len(x), group.num_units, dtype=DTYPE, requires_grad=True)
+    loss = F.cross_entropy(residual_twin(model, x, gate_on_units(m)), y, reduction="sum")
+    (compounded,) = torch.autograd.grad(loss, m)
+    assert not np.allclose(expected, -compounded.numpy(), rtol=1e-3)
+    # not the same as summing each source's local score either
     local = sum(TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", signed=True)
                 .run(layer) for layer in (model.stem, model.blocks[0].conv2, model.blocks[1].conv2))
     assert not np.allclose(local, expected.mean(0))
 
 
-def test_group_sensitivity_sums_gradient_magnitudes_over_the_stream_tensors():
+def test_group_taylor_is_the_derivative_of_the_joint_removal_along_the_straight_path():
+    """Signed Taylor = dℓ/dt at t = 0 for the model with unit c scaled by (1 − t) at the entries;
+    t = 1 is the pruned model. Central finite difference on the zeroing functions of the real model."""
+    model, input_size = build("residual", seed=8)
+    x, y = data(input_size, n=4, seed=8)
+    group = stream_group(model, input_size)
+    scores = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
+                                     signed=True).run(group)
+    graph = get_graph(model, (x,))
+    by_name = {site.name: site for site in graph.sites}
+    eps = 1e-6
+    for unit in range(group.num_units):
+        def scaled(t):
+            fns = {}
+            for site, positions_fn in group.entry_points():
+                axis, positions = positions_fn([unit])
+                def fn(z, axis=axis, positions=torch.as_tensor(positions)):
+                    factor = torch.ones(z.shape[axis], dtype=z.dtype)
+                    factor[positions] = 1 - t
+                    return z * factor.reshape([-1 if d == axis else 1 for d in range(z.dim())])
+                fns[by_name[site.name]] = fn
+            with graph.intercept(fns) as forward, torch.no_grad():
+                return F.cross_entropy(forward(x), y, reduction="none").numpy()
+        derivative = (scaled(eps) - scaled(-eps)) / (2 * eps)
+        np.testing.assert_allclose(scores[:, unit], derivative, rtol=1e-5, atol=1e-8)
+        # t = 1 is pruning: the zeroed entries give the pruned model's loss
+        pruned = pruned_copy(model, input_size, group, unit)
+        np.testing.assert_allclose(scaled(1.0), losses(pruned, x, y), rtol=1e-10, atol=1e-12)
+
+
+def test_group_sensitivity_sums_gradient_magnitudes_over_the_entry_tensors():
     model, input_size = build("residual", seed=4)
     x, y = data(input_size, n=5, seed=4)
     group = stream_group(model, input_size)
     scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu",
                                           reduction="none").run(group)
-    perturbations, values = [], []
+    perturbations = []
 
     def gate(k, t):
         e = torch.zeros_like(t, requires_grad=True)
         perturbations.append(e)
         return t + e
 
-    loss = F.cross_entropy(residual_twin(model, x, gate), y, reduction="sum")
+    loss = F.cross_entropy(residual_entry_twin(model, x, gate), y, reduction="sum")
     grads = torch.autograd.grad(loss, perturbations)
     expected = sum(g.abs().reshape(g.shape[0], g.shape[1], -1).sum(2) for g in grads)
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_concat_branch_enters_after_its_own_activation():
+    """A concatenated branch enters at its offset after its own BN and activation; the read point
+    is the concatenation. First order at either is the same, the positions differ."""
+    model, input_size = build("concat", seed=2)
+    x, y = data(input_size, n=4, seed=2)
+    for source, act in ((model.a, F.relu), (model.b, torch.tanh)):
+        (group,) = [g for g in model_groups(model, input_size) if g.sources[0].module is source]
+        scores = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
+                                         signed=True).run(group)
+        bn = model.bn_a if source is model.a else model.bn_b
+        z = act(bn(source(x))).detach().requires_grad_(True)
+        other = (torch.tanh(model.bn_b(model.b(x))) if source is model.a else F.relu(model.bn_a(model.a(x))))
+        parts = [z, other] if source is model.a else [other, z]
+        out = model.fc(F.relu(model.mix(torch.cat(parts, 1))).flatten(1))
+        (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), z)
+        np.testing.assert_allclose(scores, (-g * z).sum((2, 3)).detach().numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_group_apoz_counts_every_tensor_the_consumers_read():

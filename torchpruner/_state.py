@@ -95,17 +95,19 @@ def make_example_inputs(
     return (x,), {}
 
 
-def to_device(value: Any, device: torch.device | None) -> Any:
-    """Move every tensor in a (nested) tuple, list or dict to ``device`` (None: leave as is)."""
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+def to_device(obj: Any, device: torch.device | None) -> Any:
+    """Move every tensor inside ``obj`` (nested tuples, lists, dicts) to ``device`` (None: stay)."""
+    if isinstance(obj, torch.Tensor):
+        # tensors made under torch.inference_mode cannot enter autograd: use a normal copy
+        obj = obj.clone() if obj.is_inference() else obj
+        return obj if device is None else obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 @contextlib.contextmanager

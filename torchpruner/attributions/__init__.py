@@ -1,6 +1,7 @@
 """Attribution metrics: one score per unit of a layer, higher = more important = keep.
 
-Every metric shares one data loop (:mod:`torchpruner.attributions.base`) and leaves the model as
+Every metric shares one data loop (:mod:`torchpruner.attributions.base`) and one runner
+(:mod:`torchpruner.attributions.runner`), and leaves the model as
 it found it. captum is imported only when :class:`CaptumAttributionMetric` runs. ``run(group)``
 scores a coupled group from ``pruner.groups()`` (:mod:`torchpruner.attributions.groups`).
 """

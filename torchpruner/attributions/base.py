@@ -1,242 +1,47 @@
-"""The one data loop shared by every attribution metric.
+"""The metric base class and the one data loop shared by every attribution metric.
 
-A metric only says what it collects for one batch: a per-example, per-unit tensor of shape
-``[N, C]`` (``score_batch``), or, for metrics that need no data, one score per unit
-(``score_without_data``). Everything else lives here: turning batches into model inputs,
-per-example losses, locating the evaluation point in the traced graph, intercepting it,
-the progress bar, reducing over examples, and leaving the model exactly as it was found.
+A metric says what it computes for one batch against the one
+:class:`~torchpruner.attributions.runner.Runner`: a per-example, per-unit tensor of shape
+``[N, units]`` (``score_batch``), or, for metrics that need no data, one score per unit
+(``score_without_data``). A layer (``run(module)``) is a runner with one point, its evaluation
+point; a coupled group (``run(group)``) a runner with the group's points
+(:mod:`torchpruner.attributions.groups`). Everything else lives here: locating the evaluation
+point in the traced graph, intercepting the points, the progress bar, reducing over examples,
+and leaving the model exactly as it was found.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import auto as tqdm_auto
+
+from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state, unwrap_model
+from torchpruner.graph.dependency import Group
+
+from .data import (INPUT_KEYS, TARGET_KEYS, Batch, BatchFn, default_batch_fn, first_tensor, make_batch,
+                   per_example_loss, sum_positions, to_device, unit_mask_shape, units_view, wide)
+from .groups import check_group, group_runner, warn_if_coupled
+from .runner import MaskPoint, Runner
 
 logger = logging.getLogger(__name__)
 
-Reduction = Union[str, Callable[[np.ndarray], np.ndarray]]
-BatchFn = Callable[[Any], tuple[Any, Any]]
+Reduction = str | Callable[[np.ndarray], np.ndarray]
 
-#: Keys tried, in order, by the default ``batch_fn`` when a batch is a mapping.
-INPUT_KEYS: tuple[str, ...] = ("input", "inputs", "x", "image", "images", "data", "input_ids")
-TARGET_KEYS: tuple[str, ...] = ("target", "targets", "y", "label", "labels")
-
-
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    """One batch, already on the scoring device.
-
-    Attributes:
-        args: positional model inputs.
-        kwargs: keyword model inputs (from a dict returned by ``batch_fn``).
-        target: whatever the criterion takes as its second argument.
-        size: number of examples (dim 0 of the first tensor input).
-    """
-
-    args: tuple
-    kwargs: dict = field(default_factory=dict)
-    target: Any = None
-    size: int = 0
-
-
-def default_batch_fn(batch: Any) -> tuple[Any, Any]:
-    """Split a batch into ``(inputs, target)``.
-
-    Accepted layouts:
-      * ``(x, y)`` or ``[x, y]``: ``x`` is the model input, ``y`` the target;
-      * ``(x, y, *rest)``: the extra items (sample indices, weights, ...) are ignored;
-      * a mapping: the input is the first key found among :data:`INPUT_KEYS`, the target the
-        first found among :data:`TARGET_KEYS`.
-
-    For anything else (several model inputs, keyword inputs, a target in a nested structure)
-    pass ``batch_fn=`` to the metric: it must return ``(inputs, target)`` where ``inputs`` is a
-    tensor, a tuple of positional inputs, or a dict of keyword inputs.
-    """
-    if isinstance(batch, Mapping):
-        input_key = next((k for k in INPUT_KEYS if k in batch), None)
-        target_key = next((k for k in TARGET_KEYS if k in batch), None)
-        if input_key is None or target_key is None:
-            raise ValueError(
-                f"cannot find the input and target in a batch with keys {sorted(batch)}: "
-                f"expected one of {INPUT_KEYS} and one of {TARGET_KEYS}; "
-                "pass batch_fn=lambda b: (inputs, target) to the metric"
-            )
-        return batch[input_key], batch[target_key]
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ValueError(
-        f"cannot split a batch of type {type(batch).__name__} into (inputs, target); "
-        "expected (x, y), (x, y, *rest) or a dict, or pass batch_fn=lambda b: (inputs, target)"
-    )
-
-
-def to_device(obj: Any, device: torch.device | None) -> Any:
-    """Move every tensor inside ``obj`` (nested tuples, lists, dicts) to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        # tensors made under torch.inference_mode cannot enter autograd: use a normal copy
-        obj = obj.clone() if obj.is_inference() else obj
-        return obj if device is None else obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(to_device(v, device) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def make_batch(raw: Any, batch_fn: BatchFn | None, device: torch.device | None) -> Batch:
-    """Turn one item of the data generator into a :class:`Batch` on ``device``."""
-    inputs, target = (batch_fn or default_batch_fn)(raw)
-    if isinstance(inputs, Mapping):
-        args, kwargs = (), dict(inputs)
-    elif isinstance(inputs, (tuple, list)):
-        args, kwargs = tuple(inputs), {}
-    else:
-        args, kwargs = (inputs,), {}
-    args, kwargs, target = to_device(args, device), to_device(kwargs, device), to_device(target, device)
-    first = first_tensor((args, kwargs))
-    if first is None or first.dim() == 0:
-        raise ValueError("a batch has no tensor input with a batch dimension")
-    return Batch(args=args, kwargs=kwargs, target=target, size=int(first.shape[0]))
-
-
-# --------------------------------------------------------------------------------------------
-# Per-example losses
-# --------------------------------------------------------------------------------------------
-def _criterion_name(criterion: Any) -> str:
-    if isinstance(criterion, nn.Module):
-        return f"{type(criterion).__name__}()"
-    return getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", None) or repr(
-        criterion
-    )
-
-
-def _accepts_reduction(fn: Callable) -> bool | None:
-    """True/False when the signature says so, None when it cannot be inspected."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    return any(p.name == "reduction" or p.kind is p.VAR_KEYWORD for p in params)
-
-
-def per_example_loss(
-    criterion: Callable, output: Any, target: Any, batch_size: int | None = None
-) -> torch.Tensor:
-    """Loss of every example of a batch, shape ``[N]``.
-
-    ``criterion`` is called as ``criterion(output, target, reduction="none")`` (the
-    ``torch.nn.functional`` convention). A loss module with a ``reduction`` attribute
-    (``nn.CrossEntropyLoss()``) is switched to ``"none"`` for the call and restored afterwards,
-    even when it raises. Non-batch dims of the result (tokens, pixels) are averaged.
-
-    Args:
-        criterion: the loss function or loss module.
-        output: the model output for the batch.
-        target: the target for the batch.
-        batch_size: the expected number of examples; checked when given.
-
-    Raises:
-        TypeError: the criterion does not accept ``reduction``.
-        ValueError: the criterion returned a scalar or a tensor whose first dim is not the batch.
-    """
-    name = _criterion_name(criterion)
-    if isinstance(criterion, nn.Module) and isinstance(getattr(criterion, "reduction", None), str):
-        previous = criterion.reduction
-        criterion.reduction = "none"
-        try:
-            loss = criterion(output, target)
-        finally:
-            criterion.reduction = previous
-    else:
-        accepts = _accepts_reduction(criterion.forward if isinstance(criterion, nn.Module) else criterion)
-        if accepts is False:
-            raise TypeError(
-                f"criterion {name} does not accept a `reduction` argument, so it cannot give "
-                "per-example losses; use a torch.nn.functional loss, a loss module such as "
-                "nn.CrossEntropyLoss(), or a function criterion(output, target, reduction='none')"
-            )
-        try:
-            loss = criterion(output, target, reduction="none")
-        except TypeError as error:
-            if accepts is None and "reduction" in str(error):
-                raise TypeError(
-                    f"criterion {name} does not accept reduction='none', so it cannot give "
-                    "per-example losses"
-                ) from error
-            raise
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"criterion {name} returned {type(loss).__name__}, not a tensor")
-    if loss.dim() == 0:
-        if batch_size == 1:
-            return loss.reshape(1)
-        raise ValueError(
-            f"criterion {name} returned a scalar for a batch of {batch_size} examples with "
-            "reduction='none': it cannot give per-example losses"
-        )
-    if batch_size is not None and loss.shape[0] != batch_size:
-        raise ValueError(
-            f"criterion {name} returned losses of shape {tuple(loss.shape)} for a batch of "
-            f"{batch_size} examples: expected the batch on dim 0"
-        )
-    if loss.dim() > 1:
-        loss = loss.reshape(loss.shape[0], -1).mean(dim=1)
-    return loss
-
-
-# --------------------------------------------------------------------------------------------
-# Small tensor helpers
-# --------------------------------------------------------------------------------------------
-def wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 or wider (half/bfloat16 results of autocast are upcast)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def units_view(t: torch.Tensor, unit_axis: int) -> torch.Tensor:
-    """View an activation-shaped tensor as ``[N, C, positions]`` (positions may be 1)."""
-    if unit_axis == 0:
-        raise ValueError("the unit axis cannot be the batch axis (dim 0)")
-    t = t.movedim(unit_axis, 1)
-    return t.reshape(t.shape[0], t.shape[1], -1)
-
-
-def sum_positions(t: torch.Tensor, unit_axis: int) -> torch.Tensor:
-    """Sum an activation-shaped tensor over every axis but batch and units: ``[N, C]``."""
-    return units_view(wide(t), unit_axis).sum(dim=2)
-
-
-def unit_mask_shape(ndim: int, unit_axis: int, num_units: int) -> list[int]:
-    shape = [1] * ndim
-    shape[unit_axis] = num_units
-    return shape
+__all__ = [  # data.py and runner.py names stay importable from here, as before the split
+    "AttributionMetric", "Batch", "BatchFn", "INPUT_KEYS", "MaskPoint", "Reduction", "Runner", "Scored",
+    "TARGET_KEYS", "default_batch_fn", "first_tensor", "left_as_found", "make_batch", "per_example_loss",
+    "reduce_scores", "sum_positions", "to_device", "unit_mask_shape", "units_view", "wide",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +69,6 @@ def left_as_found(model: nn.Module, data_generator: Any = None) -> Iterator[None
     scoring inside a training loop must not change the training run. BatchNorm statistics cannot
     move in eval mode.
     """
-    from torchpruner.graph import preserved_state
-
     generators = [(g, g.get_state()) for g in _loader_generators(data_generator)]
     # inference_mode(False): gradient metrics must work even when called under inference_mode
     try:
@@ -347,104 +150,6 @@ class _ScoreAccumulator:
 
 
 # --------------------------------------------------------------------------------------------
-# The shared machine: run the model with the evaluation point intercepted
-# --------------------------------------------------------------------------------------------
-class SiteRunner:
-    """Runs the model on a batch with one call site intercepted.
-
-    One interception stays installed for a whole ``run``; what it does on each forward is set
-    by :meth:`activation`, :meth:`activation_and_gradient` and :meth:`losses`. The function
-    applied at the site always returns a new tensor, so in-place operations downstream
-    (``ReLU(inplace=True)``, ``out += identity``) never touch the captured activation.
-    """
-
-    def __init__(self, forward: Callable, site: Any, criterion: Callable) -> None:
-        self.forward = forward
-        self.site = site
-        self.label: str = site.label
-        self.unit_axis: int = site.unit_axis
-        self.num_units: int = site.num_units
-        self.criterion = criterion
-        self._transform: Callable[[torch.Tensor], torch.Tensor] = lambda z: z.clone()
-
-    # The function installed at the call site (delegates to the current transform).
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return self._transform(z)
-
-    def _check_units(self, z: torch.Tensor) -> None:
-        if z.dim() <= self.unit_axis or z.shape[self.unit_axis] != self.num_units:
-            raise ValueError(
-                f"the activation at {self.site.name} has shape {tuple(z.shape)}, expected "
-                f"{self.num_units} units on axis {self.unit_axis} (as traced)"
-            )
-
-    def _run(self, batch: Batch, transform: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-        self._transform = transform
-        try:
-            return self.forward(*batch.args, **batch.kwargs)
-        finally:
-            self._transform = lambda z: z.clone()
-
-    def activation(self, batch: Batch) -> torch.Tensor:
-        """The activation ``z`` at the evaluation point (no gradient)."""
-        captured: list[torch.Tensor] = []
-
-        def capture(z: torch.Tensor) -> torch.Tensor:
-            self._check_units(z)
-            captured.append(z.detach())
-            return z.clone()
-
-        with torch.no_grad():
-            self._run(batch, capture)
-        if not captured:
-            raise RuntimeError(f"the evaluation point {self.site.name} was not reached")
-        return captured[0]
-
-    def activation_and_gradient(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z, ∂ℓₙ/∂z)`` for every example n, from one forward and one backward.
-
-        Per-example gradients come from the gradient of Σₙ ℓₙ: in eval mode each example's
-        output depends on its own input only (BatchNorm uses running statistics, Dropout is off),
-        so ∂(Σₘ ℓₘ)/∂z[n] = ∂ℓₙ/∂z[n]. Only ``z`` is differentiated (``torch.autograd.grad``), so
-        the parameters' ``.grad`` are never touched; ``z`` is detached from the upstream graph,
-        which also spares the backward through earlier layers.
-        """
-        captured: list[torch.Tensor] = []
-
-        def capture(z: torch.Tensor) -> torch.Tensor:
-            self._check_units(z)
-            leaf = z.detach().requires_grad_(True)
-            captured.append(leaf)
-            return leaf.clone()  # a non-leaf copy: downstream in-place ops are allowed
-
-        with torch.enable_grad():
-            output = self._run(batch, capture)
-            if not captured:
-                raise RuntimeError(f"the evaluation point {self.site.name} was not reached")
-            losses = per_example_loss(self.criterion, output, batch.target, batch.size)
-            (grad,) = torch.autograd.grad(wide(losses).sum(), captured[0], allow_unused=True)
-        z = captured[0].detach()
-        if grad is None:  # the loss does not depend on this activation
-            grad = torch.zeros_like(z)
-        return z, grad
-
-    def losses(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-example losses ``[N]`` (float64) with the units where ``keep`` is False zeroed
-        at the evaluation point (``keep=None``: nothing zeroed)."""
-
-        def apply(z: torch.Tensor) -> torch.Tensor:
-            self._check_units(z)
-            if keep is None:
-                return z.clone()
-            mask = keep.to(z.device).reshape(unit_mask_shape(z.dim(), self.unit_axis, self.num_units))
-            return z.masked_fill(~mask, 0)
-
-        with torch.no_grad():
-            output = self._run(batch, apply)
-            return per_example_loss(self.criterion, output, batch.target, batch.size).to(torch.float64)
-
-
-# --------------------------------------------------------------------------------------------
 # The metric base class
 # --------------------------------------------------------------------------------------------
 def _module_name(model: nn.Module, module: nn.Module) -> str | None:
@@ -454,8 +159,33 @@ def _module_name(model: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
+class Scored:
+    """What a metric without a data pass scores (the argument of ``score_without_data``).
+
+    Attributes:
+        module: the layer of ``run(module)`` (None for a call site of a function or a group).
+        group: the coupled group of ``run(group)``, else None.
+    """
+
+    def __init__(self, module: nn.Module | None, group: Group | None, count_units: Callable[[], int]) -> None:
+        self.module = module
+        self.group = group
+        self._count_units = count_units
+        self._num_units: int | None = None
+
+    @property
+    def num_units(self) -> int:
+        """The number of units; for a layer this traces the model on the first batch."""
+        if self._num_units is None:
+            self._num_units = self._count_units()
+        return self._num_units
+
+
 class AttributionMetric:
     """Base class of every attribution metric: one score per unit, higher = keep.
+
+    A metric sets ``name`` and ``default_options`` and implements ``score_batch`` (a pass over the
+    data) or ``score_without_data``; ``prepare`` is called once per run before the first batch.
 
     Args:
         model: the model to score (left exactly as found: mode, hooks, ``.grad``, BatchNorm
@@ -482,10 +212,6 @@ class AttributionMetric:
     name: ClassVar[str] = "Attribution"
     #: Options this metric understands, with their defaults.
     default_options: ClassVar[dict[str, Any]] = {}
-    #: Metrics that compute scores without a pass over the data set this to False.
-    needs_data: ClassVar[bool] = True
-    #: Metrics that need neither the data nor the traced evaluation point (WeightNorm).
-    needs_trace: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -531,7 +257,7 @@ class AttributionMetric:
     # ---------------------------------------------------------------- public API
     def run(
         self,
-        module: nn.Module | Any,
+        module: nn.Module | CallSite | Group,
         find_best_evaluation_module: bool = False,
         *,
         call_index: int = 0,
@@ -557,13 +283,11 @@ class AttributionMetric:
             ``np.ndarray`` of shape ``[units]`` (``[examples, units]`` for ``reduction="none"``).
         """
         options = self.options(kwargs)
-        model = self._unwrapped_model()
-        from .groups import is_group
-
-        if is_group(module):
+        model = unwrap_model(self.model)
+        if isinstance(module, Group):
             return self._run_group(model, module, options)
-        site_module = getattr(module, "module", None) if _is_call_site(module) else module
-        if not _is_call_site(module):
+        site_module = getattr(module, "module", None) if isinstance(module, CallSite) else module
+        if not isinstance(module, CallSite):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"module must be an nn.Module or a CallSite, got {type(module).__name__}")
             if _module_name(model, module) is None:
@@ -573,65 +297,39 @@ class AttributionMetric:
                 )
 
         with left_as_found(model, self.data_generator):
-            if not self.needs_trace:
-                return self._finish(self.score_without_data(model, site_module, None, options))
+            if self._without_data():
+                # the trace only when the metric asks for the unit count (Random, not WeightNorm)
+                def count_units() -> int:
+                    first = self._first_batch(self._batches(model))
+                    return self._evaluation_point(model, module, first, find_best_evaluation_module,
+                                                  call_index, stacklevel=7)[0].num_units
+
+                return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
             batches = self._batches(model)
-            first = next(batches, None)
-            if first is None:
-                raise ValueError(
-                    f"the data generator yielded no batches; {type(self).__name__} needs at least "
-                    "one batch (to trace the model)"
-                )
-            site, graph = self._evaluation_point(
-                model, module, first, find_best_evaluation_module, call_index
-            )
-            if not self.needs_data:
-                return self._finish(self.score_without_data(model, site_module, site, options))
-            return self._data_pass(model, graph, site, itertools.chain([first], batches), options)
+            first = self._first_batch(batches)
+            site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
+            point = MaskPoint.of_site(site)
+            runner = Runner([point], [point], site.num_units, self.criterion, site.label)
+            return self._score(graph, runner, itertools.chain([first], batches), options)
 
     # ---------------------------------------------------------------- for subclasses
-    def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        """Per-example, per-unit scores ``[N, C]`` for one batch (metrics with a data pass)."""
+    def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        """Per-example, per-unit scores ``[N, units]`` for one batch (metrics with a data pass);
+        ``runner`` has one point for a layer and the group's points for a group."""
         raise NotImplementedError
 
-    def score_without_data(
-        self, model: nn.Module, module: nn.Module | None, site: Any, options: dict[str, Any]
-    ) -> torch.Tensor:
-        """One score per unit ``[C]`` for metrics without a data pass. ``site`` is the traced
-        evaluation point (``None`` when ``needs_trace`` is False)."""
+    def score_without_data(self, scored: Scored, options: dict[str, Any]) -> torch.Tensor:
+        """One score per unit ``[units]``. A metric that implements this makes no pass over the
+        data (and asks for a trace only through ``scored.num_units``)."""
         raise NotImplementedError
 
-    #: False for metrics that cannot score a coupled group (``run(group)`` raises TypeError).
-    supports_groups: ClassVar[bool] = True
-
-    def score_group_batch(self, runner: Any, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        """Per-example, per-group-unit scores ``[N, U]`` for one batch; ``runner`` is a
-        :class:`~torchpruner.attributions.groups.GroupRunner`."""
-        raise NotImplementedError(f"{type(self).__name__} does not score coupled groups")
-
-    def score_group_without_data(self, model: nn.Module, group: Any, options: dict[str, Any]) -> torch.Tensor:
-        """One score per group unit ``[U]`` for metrics without a data pass."""
-        raise NotImplementedError(f"{type(self).__name__} does not score coupled groups")
-
-    def prepare_group(self, runner: Any, options: dict[str, Any]) -> None:
-        """Called once per ``run(group)`` before the first batch."""
-
-    def describe(self, module_name: str, options: dict[str, Any]) -> str:
-        """Progress-bar description."""
-        return f"{self.name} {module_name}"
-
-    def prepare(self, site: Any, options: dict[str, Any]) -> None:
-        """Called once per run before the first batch (e.g. draw permutations)."""
-
-    def intercept_function(self, runner: SiteRunner) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The function installed at the call site for the whole run."""
-        return runner
+    def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
+        """Called once per run before the first batch (draw permutations, warn, set
+        ``runner.description``)."""
 
     # ---------------------------------------------------------------- internals
-    def _unwrapped_model(self) -> nn.Module:
-        from torchpruner.graph import unwrap_model
-
-        return unwrap_model(self.model)
+    def _without_data(self) -> bool:
+        return type(self).score_without_data is not AttributionMetric.score_without_data
 
     def _device(self, model: nn.Module) -> torch.device | None:
         if self.device is not None:
@@ -647,6 +345,15 @@ class AttributionMetric:
         device = self._device(model)
         return (make_batch(raw, self.batch_fn, device) for raw in iterator)
 
+    def _first_batch(self, batches: Iterator[Batch]) -> Batch:
+        first = next(batches, None)
+        if first is None:
+            raise ValueError(
+                f"the data generator yielded no batches; {type(self).__name__} needs at least "
+                "one batch (to trace the model)"
+            )
+        return first
+
     def _total_batches(self) -> int | None:
         try:
             total = len(self.data_generator)  # type: ignore[arg-type]
@@ -657,12 +364,11 @@ class AttributionMetric:
         return total
 
     def _evaluation_point(
-        self, model: nn.Module, module: Any, batch: Batch, find_best: bool, call_index: int
-    ) -> tuple[Any, Any]:
-        from torchpruner.graph import get_graph
-
+        self, model: nn.Module, module: nn.Module | CallSite, batch: Batch, find_best: bool, call_index: int,
+        stacklevel: int = 4,
+    ) -> tuple[CallSite, ModelGraph]:
         graph = get_graph(model, batch.args, batch.kwargs or None)
-        if _is_call_site(module):
+        if isinstance(module, CallSite):
             site = module
             if site not in graph.sites:
                 raise ValueError(f"call site {getattr(site, 'name', site)} is not in the traced graph of the model")
@@ -685,84 +391,54 @@ class AttributionMetric:
             )
         logger.debug("%s: evaluation point %s (unit axis %d, %d units)", self.name, site.name, site.unit_axis, site.num_units)
         if isinstance(module, nn.Module):
-            from .groups import warn_if_coupled
-
-            warn_if_coupled(graph, module, call_index, stacklevel=4)
+            warn_if_coupled(graph, module, call_index, stacklevel=stacklevel)
         return site, graph
 
-    def _data_pass(
-        self, model: nn.Module, graph: Any, site: Any, batches: Iterable[Batch], options: dict[str, Any]
-    ) -> np.ndarray:
-        self.prepare(site, options)
-        runner = SiteRunner(None, site, self.criterion)
-        return self._scoring_loop(
-            graph, {site: self.intercept_function(runner)}, runner,
-            lambda batch: self.score_batch(runner, batch, options),
-            site.num_units, self.describe(site.label, options), batches,
-        )
-
-    def _run_group(self, model: nn.Module, group: Any, options: dict[str, Any]) -> np.ndarray:
+    def _run_group(self, model: nn.Module, group: Group, options: dict[str, Any]) -> np.ndarray:
         """``run(group)``: one score per group unit (see :mod:`torchpruner.attributions.groups`)."""
-        from torchpruner.graph import get_graph
-
-        from .groups import GroupRunner, check_group, group_label, mask_points
-
-        if not self.supports_groups:
-            raise TypeError(
-                f"{type(self).__name__} cannot score a coupled group: it attributes a single layer, "
-                "while a group unit lives in several tensors; use TaylorAttributionMetric "
-                "(gradient x activation summed over the group), or score one layer with run(module)"
-            )
         check_group(model, group)
-        label = group_label(group)
         with left_as_found(model, self.data_generator):
-            if not self.needs_data:
-                return self._finish(self.score_group_without_data(model, group, options))
+            if self._without_data():
+                return self._finish(self.score_without_data(Scored(None, group, lambda: group.num_units), options))
             batches = self._batches(model)
             first = next(batches, None)
             if first is None:
                 raise ValueError(f"the data generator yielded no batches; {type(self).__name__} needs data")
             graph = get_graph(model, first.args, first.kwargs or None)
-            runner = GroupRunner(mask_points(graph, group), group.num_units, self.criterion, label)
-            logger.debug("%s: %s zeroed at %s", self.name, label, [p.site.name for p in runner.points])
-            self.prepare_group(runner, options)
-            return self._scoring_loop(
-                graph, runner.functions(), runner, lambda batch: self.score_group_batch(runner, batch, options),
-                group.num_units, self.describe(label, options), itertools.chain([first], batches),
-            )
+            runner = group_runner(graph, group, self.criterion)
+            logger.debug("%s: %s read at %s, entering at %s", self.name, runner.label,
+                         [p.site.name for p in runner.read_points], [p.site.name for p in runner.entry_points])
+            return self._score(graph, runner, itertools.chain([first], batches), options)
 
-    def _scoring_loop(
-        self, graph: Any, functions: dict, runner: Any, score: Callable[[Batch], torch.Tensor],
-        num_units: int, description: str, batches: Iterable[Batch],
-    ) -> np.ndarray:
-        """The one data loop: intercept ``functions`` for the whole run, score every batch
+    def _score(self, graph: ModelGraph, runner: Runner, batches: Iterable[Batch], options: dict[str, Any]) -> np.ndarray:
+        """The one data loop: intercept the runner's points for the whole run, score every batch
         (``[N, units]``), reduce over examples."""
-        from tqdm.auto import tqdm
-
+        runner.description = f"{self.name} {runner.label}"
+        self.prepare(runner, options)
         accumulator = _ScoreAccumulator(self.reduction)
-        bar = tqdm(
+        bar = tqdm_auto.tqdm(  # looked up per run, so a patched tqdm.auto.tqdm is used
             total=self._total_batches(),
-            desc=description,
+            desc=runner.description,
             unit="batch",
             disable=not progress_enabled(self.progress),
             leave=False,
         )
-        self._bar = bar
+        if not bar.disable:
+            runner._set_progress = bar.set_description_str
         try:
-            with graph.intercept(functions) as forward:
+            with graph.intercept(runner.functions()) as forward:
                 runner.forward = forward
                 for batch in batches:
-                    scores = score(batch)
-                    if scores.shape != (batch.size, num_units):
+                    scores = self.score_batch(runner, batch, options)
+                    if scores.shape != (batch.size, runner.num_units):
                         raise RuntimeError(
                             f"{type(self).__name__} scored a batch with shape {tuple(scores.shape)}, "
-                            f"expected {(batch.size, num_units)}"
+                            f"expected {(batch.size, runner.num_units)}"
                         )
                     accumulator.add(scores)
                     bar.update(1)
         finally:
             bar.close()
-            self._bar = None
         if accumulator.count == 0:
             raise ValueError(f"the data generator yielded no examples; {type(self).__name__} needs data")
         return accumulator.result()
@@ -771,16 +447,3 @@ class AttributionMetric:
         """Data-free metrics: treat the scores as a single example so ``reduction`` applies."""
         array = scores.detach().to("cpu", torch.float64).numpy().reshape(1, -1)
         return reduce_scores(array, self.reduction)
-
-    def _set_progress(self, text: str) -> None:
-        bar = getattr(self, "_bar", None)
-        if bar is not None and not bar.disable:
-            bar.set_description_str(text)
-
-
-def _is_call_site(obj: Any) -> bool:
-    try:
-        from torchpruner.graph import CallSite
-    except ImportError:  # pragma: no cover - the graph package is part of torchpruner
-        return False
-    return isinstance(obj, CallSite)

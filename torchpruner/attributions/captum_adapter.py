@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import (AttributionMetric, Batch, BatchFn, Reduction, SiteRunner, first_tensor,
-                   per_example_loss, sum_positions)
+from .base import AttributionMetric, Reduction
+from .data import Batch, BatchFn, first_tensor, per_example_loss
+from .runner import MaskPoint, Runner
 
 
 #: captum methods that hook the model's own modules and so need the model as forward function.
@@ -65,7 +66,6 @@ class CaptumAttributionMetric(AttributionMetric):
     """
 
     name: ClassVar[str] = "Captum"
-    supports_groups: ClassVar[bool] = False  # captum attributes one layer; a group unit lives in several
     default_options: ClassVar[dict[str, Any]] = {
         "method": None, "init_kwargs": None, "attribute_kwargs": None, "absolute": False,
     }
@@ -91,7 +91,6 @@ class CaptumAttributionMetric(AttributionMetric):
             method=method, init_kwargs=init_kwargs, attribute_kwargs=attribute_kwargs,
             absolute=absolute, **more_attribute_kwargs,
         )
-        self._probe = _LayerProbe()
 
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return dict(options)  # everything that is not ours goes to captum's attribute()
@@ -113,20 +112,16 @@ class CaptumAttributionMetric(AttributionMetric):
             )
         return method
 
-    def describe(self, module_name: str, options: dict[str, Any]) -> str:
-        return f"{self._method_class(options).__name__} {module_name}"
+    def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
+        if runner.group is not None:  # captum attributes one layer; a group unit lives in several tensors
+            raise TypeError(
+                f"{type(self).__name__} cannot score a coupled group: it attributes a single layer, "
+                "while a group unit lives in several tensors; use TaylorAttributionMetric "
+                "(gradient x activation summed over the group), or score one layer with run(module)"
+            )
+        runner.description = f"{self._method_class(options).__name__} {runner.label}"
 
-    def intercept_function(self, runner: SiteRunner) -> Callable[[torch.Tensor], torch.Tensor]:
-        probe = self._probe = _LayerProbe()  # a fresh probe per run
-
-        def through_probe(z: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() and not z.requires_grad:
-                z = z.detach().requires_grad_(True)
-            return probe(z).clone()  # a new tensor: downstream in-place ops leave captum's copy alone
-
-        return through_probe
-
-    def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+    def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         method_cls = self._method_class(options)
         attribute_kwargs = dict(options["attribute_kwargs"] or {})
         attribute_kwargs.update((k, v) for k, v in options.items() if k not in self.default_options)
@@ -151,9 +146,16 @@ class CaptumAttributionMetric(AttributionMetric):
             first = first_tensor(inputs)
             return -per_example_loss(criterion, output, target, None if first is None else first.shape[0])
 
-        attributor = method_cls(forward_func, self._probe, **(options["init_kwargs"] or {}))
+        probe = _LayerProbe()  # a fresh probe per batch: captum's hooks never outlive it
+
+        def through_probe(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            return probe(z).clone()  # a new tensor: downstream in-place ops leave captum's copy alone
+
+        attributor = method_cls(forward_func, probe, **(options["init_kwargs"] or {}))
         inputs = batch.args[0] if len(batch.args) == 1 else batch.args
-        with torch.enable_grad():
+        with torch.enable_grad(), runner.transformed(through_probe):
             attribution = attributor.attribute(
                 inputs, additional_forward_args=(batch.target,), **attribute_kwargs
             )
@@ -163,7 +165,8 @@ class CaptumAttributionMetric(AttributionMetric):
             raise RuntimeError(
                 f"{method_cls.__name__} returned {type(attribution).__name__} "
                 f"{tuple(getattr(attribution, 'shape', ()))}; expected a tensor shaped like the "
-                f"activation at {runner.site.label}"
+                f"activation at {runner.label}"
             )
-        scores = sum_positions(attribution.detach(), runner.unit_axis)
+        (point,) = runner.points
+        scores = runner.sum_per_unit([(point, attribution.detach())])
         return scores.abs() if options["absolute"] else scores

@@ -3,32 +3,43 @@
 A coupled group (:class:`torchpruner.graph.dependency.Group`, from ``pruner.groups()``) is a set
 of units shared by several tensors: a residual stream written by a stem convolution and by the
 last convolution of every block, one branch of a concatenation, the channels that a depthwise
-convolution passes through. Pruning group unit ``u`` removes it from all of them at once.
+convolution passes through. Pruning group unit ``u`` removes it from all of them at once. A group
+is scored by the one :class:`~torchpruner.attributions.runner.Runner`, with two kinds of points:
 
-Where a group unit is zeroed
-----------------------------
-The group's *mask points* (``group.mask_points()``) are the tensors that the group's consumers
-read (the inputs of the next convolutions / Linear layers, at the branch offset inside a
-concatenation, the ``H·W`` columns after a flatten). Zeroing unit ``u`` at every mask point gives,
-in eval mode, exactly the output of the model with ``u`` pruned: no consumer sees the unit any
-more, which is what slicing does. Zeroing the raw outputs of the sources would not be the same
-(a BatchNorm after a source turns a zero into its shift ``β − γ·μ/σ``, which pruning removes).
-So the metrics below measure the joint removal that ``Pruner.prune_model`` performs.
+Read points
+-----------
+The tensors that the group's consumers read (``group.mask_points()``: the inputs of the next
+convolutions / Linear layers, at the branch offset inside a concatenation, the ``H·W`` columns
+after a flatten). Zeroing unit ``u`` at every read point gives, in eval mode, exactly the output
+of the model with ``u`` pruned: no consumer sees the unit any more, which is what slicing does.
+Zeroing the raw outputs of the sources would not be the same (a BatchNorm after a source turns a
+zero into its shift ``β − γ·μ/σ``, which pruning removes).
 
-How each metric reads the mask points (per example n, group unit u, points p, positions s of u):
+Entry points
+------------
+The tensors that enter the shared stream (``group.entry_points()``): each source's output after
+the BatchNorm / activation that follow it, up to the addition or concatenation that merges it
+into the stream. Zeroing there gives the same model as zeroing at the read points, but the read
+points of a residual stream are chained (the block output that the head reads already contains
+the stem output that the block read), so scaling a unit by ``1 − t`` at every read point
+compounds: its first-order term counts the stem once per block. At the entry points each source
+is scaled once, so the first-order term is that of scaling the unit linearly everywhere.
 
-* Shapley: players are the group units; a coalition zeroes every unit outside it at every point.
-* Taylor: ``|Σ_p Σ_s −g_p·z_p|`` with ``g_p`` the *total* derivative of ℓₙ with respect to the
-  tensor at p (through every later point too). This is exactly ``−dℓ/dt`` for removing the unit
-  gradually (scaling it by ``1 − t`` at every point), the first-order estimate of the joint removal.
-* Sensitivity: ``Σ_p Σ_s |g_p|`` with the same total derivatives.
-* APoZ: the fraction of positive values over all positions of the unit at all points.
+How each metric reads the points (per example n, group unit u, positions s of u):
+
+* Shapley: players are the group units; a coalition zeroes every unit outside it at every read
+  point. The loss of the coalition "all but u" is the loss after ``Pruner.prune_model`` removes u.
+* Taylor: ``|Σ_e Σ_s −g_e·z_e|`` over the entry points e, with ``g_e`` the *total* derivative of
+  ℓₙ with respect to the tensor at e (through every later point too): ``dℓ/dt`` at ``t = 0``
+  for scaling the unit by ``1 − t`` at every entry point (t = 1 is pruning), the first-order
+  estimate of ``ℓ(unit pruned) − ℓ``.
+* Sensitivity: ``Σ_e Σ_s |g_e|`` with the same total derivatives.
+* APoZ: the fraction of positive values over all positions of the unit at all read points.
 * Random: one U(0, 1) number per group unit.
-* WeightNorm: see :func:`group_weight_norms`.
+* WeightNorm: see :func:`~torchpruner.attributions.methods.weight_norm.group_weight_norms`.
 
-The derivatives come from one forward and one backward: an additive zero ``e_p`` is inserted at
-every point (``z_p + e_p``), so ``∂ℓ/∂e_p`` is the total derivative ``g_p``; only the ``e_p`` are
-differentiated, so the parameters' ``.grad`` are never touched.
+For a plain chain (conv → BN → ReLU → conv) the one entry point is the one read point, the
+evaluation point of ``run(module, find_best_evaluation_module=True)``: the scores are the same.
 """
 
 from __future__ import annotations
@@ -43,7 +54,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Batch, per_example_loss, unit_mask_shape, units_view, wide
+from torchpruner.graph import ModelGraph
+from torchpruner.graph.dependency import Group, get_dependency_graph
+
+from .runner import MaskPoint, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +69,14 @@ class CoupledGroupWarning(UserWarning):
     category=CoupledGroupWarning)``."""
 
 
-def is_group(obj: Any) -> bool:
-    """True for a coupled group of the dependency analysis."""
-    try:
-        from torchpruner.graph.dependency import Group
-    except ImportError:  # pragma: no cover - the dependency module is part of torchpruner
-        return False
-    return isinstance(obj, Group)
-
-
-def group_label(group: Any) -> str:
+def group_label(group: Group) -> str:
     """``group 3 (stem, layer1.0.conv2, +2)``: the index and the first sources."""
     names = list(dict.fromkeys(site.label for site in group.sources))
     shown = ", ".join(names[:2]) + (f", +{len(names) - 2}" if len(names) > 2 else "")
     return f"group {group.index} ({shown})" if shown else f"group {group.index}"
 
 
-def source_modules(group: Any) -> list[nn.Module]:
+def source_modules(group: Group) -> list[nn.Module]:
     """The distinct layers whose outputs feed the group's units."""
     found: list[nn.Module] = []
     for member in group.members:
@@ -80,7 +85,7 @@ def source_modules(group: Any) -> list[nn.Module]:
     return found
 
 
-def check_group(model: nn.Module, group: Any) -> None:
+def check_group(model: nn.Module, group: Group) -> None:
     """Refuse groups that cannot be pruned (so "what is scored is what is pruned" cannot hold)
     and groups of another model."""
     reason = group.why_not_prunable(include_outputs=True)  # output units: see inexact_members
@@ -136,7 +141,7 @@ class MemberSlice:
     units: np.ndarray
 
 
-def member_slices(group: Any) -> list[MemberSlice]:
+def member_slices(group: Group) -> list[MemberSlice]:
     """For every member of the group, which positions each group unit removes
     (from ``group.member_units()``)."""
     slices = []
@@ -150,33 +155,14 @@ def member_slices(group: Any) -> list[MemberSlice]:
 # --------------------------------------------------------------------------------------------
 # Mask points in the graph used for scoring
 # --------------------------------------------------------------------------------------------
-@dataclass
-class MaskPoint:
-    """One tensor where the group's units are zeroed: ``site``'s output, units on ``axis``.
-
-    Attributes:
-        site: the call site in the graph the model is run with.
-        axis: the axis of the group's positions in the site's output.
-        size: the length of that axis.
-        positions: the positions of the group's units (long tensor).
-        units: ``units[k]`` is the group unit of ``positions[k]``.
-    """
-
-    site: Any
-    axis: int
-    size: int
-    positions: torch.Tensor
-    units: torch.Tensor
-
-    def keep_mask(self, keep: torch.Tensor) -> torch.Tensor:
-        """Bool ``[size]``: False where the unit is not in the coalition ``keep`` (bool ``[U]``)."""
-        mask = torch.ones(self.size, dtype=torch.bool)
-        mask[self.positions] = keep.cpu()[self.units]
-        return mask
+PositionsFn = Callable[[Sequence[int]], tuple[int, np.ndarray]]
 
 
-def mask_points(graph: Any, group: Any) -> list[MaskPoint]:
-    """The group's mask points as call sites of ``graph`` (the graph of the current model).
+def _points(graph: ModelGraph, group: Group, traced: list[tuple[Any, PositionsFn]],
+            known: dict[str, MaskPoint]) -> list[MaskPoint]:
+    """Points of ``group`` as call sites of ``graph`` (the graph of the current model); a site
+    already in ``known`` (by name) is reused, so a tensor that is both a read and an entry point
+    is intercepted once.
 
     A group keeps the call sites of the graph it was computed on. Those are looked up by name in
     ``graph`` (the same objects when both come from the tracer's cache), and their unit counts are
@@ -185,11 +171,14 @@ def mask_points(graph: Any, group: Any) -> list[MaskPoint]:
     """
     by_name = {site.name: site for site in graph.sites}
     points: list[MaskPoint] = []
-    for site, positions_fn in group.mask_points():
+    for site, positions_fn in traced:
+        if site.name in known:
+            points.append(known[site.name])
+            continue
         current = by_name.get(site.name)
         traced_shape = tuple(site.shape) if site.shape is not None else None
         axis, _ = positions_fn([])
-        if traced_shape is None or not 0 < axis < len(traced_shape):
+        if traced_shape is None or not 0 <= axis < len(traced_shape) or (axis == 0 and site.kind != "attr"):
             raise ValueError(f"{group_label(group)}: call site '{site.label}' has no units on axis {axis}")
         axis, index = unit_index(positions_fn, int(traced_shape[axis]), group.num_units)
         if (current is None or current.kind != site.kind or current.shape is None
@@ -201,12 +190,24 @@ def mask_points(graph: Any, group: Any) -> list[MaskPoint]:
                 "again (pruner.groups()) after pruning"
             )
         inside = np.nonzero(index >= 0)[0]
-        points.append(MaskPoint(site=current, axis=axis, size=int(current.shape[axis]),
-                                positions=torch.as_tensor(inside, dtype=torch.long),
-                                units=torch.as_tensor(index[inside], dtype=torch.long)))
-    if not points:
+        point = MaskPoint(site=current, axis=axis, size=int(current.shape[axis]),
+                          positions=torch.as_tensor(inside, dtype=torch.long),
+                          units=torch.as_tensor(index[inside], dtype=torch.long))
+        known[site.name] = point
+        points.append(point)
+    return points
+
+
+def group_runner(graph: ModelGraph, group: Group, criterion: Callable) -> Runner:
+    """The runner of ``run(group)``: the group's read and entry points in ``graph``."""
+    known: dict[str, MaskPoint] = {}
+    read = _points(graph, group, group.mask_points(), known)
+    if not read:
         raise ValueError(f"{group_label(group)} has no tensor read by another layer (its units only reach "
                          "the model output): nothing to zero")
+    entry = _points(graph, group, group.entry_points(), known)
+    if not entry:
+        raise ValueError(f"{group_label(group)} has no tensor where its units enter the model")
     inexact = inexact_members(group)
     if inexact:
         warnings.warn(
@@ -215,10 +216,10 @@ def mask_points(graph: Any, group: Any) -> list[MaskPoint]:
             UserWarning,
             stacklevel=4,
         )
-    return points
+    return Runner(read, entry, group.num_units, criterion, group_label(group), group=group)
 
 
-def inexact_members(group: Any) -> list[str]:
+def inexact_members(group: Group) -> list[str]:
     """Why zeroing the group's units is not the same as pruning them (empty when it is): a
     LayerNorm / RMSNorm over the pruned axis normalises with statistics that include the pruned
     units, attention mixes every embed dim into its scores (and its scale 1/sqrt(head_dim)
@@ -237,127 +238,15 @@ def inexact_members(group: Any) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Running the model with every mask point intercepted
-# --------------------------------------------------------------------------------------------
-class GroupRunner:
-    """Runs the model on a batch with all mask points of a group intercepted.
-
-    The counterpart of :class:`~torchpruner.attributions.base.SiteRunner` for groups: one
-    interception per point stays installed for the whole run; :meth:`activations`,
-    :meth:`activations_and_gradients` and :meth:`losses` set what it does on each forward.
-    Every interception returns a new tensor, so in-place ops downstream never touch a capture.
-    """
-
-    def __init__(self, points: list[MaskPoint], num_units: int, criterion: Callable, label: str) -> None:
-        self.points = points
-        self.num_units = num_units
-        self.criterion = criterion
-        self.label = label
-        self.forward: Callable[..., Any] | None = None
-        self._transform: Callable[[int, torch.Tensor], torch.Tensor] = lambda k, z: z.clone()
-
-    def functions(self) -> dict[Any, Callable[[torch.Tensor], torch.Tensor]]:
-        """``{site: fn}`` for ``graph.intercept``; each fn delegates to the current transform."""
-        return {point.site: (lambda z, k=k: self._apply(k, z)) for k, point in enumerate(self.points)}
-
-    def _apply(self, k: int, z: torch.Tensor) -> torch.Tensor:
-        point = self.points[k]
-        if not isinstance(z, torch.Tensor) or z.dim() <= point.axis or z.shape[point.axis] != point.size:
-            raise ValueError(
-                f"the activation at {point.site.label} has shape {tuple(getattr(z, 'shape', ()))}, "
-                f"expected {point.size} units on axis {point.axis} (as traced)"
-            )
-        return self._transform(k, z)
-
-    def _run(self, batch: Batch, transform: Callable[[int, torch.Tensor], torch.Tensor]) -> Any:
-        self._transform = transform
-        try:
-            return self.forward(*batch.args, **batch.kwargs)
-        finally:
-            self._transform = lambda k, z: z.clone()
-
-    def _captured(self, captured: dict[int, Any]) -> list[Any]:
-        missing = [self.points[k].site.label for k in range(len(self.points)) if k not in captured]
-        if missing:
-            raise RuntimeError(f"the mask points {missing} of {self.label} were not reached")
-        return [captured[k] for k in range(len(self.points))]
-
-    def activations(self, batch: Batch) -> list[torch.Tensor]:
-        """The tensor at every mask point (no gradient)."""
-        captured: dict[int, torch.Tensor] = {}
-
-        def capture(k: int, z: torch.Tensor) -> torch.Tensor:
-            captured[k] = z.detach()
-            return z.clone()
-
-        with torch.no_grad():
-            self._run(batch, capture)
-        return self._captured(captured)
-
-    def activations_and_gradients(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[(z_p, g_p)]`` per mask point: the tensor and the total derivative ``∂ℓₙ/∂z_p`` of
-        each example's loss (through every later point), from one forward and one backward.
-
-        In eval mode each example's output depends on its own input only, so the gradient of
-        ``Σₙ ℓₙ`` gives every example's own derivative.
-        """
-        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def perturb(k: int, z: torch.Tensor) -> torch.Tensor:
-            zero = torch.zeros_like(z, requires_grad=True)
-            captured[k] = (z.detach(), zero)
-            return z + zero  # a new tensor: downstream in-place ops are allowed
-
-        with torch.enable_grad():
-            output = self._run(batch, perturb)
-            pairs = self._captured(captured)
-            losses = per_example_loss(self.criterion, output, batch.target, batch.size)
-            grads = torch.autograd.grad(wide(losses).sum(), [zero for _, zero in pairs], allow_unused=True)
-        return [(z, torch.zeros_like(z) if g is None else g) for (z, _), g in zip(pairs, grads)]
-
-    def losses(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-example losses ``[N]`` (float64) with the group units where ``keep`` (bool ``[U]``)
-        is False zeroed at every mask point (``keep=None``: nothing zeroed)."""
-        masks = None if keep is None else [point.keep_mask(keep) for point in self.points]
-
-        def apply(k: int, z: torch.Tensor) -> torch.Tensor:
-            if masks is None:
-                return z.clone()
-            point = self.points[k]
-            mask = masks[k].to(z.device).reshape(unit_mask_shape(z.dim(), point.axis, point.size))
-            return z.masked_fill(~mask, 0)
-
-        with torch.no_grad():
-            output = self._run(batch, apply)
-            return per_example_loss(self.criterion, output, batch.target, batch.size).to(torch.float64)
-
-    def sum_per_unit(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[N, U]`` float64: for each group unit, the sum of ``tensors[p]`` (shaped like the
-        tensor at point p) over every position of the unit at every point."""
-        total: torch.Tensor | None = None
-        for point, t in zip(self.points, tensors):
-            per_position = units_view(t, point.axis).to(torch.float64).sum(dim=2)  # [N, size]
-            if total is None:
-                total = torch.zeros(per_position.shape[0], self.num_units, dtype=torch.float64,
-                                    device=per_position.device)
-            positions, units = point.positions.to(per_position.device), point.units.to(per_position.device)
-            total.index_add_(1, units, per_position.index_select(1, positions))
-        assert total is not None
-        return total
-
-
-# --------------------------------------------------------------------------------------------
 # run(module) inside a larger group
 # --------------------------------------------------------------------------------------------
-def warn_if_coupled(graph: Any, module: nn.Module, call_index: int, stacklevel: int = 4) -> None:
+def warn_if_coupled(graph: ModelGraph, module: nn.Module, call_index: int, stacklevel: int = 4) -> None:
     """Warn (:class:`CoupledGroupWarning`) when ``module``'s output units belong to a group with
     other sources. Uses the dependency analysis cached on ``graph`` (no second trace); silent when
     the analysis is not available for this model or module."""
     if getattr(graph, "method", None) != "fx":
         return
     try:
-        from torchpruner.graph.dependency import get_dependency_graph
-
         groups = get_dependency_graph(graph).groups_of(module, call_index)
     except Exception as error:  # the analysis is optional here: never let it break scoring
         logger.debug("no coupled-group check for %s: %s", type(module).__name__, error)

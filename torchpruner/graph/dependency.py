@@ -290,6 +290,97 @@ class Group:
                     return True
         return False
 
+    def entry_points(self) -> List[Tuple[CallSite, Callable[[Sequence[int]], Tuple[int, np.ndarray]]]]:
+        """Where the group's units enter the shared stream, in the format of :meth:`mask_points`.
+
+        For every source (a layer output, a bare ``[1, ...]`` parameter such as a position
+        embedding), the tensor reached by following it through per-unit ops (BatchNorm,
+        activations, Dropout, pooling, reshapes, depthwise convolutions, element-wise ops with one
+        operand carrying these units) up to, not including, the first merge (an addition of two
+        tensors with these units, a concatenation), consumer or fan-out; and every other operand
+        of a merge that comes from outside the stream (an attention output). Zeroing there is
+        pruning, and the points are not chained: a residual stream's block outputs are not entry
+        points, so scaling a unit at every entry point counts it once per source.
+        """
+        dep = self._dep
+        additive = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+        additive_methods = {"add", "add_", "sub", "sub_"}
+
+        def carries(node: Any) -> bool:
+            space = dep._spaces.get(node) if isinstance(node, fx.Node) else None
+            return space is not None and bool((self._unit_of(space) >= 0).any())
+
+        def token_like(node: fx.Node) -> bool:  # a bare parameter that broadcasts over the batch
+            shape = dep._shape(node)
+            return node.op == "get_attr" and shape is not None and len(shape) >= 2 and shape[0] == 1
+
+        def carrying_inputs(node: fx.Node) -> List[fx.Node]:
+            return [n for n in node.all_input_nodes if carries(n)]
+
+        def is_merge(node: fx.Node) -> bool:
+            inputs = carrying_inputs(node)
+            if (node.op == "call_function" and node.target in (torch.cat, torch.concat)) or \
+                    (node.op == "call_method" and node.target == "cat"):
+                return bool(inputs)
+            if (node.op == "call_function" and node.target in additive) or \
+                    (node.op == "call_method" and node.target in additive_methods):
+                # a position embedding added to the stream enters it; a per-channel shift does not
+                return len([n for n in inputs if n.op != "get_attr" or token_like(n)]) >= 2
+            return len([n for n in inputs if n.op != "get_attr"]) >= 2
+
+        def per_unit(node: fx.Node) -> bool:
+            """``node`` reads these units from one tensor and keeps them unit by unit."""
+            if not carries(node) or is_merge(node) or len([n for n in carrying_inputs(node) if n.op != "get_attr"]) != 1:
+                return False
+            if node.op == "call_module":
+                module = dep._traced_modules[node.target]
+                if isinstance(module, nn.modules.conv._ConvNd):
+                    return module.groups == module.in_channels and module.groups > 1
+                return isinstance(module, (nn.modules.batchnorm._NormBase, nn.PReLU, nn.modules.dropout._DropoutNd)
+                                  + PASS_THROUGH_MODULES + SPATIAL_MODULES + MOVEMENT_MODULES)
+            functions = ELEMENTWISE_FUNCTIONS | SPATIAL_FUNCTIONS | MOVEMENT_FUNCTIONS | REDUCTION_FUNCTIONS | {F.batch_norm}
+            if node.op == "call_function":
+                return node.target in functions
+            return node.op == "call_method" and node.target in ELEMENTWISE_METHODS | MOVEMENT_METHODS | REDUCTION_METHODS
+
+        def real_users(node: fx.Node) -> List[fx.Node]:
+            return [u for u in node.users if not (
+                (u.op == "call_function" and u.target in SHAPE_QUERY_FUNCTIONS)
+                or (u.op == "call_method" and u.target in SHAPE_QUERY_METHODS))]
+
+        entries: Dict[fx.Node, None] = {}
+        on_chains: Set[fx.Node] = set()
+        for role in self.source_roles:
+            node = role.space.node
+            if role.direction == "param" and not token_like(node):
+                continue  # a per-channel scale or shift: part of the chain of the tensor it acts on
+            on_chains.add(node)
+            while True:
+                users = real_users(node)
+                if len(users) != 1 or not per_unit(users[0]):
+                    break
+                node = users[0]
+                on_chains.add(node)
+            entries[node] = None
+        for space in self._spaces:
+            merge = space.node
+            if merge.op not in ("call_function", "call_method") or not is_merge(merge):
+                continue
+            for operand in carrying_inputs(merge):
+                if operand.op == "get_attr" and not token_like(operand):
+                    continue
+                node = operand
+                while node not in on_chains and not is_merge(node) and per_unit(node):
+                    (node,) = [n for n in carrying_inputs(node) if n.op != "get_attr"]
+                if node not in on_chains and not is_merge(node):
+                    entries[operand] = None  # enters from outside the stream (an attention output)
+        points = []
+        for node in entries:
+            site, space = dep._site_by_node.get(node), dep._spaces[node]
+            if site is not None:
+                points.append((site, (lambda units, space=space: (space.axis, self.positions(space, units)))))
+        return points
+
     def units_for(self, module: nn.Module, indices: Sequence[int], call_index: int = 0) -> List[int]:
         """Group units removed when ``indices`` of ``module``'s output units go.
 

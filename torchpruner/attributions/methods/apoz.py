@@ -7,10 +7,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import AttributionMetric, Batch, SiteRunner, units_view
+from torchpruner.graph import CallSite
+
+from ..base import AttributionMetric
+from ..data import Batch
+from ..runner import Runner
 
 
-def _after_relu(site: Any) -> bool:
+def _after_relu(site: CallSite) -> bool:
     """The site is a ReLU-like activation, possibly followed by Dropout / Identity / max pooling / flatten."""
     seen = 0
     while site is not None and seen < 16:
@@ -26,7 +30,7 @@ def _after_relu(site: Any) -> bool:
     return False
 
 
-def _is_flatten(site: Any) -> bool:
+def _is_flatten(site: CallSite) -> bool:
     """Flatten / view / reshape: the values (and their signs) are unchanged."""
     if site.kind == "module":
         return isinstance(site.module, torch.nn.Flatten)
@@ -35,7 +39,7 @@ def _is_flatten(site: Any) -> bool:
     return site.kind == "method" and site.target in ("flatten", "view", "reshape")
 
 
-def _describe(site: Any) -> str:
+def _describe(site: CallSite) -> str:
     if site.kind == "module":
         return type(site.module).__name__
     return f"{site.kind} {getattr(site.target, '__name__', site.target)}"
@@ -51,35 +55,24 @@ class APoZAttributionMetric(AttributionMetric):
 
     name: ClassVar[str] = "APoZ"
 
-    def prepare(self, site: Any, options: dict[str, Any]) -> None:
-        if not _after_relu(site):
-            warnings.warn(
-                f"APoZ evaluated at {site.label} ({_describe(site)}), "
-                "which is not a ReLU-like activation: the fraction of positive outputs is only "
-                "meaningful after ReLU (try find_best_evaluation_module=True)",
-                UserWarning,
-                stacklevel=4,
-            )
+    def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
+        others = [point.site for point in runner.read_points if not _after_relu(point.site)]
+        if not others:
+            return
+        if runner.group is None:
+            message = (f"APoZ evaluated at {others[0].label} ({_describe(others[0])}), which is not a "
+                       "ReLU-like activation: the fraction of positive outputs is only meaningful after "
+                       "ReLU (try find_best_evaluation_module=True)")
+        else:
+            message = (f"APoZ of {runner.label}: the consumers read "
+                       + ", ".join(f"{site.label} ({_describe(site)})" for site in others[:3])
+                       + ", which is not a ReLU-like activation: the fraction of positive values is only "
+                       "meaningful after ReLU")
+        warnings.warn(message, UserWarning, stacklevel=4 if runner.group is None else 5)  # the caller of run
 
-    def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        z = runner.activation(batch)
-        return (units_view(z, runner.unit_axis) > 0).to(torch.float64).mean(dim=2)
-
-    def prepare_group(self, runner: Any, options: dict[str, Any]) -> None:
-        others = [point.site for point in runner.points if not _after_relu(point.site)]
-        if others:
-            warnings.warn(
-                f"APoZ of {runner.label}: the consumers read "
-                + ", ".join(f"{site.label} ({_describe(site)})" for site in others[:3])
-                + ", which is not a ReLU-like activation: the fraction of positive values is only "
-                "meaningful after ReLU",
-                UserWarning,
-                stacklevel=4,
-            )
-
-    def score_group_batch(self, runner: Any, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        """Positive values / all values of the unit, over every tensor the group's consumers read."""
-        zs = runner.activations(batch)
-        positive = runner.sum_per_unit([(z > 0).to(torch.float64) for z in zs])
-        total = runner.sum_per_unit([torch.ones_like(z, dtype=torch.float64) for z in zs])
+    def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        """Positive values / all values of the unit, over every read point."""
+        pairs = runner.activations(batch)
+        positive = runner.sum_per_unit((point, (z > 0).to(torch.float64)) for point, z in pairs)
+        total = runner.sum_per_unit((point, torch.ones_like(z, dtype=torch.float64)) for point, z in pairs)
         return positive / total.clamp(min=1)

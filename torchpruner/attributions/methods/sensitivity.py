@@ -6,19 +6,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import AttributionMetric, Batch, SiteRunner, sum_positions
+from ..base import AttributionMetric
+from ..data import Batch
+from ..runner import Runner
 
 
 class SensitivityAttributionMetric(AttributionMetric):
-    """``Σ_s |∂ℓₙ/∂z[n, c, s]|`` per example n and unit c."""
+    """``Σ_s |∂ℓₙ/∂z[n, c, s]|`` per example n and unit c; for a coupled group ``Σ_e Σ_s |g_e|``
+    over the group's entry points e (``g_e`` the total derivative at e)."""
 
     name: ClassVar[str] = "Sensitivity"
 
-    def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        _, grad = runner.activation_and_gradient(batch)
-        return sum_positions(grad.abs(), runner.unit_axis)
-
-    def score_group_batch(self, runner: Any, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        """``Σ_p Σ_s |g_p|`` over the group's mask points p (``g_p`` the total derivative at p)."""
-        pairs = runner.activations_and_gradients(batch)
-        return runner.sum_per_unit([g.abs() for _, g in pairs])
+    def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        return runner.sum_per_unit((point, g.abs()) for point, _, g in runner.activations_and_gradients(batch))

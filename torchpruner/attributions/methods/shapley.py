@@ -7,7 +7,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import AttributionMetric, Batch, SiteRunner
+from ..base import AttributionMetric
+from ..data import Batch
+from ..runner import Runner
 
 
 def draw_permutations(num_units: int, samples: int, seed: int | None = None) -> list[torch.Tensor]:
@@ -45,23 +47,18 @@ class ShapleyAttributionMetric(AttributionMetric):
     name: ClassVar[str] = "Shapley"
     default_options: ClassVar[dict[str, Any]] = {"sv_samples": 5, "seed": None}
 
-    def prepare(self, site: Any, options: dict[str, Any]) -> None:
-        self._permutations = draw_permutations(site.num_units, options["sv_samples"], options["seed"])
-
-    def prepare_group(self, runner: Any, options: dict[str, Any]) -> None:
+    def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
         self._permutations = draw_permutations(runner.num_units, options["sv_samples"], options["seed"])
+        runner.description = f"Shapley {runner.label}: 0/{options['sv_samples']} permutations"
 
-    def describe(self, module_name: str, options: dict[str, Any]) -> str:
-        return f"Shapley {module_name}: 0/{options['sv_samples']} permutations"
-
-    def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        """Also scores groups (``runner`` a ``GroupRunner``): the players are the group units and a
-        coalition zeroes the units outside it at every mask point of the group together."""
+    def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        """The players are the units (of the layer, or of the group: a coalition then zeroes the
+        units outside it at every read point of the group together)."""
         num_units = runner.num_units
         total = torch.zeros(batch.size, num_units, dtype=torch.float64)
         label = runner.label
         for k, permutation in enumerate(self._permutations):
-            self._set_progress(f"Shapley {label}: {k}/{len(self._permutations)} permutations")
+            runner.set_progress(f"Shapley {label}: {k}/{len(self._permutations)} permutations")
             keep = torch.zeros(num_units, dtype=torch.bool)
             value_before = -runner.losses(batch, keep).cpu()
             for unit in permutation.tolist():
@@ -69,7 +66,5 @@ class ShapleyAttributionMetric(AttributionMetric):
                 value_after = -runner.losses(batch, keep).cpu()
                 total[:, unit] += value_after - value_before
                 value_before = value_after
-        self._set_progress(f"Shapley {label}: {len(self._permutations)}/{len(self._permutations)} permutations")
+        runner.set_progress(f"Shapley {label}: {len(self._permutations)}/{len(self._permutations)} permutations")
         return total / len(self._permutations)
-
-    score_group_batch = score_batch

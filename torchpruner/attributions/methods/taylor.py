@@ -6,14 +6,18 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import AttributionMetric, Batch, SiteRunner, sum_positions, wide
+from ..base import AttributionMetric
+from ..data import Batch, wide
+from ..runner import Runner
 
 
 class TaylorAttributionMetric(AttributionMetric):
     """``|Σ_s −∂ℓₙ/∂z[n, c, s] · z[n, c, s]|`` per example n and unit c.
 
     ``−g·z`` is the first-order estimate of ``ℓ(z_c = 0) − ℓ(z)``: positive when removing the unit
-    would increase the loss.
+    would increase the loss. For a coupled group the sum runs over the group's entry points e,
+    ``|Σ_e Σ_s −g_e·z_e|`` with ``g_e`` the total derivative at e: ``dℓ/dt`` at ``t = 0`` for scaling
+    the unit by ``1 − t`` once per source (see :mod:`torchpruner.attributions.groups`).
 
     Options:
         signed (bool): keep the sign (no absolute value), default ``False``.
@@ -22,15 +26,7 @@ class TaylorAttributionMetric(AttributionMetric):
     name: ClassVar[str] = "Taylor"
     default_options: ClassVar[dict[str, Any]] = {"signed": False}
 
-    def score_batch(self, runner: SiteRunner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        z, grad = runner.activation_and_gradient(batch)
-        scores = sum_positions(-wide(grad) * wide(z), runner.unit_axis)
-        return scores if options["signed"] else scores.abs()
-
-    def score_group_batch(self, runner: Any, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
-        """``|Σ_p Σ_s −g_p·z_p|`` over the group's mask points p, the absolute value of the joint
-        sum (``g_p`` the total derivative at p): ``−dℓ/dt`` for scaling the unit by ``1 − t``
-        everywhere it is removed, the first-order estimate of ``ℓ(unit pruned) − ℓ``."""
-        pairs = runner.activations_and_gradients(batch)
-        scores = runner.sum_per_unit([-wide(g) * wide(z) for z, g in pairs])
+    def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
+        triples = runner.activations_and_gradients(batch)
+        scores = runner.sum_per_unit((point, -wide(g) * wide(z)) for point, z, g in triples)
         return scores if options["signed"] else scores.abs()

@@ -9,7 +9,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..base import AttributionMetric
+from torchpruner.graph.dependency import Group
+
+from ..base import AttributionMetric, Scored
+from ..groups import member_slices
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def _attention_embed_norms(module: nn.MultiheadAttention) -> torch.Tensor:
     return w_in.sum(dim=0) + rows + w_out.sum(dim=1) + w_out.sum(dim=0)
 
 
-def group_weight_norms(group: Any) -> torch.Tensor:
+def group_weight_norms(group: Group) -> torch.Tensor:
     """WeightNorm of a coupled group's units, shape ``[units]``.
 
     For every member of the group (the sources' output rows, the consumers' input columns,
@@ -122,8 +125,6 @@ def group_weight_norms(group: Any) -> torch.Tensor:
     counted; members without weights (Dropout) and all-zero members contribute nothing; a layer
     type without a known layout is skipped with a warning.
     """
-    from ..groups import member_slices
-
     total = torch.zeros(group.num_units, dtype=torch.float64)
     for member in member_slices(group):
         module, label = member.module, f"'{member.module_name}' ({type(member.module).__name__})"
@@ -168,15 +169,10 @@ class WeightNormAttributionMetric(AttributionMetric):
     """
 
     name: ClassVar[str] = "WeightNorm"
-    needs_data: ClassVar[bool] = False
-    needs_trace: ClassVar[bool] = False
 
-    def score_without_data(
-        self, model: nn.Module, module: nn.Module | None, site: Any, options: dict[str, Any]
-    ) -> torch.Tensor:
-        if module is None:
+    def score_without_data(self, scored: Scored, options: dict[str, Any]) -> torch.Tensor:
+        if scored.group is not None:
+            return group_weight_norms(scored.group)
+        if scored.module is None:
             raise ValueError("WeightNormAttributionMetric scores a module's weights; got a call site of a function")
-        return unit_weight_norms(module)
-
-    def score_group_without_data(self, model: nn.Module, group: Any, options: dict[str, Any]) -> torch.Tensor:
-        return group_weight_norms(group)
+        return unit_weight_norms(scored.module)

@@ -1,0 +1,213 @@
+"""Batches, per-example losses and tensor helpers: what every runner and metric reads.
+
+The bottom of the attributions floor: it imports only the ground floor (``torchpruner._state``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchpruner._state import to_device
+
+BatchFn = Callable[[Any], tuple[Any, Any]]
+
+#: Keys tried, in order, by the default ``batch_fn`` when a batch is a mapping.
+INPUT_KEYS: tuple[str, ...] = ("input", "inputs", "x", "image", "images", "data", "input_ids")
+TARGET_KEYS: tuple[str, ...] = ("target", "targets", "y", "label", "labels")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One batch, already on the scoring device.
+
+    Attributes:
+        args: positional model inputs.
+        kwargs: keyword model inputs (from a dict returned by ``batch_fn``).
+        target: whatever the criterion takes as its second argument.
+        size: number of examples (dim 0 of the first tensor input).
+    """
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    target: Any = None
+    size: int = 0
+
+
+def default_batch_fn(batch: Any) -> tuple[Any, Any]:
+    """Split a batch into ``(inputs, target)``.
+
+    Accepted layouts:
+      * ``(x, y)`` or ``[x, y]``: ``x`` is the model input, ``y`` the target;
+      * ``(x, y, *rest)``: the extra items (sample indices, weights, ...) are ignored;
+      * a mapping: the input is the first key found among :data:`INPUT_KEYS`, the target the
+        first found among :data:`TARGET_KEYS`.
+
+    For anything else (several model inputs, keyword inputs, a target in a nested structure)
+    pass ``batch_fn=`` to the metric: it must return ``(inputs, target)`` where ``inputs`` is a
+    tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    """
+    if isinstance(batch, Mapping):
+        input_key = next((k for k in INPUT_KEYS if k in batch), None)
+        target_key = next((k for k in TARGET_KEYS if k in batch), None)
+        if input_key is None or target_key is None:
+            raise ValueError(
+                f"cannot find the input and target in a batch with keys {sorted(batch)}: "
+                f"expected one of {INPUT_KEYS} and one of {TARGET_KEYS}; "
+                "pass batch_fn=lambda b: (inputs, target) to the metric"
+            )
+        return batch[input_key], batch[target_key]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"cannot split a batch of type {type(batch).__name__} into (inputs, target); "
+        "expected (x, y), (x, y, *rest) or a dict, or pass batch_fn=lambda b: (inputs, target)"
+    )
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def make_batch(raw: Any, batch_fn: BatchFn | None, device: torch.device | None) -> Batch:
+    """Turn one item of the data generator into a :class:`Batch` on ``device``."""
+    inputs, target = (batch_fn or default_batch_fn)(raw)
+    if isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        args, kwargs = (inputs,), {}
+    args, kwargs, target = to_device(args, device), to_device(kwargs, device), to_device(target, device)
+    first = first_tensor((args, kwargs))
+    if first is None or first.dim() == 0:
+        raise ValueError("a batch has no tensor input with a batch dimension")
+    return Batch(args=args, kwargs=kwargs, target=target, size=int(first.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example losses
+# --------------------------------------------------------------------------------------------
+def _criterion_name(criterion: Any) -> str:
+    if isinstance(criterion, nn.Module):
+        return f"{type(criterion).__name__}()"
+    return getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", None) or repr(
+        criterion
+    )
+
+
+def _accepts_reduction(fn: Callable) -> bool | None:
+    """True/False when the signature says so, None when it cannot be inspected."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return any(p.name == "reduction" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def per_example_loss(
+    criterion: Callable, output: Any, target: Any, batch_size: int | None = None
+) -> torch.Tensor:
+    """Loss of every example of a batch, shape ``[N]``.
+
+    ``criterion`` is called as ``criterion(output, target, reduction="none")`` (the
+    ``torch.nn.functional`` convention). A loss module with a ``reduction`` attribute
+    (``nn.CrossEntropyLoss()``) is switched to ``"none"`` for the call and restored afterwards,
+    even when it raises. Non-batch dims of the result (tokens, pixels) are averaged.
+
+    Args:
+        criterion: the loss function or loss module.
+        output: the model output for the batch.
+        target: the target for the batch.
+        batch_size: the expected number of examples; checked when given.
+
+    Raises:
+        TypeError: the criterion does not accept ``reduction``.
+        ValueError: the criterion returned a scalar or a tensor whose first dim is not the batch.
+    """
+    name = _criterion_name(criterion)
+    if isinstance(criterion, nn.Module) and isinstance(getattr(criterion, "reduction", None), str):
+        previous = criterion.reduction
+        criterion.reduction = "none"
+        try:
+            loss = criterion(output, target)
+        finally:
+            criterion.reduction = previous
+    else:
+        accepts = _accepts_reduction(criterion.forward if isinstance(criterion, nn.Module) else criterion)
+        if accepts is False:
+            raise TypeError(
+                f"criterion {name} does not accept a `reduction` argument, so it cannot give "
+                "per-example losses; use a torch.nn.functional loss, a loss module such as "
+                "nn.CrossEntropyLoss(), or a function criterion(output, target, reduction='none')"
+            )
+        try:
+            loss = criterion(output, target, reduction="none")
+        except TypeError as error:
+            if accepts is None and "reduction" in str(error):
+                raise TypeError(
+                    f"criterion {name} does not accept reduction='none', so it cannot give "
+                    "per-example losses"
+                ) from error
+            raise
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"criterion {name} returned {type(loss).__name__}, not a tensor")
+    if loss.dim() == 0:
+        if batch_size == 1:
+            return loss.reshape(1)
+        raise ValueError(
+            f"criterion {name} returned a scalar for a batch of {batch_size} examples with "
+            "reduction='none': it cannot give per-example losses"
+        )
+    if batch_size is not None and loss.shape[0] != batch_size:
+        raise ValueError(
+            f"criterion {name} returned losses of shape {tuple(loss.shape)} for a batch of "
+            f"{batch_size} examples: expected the batch on dim 0"
+        )
+    if loss.dim() > 1:
+        loss = loss.reshape(loss.shape[0], -1).mean(dim=1)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Small tensor helpers
+# --------------------------------------------------------------------------------------------
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 or wider (half/bfloat16 results of autocast are upcast)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def units_view(t: torch.Tensor, unit_axis: int) -> torch.Tensor:
+    """View an activation-shaped tensor as ``[N, C, positions]`` (positions may be 1)."""
+    if unit_axis == 0:
+        raise ValueError("the unit axis cannot be the batch axis (dim 0)")
+    t = t.movedim(unit_axis, 1)
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def sum_positions(t: torch.Tensor, unit_axis: int) -> torch.Tensor:
+    """Sum an activation-shaped tensor over every axis but batch and units: ``[N, C]``."""
+    return units_view(wide(t), unit_axis).sum(dim=2)
+
+
+def unit_mask_shape(ndim: int, unit_axis: int, num_units: int) -> list[int]:
+    shape = [1] * ndim
+    shape[unit_axis] = num_units
+    return shape

@@ -1,0 +1,237 @@
+"""The one runner: the model run on a batch with its mask points intercepted.
+
+A *mask point* is one tensor of the forward pass (a call site's output) where units are observed,
+differentiated or zeroed, with the map from its positions to the scored units. Scoring a layer
+(``run(module)``) is a runner with one point, the evaluation point, whose positions are the
+units themselves. Scoring a coupled group (``run(group)``) is a runner with the group's points
+(:mod:`torchpruner.attributions.groups`), in two roles:
+
+* **read points**, the tensors the group's consumers read: observed by APoZ and zeroed by
+  Shapley coalitions (zeroing them is pruning);
+* **entry points**, the tensors that enter the shared stream: differentiated by Taylor and
+  Sensitivity (the first-order term of scaling each unit once per source).
+
+For a layer, and for a plain chain, both roles are the same point.
+
+One interception per point stays installed for a whole ``run``; what it does on each forward is
+set by :meth:`Runner.activations`, :meth:`Runner.activations_and_gradients`,
+:meth:`Runner.losses` or :meth:`Runner.transformed`. Every interception returns a new tensor, so
+in-place operations downstream (``ReLU(inplace=True)``, ``out += identity``) never touch a
+captured activation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchpruner.graph import CallSite
+
+from .data import Batch, per_example_loss, unit_mask_shape, units_view, wide
+
+Transform = Callable[["MaskPoint", torch.Tensor], torch.Tensor]
+
+
+@dataclass(eq=False)
+class MaskPoint:
+    """One tensor where scored units live: ``site``'s output, the units' positions on ``axis``.
+
+    Attributes:
+        site: the call site in the graph the model is run with.
+        axis: the axis of the positions in the site's output.
+        size: the length of that axis.
+        positions: the positions that belong to scored units (long tensor).
+        units: ``units[k]`` is the scored unit of ``positions[k]``.
+    """
+
+    site: CallSite
+    axis: int
+    size: int
+    positions: torch.Tensor
+    units: torch.Tensor
+
+    @classmethod
+    def of_site(cls, site: CallSite) -> MaskPoint:
+        """A layer's evaluation point: position c is unit c."""
+        identity = torch.arange(site.num_units, dtype=torch.long)
+        return cls(site=site, axis=site.unit_axis, size=site.num_units, positions=identity, units=identity)
+
+    @property
+    def is_identity(self) -> bool:
+        return len(self.positions) == self.size and bool(
+            (self.positions == torch.arange(self.size)).all() and (self.units == self.positions).all())
+
+    def keep_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """Bool ``[size]``: False where the unit is not in the coalition ``keep`` (bool ``[units]``)."""
+        mask = torch.ones(self.size, dtype=torch.bool)
+        mask[self.positions] = keep.cpu()[self.units]
+        return mask
+
+    def check(self, z: Any) -> None:
+        if not isinstance(z, torch.Tensor) or z.dim() <= self.axis or z.shape[self.axis] != self.size:
+            raise ValueError(
+                f"the activation at {self.site.label} has shape {tuple(getattr(z, 'shape', ()))}, "
+                f"expected {self.size} units on axis {self.axis} (as traced)"
+            )
+
+
+def _copy(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
+    return z.clone()
+
+
+class Runner:
+    """Runs the model on a batch with every mask point intercepted.
+
+    Args:
+        read_points: where units are observed and zeroed (see the module docstring).
+        entry_points: where units are differentiated; the same objects as ``read_points`` where
+            a tensor plays both roles.
+        num_units: the number of scored units.
+        criterion: the loss, as given to the metric.
+        label: what is scored, for messages and the progress bar.
+        group: the coupled group scored, None for a layer.
+
+    Attributes:
+        forward: runs the intercepted model (set by the data loop for the whole run).
+        description: the progress bar's text at the start (a metric's ``prepare`` may change it).
+    """
+
+    def __init__(self, read_points: list[MaskPoint], entry_points: list[MaskPoint], num_units: int,
+                 criterion: Callable, label: str, group: Any = None) -> None:
+        self.read_points = read_points
+        self.entry_points = entry_points
+        self.points = list({id(p): p for p in read_points + entry_points}.values())
+        self.num_units = num_units
+        self.criterion = criterion
+        self.label = label
+        self.group = group
+        self.forward: Callable[..., Any] | None = None
+        self.description = label
+        self._transform: Transform = _copy
+        self._set_progress: Callable[[str], None] = lambda text: None
+
+    @property
+    def unit_axis(self) -> int:
+        """The unit axis of a layer's evaluation point (a runner with one point)."""
+        (point,) = self.points
+        return point.axis
+
+    def functions(self) -> dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
+        """``{site: fn}`` for ``graph.intercept``; each fn delegates to the current transform."""
+        return {point.site: (lambda z, point=point: self._apply(point, z)) for point in self.points}
+
+    def set_progress(self, text: str) -> None:
+        """Show ``text`` on the progress bar (a no-op without one)."""
+        self._set_progress(text)
+
+    def _apply(self, point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
+        point.check(z)
+        return self._transform(point, z)
+
+    @contextlib.contextmanager
+    def transformed(self, transform: Transform) -> Iterator[None]:
+        """Apply ``transform(point, z)`` at every point on every forward inside the block (it must
+        return a new tensor); e.g. to route a point through a module that captum hooks."""
+        self._transform = transform
+        try:
+            yield
+        finally:
+            self._transform = _copy
+
+    def _run(self, batch: Batch, transform: Transform) -> Any:
+        with self.transformed(transform):
+            return self.forward(*batch.args, **batch.kwargs)
+
+    def _reached(self, points: list[MaskPoint], captured: dict[int, Any]) -> list[Any]:
+        missing = [point.site.label for point in points if id(point) not in captured]
+        if missing:
+            raise RuntimeError(f"the points {missing} of {self.label} were not reached")
+        return [captured[id(point)] for point in points]
+
+    def activations(self, batch: Batch) -> list[tuple[MaskPoint, torch.Tensor]]:
+        """``[(point, z)]``: the tensor at every read point (no gradient)."""
+        wanted = {id(p) for p in self.read_points}
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
+            if id(point) in wanted:
+                captured[id(point)] = z.detach()
+            return z.clone()
+
+        with torch.no_grad():
+            self._run(batch, capture)
+        return list(zip(self.read_points, self._reached(self.read_points, captured)))
+
+    def activations_and_gradients(self, batch: Batch) -> list[tuple[MaskPoint, torch.Tensor, torch.Tensor]]:
+        """``[(point, z, g)]`` per entry point: the tensor and the total derivative ``∂ℓₙ/∂z`` of
+        each example's loss (through every later point too), from one forward and one backward.
+
+        An additive zero ``e`` is inserted at every entry point (``z + e``), so ``∂ℓ/∂e`` is the
+        total derivative there; only the ``e`` are differentiated, so the parameters' ``.grad``
+        are never touched. In eval mode each example's output depends on its own input only
+        (BatchNorm uses running statistics, Dropout is off), so the gradient of ``Σₙ ℓₙ`` gives
+        every example's own derivative. A bare parameter (a position embedding ``[1, L, D]``) gets
+        a zero of the batch's size, so that its derivative is per example too.
+        """
+        wanted = {id(p) for p in self.entry_points}
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def perturb(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
+            if id(point) not in wanted:
+                return z.clone()
+            shape = z.shape
+            if point.site.kind == "attr" and z.dim() >= 2 and shape[0] == 1:
+                shape = (batch.size,) + tuple(shape[1:])
+            zero = torch.zeros(shape, dtype=z.dtype, device=z.device, requires_grad=True)
+            captured[id(point)] = (z.detach(), zero)
+            return z + zero  # a new tensor: downstream in-place ops are allowed
+
+        with torch.enable_grad():
+            output = self._run(batch, perturb)
+            pairs = self._reached(self.entry_points, captured)
+            losses = per_example_loss(self.criterion, output, batch.target, batch.size)
+            grads = torch.autograd.grad(wide(losses).sum(), [zero for _, zero in pairs], allow_unused=True)
+        return [(point, z.expand_as(zero), torch.zeros_like(zero) if g is None else g)
+                for point, (z, zero), g in zip(self.entry_points, pairs, grads)]
+
+    def losses(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example losses ``[N]`` (float64) with the units where ``keep`` (bool ``[units]``)
+        is False zeroed at every read point (``keep=None``: nothing zeroed)."""
+        masks = None if keep is None else {id(p): p.keep_mask(keep) for p in self.read_points}
+
+        def apply(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
+            if masks is None or id(point) not in masks:
+                return z.clone()
+            mask = masks[id(point)].to(z.device).reshape(unit_mask_shape(z.dim(), point.axis, point.size))
+            return z.masked_fill(~mask, 0)
+
+        with torch.no_grad():
+            output = self._run(batch, apply)
+            return per_example_loss(self.criterion, output, batch.target, batch.size).to(torch.float64)
+
+    def sum_per_unit(self, pairs: Iterable[tuple[MaskPoint, torch.Tensor]]) -> torch.Tensor:
+        """``[N, units]``: for each unit, the sum of the tensors (each shaped like its point's
+        tensor) over every position of the unit at every given point.
+
+        A layer's single point is summed as ``[N, C, positions]`` in float32 or wider; several
+        points, or positions shared with other groups, are accumulated in float64.
+        """
+        pairs = list(pairs)
+        if len(pairs) == 1 and pairs[0][0].is_identity:
+            point, t = pairs[0]
+            return units_view(wide(t), point.axis).sum(dim=2)
+        total: torch.Tensor | None = None
+        for point, t in pairs:
+            per_position = units_view(t, point.axis).to(torch.float64).sum(dim=2)  # [N, size]
+            if total is None:
+                total = torch.zeros(per_position.shape[0], self.num_units, dtype=torch.float64,
+                                    device=per_position.device)
+            positions, units = point.positions.to(per_position.device), point.units.to(per_position.device)
+            total.index_add_(1, units, per_position.index_select(1, positions))
+        if total is None:
+            raise RuntimeError(f"{self.label} has no points to sum over")
+        return total
