@@ -652,10 +652,12 @@ class DependencyGraph:
         if (is_fn and target in SHAPE_QUERY_FUNCTIONS) or (is_method and target in SHAPE_QUERY_METHODS):
             return
         if shape is None:
-            # tuples (split/chunk) are followed at their getitem; other non-tensors are ignored
-            if is_fn and target is operator.getitem and node.args and isinstance(node.args[0], fx.Node) \
-                    and node.args[0].op == "call_module":
-                return
+            # tuples of split/chunk are followed at their getitem; any other op that takes the units
+            # and returns no tensor (torch.sort's (values, indices)...) cannot be followed
+            movement = (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS)
+            if not movement and [n for n in slotted if n.op != "get_attr"]:
+                raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it does not return "
+                                    f"one tensor")
             return
         if is_fn and target is operator.getitem and isinstance(node.args[0], fx.Node) \
                 and node.args[0].op == "call_module" and self._shape(node.args[0]) is None:
