@@ -76,15 +76,6 @@ def group_label(group: Group) -> str:
     return f"group {group.index} ({shown})" if shown else f"group {group.index}"
 
 
-def source_modules(group: Group) -> list[nn.Module]:
-    """The distinct layers whose outputs feed the group's units."""
-    found: list[nn.Module] = []
-    for member in group.members:
-        if member.direction == "out" and all(member.module is not m for m in found):
-            found.append(member.module)
-    return found
-
-
 def check_group(model: nn.Module, group: Group) -> None:
     """Refuse groups that cannot be pruned (so "what is scored is what is pruned" cannot hold)
     and groups of another model."""
@@ -252,7 +243,7 @@ def warn_if_coupled(graph: ModelGraph, module: nn.Module, call_index: int, stack
         logger.debug("no coupled-group check for %s: %s", type(module).__name__, error)
         return
     for group in groups:
-        sources = source_modules(group)
+        sources = group.source_modules
         if len(sources) > 1 and any(m is module for m in sources):
             names = ", ".join(graph.module_name(m) for m in sources[:4]) + (", ..." if len(sources) > 4 else "")
             warnings.warn(
