@@ -2,10 +2,8 @@
 
 Built only from public pieces: ``pruner.groups()`` (:class:`~torchpruner.graph.dependency.Group`),
 a score per group unit, and one validated plan that removes the chosen units of every group at
-once (with optimizer surgery)::
-
-    from torchpruner import Pruner
-    from torchpruner import prune_groups, IterativePruning
+once (with optimizer surgery). ``Pruner``, ``prune_groups`` and ``IterativePruning`` are all
+re-exported by the ``torchpruner`` package::
 
     pruner = Pruner(model, input_size=(3, 224, 224), optimizer=optimizer)
     plan = prune_groups(pruner, fraction=0.3)                       # 30% of every group, L1 scores
