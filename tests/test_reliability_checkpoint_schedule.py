@@ -9,6 +9,9 @@
 """
 
 import json
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from torchpruner.pruner import Pruner
 from torchpruner.pruner.checkpoint import load_pruned, pruning_manifest, resize_to_manifest, save_pruned
+from torchpruner.schedule import IterativePruning, prune_groups, select_units
 
 from oracles import assert_state_matches, assert_unchanged, snapshot
 
@@ -171,3 +175,152 @@ def test_kept_ids_that_are_not_distinct_integers_are_refused(ids):
     with pytest.raises(ValueError, match="'conv1'"):
         resize_to_manifest(fresh, manifest)
     assert_unchanged(before, fresh)
+
+
+# --------------------------------------------------------------------------------------------
+# prune_groups / select_units
+# --------------------------------------------------------------------------------------------
+
+def _mlp_with_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(torch.randn(5, 4)), torch.tensor([0, 1, 0, 1, 1])).backward()
+    optimizer.step()
+    return model, optimizer, Pruner(model, input_size=(4,), optimizer=optimizer)
+
+
+def _refused_prune(error, match, ratios_of=None, **kwargs):
+    """``prune_groups(pruner, **kwargs)`` on a trained MLP raises ``error`` matching ``match`` ({0}, {1}:
+    the indices of its two groups) and changes neither model nor optimizer; ``ratios_of(model)`` gives
+    ``ratios``."""
+    model, optimizer, pruner = _mlp_with_optimizer()
+    match = match.format(*(group.index for group in pruner.groups()))
+    if ratios_of is not None:
+        kwargs["ratios"] = ratios_of(model)
+    before = snapshot(model, optimizer)
+    with pytest.raises(error, match=match):
+        prune_groups(pruner, **kwargs)
+    assert_unchanged(before, model, optimizer)
+    return model, pruner
+
+
+@pytest.mark.parametrize("round_to, error", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (2.0, TypeError),
+                                             (True, TypeError)])
+def test_round_to_must_be_a_positive_int(round_to, error):
+    _, pruner = _refused_prune(error, "round_to", fraction=0.5, round_to=round_to)
+    with pytest.raises(error, match="round_to"):
+        select_units(pruner.groups(), fraction=0.5, round_to=round_to)
+
+
+@pytest.mark.parametrize("min_units, error", [(-1, ValueError), (1.5, TypeError), (False, TypeError)])
+def test_min_units_must_be_a_non_negative_int(min_units, error):
+    _refused_prune(error, "min_units", fraction=0.5, min_units=min_units)
+
+
+@pytest.mark.parametrize("fraction, error", [(1.5, ValueError), (1.0, ValueError), (-0.1, ValueError),
+                                             (float("nan"), ValueError), (True, TypeError), ("0.3", TypeError)])
+def test_fraction_must_be_in_zero_one(fraction, error):
+    _refused_prune(error, "fraction", fraction=fraction)
+
+
+@pytest.mark.parametrize("ratio, error", [(1.5, ValueError), (1.0, ValueError), (-0.1, ValueError),
+                                          (float("nan"), ValueError), (True, TypeError), (None, TypeError)])
+def test_a_ratio_outside_zero_one_is_refused_naming_the_layer(ratio, error):
+    model, _, pruner = _mlp_with_optimizer()
+    before = snapshot(model)
+    with pytest.raises(error, match=r"ratios.*'0'"):
+        prune_groups(pruner, fraction=0.0, ratios={model[0]: ratio})
+    assert_unchanged(before, model)
+    with pytest.raises(error, match="ratios"):
+        select_units(pruner.groups(), fraction=0.0, ratios={model[0]: ratio})
+
+
+def test_a_ratio_for_a_layer_of_another_model_is_refused():
+    other = nn.Linear(4, 8)
+    _, pruner = _refused_prune(ValueError, r"ratios.*not a layer of the pruner's model.*Linear\(in_features=4",
+                               fraction=0.0, ratios={other: 0.5})
+    with pytest.raises(ValueError, match=r"ratios.*Linear\(in_features=4"):
+        select_units(pruner.groups(), fraction=0.0, ratios={other: 0.5})
+
+
+def test_a_ratio_for_a_layer_that_is_no_group_source_is_refused():
+    # the classifier's outputs are left out by default; a ReLU owns no units
+    _refused_prune(ValueError, r"ratios.*'4'.*include_outputs", fraction=0.0, ratios_of=lambda model: {model[4]: 0.5})
+    _refused_prune(ValueError, r"ratios.*'1'", fraction=0.0, ratios_of=lambda model: {model[1]: 0.5})
+    model, _, pruner = _mlp_with_optimizer()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"ratios.*'0'.*ignored"):
+        prune_groups(pruner, fraction=0.0, ratios={model[0]: 0.5}, ignored_layers=[model[0]])
+    assert_unchanged(before, model)
+
+
+def test_a_ratios_key_that_is_not_a_module_is_refused():
+    _refused_prune(TypeError, "ratios", fraction=0.0, ratios={"0": 0.5})
+
+
+def test_ratios_within_range_still_prune():
+    model, optimizer, pruner = _mlp_with_optimizer()
+    prune_groups(pruner, fraction=0.0, ratios={model[0]: 0.5, model[2]: 0.0})
+    assert model[0].out_features == 4 and model[2].out_features == 6
+    assert optimizer.state[model[0].weight]["momentum_buffer"].shape == model[0].weight.shape
+
+
+def _nan_in_second_group(group):
+    values = np.arange(1.0, group.num_units + 1)
+    if group.num_units == 6:
+        values[3] = math.nan
+    return values
+
+
+@pytest.mark.parametrize("global_ranking", [True, False])
+def test_nan_scores_are_refused_naming_the_group(global_ranking):
+    _refused_prune(ValueError, r"group {1}.*NaN.*\[3\]", fraction=0.3, scores=_nan_in_second_group,
+                   global_ranking=global_ranking)
+
+
+def test_infinite_scores_are_refused_in_a_global_ranking_only():
+    def scores(group):
+        values = np.arange(1.0, group.num_units + 1)
+        values[0] = math.inf   # "never remove unit 0": fine per group, meaningless once normalised
+        return values
+    _refused_prune(ValueError, r"group {0}.*global_ranking", fraction=0.3, scores=scores, global_ranking=True)
+    model, _, pruner = _mlp_with_optimizer()
+    prune_groups(pruner, fraction=0.5, scores=scores)
+    assert model[0].out_features == 4 and model[2].out_features == 3
+
+
+# --------------------------------------------------------------------------------------------
+# IterativePruning
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"steps": 2.5}, TypeError, "steps"), ({"steps": 0}, ValueError, "steps"), ({"steps": -1}, ValueError, "steps"),
+    ({"steps": True}, TypeError, "steps"), ({"steps": 2.0}, TypeError, "steps"),
+    ({"every": 2.5}, TypeError, "every"), ({"every": 0}, ValueError, "every"), ({"every": -3}, ValueError, "every"),
+    ({"every": True}, TypeError, "every"),
+    ({"target": 1.5}, ValueError, "target"), ({"target": 1.0}, ValueError, "target"),
+    ({"target": -0.2}, ValueError, "target"), ({"target": float("nan")}, ValueError, "target"),
+    ({"target": True}, TypeError, "target"), ({"target": "0.5"}, TypeError, "target"),
+    ({"round_to": 0}, ValueError, "round_to"), ({"round_to": 1.5}, TypeError, "round_to"),
+    ({"min_units": -1}, ValueError, "min_units"),
+])
+def test_iterative_pruning_checks_its_arguments(kwargs, error, match):
+    model, optimizer, pruner = _mlp_with_optimizer()
+    before = snapshot(model, optimizer)
+    with pytest.raises(error, match=match):
+        IterativePruning(pruner, **{"target": 0.5, "steps": 2, "every": 1, **kwargs})
+    assert_unchanged(before, model, optimizer)
+
+
+def test_a_refused_iterative_event_changes_neither_the_model_nor_the_schedule():
+    model, optimizer, pruner = _mlp_with_optimizer()
+    schedule = IterativePruning(pruner, target=0.5, steps=2, every=1, scores=_nan_in_second_group)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="NaN"):
+        schedule.step()
+    assert_unchanged(before, model, optimizer)
+    assert (schedule.step_count, schedule.events, schedule.plans) == (0, 0, [])
+    schedule.scores = None
+    schedule.step()
+    assert (schedule.step_count, schedule.events) == (1, 1) and model[0].out_features == 6
