@@ -498,8 +498,7 @@ class DependencyGraph:
     def __init__(self, graph: ModelGraph) -> None:
         if graph.method != "fx" or graph.traced is None:
             raise DependencyError(
-                f"automatic dependency discovery needs torch.fx tracing, which failed on "
-                f"{type(graph.model).__name__} ({type(graph.fx_error).__name__}: {graph.fx_error}); "
+                f"automatic dependency discovery needs torch.fx tracing, which failed on {graph.fx_failure}; "
                 f"pass cascading_modules explicitly")
         self.graph = graph
         self.model = graph.model

@@ -10,7 +10,8 @@ Two tracing methods, tried in this order:
 ``"fx"``
     ``torch.fx`` symbolic tracing with torch.nn modules as leaves, followed by one real forward pass
     (shape propagation). Sees functional ops and merges (add, cat). Fails on data-dependent control
-    flow (``if x.sum() > 0``) and on some dynamic Python; then the fallback is used.
+    flow (``if x.sum() > 0``) and on some dynamic Python; then the fallback is used, and
+    :attr:`ModelGraph.fx_failure` names the module whose code fx could not trace.
 ``"hooks"``
     Forward hooks on every leaf module during one real forward pass. Works on any model that runs,
     but only sees modules: functional ops (``F.relu``), merges and reshapes are invisible, so
@@ -22,17 +23,26 @@ Dropout masks and the training run are untouched.
 
 A module called twice (torchvision's ResNet reuses one ``nn.ReLU`` per block) has one call site per
 call, distinguished by :attr:`CallSite.call_index`.
+
+:func:`get_graph` caches one graph on the model and reuses it only while it describes the live
+model: the same module, parameter and buffer objects, shapes, plain attributes and functions
+(``model.head = nn.Linear(6, 3)`` gives a new trace). torch.fx keeps the generated source of each
+graph module in ``linecache``; the tracer releases it when a cached graph is replaced or collected
+and when a scoring run's probed module is done, so periodic pruning holds constant memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import linecache
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
+import torch.fx.graph_module as fx_graph_module
 import torch.nn as nn
 
 from torchpruner._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, BATCHNORM_FUNCTIONS,
@@ -187,14 +197,62 @@ def _map_axis_through_permute(site: CallSite, axis: int, in_ndim: int) -> Option
 
 
 # --------------------------------------------------------------------------------------------
-# The graph
+# Generated source: every fx graph module registers its forward's source with linecache
 # --------------------------------------------------------------------------------------------
 
+def _forget_source(key: str) -> None:
+    """Drop the generated source registered under ``key`` (linecache and torch.fx's loader)."""
+    linecache.cache.pop(key, None)
+    eval_cache = getattr(getattr(fx_graph_module, "_loader", None), "eval_cache", None)
+    if isinstance(eval_cache, dict):
+        eval_cache.pop(key, None)
 
+
+def _source_release(module: fx.GraphModule) -> Callable[[], None]:
+    """A callable that releases ``module``'s generated source; it also runs when ``module`` is
+    collected. Safe to call more than once; the graph module keeps working (only tracebacks
+    through it lose their source lines).
+
+    torch.fx names each generated forward ``<eval_with_key>.N`` and keeps its source in
+    ``linecache`` and in its loader for the life of the process, so without this every retrace
+    and every probed module would leave a few KB behind.
+    """
+    code = getattr(getattr(type(module), "forward", None), "__code__", None)
+    key = getattr(code, "co_filename", None)
+    if not isinstance(key, str) or not key.startswith("<eval_with_key>"):
+        return lambda: None  # not a per-instance key (content-addressed or unknown): nothing grows
+    finalizer = weakref.finalize(module, _forget_source, key)
+    finalizer.atexit = False
+    return finalizer
+
+
+# --------------------------------------------------------------------------------------------
+# fx tracing
+# --------------------------------------------------------------------------------------------
 
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every torch.nn module, childless torchvision ops modules and
-    registered user types (:func:`register_leaf_module`) as leaves."""
+    registered user types (:func:`register_leaf_module`) as leaves.
+
+    Remembers the innermost module whose code raised (:attr:`failure`), so that an fx error
+    names the module that could not be traced rather than the model around it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: tuple[BaseException, str, type] | None = None
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if self.failure is None or self.failure[0] is not exc:  # innermost module of this error
+                try:
+                    name = self.path_of_module(m)
+                except NameError:
+                    name = type(m).__name__
+                self.failure = (exc, name, type(m))
+            raise
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaves = user_leaf_types()
@@ -237,6 +295,10 @@ class _Probe(nn.Module):
         return x if self.fn is None else self.fn(x)
 
 
+# --------------------------------------------------------------------------------------------
+# The graph
+# --------------------------------------------------------------------------------------------
+
 class ModelGraph:
     """Call sites of ``model`` for one example input. See the module docstring.
 
@@ -252,23 +314,27 @@ class ModelGraph:
         if method not in ("auto", "fx", "hooks"):
             raise ValueError(f"method must be 'auto', 'fx' or 'hooks', got {method!r}")
         self.model = unwrap_model(model)
+        self._state = _ModelState(self.model)
         kwargs = dict(kwargs or {})
         self._names: Dict[int, str] = {}
         for name, module in self.model.named_modules(remove_duplicate=False):
             self._names.setdefault(id(module), name)
         self.traced: Optional[fx.GraphModule] = None
         self.fx_error: Optional[BaseException] = None
+        self._fx_failed_in: tuple[str, type] | None = None
+        self._release_traced: Callable[[], None] = lambda: None
         self.sites: List[CallSite] = []
         if method in ("auto", "fx"):
             try:
                 self._build_fx(args, kwargs)
                 self.method = "fx"
             except Exception as exc:  # fx cannot trace data-dependent control flow and more
-                if method == "fx":
-                    raise
                 self.fx_error = exc
-                logger.info("torch.fx could not trace %s (%s: %s); using forward hooks",
-                            type(self.model).__name__, type(exc).__name__, exc)
+                if method == "fx":
+                    if hasattr(exc, "add_note"):  # Python 3.11+: the traceback names the failing module
+                        exc.add_note(f"torch.fx could not trace {self.fx_failure}")
+                    raise
+                logger.info("torch.fx could not trace %s; using forward hooks", self.fx_failure)
                 self.sites = []
                 self._build_hooks(args, kwargs)
                 self.method = "hooks"
@@ -284,25 +350,49 @@ class ModelGraph:
 
     # -- building -------------------------------------------------------------------------
 
+    @property
+    def fx_failure(self) -> str | None:
+        """Why torch.fx could not trace the model: the module whose code failed and the fx error
+        (None when fx traced it)."""
+        model_name = type(self.model).__name__
+        if self.fx_error is None:
+            return None if self.method == "fx" else f"the model {model_name} (traced with forward hooks only)"
+        error = f"{type(self.fx_error).__name__}: {self.fx_error}"
+        if self._fx_failed_in is None:
+            return f"the forward of the model {model_name} ({error})"
+        name, module_type = self._fx_failed_in
+        return (f"module '{name}' ({module_type.__name__}) of the model {model_name} ({error}); "
+                f"torchpruner.graph.register_leaf_module({module_type.__name__}) traces it as one layer")
+
     def _build_fx(self, args: tuple, kwargs: dict) -> None:
         tracer = _LeafTracer()
-        with preserved_state(self.model):
-            graph = tracer.trace(self.model)
-            traced = fx.GraphModule(tracer.root, graph, type(self.model).__name__)
-            placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-            flat_args = list(args)
-            for node in placeholders[len(args):]:
-                name = node.target.lstrip("*")
-                if name in kwargs:
-                    flat_args.append(kwargs[name])
-                elif node.args:
-                    flat_args.append(node.args[0])
-                else:
-                    raise ValueError(f"no example value for the model input {name!r}")
-            recorder = _ShapeRecorder(traced)
-            with torch.no_grad():
-                recorder.run(*flat_args)
+        traced: fx.GraphModule | None = None
+        release: Callable[[], None] = lambda: None
+        try:
+            with preserved_state(self.model):
+                graph = tracer.trace(self.model)
+                traced = fx.GraphModule(tracer.root, graph, type(self.model).__name__)
+                release = _source_release(traced)
+                placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+                flat_args = list(args)
+                for node in placeholders[len(args):]:
+                    name = node.target.lstrip("*")
+                    if name in kwargs:
+                        flat_args.append(kwargs[name])
+                    elif node.args:
+                        flat_args.append(node.args[0])
+                    else:
+                        raise ValueError(f"no example value for the model input {name!r}")
+                recorder = _ShapeRecorder(traced)
+                with torch.no_grad():
+                    recorder.run(*flat_args)
+        except Exception as exc:
+            release()
+            if tracer.failure is not None and _in_chain(tracer.failure[0], exc):
+                self._fx_failed_in = tracer.failure[1:]
+            raise
         self.traced = traced
+        self._release_traced = release
         self._fx_input_order = [n.target for n in placeholders]
         by_node: Dict[fx.Node, CallSite] = {}
         calls: Dict[int, int] = {}
@@ -457,7 +547,12 @@ class ModelGraph:
         else:
             if self.traced is None:
                 raise ValueError("functional call sites can only be intercepted in fx mode")
-            yield self._probed_module(fns)
+            probed = self._probed_module(fns)
+            release = _source_release(probed)
+            try:
+                yield probed
+            finally:
+                release()  # one probed module per scoring run: leave no generated source behind
 
     @contextlib.contextmanager
     def _intercept_with_hooks(self, fns: Dict[CallSite, Callable]) -> Iterator[Callable[..., Any]]:
@@ -507,8 +602,30 @@ class ModelGraph:
                 env[node] = new_graph.call_module(probe_name, (new_node,))
         return fx.GraphModule(root, new_graph, "ProbedModel")
 
+    def is_current(self) -> bool:
+        """True while the model holds the same modules, parameters, buffers, shapes and plain
+        attributes as when it was traced (the graph, and groups computed on it, still describe it)."""
+        return self._state.same_as(_ModelState(self.model))
+
+    def release_source(self) -> None:
+        """Release the generated source of the traced graph module from ``linecache`` (done when
+        the cache replaces this graph, or when it is collected). The graph keeps working."""
+        self._release_traced()
+
     def __repr__(self) -> str:
         return f"ModelGraph({type(self.model).__name__}, method={self.method}, {len(self.sites)} call sites)"
+
+
+def _in_chain(cause: BaseException, error: BaseException) -> bool:
+    """True when ``cause`` is ``error`` or one of the exceptions it was raised from."""
+    seen: set = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if current is cause:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _get_attr_path(module: nn.Module, path: str) -> Any:
@@ -519,24 +636,99 @@ def _get_attr_path(module: nn.Module, path: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Cache: one graph per model and input signature, rebuilt when the structure changes
+# Cache: one graph per model and input signature, rebuilt when the model changes
 # --------------------------------------------------------------------------------------------
 
 _SLOT = "_torchpruner_graph_cache"
 
+#: Types of plain module attributes that a traced forward may bake in (``if self.flag``, ``x * self.scale``).
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+class _ModelState:
+    """What a graph of a model depends on, compared without keeping replaced objects alive.
+
+    The graph holds the model's module objects and bakes in what the forward reads, so a new
+    submodule, parameter or tensor attribute of the same shape (``model.head = nn.Linear(6, 3)``),
+    a swapped function (``self.act = torch.tanh``) or a flipped flag (``self.use_skip = False``)
+    makes it stale, as does a new shape. Training mode is left out (tracing runs in eval mode).
+
+    ``key`` names every module, function attribute, parameter, buffer and tensor attribute by
+    ``id``; ``refs`` holds weak references to the modules and functions. A key that compares equal
+    while every reference is alive names the very same objects (two live objects never share an
+    id). Tensors take no weak reference (a tensor with one cannot be swapped in place, which
+    pruning does); their ids are safe anyway: every tensor the graph bakes in (an fx ``get_attr``)
+    is held by the traced module, so it is not freed and its id not reused while the graph lives,
+    and a layer's own parameters are read live when the graph runs.
+    """
+
+    __slots__ = ("key", "refs")
+
+    def __init__(self, model: nn.Module) -> None:
+        refs: list[Callable[[], Any]] = []
+
+        def identity(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return ("id", id(obj))
+            try:
+                refs.append(weakref.ref(obj))
+            except TypeError:  # builtins (torch.relu) take no weak references; they live for good
+                return ("object", obj)
+            return ("id", id(obj))
+
+        modules = []
+        for name, module in model.named_modules(remove_duplicate=False):
+            attributes = []
+            for attr, value in module.__dict__.items():
+                if attr.startswith("_") or attr == "training":
+                    continue
+                if isinstance(value, torch.Tensor):
+                    attributes.append((attr, identity(value), tuple(value.shape), value.dtype))
+                elif _is_plain(value):
+                    attributes.append((attr, tuple(value) if isinstance(value, list) else value))
+                elif callable(value) and not isinstance(value, nn.Module):
+                    attributes.append((attr, identity(value)))
+            modules.append((name, type(module), identity(module), tuple(attributes)))
+        tensors = tuple((name, identity(t), tuple(t.shape), t.dtype) for name, t in
+                        list(model.named_parameters(remove_duplicate=False))
+                        + list(model.named_buffers(remove_duplicate=False)))
+        self.key = (tensors, tuple(modules), leaf_version())
+        self.refs = tuple(refs)
+
+    def same_as(self, now: _ModelState) -> bool:
+        """True when ``now`` (taken later) describes the very same objects and attributes."""
+        return self.key == now.key and all(ref() is not None for ref in self.refs)
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN_TYPES):
+        return True
+    return isinstance(value, (tuple, list)) and len(value) <= 64 and all(isinstance(v, _PLAIN_TYPES) for v in value)
+
+
+def _describe_inputs(value: Any) -> Any:
+    """Shapes (batch size ignored), dtypes and devices of example inputs; reprs of the rest."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape[1:]), value.dtype, value.device.type)
+    if isinstance(value, (tuple, list)):
+        return tuple(_describe_inputs(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _describe_inputs(v)) for k, v in value.items()))
+    return repr(value)
+
 
 class _GraphSlot:
-    """Holds a model's cached graph on the model itself.
+    """Holds a model's cached graph on the model itself, with the inputs it was traced for.
 
     A graph refers to its model, so a global cache keyed by the model would keep every model
     alive. Kept on the model, the two form an ordinary reference cycle that the garbage collector
     frees with the model. ``deepcopy`` and pickling give an empty slot (a copy traces anew).
     """
 
-    __slots__ = ("key", "graph")
+    __slots__ = ("inputs", "graph")
 
     def __init__(self) -> None:
-        self.key: Any = None
+        self.inputs: Any = None
         self.graph: Optional[ModelGraph] = None
 
     def __deepcopy__(self, memo: dict) -> "_GraphSlot":
@@ -546,43 +738,32 @@ class _GraphSlot:
         return (_GraphSlot, ())
 
 
-def _structure_key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in
-                    list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)))
-    modules = tuple((name, type(m)) for name, m in model.named_modules())
-
-    def describe(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return ("T", tuple(value.shape[1:]), value.dtype, value.device.type)
-        if isinstance(value, (tuple, list)):
-            return tuple(describe(v) for v in value)
-        if isinstance(value, Mapping):
-            return tuple(sorted((k, describe(v)) for k, v in value.items()))
-        return repr(value)
-
-    return tensors, modules, describe(args), describe(kwargs), leaf_version()
-
-
 def get_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> ModelGraph:
     """The cached :class:`ModelGraph` of ``model`` for inputs like ``args``/``kwargs``.
 
-    The cache lives on the model object; an entry is reused while the parameter/buffer shapes,
-    the module structure and the input shapes (batch size ignored) are the same, so the attribution
-    metrics and the Pruner share one trace and a prune triggers a new one.
+    The cache lives on the model object; an entry is reused while the model holds the same module,
+    parameter and buffer objects with the same shapes, the same plain attributes and functions
+    (see :class:`_ModelState`), and the inputs have the same shapes (batch size ignored), so the
+    attribution metrics and the Pruner share one trace, and a prune or a replaced layer triggers a
+    new one. A replaced graph releases its generated source.
     """
     model = unwrap_model(model)
     kwargs = dict(kwargs or {})
-    key = _structure_key(model, args, kwargs)
+    inputs = (_describe_inputs(args), _describe_inputs(kwargs))
     slot = model.__dict__.get(_SLOT)
-    if isinstance(slot, _GraphSlot) and slot.graph is not None and slot.key == key and slot.graph.model is model:
-        return slot.graph
+    if isinstance(slot, _GraphSlot) and slot.graph is not None and slot.graph.model is model:
+        if slot.inputs == inputs and slot.graph.is_current():
+            return slot.graph
+        slot.graph.release_source()
     graph = ModelGraph(model, args, kwargs)
     slot = _GraphSlot()
-    slot.key, slot.graph = key, graph
+    slot.inputs, slot.graph = inputs, graph
     model.__dict__[_SLOT] = slot  # a shallow copy of the model shares it: the `is model` check above
     return graph
 
 
 def invalidate_graph(model: nn.Module) -> None:
-    """Forget the cached graph of ``model`` (done automatically when shapes change)."""
-    unwrap_model(model).__dict__.pop(_SLOT, None)
+    """Forget the cached graph of ``model`` (done automatically when the model changes)."""
+    slot = unwrap_model(model).__dict__.pop(_SLOT, None)
+    if isinstance(slot, _GraphSlot) and slot.graph is not None:
+        slot.graph.release_source()

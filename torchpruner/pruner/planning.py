@@ -157,9 +157,9 @@ def check_group_selection(model: nn.Module, selection: Selection) -> None:
     if dep.model is not model:
         raise ValueError(f"the group belongs to another model ({type(dep.model).__name__} object at "
                          f"{id(dep.model):#x}); compute the groups on this model with pruner.groups()")
-    if tensor_shapes(dep.model) != dep.tensor_shapes:
-        raise ValueError("the group is stale: the model was pruned since it was computed; "
-                         "compute the groups again with pruner.groups()")
+    if tensor_shapes(dep.model) != dep.tensor_shapes or not dep.graph.is_current():
+        raise ValueError("the group is stale: the model was pruned or a layer of it replaced since it was "
+                         "computed; compute the groups again with pruner.groups()")
     for group, units in selection.items():
         if group._dep is not dep:
             raise ValueError("the groups come from different analyses; compute the groups again with pruner.groups()")
