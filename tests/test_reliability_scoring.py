@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from torch import nn
 from torchpruner import Pruner
 from torchpruner.attributions import (
     APoZAttributionMetric,
+    BatchStatisticsWarning,
     RandomAttributionMetric,
     SensitivityAttributionMetric,
     ShapleyAttributionMetric,
@@ -276,3 +279,52 @@ def test_scoring_between_forward_and_backward_keeps_the_users_graph():
     TaylorAttributionMetric(model, [(x, y)], F.cross_entropy, "cpu").run(model[0])
     loss.backward()  # untouched buffers are not rewritten (their version counters stay)
     assert model[0].weight.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm that normalises with the batch
+# --------------------------------------------------------------------------------------------
+def batch_stats_model(track_running_stats: bool):
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(2, 4, 3, padding=1), norm=nn.BatchNorm2d(4, track_running_stats=track_running_stats),
+        act=nn.ReLU(), flat=nn.Flatten(), fc=nn.Linear(4 * 25, 3),
+    )).to(DTYPE)
+
+
+def batches(n=8, batch_size=2):
+    x, y = images(n)
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+@pytest.mark.filterwarnings("ignore:APoZ evaluated")
+@pytest.mark.parametrize("name", DATA_METRICS)
+def test_batch_statistics_batchnorm_warns_once_per_run_naming_it(name):
+    model = batch_stats_model(track_running_stats=False)
+    with pytest.warns(BatchStatisticsWarning, match="'norm'") as record:
+        METRICS[name](model, batches()).run(model.conv)
+    ours = [w for w in record if issubclass(w.category, BatchStatisticsWarning)]
+    assert len(ours) == 1
+    assert ours[0].filename == __file__  # points at the caller of run
+    with pytest.warns(BatchStatisticsWarning, match="'norm'"):  # once per run, every run
+        METRICS[name](model, batches()).run(model.conv)
+
+
+def test_batch_statistics_warning_scores_really_depend_on_the_batch():
+    model = batch_stats_model(track_running_stats=False)
+    with pytest.warns(BatchStatisticsWarning):
+        small = TaylorAttributionMetric(model, batches(batch_size=2), F.cross_entropy, "cpu").run(model.conv)
+    with pytest.warns(BatchStatisticsWarning):
+        large = TaylorAttributionMetric(model, batches(batch_size=8), F.cross_entropy, "cpu").run(model.conv)
+    assert not np.allclose(small, large)
+
+
+@pytest.mark.filterwarnings("ignore:APoZ evaluated")
+@pytest.mark.parametrize(("name", "track_running_stats"),
+                         [(name, True) for name in METRICS] + [("random", False), ("weight_norm", False)])
+def test_no_batch_statistics_warning_with_running_statistics_or_without_a_data_pass(name, track_running_stats):
+    model = batch_stats_model(track_running_stats=track_running_stats)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        METRICS[name](model, batches()).run(model.conv)
+    assert not [w for w in record if issubclass(w.category, BatchStatisticsWarning)]

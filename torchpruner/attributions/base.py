@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import auto as tqdm_auto
 
+from torchpruner._ops import BATCHNORM_MODULES
 from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state, unwrap_model
 from torchpruner.graph.dependency import Group
 
@@ -38,9 +40,9 @@ logger = logging.getLogger(__name__)
 Reduction = str | Callable[[np.ndarray], np.ndarray]
 
 __all__ = [  # data.py and runner.py names stay importable from here, as before the split
-    "AttributionMetric", "Batch", "BatchFn", "INPUT_KEYS", "MaskPoint", "Reduction", "Runner", "Scored",
-    "TARGET_KEYS", "default_batch_fn", "first_tensor", "left_as_found", "make_batch", "per_example_loss",
-    "reduce_scores", "sum_positions", "to_device", "unit_mask_shape", "units_view", "wide",
+    "AttributionMetric", "Batch", "BatchFn", "BatchStatisticsWarning", "INPUT_KEYS", "MaskPoint", "Reduction",
+    "Runner", "Scored", "TARGET_KEYS", "default_batch_fn", "first_tensor", "left_as_found", "make_batch",
+    "per_example_loss", "reduce_scores", "sum_positions", "to_device", "unit_mask_shape", "units_view", "wide",
 ]
 
 
@@ -77,6 +79,33 @@ def left_as_found(model: nn.Module, data_generator: Any = None) -> Iterator[None
     finally:
         for generator, state in generators:
             generator.set_state(state)
+
+
+class BatchStatisticsWarning(UserWarning):
+    """Scoring a model whose BatchNorm normalises with the statistics of the batch
+    (``track_running_stats=False``): its scores depend on how the examples are batched.
+    Silence it with ``warnings.filterwarnings("ignore", category=BatchStatisticsWarning)``."""
+
+
+def batch_statistics_modules(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers of ``model`` that keep no running statistics, so that
+    they normalise with the batch's own statistics even in eval mode."""
+    return [name or type(model).__name__ for name, module in model.named_modules()
+            if isinstance(module, BATCHNORM_MODULES)
+            and module.running_mean is None and module.running_var is None]
+
+
+def warn_if_batch_statistics(model: nn.Module, metric: str, stacklevel: int) -> None:
+    """One :class:`BatchStatisticsWarning` naming every such BatchNorm layer (none: silent)."""
+    names = batch_statistics_modules(model)
+    if names:
+        listed = ", ".join(f"'{name}'" for name in names)
+        warnings.warn(
+            f"{metric} scores depend on how the examples are batched: BatchNorm layer(s) {listed} keep "
+            "no running statistics (track_running_stats=False), so even in eval mode they normalise "
+            "each example with the statistics of its batch; score with the batch size and "
+            "composition you train with, or give the layers running statistics",
+            BatchStatisticsWarning, stacklevel=stacklevel + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +215,12 @@ class AttributionMetric:
 
     A metric sets ``name`` and ``default_options`` and implements ``score_batch`` (a pass over the
     data) or ``score_without_data``; ``prepare`` is called once per run before the first batch.
+
+    Scores are per example and independent of the batch size because scoring runs in eval mode,
+    where BatchNorm uses its running statistics. A BatchNorm with ``track_running_stats=False``
+    has none and normalises with the statistics of each batch even in eval mode: then the scores
+    of a metric with a data pass depend on the batch size and composition, and each ``run``
+    warns with a :class:`BatchStatisticsWarning` naming those layers.
 
     Args:
         model: the model to score (left exactly as found: mode, hooks, ``.grad``, BatchNorm
@@ -305,6 +340,7 @@ class AttributionMetric:
                                                   call_index, stacklevel=7)[0].num_units
 
                 return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
+            warn_if_batch_statistics(model, self.name, stacklevel=2)
             batches = self._batches(model)
             first = self._first_batch(batches)
             site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
@@ -400,6 +436,7 @@ class AttributionMetric:
         with left_as_found(model, self.data_generator):
             if self._without_data():
                 return self._finish(self.score_without_data(Scored(None, group, lambda: group.num_units), options))
+            warn_if_batch_statistics(model, self.name, stacklevel=3)
             batches = self._batches(model)
             first = next(batches, None)
             if first is None:
