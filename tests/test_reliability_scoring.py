@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from oracles import assert_unchanged, snapshot
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from torchpruner import Pruner
 from torchpruner.attributions import (
@@ -328,3 +329,50 @@ def test_no_batch_statistics_warning_with_running_statistics_or_without_a_data_p
         warnings.simplefilter("always")
         METRICS[name](model, batches()).run(model.conv)
     assert not [w for w in record if issubclass(w.category, BatchStatisticsWarning)]
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop's own DataLoader with persistent workers
+# --------------------------------------------------------------------------------------------
+def indexed_dataset(n=8):
+    x, y = images(n)
+    return TensorDataset(x, y, torch.arange(n))
+
+
+def persistent_loader(dataset, shuffle):
+    generator = torch.Generator().manual_seed(1) if shuffle else None
+    return DataLoader(dataset, batch_size=2, shuffle=shuffle, generator=generator, num_workers=1,
+                      persistent_workers=True)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_scoring_mid_epoch_with_the_training_loader_sees_every_batch_once(shuffle):
+    dataset = indexed_dataset()
+    loader = persistent_loader(dataset, shuffle)
+    model = batch_stats_model(track_running_stats=True)
+    metric = TaylorAttributionMetric(model, loader, F.cross_entropy, "cpu")
+    reference = TaylorAttributionMetric(model, DataLoader(dataset, batch_size=2), F.cross_entropy,
+                                        "cpu").run(model.conv)
+    for epoch in range(2):
+        seen: list[int] = []
+        scores = None
+        for step, (_x, _y, index) in enumerate(loader):
+            seen.extend(index.tolist())
+            if step == 1:
+                scores = metric.run(model.conv)  # mid-epoch, the very same loader
+            if len(seen) > 3 * len(dataset):
+                break  # the old behaviour: the loop restarts after every scoring
+        assert sorted(seen) == list(range(len(dataset))), f"epoch {epoch}"
+        np.testing.assert_allclose(scores, reference, rtol=1e-10, atol=0)  # scored on every example
+
+
+def test_scoring_with_a_persistent_loader_before_and_between_epochs():
+    dataset = indexed_dataset()
+    loader = persistent_loader(dataset, shuffle=False)
+    model = batch_stats_model(track_running_stats=True)
+    metric = TaylorAttributionMetric(model, loader, F.cross_entropy, "cpu", max_batches=1)
+    metric.run(model.conv)  # before the training loop ever iterated the loader
+    for _epoch in range(2):
+        seen = [i for _x, _y, index in loader for i in index.tolist()]
+        assert seen == list(range(len(dataset)))
+        metric.run(model.conv)  # between epochs

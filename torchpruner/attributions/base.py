@@ -31,7 +31,8 @@ from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state, 
 from torchpruner.graph.dependency import Group
 
 from .data import (INPUT_KEYS, TARGET_KEYS, Batch, BatchFn, default_batch_fn, first_tensor, make_batch,
-                   per_example_loss, sum_positions, to_device, unit_mask_shape, units_view, wide)
+                   per_example_loss, scoring_iterator, sum_positions, to_device, unit_mask_shape,
+                   units_view, wide)
 from .groups import check_group, group_runner, warn_if_coupled
 from .runner import MaskPoint, Runner
 
@@ -226,7 +227,11 @@ class AttributionMetric:
         model: the model to score (left exactly as found: mode, hooks, ``.grad``, BatchNorm
             statistics and the global RNG state are restored).
         data_generator: an iterable of batches (a ``DataLoader``); see :func:`default_batch_fn`
-            for the accepted batch layouts.
+            for the accepted batch layouts. The training loop's own DataLoader works, also in the
+            middle of its epoch: a DataLoader with ``persistent_workers=True`` whose shared
+            iterator exists is scored through a private iterator (new workers each run), so the
+            loop's iteration is not reset. A separate scoring DataLoader (e.g. a fixed subset,
+            ``num_workers=0``) is faster and is the recommended pattern.
         criterion: ``criterion(output, target, reduction="none")`` as in
             ``torch.nn.functional``, or a loss module instance (``nn.CrossEntropyLoss()``).
         device: where batches are moved (the model is not moved). ``None``: the device of the
@@ -335,18 +340,19 @@ class AttributionMetric:
             if self._without_data():
                 # the trace only when the metric asks for the unit count (Random, not WeightNorm)
                 def count_units() -> int:
-                    first = self._first_batch(self._batches(model))
+                    with contextlib.closing(self._batches(model)) as batches:
+                        first = self._first_batch(batches)
                     return self._evaluation_point(model, module, first, find_best_evaluation_module,
                                                   call_index, stacklevel=7)[0].num_units
 
                 return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
             warn_if_batch_statistics(model, self.name, stacklevel=2)
-            batches = self._batches(model)
-            first = self._first_batch(batches)
-            site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
-            point = MaskPoint.of_site(site)
-            runner = Runner([point], [point], site.num_units, self.criterion, site.label)
-            return self._score(graph, runner, itertools.chain([first], batches), options)
+            with contextlib.closing(self._batches(model)) as batches:
+                first = self._first_batch(batches)
+                site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
+                point = MaskPoint.of_site(site)
+                runner = Runner([point], [point], site.num_units, self.criterion, site.label)
+                return self._score(graph, runner, itertools.chain([first], batches), options)
 
     # ---------------------------------------------------------------- for subclasses
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
@@ -374,12 +380,16 @@ class AttributionMetric:
         return first.device if first is not None else None
 
     def _batches(self, model: nn.Module) -> Iterator[Batch]:
-        """The data generator's batches (at most ``max_batches``) as :class:`Batch` on the device."""
-        iterator = iter(self.data_generator)
-        if self.max_batches is not None:
-            iterator = itertools.islice(iterator, self.max_batches)
+        """The data generator's batches (at most ``max_batches``) as :class:`Batch` on the device.
+
+        A generator: close it (``contextlib.closing``) so that a private DataLoader iterator
+        (see :func:`~torchpruner.attributions.data.scoring_iterator`) stops its workers."""
         device = self._device(model)
-        return (make_batch(raw, self.batch_fn, device) for raw in iterator)
+        with scoring_iterator(self.data_generator) as iterator:
+            if self.max_batches is not None:
+                iterator = itertools.islice(iterator, self.max_batches)
+            for raw in iterator:
+                yield make_batch(raw, self.batch_fn, device)
 
     def _first_batch(self, batches: Iterator[Batch]) -> Batch:
         first = next(batches, None)
@@ -437,15 +447,15 @@ class AttributionMetric:
             if self._without_data():
                 return self._finish(self.score_without_data(Scored(None, group, lambda: group.num_units), options))
             warn_if_batch_statistics(model, self.name, stacklevel=3)
-            batches = self._batches(model)
-            first = next(batches, None)
-            if first is None:
-                raise ValueError(f"the data generator yielded no batches; {type(self).__name__} needs data")
-            graph = get_graph(model, first.args, first.kwargs or None)
-            runner = group_runner(graph, group, self.criterion)
-            logger.debug("%s: %s read at %s, entering at %s", self.name, runner.label,
-                         [p.site.name for p in runner.read_points], [p.site.name for p in runner.entry_points])
-            return self._score(graph, runner, itertools.chain([first], batches), options)
+            with contextlib.closing(self._batches(model)) as batches:
+                first = next(batches, None)
+                if first is None:
+                    raise ValueError(f"the data generator yielded no batches; {type(self).__name__} needs data")
+                graph = get_graph(model, first.args, first.kwargs or None)
+                runner = group_runner(graph, group, self.criterion)
+                logger.debug("%s: %s read at %s, entering at %s", self.name, runner.label,
+                             [p.site.name for p in runner.read_points], [p.site.name for p in runner.entry_points])
+                return self._score(graph, runner, itertools.chain([first], batches), options)
 
     def _score(self, graph: ModelGraph, runner: Runner, batches: Iterable[Batch], options: dict[str, Any]) -> np.ndarray:
         """The one data loop: intercept the runner's points for the whole run, score every batch
