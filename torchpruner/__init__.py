@@ -41,6 +41,7 @@ _EXPORTS = {
     "prune_groups": "torchpruner.schedule",
     "IterativePruning": "torchpruner.schedule",
     "CoupledGroupWarning": "torchpruner.attributions.groups",
+    "BatchStatisticsWarning": "torchpruner.attributions.base",
     # graph
     "ModelGraph": "torchpruner.graph",
     "CallSite": "torchpruner.graph",

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["unwrap_model", "make_example_inputs", "to_device", "preserved_state"]
 
@@ -110,24 +111,112 @@ def to_device(obj: Any, device: torch.device | None) -> Any:
     return obj
 
 
+_SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Shape, dtype and every bit equal (``-0.0`` differs from ``0.0``, a NaN equals itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    as_int = _SAME_SIZE_INTS.get(a.element_size()) if a.is_floating_point() else None
+    if as_int is not None:
+        return torch.equal(a.view(as_int), b.view(as_int))
+    return torch.equal(a, b)
+
+
+class _BufferSnapshot:
+    """Every buffer of a model (registered ones, persistent or not), to put back bit for bit.
+
+    Restoring keeps each buffer's tensor object (a traced graph or a user may hold it): a buffer
+    the block replaced is put back, one it added is removed, and the values (and shape: QAT
+    observers resize theirs on first use) of one it changed in place are copied back. A buffer
+    whose bits did not change is not written (its version counter stays), so a graph the user's
+    forward saved it in can still be differentiated. Lazy buffers that the block materialised
+    stay materialised; buffers on the meta device hold no values to restore.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved: list[tuple[nn.Module, dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple]]]] = []
+        for module in model.modules():
+            entries = {}
+            for name, buffer in module._buffers.items():
+                if buffer is None or is_lazy(buffer) or buffer.is_meta:
+                    entries[name] = (buffer, None, ())
+                else:
+                    entries[name] = (buffer, buffer.detach().clone(), self._fingerprint(buffer))
+            self.saved.append((module, entries))
+
+    @staticmethod
+    def _fingerprint(buffer: torch.Tensor) -> tuple:
+        # no version counter: fused observer kernels write their buffers without bumping it
+        return buffer.data_ptr(), tuple(buffer.shape), buffer.dtype, buffer.device
+
+    def restore(self) -> None:
+        for module, entries in self.saved:
+            for name in [name for name in module._buffers if name not in entries]:
+                del module._buffers[name]
+                module._non_persistent_buffers_set.discard(name)
+            for name, (original, copy, fingerprint) in entries.items():
+                if name not in module._buffers or module._buffers[name] is not original:
+                    module._buffers[name] = original
+                if original is None or copy is None or (
+                        self._fingerprint(original) == fingerprint and _same_bits(original, copy)):
+                    continue
+                with torch.no_grad():
+                    if original.dtype == copy.dtype and original.device == copy.device:
+                        try:
+                            if original.shape != copy.shape:
+                                original.resize_(copy.shape)
+                            original.copy_(copy)
+                            continue
+                        except RuntimeError:  # storage that cannot be resized: swap the data
+                            pass
+                    original.data = copy
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put every module back in its own mode by calling ``train(mode)`` top-down.
+
+    ``modes`` lists ``(module, training)`` in ``model.modules()`` order (parents first). A module
+    whose flag differs is switched with its own ``train(mode)``, so overrides with side effects
+    (a block that fuses its branches in eval mode and unfuses them in training) run again; that
+    call also switches its children, which are checked after it. Flags still wrong after that (a
+    ``train`` override that sets a parent's flag) are set directly.
+    """
+    for module, mode in modes:
+        if module.training != mode:
+            module.train(mode)
+    for module, mode in modes:
+        module.training = mode
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
-    """Run a block in eval mode and restore each module's training flag and the global RNG.
+    """Run a block in eval mode and leave the model's mode, buffers and the global RNG as found.
 
+    Mode: the model is switched with ``model.eval()`` (only when some module is training) and
+    put back with each module's own ``train(mode)``, parents first, so that modules whose
+    ``train()``/``eval()`` have side effects (re-parametrised blocks that fuse in eval mode) end
+    in the state the user had them in, mixed states included.
+    Buffers: every buffer is restored bit for bit, shape included (observers of
+    quantization-aware training update theirs even in eval mode), keeping each tensor object.
     RNG covered: torch (CPU and every CUDA device already initialised), numpy and ``random``.
     """
     modes = [(m, m.training) for m in model.modules()]
+    buffers = _BufferSnapshot(model)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     np_rng = np.random.get_state()
     py_rng = random.getstate()
     try:
-        if eval_mode:
+        if eval_mode and any(mode for _, mode in modes):
             model.eval()
         yield
     finally:
-        for module, mode in modes:
-            module.training = mode
+        _restore_modes(modes)
+        buffers.restore()
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

@@ -6,7 +6,7 @@ it found it. captum is imported only when :class:`CaptumAttributionMetric` runs.
 scores a coupled group from ``pruner.groups()`` (:mod:`torchpruner.attributions.groups`).
 """
 
-from .base import AttributionMetric, default_batch_fn, per_example_loss
+from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, per_example_loss
 from .captum_adapter import CaptumAttributionMetric
 from .groups import CoupledGroupWarning
 from .methods import (APoZAttributionMetric, RandomAttributionMetric,
@@ -16,6 +16,7 @@ from .methods import (APoZAttributionMetric, RandomAttributionMetric,
 __all__ = [
     "AttributionMetric",
     "APoZAttributionMetric",
+    "BatchStatisticsWarning",
     "CaptumAttributionMetric",
     "CoupledGroupWarning",
     "RandomAttributionMetric",

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -25,11 +26,13 @@ import torch
 from torch import nn
 from tqdm import auto as tqdm_auto
 
+from torchpruner._ops import BATCHNORM_MODULES
 from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state, unwrap_model
 from torchpruner.graph.dependency import Group
 
 from .data import (INPUT_KEYS, TARGET_KEYS, Batch, BatchFn, default_batch_fn, first_tensor, make_batch,
-                   per_example_loss, sum_positions, to_device, unit_mask_shape, units_view, wide)
+                   per_example_loss, scoring_iterator, sum_positions, to_device, unit_mask_shape,
+                   units_view, wide)
 from .groups import check_group, group_runner, warn_if_coupled
 from .runner import MaskPoint, Runner
 
@@ -38,9 +41,9 @@ logger = logging.getLogger(__name__)
 Reduction = str | Callable[[np.ndarray], np.ndarray]
 
 __all__ = [  # data.py and runner.py names stay importable from here, as before the split
-    "AttributionMetric", "Batch", "BatchFn", "INPUT_KEYS", "MaskPoint", "Reduction", "Runner", "Scored",
-    "TARGET_KEYS", "default_batch_fn", "first_tensor", "left_as_found", "make_batch", "per_example_loss",
-    "reduce_scores", "sum_positions", "to_device", "unit_mask_shape", "units_view", "wide",
+    "AttributionMetric", "Batch", "BatchFn", "BatchStatisticsWarning", "INPUT_KEYS", "MaskPoint", "Reduction",
+    "Runner", "Scored", "TARGET_KEYS", "default_batch_fn", "first_tensor", "left_as_found", "make_batch",
+    "per_example_loss", "reduce_scores", "sum_positions", "to_device", "unit_mask_shape", "units_view", "wide",
 ]
 
 
@@ -77,6 +80,33 @@ def left_as_found(model: nn.Module, data_generator: Any = None) -> Iterator[None
     finally:
         for generator, state in generators:
             generator.set_state(state)
+
+
+class BatchStatisticsWarning(UserWarning):
+    """Scoring a model whose BatchNorm normalises with the statistics of the batch
+    (``track_running_stats=False``): its scores depend on how the examples are batched.
+    Silence it with ``warnings.filterwarnings("ignore", category=BatchStatisticsWarning)``."""
+
+
+def batch_statistics_modules(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers of ``model`` that keep no running statistics, so that
+    they normalise with the batch's own statistics even in eval mode."""
+    return [name or type(model).__name__ for name, module in model.named_modules()
+            if isinstance(module, BATCHNORM_MODULES)
+            and module.running_mean is None and module.running_var is None]
+
+
+def warn_if_batch_statistics(model: nn.Module, metric: str, stacklevel: int) -> None:
+    """One :class:`BatchStatisticsWarning` naming every such BatchNorm layer (none: silent)."""
+    names = batch_statistics_modules(model)
+    if names:
+        listed = ", ".join(f"'{name}'" for name in names)
+        warnings.warn(
+            f"{metric} scores depend on how the examples are batched: BatchNorm layer(s) {listed} keep "
+            "no running statistics (track_running_stats=False), so even in eval mode they normalise "
+            "each example with the statistics of its batch; score with the batch size and "
+            "composition you train with, or give the layers running statistics",
+            BatchStatisticsWarning, stacklevel=stacklevel + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,11 +217,21 @@ class AttributionMetric:
     A metric sets ``name`` and ``default_options`` and implements ``score_batch`` (a pass over the
     data) or ``score_without_data``; ``prepare`` is called once per run before the first batch.
 
+    Scores are per example and independent of the batch size because scoring runs in eval mode,
+    where BatchNorm uses its running statistics. A BatchNorm with ``track_running_stats=False``
+    has none and normalises with the statistics of each batch even in eval mode: then the scores
+    of a metric with a data pass depend on the batch size and composition, and each ``run``
+    warns with a :class:`BatchStatisticsWarning` naming those layers.
+
     Args:
         model: the model to score (left exactly as found: mode, hooks, ``.grad``, BatchNorm
             statistics and the global RNG state are restored).
         data_generator: an iterable of batches (a ``DataLoader``); see :func:`default_batch_fn`
-            for the accepted batch layouts.
+            for the accepted batch layouts. The training loop's own DataLoader works, also in the
+            middle of its epoch: a DataLoader with ``persistent_workers=True`` whose shared
+            iterator exists is scored through a private iterator (new workers each run), so the
+            loop's iteration is not reset. A separate scoring DataLoader (e.g. a fixed subset,
+            ``num_workers=0``) is faster and is the recommended pattern.
         criterion: ``criterion(output, target, reduction="none")`` as in
             ``torch.nn.functional``, or a loss module instance (``nn.CrossEntropyLoss()``).
         device: where batches are moved (the model is not moved). ``None``: the device of the
@@ -300,17 +340,19 @@ class AttributionMetric:
             if self._without_data():
                 # the trace only when the metric asks for the unit count (Random, not WeightNorm)
                 def count_units() -> int:
-                    first = self._first_batch(self._batches(model))
+                    with contextlib.closing(self._batches(model)) as batches:
+                        first = self._first_batch(batches)
                     return self._evaluation_point(model, module, first, find_best_evaluation_module,
                                                   call_index, stacklevel=7)[0].num_units
 
                 return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
-            batches = self._batches(model)
-            first = self._first_batch(batches)
-            site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
-            point = MaskPoint.of_site(site)
-            runner = Runner([point], [point], site.num_units, self.criterion, site.label)
-            return self._score(graph, runner, itertools.chain([first], batches), options)
+            warn_if_batch_statistics(model, self.name, stacklevel=2)
+            with contextlib.closing(self._batches(model)) as batches:
+                first = self._first_batch(batches)
+                site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
+                point = MaskPoint.of_site(site)
+                runner = Runner([point], [point], site.num_units, self.criterion, site.label)
+                return self._score(graph, runner, itertools.chain([first], batches), options)
 
     # ---------------------------------------------------------------- for subclasses
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
@@ -338,12 +380,16 @@ class AttributionMetric:
         return first.device if first is not None else None
 
     def _batches(self, model: nn.Module) -> Iterator[Batch]:
-        """The data generator's batches (at most ``max_batches``) as :class:`Batch` on the device."""
-        iterator = iter(self.data_generator)
-        if self.max_batches is not None:
-            iterator = itertools.islice(iterator, self.max_batches)
+        """The data generator's batches (at most ``max_batches``) as :class:`Batch` on the device.
+
+        A generator: close it (``contextlib.closing``) so that a private DataLoader iterator
+        (see :func:`~torchpruner.attributions.data.scoring_iterator`) stops its workers."""
         device = self._device(model)
-        return (make_batch(raw, self.batch_fn, device) for raw in iterator)
+        with scoring_iterator(self.data_generator) as iterator:
+            if self.max_batches is not None:
+                iterator = itertools.islice(iterator, self.max_batches)
+            for raw in iterator:
+                yield make_batch(raw, self.batch_fn, device)
 
     def _first_batch(self, batches: Iterator[Batch]) -> Batch:
         first = next(batches, None)
@@ -400,15 +446,16 @@ class AttributionMetric:
         with left_as_found(model, self.data_generator):
             if self._without_data():
                 return self._finish(self.score_without_data(Scored(None, group, lambda: group.num_units), options))
-            batches = self._batches(model)
-            first = next(batches, None)
-            if first is None:
-                raise ValueError(f"the data generator yielded no batches; {type(self).__name__} needs data")
-            graph = get_graph(model, first.args, first.kwargs or None)
-            runner = group_runner(graph, group, self.criterion)
-            logger.debug("%s: %s read at %s, entering at %s", self.name, runner.label,
-                         [p.site.name for p in runner.read_points], [p.site.name for p in runner.entry_points])
-            return self._score(graph, runner, itertools.chain([first], batches), options)
+            warn_if_batch_statistics(model, self.name, stacklevel=3)
+            with contextlib.closing(self._batches(model)) as batches:
+                first = next(batches, None)
+                if first is None:
+                    raise ValueError(f"the data generator yielded no batches; {type(self).__name__} needs data")
+                graph = get_graph(model, first.args, first.kwargs or None)
+                runner = group_runner(graph, group, self.criterion)
+                logger.debug("%s: %s read at %s, entering at %s", self.name, runner.label,
+                             [p.site.name for p in runner.read_points], [p.site.name for p in runner.entry_points])
+                return self._score(graph, runner, itertools.chain([first], batches), options)
 
     def _score(self, graph: ModelGraph, runner: Runner, batches: Iterable[Batch], options: dict[str, Any]) -> np.ndarray:
         """The one data loop: intercept the runner's points for the whole run, score every batch

@@ -5,15 +5,20 @@ The bottom of the attributions floor: it imports only the ground floor (``torchp
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from torchpruner._state import to_device
+
+logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
 
@@ -100,6 +105,37 @@ def make_batch(raw: Any, batch_fn: BatchFn | None, device: torch.device | None) 
     if first is None or first.dim() == 0:
         raise ValueError("a batch has no tensor input with a batch dimension")
     return Batch(args=args, kwargs=kwargs, target=target, size=int(first.shape[0]))
+
+
+def _has_shared_iterator(data_generator: Any) -> bool:
+    """A DataLoader with persistent workers whose one shared iterator exists (a loop may be
+    iterating it: ``iter(loader)`` would reset it)."""
+    return (isinstance(data_generator, DataLoader) and data_generator.persistent_workers
+            and data_generator.num_workers > 0 and getattr(data_generator, "_iterator", None) is not None)
+
+
+@contextlib.contextmanager
+def scoring_iterator(data_generator: Iterable) -> Iterator[Iterator[Any]]:
+    """An iterator over ``data_generator`` that leaves a training loop's own iteration alone.
+
+    A ``DataLoader`` with ``persistent_workers=True`` keeps one shared iterator and resets it on
+    every ``iter(loader)``: scoring with the loader that the training loop is iterating would
+    restart or exhaust the loop's epoch. Once such a loader has its shared iterator, scoring
+    iterates a private one instead, with workers of its own that are shut down when the block
+    exits. (Starting workers takes time: a separate scoring loader is the faster pattern.)
+    Every other iterable is iterated with ``iter()``.
+    """
+    if not _has_shared_iterator(data_generator):
+        yield iter(data_generator)
+        return
+    logger.debug("the DataLoader's persistent iterator may be in use: scoring iterates a private one")
+    private = data_generator._get_iterator()
+    try:
+        yield private
+    finally:
+        shutdown = getattr(private, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 # --------------------------------------------------------------------------------------------
