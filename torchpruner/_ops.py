@@ -108,8 +108,26 @@ SPATIAL_FUNCTIONS = {
     F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pad,
 }
 #: Ops whose output does not carry the tensor's units (shape queries): ignored.
-SHAPE_QUERY_FUNCTIONS = {getattr, len, torch.numel}
+SHAPE_QUERY_FUNCTIONS = {len, torch.numel}
 SHAPE_QUERY_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous"}
+#: Tensor attributes that are not tensors (``x.shape``, ``x.dtype``): shape queries too.
+SHAPE_QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized",
+                          "is_meta", "is_leaf", "requires_grad", "names", "itemsize", "nbytes"}
+#: Tensor attributes that are views of the tensor (``x.mT``, ``x.data``): followed like movement ops.
+#: Any other attribute read that gives a tensor is refused.
+TENSOR_VIEW_ATTRIBUTES = {"T", "mT", "H", "mH", "real", "data"}
+#: Ops along one dim that return a named pair ``(values, indices)`` (or ``(min, max)``): the pair's
+#: items keep the units of the input unless the op runs along the unit axis.
+#: name -> (position of ``dim`` in the call, its default (None: required), the items' names)
+TUPLE_DIM_OPS: dict[str, tuple[int, int | None, tuple[str, str]]] = {
+    "max": (1, None, ("values", "indices")), "min": (1, None, ("values", "indices")),
+    "topk": (2, -1, ("values", "indices")), "sort": (1, -1, ("values", "indices")),
+    "kthvalue": (2, -1, ("values", "indices")), "median": (1, None, ("values", "indices")),
+    "nanmedian": (1, None, ("values", "indices")), "mode": (1, -1, ("values", "indices")),
+    "cummax": (1, None, ("values", "indices")), "cummin": (1, None, ("values", "indices")),
+    "aminmax": (99, None, ("min", "max")),   # dim is keyword-only
+}
+TUPLE_DIM_FUNCTIONS = {getattr(torch, name): name for name in TUPLE_DIM_OPS}
 
 SPATIAL_MODULES: tuple[type, ...] = (
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,

@@ -20,7 +20,18 @@ axis. Ops connect slots that must disappear together:
   one with those slots removed (a hard-coded ``x.view(-1, 16*5*5)``, a channel shuffle) the op is
   refused. ``flatten`` into a Linear thereby maps channel ``c`` to its ``H*W`` inputs;
 - depthwise convolutions pass channels through; grouped convolutions force equal pruning in every
-  group; GroupNorm whole groups; ``nn.MultiheadAttention`` equal pruning in every head.
+  group; GroupNorm whole groups; ``nn.MultiheadAttention`` equal pruning in every head;
+- ``max``/``topk``/``sort``-like pairs are followed at their items (``[0]``/``.values``,
+  ``[1]``/``.indices``) unless they run along the unit axis; tensor attributes that are views
+  (``.mT``, ``.T``, ``.real``, ``.data``) like movement ops; any other attribute read that carries
+  units is refused, never ignored;
+- ``F.layer_norm`` over the units: the ``normalized_shape`` it reads is updated with the weights
+  (the calling module's attribute, found by tracing it again with the attribute changed), or the
+  op is refused when the shape is a literal in the code.
+
+A module with weights called several times loses the same units at every call (its calls are
+linked). A parameter-free module (a shared Dropout, ReLU, Identity) is one op per call site and
+couples nothing; a shared Dropout's ``p`` changes only when every call site loses the same fraction.
 
 A connected set of slots is one *unit*; units that share a tensor form a coupled *group*. Modules
 own slots in three ways: ``out`` (Conv/Linear/Embedding output units: the group's *sources*),
@@ -47,11 +58,12 @@ import torch.nn.functional as F
 
 from torchpruner._ops import (DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, DIM_WISE_MODULES, ELEMENTWISE_FUNCTIONS,
                               ELEMENTWISE_METHODS, MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES,
-                              PASS_THROUGH_MODULES, REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_FUNCTIONS,
-                              SHAPE_QUERY_METHODS, SPATIAL_FUNCTIONS, SPATIAL_MODULES)
-from torchpruner.rules import get_slicing_rule
+                              PASS_THROUGH_MODULES, REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_ATTRIBUTES,
+                              SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS, SPATIAL_FUNCTIONS, SPATIAL_MODULES,
+                              TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_FUNCTIONS, TUPLE_DIM_OPS)
+from torchpruner.rules import AttributeChange, get_slicing_rule
 
-from .trace import CallSite, ModelGraph
+from .trace import CallSite, ModelGraph, _LeafTracer
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +116,19 @@ class _Role:
     module_name: str
     parameter: Optional[str] = None    # for "param": the tensor's attribute name on ``module``
     axis: Optional[int] = None         # for "param": the sliced axis
+    per_call: bool = False             # a parameter-free module (Dropout): each call site is its own op
+
+
+@dataclass(eq=False)
+class _ShapeAttribute:
+    """A module attribute holding the size of ``space``'s unit axis (the ``normalized_shape`` that a
+    functional ``F.layer_norm`` reads): updated when units of ``space`` go."""
+
+    space: _Space
+    module: nn.Module
+    module_name: str
+    attribute: str
+    index: int | None                  # position in the tuple; None for a plain int
 
 
 @dataclass
@@ -344,9 +369,7 @@ class Group:
             return node.op == "call_method" and node.target in ELEMENTWISE_METHODS | MOVEMENT_METHODS | REDUCTION_METHODS
 
         def real_users(node: fx.Node) -> List[fx.Node]:
-            return [u for u in node.users if not (
-                (u.op == "call_function" and u.target in SHAPE_QUERY_FUNCTIONS)
-                or (u.op == "call_method" and u.target in SHAPE_QUERY_METHODS))]
+            return [u for u in node.users if not dep._is_shape_query(u)]
 
         entries: Dict[fx.Node, None] = {}
         on_chains: Set[fx.Node] = set()
@@ -512,6 +535,7 @@ class DependencyGraph:
         self._roles: List[_Role] = []
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
+        self._shape_attributes: list[_ShapeAttribute] = []
         self._count_constraints: List[Tuple[_Space, int]] = []   # (space, conv groups): equal counts per block
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
@@ -602,7 +626,8 @@ class DependencyGraph:
         for arg in node.all_input_nodes:
             if arg in self._spaces or (attrs and arg.op == "get_attr"):
                 found.append(arg)
-            elif self._shape(arg) is None and arg.op in ("call_function", "call_method", "call_module"):
+            elif self._shape(arg) is None and arg.op in ("call_function", "call_method", "call_module") \
+                    and not self._is_shape_query(arg):   # x.size(0), x.ndim: no units
                 for inner in arg.all_input_nodes:
                     if inner in self._spaces or (attrs and inner.op == "get_attr"):
                         found.append(inner)
@@ -648,7 +673,13 @@ class DependencyGraph:
             return
         target = node.target
         is_fn, is_method = node.op == "call_function", node.op == "call_method"
+        if is_fn and target is getattr:
+            self._visit_getattr(node, slotted)
+            return
         if (is_fn and target in SHAPE_QUERY_FUNCTIONS) or (is_method and target in SHAPE_QUERY_METHODS):
+            return
+        if shape is None and self._tuple_op(node) is not None:
+            self._check_pair_users(node)   # followed at the items that are read
             return
         if shape is None:
             # tuples of split/chunk are followed at their getitem; any other op that takes the units
@@ -661,6 +692,9 @@ class DependencyGraph:
         if is_fn and target is operator.getitem and isinstance(node.args[0], fx.Node) \
                 and node.args[0].op == "call_module" and self._shape(node.args[0]) is None:
             self._visit_module_item(node)
+            return
+        if is_fn and target is operator.getitem and self._tuple_op(node.args[0]) is not None:
+            self._pair_item(node, node.args[1])
             return
         if not [n for n in slotted if n.op != "get_attr"]:
             if not slotted:
@@ -689,6 +723,90 @@ class DependencyGraph:
         else:
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}: "
                                 f"unsupported op")
+
+    def _is_shape_query(self, node: fx.Node) -> bool:
+        """``node`` reads a size or a property of a tensor, not its values (``x.size(0)``, ``x.shape``)."""
+        if node.op == "call_function" and node.target is getattr:
+            return self._shape(node) is None and node.args[1] in SHAPE_QUERY_ATTRIBUTES
+        return (node.op == "call_function" and node.target in SHAPE_QUERY_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in SHAPE_QUERY_METHODS)
+
+    # -- attribute reads and (values, indices) pairs ----------------------------------------
+
+    def _tuple_op(self, node: Any) -> str | None:
+        """The name of ``node``'s op when it returns a (values, indices)-like pair, else None."""
+        if not isinstance(node, fx.Node) or self._shape(node) is not None:
+            return None
+        if node.op == "call_function":
+            return TUPLE_DIM_FUNCTIONS.get(node.target) if callable(node.target) else None
+        if node.op == "call_method" and node.target in TUPLE_DIM_OPS:
+            return node.target
+        return None
+
+    def _check_pair_users(self, node: fx.Node) -> None:
+        """A pair is followed at its items; refuse it when it is read any other way."""
+        fields = TUPLE_DIM_OPS[self._tuple_op(node)][2]
+        for user in node.users:
+            if user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1, -1, -2):
+                continue
+            if user.op == "call_function" and user.target is getattr and user.args[1] in fields:
+                continue
+            if [n for n in self._slotted_inputs(node) if n.op != "get_attr"]:
+                raise _CannotFollow(f"cannot follow the units through {self._label(node)}: its result is read "
+                                    f"as a whole by {self._label(user)}")
+
+    def _pair_item(self, node: fx.Node, index: Any) -> None:
+        """Item ``index`` (``[0]``/``.values``, ``[1]``/``.indices``) of a pair-returning op along one
+        dim: the units pass unless the op runs along the unit axis."""
+        source = node.args[0]
+        name = self._tuple_op(source)
+        position, default, fields = TUPLE_DIM_OPS[name]
+        if index not in (0, 1, -1, -2):
+            raise _CannotFollow(f"cannot follow the units through item {index!r} of {self._label(source)}")
+        _, space = self._input_space(source)
+        dim = self._dim_arg(source, position, "dim", default)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise _CannotFollow(f"cannot read the dim of {self._label(source)}")
+        dim %= space.ndim
+        if dim == space.axis:
+            raise _CannotFollow(f"{self._label(source)} runs along the unit axis {space.axis} (dim={dim}): "
+                                f"its {fields[index % 2]} mix the units")
+        out_shape = self._shape(node)
+        if len(out_shape) == space.ndim:
+            axis = space.axis
+        elif len(out_shape) == space.ndim - 1:
+            axis = space.axis - (1 if dim < space.axis else 0)
+        else:
+            raise _CannotFollow(f"cannot follow the units through {self._label(source)}")
+        if out_shape[axis] != space.size:
+            raise _CannotFollow(f"cannot follow the units through {self._label(source)}")
+        self._link_same(space, self._alloc(node, axis))
+
+    def _visit_getattr(self, node: fx.Node, slotted: list[fx.Node]) -> None:
+        """``x.<name>``: a pair's item, a view of the tensor (``.mT``, ``.data``), a shape query
+        (``.shape``), or refused: an attribute read is never ignored while it carries units."""
+        source, name = node.args[0], node.args[1]
+        label = f"the attribute '.{name}' at call site '{node.name}'"
+        pair = self._tuple_op(source)
+        if pair is not None:
+            fields = TUPLE_DIM_OPS[pair][2]
+            if name not in fields:
+                raise _CannotFollow(f"cannot follow the units through {label} of {self._label(source)}")
+            self._pair_item(node, fields.index(name))
+            return
+        if name in SHAPE_QUERY_ATTRIBUTES:
+            return
+        carries_units = bool([n for n in slotted if n.op != "get_attr"])
+        if self._shape(node) is None:
+            if carries_units:
+                raise _CannotFollow(f"cannot follow the units through {label}: it is not a tensor")
+            return
+        if not slotted:
+            return
+        if name in TENSOR_VIEW_ATTRIBUTES:
+            self._movement(node)
+            return
+        raise _CannotFollow(f"cannot follow the units through {label}: unknown tensor attribute")
 
     def _input_space(self, node: fx.Node) -> Tuple[fx.Node, _Space]:
         data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
@@ -836,9 +954,14 @@ class DependencyGraph:
         """F.layer_norm / group_norm / batch_norm / instance_norm with parameters read as attrs."""
         x, space = self._input_space(node)
         target = node.target
+        shape_nodes: set[fx.Node] = set()
         if target is F.layer_norm:
             normalized = self._dim_arg(node, 1, "normalized_shape")
-            if space.axis < space.ndim - len(normalized):
+            shape_nodes = set(_flatten_nodes(normalized))
+            full = _slot_ids(space.shape, space.axis, np.arange(space.size))
+            value = self._evaluate_value(normalized, {x: full}) if shape_nodes else normalized
+            dims = 1 if isinstance(value, int) else len(value)
+            if space.axis < space.ndim - dims:
                 self._link_same(space, self._alloc(node, space.axis))
                 return
             if space.axis != space.ndim - 1:
@@ -849,8 +972,10 @@ class DependencyGraph:
             raise _CannotFollow(f"{self._label(node)} normalises channels on axis 1, the units are on {space.axis}")
         out = self._alloc(node, space.axis)
         self._link_same(space, out)
+        if target is F.layer_norm:
+            self._layer_norm_shape(node, x, space, normalized)
         for arg in node.all_input_nodes:
-            if arg is x:
+            if arg is x or arg in shape_nodes:
                 continue
             if arg.op != "get_attr":
                 raise _CannotFollow(f"{self._label(node)} reads a computed weight ({self._label(arg)})")
@@ -858,6 +983,69 @@ class DependencyGraph:
             if param is None or param.ndim != 1 or param.size != space.size:
                 raise _CannotFollow(f"{self._label(node)} reads a parameter of unexpected shape")
             self._link_same(param, out)
+
+    def _layer_norm_shape(self, node: fx.Node, x: fx.Node, space: _Space, normalized: Any) -> None:
+        """``F.layer_norm`` normalises the units: the ``normalized_shape`` it reads must lose them too.
+
+        Computed in the forward from the input (``x.shape[-1:]``): it follows by itself (checked).
+        A constant: fx wrote the value of the module attribute into the graph, so the attribute of
+        the calling module holding that value is updated by the prune (an ``nn.LayerNorm``
+        subclass: by its rule); a literal in the code cannot be updated and is refused.
+        """
+        label = self._label(node)
+        if _flatten_nodes(normalized):
+            small = _slot_ids(space.shape, space.axis, np.arange(space.size - 1))
+            try:
+                after = self._evaluate_value(normalized, {x: small})
+            except Exception as exc:  # noqa: BLE001 - any error of the model's own shape code
+                raise _CannotFollow(f"{label}: its normalized_shape cannot be recomputed once units are removed "
+                                    f"({type(exc).__name__}: {str(exc)[:120]})") from None
+            after = [after] if isinstance(after, int) else list(after)
+            if not after or after[-1] != space.size - 1:
+                raise _CannotFollow(f"{label} computes a normalized_shape that does not follow its input "
+                                    f"once units are removed")
+            return
+        owner_name = self._calling_module(node)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        shown = normalized if isinstance(normalized, int) else tuple(normalized)
+        if owner is None:
+            raise _CannotFollow(f"{label} reads normalized_shape {shown} as a constant of no known module; "
+                                f"use nn.LayerNorm or keep the shape in a module attribute")
+        rule = get_slicing_rule(owner)
+        if rule is not None and rule.passes_units_through and \
+                _same_shape_value(getattr(owner, "normalized_shape", None), normalized):
+            self._add_role(space, "in", owner, owner_name)   # an nn.LayerNorm subclass: its rule updates it
+            return
+        candidates = [attr for attr, value in vars(owner).items()
+                      if not attr.startswith("_") and _same_shape_value(value, normalized)]
+        if "normalized_shape" in candidates:
+            candidates = ["normalized_shape"]
+        if len(candidates) == 1 and not _layer_norm_reads(owner, candidates[0], normalized):
+            candidates = []   # the value is also written as a literal in the code
+        if len(candidates) != 1:
+            found = "no attribute" if not candidates else f"several attributes ({', '.join(candidates)})"
+            raise _CannotFollow(f"{label} reads normalized_shape {shown} as a constant, and '{owner_name}' "
+                                f"({type(owner).__name__}) has {found} holding it, so a prune cannot update "
+                                f"it; keep it in one module attribute (self.normalized_shape) or use nn.LayerNorm")
+        index = None if isinstance(normalized, int) else len(normalized) - 1
+        self._shape_attributes.append(_ShapeAttribute(space, owner, owner_name or "(model)", candidates[0], index))
+
+    def _calling_module(self, node: fx.Node) -> str | None:
+        """Qualified name of the module whose forward made the call ``node`` (None: unknown)."""
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            key, value = list(stack.items())[-1]
+            path = value[0] if isinstance(value, (tuple, list)) and isinstance(value[0], str) else key
+            if path in self._modules:
+                return path
+        for arg in node.all_input_nodes:   # its weight: "<owner>.weight"
+            if arg.op == "get_attr" and arg.target.rpartition(".")[0] in self._modules:
+                return arg.target.rpartition(".")[0]
+        return "" if not stack else None
+
+    def _evaluate_value(self, value: Any, env: dict[fx.Node, torch.Tensor]) -> Any:
+        """A (nested) argument with its nodes evaluated as in :meth:`_evaluate`."""
+        return fx.node.map_aggregate(value, lambda v: self._evaluate(v, env, None, 1) if isinstance(v, fx.Node) else v)
 
     # -- data movement (followed empirically) -------------------------------------------------
 
@@ -1002,7 +1190,8 @@ class DependencyGraph:
             self._add_role(space, "in", module, name)
         elif isinstance(module, nn.modules.dropout._DropoutNd):
             self._link_same(space, self._alloc(node, space.axis))
-            self._add_role(space, "in", module, name)  # p follows the pruner's dropout_policy
+            # p follows the pruner's dropout_policy when every call site loses the same fraction
+            self._add_role(space, "in", module, name, per_call=True)
         elif isinstance(module, PASS_THROUGH_MODULES) or _is_torchvision(module, "StochasticDepth"):
             self._link_same(space, self._alloc(node, space.axis))
         elif isinstance(module, DIM_WISE_MODULES):
@@ -1088,7 +1277,11 @@ class DependencyGraph:
         self._link(space, slots, space, slots % head_dim)   # embed dim i is head dim i % head_dim: all heads alike
         self._add_role(space, "in", module, name)
 
-    def _add_role(self, space: _Space, direction: str, module: nn.Module, name: str) -> None:
+    def _add_role(self, space: _Space, direction: str, module: nn.Module, name: str, per_call: bool = False) -> None:
+        if per_call:
+            # nothing is shared between the calls of a parameter-free module: each is its own op
+            self._roles.append(_Role(space=space, direction=direction, module=module, module_name=name, per_call=True))
+            return
         first = self._first_role_space.setdefault((id(module), direction), space)
         if first is not space:
             # a module called several times shares its weights: each call loses the same units
@@ -1186,11 +1379,13 @@ class DependencyGraph:
     def removals(self, selection: Mapping[Group, Sequence[int]]) -> List[Tuple[_Role, np.ndarray]]:
         """``[(role, removed positions)]`` when the given units of the given groups go, merged per
         module and side (a layer reading a concatenation loses inputs of several groups)."""
-        merged: Dict[Tuple[int, str, Optional[str]], Tuple[_Role, np.ndarray]] = {}
-        order: List[Tuple[int, str, Optional[str]]] = []
+        merged: dict[tuple[int, str, str | None, int], tuple[_Role, np.ndarray]] = {}
+        order: list[tuple[int, str, str | None, int]] = []
         for group, units in selection.items():
             for role in group._roles:
-                key = (id(role.module), role.direction, role.parameter)
+                # the calls of a module with weights are linked (same positions); a parameter-free
+                # module's calls are not, so each keeps its own positions
+                key = (id(role.module), role.direction, role.parameter, id(role.space) if role.per_call else 0)
                 positions = group.positions(role.space, units)
                 if key in merged:  # several calls of one module are linked: same positions
                     merged[key] = (merged[key][0], np.union1d(merged[key][1], positions))
@@ -1198,6 +1393,36 @@ class DependencyGraph:
                 merged[key] = (role, positions)
                 order.append(key)
         return [merged[k] for k in order if len(merged[k][1])]
+
+    def call_site_removals(self, module: nn.Module,
+                           selection: Mapping[Group, Sequence[int]]) -> list[tuple[_Role, np.ndarray]]:
+        """For a parameter-free module with a role per call site (Dropout): ``[(role, removed
+        positions)]`` for *every* call site of ``module`` (empty positions where nothing goes)."""
+        result = []
+        for role in self._roles:
+            if role.module is module and role.per_call:
+                positions = [group.positions(role.space, units) for group, units in selection.items()]
+                result.append((role, np.unique(np.concatenate(positions)) if positions else np.zeros(0, np.int64)))
+        return result
+
+    def shape_attribute_edits(self, selection: Mapping[Group, Sequence[int]]) -> list[AttributeChange]:
+        """The changes of the module attributes that hold a size of the removed units (the
+        ``normalized_shape`` a functional ``F.layer_norm`` reads), one per attribute."""
+        edits: dict[tuple[int, str], AttributeChange] = {}
+        for record in self._shape_attributes:
+            key = (id(record.module), record.attribute)
+            removed = sum(len(group.positions(record.space, units)) for group, units in selection.items())
+            if not removed or key in edits:
+                continue
+            old = getattr(record.module, record.attribute)
+            if record.index is None:
+                new: Any = old - removed
+            else:
+                values = list(old)
+                values[record.index] -= removed
+                new = torch.Size(values) if isinstance(old, torch.Size) else type(old)(values)
+            edits[key] = AttributeChange(module=record.module, attribute=record.attribute, old=old, new=new)
+        return list(edits.values())
 
     def _attr_role(self, space: _Space) -> None:
         path = space.node.target
@@ -1289,6 +1514,40 @@ def pd_unique(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     _, first = np.unique(values, return_index=True)
     return values[np.sort(first)]
+
+def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
+    """Every ``F.layer_norm`` call in ``owner``'s forward whose normalized_shape is ``literal`` reads
+    it from ``owner.<attribute>``: traced again with the attribute set to another value (restored
+    afterwards), none of them still shows ``literal``."""
+    old = getattr(owner, attribute)
+    if isinstance(old, int):
+        sentinel: Any = old + 7919
+    else:
+        values = [int(v) + 7919 for v in old]
+        sentinel = torch.Size(values) if isinstance(old, torch.Size) else type(old)(values)
+    try:
+        setattr(owner, attribute, sentinel)
+        graph = _LeafTracer().trace(owner)
+    except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
+        return False
+    finally:
+        setattr(owner, attribute, old)
+    shapes = [n.kwargs.get("normalized_shape", n.args[1] if len(n.args) > 1 else None)
+              for n in graph.nodes if n.op == "call_function" and n.target is F.layer_norm]
+    return any(_same_shape_value(sentinel, shape) for shape in shapes) and \
+        not any(_same_shape_value(shape, literal) for shape in shapes)
+
+
+def _same_shape_value(value: Any, literal: Any) -> bool:
+    """``value`` (a module attribute) is the shape constant ``literal`` that fx wrote into the graph."""
+    if isinstance(literal, bool) or isinstance(value, bool):
+        return False
+    if isinstance(literal, int):
+        return type(value) is int and value == literal
+    if isinstance(literal, (tuple, list, torch.Size)) and isinstance(value, (tuple, list, torch.Size)):
+        return tuple(value) == tuple(literal)
+    return False
+
 
 def _flatten_nodes(value: Any) -> List[fx.Node]:
     found: List[fx.Node] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -72,8 +73,12 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
     edits: list[Edit] = []
     kept: dict[int, list] = {}   # module id -> [module, rule, out_keep, in_keep]
     param_kept: dict[int, tuple[nn.Module, dict[str, list[int]]]] = {}  # bare parameters' kept ids
+    per_call: dict[int, nn.Module] = {}   # parameter-free modules with one role per call site (Dropout)
     for role, positions in dep.removals(selection):
         space = role.space
+        if role.per_call:
+            per_call.setdefault(id(role.module), role.module)
+            continue
         remove = torch.as_tensor(positions, dtype=torch.long)
         if role.direction == "param":
             keep = complement(remove, space.size)
@@ -96,9 +101,12 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
         else:
             record[3] = unit_selection.keep
             out_keep = out_keep_after_in(rule, module, role.module_name, unit_selection)
-            if out_keep is not None:
+            if out_keep is not None and dep.graph.has_sites(module):  # else fx traced its ops instead
                 _check_output_follows(dep, selection, module, role.module_name, out_keep)
                 record[2] = out_keep
+    for module in per_call.values():
+        edits += _per_call_edits(dep, selection, module, dropout_policy)
+    edits += dep.shape_attribute_edits(selection)
     for module, rule, out_keep, in_keep in kept.values():
         edits += kept_units_edit(module, rule, out_keep, in_keep)
     for module, records in param_kept.values():
@@ -111,6 +119,30 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
             edits.append(AttributeChange(module=module, attribute=KEPT_UNITS_ATTRIBUTE, old=old,
                                          new={**(old or {}), **records}))
     return edits
+
+
+def _call_site_fractions(dep: DependencyGraph, selection: Selection,
+                         module: nn.Module) -> list[tuple[int, int]]:
+    """``(removed, units)`` at every call site of a parameter-free module such as a shared Dropout."""
+    return [(len(positions), role.space.size) for role, positions in dep.call_site_removals(module, selection)]
+
+
+def _per_call_edits(dep: DependencyGraph, selection: Selection, module: nn.Module, dropout_policy: str) -> list[Edit]:
+    """A Dropout's ``p`` (its only state) changes only when every call site loses the same fraction
+    of its units; a Dropout shared by layers that lose different fractions keeps its ``p``."""
+    calls = dep.call_site_removals(module, selection)
+    name = dep.graph.module_name(module)
+    if len({Fraction(len(positions), role.space.size) for role, positions in calls}) != 1:
+        logger.info("'%s' keeps p: its call sites lose different fractions of their units", name)
+        return []
+    role, positions = calls[0]
+    rule = get_slicing_rule(module)
+    if rule is None:
+        raise DependencyError(f"'{name}' ({type(module).__name__}) has no slicing rule")
+    unit_selection = UnitSelection.from_remove(torch.as_tensor(positions, dtype=torch.long), role.space.size,
+                                               axis=role.space.axis, ndim=role.space.ndim,
+                                               dropout_policy=dropout_policy)
+    return rule_edits(rule, module, name, unit_selection, "in")
 
 
 def _check_output_follows(dep: DependencyGraph, selection: Selection, module: nn.Module, name: str,
@@ -131,9 +163,20 @@ def _check_output_follows(dep: DependencyGraph, selection: Selection, module: nn
 
 def describe_selection(selection: Selection) -> str:
     parts = []
+    shared: dict[int, nn.Module] = {}
     for group, units in selection.items():
         names = ", ".join(str(m) for m in group.members)
         parts.append(f"{len(units)} of {group.num_units} units of group {group.index} [{names}]")
+        for role in group._roles:
+            if role.per_call:
+                shared.setdefault(id(role.module), role.module)
+    for module in shared.values():   # say why a shared Dropout keeps its p
+        dep = next(iter(selection))._dep
+        fractions = _call_site_fractions(dep, selection, module)
+        if len({Fraction(k, n) for k, n in fractions}) > 1:
+            shown = ", ".join(f"{k}/{n}" for k, n in fractions)
+            parts.append(f"'{dep.graph.module_name(module)}' keeps p={module.p:g}: its {len(fractions)} call sites "
+                         f"lose different fractions of their units ({shown})")
     return "; ".join(parts)
 
 
