@@ -407,3 +407,33 @@ def test_a_listed_module_that_does_not_read_the_units_is_reported_as_not_reached
     with pytest.raises(ValueError, match="'fc2'.*does not depend on the pruned units of 'fc1'"):
         pruner.prune_model(model.fc1, [1], [model.fc2, model.fc3])
     assert_unchanged(before, model, optimizer)
+
+
+class HiddenReader(nn.Module):
+    """fc2 reads half of fc1's units through a slice the forward-hook trace cannot see; after
+    pruning only fc1 and fc3 the model still runs, but fc2 would read other units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(4, 2)
+        self.fc3 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x * 0
+        h = torch.relu(self.fc1(x))
+        return self.fc3(h) + self.fc2(h[:, :4])
+
+
+def test_an_unlisted_module_reading_the_units_through_hidden_code_is_refused():
+    torch.manual_seed(0)
+    model, optimizer = trained(HiddenReader(), torch.randn(8, 4))
+    pruner = Pruner(model, input_size=(4,), optimizer=optimizer)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="'fc2'.*reads the pruned units of 'fc1'.*not in cascading_modules"):
+        pruner.prune_model(model.fc1, [1], [model.fc3])
+    assert_unchanged(before, model, optimizer)
+    # units that fc2 does not read are fine
+    pruner.prune_model(model.fc1, [5, 6], [model.fc3])
+    assert model.fc1.out_features == 6 and model.fc3.in_features == 6

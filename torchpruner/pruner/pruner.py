@@ -11,7 +11,10 @@ One engine plans every prune of a model that torch.fx can trace: the dependency 
 that loses them. With ``cascading_modules=None`` that group is the cascade; an explicit list is
 *checked* against it (every listed module must be reached, every member with per-unit tensors must
 be listed; the order of the list does not matter). Models fx cannot trace are followed module by
-module on a forward-hook trace (:mod:`torchpruner.pruner.walk`), which refuses what it cannot prove.
+module on a forward-hook trace (:mod:`torchpruner.pruner.walk`), which refuses what it cannot prove;
+such a plan is then checked on a copy of the model (it must still run, and its output keep its
+shape unless ``include_outputs``: a model that cannot be deep-copied is refused) and on the model
+(pushing the pruned units up and down must change the input of no unlisted module with tensors).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from torchpruner.rules import (DROPOUT_POLICIES, SlicingRule, UnitSelection, com
 from .optimizer import check_optimizer
 from .plan import Plan
 from .planning import (check_group_selection, check_listed_cascade, check_rule_fits, describe_selection, finish_plan,
-                       group_edits, module_selection, out_keep_after_in, output_units_refusal, rule_edits)
+                       group_edits, module_selection, out_keep_after_in, output_units_refusal, removed_out,
+                       rule_edits)
 from .walk import Flow, follow_modules
 
 logger = logging.getLogger(__name__)
@@ -271,7 +275,9 @@ class Pruner:
         if listed:
             description += f"; slice {listed}"
         plan = finish_plan(self.model, self.optimizer, description, edits)
+        source_flow = Flow(remove, num_units, graph.sites_of(module)[0].unit_axis, tuple(graph.sites_of(module)[0].shape))
         self._check_runs_after(plan, module, name, include_outputs)
+        self._check_reaches_only_listed(module, name, source_flow, consumers)
         return plan
 
     def _verify_flatten(self, source: nn.Module, site: CallSite, source_flow: Flow,
@@ -314,40 +320,92 @@ class Pruner:
     def _inputs_changed_by(self, source: nn.Module, site: CallSite, source_flow: Flow) -> torch.Tensor | None:
         """Which (flattened, per example) inputs of ``site``'s module change when the pruned units of
         ``source`` are pushed up and down on the example input; None when it is not called."""
-        args, kwargs = self._example_inputs()
-        seen: list[torch.Tensor] = []
-        sign = {"value": 0.0}
+        return self._probe(source, source_flow, [site.module]).get(id(site.module))
 
-        def grab(_module: nn.Module, inputs: tuple) -> None:
-            seen.append(inputs[0].detach().reshape(inputs[0].shape[0], -1).clone())
+    def _probe(self, source: nn.Module, flow: Flow, watched: Sequence[nn.Module],
+               frozen: Sequence[nn.Module] = ()) -> dict[int, torch.Tensor]:
+        """Run the model three times on the example input: as it is, then with the pruned units of
+        ``source`` pushed up, then down (an activation can hide one direction, not both), with the
+        outputs of ``frozen`` modules held at their first-run values. Returns, per watched module
+        (by id) that is called the same way each time, which of its flattened per-example first
+        inputs changed."""
+        args, kwargs = self._example_inputs()
+        seen: dict[int, list[torch.Tensor]] = {id(m): [] for m in watched}
+        held: dict[int, list[Any]] = {id(m): [] for m in frozen}
+        run = {"sign": 0.0, "call": {}}
+
+        def grab(module: nn.Module, inputs: tuple) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
+                seen[id(module)].append(inputs[0].detach().reshape(inputs[0].shape[0], -1).clone())
+
+        def hold(module: nn.Module, _inputs: tuple, output: Any) -> Any:
+            calls = held[id(module)]
+            if run["sign"] == 0.0:
+                calls.append(output)
+                return None
+            index = run["call"].get(id(module), 0)
+            run["call"][id(module)] = index + 1
+            return calls[index] if index < len(calls) else None
 
         def perturb(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if sign["value"] == 0.0 or not isinstance(output, torch.Tensor):
+            if run["sign"] == 0.0 or not isinstance(output, torch.Tensor):
                 return None
             index: list[Any] = [slice(None)] * output.dim()
-            index[source_flow.axis] = source_flow.remove.to(output.device)
+            index[flow.axis] = flow.remove.to(output.device)
             output = output.clone()
-            output[tuple(index)] += sign["value"] * (1.0 + output[tuple(index)].abs())
+            output[tuple(index)] += run["sign"] * (1.0 + output[tuple(index)].abs())
             return output
 
-        handles = [site.module.register_forward_pre_hook(grab), source.register_forward_hook(perturb)]
+        handles = [m.register_forward_pre_hook(grab) for m in watched]
+        handles += [m.register_forward_hook(hold) for m in frozen]
+        handles.append(source.register_forward_hook(perturb))
         try:
             with preserved_state(self.model), torch.no_grad():
-                for value in (0.0, 1.0, -1.0):
-                    sign["value"] = value
+                rng = torch.get_rng_state()
+                for sign in (0.0, 1.0, -1.0):
+                    run["sign"], run["call"] = sign, {}
+                    torch.set_rng_state(rng)  # the same random draws in every run
                     self.model(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-        calls = len(seen) // 3
-        if calls == 0 or any(t.shape != seen[0].shape for t in seen):
-            return None
-        baseline = seen[:calls]
-        changed = torch.zeros(seen[0].shape[1], dtype=torch.bool)
-        for run in (seen[calls:2 * calls], seen[2 * calls:]):
-            for before, after in zip(baseline, run):
-                changed |= (before != after).any(dim=0).cpu()
-        return changed
+        changes: dict[int, torch.Tensor] = {}
+        for key, tensors in seen.items():
+            calls = len(tensors) // 3
+            if calls == 0 or len(tensors) != 3 * calls or any(t.shape != tensors[0].shape for t in tensors):
+                continue
+            changed = torch.zeros(tensors[0].shape[1], dtype=torch.bool)
+            for perturbed in (tensors[calls:2 * calls], tensors[2 * calls:]):
+                for before, after in zip(tensors[:calls], perturbed):
+                    changed |= (before != after).any(dim=0).cpu()
+            changes[key] = changed
+        return changes
+
+    def _check_reaches_only_listed(self, source: nn.Module, source_name: str, flow: Flow,
+                                   consumers: list[tuple[nn.Module, UnitSelection]]) -> None:
+        """The hooks trace cannot see code between modules: check on the model that the pruned
+        units reach no module with tensors other than the listed ones. The listed consumers' outputs
+        are held fixed (they absorb the units); any other module holding parameters or buffers whose
+        input then changes with the pruned units reads them unseen, and the plan is refused."""
+        sliced = {id(m) for owner in [source] + [m for m, _ in consumers] for m in owner.modules()}
+        frozen = [m for m, selection in consumers
+                  if removed_out(get_slicing_rule(m), m, self._name_of(m), selection) is None]
+        watched = []
+        for module in self.model.modules():
+            if id(module) in sliced or any(True for _ in module.children()):
+                continue
+            if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+                continue  # nothing of its own to slice; the modules it feeds are watched
+            watched.append(module)
+        changes = self._probe(source, flow, watched, frozen)
+        for module in watched:
+            changed = changes.get(id(module))
+            if changed is not None and changed.any():
+                name = self._name_of(module)
+                raise ValueError(f"'{name}' ({type(module).__name__}) reads the pruned units of '{source_name}' "
+                                 f"through operations the forward-hook trace cannot see (torch.fx could not trace "
+                                 f"{type(self.model).__name__}), and it is not in cascading_modules; list it if it "
+                                 f"reads them unit by unit, or make the model traceable by torch.fx")
 
     def _check_runs_after(self, plan: Plan, source: nn.Module, source_name: str, include_outputs: bool) -> None:
         """A forward-hook trace cannot see merges (``x + f(x)``, ``torch.cat``) or reshapes, so the
