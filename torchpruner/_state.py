@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-__all__ = ["unwrap_model", "make_example_inputs", "to_device", "preserved_state"]
+__all__ = ["unwrap_model", "make_example_inputs", "input_shape", "to_device", "preserved_state"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -85,15 +85,34 @@ def make_example_inputs(
         return (to_device(example_inputs, device),), {}
     if input_size is None:
         raise ValueError("give either input_size (shape without the batch dim) or example_inputs")
-    try:
-        shape = tuple(int(s) for s in input_size)
-    except TypeError as exc:
-        raise TypeError(f"input_size must be a sequence of ints, got {input_size!r}") from exc
-    if any(s <= 0 for s in shape):
-        raise ValueError(f"input_size must be positive, got {shape}")
+    shape = input_shape(input_size)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch_size,) + shape, generator=generator, dtype=dtype).to(device)
     return (x,), {}
+
+
+def input_shape(input_size: Any) -> tuple[int, ...]:
+    """``input_size`` checked and returned as a tuple of positive ints (a float such as ``3.9`` is
+    refused rather than truncated to 3).
+
+    Raises:
+        TypeError: not a sequence, or an entry that is not an integer (floats, bools, strings).
+        ValueError: an entry that is zero or negative.
+    """
+    if isinstance(input_size, (str, bytes, Mapping)) or not isinstance(input_size, (Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(f"input_size must be a sequence of ints (the input shape without the batch dim), "
+                        f"got {input_size!r} ({type(input_size).__name__})")
+    entries = input_size.tolist() if isinstance(input_size, (np.ndarray, torch.Tensor)) else list(input_size)
+    if not isinstance(entries, list):
+        entries = [entries]
+    for entry in entries:
+        if isinstance(entry, (bool, np.bool_)) or not isinstance(entry, (int, np.integer)):
+            raise TypeError(f"input_size must hold integers, got {entry!r} ({type(entry).__name__}) in "
+                            f"{tuple(entries)!r}")
+    shape = tuple(int(entry) for entry in entries)
+    if any(entry <= 0 for entry in shape):
+        raise ValueError(f"input_size must be positive, got {shape}")
+    return shape
 
 
 def to_device(obj: Any, device: torch.device | None) -> Any:

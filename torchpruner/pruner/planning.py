@@ -24,22 +24,23 @@ from torch.nn.utils.prune import BasePruningMethod
 
 from torchpruner.graph.dependency import DependencyError, DependencyGraph, Group, tensor_shapes
 from torchpruner.rules import (KEPT_UNITS_ATTRIBUTE, AttributeChange, Edit, GroupedSliceError, SlicingRule,
-                               TensorSlice, UnitSelection, complement, get_slicing_rule, kept_units_edit, param_record_key, slice_tensor)
+                               TensorSlice, UnitSelection, complement, get_slicing_rule, kept_units_edit, param_record_key, slice_tensor,
+                               unaccounted_tensors_message)
 
 from .optimizer import describe_optimizer_surgery, plan_optimizer_surgery
 from .plan import Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["rule_edits", "removed_out", "group_edits", "module_selection", "check_group_selection",
-           "check_listed_cascade", "describe_selection", "finish_plan"]
+__all__ = ["rule_edits", "removed_out", "group_edits", "module_selection", "output_units_refusal", "check_group_selection",
+           "check_listed_cascade", "check_rule_fits", "describe_selection", "finish_plan"]
 
 Selection = Mapping[Group, Sequence[int]]
 
 
 def rule_edits(rule: SlicingRule, module: nn.Module, name: str, selection: UnitSelection, direction: str) -> list[Edit]:
     """The rule's edits for one side of ``module``; errors name the module."""
-    check_not_parametrized(module, name)
+    check_rule_fits(rule, module, name)
     try:
         return rule.prune_out(module, selection) if direction == "out" else rule.prune_in(module, selection)
     except GroupedSliceError as exc:
@@ -181,9 +182,10 @@ def describe_selection(selection: Selection) -> str:
 
 
 def module_selection(dep: DependencyGraph, module: nn.Module, remove: torch.Tensor,
-                     call_index: int = 0) -> dict[Group, list[int]]:
+                     call_index: int = 0, include_outputs: bool = False) -> dict[Group, list[int]]:
     """The group units removed with output units ``remove`` of ``module``; refuses (DependencyError)
-    a group the analysis cannot prune and a removal that would empty a group."""
+    a group the analysis cannot prune and a removal that would empty a group, and (ValueError)
+    units that are outputs of the model unless ``include_outputs``."""
     name = dep.graph.module_name(module)
     selection = dep.select(module, remove.tolist(), call_index)
     for group, units in selection.items():
@@ -191,7 +193,16 @@ def module_selection(dep: DependencyGraph, module: nn.Module, remove: torch.Tens
             raise DependencyError(f"cannot prune '{name}' ({type(module).__name__}): {group.refusal}")
         if len(units) >= group.num_units:
             raise DependencyError(f"cannot prune every unit of '{name}' (group {group.index} would be empty)")
+        if group.output_reason is not None and not include_outputs:
+            raise ValueError(output_units_refusal(name, module, group.output_reason))
     return selection
+
+
+def output_units_refusal(name: str, module: nn.Module, why: str) -> str:
+    """The message refusing to remove units that are outputs of the model itself."""
+    return (f"the output units of '{name}' ({type(module).__name__}) are outputs of the model ({why}): removing "
+            f"them renumbers the model's outputs (the classes of a classifier), and the targets no longer match; "
+            f"pass include_outputs=True to prune them anyway")
 
 
 def check_group_selection(model: nn.Module, selection: Selection) -> None:
@@ -275,6 +286,15 @@ def finish_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, descr
     plan.optimizer_slices = describe_optimizer_surgery(plan_optimizer_surgery(optimizer, parameter_slices))
     logger.debug("%s", plan)
     return plan
+
+
+def check_rule_fits(rule: SlicingRule, module: nn.Module, name: str) -> None:
+    """Refuse a module its rule cannot prune correctly: parametrized or masked weights, or
+    parameters and buffers the rule does not account for (a subclass with a per-unit gate)."""
+    check_not_parametrized(module, name)
+    message = unaccounted_tensors_message(rule, module, name)
+    if message is not None:
+        raise ValueError(message)
 
 
 def check_not_parametrized(module: nn.Module, name: str) -> None:

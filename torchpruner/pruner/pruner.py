@@ -11,20 +11,24 @@ One engine plans every prune of a model that torch.fx can trace: the dependency 
 that loses them. With ``cascading_modules=None`` that group is the cascade; an explicit list is
 *checked* against it (every listed module must be reached, every member with per-unit tensors must
 be listed; the order of the list does not matter). Models fx cannot trace are followed module by
-module on a forward-hook trace (:mod:`torchpruner.pruner.walk`), which refuses what it cannot prove.
+module on a forward-hook trace (:mod:`torchpruner.pruner.walk`), which refuses what it cannot prove;
+such a plan is then checked on a copy of the model (it must still run, and its output keep its
+shape unless ``include_outputs``: a model that cannot be deep-copied is refused) and on the model
+(pushing the pruned units up and down must change the input of no unlisted module with tensors).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
+from torchpruner._state import input_shape, make_example_inputs, preserved_state, unwrap_model
 from torchpruner.graph import CallSite, ModelGraph, get_graph
 from torchpruner.graph.dependency import Group, get_dependency_graph
 from torchpruner.rules import (DROPOUT_POLICIES, SlicingRule, UnitSelection, complement, get_slicing_rule,
@@ -32,8 +36,9 @@ from torchpruner.rules import (DROPOUT_POLICIES, SlicingRule, UnitSelection, com
 
 from .optimizer import check_optimizer
 from .plan import Plan
-from .planning import (check_group_selection, check_listed_cascade, describe_selection, finish_plan, group_edits,
-                       module_selection, out_keep_after_in, rule_edits)
+from .planning import (check_group_selection, check_listed_cascade, check_rule_fits, describe_selection, finish_plan,
+                       group_edits, module_selection, out_keep_after_in, output_units_refusal, removed_out,
+                       rule_edits)
 from .walk import Flow, follow_modules
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,7 @@ class Pruner:
         check_optimizer(optimizer)
         if dropout_policy not in DROPOUT_POLICIES:
             raise ValueError(f"dropout_policy must be one of {sorted(DROPOUT_POLICIES)}, got {dropout_policy!r}")
-        self.input_size = tuple(input_size) if input_size is not None else None
+        self.input_size = input_shape(input_size) if input_size is not None else None
         self.example_inputs = example_inputs
         self.device = device
         self.optimizer = optimizer
@@ -79,7 +84,8 @@ class Pruner:
             raise ValueError("the Pruner needs input_size= or example_inputs= to follow the data flow of the model")
         return get_graph(self.model, *self._example_inputs())
 
-    def plan(self, module: nn.Module, indices: Any, cascading_modules: Sequence[nn.Module] | None = None) -> Plan:
+    def plan(self, module: nn.Module, indices: Any, cascading_modules: Sequence[nn.Module] | None = None, *,
+             include_outputs: bool = False) -> Plan:
         """Plan the removal of output units ``indices`` of ``module`` and their consumers; changes nothing.
 
         Args:
@@ -88,6 +94,8 @@ class Pruner:
             indices: unit indices along the layer's unit axis (a list, numpy array or int tensor).
             cascading_modules: the modules after ``module`` that read the pruned units (BatchNorm,
                 Dropout, the next Linear/Conv, ...), in any order. None: discover them from the graph.
+            include_outputs: allow removing units that are outputs of the model itself (a
+                classifier's classes: the remaining outputs are renumbered). Off by default.
 
         Returns:
             a :class:`Plan`; ``str(plan)`` lists every change.
@@ -103,6 +111,7 @@ class Pruner:
         num_units = rule.out_units(module)
         if num_units is None:
             raise TypeError(f"'{name}' ({type(module).__name__}) has no output units to prune")
+        check_rule_fits(rule, module, name)
         remove = normalize_indices(indices, num_units, name)
         description = f"remove {len(remove)} of {num_units} output units of '{name}' ({type(module).__name__})"
         if len(remove) == 0:
@@ -112,8 +121,9 @@ class Pruner:
         if cascade is not None:
             graph = self._graph_with_sites(graph, [module] + cascade)
         if graph.method == "hooks" and cascade is not None:
-            return self._plan_on_hooks_trace(graph, module, name, rule, remove, num_units, cascade, description)
-        selection = module_selection(get_dependency_graph(graph), module, remove)
+            return self._plan_on_hooks_trace(graph, module, name, rule, remove, num_units, cascade, description,
+                                             include_outputs)
+        selection = module_selection(get_dependency_graph(graph), module, remove, include_outputs=include_outputs)
         edits = group_edits(selection, self.dropout_policy)
         if cascade is not None:  # an explicit list is checked against the group; unlisted Dropouts keep their p
             left_alone = {id(m) for m in check_listed_cascade(selection, module, cascade, self._name_of)}
@@ -121,12 +131,12 @@ class Pruner:
         return finish_plan(self.model, self.optimizer, f"{description}: {describe_selection(selection)}", edits)
 
     def prune_model(self, module: nn.Module, indices: Any,
-                    cascading_modules: Sequence[nn.Module] | None = None) -> Plan:
+                    cascading_modules: Sequence[nn.Module] | None = None, *, include_outputs: bool = False) -> Plan:
         """Remove output units ``indices`` of ``module``, slice the cascading modules, fix the optimizer.
 
         Same arguments as :meth:`plan`; returns the applied plan.
         """
-        plan = self.plan(module, indices, cascading_modules)
+        plan = self.plan(module, indices, cascading_modules, include_outputs=include_outputs)
         plan.apply(self.model, self.optimizer)
         return plan
 
@@ -176,6 +186,9 @@ class Pruner:
         tensor = module._parameters.get(parameter_name, module._buffers.get(parameter_name))
         if tensor is None:
             raise ValueError(f"'{name}' ({type(module).__name__}) has no parameter or buffer named {parameter_name!r}")
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an int, got {axis!r} ({type(axis).__name__})")
+        axis = int(axis)
         if not -tensor.dim() <= axis < tensor.dim():
             raise ValueError(f"axis {axis} is out of range for '{name}.{parameter_name}' of shape {list(tensor.shape)}")
         axis = axis % tensor.dim()
@@ -198,11 +211,14 @@ class Pruner:
 
     def plan_groups(self, selection: dict[Group, Any], description: str | None = None) -> Plan:
         """Plan the removal of ``{group: units}`` (units index ``range(group.num_units)``); changes nothing."""
+        if not isinstance(selection, Mapping):
+            raise TypeError(f"selection must be a dict {{group: units}} of groups from pruner.groups(), got a "
+                            f"{type(selection).__name__}")
         checked: dict[Group, list[int]] = {}
         for group, units in selection.items():
-            if not isinstance(group, Group):
-                raise TypeError(f"expected a group from pruner.groups(), got {type(group).__name__}")
-            remove = normalize_indices(units, group.num_units, f"group {group.index}", allow_all=True)
+            _check_is_group(group)
+            remove = normalize_indices(units, group.num_units, f"group {group.index}", allow_all=True,
+                                       argument="units")
             if len(remove):
                 checked[group] = remove.tolist()
         if not checked:
@@ -215,6 +231,7 @@ class Pruner:
 
     def prune_group(self, group: Group, units: Any) -> Plan:
         """Remove ``units`` (indices into ``range(group.num_units)``) of a group from ``groups()``."""
+        _check_is_group(group)
         plan = self.plan_groups({group: units})
         plan.apply(self.model, self.optimizer)
         return plan
@@ -241,7 +258,8 @@ class Pruner:
         return ModelGraph(self.model, args, kwargs, method="hooks")
 
     def _plan_on_hooks_trace(self, graph: ModelGraph, module: nn.Module, name: str, rule: SlicingRule,
-                             remove: torch.Tensor, num_units: int, cascade: list[nn.Module], description: str) -> Plan:
+                             remove: torch.Tensor, num_units: int, cascade: list[nn.Module], description: str,
+                             include_outputs: bool) -> Plan:
         consumers = follow_modules(graph, module, remove, num_units, cascade, self.dropout_policy,
                                    lambda site, flow, guessed: self._verify_flatten(module, site, flow, guessed))
         source_selection = UnitSelection.from_remove(remove, num_units, dropout_policy=self.dropout_policy)
@@ -257,82 +275,170 @@ class Pruner:
         if listed:
             description += f"; slice {listed}"
         plan = finish_plan(self.model, self.optimizer, description, edits)
-        self._check_runs_after(plan, name)
+        source_flow = Flow(remove, num_units, graph.sites_of(module)[0].unit_axis, tuple(graph.sites_of(module)[0].shape))
+        self._check_runs_after(plan, module, name, include_outputs)
+        self._check_reaches_only_listed(module, name, source_flow, consumers)
         return plan
 
-    def _verify_flatten(self, source: nn.Module, site: CallSite, source_flow: Flow, guessed: torch.Tensor) -> None:
+    def _verify_flatten(self, source: nn.Module, site: CallSite, source_flow: Flow,
+                        guessed: torch.Tensor | None) -> None:
         """Check a guessed mapping of the pruned units into ``site``'s input on the model.
 
         The pruned units are perturbed at ``source``'s output: the consumer's inputs that change
         must all be among the guessed positions (an activation can hide a change, never create
         one), and some must change. Otherwise the data between the two layers is rearranged by code
         the hooks trace cannot see (a permute before a flatten...), and the prune is refused.
+        ``guessed`` None: no mapping follows from the unit counts; the refusal says whether the
+        consumer reads the pruned units at all.
         """
-        source_name, why = self._name_of(source), ""
-        why = (f"torch.fx could not trace the model, and '{site.label}' reads the units of '{source_name}' through "
-               f"operations the fallback trace cannot see")
-        args, kwargs = self._example_inputs()
-        seen: list[torch.Tensor] = []
-        sign = {"value": 0.0}
+        source_name, consumer = self._name_of(source), site.module_name
+        hidden = (f"torch.fx could not trace the model, and '{site.label}' reads the units of '{source_name}' "
+                  f"through operations the fallback trace cannot see")
+        changed = self._inputs_changed_by(source, site, source_flow)
+        if changed is None:
+            raise ValueError(f"{hidden}; the mapping cannot be verified, so the prune is refused")
+        if not changed.any():
+            raise ValueError(f"'{consumer}' in cascading_modules: its input does not depend on the pruned units of "
+                             f"'{source_name}' (not reached from it in the data flow)")
+        if guessed is None:
+            raise ValueError(
+                f"'{consumer}' reads the pruned units of '{source_name}' (changing them changes its input), but "
+                f"through operations torch.fx could not trace that combine units: its {changed.numel()} inputs do "
+                f"not follow from the {source_flow.num_units} units of '{source_name}' one by one (a chunk or "
+                f"split whose parts are combined, as in a GLU, couples unit i with another unit); make the model "
+                f"traceable by torch.fx, or prune a layer whose units reach '{consumer}' unit by unit")
+        per_unit = len(guessed) // max(len(source_flow.remove), 1)
+        if changed.numel() != source_flow.num_units * per_unit:
+            raise ValueError(f"{hidden}; the mapping cannot be verified, so the prune is refused")
+        allowed = torch.zeros_like(changed)
+        allowed[guessed] = True
+        if (changed & ~allowed).any():
+            raise ValueError(f"{hidden}, and they are not a channel-major flatten of the pruned units (e.g. a permute "
+                             f"before the flatten, or a chunk whose parts are combined); pass a model torch.fx can "
+                             f"trace, or prune it in a way that keeps the unit order")
 
-        def grab(_module: nn.Module, inputs: tuple) -> None:
-            seen.append(inputs[0].detach().reshape(inputs[0].shape[0], -1).clone())
+    def _inputs_changed_by(self, source: nn.Module, site: CallSite, source_flow: Flow) -> torch.Tensor | None:
+        """Which (flattened, per example) inputs of ``site``'s module change when the pruned units of
+        ``source`` are pushed up and down on the example input; None when it is not called."""
+        return self._probe(source, source_flow, [site.module]).get(id(site.module))
+
+    def _probe(self, source: nn.Module, flow: Flow, watched: Sequence[nn.Module],
+               frozen: Sequence[nn.Module] = ()) -> dict[int, torch.Tensor]:
+        """Run the model three times on the example input: as it is, then with the pruned units of
+        ``source`` pushed up, then down (an activation can hide one direction, not both), with the
+        outputs of ``frozen`` modules held at their first-run values. Returns, per watched module
+        (by id) that is called the same way each time, which of its flattened per-example first
+        inputs changed."""
+        args, kwargs = self._example_inputs()
+        seen: dict[int, list[torch.Tensor]] = {id(m): [] for m in watched}
+        held: dict[int, list[Any]] = {id(m): [] for m in frozen}
+        run = {"sign": 0.0, "call": {}}
+
+        def grab(module: nn.Module, inputs: tuple) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
+                seen[id(module)].append(inputs[0].detach().reshape(inputs[0].shape[0], -1).clone())
+
+        def hold(module: nn.Module, _inputs: tuple, output: Any) -> Any:
+            calls = held[id(module)]
+            if run["sign"] == 0.0:
+                calls.append(output)
+                return None
+            index = run["call"].get(id(module), 0)
+            run["call"][id(module)] = index + 1
+            return calls[index] if index < len(calls) else None
 
         def perturb(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if sign["value"] == 0.0 or not isinstance(output, torch.Tensor):
+            if run["sign"] == 0.0 or not isinstance(output, torch.Tensor):
                 return None
             index: list[Any] = [slice(None)] * output.dim()
-            index[source_flow.axis] = source_flow.remove.to(output.device)
+            index[flow.axis] = flow.remove.to(output.device)
             output = output.clone()
-            output[tuple(index)] += sign["value"] * (1.0 + output[tuple(index)].abs())
+            output[tuple(index)] += run["sign"] * (1.0 + output[tuple(index)].abs())
             return output
 
-        handles = [site.module.register_forward_pre_hook(grab), source.register_forward_hook(perturb)]
+        handles = [m.register_forward_pre_hook(grab) for m in watched]
+        handles += [m.register_forward_hook(hold) for m in frozen]
+        handles.append(source.register_forward_hook(perturb))
         try:
             with preserved_state(self.model), torch.no_grad():
-                for value in (0.0, 1.0, -1.0):
-                    sign["value"] = value
+                rng = torch.get_rng_state()
+                for sign in (0.0, 1.0, -1.0):
+                    run["sign"], run["call"] = sign, {}
+                    torch.set_rng_state(rng)  # the same random draws in every run
                     self.model(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-        calls = len(seen) // 3
-        per_unit = len(guessed) // max(len(source_flow.remove), 1)
-        if calls == 0 or seen[0].shape[1] != source_flow.num_units * per_unit:
-            raise ValueError(f"{why}; the mapping cannot be verified, so the prune is refused")
-        baseline = seen[:calls]
-        changed = torch.zeros(seen[0].shape[1], dtype=torch.bool)
-        for run in (seen[calls:2 * calls], seen[2 * calls:]):
-            for before, after in zip(baseline, run):
-                changed |= (before != after).any(dim=0).cpu()
-        allowed = torch.zeros_like(changed)
-        allowed[guessed] = True
-        if not changed.any() or (changed & ~allowed).any():
-            raise ValueError(f"{why}, and they are not a channel-major flatten of the pruned units (e.g. a permute "
-                             f"before the flatten); pass a model torch.fx can trace, or prune it in a way "
-                             f"that keeps the unit order")
+        changes: dict[int, torch.Tensor] = {}
+        for key, tensors in seen.items():
+            calls = len(tensors) // 3
+            if calls == 0 or len(tensors) != 3 * calls or any(t.shape != tensors[0].shape for t in tensors):
+                continue
+            changed = torch.zeros(tensors[0].shape[1], dtype=torch.bool)
+            for perturbed in (tensors[calls:2 * calls], tensors[2 * calls:]):
+                for before, after in zip(tensors[:calls], perturbed):
+                    changed |= (before != after).any(dim=0).cpu()
+            changes[key] = changed
+        return changes
 
-    def _check_runs_after(self, plan: Plan, source_name: str) -> None:
+    def _check_reaches_only_listed(self, source: nn.Module, source_name: str, flow: Flow,
+                                   consumers: list[tuple[nn.Module, UnitSelection]]) -> None:
+        """The hooks trace cannot see code between modules: check on the model that the pruned
+        units reach no module with tensors other than the listed ones. The listed consumers' outputs
+        are held fixed (they absorb the units); any other module holding parameters or buffers whose
+        input then changes with the pruned units reads them unseen, and the plan is refused."""
+        sliced = {id(m) for owner in [source] + [m for m, _ in consumers] for m in owner.modules()}
+        frozen = [m for m, selection in consumers
+                  if removed_out(get_slicing_rule(m), m, self._name_of(m), selection) is None]
+        watched = []
+        for module in self.model.modules():
+            if id(module) in sliced or any(True for _ in module.children()):
+                continue
+            if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+                continue  # nothing of its own to slice; the modules it feeds are watched
+            watched.append(module)
+        changes = self._probe(source, flow, watched, frozen)
+        for module in watched:
+            changed = changes.get(id(module))
+            if changed is not None and changed.any():
+                name = self._name_of(module)
+                raise ValueError(f"'{name}' ({type(module).__name__}) reads the pruned units of '{source_name}' "
+                                 f"through operations the forward-hook trace cannot see (torch.fx could not trace "
+                                 f"{type(self.model).__name__}), and it is not in cascading_modules; list it if it "
+                                 f"reads them unit by unit, or make the model traceable by torch.fx")
+
+    def _check_runs_after(self, plan: Plan, source: nn.Module, source_name: str, include_outputs: bool) -> None:
         """A forward-hook trace cannot see merges (``x + f(x)``, ``torch.cat``) or reshapes, so the
         data flow it gives may be wrong: apply the plan to a copy and refuse it if the copy no
-        longer runs on the example input."""
+        longer runs on the example input, or if its output shape changes (the pruned units are
+        outputs of the model) without ``include_outputs``. A model that cannot be copied cannot
+        be checked, and its plan is refused."""
+        model_type = type(self.model).__name__
         try:
             trial = copy.deepcopy(self.model)
-        except Exception as exc:  # models that cannot be copied: the plan stays unchecked
-            logger.warning("could not copy %s to check the plan (%s); a merge the hooks trace cannot see "
-                           "would break the model", type(self.model).__name__, exc)
-            return
-        plan.apply(trial)
+        except Exception as exc:
+            raise ValueError(
+                f"the plan to prune '{source_name}' cannot be verified: torch.fx could not trace {model_type}, so "
+                f"the data flow comes from forward hooks, which do not see merges (x + f(x), torch.cat) or reshapes; "
+                f"such a plan is checked on a copy of the model, and {model_type} cannot be deep-copied "
+                f"({type(exc).__name__}: {exc}). Make the model traceable by torch.fx, or deep-copyable (keep open "
+                f"files, locks and other resources outside the module, or give it a __deepcopy__)") from None
         args, kwargs = make_example_inputs(trial, self.input_size, self.example_inputs, self.device)
+        with preserved_state(trial), torch.no_grad():
+            shapes_before = _output_shapes(trial(*args, **kwargs))
+        plan.apply(trial)
         try:
             with preserved_state(trial), torch.no_grad():
-                trial(*args, **kwargs)
+                shapes_after = _output_shapes(trial(*args, **kwargs))
         except Exception as exc:
             raise ValueError(
                 f"pruning '{source_name}' as planned breaks the model: {type(exc).__name__}: {exc}. torch.fx "
-                f"could not trace {type(self.model).__name__}, and the forward-hook trace does not see merges "
+                f"could not trace {model_type}, and the forward-hook trace does not see merges "
                 f"(x + f(x), torch.cat) or reshapes that the pruned units flow into; prune a layer whose units "
                 f"reach only the listed modules, or make the model traceable by torch.fx") from None
+        if shapes_after != shapes_before and not include_outputs:
+            raise ValueError(output_units_refusal(source_name, source, f"the output shape goes from {shapes_before} "
+                                                                       f"to {shapes_after}"))
 
     def _name_of(self, module: nn.Module) -> str:
         if not isinstance(module, nn.Module):
@@ -362,6 +468,28 @@ class Pruner:
             if not any(module is m for m in cascade):
                 cascade.append(module)
         return cascade
+
+
+def _output_shapes(output: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a model output (nested tuples, lists, dicts)."""
+    if isinstance(output, torch.Tensor):
+        return [tuple(output.shape)]
+    if isinstance(output, Mapping):
+        return [shape for value in output.values() for shape in _output_shapes(value)]
+    if isinstance(output, (tuple, list)):
+        return [shape for value in output for shape in _output_shapes(value)]
+    return []
+
+
+def _check_is_group(group: Any) -> None:
+    if not isinstance(group, Group):
+        raise TypeError(f"group must be a Group from pruner.groups(), got {_short_value(group)} "
+                        f"({type(group).__name__})")
+
+
+def _short_value(value: Any) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _short_repr(module: nn.Module) -> str:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from torchpruner._ops import MOVEMENT_MODULES
 from torchpruner.graph import CallSite, ModelGraph
-from torchpruner.rules import GroupedSliceError, UnitSelection, get_slicing_rule
+from torchpruner.rules import GroupedSliceError, UnitSelection, get_slicing_rule, unaccounted_tensors_message
 
 __all__ = ["Flow", "follow_modules"]
 
@@ -41,8 +41,9 @@ class Flow:
         return Flow(remove, self.num_units * block, self.axis, shape)
 
 
-#: verify(consumer site, flow at the source, guessed removed inputs) raises ValueError when wrong
-Verify = Callable[[CallSite, Flow, torch.Tensor], None]
+#: verify(consumer site, flow at the source, guessed removed inputs) raises ValueError when wrong;
+#: with no guess (the unit counts do not match) it always raises, saying whether the units arrive
+Verify = Callable[[CallSite, Flow, torch.Tensor | None], None]
 
 
 def follow_modules(graph: ModelGraph, source: nn.Module, remove: torch.Tensor, num_units: int,
@@ -104,6 +105,7 @@ def _invisible_input(site: CallSite, source_flow: Flow, verify: Verify) -> Flow:
         flow = source_flow.flattened(in_units // source_flow.num_units, (source_flow.shape[0], in_units))
         guessed = flow.remove
     else:
+        verify(site, source_flow, None)  # explains whether the consumer reads the pruned units at all
         raise ValueError(f"'{site.label}' reads {in_units} units, which do not follow from the "
                          f"{source_flow.num_units} pruned-layer units")
     verify(site, source_flow, guessed)
@@ -119,6 +121,9 @@ def _through_module(site: CallSite, flow: Flow, source_name: str, listed: bool,
                          f"which has no slicing rule; register one with register_slicing_rule")
     if not listed:
         if rule.passes_units_through and not rule.has_unit_state:
+            unaccounted = unaccounted_tensors_message(rule, module, name)
+            if unaccounted is not None:
+                raise ValueError(unaccounted)
             return _same_units(flow, site, source_name)
         raise ValueError(f"'{name}' ({type(module).__name__}) shares the pruned units of '{source_name}' "
                          f"but is not in cascading_modules; list it, or let the pruner find the cascade "

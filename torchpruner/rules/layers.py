@@ -18,6 +18,7 @@ class LinearRule(SlicingRule):
     """``weight [out, in]``; units on the last axis of input and output."""
 
     input_unit_axis = -1
+    tensors = frozenset({"weight", "bias"})
 
     def out_units(self, module: nn.Linear) -> int:
         return module.out_features
@@ -37,6 +38,8 @@ class LinearRule(SlicingRule):
 class BilinearRule(SlicingRule):
     """``weight [out, in1, in2]``: output units only (its two inputs are ambiguous)."""
 
+    tensors = frozenset({"weight", "bias"})
+
     def out_units(self, module: nn.Bilinear) -> int:
         return module.out_features
 
@@ -48,6 +51,8 @@ class BilinearRule(SlicingRule):
 @register_slicing_rule(nn.Embedding)
 class EmbeddingRule(SlicingRule):
     """``weight [num_embeddings, embedding_dim]``: the embedding dims are its units."""
+
+    tensors = frozenset({"weight"})
 
     def out_units(self, module: nn.Embedding) -> int:
         return module.embedding_dim
@@ -73,6 +78,7 @@ class ConvRule(SlicingRule):
     """
 
     input_unit_axis = 1
+    tensors = frozenset({"weight", "bias"})
 
     def out_units(self, module: nn.modules.conv._ConvNd) -> int:
         return module.out_channels
@@ -178,6 +184,7 @@ class ChannelNormRule(SlicingRule):
 
     passes_units_through = True
     input_unit_axis = 1
+    tensors = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 
     def out_units(self, module: nn.modules.batchnorm._NormBase) -> int:
         return module.num_features
@@ -201,6 +208,7 @@ class GroupNormRule(SlicingRule):
 
     passes_units_through = True
     input_unit_axis = 1
+    tensors = frozenset({"weight", "bias"})
 
     def out_units(self, module: nn.GroupNorm) -> int:
         return module.num_channels
@@ -230,6 +238,7 @@ class LayerNormRule(SlicingRule):
     """
 
     passes_units_through = True
+    tensors = frozenset({"weight", "bias"})
 
     def _param_axis(self, module: nn.Module, selection: UnitSelection) -> int:
         dims = len(module.normalized_shape)
@@ -268,6 +277,7 @@ class PReLURule(SlicingRule):
 
     passes_units_through = True
     input_unit_axis = 1
+    tensors = frozenset({"weight"})
 
     def out_units(self, module: nn.PReLU) -> Optional[int]:
         return module.num_parameters if module.num_parameters > 1 else None
@@ -288,6 +298,7 @@ class DropoutRule(SlicingRule):
 
     passes_units_through = True
     has_unit_state = False
+    tensors: frozenset[str] = frozenset()
 
     def prune_in(self, module: nn.modules.dropout._DropoutNd, selection: UnitSelection) -> List[Edit]:
         policy = DROPOUT_POLICIES[selection.dropout_policy]
@@ -303,6 +314,7 @@ class ParameterFreeRule(SlicingRule):
 
     passes_units_through = True
     has_unit_state = False
+    tensors: frozenset[str] = frozenset()
 
     def prune_in(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
         return []

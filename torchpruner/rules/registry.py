@@ -20,7 +20,8 @@ PReLU, Dropout, activations, depthwise convolutions) sets ``passes_units_through
 Layout facts (a convolution's weight layout, its channel groups) live on the rule, nowhere else.
 
 Register a rule for your own layer (subclasses of a registered type find the rule of the nearest
-registered base class):
+registered base class; one holding parameters or buffers that rule does not declare in
+``tensors`` is refused, so that a per-unit tensor is never left unsliced):
 
 >>> import torch, torch.nn as nn
 >>> from torchpruner.rules import SlicingRule, register_slicing_rule, set_attribute, slice_tensor
@@ -35,6 +36,7 @@ registered base class):
 ... class ScaleRule(SlicingRule):
 ...     passes_units_through = True         # channel c in -> channel c out
 ...     input_unit_axis = 1
+...     tensors = frozenset({"weight"})     # the tensors of Scale this rule accounts for
 ...     def out_units(self, module): return module.channels
 ...     def in_units(self, module): return module.channels
 ...     def prune_in(self, module, selection):
@@ -63,7 +65,7 @@ from torchpruner._ops import register_leaf_module
 from .edits import Edit
 
 __all__ = ["UnitSelection", "SlicingRule", "register_slicing_rule", "get_slicing_rule", "GroupedSliceError",
-           "DROPOUT_POLICIES"]
+           "DROPOUT_POLICIES", "unaccounted_tensors", "unaccounted_tensors_message"]
 
 #: How a Dropout after a pruned layer changes its rate ``p`` when ``k`` of ``n`` units go.
 DROPOUT_POLICIES: dict[str, Callable[[float, int, int], float]] = {
@@ -114,11 +116,17 @@ class SlicingRule:
             ``-1`` (last dim, ``[N, ..., D]``) or None (anywhere / checked by the rule).
         has_unit_state: True when the module holds per-unit tensors (then it must be listed
             in ``cascading_modules`` when pruned units flow into it).
+        tensors: the names of the module's own parameters and buffers the rule accounts for
+            (slices, or knowingly leaves alone). A module holding any other parameter or buffer
+            (a subclass with a per-unit gate...) is refused by name instead of being pruned
+            without it; register a rule for the subclass. None: the rule makes no claim (no
+            check). Every built-in rule declares its tensors.
     """
 
     passes_units_through: bool = False
     input_unit_axis: int | None = None
     has_unit_state: bool = True
+    tensors: frozenset[str] | None = None
 
     def out_units(self, module: nn.Module) -> int | None:
         return None
@@ -175,6 +183,30 @@ def get_slicing_rule(module: nn.Module) -> SlicingRule | None:
         if rule is not None:
             return rule
     return None
+
+
+def unaccounted_tensors(rule: SlicingRule, module: nn.Module) -> list[str]:
+    """The module's own parameters and buffers that ``rule`` does not account for (see
+    :attr:`SlicingRule.tensors`); empty when the rule makes no claim."""
+    if rule.tensors is None:
+        return []
+    own = [name for name, tensor in list(module._parameters.items()) + list(module._buffers.items())
+           if tensor is not None]
+    return [name for name in own if name not in rule.tensors]
+
+
+def unaccounted_tensors_message(rule: SlicingRule, module: nn.Module, name: str) -> str | None:
+    """The refusal for a module holding tensors its rule does not account for (None: it holds none)."""
+    unknown = unaccounted_tensors(rule, module)
+    if not unknown:
+        return None
+    kind = type(module).__name__
+    owner = next((k.__name__ for k in type(module).__mro__ if _RULES.get(k) is rule), type(rule).__name__)
+    listed = ", ".join(f"'{t}' ({'parameter' if t in module._parameters else 'buffer'})" for t in unknown)
+    return (f"'{name}' ({kind}) holds {listed}, which the slicing rule of {owner} does not account for: "
+            f"pruning it with that rule would leave {', '.join(unknown)} as it is; register a slicing rule "
+            f"for {kind} (register_slicing_rule({kind}); e.g. a subclass of {type(rule).__name__} that also "
+            f"slices them, with tensors = {type(rule).__name__}.tensors | {set(unknown)!r})")
 
 
 

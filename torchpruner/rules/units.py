@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, List, Optional
 
 import numpy as np
@@ -15,46 +15,79 @@ from .registry import SlicingRule, get_slicing_rule
 __all__ = ["normalize_indices", "complement", "kept_units", "kept_units_edit", "param_record_key"]
 
 
-def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all: bool = False) -> torch.Tensor:
-    """Check user indices and return them as a sorted CPU int64 tensor.
+def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all: bool = False,
+                      argument: str = "indices") -> torch.Tensor:
+    """Check user indices and return them as a sorted CPU int64 tensor: the one index check of
+    every entry point (``prune_model``, ``prune_module``, ``prune_parameter``, ``prune_group``...).
+
+    Accepted: a sequence of ints, an int, a one-dimensional integer tensor or numpy array. Empty
+    input of any of these (``[]``, ``torch.tensor([])``, ``np.array([])``) selects nothing.
+
+    Args:
+        indices: what the user passed.
+        num_units: the number of units the indices refer to.
+        module_name: what they refer to, for the messages (a module name, ``group 3``...).
+        allow_all: accept removing every unit (the caller refuses it with a better message).
+        argument: the name of the argument, for the messages.
 
     Raises:
-        TypeError: non-integer indices (floats, bools, strings) or a nested structure.
+        TypeError: non-integer indices (floats, a boolean mask, strings), a dict, a nested
+            structure, a tensor on the meta device (it holds no values).
         ValueError: negative, out-of-range or duplicated indices; every unit (unless ``allow_all``).
     """
-    where = f"indices for '{module_name}'"
+    where = f"{argument} for '{module_name}'"
+    mask_hint = (f"{where} must be integers (unit indices), got a boolean mask; pass the indices of the units to "
+                 f"remove (mask.nonzero())")
     if isinstance(indices, torch.Tensor):
-        if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-            raise TypeError(f"{where} must be integers, got a {indices.dtype} tensor")
+        if indices.is_meta:
+            raise TypeError(f"{where} are a tensor on the meta device, which holds no values; pass the "
+                            f"indices on the CPU")
         if indices.dim() > 1:
             raise TypeError(f"{where} must be one-dimensional, got shape {list(indices.shape)}")
-        values = [int(v) for v in indices.flatten().tolist()]
+        if indices.numel() == 0:
+            values: list[int] = []
+        elif indices.dtype == torch.bool:
+            raise TypeError(mask_hint)
+        elif indices.is_floating_point() or indices.is_complex():
+            raise TypeError(f"{where} must be integers, got a {indices.dtype} tensor")
+        else:
+            values = [int(v) for v in indices.flatten().tolist()]
     elif isinstance(indices, np.ndarray):
-        if indices.dtype.kind not in "iu":
-            raise TypeError(f"{where} must be integers, got a numpy array of dtype {indices.dtype}")
         if indices.ndim > 1:
             raise TypeError(f"{where} must be one-dimensional, got shape {list(indices.shape)}")
-        values = [int(v) for v in indices.reshape(-1).tolist()]
-    elif isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
-        if _is_integer(indices):
-            values = [int(indices)]
+        if indices.size == 0:
+            values = []
+        elif indices.dtype.kind == "b":
+            raise TypeError(mask_hint)
+        elif indices.dtype.kind not in "iu":
+            raise TypeError(f"{where} must be integers, got a numpy array of dtype {indices.dtype}")
         else:
-            raise TypeError(f"{where} must be a sequence of integers, got {type(indices).__name__}")
+            values = [int(v) for v in indices.reshape(-1).tolist()]
+    elif isinstance(indices, Mapping):
+        raise TypeError(f"{where} must be a sequence of integers, got a {type(indices).__name__} "
+                        f"(its keys are not unit indices); pass a list")
+    elif isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        if not _is_integer(indices):
+            raise TypeError(f"{where} must be a sequence of integers, got {indices!r} ({type(indices).__name__})")
+        values = [int(indices)]
     else:
+        items = list(indices)
+        if items and all(isinstance(v, (bool, np.bool_)) for v in items):
+            raise TypeError(mask_hint)
         values = []
-        for value in indices:
+        for value in items:
             if not _is_integer(value):
                 raise TypeError(f"{where} must be integers, got {value!r} ({type(value).__name__})")
             values.append(int(value))
     bad = [v for v in values if v < 0 or v >= num_units]
     if bad:
-        raise ValueError(f"{where} out of range: {bad[:10]} (the layer has {num_units} units; "
+        raise ValueError(f"{where} out of range: {bad[:10]} (there are {num_units} units; "
                          f"indices must be in 0..{num_units - 1}, negative indices are not accepted)")
     if len(set(values)) != len(values):
         duplicates = sorted({v for v in values if values.count(v) > 1})
         raise ValueError(f"{where} contain duplicates: {duplicates[:10]}")
     if not allow_all and values and len(values) == num_units:
-        raise ValueError(f"{where} would remove every unit ({num_units}) of the layer; keep at least one")
+        raise ValueError(f"{where} would remove every unit ({num_units}); keep at least one")
     return torch.tensor(sorted(values), dtype=torch.long)
 
 
@@ -63,10 +96,9 @@ def _is_integer(value: Any) -> bool:
         return False
     if isinstance(value, (int, np.integer)):
         return True
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_meta:
         return not (value.dtype == torch.bool or value.is_floating_point() or value.is_complex())
     return False
-
 
 
 def kept_units(module: nn.Module, direction: str = "out") -> Optional[List[int]]:
