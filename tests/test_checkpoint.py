@@ -80,3 +80,64 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "plain.pt")
     with pytest.raises(FileNotFoundError, match="manifest"):
         load_pruned(nn.Linear(2, 2), tmp_path / "plain.pt")
+
+
+class FunctionalLayerNorm(nn.Module):
+    """ConvNeXt's LayerNorm: ``F.layer_norm`` reads ``self.normalized_shape``, no slicing rule."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size))
+        self.bias = nn.Parameter(torch.randn(size))
+        self.normalized_shape = (size,)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, 1e-6)
+
+
+class LayerNormStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = FunctionalLayerNorm(8)
+        self.pw = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.pw(self.norm(self.conv(x).permute(0, 2, 3, 1)))
+
+
+def test_a_functional_layer_norms_size_attribute_is_replayed(tmp_path):
+    torch.manual_seed(0)
+    net = LayerNormStem()
+    pruner = Pruner(net, input_size=(3, 8, 8))
+    pruner.prune_group(pruner.groups()[0], [0, 5])
+    assert net.norm.normalized_shape == (6,)
+    save_pruned(net, tmp_path / "ln.pt")
+    assert pruning_manifest(net)["size_attributes"] == {"norm": {"normalized_shape": [6]}}
+
+    fresh = LayerNormStem()
+    load_pruned(fresh, tmp_path / "ln.pt")
+    assert fresh.norm.normalized_shape == (6,)              # the type the module uses, a tuple
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sizes", [{"normalized_shape": "6"}, {"normalized_shape": [-1]}, {"_private": 3}, [6]])
+def test_malformed_size_attributes_are_refused(tmp_path, sizes):
+    net = LayerNormStem()
+    manifest = pruning_manifest(net)
+    manifest["size_attributes"] = {"norm": sizes}
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="size attributes of 'norm'"):
+        resize_to_manifest(net, manifest)
+    assert_unchanged(before, net)
+
+
+def test_size_attributes_that_do_not_fit_the_model_are_refused():
+    net = LayerNormStem()
+    manifest = pruning_manifest(net)
+    manifest["size_attributes"] = {"norm": {"normalized_shape": [6, 2]}}
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"'norm'.normalized_shape to \[6, 2\]"):
+        resize_to_manifest(net, manifest)
+    assert_unchanged(before, net)

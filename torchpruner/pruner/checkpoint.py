@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from torchpruner._state import unwrap_model
-from torchpruner.rules import KEPT_UNITS_ATTRIBUTE, get_slicing_rule, kept_units
+from torchpruner.rules import KEPT_UNITS_ATTRIBUTE, SHAPE_ATTRIBUTES_ATTRIBUTE, get_slicing_rule, kept_units
 
 from .pruner import Pruner
 
@@ -49,6 +49,7 @@ def pruning_manifest(model: nn.Module) -> dict[str, Any]:
     layers: dict[str, dict[str, list[int]]] = {}
     dropout: dict[str, float] = {}
     groups: dict[str, int] = {}
+    size_attributes: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         record = getattr(module, KEPT_UNITS_ATTRIBUTE, None)
         if record:
@@ -57,9 +58,15 @@ def pruning_manifest(model: nn.Module) -> dict[str, Any]:
             dropout[name] = float(module.p)
         if isinstance(module, nn.modules.conv._ConvNd):
             groups[name] = int(module.groups)
+        sizes = getattr(module, SHAPE_ATTRIBUTES_ATTRIBUTE, None)
+        if sizes:
+            size_attributes[name] = dict(sizes)
     shapes = {key: list(value.shape) for key, value in model.state_dict().items()}
-    return {"version": MANIFEST_VERSION, "kept_units": layers, "dropout_p": dropout, "conv_groups": groups,
-            "shapes": shapes}
+    manifest = {"version": MANIFEST_VERSION, "kept_units": layers, "dropout_p": dropout, "conv_groups": groups,
+                "shapes": shapes}
+    if size_attributes:
+        manifest["size_attributes"] = size_attributes
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +116,14 @@ def _check_manifest(manifest: Any) -> None:
     for name, groups in _section(manifest, "conv_groups").items():
         if not _is_int(groups) or groups < 1:
             raise ValueError(f"the manifest sets '{name}'.groups to {groups!r}; expected a positive integer")
+    for name, sizes in _section(manifest, "size_attributes").items():
+        if not isinstance(sizes, dict) or not all(
+                isinstance(attribute, str) and attribute.isidentifier() and not attribute.startswith("_")
+                and (_is_int(size) and size >= 0
+                     or isinstance(size, list) and all(_is_int(n) and n >= 0 for n in size))
+                for attribute, size in sizes.items()):
+            raise ValueError(f"the manifest's size attributes of '{name}' must map public attribute names to a "
+                             f"non-negative integer or a list of them, got {sizes!r}")
     for key, shape in _section(manifest, "shapes").items():
         if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
             raise ValueError(f"the manifest records the shape of '{key}' as {shape!r}; expected a list of "
@@ -148,6 +163,8 @@ def _resize(model: nn.Module, manifest: dict[str, Any]) -> None:
             raise ValueError(f"the manifest sets the Dropout p of '{name}', which is not a Dropout layer of this "
                              f"model (another architecture?)")
         module.p = float(p)
+    for name, sizes in manifest.get("size_attributes", {}).items():
+        _set_size_attributes(modules.get(name), name, sizes)
     mismatched = []
     for name, value in manifest.get("conv_groups", {}).items():
         module = modules.get(name)
@@ -164,6 +181,24 @@ def _resize(model: nn.Module, manifest: dict[str, Any]) -> None:
     if mismatched:
         raise ValueError("the model cannot take the saved shapes (tensors pruned outside a recorded layer, or "
                          "another architecture): " + "; ".join(mismatched[:8]))
+
+
+def _set_size_attributes(module: nn.Module | None, name: str, sizes: dict[str, Any]) -> None:
+    """Set the sizes a plan changed outside any slicing rule (a functional LayerNorm's
+    ``normalized_shape``), keeping each attribute's type (int, tuple, list, torch.Size)."""
+    if module is None:
+        raise ValueError(f"the manifest sets size attributes of '{name}', which this model does not have")
+    for attribute, size in sizes.items():
+        current = getattr(module, attribute, None)
+        if isinstance(size, int) and _is_int(current):
+            value: Any = size
+        elif isinstance(size, list) and isinstance(current, (tuple, list, torch.Size)) and len(current) == len(size):
+            value = torch.Size(size) if isinstance(current, torch.Size) else type(current)(size)
+        else:
+            raise ValueError(f"the manifest sets '{name}'.{attribute} to {size!r}, but this model's '{name}' holds "
+                             f"{current!r} there (another architecture?)")
+        setattr(module, attribute, value)
+    setattr(module, SHAPE_ATTRIBUTES_ATTRIBUTE, dict(sizes))
 
 
 def _positions_to_remove(current: list[int], wanted_ids: list[int], label: str, what: str) -> list[int]:

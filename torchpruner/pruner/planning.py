@@ -24,7 +24,8 @@ from torch.nn.utils.prune import BasePruningMethod
 
 from torchpruner.graph.dependency import DependencyError, DependencyGraph, Group, tensor_shapes
 from torchpruner.rules import (KEPT_UNITS_ATTRIBUTE, AttributeChange, Edit, GroupedSliceError, SlicingRule,
-                               TensorSlice, UnitSelection, complement, get_slicing_rule, kept_units_edit, param_record_key, slice_tensor,
+                               TensorSlice, UnitSelection, complement, get_slicing_rule, kept_units_edit, param_record_key,
+                               shape_attributes_edit, slice_tensor,
                                unaccounted_tensors_message)
 
 from .optimizer import describe_optimizer_surgery, plan_optimizer_surgery
@@ -107,7 +108,8 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
                 record[2] = out_keep
     for module in per_call.values():
         edits += _per_call_edits(dep, selection, module, dropout_policy)
-    edits += dep.shape_attribute_edits(selection)
+    shape_changes = dep.shape_attribute_edits(selection)
+    edits += shape_changes + shape_attributes_edit(shape_changes)
     for module, rule, out_keep, in_keep in kept.values():
         edits += kept_units_edit(module, rule, out_keep, in_keep)
     for module, records in param_kept.values():

@@ -13,11 +13,16 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["TensorSlice", "AttributeChange", "Edit", "KEPT_UNITS_ATTRIBUTE", "apply_slice", "slice_tensor",
-           "set_attribute"]
+__all__ = ["TensorSlice", "AttributeChange", "Edit", "KEPT_UNITS_ATTRIBUTE", "RECORD_ATTRIBUTES",
+           "SHAPE_ATTRIBUTES_ATTRIBUTE", "apply_slice", "slice_tensor", "set_attribute"]
 
 #: Module attribute holding ``{"out": [...], "in": [...]}``: original unit ids a layer still holds.
 KEPT_UNITS_ATTRIBUTE = "_torchpruner_kept_units"
+#: Module attribute holding ``{attribute: size}`` for the sizes a plan changed outside any slicing
+#: rule (the ``normalized_shape`` a functional ``F.layer_norm`` reads), so checkpoints replay them.
+SHAPE_ATTRIBUTES_ATTRIBUTE = "_torchpruner_shape_attributes"
+#: Bookkeeping attributes: a plan merges into them, whatever they held (no "expected old value").
+RECORD_ATTRIBUTES = (KEPT_UNITS_ATTRIBUTE, SHAPE_ATTRIBUTES_ATTRIBUTE)
 
 
 def apply_slice(tensor: torch.Tensor, axis: int, keep: torch.Tensor,
@@ -102,6 +107,8 @@ class AttributeChange:
             old, new = f"{old:.6g}", f"{new:.6g}"
         if self.attribute == KEPT_UNITS_ATTRIBUTE:
             return f"record {name:<40} kept unit ids updated"
+        if self.attribute == SHAPE_ATTRIBUTES_ATTRIBUTE:
+            return f"record {name:<40} changed sizes recorded for checkpoints"
         return f"attr   {name:<40} {old} -> {new}"
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .edits import KEPT_UNITS_ATTRIBUTE, AttributeChange, Edit
+from .edits import KEPT_UNITS_ATTRIBUTE, SHAPE_ATTRIBUTES_ATTRIBUTE, AttributeChange, Edit
 from .registry import SlicingRule, get_slicing_rule
 
-__all__ = ["normalize_indices", "complement", "kept_units", "kept_units_edit", "param_record_key"]
+__all__ = ["normalize_indices", "complement", "kept_units", "kept_units_edit", "param_record_key",
+           "shape_attributes_edit"]
 
 
 def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all: bool = False,
@@ -148,3 +149,20 @@ def complement(remove: torch.Tensor, num_units: int) -> torch.Tensor:
 def param_record_key(parameter: str, axis: int) -> str:
     """Key of a bare parameter's kept ids in a module's kept-units record (``"param:pos:2"``)."""
     return f"param:{parameter}:{axis}"
+
+
+def shape_attributes_edit(changes: list[AttributeChange]) -> list[AttributeChange]:
+    """Record each module's changed size attributes (``normalized_shape``) on the module, as JSON
+    values (an int or a list of ints), for :func:`torchpruner.save_pruned`; one edit per module."""
+    per_module: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+    for change in changes:
+        new = change.new
+        value = int(new) if isinstance(new, int) else [int(n) for n in new]
+        module, record = per_module.setdefault(id(change.module), (change.module, {}))
+        record[change.attribute] = value
+    edits = []
+    for module, record in per_module.values():
+        old = getattr(module, SHAPE_ATTRIBUTES_ATTRIBUTE, None)
+        edits.append(AttributeChange(module=module, attribute=SHAPE_ATTRIBUTES_ATTRIBUTE, old=old,
+                                     new={**(old or {}), **record}))
+    return edits
