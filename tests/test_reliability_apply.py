@@ -1,4 +1,4 @@
-"""Applying a plan is a transaction and survives a live graph.
+"""Applying a plan is a transaction, survives a live graph and keeps each tensor's memory format.
 
 - **All or nothing**: an exception at any point of ``Plan.apply`` (KeyboardInterrupt, MemoryError:
   any BaseException) undoes every edit already made, model and optimizer bit for bit, Parameter
@@ -368,3 +368,90 @@ def test_without_renewal_a_live_graph_is_refused_before_anything_changes(monkeyp
     del kept_output
     setup.plan.apply(setup.model, setup.optimizer)
     step(setup.model, setup.optimizer, seed=6)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory format
+# --------------------------------------------------------------------------------------------
+
+def _to_contiguous(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.contiguous()
+            if p.grad is not None:
+                p.grad = p.grad.contiguous()
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                state[key] = value.contiguous()
+
+
+def test_channels_last_weights_gradients_and_optimizer_state_stay_channels_last():
+    model = make_model().to(memory_format=torch.channels_last)
+    optimizer = OPTIMIZERS["adam"](model)
+    step(model, optimizer, seed=1)
+    x, y = batch(2)
+    F.cross_entropy(model(x.to(memory_format=torch.channels_last)), y).backward()
+    reference, reference_optimizer = copy_of(model, optimizer, "adam")
+    _to_contiguous(reference, reference_optimizer)  # the ordinary prune, same values
+
+    def four_d(m: nn.Module, o: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        found = {}
+        for name, p in m.named_parameters():
+            if p.dim() == 4:
+                found[name] = p
+                found[f"{name}.grad"] = p.grad
+                found.update({f"{name}[{k}]": v for k, v in o.state[p].items() if v.dim() == 4})
+        return found
+
+    tensors = four_d(model, optimizer)
+    assert len(tensors) == 8  # two conv weights: data, grad, exp_avg, exp_avg_sq
+    for name, tensor in tensors.items():
+        assert tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous(), name
+
+    pruner = Pruner(model, input_size=(3, 8, 8), optimizer=optimizer)
+    first, second = pruner.groups()
+    plan = pruner.plan_groups({first: [1, 4], second: [0, 2]})
+    plan.apply(model, optimizer)
+    plan.apply(reference, reference_optimizer)
+
+    expected = four_d(reference, reference_optimizer)
+    for name, tensor in four_d(model, optimizer).items():
+        assert tensor.is_contiguous(memory_format=torch.channels_last), f"{name} lost channels_last"
+        assert tensor.shape == expected[name].shape and torch.equal(tensor, expected[name]), name
+    assert_same_state(model, optimizer, reference, reference_optimizer)
+    step(model, optimizer, seed=3)  # training goes on in channels_last
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dim_order(tensor: torch.Tensor) -> list[int]:
+    return sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+
+
+LAYOUTS = {
+    "contiguous": lambda: torch.randn(6, 4, 5, 3),
+    "channels_last": lambda: torch.randn(6, 4, 5, 3).to(memory_format=torch.channels_last),
+    "channels_last_3d": lambda: torch.randn(6, 4, 5, 3, 2).to(memory_format=torch.channels_last_3d),
+    "transposed": lambda: torch.randn(5, 6).t(),
+    "permuted": lambda: torch.randn(3, 4, 6).permute(2, 0, 1),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_apply_slice_keeps_the_layout_of_its_tensor(layout):
+    torch.manual_seed(0)
+    tensor = LAYOUTS[layout]()
+    for axis in range(tensor.dim()):
+        keep = torch.tensor([0, 2]) if tensor.shape[axis] > 2 else torch.tensor([1])
+        result = apply_slice(tensor, axis, keep)
+        assert torch.equal(result, tensor.contiguous().index_select(axis, keep)), (layout, axis)
+        assert _dim_order(result) == _dim_order(tensor), (layout, axis)
+        assert result.permute(_dim_order(tensor)).is_contiguous(), (layout, axis)  # dense, no gaps
+        if axis != 0 and tensor.shape[0] % 2 == 0:  # grouped: per block of dim 0
+            group_keep = (keep, keep.flip(0))
+            result = apply_slice(tensor, axis, keep, group_keep)
+            blocks = tensor.contiguous().chunk(2, dim=0)
+            expected = torch.cat([b.index_select(axis, k) for b, k in zip(blocks, group_keep)])
+            assert torch.equal(result, expected), (layout, axis, "grouped")
+            assert _dim_order(result) == _dim_order(tensor), (layout, axis, "grouped")
