@@ -15,9 +15,11 @@ per element.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,16 +28,16 @@ from torchpruner.rules import TensorSlice, apply_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OptimizerStateSlice", "register_per_element_optimizer", "check_optimizer", "plan_optimizer_surgery",
-           "apply_optimizer_surgery", "PER_ELEMENT_OPTIMIZERS", "REFUSED_OPTIMIZERS"]
+__all__ = ["PER_ELEMENT_OPTIMIZERS", "REFUSED_OPTIMIZERS", "OptimizerStateSlice", "apply_optimizer_surgery",
+           "check_optimizer", "plan_optimizer_surgery", "register_per_element_optimizer"]
 
-PER_ELEMENT_OPTIMIZERS: set = {
+PER_ELEMENT_OPTIMIZERS: set[type[torch.optim.Optimizer]] = {
     getattr(torch.optim, name) for name in
     ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
     if hasattr(torch.optim, name)
 }
 
-REFUSED_OPTIMIZERS: Dict[str, str] = {
+REFUSED_OPTIMIZERS: dict[str, str] = {
     "LBFGS": "its state holds flat history vectors over all parameters, which cannot be sliced per parameter",
     "SparseAdam": "it works on sparse gradients and is not supported",
     "Adafactor": "its factored row/column statistics couple the elements of a parameter",
@@ -50,15 +52,15 @@ class OptimizerStateSlice:
     parameter_name: str
     key: str
     axis: int
-    old_shape: Tuple[int, ...]
-    new_shape: Tuple[int, ...]
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
 
     def describe(self) -> str:
         return (f"optim  state[{self.parameter_name}][{self.key!r}]".ljust(48)
                 + f" {list(self.old_shape)} -> {list(self.new_shape)} axis {self.axis}")
 
 
-def register_per_element_optimizer(optimizer_class: Type[torch.optim.Optimizer]) -> Type[torch.optim.Optimizer]:
+def register_per_element_optimizer(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """Declare that ``optimizer_class`` keeps only per-element (or scalar) state per parameter.
 
     Every state tensor shaped like its parameter is then sliced with it, other tensors of
@@ -92,14 +94,14 @@ def check_optimizer(optimizer: Any) -> None:
 
 @dataclass(eq=False)
 class _StateEdit:
-    state: Dict[str, Any]
+    state: dict[str, Any]
     key: str
     edit: TensorSlice
 
 
-def plan_optimizer_surgery(optimizer: Optional[torch.optim.Optimizer],
-                           parameter_slices: Sequence[Tuple[TensorSlice, nn.Parameter]],
-                           model: Optional[nn.Module] = None) -> List[_StateEdit]:
+def plan_optimizer_surgery(optimizer: torch.optim.Optimizer | None,
+                           parameter_slices: Sequence[tuple[TensorSlice, nn.Parameter]],
+                           model: nn.Module | None = None) -> list[_StateEdit]:
     """Check the optimizer and list the state tensors to slice; changes nothing.
 
     Args:
@@ -114,7 +116,7 @@ def plan_optimizer_surgery(optimizer: Optional[torch.optim.Optimizer],
     if optimizer is None:
         return []
     check_optimizer(optimizer)
-    edits: List[_StateEdit] = []
+    edits: list[_StateEdit] = []
     for edit, parameter in parameter_slices:
         state = optimizer.state.get(parameter)
         if not state:
@@ -131,13 +133,20 @@ def plan_optimizer_surgery(optimizer: Optional[torch.optim.Optimizer],
     return edits
 
 
-def describe_optimizer_surgery(edits: Sequence[_StateEdit]) -> List[OptimizerStateSlice]:
+def describe_optimizer_surgery(edits: Sequence[_StateEdit]) -> list[OptimizerStateSlice]:
     return [OptimizerStateSlice(parameter_name=e.edit.qualified_name, key=e.key, axis=e.edit.axis,
                                 old_shape=tuple(e.edit.old_shape), new_shape=tuple(e.edit.new_shape)) for e in edits]
 
 
-def apply_optimizer_surgery(edits: Sequence[_StateEdit]) -> None:
-    """Slice the listed state tensors (call only after :func:`plan_optimizer_surgery` succeeded)."""
-    with torch.no_grad():
-        for e in edits:
-            e.state[e.key] = apply_slice(e.state[e.key], e.edit.axis, e.edit.keep, e.edit.group_keep)
+def apply_optimizer_surgery(edits: Sequence[_StateEdit], undo: list[Callable[[], None]] | None = None) -> None:
+    """Slice the listed state tensors (call only after :func:`plan_optimizer_surgery` succeeded).
+
+    Each sliced tensor keeps its memory format. With ``undo``, a call that puts the old state
+    tensor back (the tensor itself, not a copy) is appended before each change.
+    """
+    for e in edits:
+        old = e.state[e.key]
+        new = apply_slice(old.detach(), e.edit.axis, e.edit.keep, e.edit.group_keep)
+        if undo is not None:
+            undo.append(functools.partial(e.state.__setitem__, e.key, old))
+        e.state[e.key] = new

@@ -6,26 +6,42 @@ attribute values must be what the plan expects) and only then modifies it, so a 
 model and optimizer exactly as they were. Edits name modules by qualified name, so a plan built on
 one model also applies to another model of the same architecture (an EMA copy, or
 ``torch.optim.swa_utils.AveragedModel``, whose ``.module`` prefix is handled).
+
+Applying is a transaction. Every change is journaled before it is made, with the old tensor (not a
+copy) that undoes it; on any exception (``KeyboardInterrupt`` and ``MemoryError`` included) the
+journal is undone in reverse order, which only puts old objects back and allocates nothing, and the
+exception propagates. Either every edit lands, model and optimizer, or none does.
+
+Parameters keep their identity and their tensor: new data is assigned with ``.data``, so hooks,
+optimizer keys and param-group membership stay. A graph from a forward pass before the prune (a
+kept validation output, the last ``loss``, ``retain_graph=True``) holds the parameter's gradient
+accumulator, which remembers the old shape; the apply makes sure the next forward builds a new one,
+so the next training step works, and marks the pruned tensors as modified, so that using the old
+graph fails in ``backward()`` instead of mixing old and new shapes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
 from torchpruner._state import unwrap_model
-from torchpruner.rules import KEPT_UNITS_ATTRIBUTE, Edit, TensorSlice, apply_slice
+from torchpruner.rules import RECORD_ATTRIBUTES, Edit, TensorSlice, apply_slice
 
 from .optimizer import OptimizerStateSlice, apply_optimizer_surgery, plan_optimizer_surgery
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Plan", "resolve_model"]
+
+Undo = Callable[[], None]
 
 
 def resolve_model(model: nn.Module) -> nn.Module:
@@ -36,37 +52,121 @@ def resolve_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _replace_parameter_data(parameter: nn.Parameter, data: torch.Tensor, grad: Optional[torch.Tensor],
-                            name: str) -> None:
-    """Give ``parameter`` (the same Python object) new data and gradient.
+# -- a parameter's gradient accumulator ---------------------------------------------------------
 
-    A graph from a forward pass before the prune (e.g. the previous step's ``loss`` still in
-    scope) keeps the parameter's gradient accumulator alive, and that node remembers the old shape:
-    after a plain ``parameter.data = ...`` the next ``backward()`` would fail. Swapping in a fresh
-    tensor implementation (``torch.utils.swap_tensors``) gives the parameter a new accumulator while
-    the object, its attributes, optimizer keys and param-group membership stay. Where swapping is
-    impossible (weak references to the parameter, extra views of it, Parameter subclasses) the data
-    is assigned and a warning says what to avoid.
+def _other_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if dtype == torch.float32 else torch.float32
+
+
+@functools.cache
+def data_assignment_renews_gradient_accumulator() -> bool:
+    """Whether :func:`_assign_data` makes the next forward build a new gradient accumulator.
+
+    torch drops the accumulator a tensor caches when ``.data`` of another dtype is assigned (the
+    accumulator's metadata would no longer fit); assigning the real data afterwards keeps it
+    dropped. Checked once, on a probe whose accumulator a small graph keeps alive, so that a torch
+    that behaves differently is noticed before any model is modified.
     """
-    swap = getattr(torch.utils, "swap_tensors", None)
-    if swap is not None and type(parameter) is nn.Parameter:
-        replacement = nn.Parameter(data, requires_grad=parameter.requires_grad)
-        if grad is not None:
-            replacement.grad = grad
-        replacement.__dict__.update(parameter.__dict__)
-        # tensor hooks live on the tensor implementation, which is swapped out: carry them over
-        # (the same dicts, so handles taken before the prune still remove them)
-        for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
-            if getattr(parameter, hooks, None):
-                setattr(replacement, hooks, getattr(parameter, hooks))
-        try:
-            swap(parameter, replacement)
-            return
-        except RuntimeError as exc:
-            logger.warning("could not swap the tensor of '%s' (%s); assigning .data instead: a graph from before "
-                           "the prune that is still alive will fail in backward()", name, exc)
-    parameter.data = data
-    parameter.grad = grad
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            probe = torch.zeros(2, requires_grad=True)
+            held = probe * 1  # keeps the accumulator for shape [2] alive
+            with torch.no_grad():
+                _renew_and_assign(probe, torch.zeros(3))
+            (probe * 2).sum().backward()
+            del held
+            return probe.grad is not None and tuple(probe.grad.shape) == (3,)
+    except RuntimeError:
+        return False
+
+
+def _renew_and_assign(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    tensor.data = torch.empty(0, dtype=_other_dtype(tensor.dtype), device=tensor.device)
+    tensor.data = data
+
+
+def _assign_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    """``tensor.data = data``; for a parameter, the next forward gets a new gradient accumulator
+    (the one a graph from before the prune holds remembers the old shape)."""
+    if tensor.requires_grad and data_assignment_renews_gradient_accumulator():
+        _renew_and_assign(tensor, data)
+    else:
+        tensor.data = data
+
+
+def check_graphs_released(parameters: list[tuple[str, nn.Parameter]]) -> None:
+    """Refuse (before any change) to slice parameters that a graph from before the prune still
+    holds, where the torch in use gives no way to renew their gradient accumulators."""
+    if data_assignment_renews_gradient_accumulator():
+        return
+    for name, parameter in parameters:
+        use_count = getattr(parameter, "_use_count", None)
+        if parameter.requires_grad and use_count is not None and use_count() > 1:
+            raise ValueError(f"'{name}' is still held by a graph from a forward pass before the prune (a kept "
+                             f"output or loss, or backward(retain_graph=True)); its next backward() would fail. "
+                             f"Drop the references to that graph first (e.g. `del loss, outputs`), or run "
+                             f"validation forwards under torch.no_grad()")
+
+
+# -- the journal ------------------------------------------------------------------------------
+
+def _restore_tensor(tensor: torch.Tensor, data: torch.Tensor, grad: torch.Tensor | None, is_parameter: bool) -> None:
+    tensor.data = data
+    if is_parameter:
+        tensor.grad = grad
+
+
+def _restore_attribute(module: nn.Module, attribute: str, old: Any, existed: bool) -> None:
+    if existed:
+        setattr(module, attribute, old)
+    else:
+        module.__dict__.pop(attribute, None)
+
+
+class _Journal:
+    """The changes made so far, each with the call that undoes it (old objects kept, not copied)."""
+
+    def __init__(self) -> None:
+        self.undo: list[Undo] = []
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def slice_tensor(self, module: nn.Module, edit: TensorSlice) -> None:
+        tensor = getattr(module, edit.tensor_name)
+        old_data, old_grad = tensor.data, tensor.grad if edit.is_parameter else None
+        data = apply_slice(old_data, edit.axis, edit.keep, edit.group_keep)  # allocations first ...
+        grad = None if old_grad is None else apply_slice(old_grad.detach(), edit.axis, edit.keep, edit.group_keep)
+        self.undo.append(functools.partial(_restore_tensor, tensor, old_data, old_grad, edit.is_parameter))
+        self.tensors[id(tensor)] = tensor
+        _assign_data(tensor, data)  # ... then the changes, each one undone by the entry above
+        if edit.is_parameter:
+            tensor.grad = grad
+
+    def set_attribute(self, module: nn.Module, attribute: str, value: Any) -> None:
+        # attributes live in the instance dict (or behind a property); one that only came from the
+        # class (or did not exist) is removed again on undo
+        existed = attribute in vars(module) or hasattr(getattr(type(module), attribute, None), "__set__")
+        self.undo.append(functools.partial(_restore_attribute, module, attribute, getattr(module, attribute, None),
+                                           existed))
+        setattr(module, attribute, value)
+
+    def commit(self) -> None:
+        """Mark every sliced tensor as modified: a graph from before the prune that saved one of
+        them refuses to run backward() (autograd's in-place check) instead of mixing shapes."""
+        tensors = [t for t in self.tensors.values() if not t.is_inference()]
+        if tensors:
+            torch.autograd.graph.increment_version(tensors)
+
+    def roll_back(self) -> None:
+        """Undo every change, newest first. Each undo only puts old objects back."""
+        for undo in reversed(self.undo):
+            for attempt in range(3):
+                try:
+                    undo()
+                    break
+                except BaseException:  # e.g. a second Ctrl-C: undo this change again, then the rest
+                    if attempt == 2:
+                        logger.exception("could not undo one change of the plan; the model may be inconsistent")
+        self.undo.clear()
 
 
 @dataclass(eq=False)
@@ -80,8 +180,8 @@ class Plan:
     """
 
     description: str
-    edits: List[Edit] = field(default_factory=list)
-    optimizer_slices: List[OptimizerStateSlice] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
+    optimizer_slices: list[OptimizerStateSlice] = field(default_factory=list)
     _optimizer: Any = None
 
     @property
@@ -94,8 +194,8 @@ class Plan:
         return sum(e.removed_elements for e in self.edits if isinstance(e, TensorSlice) and e.is_parameter)
 
     @property
-    def touched_modules(self) -> List[str]:
-        names: List[str] = []
+    def touched_modules(self) -> list[str]:
+        names: list[str] = []
         for edit in self.edits:
             if edit.module_name not in names:
                 names.append(edit.module_name)
@@ -113,7 +213,7 @@ class Plan:
 
     # -- application ------------------------------------------------------------------------
 
-    def _bind(self, model: nn.Module) -> List[Tuple[Edit, nn.Module]]:
+    def _bind(self, model: nn.Module) -> list[tuple[Edit, nn.Module]]:
         """Find each edit's module in ``model`` and check it is in the expected state (no change)."""
         modules = dict(model.named_modules(remove_duplicate=False))
         bound = []
@@ -131,13 +231,13 @@ class Plan:
                 if edit.is_parameter and tensor.grad is not None and tensor.grad.shape != tensor.shape:
                     raise ValueError(f"'{edit.qualified_name}' has a gradient of shape {list(tensor.grad.shape)}")
             else:
-                if edit.attribute != KEPT_UNITS_ATTRIBUTE and getattr(module, edit.attribute, None) != edit.old:
+                if edit.attribute not in RECORD_ATTRIBUTES and getattr(module, edit.attribute, None) != edit.old:
                     raise ValueError(f"cannot apply the plan: '{edit.module_name}.{edit.attribute}' is "
                                      f"{getattr(module, edit.attribute, None)!r}, the plan expects {edit.old!r}")
             bound.append((edit, module))
         return bound
 
-    def apply(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Apply the plan to ``model`` (the planned model or a copy with the same architecture).
 
         Args:
@@ -149,26 +249,29 @@ class Plan:
         Raises:
             ValueError / TypeError: before anything changes, when the model does not match the plan
                 or the optimizer cannot be sliced.
+            Any exception raised while the plan is applied (``KeyboardInterrupt``, ``MemoryError``,
+            ...) propagates after every change already made has been undone: model, gradients,
+            attributes and optimizer state are then as they were, and the plan can be applied again.
         """
         model = resolve_model(model)
         bound = self._bind(model)
         parameter_slices = [(edit, module._parameters[edit.tensor_name]) for edit, module in bound
                             if isinstance(edit, TensorSlice) and edit.is_parameter]
         optimizer_plan = plan_optimizer_surgery(optimizer, parameter_slices, model) if optimizer is not None else []
-        # everything is validated: act
-        with torch.no_grad():
+        check_graphs_released([(edit.qualified_name, parameter) for edit, parameter in parameter_slices])
+        # everything is validated: act, journaling each change. No context manager here: an
+        # interrupt at its exit could leave its state behind (e.g. gradients switched off);
+        # every slice is taken from detached tensors instead of under no_grad
+        journal = _Journal()
+        try:
             for edit, module in bound:
                 if isinstance(edit, TensorSlice):
-                    tensor = getattr(module, edit.tensor_name)
-                    data = apply_slice(tensor.data, edit.axis, edit.keep, edit.group_keep)
-                    if edit.is_parameter:
-                        grad = tensor.grad
-                        if grad is not None:
-                            grad = apply_slice(grad, edit.axis, edit.keep, edit.group_keep)
-                        _replace_parameter_data(tensor, data, grad, edit.qualified_name)
-                    else:
-                        tensor.data = data
+                    journal.slice_tensor(module, edit)
                 else:
-                    setattr(module, edit.attribute, edit.new)
-        apply_optimizer_surgery(optimizer_plan)
+                    journal.set_attribute(module, edit.attribute, edit.new)
+            apply_optimizer_surgery(optimizer_plan, journal.undo)
+            journal.commit()
+        except BaseException:
+            journal.roll_back()
+            raise
         logger.info("applied %s", self.description)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,15 +26,39 @@ RECORD_ATTRIBUTES = (KEPT_UNITS_ATTRIBUTE, SHAPE_ATTRIBUTES_ATTRIBUTE)
 
 
 def apply_slice(tensor: torch.Tensor, axis: int, keep: torch.Tensor,
-                group_keep: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-    """Keep ``keep`` along ``axis`` (per block of dim 0 with ``group_keep``); returns a new tensor."""
+                group_keep: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Keep ``keep`` along ``axis`` (per block of dim 0 with ``group_keep``); returns a new tensor.
+
+    The result has the layout of ``tensor``: a ``channels_last`` weight (or gradient, or Adam
+    moment) stays ``channels_last``, a transposed one stays transposed. The slice is taken on the
+    view that makes ``tensor`` contiguous, so no second copy is made.
+    """
+    order = _dense_dim_order(tensor)
+    if order is None:
+        return _index(tensor, axis, keep, group_keep, block_dim=0)
+    view = tensor.permute(order)  # contiguous: view dim i is tensor dim order[i]
+    sliced = _index(view, order.index(axis), keep, group_keep, block_dim=order.index(0))
+    return sliced.permute([order.index(d) for d in range(tensor.dim())])
+
+
+def _index(tensor: torch.Tensor, axis: int, keep: torch.Tensor, group_keep: Sequence[torch.Tensor] | None,
+           block_dim: int) -> torch.Tensor:
     if group_keep is None:
         return tensor.index_select(axis, keep.to(tensor.device))
-    blocks = tensor.chunk(len(group_keep), dim=0)
-    return torch.cat([b.index_select(axis, k.to(tensor.device)) for b, k in zip(blocks, group_keep)], dim=0)
+    blocks = tensor.chunk(len(group_keep), dim=block_dim)
+    return torch.cat([b.index_select(axis, k.to(tensor.device)) for b, k in zip(blocks, group_keep)], dim=block_dim)
 
 
-def _sliced_shape(old_shape: Tuple[int, ...], axis: int, keep: torch.Tensor) -> Tuple[int, ...]:
+def _dense_dim_order(tensor: torch.Tensor) -> list[int] | None:
+    """The dims from the outermost stride to the innermost, when ``tensor`` is dense in that order
+    and not simply contiguous (``channels_last``, transposed); None otherwise."""
+    if tensor.dim() < 2 or tensor.is_contiguous():
+        return None
+    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def _sliced_shape(old_shape: tuple[int, ...], axis: int, keep: torch.Tensor) -> tuple[int, ...]:
     shape = list(old_shape)
     shape[axis] = len(keep)
     return tuple(shape)
@@ -62,17 +86,17 @@ class TensorSlice:
         module_name: qualified name, filled in by the planner.
     """
 
-    module: Optional[nn.Module]
+    module: nn.Module | None
     tensor_name: str
     axis: int
     keep: torch.Tensor
-    old_shape: Tuple[int, ...]
+    old_shape: tuple[int, ...]
     is_parameter: bool
-    group_keep: Optional[Tuple[torch.Tensor, ...]] = None
+    group_keep: tuple[torch.Tensor, ...] | None = None
     module_name: str = ""
 
     @property
-    def new_shape(self) -> Tuple[int, ...]:
+    def new_shape(self) -> tuple[int, ...]:
         return _sliced_shape(self.old_shape, self.axis, self.keep)
 
     @property
@@ -94,7 +118,7 @@ class TensorSlice:
 class AttributeChange:
     """Set ``module.<attribute>`` from ``old`` to ``new``."""
 
-    module: Optional[nn.Module]
+    module: nn.Module | None
     attribute: str
     old: Any
     new: Any
@@ -112,11 +136,11 @@ class AttributeChange:
         return f"attr   {name:<40} {old} -> {new}"
 
 
-Edit = Union[TensorSlice, AttributeChange]
+Edit = TensorSlice | AttributeChange
 
 
 def slice_tensor(module: nn.Module, tensor_name: str, axis: int, keep: torch.Tensor,
-                 group_keep: Optional[Sequence[torch.Tensor]] = None) -> List[Edit]:
+                 group_keep: Sequence[torch.Tensor] | None = None) -> list[Edit]:
     """An edit that keeps ``keep`` along ``axis`` of a parameter or buffer of ``module``.
 
     Returns an empty list when the tensor is None (``bias=False``, untracked BatchNorm stats).
@@ -148,7 +172,7 @@ def slice_tensor(module: nn.Module, tensor_name: str, axis: int, keep: torch.Ten
                         old_shape=tuple(tensor.shape), is_parameter=is_parameter, group_keep=groups)]
 
 
-def set_attribute(module: nn.Module, attribute: str, value) -> List[Edit]:
+def set_attribute(module: nn.Module, attribute: str, value) -> list[Edit]:
     """An edit that sets ``module.<attribute> = value`` (skipped when already equal)."""
     old = getattr(module, attribute)
     if old == value:
