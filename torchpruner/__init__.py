@@ -26,6 +26,8 @@ _EXPORTS = {
     "TaylorAttributionMetric": "torchpruner.attributions",
     "WeightNormAttributionMetric": "torchpruner.attributions",
     "ShapleyAttributionMetric": "torchpruner.attributions",
+    "FPGMAttributionMetric": "torchpruner.attributions",
+    "ThiNetAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
