@@ -42,6 +42,7 @@ _EXPORTS = {
     "Group": "torchpruner.graph.dependency",
     "prune_groups": "torchpruner.schedule",
     "IterativePruning": "torchpruner.schedule",
+    "Masker": "torchpruner.masking",
     "CoupledGroupWarning": "torchpruner.attributions.groups",
     # graph
     "ModelGraph": "torchpruner.graph",
