@@ -23,14 +23,13 @@ import torch
 from oracles import (
     assert_state_matches,
     assert_unchanged,
-    kept,
     masked_at_mask_points,
     snapshot,
     train,
     twin_of,
 )
 from test_attributions_groups import build, model_groups
-from test_group_trajectory import CoupledNet
+from test_group_trajectory import CoupledNet, kept_slices
 from torch import nn
 
 from torchpruner import FPGMAttributionMetric, Masker, Pruner
@@ -148,17 +147,7 @@ def test_training_after_materialize_equals_training_the_masked_model(name):
     train(twin, twin_optimizer, data[4:])
     assert twin_masker.zero_ratio()["stem"] > 0     # the twin's masks held all along
 
-    stream = model.stem._torchpruner_kept_units["out"]
-    branch = model.branch._torchpruner_kept_units["out"]
-    pointwise = model.pointwise._torchpruner_kept_units["out"]
-    merge_in = model.merge._torchpruner_kept_units["in"]
-    slices = {"stem.weight": kept(stream), "stem.bias": kept(stream), "gain": kept(stream),
-              "branch.weight": kept(branch, stream), "branch.bias": kept(branch),
-              "depthwise.weight": kept(stream), "depthwise.bias": kept(stream),
-              "pointwise.weight": kept(pointwise, stream), "pointwise.bias": kept(pointwise),
-              "merge.weight": kept(stream, merge_in), "merge.bias": kept(stream), "fc.weight": kept(None, stream),
-              **{f"bn.{t}": kept(stream) for t in ("weight", "bias", "running_mean", "running_var")}}
-    assert_state_matches(model, twin, slices, optimizer=optimizer, reference_optimizer=twin_optimizer,
+    assert_state_matches(model, twin, kept_slices(model), optimizer=optimizer, reference_optimizer=twin_optimizer,
                          rtol=1e-9, atol=1e-12)
 
 
