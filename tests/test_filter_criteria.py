@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from oracles import assert_unchanged, snapshot
 from test_attributions_groups import build, model_groups, stream_group
+from test_experiments import TINY_CNN
 from torch import nn
 
+from experiments import compare_criteria
+from experiments.common import DEFAULT_CRITERIA
 from torchpruner import FPGMAttributionMetric as TopLevelFPGM
 from torchpruner import ThiNetAttributionMetric as TopLevelThiNet
 from torchpruner.attributions import (
@@ -366,3 +369,13 @@ def test_thinet_needs_data():
     with pytest.raises(ValueError, match="no batches"):
         ThiNetAttributionMetric(model, [], None).run(model.conv1)
 
+
+# --------------------------------------------------------------------------------------------
+# The criteria-comparison study
+# --------------------------------------------------------------------------------------------
+def test_fpgm_and_thinet_are_rows_of_the_criteria_comparison(tmp_path):
+    assert {"fpgm", "thinet"} <= set(DEFAULT_CRITERIA)
+    payload = compare_criteria.main(["--results", str(tmp_path), *TINY_CNN, "--criteria", "fpgm,thinet",
+                                     "--verify-points", "1"])
+    assert {row["criterion"] for row in payload["summary"]} == {"fpgm", "thinet"}
+    assert payload["verification"]["max_abs_loss_diff"] < 1e-4
