@@ -127,7 +127,7 @@ def model_costs(model: nn.Module, input_size, batch_size: int = 64, repeats: int
 # One colour per criterion, shared by every figure.
 CRITERION_COLOURS = {"random": "#7f7f7f", "weight_norm": "#1f77b4", "apoz": "#ff7f0e", "sensitivity": "#2ca02c",
                      "taylor": "#9467bd", "taylor_signed": "#8c564b", "shapley": "#d62728",
-                     "shapley_2std": "#e377c2"}
+                     "shapley_2std": "#e377c2", "fpgm": "#17becf", "thinet": "#bcbd22"}
 
 
 def mean_plus_2std(values: np.ndarray) -> np.ndarray:
@@ -147,9 +147,11 @@ CRITERIA = {
     "shapley": ("ShapleyAttributionMetric", {}, True, "Shapley value, mean over examples"),
     "shapley_2std": ("ShapleyAttributionMetric", {"reduction": mean_plus_2std}, True,
                      "Shapley value, mean + 2 std over examples"),
+    "fpgm": ("FPGMAttributionMetric", {}, False, "summed L2 distance to the layer's other filters"),
+    "thinet": ("ThiNetAttributionMetric", {}, False, "greedy order of least change in the next layer"),
 }
-DEFAULT_CRITERIA = ["random", "weight_norm", "apoz", "sensitivity", "taylor", "taylor_signed", "shapley",
-                    "shapley_2std"]
+DEFAULT_CRITERIA = ["random", "weight_norm", "fpgm", "apoz", "thinet", "sensitivity", "taylor", "taylor_signed",
+                    "shapley", "shapley_2std"]
 SEEDED_PREFIXES = ("random", "shapley")
 
 

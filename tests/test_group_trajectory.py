@@ -39,6 +39,21 @@ class CoupledNet(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+def kept_slices(model: CoupledNet) -> dict:
+    """The slicer of every tensor of a pruned CoupledNet, from the kept ids it records."""
+    stream = model.stem._torchpruner_kept_units["out"]
+    branch = model.branch._torchpruner_kept_units["out"]
+    pointwise = model.pointwise._torchpruner_kept_units["out"]
+    merge_in = model.merge._torchpruner_kept_units["in"]
+    assert merge_in == branch + [6 + unit for unit in pointwise]
+    return {"stem.weight": kept(stream), "stem.bias": kept(stream), "gain": kept(stream),
+            "branch.weight": kept(branch, stream), "branch.bias": kept(branch),
+            "depthwise.weight": kept(stream), "depthwise.bias": kept(stream),
+            "pointwise.weight": kept(pointwise, stream), "pointwise.bias": kept(pointwise),
+            "merge.weight": kept(stream, merge_in), "merge.bias": kept(stream), "fc.weight": kept(None, stream),
+            **{f"bn.{t}": kept(stream) for t in ("weight", "bias", "running_mean", "running_var")}}
+
+
 def _scores(group):
     """Deterministic, distinct scores so the twin can be told which units go."""
     return np.random.default_rng(group.num_units * 7 + group.index).permutation(group.num_units).astype(float)
@@ -83,18 +98,7 @@ def test_group_prune_mid_training_equals_masked_twin(name):
         torch.testing.assert_close(model(probe), masked_twin(probe), rtol=1e-9, atol=1e-10)
 
     # Every tensor and its optimizer state, sliced where the kept ids say.
-    stream = model.stem._torchpruner_kept_units["out"]
-    branch = model.branch._torchpruner_kept_units["out"]
-    pointwise = model.pointwise._torchpruner_kept_units["out"]
-    merge_in = model.merge._torchpruner_kept_units["in"]
-    assert merge_in == branch + [6 + unit for unit in pointwise]
-    slices = {"stem.weight": kept(stream), "stem.bias": kept(stream), "gain": kept(stream),
-              "branch.weight": kept(branch, stream), "branch.bias": kept(branch),
-              "depthwise.weight": kept(stream), "depthwise.bias": kept(stream),
-              "pointwise.weight": kept(pointwise, stream), "pointwise.bias": kept(pointwise),
-              "merge.weight": kept(stream, merge_in), "merge.bias": kept(stream), "fc.weight": kept(None, stream),
-              **{f"bn.{t}": kept(stream) for t in ("weight", "bias", "running_mean", "running_var")}}
-    assert_state_matches(model, twin, slices, optimizer=optimizer, reference_optimizer=twin_optimizer,
+    assert_state_matches(model, twin, kept_slices(model), optimizer=optimizer, reference_optimizer=twin_optimizer,
                          rtol=1e-9, atol=1e-12)
     for param in (model.stem.weight, model.merge.weight, model.gain):
         state = optimizer.state[param]

@@ -26,6 +26,8 @@ _EXPORTS = {
     "TaylorAttributionMetric": "torchpruner.attributions",
     "WeightNormAttributionMetric": "torchpruner.attributions",
     "ShapleyAttributionMetric": "torchpruner.attributions",
+    "FPGMAttributionMetric": "torchpruner.attributions",
+    "ThiNetAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
@@ -40,6 +42,7 @@ _EXPORTS = {
     "Group": "torchpruner.graph.dependency",
     "prune_groups": "torchpruner.schedule",
     "IterativePruning": "torchpruner.schedule",
+    "Masker": "torchpruner.masking",
     "CoupledGroupWarning": "torchpruner.attributions.groups",
     "BatchStatisticsWarning": "torchpruner.attributions.base",
     # graph

@@ -9,9 +9,9 @@ scores a coupled group from ``pruner.groups()`` (:mod:`torchpruner.attributions.
 from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, per_example_loss
 from .captum_adapter import CaptumAttributionMetric
 from .groups import CoupledGroupWarning
-from .methods import (APoZAttributionMetric, RandomAttributionMetric,
+from .methods import (APoZAttributionMetric, FPGMAttributionMetric, RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
-                      TaylorAttributionMetric, WeightNormAttributionMetric)
+                      TaylorAttributionMetric, ThiNetAttributionMetric, WeightNormAttributionMetric)
 
 __all__ = [
     "AttributionMetric",
@@ -19,10 +19,12 @@ __all__ = [
     "BatchStatisticsWarning",
     "CaptumAttributionMetric",
     "CoupledGroupWarning",
+    "FPGMAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",
     "TaylorAttributionMetric",
+    "ThiNetAttributionMetric",
     "WeightNormAttributionMetric",
     "default_batch_fn",
     "per_example_loss",

@@ -1,22 +1,29 @@
 """One file per attribution metric."""
 
 from .apoz import APoZAttributionMetric
+from .fpgm import FPGMAttributionMetric
 from .random import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
 from .shapley import ShapleyAttributionMetric, draw_permutations
 from .taylor import TaylorAttributionMetric
-from .weight_norm import (WeightNormAttributionMetric, group_weight_norms, input_weight_norms,
-                          unit_weight_norms)
+from .thinet import ThiNetAttributionMetric
+from .weight_norm import (WeightNormAttributionMetric, group_member_slices, group_weight_norms,
+                          input_weight_norms, input_weight_slices, unit_weight_norms, unit_weight_slices)
 
 __all__ = [
     "APoZAttributionMetric",
+    "FPGMAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",
     "TaylorAttributionMetric",
+    "ThiNetAttributionMetric",
     "WeightNormAttributionMetric",
     "draw_permutations",
+    "group_member_slices",
     "group_weight_norms",
     "input_weight_norms",
+    "input_weight_slices",
     "unit_weight_norms",
+    "unit_weight_slices",
 ]

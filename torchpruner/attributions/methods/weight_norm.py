@@ -1,8 +1,17 @@
-"""L1 norm of the weights each unit owns (Li et al., "Pruning Filters for Efficient ConvNets")."""
+"""Norms of the weights each unit owns: L1 (Li et al., "Pruning Filters for Efficient ConvNets",
+the FilterNorm criterion, the default) or any L_p.
+
+The layout facts live here once: :func:`unit_weight_slices` and :func:`input_weight_slices` give,
+per unit, the weights removed with it as one row; :func:`group_member_slices` does the same for
+every member of a coupled group. WeightNorm takes a norm of each row, FPGM
+(:mod:`~torchpruner.attributions.methods.fpgm`) the distances between rows.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import warnings
 from typing import Any, ClassVar
 
@@ -25,16 +34,17 @@ NORM_LAYERS: tuple[type, ...] = (
 )
 
 
-def unit_weight_norms(module: nn.Module) -> torch.Tensor:
-    """Σ|W| over the slice of ``module.weight`` that each output unit owns, shape ``[units]``.
+def unit_weight_slices(module: nn.Module) -> torch.Tensor:
+    """The weights each output unit of ``module`` owns, one row per unit: ``[units, d]`` (float64,
+    signed; rows of one layer are aligned element by element).
 
     * ``Linear`` / ``Bilinear`` ``[out, ...]`` and ``Conv*d`` ``[out, in/groups, k...]``: dim 0.
     * ``ConvTranspose*d`` ``[in, out/groups, k...]``: output unit ``o = g·(out/groups) + j`` owns
       ``W[g·in/groups : (g+1)·in/groups, j]``.
     * ``Embedding`` ``[num_embeddings, dim]``: units are the ``dim`` columns.
-    * normalisation layers (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm): ``|γ_c|``,
-      the scale of each unit (the "network slimming" criterion); summed over leading dims of a
-      multi-dimensional LayerNorm shape. Bias / shift terms are never counted.
+    * normalisation layers (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm): ``γ_c``, the
+      scale of each unit (the leading dims of a multi-dimensional LayerNorm shape make the row).
+      Bias / shift terms are never part of a row.
 
     Raises:
         ValueError: the module has no weight (a norm layer without affine parameters, an
@@ -45,37 +55,38 @@ def unit_weight_norms(module: nn.Module) -> torch.Tensor:
     kind = type(module).__name__
     if not isinstance(weight, torch.Tensor):
         raise ValueError(
-            f"{kind} module has no weight parameter, so WeightNormAttributionMetric cannot score it "
+            f"{kind} module has no weight parameter, so its units cannot be scored by their weights "
             "(score the Linear/Conv layer that produces these units instead)"
         )
-    w = weight.detach().abs().to(torch.float64)
+    w = weight.detach().to(torch.float64)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         groups = module.groups
-        in_per_group = w.shape[0] // groups
-        out_per_group = w.shape[1]
-        return w.reshape(groups, in_per_group, out_per_group, -1).sum(dim=(1, 3)).reshape(-1)
+        in_per_group, out_per_group = w.shape[0] // groups, w.shape[1]
+        blocks = w.reshape(groups, in_per_group, out_per_group, -1).transpose(1, 2)
+        return blocks.reshape(groups * out_per_group, -1)
     if isinstance(module, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)):
-        return w.reshape(w.shape[0], -1).sum(dim=1)
+        return w.reshape(w.shape[0], -1)
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return w.sum(dim=0)
+        return w.transpose(0, 1)
     if isinstance(module, NORM_LAYERS):
-        return w.reshape(-1, w.shape[-1]).sum(dim=0)
+        return w.reshape(-1, w.shape[-1]).transpose(0, 1)
     raise TypeError(
-        f"WeightNormAttributionMetric does not know which weights each unit of a {kind} owns; "
+        f"there is no known layout of which weights each unit of a {kind} owns; "
         "supported: Linear, Bilinear, Conv*d, ConvTranspose*d, Embedding, BatchNorm, InstanceNorm, "
         "LayerNorm, GroupNorm, RMSNorm"
     )
 
 
-def input_weight_norms(module: nn.Module) -> torch.Tensor | None:
-    """Σ|W| over the weights that read each *input* unit of ``module``, shape ``[in units]``
-    (the slice removed when that input unit is pruned); None when the layer has no weight.
+def input_weight_slices(module: nn.Module) -> torch.Tensor | None:
+    """The weights that read each *input* unit of ``module`` (the slice removed when that input
+    unit is pruned), one row per input unit: ``[in units, d]`` (float64, signed); None when the
+    layer has no weight.
 
     * ``Linear`` ``[out, in]``: column j.
     * ``Conv*d`` ``[out, in/groups, k...]``: input channel ``j = g·(in/groups) + i`` is read by
       column i of the filters of group g (for a depthwise conv: the filters of channel j).
     * ``ConvTranspose*d`` ``[in, out/groups, k...]``: row j.
-    * normalisation layers and ``PReLU`` (channel-wise: the input unit is the output unit): ``|γ_c|``.
+    * normalisation layers and ``PReLU`` (channel-wise: the input unit is the output unit): ``γ_c``.
     * self-attention ``MultiheadAttention``: embed dim i owns ``in_proj_weight`` column i and rows
       ``i, E+i, 2E+i`` (q, k, v) and ``out_proj.weight`` row and column i.
 
@@ -83,72 +94,125 @@ def input_weight_norms(module: nn.Module) -> torch.Tensor | None:
         TypeError: the layer type has no known unit layout.
     """
     if isinstance(module, nn.MultiheadAttention):
-        return _attention_embed_norms(module)
+        return _attention_embed_slices(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    w = weight.detach().abs().to(torch.float64)
+    w = weight.detach().to(torch.float64)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return w.reshape(w.shape[0], -1).sum(dim=1)
+        return w.reshape(w.shape[0], -1)
     if isinstance(module, nn.modules.conv._ConvNd):
         groups = module.groups
-        return w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum(dim=(1, 3)).reshape(-1)
+        blocks = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
+        return blocks.reshape(groups * w.shape[1], -1)
     if isinstance(module, nn.Linear):
-        return w.sum(dim=0)
+        return w.transpose(0, 1)
     if isinstance(module, NORM_LAYERS):
-        return unit_weight_norms(module)
+        return unit_weight_slices(module)
     if isinstance(module, nn.PReLU):
-        return w.reshape(-1)
+        return w.reshape(-1, 1)
     raise TypeError(f"no known input-unit layout for the weights of a {type(module).__name__}")
 
 
-def _attention_embed_norms(module: nn.MultiheadAttention) -> torch.Tensor:
+def _attention_embed_slices(module: nn.MultiheadAttention) -> torch.Tensor:
     if not module._qkv_same_embed_dim:
         raise TypeError("MultiheadAttention with kdim/vdim != embed_dim has no single embed-dim layout")
     embed = module.embed_dim
-    w_in = module.in_proj_weight.detach().abs().to(torch.float64)          # [3E, E]
-    w_out = module.out_proj.weight.detach().abs().to(torch.float64)        # [E, E]
-    rows = w_in.reshape(3, embed, embed).sum(dim=(0, 2))
-    return w_in.sum(dim=0) + rows + w_out.sum(dim=1) + w_out.sum(dim=0)
+    w_in = module.in_proj_weight.detach().to(torch.float64)          # [3E, E]
+    w_out = module.out_proj.weight.detach().to(torch.float64)        # [E, E]
+    rows = w_in.reshape(3, embed, embed).transpose(0, 1).reshape(embed, -1)
+    return torch.cat([w_in.transpose(0, 1), rows, w_out, w_out.transpose(0, 1)], dim=1)
 
 
-def group_weight_norms(group: Group) -> torch.Tensor:
-    """WeightNorm of a coupled group's units, shape ``[units]``.
+def check_p(p: Any) -> float:
+    """``p`` of an L_p norm: a real number >= 1 (``math.inf`` allowed), else an error naming p."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a number >= 1 (1: L1 FilterNorm, 2: L2, math.inf: max), got {p!r} "
+                        f"({type(p).__name__})")
+    if math.isnan(p) or p < 1:
+        raise ValueError(f"p must be a number >= 1 (1: L1 FilterNorm, 2: L2, math.inf: max), got {p!r}")
+    return float(p)
 
-    For every member of the group (the sources' output rows, the consumers' input columns,
-    BatchNorm/LayerNorm scales, bare parameters such as class tokens), ``n_m(c)`` is Σ|W| over
-    the slice of its weight removed with group unit c. Layers differ in size and scale (a 3×3×512
-    filter against one BatchNorm γ), so each member is normalised by its **mean** over the group's
-    units (the mean rather than the max: one outlier filter does not shrink a whole layer), and
-    the score is the sum over members: ``Σ_m n_m(c) / mean_c' n_m(c')``. Every member thus
-    contributes 1 on average, and a single-source group of k layers averages k. Biases are not
-    counted; members without weights (Dropout) and all-zero members contribute nothing; a layer
-    type without a known layout is skipped with a warning.
+
+def _norms(rows: torch.Tensor, p: float) -> torch.Tensor:
+    if p == 1:
+        return rows.abs().sum(dim=1)
+    return torch.linalg.vector_norm(rows, ord=p, dim=1)
+
+
+def unit_weight_norms(module: nn.Module, p: float = 1) -> torch.Tensor:
+    """‖·‖_p of the weights each output unit owns (:func:`unit_weight_slices`), shape ``[units]``;
+    ``p=1``: Σ|W| (for a normalisation layer ``|γ_c|``, the "network slimming" criterion)."""
+    return _norms(unit_weight_slices(module), check_p(p))
+
+
+def input_weight_norms(module: nn.Module, p: float = 1) -> torch.Tensor | None:
+    """‖·‖_p of the weights that read each input unit (:func:`input_weight_slices`), shape
+    ``[in units]``; None when the layer has no weight."""
+    rows = input_weight_slices(module)
+    return None if rows is None else _norms(rows, check_p(p))
+
+
+def group_member_slices(group: Group, what: str = "WeightNorm") -> list[tuple[str, torch.Tensor]]:
+    """For every member of a coupled group, the weights removed with each group unit, one row per
+    unit: ``[(label, [units, d])]`` (float64, signed).
+
+    A member's row for unit c concatenates the slices of every position c removes there (the
+    sources' output rows, the consumers' input columns — ``H·W`` of them after a flatten —,
+    BatchNorm/LayerNorm scales, bare parameters such as class tokens), in position order. Biases
+    are not counted; members without weights (Dropout) are left out; a layer type without a known
+    layout is skipped with a warning naming ``what`` is computed.
+
+    Raises:
+        ValueError: the group was computed before the model was pruned.
     """
-    total = torch.zeros(group.num_units, dtype=torch.float64)
+    found = []
     for member in member_slices(group):
         module, label = member.module, f"'{member.module_name}' ({type(member.module).__name__})"
         try:
             if member.direction == "out":
-                norms = unit_weight_norms(module) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+                rows = unit_weight_slices(module) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
             elif member.direction == "in":
-                norms = input_weight_norms(module)
+                rows = input_weight_slices(module)
             else:
-                tensor = getattr(module, member.parameter).detach().abs().to(torch.float64)
-                norms = tensor.movedim(member.axis, 0).reshape(tensor.shape[member.axis], -1).sum(dim=1)
+                tensor = getattr(module, member.parameter).detach().to(torch.float64)
+                rows = tensor.movedim(member.axis, 0).reshape(tensor.shape[member.axis], -1)
         except TypeError as error:
-            warnings.warn(f"WeightNorm of a group: {label} is skipped: {error}", UserWarning, stacklevel=4)
+            warnings.warn(f"{what} of a group: {label} is skipped: {error}", UserWarning, stacklevel=5)
             continue
-        if norms is None:
+        if rows is None:
             continue
-        if len(member.positions) and int(member.positions.max()) >= len(norms):
+        if len(member.positions) and int(member.positions.max()) >= len(rows):
             raise ValueError(
-                f"the group does not match {label} any more (it has {len(norms)} units on the "
+                f"the group does not match {label} any more (it has {len(rows)} units on the "
                 "pruned side); compute the groups again (pruner.groups()) after pruning"
             )
-        per_unit = torch.zeros(group.num_units, dtype=torch.float64).index_add_(
-            0, torch.as_tensor(member.units), norms[torch.as_tensor(member.positions)].cpu()
-        )
+        # every unit of a group removes the same number of positions from each member
+        order = sorted(range(len(member.positions)), key=lambda k: (member.units[k], member.positions[k]))
+        positions = torch.as_tensor(member.positions[order])
+        per_unit, remainder = divmod(len(order), group.num_units)
+        units = torch.as_tensor(member.units[order])
+        if remainder or not torch.equal(units, torch.arange(group.num_units).repeat_interleave(per_unit)):
+            raise RuntimeError(f"internal: {label} does not hold every unit of the group equally often")
+        found.append((label, rows.cpu()[positions].reshape(group.num_units, -1)))
+    return found
+
+
+def group_weight_norms(group: Group, p: float = 1) -> torch.Tensor:
+    """WeightNorm of a coupled group's units, shape ``[units]``.
+
+    For every member of the group (see :func:`group_member_slices`), ``n_m(c)`` is ‖·‖_p of the
+    weights removed with group unit c there. Layers differ in size and scale (a 3×3×512 filter
+    against one BatchNorm γ), so each member is normalised by its **mean** over the group's units
+    (the mean rather than the max: one outlier filter does not shrink a whole layer), and the
+    score is the sum over members: ``Σ_m n_m(c) / mean_c' n_m(c')``. Every member thus contributes
+    1 on average, and a single-source group of k layers averages k. All-zero members contribute
+    nothing.
+    """
+    p = check_p(p)
+    total = torch.zeros(group.num_units, dtype=torch.float64)
+    for label, rows in group_member_slices(group):
+        per_unit = _norms(rows, p)
         mean = per_unit.mean()
         if mean > 0:
             total += per_unit / mean
@@ -158,7 +222,8 @@ def group_weight_norms(group: Group) -> torch.Tensor:
 
 
 class WeightNormAttributionMetric(AttributionMetric):
-    """Σ|W| over the weights each output unit of ``module`` owns (see :func:`unit_weight_norms`).
+    """‖·‖_p of the weights each output unit of ``module`` owns (see :func:`unit_weight_slices`):
+    ``p=1`` (default) is Σ|W|, the FilterNorm criterion; ``p=2`` the L2 norm.
 
     Needs no data and no trace: ``find_best_evaluation_module`` and ``call_index`` do not change
     the scores (the units after a BatchNorm / activation are the module's own units). The
@@ -166,13 +231,23 @@ class WeightNormAttributionMetric(AttributionMetric):
 
     ``run(group)`` scores a coupled group over every weight slice removed with each unit,
     normalised per layer (see :func:`group_weight_norms`).
+
+    Options:
+        p (float): the norm, a number >= 1 (``math.inf``: the largest magnitude); default 1.
     """
 
     name: ClassVar[str] = "WeightNorm"
+    default_options: ClassVar[dict[str, Any]] = {"p": 1}
+
+    def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        options = super()._check_options(options)
+        if "p" in options:
+            check_p(options["p"])
+        return options
 
     def score_without_data(self, scored: Scored, options: dict[str, Any]) -> torch.Tensor:
         if scored.group is not None:
-            return group_weight_norms(scored.group)
+            return group_weight_norms(scored.group, options["p"])
         if scored.module is None:
             raise ValueError("WeightNormAttributionMetric scores a module's weights; got a call site of a function")
-        return unit_weight_norms(scored.module)
+        return unit_weight_norms(scored.module, options["p"])
