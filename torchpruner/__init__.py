@@ -27,6 +27,7 @@ _EXPORTS = {
     "WeightNormAttributionMetric": "torchpruner.attributions",
     "ShapleyAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
+    "BNScaleAttributionMetric": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
     "Plan": "torchpruner.pruner",

@@ -12,10 +12,12 @@ from .groups import CoupledGroupWarning
 from .methods import (APoZAttributionMetric, RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
                       TaylorAttributionMetric, WeightNormAttributionMetric)
+from .methods.bn_scale import BNScaleAttributionMetric
 
 __all__ = [
     "AttributionMetric",
     "APoZAttributionMetric",
+    "BNScaleAttributionMetric",
     "CaptumAttributionMetric",
     "CoupledGroupWarning",
     "RandomAttributionMetric",

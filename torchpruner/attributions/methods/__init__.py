@@ -1,6 +1,7 @@
 """One file per attribution metric."""
 
 from .apoz import APoZAttributionMetric
+from .bn_scale import BNScaleAttributionMetric
 from .random import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
 from .shapley import ShapleyAttributionMetric, draw_permutations
@@ -10,6 +11,7 @@ from .weight_norm import (WeightNormAttributionMetric, group_weight_norms, input
 
 __all__ = [
     "APoZAttributionMetric",
+    "BNScaleAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",
