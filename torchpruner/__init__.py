@@ -29,6 +29,7 @@ _EXPORTS = {
     "FPGMAttributionMetric": "torchpruner.attributions",
     "ThiNetAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
+    "BNScaleAttributionMetric": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
     "Plan": "torchpruner.pruner",

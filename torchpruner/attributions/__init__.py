@@ -12,10 +12,12 @@ from .groups import CoupledGroupWarning
 from .methods import (APoZAttributionMetric, FPGMAttributionMetric, RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
                       TaylorAttributionMetric, ThiNetAttributionMetric, WeightNormAttributionMetric)
+from .methods.bn_scale import BNScaleAttributionMetric
 
 __all__ = [
     "AttributionMetric",
     "APoZAttributionMetric",
+    "BNScaleAttributionMetric",
     "BatchStatisticsWarning",
     "CaptumAttributionMetric",
     "CoupledGroupWarning",

@@ -1,6 +1,7 @@
 """One file per attribution metric."""
 
 from .apoz import APoZAttributionMetric
+from .bn_scale import BNScaleAttributionMetric
 from .fpgm import FPGMAttributionMetric
 from .random import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
@@ -12,6 +13,7 @@ from .weight_norm import (WeightNormAttributionMetric, group_member_slices, grou
 
 __all__ = [
     "APoZAttributionMetric",
+    "BNScaleAttributionMetric",
     "FPGMAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
