@@ -141,3 +141,12 @@ def test_size_attributes_that_do_not_fit_the_model_are_refused():
     with pytest.raises(ValueError, match=r"'norm'.normalized_shape to \[6, 2\]"):
         resize_to_manifest(net, manifest)
     assert_unchanged(before, net)
+
+
+def test_load_pruned_accepts_the_path_save_pruned_returns(tmp_path):
+    net = _pruned_net()
+    returned = save_pruned(net, tmp_path / "pruned.pt")
+    fresh = Net().double()
+    load_pruned(fresh, returned)
+    assert repr(fresh) == repr(net)
+    assert_state_matches(fresh, net)

@@ -274,7 +274,8 @@ def resize_to_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save ``model``'s state dict to ``path`` and its manifest to ``path + ".manifest.json"``."""
+    """Save ``model``'s state dict to ``path`` and its manifest to ``path + ".manifest.json"``;
+    returns the manifest's path (which :func:`load_pruned` also accepts)."""
     model = unwrap_model(model)
     path = Path(path)
     torch.save(model.state_dict(), path)
@@ -294,12 +295,16 @@ def _read_manifest(manifest_path: Path) -> Any:
 def load_pruned(model: nn.Module, path: str | os.PathLike, map_location: Any | None = None) -> nn.Module:
     """Resize a freshly built ``model`` with the manifest next to ``path``, then load the weights.
 
+    ``path`` is the checkpoint given to :func:`save_pruned`, or the manifest path it returned.
+
     The weights are read with ``torch.load(..., weights_only=True)``. The manifest, and the
     checkpoint against the model the manifest describes (keys and shapes), are checked on a copy
     first: a refused load raises TypeError/ValueError naming the problem and leaves ``model``
     unchanged.
     """
     path = Path(path)
+    if path.name.endswith(MANIFEST_SUFFIX):  # the path save_pruned returns: the weights sit next to it
+        path = path.with_name(path.name[: -len(MANIFEST_SUFFIX)])
     manifest_path = Path(str(path) + MANIFEST_SUFFIX)
     if not manifest_path.exists():
         raise FileNotFoundError(f"no manifest next to {path} (expected {manifest_path})")
