@@ -27,6 +27,7 @@ _EXPORTS = {
     "WeightNormAttributionMetric": "torchpruner.attributions",
     "ShapleyAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
+    "find_best_module_for_attributions": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
     "Plan": "torchpruner.pruner",
