@@ -84,6 +84,10 @@ def test_schedule_checks_its_arguments_first():
         ScheduledPruning(0.2, epochs=[0])
     with pytest.raises(TypeError, match="metric"):
         ScheduledPruning(0.2, epochs=[0], input_size=(64,), metric="taylor")
+    with pytest.raises(ValueError, match="dropout_policy"):
+        ScheduledPruning(0.2, epochs=[0], input_size=(64,), dropout_policy="half")
+    with pytest.raises(TypeError, match="min_units"):
+        ScheduledPruning(0.2, epochs=[0], input_size=(64,), min_units=0.5)
 
 
 def test_schedule_event_slices_the_live_optimizer_state():

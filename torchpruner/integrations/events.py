@@ -28,6 +28,7 @@ from torchpruner._state import unwrap_model
 from torchpruner.attributions import AttributionMetric
 from torchpruner.graph.dependency import Group
 from torchpruner.pruner import Plan, Pruner
+from torchpruner.rules import DROPOUT_POLICIES
 from torchpruner.schedule import _check_count, _check_fraction, prune_groups
 from torchpruner.utils import count_flops, count_parameters
 
@@ -144,6 +145,8 @@ class ScheduledPruning:
                              "so that the model can be traced to find its coupled groups")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the module to prune) or None, got {type(model).__name__}")
+        if dropout_policy not in DROPOUT_POLICIES:
+            raise ValueError(f"dropout_policy must be one of {sorted(DROPOUT_POLICIES)}, got {dropout_policy!r}")
         self.min_units = _check_count("min_units", min_units, 0)
         self.round_to = _check_count("round_to", round_to, 1)
         self.metric = metric
