@@ -18,6 +18,7 @@ FLOORS = {
     "graph": 2,
     "pruner": 3, "attributions": 3,
     "schedule": 4, "masking": 4, "regularize": 4, "utils": 4,
+    "integrations": 5,
 }
 #: rooms of one floor that must not import each other
 SIBLINGS_APART = {frozenset({"pruner", "attributions"})}

@@ -30,6 +30,7 @@ _EXPORTS = {
     "ThiNetAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
     "BNScaleAttributionMetric": "torchpruner.attributions",
+    "find_best_module_for_attributions": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
     "Plan": "torchpruner.pruner",

@@ -6,6 +6,8 @@ it found it. captum is imported only when :class:`CaptumAttributionMetric` runs.
 scores a coupled group from ``pruner.groups()`` (:mod:`torchpruner.attributions.groups`).
 """
 
+from torchpruner.graph.evaluation import find_best_module_for_attributions
+
 from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, per_example_loss
 from .captum_adapter import CaptumAttributionMetric
 from .groups import CoupledGroupWarning
@@ -29,5 +31,6 @@ __all__ = [
     "ThiNetAttributionMetric",
     "WeightNormAttributionMetric",
     "default_batch_fn",
+    "find_best_module_for_attributions",
     "per_example_loss",
 ]

@@ -29,6 +29,7 @@ from tqdm import auto as tqdm_auto
 from torchpruner._ops import BATCHNORM_MODULES
 from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state, unwrap_model
 from torchpruner.graph.dependency import Group
+from torchpruner.graph.evaluation import evaluation_module
 
 from .data import (INPUT_KEYS, TARGET_KEYS, Batch, BatchFn, default_batch_fn, first_tensor, make_batch,
                    per_example_loss, scoring_iterator, sum_positions, to_device, unit_mask_shape,
@@ -187,6 +188,20 @@ def _module_name(model: nn.Module, module: nn.Module) -> str | None:
         if candidate is module:
             return name or type(model).__name__
     return None
+
+
+def _check_scored_module(model: nn.Module, module: Any) -> None:
+    """``module`` is a submodule or a call site of ``model`` (not a group): TypeError/ValueError."""
+    if isinstance(module, Group):
+        raise TypeError("a coupled group is scored at its read and entry points, not at one evaluation point; "
+                        "pass a module of the model (or a CallSite)")
+    if isinstance(module, CallSite):
+        return
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module or a CallSite, got {type(module).__name__}")
+    if _module_name(model, module) is None:
+        raise ValueError(f"{type(module).__name__} module is not part of the model {type(model).__name__} "
+                         "(scoring needs a submodule of the model)")
 
 
 class Scored:
@@ -353,6 +368,38 @@ class AttributionMetric:
                 point = MaskPoint.of_site(site)
                 runner = Runner([point], [point], site.num_units, self.criterion, site.label)
                 return self._score(graph, runner, itertools.chain([first], batches), options)
+
+    def find_evaluation_module(
+        self,
+        module: nn.Module | CallSite,
+        find_best_evaluation_module: bool = False,
+        *,
+        call_index: int = 0,
+    ) -> nn.Module | CallSite:
+        """Where ``run(module, find_best_evaluation_module)`` computes the scores (the 2020 API).
+
+        A metric with a data pass traces the model on the first batch of the data generator and
+        returns the module whose output is the evaluation point; when that point is not the first
+        call of a module (a functional ``F.relu``, the second call of a reused ``nn.ReLU``) it
+        returns the :class:`~torchpruner.graph.CallSite` instead. Either, passed to ``run``, is
+        scored at exactly that point. Metrics without a data pass (weight norm, random) score the
+        layer itself, so they return ``module`` unchanged, as in 2020. The model is left as found.
+
+        Raises:
+            TypeError: ``module`` is not a module or call site (a coupled group is scored at its
+                read and entry points, see :mod:`torchpruner.attributions.groups`).
+            ValueError: ``module`` is not in the model, never called, a container, or its
+                evaluation point has no units; the first batch does not fit the model.
+        """
+        model = unwrap_model(self.model)
+        _check_scored_module(model, module)
+        if self._without_data():
+            return module
+        with left_as_found(model, self.data_generator):
+            with contextlib.closing(self._batches(model)) as batches:
+                first = self._first_batch(batches)
+            site, _ = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
+        return evaluation_module(site)
 
     # ---------------------------------------------------------------- for subclasses
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
+from torchpruner.graph.evaluation import find_best_module_for_attributions
 
-__all__ = ["count_parameters", "count_flops", "measure_latency"]
+__all__ = ["count_parameters", "count_flops", "measure_latency", "find_best_module_for_attributions"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
