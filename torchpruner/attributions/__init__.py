@@ -8,10 +8,12 @@ scores a coupled group from ``pruner.groups()`` (:mod:`torchpruner.attributions.
 
 from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, per_example_loss
 from .captum_adapter import CaptumAttributionMetric
+from .collectives import DistributedScoringError
 from .groups import CoupledGroupWarning
 from .methods import (APoZAttributionMetric, RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
                       TaylorAttributionMetric, WeightNormAttributionMetric)
+from .reductions import MeanPlusStd
 
 __all__ = [
     "AttributionMetric",
@@ -19,6 +21,8 @@ __all__ = [
     "BatchStatisticsWarning",
     "CaptumAttributionMetric",
     "CoupledGroupWarning",
+    "DistributedScoringError",
+    "MeanPlusStd",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",
