@@ -17,7 +17,7 @@ FLOORS = {
     "rules": 1,
     "graph": 2,
     "pruner": 3, "attributions": 3,
-    "schedule": 4, "utils": 4,
+    "schedule": 4, "distributed": 4, "utils": 4,
 }
 #: rooms of one floor that must not import each other
 SIBLINGS_APART = {frozenset({"pruner", "attributions"})}

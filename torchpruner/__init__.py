@@ -27,6 +27,7 @@ _EXPORTS = {
     "WeightNormAttributionMetric": "torchpruner.attributions",
     "ShapleyAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
+    "MeanPlusStd": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
     "Plan": "torchpruner.pruner",
@@ -40,6 +41,8 @@ _EXPORTS = {
     "Group": "torchpruner.graph.dependency",
     "prune_groups": "torchpruner.schedule",
     "IterativePruning": "torchpruner.schedule",
+    # DistributedDataParallel
+    "prune_ddp": "torchpruner.distributed",
     "CoupledGroupWarning": "torchpruner.attributions.groups",
     "BatchStatisticsWarning": "torchpruner.attributions.base",
     # graph
