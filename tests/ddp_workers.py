@@ -236,6 +236,32 @@ def pruning_job(rank: int) -> dict[str, Any]:
     record["replicas differ"] = _error_of(lambda: prune_ddp(ddp, pruner, {groups[1]: [1, 2]} if rank == 0 else None))
     record["unchanged after differing"] = _same(before, _state(model, optimizer))
 
+    # applying fails on rank 1 after every rank validated: rank 0 puts its prune back too
+    from torchpruner.pruner import plan as plan_module
+    surgery = plan_module.apply_optimizer_surgery
+
+    def failing_surgery(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("injected while slicing the optimizer state")
+
+    healthy = mlp()
+    adam = torch.optim.Adam(healthy.parameters(), lr=0.01)
+    wrapper = DistributedDataParallel(healthy)
+    train_steps(wrapper, adam, batches[:1])
+    healthy_pruner = Pruner(wrapper.module, input_size=(12,), optimizer=adam)
+    before = _state(healthy, adam)
+    if rank == 1:
+        plan_module.apply_optimizer_surgery = failing_surgery
+    try:
+        wrapper = prune_ddp(wrapper, healthy_pruner, {healthy_pruner.groups()[0]: [0, 1]})
+    except Exception as error:  # noqa: BLE001
+        record["failed apply"] = f"{type(error).__name__}: {error}"
+        wrapper = error.ddp  # type: ignore[attr-defined]
+    finally:
+        plan_module.apply_optimizer_surgery = surgery
+    record["unchanged after failed apply"] = _same(before, _state(healthy, adam))
+    train_steps(wrapper, adam, batches[1:2])  # the wrapper from the error trains the unchanged model
+    record["after failed apply"] = _state(healthy, adam)
+
     # a BatchNorm model prunes and keeps training under DDP
     torch.manual_seed(10 + rank)
     images = [(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))) for _ in range(4)]
@@ -253,10 +279,10 @@ def pruning_job(rank: int) -> dict[str, Any]:
     # a rank that never arrives: the others get an error naming it within the timeout
     if rank == 0:
         start = time.monotonic()
-        record["absent"] = _error_of(lambda: prune_ddp(wrapped, cnn_pruner, {}, timeout=3.0))
+        record["absent"] = _error_of(lambda: prune_ddp(wrapped, cnn_pruner, {}, timeout=1.5))
         record["absent seconds"] = time.monotonic() - start
     else:
-        time.sleep(5.0)
+        time.sleep(3.0)
     return record
 
 

@@ -175,8 +175,8 @@ def fingerprint(plan: Plan) -> str:
     digest = hashlib.sha256(str(plan).encode())
     for edit in plan.edits:
         if isinstance(edit, TensorSlice):
-            digest.update(repr((edit.qualified_name, edit.axis, edit.keep.tolist(),
-                                None if edit.group_keep is None else edit.group_keep.tolist())).encode())
+            per_group = None if edit.group_keep is None else [keep.tolist() for keep in edit.group_keep]
+            digest.update(repr((edit.qualified_name, edit.axis, edit.keep.tolist(), per_group)).encode())
         elif isinstance(edit, AttributeChange):
             digest.update(repr((edit.module_name, edit.attribute, edit.new)).encode())
     return digest.hexdigest()
@@ -260,7 +260,7 @@ class _RestorePoint:
 
     def __init__(self, plan: Plan, optimizer: torch.optim.Optimizer | None) -> None:
         self.tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]] = []
-        self.attributes: list[tuple[nn.Module, str, Any, bool]] = []
+        self.attributes: list[tuple[nn.Module | None, str, Any, bool]] = []
         self.states: list[tuple[dict, dict]] = []
         for edit in plan.edits:
             if isinstance(edit, TensorSlice):
@@ -282,6 +282,8 @@ class _RestorePoint:
             if is_parameter:
                 tensor.grad = grad
         for module, attribute, old, existed in reversed(self.attributes):
+            if module is None:
+                continue
             if existed:
                 setattr(module, attribute, old)
             else:
@@ -374,7 +376,7 @@ def retire(ddp: DistributedDataParallel) -> None:
 
 def prune_ddp(ddp: DistributedDataParallel, pruner: Pruner, selection: Selection | Plan | None, *,
               broadcast: bool = True, timeout: float | datetime.timedelta | None = None,
-              wrap: Callable[[nn.Module], nn.Module] | None = None,
+              wrap: Callable[[nn.Module], DistributedDataParallel] | None = None,
               description: str | None = None) -> DistributedDataParallel:
     """Prune ``ddp.module`` on every rank alike and return a new wrapper of it.
 
@@ -408,7 +410,8 @@ def prune_ddp(ddp: DistributedDataParallel, pruner: Pruner, selection: Selection
     if wrap is not None and not callable(wrap):
         raise TypeError(f"wrap must be a function module -> wrapper, got {type(wrap).__name__}")
     arguments = ddp_arguments(ddp) if wrap is None else {}
-    rewrap = wrap or functools.partial(DistributedDataParallel, **arguments)
+    rewrap: Callable[[nn.Module], DistributedDataParallel] = wrap or functools.partial(
+        DistributedDataParallel, **arguments)
     plan = plan_ddp(pruner, selection, process_group=ddp.process_group, broadcast=broadcast, timeout=timeout,
                     description=description)
     if plan.is_empty:
