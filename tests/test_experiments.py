@@ -204,3 +204,23 @@ def test_script_runs_as_a_file(tmp_path):
                           timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert done.returncode == 0, done.stderr
     assert "--seed" in done.stdout
+
+
+def test_ddp_prune_smoke_gloo(tmp_path):
+    """experiments/ddp_prune.py on spawned CPU ranks, under a hard timeout (a hang fails). One rank keeps it
+    cheap; tests/test_distributed.py checks two ranks against single-process references."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "experiments.ddp_prune", "--epochs", "2", "--prune-epoch", "1", "--widths",
+               "4,6", "--hidden", "8", "--nproc", "1", "--results", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parameters identical on every rank: True" in done.stdout
+    results = json.loads((tmp_path / "ddp_prune" / "results.json").read_text())
+    assert results["rows"][0]["pruned"] == "yes"  # at the end of epoch 1
+    assert results["rows"][1]["parameters"] == results["rows"][0]["parameters"] < results["parameters_before"]
+    assert results["prune_seconds"] > 0 and 0.0 <= results["test_accuracy"] <= 1.0

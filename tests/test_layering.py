@@ -17,7 +17,7 @@ FLOORS = {
     "rules": 1,
     "graph": 2,
     "pruner": 3, "attributions": 3,
-    "schedule": 4, "masking": 4, "regularize": 4, "utils": 4,
+    "schedule": 4, "masking": 4, "regularize": 4, "distributed": 4, "utils": 4,
     "integrations": 5,
 }
 #: rooms of one floor that must not import each other

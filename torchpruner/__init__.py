@@ -31,6 +31,7 @@ _EXPORTS = {
     "CaptumAttributionMetric": "torchpruner.attributions",
     "BNScaleAttributionMetric": "torchpruner.attributions",
     "find_best_module_for_attributions": "torchpruner.attributions",
+    "MeanPlusStd": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",
     "Plan": "torchpruner.pruner",
@@ -45,6 +46,8 @@ _EXPORTS = {
     "prune_groups": "torchpruner.schedule",
     "IterativePruning": "torchpruner.schedule",
     "Masker": "torchpruner.masking",
+    # DistributedDataParallel
+    "prune_ddp": "torchpruner.distributed",
     "CoupledGroupWarning": "torchpruner.attributions.groups",
     "BatchStatisticsWarning": "torchpruner.attributions.base",
     # graph

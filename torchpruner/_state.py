@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,30 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-__all__ = ["unwrap_model", "make_example_inputs", "input_shape", "to_device", "preserved_state"]
+__all__ = ["unwrap_model", "make_example_inputs", "input_shape", "to_device", "preserved_state", "fsdp_modules",
+           "fsdp_refusal"]
+
+
+def fsdp_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` sharded by FSDP (``FullyShardedDataParallel`` wrappers or
+    ``fully_shard``). FSDP is looked up only when torch has already imported it: a model cannot
+    be sharded otherwise, and ``import torchpruner`` stays cheap."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    classes = tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None))
+                    if isinstance(c, type))
+    if not classes:
+        return []
+    return [name or type(model).__name__ for name, module in model.named_modules() if isinstance(module, classes)]
+
+
+def fsdp_refusal(model: nn.Module) -> str:
+    """Why an FSDP-sharded model is refused, and what to do instead."""
+    names = ", ".join(f"'{n}'" for n in fsdp_modules(model)[:5])
+    return (f"{type(model).__name__} is sharded with FSDP ({names}): each rank holds only a shard of every "
+            "parameter, so no rank can score or slice whole units. Prune before sharding (build the model, "
+            "prune it, then shard it), or gather a full state dict, prune an unsharded copy of the model "
+            "(save_pruned / load_pruned carry the sizes), and shard it again with a new optimizer; or train "
+            "with DistributedDataParallel and use torchpruner.distributed.prune_ddp")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -30,11 +54,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+    if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError(
-            f"{type(model).__name__} wrappers are not supported: prune the wrapped model "
-            f"(`model.module`), then delete the old wrapper and wrap again (its reducer caches the "
-            f"old parameter shapes)")
+            "DistributedDataParallel wrappers cannot be pruned directly (the reducer caches the old "
+            "parameter shapes): build the Pruner on `ddp.module` and prune with "
+            "`ddp = torchpruner.distributed.prune_ddp(ddp, pruner, selection)`, which prunes every rank "
+            "alike and returns a new wrapper")
+    if isinstance(model, nn.DataParallel):
+        raise TypeError(
+            "DataParallel wrappers are not supported: prune the wrapped model (`model.module`), then "
+            "delete the old wrapper and wrap again (its replicas hold the old parameter shapes)")
+    if fsdp_modules(model):
+        raise TypeError(fsdp_refusal(model))
     seen = 0
     while hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
         model = model._orig_mod  # torch.compile's OptimizedModule shares the parameters

@@ -10,11 +10,13 @@ from torchpruner.graph.evaluation import find_best_module_for_attributions
 
 from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, per_example_loss
 from .captum_adapter import CaptumAttributionMetric
+from .collectives import DistributedScoringError
 from .groups import CoupledGroupWarning
 from .methods import (APoZAttributionMetric, FPGMAttributionMetric, RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
                       TaylorAttributionMetric, ThiNetAttributionMetric, WeightNormAttributionMetric)
 from .methods.bn_scale import BNScaleAttributionMetric
+from .reductions import MeanPlusStd
 
 __all__ = [
     "AttributionMetric",
@@ -24,6 +26,8 @@ __all__ = [
     "CaptumAttributionMetric",
     "CoupledGroupWarning",
     "FPGMAttributionMetric",
+    "DistributedScoringError",
+    "MeanPlusStd",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",

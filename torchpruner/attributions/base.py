@@ -27,14 +27,16 @@ from torch import nn
 from tqdm import auto as tqdm_auto
 
 from torchpruner._ops import BATCHNORM_MODULES
-from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state, unwrap_model
+from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state
 from torchpruner.graph.dependency import Group
 from torchpruner.graph.evaluation import evaluation_module
 
 from .data import (INPUT_KEYS, TARGET_KEYS, Batch, BatchFn, default_batch_fn, first_tensor, make_batch,
                    per_example_loss, scoring_iterator, sum_positions, to_device, unit_mask_shape,
                    units_view, wide)
+from .collectives import Shards, scoring_model
 from .groups import check_group, group_runner, warn_if_coupled
+from .reductions import MeanPlusStd, Moments
 from .runner import MaskPoint, Runner
 
 logger = logging.getLogger(__name__)
@@ -154,13 +156,15 @@ def reduce_scores(per_example: np.ndarray, reduction: Reduction) -> np.ndarray:
 
 
 class _ScoreAccumulator:
-    """Streams ``[N, C]`` batch scores; keeps every row only when the reduction needs them."""
+    """Streams ``[N, C]`` batch scores; keeps every row only when the reduction needs them
+    (``"mean"``/``"sum"`` keep a sum, :class:`MeanPlusStd` the moments)."""
 
     def __init__(self, reduction: Reduction) -> None:
         check_reduction(reduction)
         self.reduction = reduction
         self.rows: list[np.ndarray] = []
         self.total: np.ndarray | None = None
+        self.moments: Moments | None = None
         self.count = 0
 
     def add(self, scores: torch.Tensor) -> None:
@@ -169,14 +173,32 @@ class _ScoreAccumulator:
         if self.reduction in ("mean", "sum"):
             batch_sum = array.sum(axis=0)
             self.total = batch_sum if self.total is None else self.total + batch_sum
+        elif isinstance(self.reduction, MeanPlusStd):
+            moments = Moments.of(array)
+            self.moments = moments if self.moments is None else self.moments.merge(moments)
         else:
             self.rows.append(array)
+
+    def partial(self) -> dict[str, Any]:
+        """What a shard contributes to the union of the shards (no reduction callable: picklable)."""
+        return {"count": self.count, "total": self.total, "moments": self.moments, "rows": self.rows}
+
+    def merge(self, partial: dict[str, Any]) -> None:
+        """Add another shard's :meth:`partial` (sums add, moments merge, rows are appended)."""
+        self.count += partial["count"]
+        if partial["total"] is not None:
+            self.total = partial["total"] if self.total is None else self.total + partial["total"]
+        if partial["moments"] is not None:
+            self.moments = partial["moments"] if self.moments is None else self.moments.merge(partial["moments"])
+        self.rows += partial["rows"]
 
     def result(self) -> np.ndarray:
         if self.reduction == "mean":
             return self.total / self.count
         if self.reduction == "sum":
             return self.total
+        if isinstance(self.reduction, MeanPlusStd):
+            return self.reduction.from_moments(self.moments)
         return reduce_scores(np.concatenate(self.rows, axis=0), self.reduction)
 
 
@@ -254,11 +276,19 @@ class AttributionMetric:
         reduction: how per-example scores become one score per unit: ``"mean"`` (default),
             ``"sum"``, ``"none"`` (an ``[examples, units]`` array) or a callable taking that
             array and returning one value per unit (e.g. ``lambda s: s.mean(0) + 2 * s.std(0)``).
+            :class:`~torchpruner.attributions.reductions.MeanPlusStd` (``MeanPlusStd(2.0)``) is
+            that mean + k·std as a reduction that keeps only the moments of the scores.
         max_batches: stop after this many batches (``None``: the whole generator).
         batch_fn: ``batch_fn(batch) -> (inputs, target)``; ``inputs`` a tensor, a tuple of
             positional inputs or a dict of keyword inputs.
         progress: show a tqdm bar over batches. ``None``: only on a terminal and unless the
             environment variable ``TORCHPRUNER_PROGRESS=0``.
+        process_group: score across the ranks of a ``torch.distributed`` job: each rank scores
+            its own batches (its shard of the data) and every rank gets the scores of the union
+            of the shards (rows of ``"none"`` in rank order); ``seed`` is rank 0's on every rank.
+            Every rank must call ``run`` with the same arguments. A ``DistributedDataParallel``
+            model needs no ``process_group=`` (its own is used): its ``module`` is scored, the
+            wrapper is never called. See :mod:`torchpruner.attributions.collectives`.
         **method_options: options of the metric (``signed=`` for Taylor, ``sv_samples=`` and
             ``seed=`` for Shapley); ``run(..., **kwargs)`` overrides them per call.
     """
@@ -278,6 +308,8 @@ class AttributionMetric:
         max_batches: int | None = None,
         batch_fn: BatchFn | None = None,
         progress: bool | None = None,
+        *,
+        process_group: Any = None,
         **method_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -293,7 +325,9 @@ class AttributionMetric:
         self.max_batches = max_batches
         self.batch_fn = batch_fn
         self.progress = progress
+        self.process_group = process_group
         self.method_options = self._check_options(method_options)
+        self._shards: Shards | None = None
 
     # ---------------------------------------------------------------- options
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -338,36 +372,39 @@ class AttributionMetric:
             ``np.ndarray`` of shape ``[units]`` (``[examples, units]`` for ``reduction="none"``).
         """
         options = self.options(kwargs)
-        model = unwrap_model(self.model)
-        if isinstance(module, Group):
-            return self._run_group(model, module, options)
-        site_module = getattr(module, "module", None) if isinstance(module, CallSite) else module
-        if not isinstance(module, CallSite):
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"module must be an nn.Module or a CallSite, got {type(module).__name__}")
-            if _module_name(model, module) is None:
-                raise ValueError(
-                    f"{type(module).__name__} module is not part of the model "
-                    f"{type(model).__name__} (scoring needs a submodule of the model)"
-                )
+        model, shards = scoring_model(self.model, self.process_group)
+        if shards is not None:  # first: the seed, before anything rank-specific has run
+            options = shards.shared_options(options)
+        with self._across(shards):
+            if isinstance(module, Group):
+                return self._run_group(model, module, options)
+            site_module = getattr(module, "module", None) if isinstance(module, CallSite) else module
+            if not isinstance(module, CallSite):
+                if not isinstance(module, nn.Module):
+                    raise TypeError(f"module must be an nn.Module or a CallSite, got {type(module).__name__}")
+                if _module_name(model, module) is None:
+                    raise ValueError(
+                        f"{type(module).__name__} module is not part of the model "
+                        f"{type(model).__name__} (scoring needs a submodule of the model)"
+                    )
 
-        with left_as_found(model, self.data_generator):
-            if self._without_data():
-                # the trace only when the metric asks for the unit count (Random, not WeightNorm)
-                def count_units() -> int:
-                    with contextlib.closing(self._batches(model)) as batches:
-                        first = self._first_batch(batches)
-                    return self._evaluation_point(model, module, first, find_best_evaluation_module,
-                                                  call_index, stacklevel=7)[0].num_units
+            with left_as_found(model, self.data_generator):
+                if self._without_data():
+                    # the trace only when the metric asks for the unit count (Random, not WeightNorm)
+                    def count_units() -> int:
+                        with contextlib.closing(self._batches(model)) as batches:
+                            first = self._first_batch(batches)
+                        return self._evaluation_point(model, module, first, find_best_evaluation_module,
+                                                      call_index, stacklevel=7)[0].num_units
 
-                return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
-            warn_if_batch_statistics(model, self.name, stacklevel=2)
-            with contextlib.closing(self._batches(model)) as batches:
-                first = self._first_batch(batches)
-                site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
-                point = MaskPoint.of_site(site)
-                runner = Runner([point], [point], site.num_units, self.criterion, site.label)
-                return self._score(graph, runner, itertools.chain([first], batches), options)
+                    return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
+                warn_if_batch_statistics(model, self.name, stacklevel=2)
+                with contextlib.closing(self._batches(model)) as batches:
+                    first = self._first_batch(batches)
+                    site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
+                    point = MaskPoint.of_site(site)
+                    runner = Runner([point], [point], site.num_units, self.criterion, site.label)
+                    return self._score(graph, runner, itertools.chain([first], batches), options)
 
     def find_evaluation_module(
         self,
@@ -417,6 +454,20 @@ class AttributionMetric:
         ``runner.description``)."""
 
     # ---------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _across(self, shards: Shards | None) -> Iterator[None]:
+        """Score across ``shards`` inside the block (see
+        :mod:`~torchpruner.attributions.collectives`); a plain block without."""
+        if shards is None:
+            yield
+            return
+        self._shards = shards
+        try:
+            with shards.failures_shared(f"{self.name} scoring"):
+                yield
+        finally:
+            self._shards = None
+
     def _without_data(self) -> bool:
         return type(self).score_without_data is not AttributionMetric.score_without_data
 
@@ -535,9 +586,16 @@ class AttributionMetric:
             bar.close()
         if accumulator.count == 0:
             raise ValueError(f"the data generator yielded no examples; {type(self).__name__} needs data")
+        if self._shards is not None:  # the union of every rank's shard, merged in rank order
+            partials = self._shards.exchange(accumulator.partial())
+            accumulator = _ScoreAccumulator(self.reduction)
+            for partial in partials:
+                accumulator.merge(partial)
         return accumulator.result()
 
     def _finish(self, scores: torch.Tensor) -> np.ndarray:
-        """Data-free metrics: treat the scores as a single example so ``reduction`` applies."""
+        """Data-free metrics: treat the scores as a single example so ``reduction`` applies (in a
+        distributed run, every rank returns rank 0's)."""
         array = scores.detach().to("cpu", torch.float64).numpy().reshape(1, -1)
-        return reduce_scores(array, self.reduction)
+        result = reduce_scores(array, self.reduction)
+        return result if self._shards is None else self._shards.exchange(result)[0]
