@@ -428,7 +428,7 @@ class AttributionMetric:
             ValueError: ``module`` is not in the model, never called, a container, or its
                 evaluation point has no units; the first batch does not fit the model.
         """
-        model = unwrap_model(self.model)
+        model, _ = scoring_model(self.model)
         _check_scored_module(model, module)
         if self._without_data():
             return module
