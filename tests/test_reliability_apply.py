@@ -455,3 +455,15 @@ def test_apply_slice_keeps_the_layout_of_its_tensor(layout):
             expected = torch.cat([b.index_select(axis, k) for b, k in zip(blocks, group_keep)])
             assert torch.equal(result, expected), (layout, axis, "grouped")
             assert _dim_order(result) == _dim_order(tensor), (layout, axis, "grouped")
+
+
+def test_removed_parameters_counts_a_tensor_sliced_on_two_axes_once():
+    """A conv losing output channels (one group) and input channels (another) in one plan."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    pruner = Pruner(net, input_size=(3, 12, 12))
+    groups = pruner.groups()
+    before = sum(p.numel() for p in net.parameters())
+    plan = pruner.plan_groups({groups[0]: [0, 1], groups[1]: [2, 3, 4]})
+    plan.apply(net)
+    assert plan.removed_parameters == before - sum(p.numel() for p in net.parameters())

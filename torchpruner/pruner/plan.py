@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,8 +191,19 @@ class Plan:
 
     @property
     def removed_parameters(self) -> int:
-        """Number of parameter elements removed."""
-        return sum(e.removed_elements for e in self.edits if isinstance(e, TensorSlice) and e.is_parameter)
+        """Number of parameter elements removed (a tensor sliced on two axes counted once)."""
+        # the slices of one tensor are each planned against its shape before the plan, on their
+        # own axes: the tensor ends with every sliced axis at its new size
+        original: dict[tuple[int, str], tuple[int, ...]] = {}
+        final: dict[tuple[int, str], list[int]] = {}
+        for edit in self.edits:
+            if isinstance(edit, TensorSlice) and edit.is_parameter:
+                key = (id(edit.module), edit.tensor_name)
+                original.setdefault(key, tuple(edit.old_shape))
+                shape = final.setdefault(key, list(edit.old_shape))
+                axis = edit.axis % len(shape)
+                shape[axis] = min(shape[axis], edit.new_shape[axis])
+        return sum(math.prod(original[key]) - math.prod(final[key]) for key in original)
 
     @property
     def touched_modules(self) -> list[str]:
