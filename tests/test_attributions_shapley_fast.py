@@ -308,3 +308,42 @@ def test_a_suffix_that_cannot_run_stacked_falls_back_with_a_warning():
         fast, used = score(model, model.fc1, x, y, "fast", False, "none", sv_samples=2, seed=0)
     assert used == "reference"
     np.testing.assert_array_equal(fast, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# Leave-one-out on the same machinery
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, index, find_best", [("cnn", 0, True), ("cnn", 2, True), ("bn", 0, False), ("mlp", 2, True)])
+def test_leave_one_out_is_the_loss_increase_of_removing_one_unit(name, index, find_best):
+    from torchpruner.attributions import LeaveOneOutAttributionMetric
+
+    model, shape = MODELS[name]()
+    x, y = data(shape, n=7)
+    head, tail = model[:index + (2 if find_best else 1)], model[index + (2 if find_best else 1):]
+    with torch.no_grad():
+        z = head(x)
+        full = F.cross_entropy(tail(z), y, reduction="none")
+        expected = []
+        for c in range(z.shape[1]):
+            zeroed = z.clone()
+            zeroed[:, c] = 0
+            expected.append((F.cross_entropy(tail(zeroed), y, reduction="none") - full).numpy())
+    expected = np.stack(expected, 1)
+    for algorithm in ("fast", "reference"):
+        metric = LeaveOneOutAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
+                                              algorithm=algorithm)
+        np.testing.assert_allclose(metric.run(model[index], find_best), expected, rtol=1e-9, atol=1e-12)
+    assert metric.last_path == "reference"
+
+
+def test_leave_one_out_of_a_group_is_the_loss_after_pruning_the_unit():
+    from torchpruner.attributions import LeaveOneOutAttributionMetric
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(ResidualNet().to(DTYPE), 0).eval()
+    x, y = data((2, 4, 4), n=6)
+    for group in model_groups(model, (2, 4, 4)):
+        fast = LeaveOneOutAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu").run(group)
+        reference = LeaveOneOutAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu",
+                                                 algorithm="reference").run(group)
+        np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)

@@ -26,6 +26,7 @@ _EXPORTS = {
     "TaylorAttributionMetric": "torchpruner.attributions",
     "WeightNormAttributionMetric": "torchpruner.attributions",
     "ShapleyAttributionMetric": "torchpruner.attributions",
+    "LeaveOneOutAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
     # pruner
     "Pruner": "torchpruner.pruner",

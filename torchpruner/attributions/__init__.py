@@ -9,7 +9,7 @@ scores a coupled group from ``pruner.groups()`` (:mod:`torchpruner.attributions.
 from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, per_example_loss
 from .captum_adapter import CaptumAttributionMetric
 from .groups import CoupledGroupWarning
-from .methods import (APoZAttributionMetric, RandomAttributionMetric,
+from .methods import (APoZAttributionMetric, LeaveOneOutAttributionMetric, RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
                       TaylorAttributionMetric, WeightNormAttributionMetric)
 
@@ -19,6 +19,7 @@ __all__ = [
     "BatchStatisticsWarning",
     "CaptumAttributionMetric",
     "CoupledGroupWarning",
+    "LeaveOneOutAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",

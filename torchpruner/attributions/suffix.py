@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -72,33 +73,24 @@ def _is_shape_query(node: fx.Node) -> bool:
     return False
 
 
-def _descendants(starts: Iterable[fx.Node]) -> set[fx.Node]:
+def _closure(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reached from ``starts`` by ``step`` (the starts themselves only if reached)."""
     seen: set[fx.Node] = set()
     stack = list(starts)
     while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
-def _ancestors(ends: Iterable[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(ends)
-    while stack:
-        for node in stack.pop().all_input_nodes:
+        for node in step(stack.pop()):
             if node not in seen:
                 seen.add(node)
                 stack.append(node)
     return seen
 
 
-def _get_attr(module: nn.Module, path: str) -> Any:
-    value: Any = module
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
+def _descendants(starts: Iterable[fx.Node]) -> set[fx.Node]:
+    return _closure(starts, lambda node: node.users)
+
+
+def _ancestors(ends: Iterable[fx.Node]) -> set[fx.Node]:
+    return _closure(ends, lambda node: node.all_input_nodes)
 
 
 def _repeat_rows(value: Any, rows: slice, repeats: int, batch_size: int) -> Any:
@@ -193,7 +185,7 @@ class Suffix:
         if node.op == "placeholder":
             return inputs[node]
         if node.op == "get_attr":
-            return _get_attr(self.traced, node.target)
+            return operator.attrgetter(node.target)(self.traced)
         args = fx.node.map_arg(node.args, fetch)
         kwargs = fx.node.map_arg(node.kwargs, fetch)
         if node.op == "call_function":
@@ -445,7 +437,7 @@ class Incremental:
                             units * k)  # [n, units*k*out, *spatial']
                 each = each.reshape(u.shape[0], units, k, out_channels, *each.shape[2:]).sum(2)
                 contributions = each.movedim(1, 0)
-        return empty, contributions
+        return empty, contributions.contiguous()  # [units, ...] rows are gathered per ordering
 
     def elements_per_example(self) -> int:
         return self.num_units * max(1, self.program.elements_per_example)

@@ -1,6 +1,7 @@
 """One file per attribution metric."""
 
 from .apoz import APoZAttributionMetric
+from .leave_one_out import LeaveOneOutAttributionMetric
 from .random import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
 from .shapley import ShapleyAttributionMetric, draw_permutations
@@ -10,6 +11,7 @@ from .weight_norm import (WeightNormAttributionMetric, group_weight_norms, input
 
 __all__ = [
     "APoZAttributionMetric",
+    "LeaveOneOutAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",

@@ -190,36 +190,38 @@ class FastEvaluator:
             rows = slice(start, min(batch.size, start + chunk))
             n = rows.stop - rows.start
             empty, contributions = walk.contributions(env, rows)
-            dtype = empty.dtype
             out[:, 0, rows] = -walk.rest_losses(env, batch, rows, empty).cpu()[0]
-            per_call = self.suffix.coalitions_per_call(walk.program, n)
-            pending: list[tuple[int, int, torch.Tensor]] = []
+            per_call = min(self.suffix.coalitions_per_call(walk.program, n), num * units)
+            # the walk's states, written in place: each adds the next unit's contribution to the
+            # state before it (in the model's dtype, like the layer itself)
+            buffer = torch.empty((per_call,) + tuple(empty.shape), dtype=empty.dtype, device=empty.device)
+            pending: list[tuple[int, int, int]] = []  # (ordering, first step, steps) in the buffer
+            filled = 0
 
             def flush() -> None:
-                stacked = torch.cat([block for _, _, block in pending]).to(dtype)
-                losses = walk.rest_losses(env, batch, rows, stacked.reshape(-1, *stacked.shape[2:])).cpu()
+                losses = walk.rest_losses(env, batch, rows, buffer[:filled].reshape(-1, *empty.shape[1:])).cpu()
                 offset = 0
-                for p, t0, block in pending:
-                    out[p, t0 + 1:t0 + 1 + block.shape[0], rows] = -losses[offset:offset + block.shape[0]]
-                    offset += block.shape[0]
-                last, t_last, block = pending[-1]
+                for p, t0, k in pending:
+                    out[p, t0 + 1:t0 + 1 + k, rows] = -losses[offset:offset + k]
+                    offset += k
+                last, t_last, k_last = pending[-1]
                 if rows.stop == batch.size:
-                    progress(last + 1 if t_last + block.shape[0] == units else last)
+                    progress(last + 1 if t_last + k_last == units else last)
                 pending.clear()
 
-            filled = 0
             for p in range(num):
-                state = empty.to(torch.float64)
+                state = empty
+                order = orders[p]
                 t0 = 0
                 while t0 < units:
                     k = min(per_call - filled, units - t0)
-                    steps = orders[p, t0:t0 + k].to(contributions.device)
-                    block = state + torch.cumsum(contributions[steps].to(torch.float64), 0)
-                    state = block[-1]
-                    pending.append((p, t0, block))
+                    for j, unit in enumerate(order[t0:t0 + k].tolist()):
+                        state = torch.add(state, contributions[unit], out=buffer[filled + j])
+                    pending.append((p, t0, k))
                     filled += k
                     t0 += k
-                    if filled >= per_call:
+                    if filled == per_call:
+                        state = state.clone()  # the buffer is reused (and the rest may work in place)
                         flush()
                         filled = 0
             if pending:
