@@ -123,7 +123,8 @@ class FastEvaluator:
             self.suffix = Suffix(runner.graph, runner.read_points, runner.criterion, self.budget)
             env = self.suffix.prefix(batch)
         except SuffixUnavailable as error:
-            return self._fallback(str(error))
+            self._fallback(str(error))
+            return None
         if self.allow_incremental:
             try:
                 self.walk = self.suffix.incremental(env, batch)
@@ -136,7 +137,6 @@ class FastEvaluator:
     def _fallback(self, reason: str) -> None:
         self.path, self.reason = "reference", reason
         logger.info("%s %s: evaluating whole model per coalition (%s)", self.metric, self.runner.label, reason)
-        return None
 
     def prefix(self, batch: Batch) -> dict:
         assert self.suffix is not None
