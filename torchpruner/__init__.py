@@ -28,6 +28,7 @@ _EXPORTS = {
     "ShapleyAttributionMetric": "torchpruner.attributions",
     "FPGMAttributionMetric": "torchpruner.attributions",
     "ThiNetAttributionMetric": "torchpruner.attributions",
+    "LeaveOneOutAttributionMetric": "torchpruner.attributions",
     "CaptumAttributionMetric": "torchpruner.attributions",
     "BNScaleAttributionMetric": "torchpruner.attributions",
     "find_best_module_for_attributions": "torchpruner.attributions",

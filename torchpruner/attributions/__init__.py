@@ -12,7 +12,8 @@ from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, p
 from .captum_adapter import CaptumAttributionMetric
 from .collectives import DistributedScoringError
 from .groups import CoupledGroupWarning
-from .methods import (APoZAttributionMetric, FPGMAttributionMetric, RandomAttributionMetric,
+from .methods import (APoZAttributionMetric, FPGMAttributionMetric, LeaveOneOutAttributionMetric,
+                      RandomAttributionMetric,
                       SensitivityAttributionMetric, ShapleyAttributionMetric,
                       TaylorAttributionMetric, ThiNetAttributionMetric, WeightNormAttributionMetric)
 from .methods.bn_scale import BNScaleAttributionMetric
@@ -28,6 +29,7 @@ __all__ = [
     "FPGMAttributionMetric",
     "DistributedScoringError",
     "MeanPlusStd",
+    "LeaveOneOutAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",

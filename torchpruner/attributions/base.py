@@ -559,6 +559,7 @@ class AttributionMetric:
         """The one data loop: intercept the runner's points for the whole run, score every batch
         (``[N, units]``), reduce over examples."""
         runner.description = f"{self.name} {runner.label}"
+        runner.graph = graph
         self.prepare(runner, options)
         accumulator = _ScoreAccumulator(self.reduction)
         bar = tqdm_auto.tqdm(  # looked up per run, so a patched tqdm.auto.tqdm is used

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from torchpruner.graph import CallSite
+from torchpruner.graph import CallSite, ModelGraph
 
 from .data import Batch, per_example_loss, unit_mask_shape, units_view, wide
 
@@ -97,6 +97,8 @@ class Runner:
 
     Attributes:
         forward: runs the intercepted model (set by the data loop for the whole run).
+        graph: the traced graph the points belong to (set by the data loop; metrics that evaluate
+            parts of the model, such as fast Shapley, read it).
         description: the progress bar's text at the start (a metric's ``prepare`` may change it).
     """
 
@@ -110,6 +112,7 @@ class Runner:
         self.label = label
         self.group = group
         self.forward: Callable[..., Any] | None = None
+        self.graph: ModelGraph | None = None
         self.description = label
         self._transform: Transform = _copy
         self._set_progress: Callable[[str], None] = lambda text: None

@@ -3,6 +3,7 @@
 from .apoz import APoZAttributionMetric
 from .bn_scale import BNScaleAttributionMetric
 from .fpgm import FPGMAttributionMetric
+from .leave_one_out import LeaveOneOutAttributionMetric
 from .random import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
 from .shapley import ShapleyAttributionMetric, draw_permutations
@@ -15,6 +16,7 @@ __all__ = [
     "APoZAttributionMetric",
     "BNScaleAttributionMetric",
     "FPGMAttributionMetric",
+    "LeaveOneOutAttributionMetric",
     "RandomAttributionMetric",
     "SensitivityAttributionMetric",
     "ShapleyAttributionMetric",

@@ -1,25 +1,254 @@
-"""Shapley values of units by permutation sampling (Ancona et al., 2020)."""
+"""Shapley values of units by permutation sampling (Ancona et al., 2020), with their uncertainty.
+
+Two algorithms compute the same estimator on the same orderings (both draw them from ``seed``):
+
+``"reference"``
+    Every coalition runs the whole model (``sv_samples · (units + 1)`` forward passes per batch).
+``"fast"`` (default)
+    The part of the model before the evaluation point runs once per batch; per coalition only
+    the nodes of the traced graph after it run, many coalitions stacked along the batch dimension
+    within ``max_batch_elements`` (:class:`~torchpruner.attributions.suffix.Suffix`). When the
+    units reach the output only through one linear layer (after per-channel ops such as ReLU,
+    pooling or flatten), a permutation is walked incrementally: switching unit c on adds its
+    contribution ``W·z_c`` to that layer's output, so a step costs only the ops after that layer
+    (:class:`~torchpruner.attributions.suffix.Incremental`). Models that torch.fx cannot trace use
+    the reference algorithm. On the first batch the fast algorithm checks the losses of the empty
+    and the full coalition against whole-model evaluation and falls back (with a warning) when
+    they differ.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import secrets
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+from torch import nn
 
-from ..base import AttributionMetric
+from torchpruner.graph import CallSite
+from torchpruner.graph.dependency import Group
+
+from ..base import AttributionMetric, batch_statistics_modules
 from ..data import Batch
 from ..runner import Runner
+from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("fast", "reference")
+
+
+class Orderings:
+    """The orderings a Shapley run draws, from one private generator seeded with ``seed``
+    (``None``: a fresh seed from the OS). ``antithetic=True`` follows each ordering with its
+    reverse. Successive :meth:`draw` calls continue the same stream, so an adaptive run's first
+    round is the plain run with the same seed."""
+
+    def __init__(self, seed: int | None = None, antithetic: bool = False) -> None:
+        self.generator = torch.Generator().manual_seed(int(secrets.randbits(63) if seed is None else seed))
+        self.antithetic = antithetic
+
+    def draw(self, num_units: int, count: int) -> list[torch.Tensor]:
+        if not self.antithetic:
+            return [torch.randperm(num_units, generator=self.generator) for _ in range(count)]
+        out: list[torch.Tensor] = []
+        for _ in range(math.ceil(count / 2)):
+            order = torch.randperm(num_units, generator=self.generator)
+            out += [order, order.flip(0)]
+        return out
 
 
 def draw_permutations(num_units: int, samples: int, seed: int | None = None) -> list[torch.Tensor]:
     """The orderings a Shapley run uses: ``samples`` permutations of ``range(num_units)`` from a
     private generator seeded with ``seed`` (``None``: a fresh seed from the OS). Exposed so that
     faster implementations can be checked against this one on the same orderings."""
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"sv_samples must be a positive int, got {samples!r}")
-    generator = torch.Generator().manual_seed(int(secrets.randbits(63) if seed is None else seed))
-    return [torch.randperm(num_units, generator=generator) for _ in range(samples)]
+    _check_samples(samples, "sv_samples")
+    return Orderings(seed).draw(num_units, samples)
+
+
+def _check_samples(value: Any, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def marginals_from_values(values: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """``phi [P, N, units]`` from the values ``[P, units + 1, N]`` of the coalitions along each
+    ordering (``values[p, t]``: the first ``t`` units of ``orders[p]`` on)."""
+    steps = (values[:, 1:] - values[:, :-1]).transpose(1, 2)  # [P, N, units], by step
+    phi = torch.zeros_like(steps)
+    index = orders.to(steps.device)[:, None, :].expand_as(steps)
+    return phi.scatter_(2, index, steps)
+
+
+def prefix_coalitions(orders: torch.Tensor) -> torch.Tensor:
+    """Bool ``[P · (units − 1), units]``: for each ordering, the coalitions of its first
+    ``1 .. units − 1`` units (the empty and the full coalition are shared by all orderings)."""
+    num, units = orders.shape
+    rank = torch.empty_like(orders)
+    rank.scatter_(1, orders, torch.arange(units).expand(num, units))
+    steps = torch.arange(1, units)[None, :, None]
+    return (rank[:, None, :] < steps).reshape(num * (units - 1), units)
+
+
+class FastEvaluator:
+    """Values ``−ℓ`` of coalitions for one run: a :class:`Suffix` (and its incremental form when
+    the graph allows it), built on the first batch and checked there against whole-model
+    evaluation. ``path`` says what is used: ``"incremental"``, ``"suffix"`` or ``"reference"``."""
+
+    def __init__(self, runner: Runner, options: dict[str, Any], metric: str) -> None:
+        self.runner = runner
+        self.metric = metric
+        self.budget = options["max_batch_elements"]
+        self.allow_incremental = options["incremental"]
+        self.path: str | None = None
+        self.reason: str | None = None
+        self.suffix: Suffix | None = None
+        self.walk: Incremental | None = None
+
+    def setup(self, batch: Batch) -> dict | None:
+        """Build on the first batch; returns the prefix environment (None: use the reference)."""
+        runner = self.runner
+        try:
+            if runner.graph is None:
+                raise SuffixUnavailable("no traced graph")
+            if batch_statistics_modules(runner.graph.model):
+                # stacking coalitions along the batch would change the statistics of the batch
+                raise SuffixUnavailable("a BatchNorm normalises with the statistics of each batch")
+            self.suffix = Suffix(runner.graph, runner.read_points, runner.criterion, self.budget)
+            env = self.suffix.prefix(batch)
+        except SuffixUnavailable as error:
+            self._fallback(str(error))
+            return None
+        if self.allow_incremental:
+            try:
+                self.walk = self.suffix.incremental(env, batch)
+            except SuffixUnavailable as error:
+                logger.debug("%s %s: no incremental walk (%s)", self.metric, runner.label, error)
+        self.path = "incremental" if self.walk is not None else "suffix"
+        logger.debug("%s %s: %s evaluation", self.metric, runner.label, self.path)
+        return self.prefix(batch)
+
+    def _fallback(self, reason: str) -> None:
+        self.path, self.reason = "reference", reason
+        logger.info("%s %s: evaluating whole model per coalition (%s)", self.metric, self.runner.label, reason)
+
+    def prefix(self, batch: Batch) -> dict:
+        assert self.suffix is not None
+        extra = self.walk.prefix_nodes if self.walk is not None else ()
+        return self.suffix.prefix(batch, extra)
+
+    def check(self, batch: Batch, empty: torch.Tensor, full: torch.Tensor) -> bool:
+        """Compare the losses ``[N]`` of the empty and full coalitions with whole-model ones."""
+        units = self.runner.num_units
+        for keep, got in ((torch.zeros(units, dtype=torch.bool), empty), (torch.ones(units, dtype=torch.bool), full)):
+            expected = self.runner.losses(batch, keep).cpu()
+            if not torch.allclose(got.cpu(), expected, rtol=1e-3, atol=1e-5 * (1 + float(expected.abs().max()))):
+                self.refuse("evaluating the part of the model after the evaluation point gave other "
+                            "losses than running the whole model")
+                return False
+        return True
+
+    def refuse(self, why: str) -> None:
+        warnings.warn(
+            f"{self.metric} {self.runner.label}: {why} (the model may depend on the batch size in a way "
+            "the traced graph does not show); using whole-model evaluation (algorithm='reference')",
+            RuntimeWarning, stacklevel=2)
+        self._fallback(why)
+
+    # ---------------------------------------------------------------- coalition values
+    def ordering_values(self, env: dict, batch: Batch, orders: torch.Tensor,
+                        progress: Callable[[int], None] = lambda done: None) -> torch.Tensor:
+        """Values ``[P, units + 1, N]`` (float64) of the coalitions along each ordering;
+        ``progress(k)`` is told when the first ``k`` orderings are done."""
+        if self.walk is not None:
+            return self._walk_values(env, batch, orders, progress)
+        assert self.suffix is not None
+        num, units = orders.shape
+        keeps = torch.cat([torch.zeros(1, units, dtype=torch.bool), torch.ones(1, units, dtype=torch.bool),
+                           prefix_coalitions(orders)])
+        rows_done = lambda rows: progress(num if units < 2 else min(num, max(0, rows - 2) // (units - 1)))
+        values = -self.suffix.coalition_losses(env, batch, keeps, rows_done).cpu()  # [rows, N]
+        out = torch.empty(num, units + 1, batch.size, dtype=torch.float64)
+        out[:, 0], out[:, units] = values[0], values[1]
+        out[:, 1:units] = values[2:].reshape(num, units - 1, batch.size)
+        return out
+
+    def _walk_values(self, env: dict, batch: Batch, orders: torch.Tensor,
+                     progress: Callable[[int], None]) -> torch.Tensor:
+        walk = self.walk
+        assert walk is not None and self.suffix is not None
+        num, units = orders.shape
+        out = torch.empty(num, units + 1, batch.size, dtype=torch.float64)
+        chunk = max(1, min(batch.size, self.budget // max(1, walk.elements_per_example())))
+        for start in range(0, batch.size, chunk):
+            rows = slice(start, min(batch.size, start + chunk))
+            n = rows.stop - rows.start
+            empty, contributions = walk.contributions(env, rows)
+            out[:, 0, rows] = -walk.rest_losses(env, batch, rows, empty).cpu()[0]
+            per_call = min(self.suffix.coalitions_per_call(walk.program, n), num * units)
+            # the walk's states, written in place: each adds the next unit's contribution to the
+            # state before it (in the model's dtype, like the layer itself)
+            buffer = torch.empty((per_call,) + tuple(empty.shape), dtype=empty.dtype, device=empty.device)
+            pending: list[tuple[int, int, int]] = []  # (ordering, first step, steps) in the buffer
+            filled = 0
+
+            def flush() -> None:
+                losses = walk.rest_losses(env, batch, rows, buffer[:filled].reshape(-1, *empty.shape[1:])).cpu()
+                offset = 0
+                for p, t0, k in pending:
+                    out[p, t0 + 1:t0 + 1 + k, rows] = -losses[offset:offset + k]
+                    offset += k
+                last, t_last, k_last = pending[-1]
+                if rows.stop == batch.size:
+                    progress(last + 1 if t_last + k_last == units else last)
+                pending.clear()
+
+            for p in range(num):
+                state = empty
+                order = orders[p]
+                t0 = 0
+                while t0 < units:
+                    k = min(per_call - filled, units - t0)
+                    for j, unit in enumerate(order[t0:t0 + k].tolist()):
+                        state = torch.add(state, contributions[unit], out=buffer[filled + j])
+                    pending.append((p, t0, k))
+                    filled += k
+                    t0 += k
+                    if filled == per_call:
+                        state = state.clone()  # the buffer is reused (and the rest may work in place)
+                        flush()
+                        filled = 0
+            if pending:
+                flush()
+        return out
+
+    def single_values(self, env: dict, batch: Batch, keeps: torch.Tensor) -> torch.Tensor:
+        """Values ``[K, N]`` of arbitrary coalitions ``keeps`` (bool ``[K, units]``)."""
+        if self.walk is None:
+            assert self.suffix is not None
+            return -self.suffix.coalition_losses(env, batch, keeps).cpu()
+        walk = self.walk
+        out = torch.empty(keeps.shape[0], batch.size, dtype=torch.float64)
+        chunk = max(1, min(batch.size, self.budget // max(1, walk.elements_per_example())))
+        for start in range(0, batch.size, chunk):
+            rows = slice(start, min(batch.size, start + chunk))
+            n = rows.stop - rows.start
+            empty, contributions = walk.contributions(env, rows)
+            per_call = self.suffix.coalitions_per_call(walk.program, n)  # type: ignore[union-attr]
+            weights = keeps.to(contributions.device, torch.float64)
+            flat = contributions.to(torch.float64).reshape(contributions.shape[0], -1)
+            for k0 in range(0, keeps.shape[0], per_call):
+                chosen = weights[k0:k0 + per_call]
+                block = empty.to(torch.float64)[None] + (chosen @ flat).reshape(chosen.shape[0], *empty.shape)
+                stacked = block.to(empty.dtype).reshape(-1, *empty.shape[1:])
+                out[k0:k0 + chosen.shape[0], rows] = -walk.rest_losses(env, batch, rows, stacked).cpu()
+        return out
 
 
 class ShapleyAttributionMetric(AttributionMetric):
@@ -30,32 +259,146 @@ class ShapleyAttributionMetric(AttributionMetric):
     gets its marginal ``v(S ∪ {c}) − v(S)``; the estimate is the mean over orderings. Per ordering
     the marginals telescope, so one sample's scores sum to ``ℓ(no unit) − ℓ(all units)`` for each
     example. The same orderings are used for every batch, and payoffs are per example so every
-    ``reduction`` applies. Cost: ``sv_samples · (units + 1)`` forward passes per batch.
+    ``reduction`` applies.
 
     For a coupled group (``run(group)``) the players are the group units and a coalition zeroes
     the units outside it at every tensor the group's consumers read, which is exactly pruning them:
     the loss of the coalition "all but c" is the loss after ``Pruner.prune_model`` removes c.
 
-    This is the straightforward reference implementation (every coalition runs the whole model).
-
     Options:
-        sv_samples (int): number of sampled orderings, default 5.
+        sv_samples (int): number of sampled orderings, default 5 (per round in adaptive mode).
         seed (int | None): seed of the private generator that draws the orderings; ``None``
-            (default) draws a fresh seed from the OS on every ``run``.
+            (default) draws a fresh seed from the OS on every ``run``. Both algorithms draw the
+            same orderings from the same seed.
+        algorithm (str): ``"fast"`` (default) or ``"reference"`` (see the module docstring).
+        antithetic (bool): each ordering is followed by its reverse (``sv_samples`` rounded up to
+            even); the pair is one sample for the standard error. Default False.
+        max_batch_elements (int): memory budget of the fast algorithm: the largest stacked
+            activation holds at most this many elements (default ``2**23``).
+        incremental (bool): let the fast algorithm walk orderings through the first linear layer
+            when the graph allows it (default True; False always evaluates the whole suffix).
+        tolerance (float | None): adaptive mode: draw rounds of ``sv_samples`` orderings until the
+            largest standard error is below ``tolerance`` times the range of the scores (each
+            round is one pass over the data). Default None (one round).
+        max_samples (int): adaptive mode stops after this many orderings (default 1000).
+
+    ``run(..., return_stderr=True)`` returns ``(scores, stderr)``: the standard error of each
+    estimate over the sampled orderings (of pairs with ``antithetic=True``), shaped like the
+    scores (NaN with a single sample); not defined for a callable ``reduction``.
     """
 
     name: ClassVar[str] = "Shapley"
-    default_options: ClassVar[dict[str, Any]] = {"sv_samples": 5, "seed": None}
+    default_options: ClassVar[dict[str, Any]] = {
+        "sv_samples": 5, "seed": None, "algorithm": "fast", "antithetic": False,
+        "max_batch_elements": DEFAULT_MAX_BATCH_ELEMENTS, "incremental": True,
+        "tolerance": None, "max_samples": 1000,
+    }
+
+    #: After a run: ``"incremental"``, ``"suffix"`` or ``"reference"`` (how coalitions were evaluated).
+    last_path: str | None = None
+    #: After a run: how many orderings were sampled.
+    last_samples: int = 0
+
+    def run(self, module: nn.Module | CallSite | Group, find_best_evaluation_module: bool = False, *,
+            call_index: int = 0, return_stderr: bool = False, **kwargs: Any) -> Any:
+        """Score the units of ``module`` (see :meth:`AttributionMetric.run`); with
+        ``return_stderr=True`` return ``(scores, stderr)``."""
+        options = self.options(kwargs)
+        _check_samples(options["sv_samples"], "sv_samples")
+        _check_samples(options["max_samples"], "max_samples")
+        if options["algorithm"] not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {options['algorithm']!r}")
+        budget = options["max_batch_elements"]
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"max_batch_elements must be a positive int, got {budget!r}")
+        tolerance = options["tolerance"]
+        if tolerance is not None and (not isinstance(tolerance, (int, float)) or not tolerance > 0):
+            raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
+        if (return_stderr or tolerance is not None) and callable(self.reduction):
+            raise ValueError("the standard error (return_stderr=True, tolerance=) is defined for "
+                             "reduction 'mean', 'sum' or 'none', not for a callable reduction")
+        self._orderings = Orderings(options["seed"], bool(options["antithetic"]))
+        self._stats = _SampleStats(self.reduction, bool(options["antithetic"]))
+        self._round = options["sv_samples"]
+        with _warnings_for_the_caller():
+            return self._rounds(module, find_best_evaluation_module, call_index, return_stderr, options, kwargs)
+
+    def _rounds(self, module: nn.Module | CallSite | Group, find_best_evaluation_module: bool, call_index: int,
+                return_stderr: bool, options: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        tolerance = options["tolerance"]
+        scores = super().run(module, find_best_evaluation_module, call_index=call_index, **kwargs)
+        while tolerance is not None and self._stats.samples < options["max_samples"]:
+            stderr = self._stats.stderr()
+            estimate = self._stats.mean()
+            spread = float(np.nanmax(estimate) - np.nanmin(estimate)) if estimate.size else 0.0
+            if np.all(np.isfinite(stderr)) and float(stderr.max(initial=0.0)) <= tolerance * spread:
+                break
+            self._round = min(options["sv_samples"], options["max_samples"] - self._stats.orderings)
+            self._stats.start_round()
+            super().run(module, find_best_evaluation_module, call_index=call_index, **kwargs)
+        if tolerance is not None:
+            scores = self._stats.mean()
+        self.last_samples = self._stats.orderings
+        if return_stderr:
+            return scores, self._stats.stderr()
+        return scores
 
     def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
-        self._permutations = draw_permutations(runner.num_units, options["sv_samples"], options["seed"])
-        runner.description = f"Shapley {runner.label}: 0/{options['sv_samples']} permutations"
+        if not hasattr(self, "_orderings"):  # scored without run() (e.g. by a subclass' own loop)
+            self._orderings = Orderings(options["seed"], bool(options["antithetic"]))
+            self._stats = _SampleStats(self.reduction, bool(options["antithetic"]))
+            self._round = options["sv_samples"]
+        self._permutations = self._orderings.draw(runner.num_units, self._round)
+        self._fast = FastEvaluator(runner, options, self.name) if options["algorithm"] == "fast" else None
+        self._first = True
+        self.last_path = "reference" if self._fast is None else None
+        runner.description = f"Shapley {runner.label}: 0/{len(self._permutations)} permutations"
 
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         """The players are the units (of the layer, or of the group: a coalition then zeroes the
         units outside it at every read point of the group together)."""
+        phi = None
+        if self._fast is not None and self._fast.path != "reference":
+            phi = self._fast_marginals(runner, batch)
+        if phi is None:
+            self.last_path = "reference"
+            phi = self._reference_marginals(runner, batch)
+        self._stats.add(phi)
+        return phi.sum(0) / phi.shape[0]
+
+    def _fast_marginals(self, runner: Runner, batch: Batch) -> torch.Tensor | None:
+        fast = self._fast
+        assert fast is not None
+        env = fast.setup(batch) if self._first else fast.prefix(batch)
+        if env is None:
+            return None
+        orders = torch.stack(self._permutations)
+        shown = [-1]
+
+        def progress(done: int) -> None:
+            if done != shown[0]:
+                shown[0] = done
+                runner.set_progress(f"Shapley {runner.label}: {done}/{len(orders)} permutations")
+
+        progress(0)
+        if not self._first:
+            values = fast.ordering_values(env, batch, orders, progress)
+        else:
+            self._first = False
+            try:
+                values = fast.ordering_values(env, batch, orders, progress)
+            except Exception as error:  # the stacked suffix did not run: a model fx does not fully describe
+                fast.refuse(f"evaluating the part of the model after the evaluation point failed ({error})")
+                return None
+            if not fast.check(batch, -values[0, 0], -values[0, -1]):
+                return None
+        self.last_path = fast.path
+        return marginals_from_values(values, orders)
+
+    def _reference_marginals(self, runner: Runner, batch: Batch) -> torch.Tensor:
+        """Every coalition runs the whole model: ``sv_samples · (units + 1)`` forward passes."""
         num_units = runner.num_units
-        total = torch.zeros(batch.size, num_units, dtype=torch.float64)
+        phi = torch.zeros(len(self._permutations), batch.size, num_units, dtype=torch.float64)
         label = runner.label
         for k, permutation in enumerate(self._permutations):
             runner.set_progress(f"Shapley {label}: {k}/{len(self._permutations)} permutations")
@@ -64,7 +407,109 @@ class ShapleyAttributionMetric(AttributionMetric):
             for unit in permutation.tolist():
                 keep[unit] = True
                 value_after = -runner.losses(batch, keep).cpu()
-                total[:, unit] += value_after - value_before
+                phi[k, :, unit] = value_after - value_before
                 value_before = value_after
         runner.set_progress(f"Shapley {label}: {len(self._permutations)}/{len(self._permutations)} permutations")
-        return total / len(self._permutations)
+        return phi
+
+
+@contextlib.contextmanager
+def _warnings_for_the_caller() -> Iterator[None]:
+    """Warnings that the base class points at the caller of ``AttributionMetric.run`` would point
+    at this module's ``run`` override: re-emit them at the caller of ``ShapleyAttributionMetric.run``
+    (each once per run, also across the rounds of adaptive mode); others keep their place."""
+    here = __file__
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        _reemit(caught, here)
+
+
+def _reemit(caught: list[warnings.WarningMessage], here: str) -> None:
+    seen: set[tuple[type, str]] = set()
+    for record in caught:
+        key = (record.category, str(record.message))
+        if key in seen:
+            continue
+        seen.add(key)
+        if record.filename == here:
+            warnings.warn(record.message, record.category, stacklevel=5)
+        else:
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno,
+                                   source=record.source)
+
+
+class _SampleStats:
+    """Per-sample statistics for the standard error, over every batch and round of a run.
+
+    A sample is one ordering (an antithetic pair with ``antithetic=True``). For ``"mean"`` and
+    ``"sum"`` each sample's total over the examples is kept (``[samples, units]``); for ``"none"``
+    each example's sum and sum of squares over the samples."""
+
+    def __init__(self, reduction: Any, antithetic: bool) -> None:
+        self.reduction = reduction
+        self.antithetic = antithetic
+        self.rounds: list[np.ndarray] = []
+        self.current: np.ndarray | None = None
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.row = 0
+        self.count = 0
+        self.samples = 0
+        self.orderings = 0
+        self._round_samples = 0
+        self._round_orderings = 0
+
+    def start_round(self) -> None:
+        if self.current is not None:
+            self.rounds.append(self.current)
+        self.current = None
+        self.row = 0
+        self.count = 0
+
+    def add(self, phi: torch.Tensor) -> None:
+        if self.antithetic and phi.shape[0] % 2 == 0:
+            phi = phi.reshape(phi.shape[0] // 2, 2, *phi.shape[1:]).mean(1)
+        samples = phi.numpy()  # [S, n, units]
+        n = samples.shape[1]
+        if self.row == 0:
+            self.samples += samples.shape[0]
+            self.orderings += samples.shape[0] * (2 if self.antithetic else 1)
+        self.count += n
+        if self.reduction == "none":
+            total, squares = samples.sum(0), (samples ** 2).sum(0)
+            if self.row < len(self.rows):
+                old_total, old_squares = self.rows[self.row]
+                self.rows[self.row] = (old_total + total, old_squares + squares)
+            else:
+                self.rows.append((total, squares))
+        else:
+            per_sample = samples.sum(1)
+            self.current = per_sample if self.current is None else self.current + per_sample
+        self.row += 1
+
+    def _totals(self) -> np.ndarray:
+        parts = self.rounds + ([self.current] if self.current is not None else [])
+        totals = np.concatenate(parts, axis=0)
+        return totals / self.count if self.reduction == "mean" else totals
+
+    def mean(self) -> np.ndarray:
+        if self.reduction == "none":
+            return np.concatenate([total for total, _ in self.rows], axis=0) / self.samples
+        return self._totals().mean(0)
+
+    def stderr(self) -> np.ndarray:
+        s = self.samples
+        if self.reduction == "none":
+            total = np.concatenate([t for t, _ in self.rows], axis=0)
+            squares = np.concatenate([q for _, q in self.rows], axis=0)
+            if s < 2:
+                return np.full_like(total, np.nan)
+            variance = np.maximum(squares - total ** 2 / s, 0.0) / (s - 1)
+            return np.sqrt(variance / s)
+        totals = self._totals()
+        if s < 2:
+            return np.full(totals.shape[1:], np.nan)
+        return totals.std(axis=0, ddof=1) / math.sqrt(s)

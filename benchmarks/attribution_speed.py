@@ -1,0 +1,205 @@
+"""Shapley scoring speed on the digits CNN: fast vs reference vs the 2020 algorithm vs captum.
+
+Model: conv 32 → ReLU → conv 64 → ReLU → max-pool → linear 128 → ReLU → linear 10 on
+scikit-learn's 8×8 digits (trained for a few epochs first), 512 examples in batches of 128,
+``sv_samples=5``, each layer scored after its ReLU. Peers, in the same process:
+
+* ``fast``: ``ShapleyAttributionMetric(..., algorithm="fast")`` (the default);
+* ``reference``: ``algorithm="reference"`` (every coalition runs the whole model on the batch);
+* ``2020``: the 2020 library's algorithm, written here: one full pass over the data per coalition
+  (a forward hook zeroes the units outside the coalition), ``sv_samples · (units + 1)`` passes;
+* ``captum``: captum's ``ShapleyValueSampling`` on the suffix alone (the activations at the
+  evaluation point are the input, one feature group per channel, baseline 0,
+  ``perturbations_per_eval=16``), per batch.
+
+``limit``: the cost limit of the fast algorithm: the same number of coalition evaluations
+(``sv_samples · units`` per example) at the cost of the incremental step alone (the part of the
+model after the first linear layer that follows the evaluation point, run on stacked batches of
+the size the fast algorithm uses), without the prefix pass or the contributions.
+
+    python benchmarks/attribution_speed.py              # 2 threads
+    python benchmarks/attribution_speed.py --threads 2 --skip-slow
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchpruner.attributions import ShapleyAttributionMetric
+from torchpruner.attributions.suffix import DEFAULT_MAX_BATCH_ELEMENTS
+
+
+def digits(n: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=g)
+    x, y = x[order], y[order]
+    return x[n:], y[n:], x[:n], y[:n]
+
+
+def digits_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 3) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        for i in range(0, len(x), 64):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            optimizer.step()
+    model.eval()
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def shapley_2020(model: nn.Module, point: nn.Module, data, samples: int, seed: int = 0) -> np.ndarray:
+    """One full pass over the data per coalition; loss averaged over the data."""
+    with torch.no_grad():
+        units = model[: list(model).index(point) + 1](data[0][0][:1]).shape[1]
+    keep = torch.ones(units)
+
+    def hook(_module, _inputs, output):
+        return output * keep.reshape(1, -1, *([1] * (output.dim() - 2)))
+
+    def value() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for xb, yb in data:
+                total -= float(F.cross_entropy(model(xb), yb, reduction="sum"))
+                count += len(yb)
+        return total / count
+
+    handle = point.register_forward_hook(hook)
+    scores = np.zeros(units)
+    g = torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(samples):
+            keep.zero_()
+            before = value()
+            for unit in torch.randperm(units, generator=g).tolist():
+                keep[unit] = 1
+                after = value()
+                scores[unit] += after - before
+                before = after
+    finally:
+        handle.remove()
+    return scores / samples
+
+
+def shapley_captum(model: nn.Sequential, index: int, data, samples: int) -> np.ndarray:
+    from captum.attr import ShapleyValueSampling
+
+    head, tail = model[: index + 1], model[index + 1:]
+    total, count = None, 0
+    for xb, yb in data:
+        with torch.no_grad():
+            z = head(xb)
+        target = yb
+
+        def forward(zz: torch.Tensor) -> torch.Tensor:
+            repeats = zz.shape[0] // len(target)
+            return -F.cross_entropy(tail(zz), target.repeat(repeats), reduction="none")
+
+        mask = torch.arange(z.shape[1]).reshape(1, -1, *([1] * (z.dim() - 2))).expand_as(z[:1]).contiguous()
+        attributions = ShapleyValueSampling(forward).attribute(
+            z, baselines=0.0, feature_mask=mask, n_samples=samples, perturbations_per_eval=16)
+        per_unit = attributions.reshape(z.shape[0], z.shape[1], -1)[:, :, 0].sum(0)
+        total = per_unit if total is None else total + per_unit
+        count += len(yb)
+    return (total / count).numpy()
+
+
+def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int) -> float:
+    """Seconds for ``samples · units`` coalition evaluations per example at the cost of the
+    incremental step: the layers after the first linear layer following ``index``."""
+    linear = next(i for i in range(index + 1, len(model)) if isinstance(model[i], (nn.Linear, nn.Conv2d)))
+    head, rest = model[: linear + 1], model[linear + 1:]
+    seconds = 0.0
+    for xb, yb in data:
+        with torch.no_grad():
+            y_lin = head(xb)
+        units = model[: index + 1](xb[:1]).shape[1]
+        per_example = max(int(np.prod(y_lin.shape[1:])), 1)
+        per_call = max(1, budget // (len(xb) * per_example))
+        rows = samples * units
+        calls, last = divmod(rows, per_call)
+        stacked = y_lin.repeat(per_call, *([1] * (y_lin.dim() - 1)))
+        target = yb.repeat(per_call)
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(calls):
+                F.cross_entropy(rest(stacked), target, reduction="none")
+            if last:
+                F.cross_entropy(rest(stacked[: last * len(xb)]), target[: last * len(xb)], reduction="none")
+            seconds += time.perf_counter() - start
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--skip-slow", action="store_true", help="leave out the reference and 2020 peers")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x_train, y_train, x, y = digits()
+    model = digits_cnn()
+    train(model, x_train, y_train)
+    data = loader(x, y)
+    layers = {"conv 32": 1, "conv 64": 3, "linear 128": 7}  # the ReLU after each layer
+    print(f"digits CNN, {len(x)} examples in batches of 128, sv_samples={args.samples}, CPU, "
+          f"{args.threads} threads, torch {torch.__version__}; shared machine, timings are noisy, "
+          "ratios are within this run")
+    header = ("| layer | units | fast (s) | limit (s) | % of limit | reference (s) | 2020 (s) | captum (s) "
+              "| fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum | path |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for name, index in layers.items():
+        point = model[index]
+        metric = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=args.samples, seed=0)
+        fast_s, fast = timed(lambda: metric.run(point))
+        path = metric.last_path
+        units = len(fast)
+        limit = cost_limit(model, index, data, args.samples, DEFAULT_MAX_BATCH_ELEMENTS)
+        captum_s, captum_scores = timed(lambda: shapley_captum(model, index, data, args.samples))
+        if args.skip_slow:
+            ref_s = old_s = float("nan")
+        else:
+            reference = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=args.samples,
+                                                 seed=0, algorithm="reference")
+            ref_s, ref_scores = timed(lambda: reference.run(point))
+            old_s, _ = timed(lambda: shapley_2020(model, point, data, args.samples))
+            assert np.allclose(fast, ref_scores, rtol=1e-3, atol=1e-4 * np.abs(ref_scores).max()), name
+        print(f"| {name} | {units} | {fast_s:.2f} | {limit:.2f} | {100 * limit / fast_s:.0f}% | {ref_s:.2f} "
+              f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.0f}× | {old_s / ref_s:.1f}× "
+              f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {path} |")
+
+
+if __name__ == "__main__":
+    main()
