@@ -155,6 +155,8 @@ def scoring_job(rank: int) -> dict[str, Any]:
     record[("Shapley", "mean", "layer")] = shapley.run(model[2])
     record[("Shapley", "none", "group")] = ShapleyAttributionMetric(
         ddp, loader, F.cross_entropy, reduction="none", sv_samples=1, seed=rank).run(groups[1])  # rank 0's seed
+    record["shapley stderr"] = _error_of(lambda: ShapleyAttributionMetric(
+        ddp, loader, F.cross_entropy, sv_samples=1).run(model[2], return_stderr=True))
     record[("Random", "mean", "layer")] = RandomAttributionMetric(ddp, loader, F.cross_entropy).run(model[0])
     record[("WeightNorm", "mean", "group")] = WeightNormAttributionMetric(ddp, loader, F.cross_entropy).run(groups[0])
     # a rank without data: every rank raises the same error, nobody waits

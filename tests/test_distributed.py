@@ -105,6 +105,12 @@ def test_shapley_uses_rank_0s_seed_on_every_rank(scoring):
         np.testing.assert_allclose(record[("Shapley", "none", "group")], expected, rtol=1e-10, atol=1e-12)
 
 
+def test_shapley_stderr_is_refused_on_every_rank_in_a_distributed_run(scoring):
+    """Each rank's own stopping rule could differ and leave a rank waiting in a collective."""
+    messages = [record["shapley stderr"] for record in scoring]
+    assert messages[0] == messages[1] and "not available in a distributed run" in messages[0]
+
+
 def test_data_free_metrics_give_rank_0s_scores(scoring):
     np.testing.assert_array_equal(scoring[0][("Random", "mean", "layer")], scoring[1][("Random", "mean", "layer")])
     model = workers.mlp()

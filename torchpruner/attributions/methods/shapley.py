@@ -35,6 +35,7 @@ from torchpruner.graph import CallSite
 from torchpruner.graph.dependency import Group
 
 from ..base import AttributionMetric, batch_statistics_modules
+from ..collectives import scoring_model
 from ..data import Batch
 from ..runner import Runner
 from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable
@@ -317,6 +318,14 @@ class ShapleyAttributionMetric(AttributionMetric):
         if (return_stderr or tolerance is not None) and callable(self.reduction):
             raise ValueError("the standard error (return_stderr=True, tolerance=) is defined for "
                              "reduction 'mean', 'sum' or 'none', not for a callable reduction")
+        _, shards = scoring_model(self.model, self.process_group)
+        if shards is not None:  # every rank draws rank 0's orderings
+            if return_stderr or tolerance is not None:
+                raise ValueError("return_stderr=True and tolerance= are not available in a distributed run yet "
+                                 "(each rank would stop after its own number of orderings); score with a fixed "
+                                 "sv_samples")
+            options = shards.shared_options(options)
+            kwargs = {**kwargs, "seed": options["seed"]}
         self._orderings = Orderings(options["seed"], bool(options["antithetic"]))
         self._stats = _SampleStats(self.reduction, bool(options["antithetic"]))
         self._round = options["sv_samples"]
