@@ -23,6 +23,10 @@ AUTOMATIC_DISCOVERY = True
 
 DEFAULT_RESULTS = "results"
 
+# One thread by default: every machine has it, so a fresh clone reproduces the README's figures digit for
+# digit, and tiny models gain nothing from more threads (on shared cores they lose: waiting threads spin).
+DEFAULT_THREADS = 1
+
 
 # --------------------------------------------------------------------------------------------
 # arguments, seeds, devices
@@ -45,6 +49,9 @@ def base_parser(description: str, epochs: int = 30) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--retrain", action="store_true", help="ignore a cached checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="torch intra-op threads; the figures are reproducible for a given torch version and "
+                             "thread count (other thread counts sum floats in another order and train other models)")
     return parser
 
 
@@ -71,6 +78,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def reproducible(threads: int | None = DEFAULT_THREADS):
+    """Deterministic torch for the duration of a study: ``threads`` intra-op threads and
+    ``torch.use_deterministic_algorithms`` (restored afterwards).
+
+    Together with the seeded models, loaders and criteria this makes a study print the same figures
+    on every run with the same torch version and thread count. The thread count matters: more
+    threads split the sums of a matrix product or a convolution differently, the float results
+    differ in the last bits and training drifts to another model. An op without a deterministic
+    implementation (CUDA only) warns instead of stopping the study.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    previous_mode = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, read when CUDA starts
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous_mode, warn_only=previous_warn)
+        torch.set_num_threads(previous_threads)
+
+
+def environment() -> dict:
+    """What the figures of a study depend on besides its arguments."""
+    import platform
+
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -127,7 +169,7 @@ def model_costs(model: nn.Module, input_size, batch_size: int = 64, repeats: int
 # One colour per criterion, shared by every figure.
 CRITERION_COLOURS = {"random": "#7f7f7f", "weight_norm": "#1f77b4", "apoz": "#ff7f0e", "sensitivity": "#2ca02c",
                      "taylor": "#9467bd", "taylor_signed": "#8c564b", "shapley": "#d62728",
-                     "shapley_2std": "#e377c2", "fpgm": "#17becf", "thinet": "#bcbd22"}
+                     "shapley_2std": "#e377c2", "fpgm": "#17becf", "thinet": "#bcbd22", "bn_scale": "#aec7e8"}
 
 
 def mean_plus_2std(values: np.ndarray) -> np.ndarray:
@@ -149,9 +191,12 @@ CRITERIA = {
                      "Shapley value, mean + 2 std over examples"),
     "fpgm": ("FPGMAttributionMetric", {}, False, "summed L2 distance to the layer's other filters"),
     "thinet": ("ThiNetAttributionMetric", {}, False, "greedy order of least change in the next layer"),
+    "bn_scale": ("BNScaleAttributionMetric", {}, False, "|γ| of the BatchNorm after the layer (layers with one)"),
 }
-DEFAULT_CRITERIA = ["random", "weight_norm", "fpgm", "apoz", "thinet", "sensitivity", "taylor", "taylor_signed",
-                    "shapley", "shapley_2std"]
+# Criteria that only score a layer followed by a BatchNorm.
+NEEDS_BATCHNORM = ("bn_scale",)
+DEFAULT_CRITERIA = ["random", "weight_norm", "fpgm", "bn_scale", "apoz", "thinet", "sensitivity", "taylor",
+                    "taylor_signed", "shapley", "shapley_2std"]
 SEEDED_PREFIXES = ("random", "shapley")
 
 
@@ -166,6 +211,14 @@ def parse_criteria(text: str) -> list[str]:
 
 def criterion_is_seeded(name: str) -> bool:
     return name in CRITERIA and CRITERIA[name][2]
+
+
+def criterion_applies(name: str, layer) -> bool:
+    """Whether ``name`` can score ``layer`` (a :class:`experiments.models.PrunableLayer`): BN scale
+    needs the BatchNorm that follows the layer, which is among the layer's cascading modules."""
+    if name in NEEDS_BATCHNORM:
+        return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in layer.cascading)
+    return True
 
 
 def make_metric(name: str, model: nn.Module, loader, device, seed: int = 0, sv_samples: int = 5,
@@ -279,11 +332,15 @@ class UnitMask:
 # --------------------------------------------------------------------------------------------
 # output: tables, files, figures
 
-def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:
-    """A compact fixed-width text table."""
+def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f",
+                 headers: list[str] | None = None) -> str:
+    """A compact fixed-width text table; ``headers`` (one per column) replace the column keys on top."""
     if not rows:
         return "(empty)"
     columns = columns or list(rows[0])
+    headers = list(columns) if headers is None else list(headers)
+    if len(headers) != len(columns):
+        raise ValueError(f"format_table got {len(headers)} headers for {len(columns)} columns")
 
     def cell(value):
         if isinstance(value, float):
@@ -291,8 +348,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: s
         return str(value)
 
     cells = [[cell(row.get(column, "")) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(r[i]) for r in cells)) for i, column in enumerate(columns)]
-    lines = ["  ".join(column.ljust(w) for column, w in zip(columns, widths)),
+    widths = [max(len(header), *(len(r[i]) for r in cells)) for i, header in enumerate(headers)]
+    lines = ["  ".join(header.ljust(w) for header, w in zip(headers, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(value.rjust(w) if _is_number(value) else value.ljust(w) for value, w in zip(r, widths))
               for r in cells]

@@ -3,9 +3,22 @@
 For every prunable layer of a trained model and every criterion, the units are scored on the
 validation split and removed one at a time, least important first, with no fine-tuning; the test
 loss and accuracy are recorded after each removal. A criterion is better when the loss grows more
-slowly. The summary number per criterion is the mean test-loss increase per removed unit:
-for a layer with n units, the average over k = 1..n-1 of loss(k removed) - loss(0 removed), then the
-average over layers (lower is better). Random and Shapley are repeated over several seeds.
+slowly. The number per criterion and layer is the mean test-loss increase per removed unit: for a
+layer with n units, the average over k = 1..n-1 of loss(k removed) - loss(0 removed). Random and
+Shapley are repeated over several seeds (``--n-seeds``) and averaged per layer.
+
+``--train-seeds N`` trains N models (seeds ``--seed``, ``--seed`` + 1, ...) and runs the comparison
+on each. The tables then give, per criterion, the mean over models of its mean over layers with a
+95% Student-t interval over models, and the paired comparisons that tell real differences from
+noise: for each criterion minus random and minus the best criterion, the difference per (model,
+layer) pair, the mean difference with a 95% bootstrap interval over those pairs, and an exact
+two-sided sign test. ``*`` marks p < 0.05 with an interval excluding zero, ``**`` the same after a
+Bonferroni correction over the criteria of that column. A run with ``--train-seeds N`` computes
+exactly what the N runs ``--seed s --train-seeds 1`` compute, model for model.
+
+Reproducible by construction: training, loaders, criteria and the bootstrap are seeded, and the run
+uses ``--threads`` torch threads with ``torch.use_deterministic_algorithms``, so the same torch
+version and thread count print the same tables (other thread counts train other models).
 
 Removal: by default each curve is computed by zeroing the removed units at the layer's evaluation
 point (after BatchNorm and ReLU), which is exactly what removing them does in eval mode; for every
@@ -13,7 +26,8 @@ curve a few points are re-done by really removing the units with the torchpruner
 copy of the model, and the largest difference is reported. ``--removal prune`` uses the Pruner for
 every point.
 
-    python -m experiments.compare_criteria                       # digits, small CNN, < 3 min on 2 cores
+    python -m experiments.compare_criteria                       # digits, small CNN, 3 models
+    python -m experiments.compare_criteria --train-seeds 1 --seed 2
     python -m experiments.compare_criteria --captum LayerConductance
     python -m experiments.compare_criteria --dataset mnist --data-root ~/data
 """
@@ -28,20 +42,28 @@ if __package__ in (None, ""):  # run as a file: python experiments/compare_crite
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, add_model_arguments, base_parser,
-                                criterion_is_seeded, evaluate, model_options_from, parse_criteria, format_table, make_metric, make_pruner, mean_plus_2std, mean_std, prune_units,
-                                pyplot, removal_order, resolve_device, results_folder, score_layer,
-                                UnitMask, write_csv, write_json)
-from experiments.data import load_dataset, make_loader
+from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, UnitMask, add_model_arguments,
+                                base_parser, criterion_applies, criterion_is_seeded, environment, evaluate,
+                                format_table, make_metric, make_pruner, mean_plus_2std, model_options_from,
+                                parse_criteria, prune_units, pyplot, removal_order, reproducible, resolve_device,
+                                results_folder, score_layer, write_csv, write_json)
+from experiments.data import load_dataset
 from experiments.models import default_arch, load_or_train, prunable_layers
+from experiments.stats import bootstrap_ci, mean_ci, sign_test
 
 COLOURS = CRITERION_COLOURS
-CURVE_COLUMNS = ["layer", "criterion", "seed", "removed", "unit", "test_loss", "test_accuracy"]
-SUMMARY_COLUMNS = ["criterion", "loss_increase", "loss_increase_std", "accuracy_drop", "accuracy_drop_std",
-                   "seeds", "score_seconds"]
+CURVE_COLUMNS = ["model_seed", "layer", "criterion", "seed", "removed", "unit", "test_loss", "test_accuracy"]
+SUMMARY_COLUMNS = ["criterion", "loss_increase", "loss_increase_low", "loss_increase_high", "loss_increase_std",
+                   "accuracy_drop", "accuracy_drop_low", "accuracy_drop_high", "models", "layers", "seeds",
+                   "score_seconds"]
+PAIRED_COLUMNS = ["criterion", "reference", "pairs", "mean_difference", "ci_low", "ci_high", "lower", "higher",
+                  "p_value", "significant"]
+LEVEL = 0.95  # confidence level of every interval
+ALPHA = 0.05  # significance level of the sign tests
+BOOTSTRAP_RESAMPLES = 10000
+BOOTSTRAP_SEED = 0
 
 
 def build_parser():
@@ -51,7 +73,10 @@ def build_parser():
     parser.add_argument("--captum", default="",
                         help="comma-separated captum layer methods to add, e.g. LayerConductance")
     parser.add_argument("--layers", default="", help="comma-separated layer names (default: all prunable)")
-    parser.add_argument("--n-seeds", type=int, default=3, help="seeds for the random criteria (random, shapley)")
+    parser.add_argument("--train-seeds", type=int, default=3,
+                        help="trained models (seeds --seed, --seed + 1, ...); the tables average over them")
+    parser.add_argument("--n-seeds", type=int, default=3,
+                        help="seeds per model for the random criteria (random, shapley)")
     parser.add_argument("--sv-samples", type=int, default=5, help="permutations per Shapley estimate")
     parser.add_argument("--score-batches", type=int, default=None, help="cap on validation batches for scoring")
     parser.add_argument("--removal", choices=["mask", "prune"], default="mask",
@@ -67,6 +92,17 @@ def build_parser():
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.train_seeds < 1:
+        raise SystemExit(f"--train-seeds must be at least 1, got {args.train_seeds}")
+    if args.n_seeds < 1:
+        raise SystemExit(f"--n-seeds must be at least 1, got {args.n_seeds}")
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    with reproducible(args.threads):
+        return run(args)
+
+
+def run(args) -> dict:
     started = time.perf_counter()
     device = resolve_device(args.device)
     progress = not args.no_progress
@@ -76,105 +112,118 @@ def main(argv=None) -> dict:
     splits = load_dataset(args.dataset, args.data_root, split_seed=args.split_seed)
     arch = args.arch or default_arch(splits.name)
     model_options = model_options_from(args, arch)
-    model, info = load_or_train(arch, splits, args.results, seed=args.seed, epochs=args.epochs, lr=args.lr,
-                                batch_size=args.batch_size, device=device, model_options=model_options,
-                                progress=progress, retrain=args.retrain)
-    model.eval()
-    _, val_loader, test_loader = splits.loaders(batch_size=args.batch_size)
-    base_loss, base_accuracy = evaluate(model, test_loader, device=device)
-
-    layers = prunable_layers(model)
-    if args.layers:
-        wanted = [name.strip() for name in args.layers.split(",") if name.strip()]
-        unknown = set(wanted) - {layer.name for layer in layers}
-        if unknown:
-            raise SystemExit(f"unknown layers {sorted(unknown)}; prunable: {[layer.name for layer in layers]}")
-        layers = [layer for layer in layers if layer.name in wanted]
-
-    seeds = [args.seed + offset for offset in range(max(1, args.n_seeds))]
-    jobs = [(layer, name, seed) for layer in layers for name in criteria
-            for seed in (seeds if _seeded(name) else [args.seed])]
+    model_seeds = [args.seed + offset for offset in range(args.train_seeds)]
 
     curves: list[dict] = []
     per_curve: list[dict] = []
-    score_seconds: dict[str, float] = {name: 0.0 for name in criteria}
+    models: list[dict] = []
     verification: list[dict] = []
-    shapley_cache: dict = {}
-    removal_seconds = 0.0
-    for layer, name, seed in tqdm(jobs, desc="layers x criteria", disable=not progress):
-        tick = time.perf_counter()
-        scores = _scores(name, model, layer, val_loader, device, seed, args, shapley_cache)
-        score_seconds[name] += time.perf_counter() - tick
-        order = removal_order(scores)
-        tick = time.perf_counter()
-        steps = layer.num_units - 1 if args.max_removed is None else min(args.max_removed, layer.num_units - 1)
-        if args.removal == "prune":
-            losses, accuracies = pruned_curve(model, layer.name, order[:steps], test_loader, splits.input_size,
-                                              device)
-        else:
-            losses, accuracies = masked_curve(model, layer, order[:steps], test_loader, device)
-            for k in _verify_points(steps, args.verify_points):
-                pruned_loss, pruned_accuracy, remaining = prune_copy(model, layer.name, order[:k], test_loader,
-                                                                     splits.input_size, device)
-                verification.append({"layer": layer.name, "criterion": name, "seed": seed, "removed": k,
-                                     "mask_loss": losses[k], "pruned_loss": pruned_loss,
-                                     "abs_diff": abs(losses[k] - pruned_loss),
-                                     "units_left": remaining, "expected_units_left": layer.num_units - k})
-        removal_seconds += time.perf_counter() - tick
-        for k, (loss, accuracy) in enumerate(zip(losses, accuracies)):
-            curves.append({"layer": layer.name, "criterion": name, "seed": seed, "removed": k,
-                           "unit": int(order[k - 1]) if k > 0 else -1, "test_loss": loss,
-                           "test_accuracy": accuracy})
-        per_curve.append({"layer": layer.name, "criterion": name, "seed": seed, "units": layer.num_units,
-                          "scores": scores.tolist(), "order": order.tolist(),
-                          "loss_increase": float(np.mean(np.asarray(losses[1:]) - losses[0])) if steps else 0.0,
-                          "accuracy_drop": float(np.mean(accuracies[0] - np.asarray(accuracies[1:]))) if steps
-                          else 0.0})
+    score_seconds: dict[str, float] = {name: 0.0 for name in criteria}
+    removal_seconds = train_seconds = 0.0
+    for model_seed in model_seeds:
+        model, info = load_or_train(arch, splits, args.results, seed=model_seed, epochs=args.epochs, lr=args.lr,
+                                    batch_size=args.batch_size, device=device, model_options=model_options,
+                                    progress=progress, retrain=args.retrain)
+        train_seconds += info["train_seconds"]
+        model.eval()
+        _, val_loader, test_loader = splits.loaders(batch_size=args.batch_size)
+        base_loss, base_accuracy = evaluate(model, test_loader, device=device)
+        models.append({"seed": model_seed, "test_loss": base_loss, "test_accuracy": base_accuracy, **info})
+        layers = _selected_layers(model, args.layers)
 
+        seeds = [model_seed + offset for offset in range(args.n_seeds)]
+        jobs = [(layer, name, seed) for layer in layers for name in criteria if criterion_applies(name, layer)
+                for seed in (seeds if criterion_is_seeded(name) else [model_seed])]
+        shapley_cache: dict = {}
+        for layer, name, seed in tqdm(jobs, desc=f"model {model_seed}: layers x criteria", disable=not progress):
+            tick = time.perf_counter()
+            scores = _scores(name, model, layer, val_loader, device, seed, args, shapley_cache)
+            score_seconds[name] += time.perf_counter() - tick
+            order = removal_order(scores)
+            tick = time.perf_counter()
+            steps = layer.num_units - 1 if args.max_removed is None else min(args.max_removed, layer.num_units - 1)
+            if args.removal == "prune":
+                losses, accuracies = pruned_curve(model, layer.name, order[:steps], test_loader, splits.input_size,
+                                                  device)
+            else:
+                losses, accuracies = masked_curve(model, layer, order[:steps], test_loader, device)
+                for k in _verify_points(steps, args.verify_points):
+                    pruned_loss, pruned_accuracy, remaining = prune_copy(model, layer.name, order[:k], test_loader,
+                                                                         splits.input_size, device)
+                    verification.append({"model_seed": model_seed, "layer": layer.name, "criterion": name,
+                                         "seed": seed, "removed": k, "mask_loss": losses[k],
+                                         "pruned_loss": pruned_loss, "abs_diff": abs(losses[k] - pruned_loss),
+                                         "units_left": remaining, "expected_units_left": layer.num_units - k})
+            removal_seconds += time.perf_counter() - tick
+            for k, (loss, accuracy) in enumerate(zip(losses, accuracies)):
+                curves.append({"model_seed": model_seed, "layer": layer.name, "criterion": name, "seed": seed,
+                               "removed": k, "unit": int(order[k - 1]) if k > 0 else -1, "test_loss": loss,
+                               "test_accuracy": accuracy})
+            per_curve.append({"model_seed": model_seed, "layer": layer.name, "criterion": name, "seed": seed,
+                              "units": layer.num_units, "scores": scores.tolist(), "order": order.tolist(),
+                              "loss_increase": float(np.mean(np.asarray(losses[1:]) - losses[0])) if steps else 0.0,
+                              "accuracy_drop": float(np.mean(accuracies[0] - np.asarray(accuracies[1:])))
+                              if steps else 0.0})
+
+    layer_names = [layer.name for layer in layers]
     summary = summarise(per_curve, criteria, score_seconds)
+    best = best_criterion(summary)
+    paired = (paired_comparisons(per_curve, criteria, "random") if "random" in criteria else [])
+    paired += paired_comparisons(per_curve, criteria, best)
     elapsed = time.perf_counter() - started
-    out = results_folder(args.results, "compare_criteria") / f"{splits.name}_{arch}_seed{args.seed}"
+
+    tag = f"seed{args.seed}" if len(model_seeds) == 1 else f"seeds{model_seeds[0]}-{model_seeds[-1]}"
+    out = results_folder(args.results, "compare_criteria") / f"{splits.name}_{arch}_{tag}"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
-    figure = plot_curves(curves, summary, [layer.name for layer in layers], criteria, out / "compare_criteria.png",
-                         title=f"{splits.name} / {arch}: test loss while removing units (no fine-tuning)")
+    write_csv(out / "paired.csv", paired, PAIRED_COLUMNS)
+    figure = plot_curves(curves, summary, layer_names, criteria, out / "compare_criteria.png",
+                         title=f"{splits.name} / {arch}, {len(model_seeds)} trained model"
+                               f"{'s' if len(model_seeds) > 1 else ''}: test loss while removing units "
+                               "(no fine-tuning)")
     if args.figure:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         Path(args.figure).write_bytes(figure.read_bytes())
     max_diff = max((v["abs_diff"] for v in verification), default=float("nan"))
+    tables = format_tables(summary, paired, best, models, layers, splits.describe(), arch)
     payload = {
-        "study": "compare_criteria", "args": vars(args), "dataset": splits.describe(), "arch": arch,
-        "model": info, "device": str(device), "threads": torch.get_num_threads(),
-        "base": {"test_loss": base_loss, "test_accuracy": base_accuracy},
+        "study": "compare_criteria", "args": vars(args), "environment": environment(),
+        "dataset": splits.describe(), "arch": arch, "models": models, "device": str(device),
         "layers": [{"name": layer.name, "units": layer.num_units} for layer in layers],
-        "criteria": criteria, "seeds": seeds, "summary": summary, "curves": per_curve,
+        "criteria": criteria, "model_seeds": model_seeds, "best": best, "summary": summary, "paired": paired,
+        "curves": per_curve, "tables": tables,
         "verification": {"points": verification, "max_abs_loss_diff": max_diff},
-        "timing": {"total_seconds": elapsed, "train_seconds": info["train_seconds"],
-                   "score_seconds": score_seconds, "removal_seconds": removal_seconds},
-        "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"), "figure": str(figure)},
+        "timing": {"total_seconds": elapsed, "train_seconds": train_seconds, "score_seconds": score_seconds,
+                   "removal_seconds": removal_seconds},
+        "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"),
+                  "paired": str(out / "paired.csv"), "figure": str(figure)},
     }
     write_json(out / "results.json", payload)
 
-    print(f"\n{splits.describe()}; {arch}: test loss {base_loss:.4f}, accuracy {base_accuracy:.4f}"
-          f" ({'cached' if info['cached'] else 'trained'} checkpoint)")
-    print("mean test-loss increase per removed unit, averaged over layers "
-          f"({', '.join(f'{layer.name}: {layer.num_units}' for layer in layers)} units); lower is better\n")
-    print(format_table([{**row, "loss_increase": f"{row['loss_increase']:.4f} ± {row['loss_increase_std']:.4f}"
-                         if row["seeds"] > 1 else f"{row['loss_increase']:.4f}",
-                         "accuracy_drop": f"{row['accuracy_drop']:.4f}"} for row in summary],
-                       ["criterion", "loss_increase", "accuracy_drop", "seeds", "score_seconds"], floatfmt=".2f"))
+    print("\n" + tables)
     if verification:
         print(f"\nPruner check: {len(verification)} points re-done by real removal, "
               f"max |loss difference| {max_diff:.2e}")
-    print(f"total {elapsed:.1f} s (training {info['train_seconds']:.1f} s, scoring "
-          f"{sum(score_seconds.values()):.1f} s, removal curves {removal_seconds:.1f} s)")
+    env = payload["environment"]
+    print(f"torch {env['torch']}, {env['threads']} thread{'s' if env['threads'] > 1 else ''}, {device}; "
+          f"total {elapsed:.1f} s (training {train_seconds:.1f} s, scoring {sum(score_seconds.values()):.1f} s, "
+          f"removal curves {removal_seconds:.1f} s)")
     print(f"results: {out}\nfigure: {figure}")
     return payload
 
 
-def _seeded(name: str) -> bool:
-    return criterion_is_seeded(name)
+def _selected_layers(model, wanted_text: str):
+    layers = prunable_layers(model)
+    if not wanted_text:
+        return layers
+    wanted = [name.strip() for name in wanted_text.split(",") if name.strip()]
+    unknown = set(wanted) - {layer.name for layer in layers}
+    if unknown:
+        raise SystemExit(f"unknown layers {sorted(unknown)}; prunable: {[layer.name for layer in layers]}")
+    return [layer for layer in layers if layer.name in wanted]
+
+
 
 
 def _scores(name, model, layer, loader, device, seed, args, shapley_cache) -> np.ndarray:
@@ -244,26 +293,141 @@ def prune_copy(model, layer_name, units, loader, input_size, device):
     return loss, accuracy, layer.num_units
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# statistics over trained models and (model, layer) pairs
+
+def layer_values(per_curve: list[dict], criterion: str, key: str = "loss_increase") -> dict:
+    """{(model seed, layer): ``key`` averaged over the criterion's seeds} for one criterion."""
+    grouped: dict = {}
+    for curve in per_curve:
+        if curve["criterion"] == criterion:
+            grouped.setdefault((curve["model_seed"], curve["layer"]), []).append(curve[key])
+    return {pair: float(np.mean(values)) for pair, values in grouped.items()}
+
+
+def model_means(values: dict) -> list[float]:
+    """Per model (in seed order), the mean over its layers of ``{(model seed, layer): value}``."""
+    seeds = sorted({seed for seed, _ in values})
+    return [float(np.mean([v for (seed, _), v in values.items() if seed == s])) for s in seeds]
+
+
 def summarise(per_curve: list[dict], criteria: list[str], score_seconds: dict) -> list[dict]:
-    """Per criterion: mean over layers of the per-curve numbers, then mean ± std over seeds."""
+    """Per criterion: the mean over trained models of its mean over layers, with a 95% t-interval
+    over models (nan for one model); sorted from the lowest loss increase."""
     rows = []
     for name in criteria:
-        mine = [c for c in per_curve if c["criterion"] == name]
-        seeds = sorted({c["seed"] for c in mine})
-        by_seed_loss = [np.mean([c["loss_increase"] for c in mine if c["seed"] == s]) for s in seeds]
-        by_seed_accuracy = [np.mean([c["accuracy_drop"] for c in mine if c["seed"] == s]) for s in seeds]
-        loss_mean, loss_std = mean_std(by_seed_loss)
-        accuracy_mean, accuracy_std = mean_std(by_seed_accuracy)
-        rows.append({"criterion": name, "loss_increase": loss_mean, "loss_increase_std": loss_std,
-                     "accuracy_drop": accuracy_mean, "accuracy_drop_std": accuracy_std, "seeds": len(seeds),
+        loss = layer_values(per_curve, name, "loss_increase")
+        if not loss:
+            continue
+        accuracy = layer_values(per_curve, name, "accuracy_drop")
+        loss_by_model = model_means(loss)
+        loss_mean, loss_low, loss_high = mean_ci(loss_by_model, LEVEL)
+        accuracy_mean, accuracy_low, accuracy_high = mean_ci(model_means(accuracy), LEVEL)
+        seeds = {c["seed"] for c in per_curve if c["criterion"] == name and c["model_seed"] == min(loss)[0]}
+        rows.append({"criterion": name, "loss_increase": loss_mean, "loss_increase_low": loss_low,
+                     "loss_increase_high": loss_high,
+                     "loss_increase_std": float(np.std(loss_by_model, ddof=1)) if len(loss_by_model) > 1 else 0.0,
+                     "accuracy_drop": accuracy_mean, "accuracy_drop_low": accuracy_low,
+                     "accuracy_drop_high": accuracy_high, "models": len(loss_by_model),
+                     "layers": len({layer for _, layer in loss}), "seeds": len(seeds),
                      "score_seconds": score_seconds.get(name, 0.0)})
     rows.sort(key=lambda row: row["loss_increase"])
     return rows
 
 
+def best_criterion(summary: list[dict]) -> str:
+    """The criterion with the lowest loss increase among those that score every layer."""
+    every_layer = max(row["layers"] for row in summary)
+    return next(row["criterion"] for row in summary if row["layers"] == every_layer)
+
+
+def paired_comparisons(per_curve: list[dict], criteria: list[str], reference: str) -> list[dict]:
+    """Each criterion minus ``reference`` on the (model, layer) pairs both score: the mean
+    difference in loss increase, its bootstrap interval and the exact sign test.
+
+    ``significant`` is ``"*"`` when p < 0.05 and the interval excludes zero, ``"**"`` when
+    moreover p < 0.05 / (criteria compared), else ``""``.
+    """
+    base = layer_values(per_curve, reference)
+    others = [name for name in criteria if name != reference and layer_values(per_curve, name)]
+    rows = []
+    for name in others:
+        values = layer_values(per_curve, name)
+        pairs = sorted(set(values) & set(base))
+        differences = np.array([values[pair] - base[pair] for pair in pairs])
+        low, high = bootstrap_ci(differences, LEVEL, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+        test = sign_test(differences)
+        significant = ""
+        if test.p_value < ALPHA and not low <= 0.0 <= high:
+            significant = "**" if test.p_value < ALPHA / len(others) else "*"
+        rows.append({"criterion": name, "reference": reference, "pairs": len(pairs),
+                     "mean_difference": float(differences.mean()), "ci_low": low, "ci_high": high,
+                     "lower": test.negative, "higher": test.positive, "p_value": test.p_value,
+                     "significant": significant})
+    return rows
+
+
+def format_tables(summary: list[dict], paired: list[dict], best: str, models: list[dict], layers, dataset: str,
+                  arch: str) -> str:
+    """The printed result: models, the averaged table and the paired comparisons (no timings, so two
+    runs with the same torch version and threads print the same text)."""
+    lines = [f"{dataset}; {arch}, {len(models)} trained model{'s' if len(models) > 1 else ''}:"]
+    lines += [f"  seed {m['seed']}: test loss {m['test_loss']:.4f}, accuracy {m['test_accuracy']:.4f}"
+              for m in models]
+    layer_text = ", ".join(f"{layer.name}: {layer.num_units}" for layer in layers)
+    interval = "95% t-interval over models" if len(models) > 1 else "one model: no interval"
+    lines += ["", f"mean test-loss increase per removed unit over the layers ({layer_text} units), mean over "
+                  f"models ({interval}); lower is better", ""]
+    every_layer = max(row["layers"] for row in summary)
+
+    def interval_text(low, high):
+        return "" if np.isnan(low) else f"[{low:.4f}, {high:.4f}]"
+
+    table = [{"criterion": row["criterion"] + ("" if row["layers"] == every_layer else f" ({row['layers']} layers)"),
+              "loss_increase": f"{row['loss_increase']:.4f}",
+              "ci": interval_text(row["loss_increase_low"], row["loss_increase_high"]),
+              "accuracy_drop": f"{row['accuracy_drop']:.4f}",
+              "accuracy_ci": interval_text(row["accuracy_drop_low"], row["accuracy_drop_high"])} for row in summary]
+    lines.append(format_table(table, ["criterion", "loss_increase", "ci", "accuracy_drop", "accuracy_ci"],
+                              headers=["criterion", "loss_increase", "95% CI", "accuracy_drop", "95% CI"]))
+    references = [name for name in ("random", best) if any(row["reference"] == name for row in paired)]
+    if not references:
+        return "\n".join(lines)
+    lines += ["", f"paired differences in loss increase per (model, layer): mean, 95% bootstrap CI, pairs where "
+                  "the criterion is lower, exact two-sided sign test;",
+              "* p < 0.05 and CI excluding 0, ** also after Bonferroni over the column's criteria", ""]
+    by_pair = {(row["criterion"], row["reference"]): row for row in paired}
+    table, columns, headers = [], ["criterion"], ["criterion"]
+    for reference in references:
+        columns += [f"{reference}:diff", f"{reference}:ci", f"{reference}:lower", f"{reference}:p"]
+        headers += [f"minus {reference}", "95% CI", "lower", "p"]
+    for row in summary:
+        cells = {"criterion": row["criterion"]}
+        for reference in references:
+            pair = by_pair.get((row["criterion"], reference))
+            if pair is None:
+                cells.update({f"{reference}:diff": "", f"{reference}:ci": "", f"{reference}:lower": "",
+                              f"{reference}:p": ""})
+                continue
+            cells.update({f"{reference}:diff": f"{pair['mean_difference']:+.4f} {pair['significant']:<2}",
+                          f"{reference}:ci": f"[{pair['ci_low']:+.4f}, {pair['ci_high']:+.4f}]",
+                          f"{reference}:lower": f"{pair['lower']}/{pair['pairs']}",
+                          f"{reference}:p": f"{pair['p_value']:.4f}"})
+        table.append(cells)
+    lines.append(format_table(table, columns, headers=headers))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# figure
+
 def plot_curves(curves, summary, layer_names, criteria, path: Path, title: str = "") -> Path:
-    """A panel per layer (test loss vs units removed, a line per criterion, seeds averaged with a band)
-    and a last panel with the summary bars."""
+    """A panel per layer (test loss vs units removed on a log axis, a line per criterion: the
+    geometric mean over models of the per-model mean over seeds, shaded with the 95% t-interval of
+    the log loss over models — or the seeds' min..max for one model) and a summary panel (loss
+    increase per criterion with its 95% interval over models, random as a reference line)."""
     plt = pyplot()
     panels = len(layer_names) + 1
     columns = min(panels, 4)
@@ -277,27 +441,45 @@ def plot_curves(curves, summary, layer_names, criteria, path: Path, title: str =
             points = [c for c in curves if c["layer"] == layer_name and c["criterion"] == name]
             if not points:
                 continue
-            seeds = sorted({c["seed"] for c in points})
-            table = np.array([[c["test_loss"] for c in points if c["seed"] == s] for s in seeds])
-            x = np.arange(table.shape[1])
-            ax.plot(x, table.mean(axis=0), color=colour[name], label=name, lw=1.4,
-                    ls="--" if name == "random" else "-")
-            if len(seeds) > 1:
-                ax.fill_between(x, table.min(axis=0), table.max(axis=0), color=colour[name], alpha=0.15, lw=0)
+            model_seeds = sorted({c["model_seed"] for c in points})
+            per_model = []
+            for model_seed in model_seeds:
+                mine = [c for c in points if c["model_seed"] == model_seed]
+                seeds = sorted({c["seed"] for c in mine})
+                per_model.append(np.array([[c["test_loss"] for c in mine if c["seed"] == s] for s in seeds]))
+            x = np.arange(per_model[0].shape[1])
+            if len(per_model) > 1:  # log axis: geometric mean over models, t-interval of the log loss
+                logs = np.log(np.array([runs.mean(axis=0) for runs in per_model]))
+                bands = np.array([mean_ci(column, LEVEL) for column in logs.T])
+                centre, low, high = np.exp(bands[:, 0]), np.exp(bands[:, 1]), np.exp(bands[:, 2])
+            else:
+                table = per_model[0]
+                centre, low, high = table.mean(axis=0), table.min(axis=0), table.max(axis=0)
+            ax.plot(x, centre, color=colour[name], label=name, lw=1.4, ls="--" if name == "random" else "-")
+            if len(per_model) > 1 or len(per_model[0]) > 1:
+                ax.fill_between(x, low, high, color=colour[name], alpha=0.12, lw=0)
         ax.set_title(layer_name)
         ax.set_xlabel("units removed")
         ax.set_ylabel("test loss")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     ax = axes[len(layer_names)]
+    every_layer = max(row["layers"] for row in summary)
     names = [row["criterion"] for row in summary]
-    ax.barh(range(len(names)), [row["loss_increase"] for row in summary],
-            xerr=[row["loss_increase_std"] for row in summary], color=[colour[n] for n in names])
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
-    ax.set_xlabel("mean loss increase per removed unit")
-    ax.set_title("summary (lower is better)")
-    ax.grid(alpha=0.3, axis="x")
+    means = np.array([row["loss_increase"] for row in summary])
+    lows = np.array([row["loss_increase_low"] for row in summary])
+    highs = np.array([row["loss_increase_high"] for row in summary])
+    errors = None if np.isnan(lows).all() else np.nan_to_num(np.vstack([means - lows, highs - means]))
+    ax.bar(range(len(names)), means, yerr=errors, capsize=3, color=[colour[n] for n in names])
+    ax.set_xticks(range(len(names)), [n if row["layers"] == every_layer else f"{n}*"
+                                      for n, row in zip(names, summary)], rotation=60, ha="right", fontsize=8)
+    random_row = next((row for row in summary if row["criterion"] == "random"), None)
+    if random_row is not None:
+        ax.axhline(random_row["loss_increase"], color=colour["random"], ls="--", lw=1, label="random")
+    ax.set_ylabel("loss increase per removed unit")
+    ax.set_title("summary, 95% CI (lower is better)" + ("; *: fewer layers" if min(
+        row["layers"] for row in summary) < every_layer else ""), fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     for ax in axes[panels:]:
         ax.axis("off")
     handles, labels = axes[0].get_legend_handles_labels()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from experiments.common import (CRITERIA, CRITERION_COLOURS, add_model_arguments, base_parser, criterion_is_seeded,
                                 evaluate, format_table, make_metric, model_options_from, parse_criteria, mean_std, pyplot, resolve_device, results_folder, seed_everything, write_csv,
-                                write_json)
+                                write_json, reproducible)
 from experiments.data import few_per_class, load_dataset
 from experiments.models import default_arch, load_or_train, train_one_epoch
 
@@ -108,6 +108,13 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    with reproducible(args.threads):
+        return run(args)
+
+
+def run(args) -> dict:
     started = time.perf_counter()
     device = resolve_device(args.device)
     progress = not args.no_progress

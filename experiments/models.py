@@ -230,7 +230,9 @@ def load_or_train(arch: str, splits, results_dir: str | Path, seed: int = 0, epo
     recipe = {"arch": arch, "dataset": splits.name, "input_size": list(splits.input_size),
               "num_classes": splits.num_classes, "train_size": len(splits.train), "seed": seed,
               "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-              "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in model_options.items()}}
+              "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in model_options.items()},
+              # the trained weights depend on these too (float sums differ in the last bits otherwise)
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "device": torch.device(device).type}
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(results_dir) / "checkpoints"
     path = folder / f"{splits.name}_{arch}_seed{seed}_{digest}.pt"

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from experiments.common import (base_parser, evaluate, format_table, mean_std, pyplot, resolve_device,
-                                results_folder, seed_everything, write_csv, write_json)
+                                results_folder, seed_everything, write_csv, write_json, reproducible)
 from experiments.data import load_dataset
 from experiments.models import build_model
 
@@ -85,6 +85,13 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    with reproducible(args.threads):
+        return run(args)
+
+
+def run(args) -> dict:
     started = time.perf_counter()
     device = resolve_device(args.device)
     progress = not args.no_progress

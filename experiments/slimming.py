@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments.common import (base_parser, evaluate, format_table, pyplot, resolve_device, results_folder,
-                                seed_everything, write_csv, write_json)
+                                seed_everything, write_csv, write_json, reproducible)
 from experiments.data import load_dataset
 from torchpruner import BNScaleAttributionMetric, Pruner, prune_groups
 from torchpruner.regularize import update_bn
@@ -122,6 +122,13 @@ def costs(model: nn.Module, input_size) -> tuple[int, int]:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    with reproducible(args.threads):
+        return run(args)
+
+
+def run(args) -> dict:
     if args.quick:  # a smaller net for fewer epochs, with a stronger penalty so that γ still moves
         args.epochs, args.finetune_epochs = min(args.epochs, 5), min(args.finetune_epochs, 1)
         args.widths = "8,16" if args.widths == ",".join(map(str, DEFAULT_WIDTHS)) else args.widths

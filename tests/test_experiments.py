@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from experiments import compare_criteria, low_data, prune_during_training, prune_untrained
-from experiments.common import removal_order
+from experiments.common import removal_order, reproducible
 from experiments.data import load_dataset, read_idx
 
 TINY_CNN = ["--epochs", "1", "--widths", "4,6", "--hidden", "8", "--no-progress", "--batch-size", "128"]
@@ -37,11 +37,12 @@ def _png_ok(path):
 def test_compare_criteria_smoke_and_removal_order(tmp_path):
     payload = compare_criteria.main(["--results", str(tmp_path), *TINY_CNN, "--criteria",
                                      "random,weight_norm,taylor,shapley,shapley_2std", "--n-seeds", "2",
-                                     "--sv-samples", "1", "--verify-points", "1"])
+                                     "--sv-samples", "1", "--verify-points", "1", "--train-seeds", "1"])
     folder = tmp_path / "compare_criteria" / "digits_cnn_seed0"
     curves = _rows(folder / "curves.csv")
     summary = _rows(folder / "summary.csv")
-    assert set(curves[0]) == {"layer", "criterion", "seed", "removed", "unit", "test_loss", "test_accuracy"}
+    assert set(curves[0]) == {"model_seed", "layer", "criterion", "seed", "removed", "unit", "test_loss",
+                              "test_accuracy"}
     assert {row["criterion"] for row in summary} == {"random", "weight_norm", "taylor", "shapley", "shapley_2std"}
     assert {row["seeds"] for row in summary if row["criterion"] in ("random", "shapley")} == {"2"}
     _png_ok(folder / "compare_criteria.png")
@@ -63,8 +64,9 @@ def test_compare_criteria_smoke_and_removal_order(tmp_path):
     from torchpruner import WeightNormAttributionMetric
 
     splits = load_dataset("digits")
-    model, info = load_or_train("cnn", splits, tmp_path, epochs=1, batch_size=128,
-                                model_options={"widths": (4, 6), "hidden": 8}, progress=False)
+    with reproducible(1):  # the checkpoint's recipe names the thread count it was trained with
+        model, info = load_or_train("cnn", splits, tmp_path, epochs=1, batch_size=128,
+                                    model_options={"widths": (4, 6), "hidden": 8}, progress=False)
     assert info["cached"]
     recorded = next(c for c in payload["curves"] if c["criterion"] == "weight_norm" and c["layer"] == "conv2")
     expected = WeightNormAttributionMetric(model, None, None, "cpu").run(model.conv2)
