@@ -169,7 +169,8 @@ def model_costs(model: nn.Module, input_size, batch_size: int = 64, repeats: int
 # One colour per criterion, shared by every figure.
 CRITERION_COLOURS = {"random": "#7f7f7f", "weight_norm": "#1f77b4", "apoz": "#ff7f0e", "sensitivity": "#2ca02c",
                      "taylor": "#9467bd", "taylor_signed": "#8c564b", "shapley": "#d62728",
-                     "shapley_2std": "#e377c2", "fpgm": "#17becf", "thinet": "#bcbd22", "bn_scale": "#aec7e8"}
+                     "shapley_2std": "#e377c2", "fpgm": "#17becf", "thinet": "#bcbd22", "bn_scale": "#aec7e8",
+                     "leave_one_out": "#ff9896"}
 
 
 def mean_plus_2std(values: np.ndarray) -> np.ndarray:
@@ -192,11 +193,12 @@ CRITERIA = {
     "fpgm": ("FPGMAttributionMetric", {}, False, "summed L2 distance to the layer's other filters"),
     "thinet": ("ThiNetAttributionMetric", {}, False, "greedy order of least change in the next layer"),
     "bn_scale": ("BNScaleAttributionMetric", {}, False, "|γ| of the BatchNorm after the layer (layers with one)"),
+    "leave_one_out": ("LeaveOneOutAttributionMetric", {}, False, "loss increase when the unit alone is removed"),
 }
 # Criteria that only score a layer followed by a BatchNorm.
 NEEDS_BATCHNORM = ("bn_scale",)
 DEFAULT_CRITERIA = ["random", "weight_norm", "fpgm", "bn_scale", "apoz", "thinet", "sensitivity", "taylor",
-                    "taylor_signed", "shapley", "shapley_2std"]
+                    "taylor_signed", "shapley", "shapley_2std", "leave_one_out"]
 SEEDED_PREFIXES = ("random", "shapley")
 
 
