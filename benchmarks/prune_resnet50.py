@@ -16,7 +16,6 @@ one 224x224 image) before/after, and CPU latency (batch 8, 224x224, 2 threads, e
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time

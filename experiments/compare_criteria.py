@@ -395,7 +395,7 @@ def format_tables(summary: list[dict], paired: list[dict], best: str, models: li
     references = [name for name in ("random", best) if any(row["reference"] == name for row in paired)]
     if not references:
         return "\n".join(lines)
-    lines += ["", f"paired differences in loss increase per (model, layer): mean, 95% bootstrap CI, pairs where "
+    lines += ["", "paired differences in loss increase per (model, layer): mean, 95% bootstrap CI, pairs where "
                   "the criterion is lower, exact two-sided sign test;",
               "* p < 0.05 and CI excluding 0, ** also after Bonferroni over the column's criteria", ""]
     by_pair = {(row["criterion"], row["reference"]): row for row in paired}

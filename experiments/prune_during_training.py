@@ -27,7 +27,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python experiments/prune_during_training.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm

@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run as a file: python experiments/prune_untrain
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm

@@ -402,7 +402,8 @@ def test_masked_trajectory_residual_adam():
     plan = Pruner(model, example_inputs=x, optimizer=optimizer).prune_model(model.stem, indices)
     assert plan.optimizer_slices
 
-    model.train(); twin.train()
+    model.train()
+    twin.train()
     train(model, optimizer, [(x, y)] * 3)
     with masked_at_mask_points(twin, (x,), (twin.stem, indices)) as twin_forward:
         train(twin_forward, twin_opt, [(x, y)] * 3)

@@ -59,7 +59,6 @@ def test_torchvision_prune_30_percent_of_every_group(name):
     optimizer.step()
     assert num_params(model) < before
     # every group lost 30% (rounded down) and the classifier still has 10 outputs
-    after = {len(g.members): g.num_units for g in pruner.groups()}
     assert len(pruner.groups()) == len(groups)
     assert sum(g.num_units for g in pruner.groups()) <= sum(int(np.ceil(w * 0.7)) for w in widths.values())
 

@@ -115,4 +115,4 @@ def test_pruned_equals_zeroed_twin(arch):
         lambda twin: masked_units(counterpart(twin, model, mask_module), indices), x)
     kept = [i for i in range(len(indices) + (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels))
             if i not in indices]
-    assert getattr(layer, "_torchpruner_kept_units")["out"] == kept
+    assert layer._torchpruner_kept_units["out"] == kept

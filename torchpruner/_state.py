@@ -67,7 +67,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     if fsdp_modules(model):
         raise TypeError(fsdp_refusal(model))
     seen = 0
-    while hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
         model = model._orig_mod  # torch.compile's OptimizedModule shares the parameters
         seen += 1
         if seen > 8:

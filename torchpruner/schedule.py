@@ -197,7 +197,7 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Mapping
         total = _units_of(fraction, len(entries))
         entries.sort(key=lambda e: (e[0], e[1], e[2]))
         counts: dict[Group, int] = {}
-        for value, _, unit, group in entries:
+        for _value, _, unit, group in entries:
             if total <= 0:
                 break
             if counts.get(group, 0) + 1 > limit(group, group.num_units):
