@@ -141,6 +141,33 @@ MOVEMENT_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten)
 DIM_WISE_MODULES: tuple[type, ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 
+#: Functional forms of the torch.nn layers. A call whose tensors are all parameters/buffers of one
+#: module of the matching type, made inside that module's own forward (a subclass that fx traces
+#: into: timm's ``Linear``, ``BatchNormAct2d``, ``GroupNorm1``), stands for a call of that module.
+#: function -> (module types, tensor arguments, settings), each argument as
+#: ``(position, keyword, module attribute)``; a *setting* is a module attribute the call reads as a
+#: constant and that a prune can change (``groups``, ``num_groups``, ``normalized_shape``).
+FunctionalArgument = tuple[int, str, str]
+FUNCTIONAL_LAYERS: dict[object, tuple[tuple[type, ...], tuple[FunctionalArgument, ...], tuple[FunctionalArgument, ...]]] = {
+    F.linear: ((nn.Linear,), ((1, "weight", "weight"), (2, "bias", "bias")), ()),
+    **{conv: ((module_type,), ((1, "weight", "weight"), (2, "bias", "bias")), ((6, "groups", "groups"),))
+       for conv, module_type in ((F.conv1d, nn.Conv1d), (F.conv2d, nn.Conv2d), (F.conv3d, nn.Conv3d))},
+    **{conv: ((module_type,), ((1, "weight", "weight"), (2, "bias", "bias")), ((6, "groups", "groups"),))
+       for conv, module_type in ((F.conv_transpose1d, nn.ConvTranspose1d), (F.conv_transpose2d, nn.ConvTranspose2d),
+                                 (F.conv_transpose3d, nn.ConvTranspose3d))},
+    F.batch_norm: ((nn.modules.batchnorm._BatchNorm,),
+                   ((1, "running_mean", "running_mean"), (2, "running_var", "running_var"), (3, "weight", "weight"),
+                    (4, "bias", "bias")), ()),
+    F.instance_norm: ((nn.modules.instancenorm._InstanceNorm,),
+                      ((1, "running_mean", "running_mean"), (2, "running_var", "running_var"),
+                       (3, "weight", "weight"), (4, "bias", "bias")), ()),
+    F.layer_norm: ((nn.LayerNorm,), ((2, "weight", "weight"), (3, "bias", "bias")),
+                   ((1, "normalized_shape", "normalized_shape"),)),
+    F.rms_norm: ((nn.RMSNorm,), ((2, "weight", "weight"),), ((1, "normalized_shape", "normalized_shape"),)),
+    F.group_norm: ((nn.GroupNorm,), ((2, "weight", "weight"), (3, "bias", "bias")), ((1, "num_groups", "num_groups"),)),
+}
+
+
 #: Parameter-free modules whose output keeps the units of their input (nothing to slice).
 PARAMETER_FREE_PASS_THROUGH_MODULES: tuple[type, ...] = tuple(
     m for m in ACTIVATION_MODULES if m is not nn.PReLU) + (nn.Identity, nn.Flatten) + (

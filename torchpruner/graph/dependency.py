@@ -14,11 +14,21 @@ axis. Ops connect slots that must disappear together:
 - element-wise ops, BatchNorm, activations, Dropout, pooling, mean/sum over other dims connect
   slot ``i`` of their input(s) with slot ``i`` of their output (broadcast operands of size 1 are
   free; a residual addition therefore connects both operands);
-- concatenation along the unit axis shifts by the branch offset; split/chunk the other way round;
+- concatenation along the unit axis shifts by the branch offset;
 - reshapes, flattens, permutes, indexing and expands are *followed empirically*: the op is run on
   a tensor of slot ids, then again with two slots removed; if the second result is not the first
   one with those slots removed (a hard-coded ``x.view(-1, 16*5*5)``, a channel shuffle) the op is
   refused. ``flatten`` into a Linear thereby maps channel ``c`` to its ``H*W`` inputs;
+- a piece of the unit axis (an item of ``split``/``chunk``, ``x[:, a:b]``) maps each of its units
+  back to the source. Equal pieces (``chunk(n)``, sizes computed from the tensor) need the same
+  number of units removed from every piece (a group whose units sit in some pieces only is
+  refused); with positions written in the code (``split(16)``, ``x[:, :16]``) the units up to the
+  piece's end are pinned (their groups refused) and the units after it stay free;
+- a functional call standing for its layer (``F.linear``/``F.conv*``/``F.batch_norm``/
+  ``F.layer_norm``/``F.group_norm`` on a module's own tensors inside its forward: a subclass fx
+  traces into, such as timm's ``Linear`` or ``BatchNormAct2d``) is that layer's call, sliced once by
+  its rule; the settings it reads (``groups``, ``num_groups``, ``normalized_shape``) must come from
+  the layer's attributes;
 - depthwise convolutions pass channels through; grouped convolutions force equal pruning in every
   group; GroupNorm whole groups; ``nn.MultiheadAttention`` equal pruning in every head;
 - ``max``/``topk``/``sort``-like pairs are followed at their items (``[0]``/``.values``,
@@ -57,7 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchpruner._ops import (DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, DIM_WISE_MODULES, ELEMENTWISE_FUNCTIONS,
-                              ELEMENTWISE_METHODS, MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES,
+                              ELEMENTWISE_METHODS, FUNCTIONAL_LAYERS, MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES,
                               PASS_THROUGH_MODULES, REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_ATTRIBUTES,
                               SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS, SPATIAL_FUNCTIONS, SPATIAL_MODULES,
                               TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_FUNCTIONS, TUPLE_DIM_OPS)
@@ -537,6 +547,7 @@ class DependencyGraph:
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
         self._count_constraints: List[Tuple[_Space, int]] = []   # (space, conv groups): equal counts per block
+        self._equal_pieces: list[tuple[_Space, int, str]] = []   # (space, blocks, op) split into equal pieces
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
         for node in graph.traced.graph.nodes:
@@ -589,6 +600,9 @@ class DependencyGraph:
         site = self._site_by_node.get(node)
         if site is not None and site.kind == "module":
             return f"'{site.label}' ({type(site.module).__name__})"
+        if site is not None and site.module is not None:   # a functional call standing for its layer
+            call = f", call {site.call_index}" if site.call_index else ""
+            return f"'{site.module_name}' ({type(site.module).__name__}, {node.target.__name__}{call})"
         target = node.target
         op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
         return f"{op} at call site '{node.name}'"
@@ -670,6 +684,10 @@ class DependencyGraph:
         if node.op == "call_module":
             module = self._traced_modules[node.target]
             self._visit_module(node, module, slotted)
+            return
+        site = self._site_by_node.get(node)
+        if node.op == "call_function" and site is not None and site.module is not None:
+            self._visit_layer_call(node, site)
             return
         target = node.target
         is_fn, is_method = node.op == "call_function", node.op == "call_method"
@@ -1074,7 +1092,8 @@ class DependencyGraph:
                 f"that splits the unit axis); it cannot be pruned")
         present = set(np.unique(line).tolist())
         if present != set(range(space.size)):
-            raise _CannotFollow(f"{self._label(node)} selects a fixed subset of the units (hard-coded indexing, or a split of the unit axis)")
+            self._piece(node, x, space, y, out_axis, line, module)
+            return
         if space.size >= 2:
             for removed in _probe_removals(space.size):
                 keep = np.setdiff1d(np.arange(space.size), removed)
@@ -1092,6 +1111,74 @@ class DependencyGraph:
                                         f"are removed (e.g. x.view(-1, C*H*W) with a literal size)")
         out = self._alloc(node, out_axis)
         self._link(space, line, out, np.arange(out.size))
+
+    def _piece(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, out_axis: int, line: np.ndarray,
+               module: Optional[nn.Module]) -> None:
+        """``node`` keeps a part of the unit axis (a piece of ``split``/``chunk``, ``x[:, a:b]``): each
+        unit of the piece maps back to its source unit. Two kinds are followed, each checked by
+        running the op on slot ids with units removed:
+
+        - *equal pieces* (``chunk(n)``, ``split(x.size(1) // n)``): the piece is block ``k`` of ``n``
+          equal blocks and stays so when every block loses the same units; the source then needs
+          the same number of units removed from every block (a count constraint, as for a grouped
+          convolution);
+        - *fixed positions* (sizes written in the code: ``split(16)``, ``x[:, :16]``): removing units
+          after the piece leaves it unchanged; the units up to its end cannot be removed (their
+          groups are refused, naming the op), the others are free.
+        """
+        label = op = self._label(node)
+        source = node.args[0] if node.target is operator.getitem else None
+        if isinstance(source, fx.Node) and self._shape(source) is None:   # an item of split/chunk's tuple
+            op = self._label(source)
+            label = f"item {node.args[1]!r} of {op}"
+        size = space.size
+
+        def result_without(removed: np.ndarray) -> torch.Tensor | None:
+            keep = np.setdiff1d(np.arange(size), removed)
+            try:
+                value = self._evaluate(node, {x: _slot_ids(space.shape, space.axis, keep)}, module)
+            except Exception:  # noqa: BLE001 - the model's own code fails on the smaller tensor
+                return None
+            return value if isinstance(value, torch.Tensor) else None
+
+        def equals(value: torch.Tensor | None, removed: np.ndarray) -> bool:
+            expected = y.index_select(out_axis, torch.as_tensor(np.nonzero(~np.isin(line, removed))[0]))
+            return value is not None and value.shape == expected.shape and torch.equal(value, expected)
+
+        length, first = len(line), int(line[0])
+        contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
+        blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
+        if blocks >= 2 and all(equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
+                               for r in sorted({0, length // 2, length - 1})):
+            out = self._alloc(node, out_axis)
+            self._link(space, line, out, np.arange(out.size))
+            if (space, blocks) not in self._count_constraints:
+                self._count_constraints.append((space, blocks))
+                self._equal_pieces.append((space, blocks, op))
+            return
+        end = int(line.max())
+        free = np.arange(end + 1, size)
+        probes = [free[[0]], free[[-1]], free[[len(free) // 2]]] if len(free) else []
+        results = [result_without(p) for p in probes]
+        if any(r is None or r.shape != y.shape or not torch.equal(r, y) for r in results):
+            raise _CannotFollow(f"{label} selects units of the unit axis that do not follow once units are "
+                                f"removed (hard-coded indexing)")
+        out = self._alloc(node, out_axis)
+        self._link(space, line, out, np.arange(out.size))
+        self._pin(space, np.arange(end + 1),
+                  f"{label} takes units {first}..{end} of {size} at positions written in the code (a split or "
+                  f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
+                  f"from the tensor (x.size(1) // 2, chunk) to prune them")
+
+    def _pin(self, space: _Space, positions: np.ndarray, reason: str) -> None:
+        """Refuse the groups of the given slots of ``space`` (not its other slots): a blocked
+        stand-in tensor is linked to them."""
+        pin = _Space(node=space.node, site=None, start=self._num_slots, size=len(positions), axis=0,
+                     shape=(len(positions),))
+        self._num_slots += pin.size
+        self._space_list.append(pin)
+        self._link(space, positions, pin, np.arange(pin.size))
+        self._block(pin, reason)
 
     def _evaluate(self, node: fx.Node, env: Dict[fx.Node, torch.Tensor], module: Optional[nn.Module] = None,
                   depth: int = 0) -> Any:
@@ -1128,8 +1215,27 @@ class DependencyGraph:
 
     # -- modules ----------------------------------------------------------------------------
 
+    def _visit_layer_call(self, node: fx.Node, site: CallSite) -> None:
+        """A functional call that stands for its layer (``F.linear`` on ``self.weight`` inside an
+        ``nn.Linear`` subclass that fx traces into): followed as a call of that layer, whose rule
+        slices all of its tensors once. The settings the call reads as constants and a prune
+        changes (``groups`` of a grouped convolution, ``num_groups``, ``normalized_shape``) must
+        come from the layer's attributes, not from literals in its code."""
+        module = site.module
+        _, _, settings = FUNCTIONAL_LAYERS[node.target]
+        for position, keyword, attribute in settings:
+            value = getattr(module, attribute)
+            if attribute in ("groups", "num_groups") and value == 1:
+                continue   # a prune never changes a single group
+            if not _reads_attribute(module, attribute, node.target, position, keyword):
+                raise _CannotFollow(f"{self._label(node)} passes {keyword}={value!r} as a constant that does not "
+                                    f"come from '{site.module_name}.{attribute}', so a prune cannot update it; read "
+                                    f"it from self.{attribute} in the forward")
+        data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
+        self._visit_module(node, module, data)
+
     def _visit_module(self, node: fx.Node, module: nn.Module, slotted: List[fx.Node]) -> None:
-        name = self._site_by_node[node].module_name or node.target
+        name = self._site_by_node[node].module_name or str(node.target)
         shape = self._shape(node)
         if isinstance(module, nn.MultiheadAttention):
             return  # handled at its getitem (the module returns a tuple)
@@ -1360,6 +1466,15 @@ class DependencyGraph:
                         group.refusal = reason[0]
                     elif not reason[1] and group.output_reason is None:
                         group.output_reason = reason[0]
+        for space, blocks, op in self._equal_pieces:
+            # a group's units must sit equally in every piece, or no selection keeps the pieces equal
+            slot_groups = self._group_of_label[labels[space.start:space.start + space.size]]
+            per_block = slot_groups.reshape(blocks, -1)
+            for gi in np.unique(slot_groups):
+                counts = (per_block == gi).sum(axis=1)
+                if len(set(counts.tolist())) > 1 and groups[gi].refusal is None:
+                    groups[gi].refusal = (f"{op} splits the units into {blocks} equal pieces, and these units sit in "
+                                          f"some of the pieces only: removing them would make the pieces unequal")
         space_index = {id(space): k for k, space in enumerate(self._space_list)}
         for role in self._roles:
             for gi in np.unique(group_of_pair[pair_space == space_index[id(role.space)]]):
@@ -1405,6 +1520,18 @@ class DependencyGraph:
                 result.append((role, np.unique(np.concatenate(positions)) if positions else np.zeros(0, np.int64)))
         return result
 
+    def check_equal_pieces(self, selection: Mapping[Group, Sequence[int]]) -> None:
+        """Refuse a selection that removes different numbers of units from the equal pieces of a
+        ``chunk``/``split`` (the pieces would no longer be the ones the code expects)."""
+        for space, blocks, op in self._equal_pieces:
+            removed = np.zeros(space.size, dtype=bool)
+            for group, units in selection.items():
+                removed[group.positions(space, units)] = True
+            counts = removed.reshape(blocks, -1).sum(axis=1)
+            if len(set(counts.tolist())) > 1:
+                raise DependencyError(f"{op} splits the units into {blocks} equal pieces; this selection removes "
+                                      f"{counts.tolist()} units from them; remove the same number from every piece")
+
     def shape_attribute_edits(self, selection: Mapping[Group, Sequence[int]]) -> list[AttributeChange]:
         """The changes of the module attributes that hold a size of the removed units (the
         ``normalized_shape`` a functional ``F.layer_norm`` reads), one per attribute."""
@@ -1432,7 +1559,15 @@ class DependencyGraph:
             self._block(space, f"cannot find the owner of the parameter '{path}'")
             return
         rule = get_slicing_rule(owner)
-        if rule is not None and getattr(rule, "passes_units_through", False) and attr in ("weight", "bias"):
+        sliced_by_rule = rule is not None and attr in (rule.tensors or ("weight", "bias"))
+        if sliced_by_rule and any((id(owner), d) in self._first_role_space for d in ("in", "out")):
+            # the layer's rule slices this tensor with the layer's units: a second, bare use of it
+            # (a tied weight, a scale read by another op) cannot be kept consistent with that slice
+            users = ", ".join(self._label(u) for u in space.node.users)
+            self._block(space, f"'{path}' is read outside the call of its layer '{owner_path}' "
+                               f"({type(owner).__name__}) by {users}; pruning the layer would slice it for both")
+            return
+        if sliced_by_rule and getattr(rule, "passes_units_through", False):
             role = _Role(space=space, direction="in", module=owner, module_name=owner_path)
         else:
             role = _Role(space=space, direction="param", module=owner, module_name=owner_path or "(model)",
@@ -1519,7 +1654,17 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
     """Every ``F.layer_norm`` call in ``owner``'s forward whose normalized_shape is ``literal`` reads
     it from ``owner.<attribute>``: traced again with the attribute set to another value (restored
     afterwards), none of them still shows ``literal``."""
+    return _reads_attribute(owner, attribute, F.layer_norm, 1, "normalized_shape", literal)
+
+
+def _reads_attribute(owner: nn.Module, attribute: str, function: Callable, position: int, keyword: str,
+                     literal: Any = None) -> bool:
+    """The calls of ``function`` in ``owner``'s forward take argument ``keyword`` from
+    ``owner.<attribute>``: traced again with the attribute set to another value (restored
+    afterwards), one of them shows that value and none still shows ``literal`` (by default the
+    attribute's value)."""
     old = getattr(owner, attribute)
+    literal = old if literal is None else literal
     if isinstance(old, int):
         sentinel: Any = old + 7919
     else:
@@ -1532,10 +1677,10 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
         return False
     finally:
         setattr(owner, attribute, old)
-    shapes = [n.kwargs.get("normalized_shape", n.args[1] if len(n.args) > 1 else None)
-              for n in graph.nodes if n.op == "call_function" and n.target is F.layer_norm]
-    return any(_same_shape_value(sentinel, shape) for shape in shapes) and \
-        not any(_same_shape_value(shape, literal) for shape in shapes)
+    values = [n.kwargs.get(keyword, n.args[position] if len(n.args) > position else None)
+              for n in graph.nodes if n.op == "call_function" and n.target is function]
+    return any(_same_shape_value(sentinel, value) for value in values) and \
+        not any(_same_shape_value(value, literal) for value in values)
 
 
 def _same_shape_value(value: Any, literal: Any) -> bool:
