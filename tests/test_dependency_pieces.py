@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_units, snapshot
 from torchpruner import Pruner
@@ -145,3 +146,32 @@ def test_pieces_recombined_shifted_pair_their_units():
     assert group.num_units == 4   # each unit is a pair (i, i + 4)
     pruner.prune_group(group, [0])
     assert model.fc.out_features == 6
+
+
+class ChannelsLastPad(nn.Module):
+    """Swin-style: [B, H, W, C] padded on H and W only (``(0, 0)`` for the channels)."""
+
+    def __init__(self, pad_units: bool = False) -> None:
+        super().__init__()
+        self.pad_units = pad_units
+        self.fc1 = nn.Linear(3, 6)
+        self.fc2 = nn.Linear(6 + (2 if pad_units else 0), 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        pad_w = (2 - h.shape[2] % 2) % 2
+        h = F.pad(h, (1, 1) if self.pad_units else (0, 0, 0, pad_w, 0, 1))
+        return self.fc2(h).mean((1, 2))
+
+
+def test_pad_of_other_axes_is_followed_and_padding_the_units_refused():
+    torch.manual_seed(0)
+    model = ChannelsLastPad().double().eval()
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc1, [0, 4]),
+                                    lambda twin: masked_units(twin.fc1, [0, 4], axis=3), x)
+    assert model.fc2.in_features == 4
+    refused = Pruner(ChannelsLastPad(pad_units=True), example_inputs=x.float())
+    with pytest.raises(ValueError, match="pads the unit axis 3"):
+        refused.prune_model(refused.model.fc1, [0])

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_units, snapshot
+from oracles import (assert_prune_equals_zeroed_twin, assert_unchanged, masked_at_mask_points, masked_units,
+                     snapshot)
 from torchpruner import Pruner
 from torchpruner.graph import get_graph
 from torchpruner.pruner import Plan
@@ -210,3 +211,55 @@ def test_same_slice_reached_twice_is_merged_and_other_axes_stay():
     with pytest.raises(ValueError, match="twice along axis 0"):
         finish_plan(model, None, "differ", slice_tensor(model[0], "weight", 0, torch.tensor([0, 1]))
                     + slice_tensor(model[0], "weight", 0, torch.tensor([1, 2])))
+
+
+# -- a refusal stays in its group ------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """A residual stream around an attention whose head reshape cannot be followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, n, _ = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 8)
+        return self.out(h + self.proj(a))
+
+
+def test_a_refused_attention_does_not_refuse_the_stream_around_it():
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    pruner = Pruner(model, example_inputs=torch.randn(2, 3, 4, dtype=torch.float64))
+    with pytest.warns(UserWarning, match=r"1 of \d+ groups of Attention hold units of a layer but cannot be pruned"):
+        groups = pruner.groups()
+    (stream,) = [g for g in groups if model.inp in g.source_modules]
+    assert {model.inp, model.proj} <= set(stream.source_modules) and model.out in stream
+    (refused,) = pruner.refused_groups()
+    assert refused.source_modules == [model.qkv] and refused.refusal_site.name == "reshape"
+    assert "reshape at call site 'reshape'" in refused.refusal
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_group(stream, [2, 5]),
+                                    lambda twin: masked_at_mask_points(twin, (x,), {stream.index: [2, 5]}, min_sites=2),
+                                    x)
+    assert model.proj.out_features == 6 and model.qkv.in_features == 6
+
+
+def test_groups_warns_once_per_trace_and_prune_groups_reports_it():
+    model = Attention()
+    pruner = Pruner(model, example_inputs=torch.randn(2, 3, 4))
+    with pytest.warns(UserWarning, match="refused_groups"):
+        prune_groups(pruner, fraction=0.25)
+    assert model.inp.out_features == 6
+    with pytest.warns(UserWarning, match="cannot be pruned"):   # a new trace after the prune: said again
+        pruner.groups()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.groups()   # the same trace: said once

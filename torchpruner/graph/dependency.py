@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -77,7 +78,8 @@ from .trace import CallSite, ModelGraph, _LeafTracer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "get_dependency_graph", "zeroing_functions"]
+__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "RefusedGroupsWarning", "get_dependency_graph",
+           "zeroing_functions"]
 
 
 class DependencyError(ValueError):
@@ -86,6 +88,11 @@ class DependencyError(ValueError):
 
 def _is_torchvision(module: nn.Module, name: str) -> bool:
     return type(module).__module__.startswith("torchvision") and type(module).__name__ == name
+
+
+class RefusedGroupsWarning(UserWarning):
+    """Some groups of the model hold a layer's units but cannot be pruned (an op the analysis
+    cannot follow): they are left out of ``groups()``; ``pruner.refused_groups()`` lists them."""
 
 
 class _CannotFollow(Exception):
@@ -177,6 +184,7 @@ class Group:
         num_units: number of group units; unit ``u`` is ordered by the first source's channels.
         members: the modules and parameters that are sliced (see :class:`Member`).
         refusal: None when the group can be pruned, else the reason (names the op and call site).
+        refusal_site: the call site of the op that refused the group (None when unknown).
         output_reason: set when the group reaches a model output (classifier outputs): prunable
             only when asked (``include_outputs=True``).
     """
@@ -188,6 +196,7 @@ class Group:
         self._spaces: List[_Space] = []
         self._roles: List[_Role] = []
         self.refusal: Optional[str] = None
+        self.refusal_site: Optional[CallSite] = None
         self.output_reason: Optional[str] = None
         self.members: List[Member] = []
 
@@ -431,8 +440,9 @@ class Group:
             name = self._dep.graph.module_name(module)
             raise DependencyError(
                 f"cannot prune units {indices.tolist()[:20]} of '{name}' alone: they are coupled with its units "
-                f"{extra[:20]}{'...' if len(extra) > 20 else ''} (grouped convolution / GroupNorm / attention heads "
-                f"require equal pruning in every group); add them to the indices")
+                f"{extra[:20]}{'...' if len(extra) > 20 else ''} (grouped convolution / GroupNorm / attention heads / "
+                f"pieces of a split or chunk that meet again require equal pruning in every group); add them to the "
+                f"indices")
         return units
 
     def unit_channels(self, module: nn.Module, call_index: int = 0) -> List[np.ndarray]:
@@ -541,16 +551,19 @@ class DependencyGraph:
         self._space_list: List[_Space] = []
         self._num_slots = 0
         self._edges: List[Tuple[np.ndarray, np.ndarray]] = []
-        self._blocked: Dict[int, Tuple[str, bool]] = {}     # id(space) -> (reason, hard)
+        self._blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]] = {}   # id(space) -> (reason, hard, op)
+        self._visiting: Optional[fx.Node] = None
+        self._warned = False
         self._roles: List[_Role] = []
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
         self._count_constraints: List[Tuple[_Space, int]] = []   # (space, conv groups): equal counts per block
-        self._equal_pieces: list[tuple[_Space, int, str]] = []   # (space, blocks, op) split into equal pieces
+        self._equal_pieces: list[tuple[_Space, int, str, fx.Node]] = []   # (space, blocks, op label, op) in equal pieces
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
         for node in graph.traced.graph.nodes:
+            self._visiting = node   # the op a refusal is recorded at
             try:
                 self._visit(node)
             except _CannotFollow as exc:
@@ -558,6 +571,7 @@ class DependencyGraph:
             except Exception as exc:  # arguments the analysis cannot read (a traced shape as an argument...)
                 self._block_node(node, f"cannot follow the units through {self._label(node)} "
                                        f"({type(exc).__name__}: {str(exc)[:120]})")
+        self._visiting = None
         self._build_groups()
 
     # -- slots ------------------------------------------------------------------------------
@@ -594,7 +608,7 @@ class DependencyGraph:
     def _block(self, space: _Space, reason: str, hard: bool = True) -> None:
         old = self._blocked.get(id(space))
         if old is None or (hard and not old[1]):
-            self._blocked[id(space)] = (reason, hard)
+            self._blocked[id(space)] = (reason, hard, self._visiting or space.node)
 
     def _label(self, node: fx.Node) -> str:
         site = self._site_by_node.get(node)
@@ -959,7 +973,16 @@ class DependencyGraph:
         out_shape = self._shape(node)
         if spatial_dims is None and node.target is F.pad:
             pad = self._dim_arg(node, 1, "pad")
-            spatial_dims = len(pad) // 2 if isinstance(pad, (list, tuple)) else space.ndim - 2
+            if not isinstance(pad, (list, tuple)):
+                raise _CannotFollow(f"cannot read the padding of {self._label(node)}")
+            # pairs from the last dim backwards: the unit axis may be among them, padded by (0, 0)
+            pair = 2 * (space.ndim - 1 - space.axis)
+            if pair + 1 < len(pad):
+                full = _slot_ids(space.shape, space.axis, np.arange(space.size))
+                before, after = self._evaluate_value([pad[pair], pad[pair + 1]], {x: full})
+                if before != 0 or after != 0:
+                    raise _CannotFollow(f"{self._label(node)} pads the unit axis {space.axis}")
+            spatial_dims = 0
         if spatial_dims is None:
             name = getattr(node.target, "__name__", "")
             spatial_dims = int(name[-2]) if name[-2:-1].isdigit() and name.endswith("d") else space.ndim - 2
@@ -1154,7 +1177,7 @@ class DependencyGraph:
             self._link(space, line, out, np.arange(out.size))
             if (space, blocks) not in self._count_constraints:
                 self._count_constraints.append((space, blocks))
-                self._equal_pieces.append((space, blocks, op))
+                self._equal_pieces.append((space, blocks, op, source if op != label else node))
             return
         end = int(line.max())
         free = np.arange(end + 1, size)
@@ -1267,9 +1290,10 @@ class DependencyGraph:
         elif isinstance(module, nn.Linear) or (rule is not None and getattr(rule, "input_unit_axis", None) == -1
                                                and not getattr(rule, "passes_units_through", False)):
             if space.axis != space.ndim - 1:
+                # the input cannot lose units here; the output units are the layer's own and stay prunable
                 if x.op != "placeholder":
-                    raise _CannotFollow(f"{self._label(node)} reads its input units on the last axis but the "
-                                        f"units are on axis {space.axis} of a {space.ndim}-d tensor")
+                    self._block(space, f"{self._label(node)} reads its input units on the last axis but the "
+                                       f"units are on axis {space.axis} of a {space.ndim}-d tensor")
             else:
                 self._add_role(space, "in", module, name)
             self._add_role(self._alloc(node, len(shape) - 1), "out", module, name)
@@ -1334,8 +1358,13 @@ class DependencyGraph:
             raise _CannotFollow(f"{self._label(node)} reads units on axis {axis}; they are on axis {space.axis}")
 
     def _conv(self, node: fx.Node, module: nn.modules.conv._ConvNd, name: str, space: _Space) -> None:
-        self._require_axis(node, space, 1)
         groups, cin, cout = module.groups, module.in_channels, module.out_channels
+        if space.axis != 1 and groups == 1:
+            # the input cannot lose units here; the output channels are the layer's own and stay prunable
+            self._block(space, f"{self._label(node)} reads units on axis 1; they are on axis {space.axis}")
+            self._add_role(self._alloc(node, 1), "out", module, name)
+            return
+        self._require_axis(node, space, 1)
         out = self._alloc(node, 1)
         if groups == 1:
             self._add_role(space, "in", module, name)
@@ -1464,9 +1493,10 @@ class DependencyGraph:
                 if reason is not None:
                     if reason[1] and group.refusal is None:
                         group.refusal = reason[0]
+                        group.refusal_site = self._site_by_node.get(reason[2])
                     elif not reason[1] and group.output_reason is None:
                         group.output_reason = reason[0]
-        for space, blocks, op in self._equal_pieces:
+        for space, blocks, op, op_node in self._equal_pieces:
             # a group's units must sit equally in every piece, or no selection keeps the pieces equal
             slot_groups = self._group_of_label[labels[space.start:space.start + space.size]]
             per_block = slot_groups.reshape(blocks, -1)
@@ -1475,6 +1505,7 @@ class DependencyGraph:
                 if len(set(counts.tolist())) > 1 and groups[gi].refusal is None:
                     groups[gi].refusal = (f"{op} splits the units into {blocks} equal pieces, and these units sit in "
                                           f"some of the pieces only: removing them would make the pieces unequal")
+                    groups[gi].refusal_site = self._site_by_node.get(op_node)
         space_index = {id(space): k for k, space in enumerate(self._space_list)}
         for role in self._roles:
             for gi in np.unique(group_of_pair[pair_space == space_index[id(role.space)]]):
@@ -1523,7 +1554,7 @@ class DependencyGraph:
     def check_equal_pieces(self, selection: Mapping[Group, Sequence[int]]) -> None:
         """Refuse a selection that removes different numbers of units from the equal pieces of a
         ``chunk``/``split`` (the pieces would no longer be the ones the code expects)."""
-        for space, blocks, op in self._equal_pieces:
+        for space, blocks, op, _ in self._equal_pieces:
             removed = np.zeros(space.size, dtype=bool)
             for group, units in selection.items():
                 removed[group.positions(space, units)] = True
@@ -1608,6 +1639,31 @@ class DependencyGraph:
                 continue
             result.append(group)
         return result
+
+    def refused_groups(self, ignored_layers: Sequence[nn.Module] = ()) -> List[Group]:
+        """The groups that hold units of a layer but cannot be pruned because an op cannot be
+        followed (``group.refusal`` says why, ``group.refusal_site`` where); groups that only
+        reach the model output or hold a single unit are not refusals."""
+        ignored = {id(m) for m in ignored_layers}
+        return [group for group in self._groups
+                if group.members and group.refusal is not None and group.source_roles
+                and not any(id(m) in ignored for m in group.source_modules)]
+
+    def warn_refused(self, ignored_layers: Sequence[nn.Module] = ()) -> None:
+        """Warn (:class:`RefusedGroupsWarning`, once per analysis) when groups are refused: their
+        count and the first reasons, so that a prune that leaves layers alone never does so silently."""
+        if self._warned:
+            return
+        self._warned = True
+        refused = self.refused_groups(ignored_layers)
+        if not refused:
+            return
+        shown = "; ".join(f"group {g.index} ({g.members[0].module_name}): {g.refusal}" for g in refused[:3])
+        more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
+        warnings.warn(RefusedGroupsWarning(
+            f"{len(refused)} of {len(self.all_groups)} groups of {type(self.model).__name__} hold units of a layer but "
+            f"cannot be pruned, and are left out: {shown}{more} (pruner.refused_groups() lists each with its call "
+            f"site)"), stacklevel=3)
 
     @property
     def all_groups(self) -> List[Group]:
