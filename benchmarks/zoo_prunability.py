@@ -143,13 +143,15 @@ def loss_of(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict) -> list[str]:
-    """One step; returns the names of the parameters the step did not change (should be none)."""
+    """One step; returns the names of the parameters with a gradient that the step did not change
+    (should be none; a BatchNorm bias before another BatchNorm in train mode has a zero gradient)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_of(model, inputs).backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer.step()
-    return [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())]
+    return [n for n, p in model.named_parameters()
+            if p.grad is not None and bool(p.grad.any()) and torch.equal(before[n], p.detach())]
 
 
 def num_params(model: nn.Module) -> int:
@@ -378,7 +380,14 @@ def main() -> None:
     parser.add_argument("--no-tp", action="store_true", help="run torchpruner only")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--out", default=str(HERE / "zoo_prunability.md"))
+    parser.add_argument("--render", action="store_true", help="only write the .md from the .json next to it")
     args = parser.parse_args()
+    if args.render:
+        import torch_pruning
+
+        records = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).write_text(render(records, torch_pruning.__version__))
+        return
     if args.one:
         record = run_one(args.one, args.tool)
         print(json.dumps({k: v for k, v in record.items() if k != "traceback"} | {"traceback": record.get("traceback")}))

@@ -1,6 +1,6 @@
 """Pieces of the unit axis: split/chunk/slicing are followed, each piece's units map back to the
-source; equal pieces need equal removals, positions written in the code pin the units up to the
-piece's end (only their groups are refused)."""
+source; equal pieces lose the same positions, positions written in the code pin the units up to
+the piece's end (only their groups are refused)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_units, snapshot
 from torchpruner import Pruner
-from torchpruner.graph.dependency import get_dependency_graph
 
 
 class GLU(nn.Module):
@@ -31,6 +30,7 @@ class TwoPaths(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
+        self.width = 4
         self.conv = nn.Conv2d(3, 8, 1)
         self.block = nn.Conv2d(4, 4, 3, padding=1)
         self.head = nn.Conv2d(8, 2, 1)
@@ -41,6 +41,8 @@ class TwoPaths(nn.Module):
             xs, xb = y.chunk(2, dim=1)
         elif self.how == "shape":
             xs, xb = y.split(y.size(1) // 2, dim=1)
+        elif self.how == "attribute":   # Res2Net: torch.split(out, self.width, 1)
+            xs, xb = torch.split(y, self.width, 1)
         else:
             xs, xb = y.split(4, dim=1)
         return self.head(torch.cat([xs, self.block(xb)], dim=1))
@@ -81,17 +83,23 @@ def test_glu_half_alone_is_refused_before_any_change():
     assert_unchanged(before, model)
 
 
-@pytest.mark.parametrize("how", ["chunk", "shape"])
-def test_equal_pieces_pruned_apart_are_refused_and_the_block_still_prunes(how):
-    model = TwoPaths(how)
+@pytest.mark.parametrize("how", ["chunk", "shape", "attribute"])
+def test_equal_pieces_lose_the_same_positions_and_equal_the_zeroed_twin(how):
+    torch.manual_seed(0)
+    model = TwoPaths(how).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     pruner = Pruner(model, input_size=(3, 5, 5))
-    dep = get_dependency_graph(pruner.graph())
-    stem = [g for g in dep.all_groups if model.conv in g.source_modules]
-    assert len(stem) == 2 and all("2 equal pieces" in g.refusal for g in stem)
-    (group,) = pruner.groups()
-    assert group.source_modules == [model.block]
-    pruner.prune_group(group, [0])
-    assert model.block.out_channels == 3 and model.head.in_channels == 7
+    stem, block = pruner.groups()
+    assert stem.source_modules == [model.conv] and stem.num_units == 4
+    assert "out   conv (Conv2d, 8 units, 2 per unit)" in [str(m) for m in stem.members]
+    assert block.source_modules == [model.block]
+    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.conv, [1, 5]),
+                                    lambda twin: masked_units(twin.conv, [1, 5]), x)
+    assert model.conv.out_channels == 6 and model.block.in_channels == 3 and model.head.in_channels == 7
+    if how == "attribute":
+        assert model.width == 3
+    with pytest.raises(ValueError, match="coupled with its units"):
+        pruner.prune_model(model.conv, [0])
 
 
 def test_literal_split_sizes_pin_the_stem_and_name_the_op():
@@ -116,16 +124,6 @@ def test_literal_prefix_leaves_the_units_after_it_free():
                                     lambda twin: masked_units(twin.b, [5, 7], on="input"), x)
     assert model.conv.out_channels == 6 and model.a.in_channels == 5 and model.b.in_channels == 6
     model(x)
-
-
-def test_unequal_removal_from_equal_pieces_is_refused():
-    model = TwoPaths("chunk")
-    dep = get_dependency_graph(Pruner(model, input_size=(3, 5, 5)).graph())
-    first, second = [g for g in dep.all_groups if model.conv in g.source_modules]
-    with pytest.raises(ValueError, match=r"chunk at call site 'chunk' splits the units into 2 equal pieces; this "
-                                         r"selection removes \[1, 0\] units"):
-        dep.check_equal_pieces({first: [0]})
-    dep.check_equal_pieces({first: [0], second: [3]})
 
 
 def test_pieces_recombined_shifted_pair_their_units():

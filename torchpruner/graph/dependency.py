@@ -559,7 +559,7 @@ class DependencyGraph:
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
         self._count_constraints: List[Tuple[_Space, int]] = []   # (space, conv groups): equal counts per block
-        self._equal_pieces: list[tuple[_Space, int, str, fx.Node]] = []   # (space, blocks, op label, op) in equal pieces
+        self._equal_pieces: list[_Space] = []   # tensors split into equal pieces (positions linked across pieces)
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
         for node in graph.traced.graph.nodes:
@@ -1141,10 +1141,11 @@ class DependencyGraph:
         unit of the piece maps back to its source unit. Two kinds are followed, each checked by
         running the op on slot ids with units removed:
 
-        - *equal pieces* (``chunk(n)``, ``split(x.size(1) // n)``): the piece is block ``k`` of ``n``
-          equal blocks and stays so when every block loses the same units; the source then needs
-          the same number of units removed from every block (a count constraint, as for a grouped
-          convolution);
+        - *equal pieces* (``chunk(n)``, ``split(x.size(1) // n)``, or ``split(self.width)`` with the
+          size read from a module attribute, which the prune then updates): the piece is block
+          ``k`` of ``n`` equal blocks and stays so when every block loses the same units. Position
+          ``j`` of every block is linked (one unit removes it from every piece, as the dims of
+          attention heads), so the pieces stay equal whatever the selection;
         - *fixed positions* (sizes written in the code: ``split(16)``, ``x[:, :16]``): removing units
           after the piece leaves it unchanged; the units up to its end cannot be removed (their
           groups are refused, naming the op), the others are free.
@@ -1171,13 +1172,19 @@ class DependencyGraph:
         length, first = len(line), int(line[0])
         contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
         blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
-        if blocks >= 2 and all(equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
-                               for r in sorted({0, length // 2, length - 1})):
+        sized_by = self._split_size_attribute(source, length) if blocks >= 2 and source is not None else None
+        if blocks >= 2 and (sized_by is not None or all(
+                equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
+                for r in sorted({0, length // 2, length - 1}))):
             out = self._alloc(node, out_axis)
             self._link(space, line, out, np.arange(out.size))
-            if (space, blocks) not in self._count_constraints:
-                self._count_constraints.append((space, blocks))
-                self._equal_pieces.append((space, blocks, op, source if op != label else node))
+            if space not in self._equal_pieces:
+                self._equal_pieces.append(space)
+                slots = np.arange(size)
+                self._link(space, slots, space, slots % length)   # position j of every piece goes together
+            if sized_by is not None:
+                owner, owner_name, attribute = sized_by
+                self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name, attribute, None))
             return
         end = int(line.max())
         free = np.arange(end + 1, size)
@@ -1192,6 +1199,26 @@ class DependencyGraph:
                   f"{label} takes units {first}..{end} of {size} at positions written in the code (a split or "
                   f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
                   f"from the tensor (x.size(1) // 2, chunk) to prune them")
+
+    def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
+        """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an
+        int attribute of the module that calls it (``torch.split(x, self.width, 1)``, checked by
+        tracing the module again with the attribute changed), else None."""
+        is_split = (source.op == "call_function" and source.target is torch.split) or \
+            (source.op == "call_method" and source.target == "split")
+        size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
+        if not is_split or type(size) is not int or size != length:
+            return None
+        owner_name = self._calling_module(source)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        if owner is None:
+            return None
+        candidates = [attr for attr, value in vars(owner).items() if not attr.startswith("_") and type(value) is int
+                      and value == length]
+        function: Any = torch.split if source.op == "call_function" else "split"
+        keyword = "split_size_or_sections" if source.op == "call_function" else "split_size"
+        found = [attr for attr in candidates if _reads_attribute(owner, attr, function, 1, keyword)]
+        return (owner, owner_name or "(model)", found[0]) if len(found) == 1 else None
 
     def _pin(self, space: _Space, positions: np.ndarray, reason: str) -> None:
         """Refuse the groups of the given slots of ``space`` (not its other slots): a blocked
@@ -1496,16 +1523,6 @@ class DependencyGraph:
                         group.refusal_site = self._site_by_node.get(reason[2])
                     elif not reason[1] and group.output_reason is None:
                         group.output_reason = reason[0]
-        for space, blocks, op, op_node in self._equal_pieces:
-            # a group's units must sit equally in every piece, or no selection keeps the pieces equal
-            slot_groups = self._group_of_label[labels[space.start:space.start + space.size]]
-            per_block = slot_groups.reshape(blocks, -1)
-            for gi in np.unique(slot_groups):
-                counts = (per_block == gi).sum(axis=1)
-                if len(set(counts.tolist())) > 1 and groups[gi].refusal is None:
-                    groups[gi].refusal = (f"{op} splits the units into {blocks} equal pieces, and these units sit in "
-                                          f"some of the pieces only: removing them would make the pieces unequal")
-                    groups[gi].refusal_site = self._site_by_node.get(op_node)
         space_index = {id(space): k for k, space in enumerate(self._space_list)}
         for role in self._roles:
             for gi in np.unique(group_of_pair[pair_space == space_index[id(role.space)]]):
@@ -1550,18 +1567,6 @@ class DependencyGraph:
                 positions = [group.positions(role.space, units) for group, units in selection.items()]
                 result.append((role, np.unique(np.concatenate(positions)) if positions else np.zeros(0, np.int64)))
         return result
-
-    def check_equal_pieces(self, selection: Mapping[Group, Sequence[int]]) -> None:
-        """Refuse a selection that removes different numbers of units from the equal pieces of a
-        ``chunk``/``split`` (the pieces would no longer be the ones the code expects)."""
-        for space, blocks, op, _ in self._equal_pieces:
-            removed = np.zeros(space.size, dtype=bool)
-            for group, units in selection.items():
-                removed[group.positions(space, units)] = True
-            counts = removed.reshape(blocks, -1).sum(axis=1)
-            if len(set(counts.tolist())) > 1:
-                raise DependencyError(f"{op} splits the units into {blocks} equal pieces; this selection removes "
-                                      f"{counts.tolist()} units from them; remove the same number from every piece")
 
     def shape_attribute_edits(self, selection: Mapping[Group, Sequence[int]]) -> list[AttributeChange]:
         """The changes of the module attributes that hold a size of the removed units (the
@@ -1713,9 +1718,9 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
     return _reads_attribute(owner, attribute, F.layer_norm, 1, "normalized_shape", literal)
 
 
-def _reads_attribute(owner: nn.Module, attribute: str, function: Callable, position: int, keyword: str,
+def _reads_attribute(owner: nn.Module, attribute: str, function: Callable | str, position: int, keyword: str,
                      literal: Any = None) -> bool:
-    """The calls of ``function`` in ``owner``'s forward take argument ``keyword`` from
+    """The calls of ``function`` (a tensor method: its name) in ``owner``'s forward take argument ``keyword`` from
     ``owner.<attribute>``: traced again with the attribute set to another value (restored
     afterwards), one of them shows that value and none still shows ``literal`` (by default the
     attribute's value)."""
@@ -1733,8 +1738,9 @@ def _reads_attribute(owner: nn.Module, attribute: str, function: Callable, posit
         return False
     finally:
         setattr(owner, attribute, old)
+    op = "call_method" if isinstance(function, str) else "call_function"
     values = [n.kwargs.get(keyword, n.args[position] if len(n.args) > position else None)
-              for n in graph.nodes if n.op == "call_function" and n.target is function]
+              for n in graph.nodes if n.op == op and (n.target == function if op == "call_method" else n.target is function)]
     return any(_same_shape_value(sentinel, value) for value in values) and \
         not any(_same_shape_value(value, literal) for value in values)
 

@@ -72,7 +72,6 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
     dep = next(iter(selection))._dep if selection else None
     if dep is None:
         return []
-    dep.check_equal_pieces(selection)
     edits: list[Edit] = []
     kept: dict[int, list] = {}   # module id -> [module, rule, out_keep, in_keep]
     param_kept: dict[int, tuple[nn.Module, dict[str, list[int]]]] = {}  # bare parameters' kept ids
