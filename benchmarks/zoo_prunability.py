@@ -15,7 +15,8 @@ Protocol, per model (CPU, float32):
   same process on a fresh copy: its result, whether its pruned model still runs, and whether the
   optimizer that existed before its prune still updates every parameter of the pruned model.
 
-Each model runs in a subprocess with a time limit. Usage::
+Each tool runs in its own worker process (the two side by side), each model with a time limit; a
+worker that dies costs only the model it was on. Usage::
 
     OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/zoo_prunability.py            # the whole zoo
     .venv/bin/python benchmarks/zoo_prunability.py resnet18 hf-bert --no-tp           # a few, ours only
@@ -31,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -303,20 +305,53 @@ def run_one(name: str, tool: str) -> dict:
     return run_ours(name) if tool == "ours" else run_tp(name)
 
 
-def run_isolated(name: str, tool: str, timeout: float) -> dict:
-    """Run one model with one tool in a subprocess (a hang or a crash costs only that entry)."""
-    command = [sys.executable, __file__, "--one", name, "--tool", tool]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"over {timeout:.0f} s", "seconds": round(timeout)}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        return {"status": "crash", "reason": (done.stderr or "no output").strip().splitlines()[-1][:300]}
-    record = json.loads(lines[-1])
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    return record
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):  # noqa: ARG001
+    raise _Timeout()
+
+
+def work(names: list[str], tool: str, timeout: float) -> None:
+    """Worker: run ``tool`` on each model in turn, one JSON line per model; ``timeout`` seconds each."""
+    import signal
+
+    signal.signal(signal.SIGALRM, _alarm)
+    for name in names:
+        start = time.perf_counter()
+        signal.alarm(int(timeout))
+        try:
+            record = run_one(name, tool)
+        except _Timeout:
+            record = {"status": "timeout", "reason": f"over {timeout:.0f} s"}
+        except Exception as exc:  # noqa: BLE001
+            record = {"status": "crash", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        finally:
+            signal.alarm(0)
+        record.pop("traceback", None)
+        record["model"], record["seconds"] = name, round(time.perf_counter() - start, 1)
+        print(json.dumps(record), flush=True)
+
+
+def run_tool(names: list[str], tool: str, timeout: float, results: dict[str, dict]) -> None:
+    """Run a worker for ``tool`` over ``names``; a worker that dies (a segfault, out of memory) costs
+    the model it was on (``crash``) and is restarted on the rest."""
+    remaining = list(names)
+    while remaining:
+        command = [sys.executable, __file__, "--worker", "--tool", tool, "--timeout", str(timeout), *remaining]
+        worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  env=os.environ.copy())
+        assert worker.stdout is not None
+        for line in worker.stdout:
+            if line.startswith("{"):
+                record = json.loads(line)
+                name = record.pop("model")
+                results[name] = record
+                remaining.remove(name)
+        worker.wait()
+        if remaining:   # the worker died on remaining[0]
+            results[remaining.pop(0)] = {"status": "crash", "reason": f"the process died (exit {worker.returncode})"}
 
 
 def render(records: list[dict], tp_version: str | None) -> str:
@@ -376,6 +411,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="*")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--no-tp", action="store_true", help="run torchpruner only")
     parser.add_argument("--timeout", type=float, default=300)
@@ -388,29 +424,36 @@ def main() -> None:
         records = json.loads(Path(args.out).with_suffix(".json").read_text())
         Path(args.out).write_text(render(records, torch_pruning.__version__))
         return
+    if args.worker:
+        work(args.models, args.tool, args.timeout)
+        return
     if args.one:
         record = run_one(args.one, args.tool)
         print(json.dumps({k: v for k, v in record.items() if k != "traceback"} | {"traceback": record.get("traceback")}))
         return
     names = args.models or TIMM_MODELS + HF_MODELS
     json_path = Path(args.out).with_suffix(".json")
-    records = []
     tp_version = None
+    tools = ["ours"]
     if not args.no_tp:
         import torch_pruning
 
         tp_version = torch_pruning.__version__
-    for name in names:
-        record = {"model": name, "ours": run_isolated(name, "ours", args.timeout)}
-        if not args.no_tp:
-            record["tp"] = run_isolated(name, "tp", args.timeout)
-        records.append(record)
+        tools.append("tp")
+    results: dict[str, dict[str, dict]] = {tool: {} for tool in tools}
+    threads = [threading.Thread(target=run_tool, args=(names, tool, args.timeout, results[tool])) for tool in tools]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    records = [{"model": name, **{tool: results[tool].get(name, {"status": "missing"}) for tool in tools}}
+               for name in names]
+    for record in records:
         o, t = record["ours"], record.get("tp") or {}
-        print(f"{name:32s} ours {o['status']:8s} {o.get('groups', '')}/{o.get('refused_groups', '')} "
+        print(f"{record['model']:32s} ours {o['status']:8s} {o.get('groups', '')}/{o.get('refused_groups', '')} "
               f"{o.get('params_before', '')}->{o.get('params_after', '')} {o.get('twin_error', '')} | "
-              f"TP {t.get('status', '')} {t.get('params_after', '')} | {(o.get('reason') or o.get('note') or '')[:120]}",
-              flush=True)
-        json_path.write_text(json.dumps(records, indent=1))
+              f"TP {t.get('status', '')} {t.get('params_after', '')} | {(o.get('reason') or o.get('note') or '')[:120]}")
+    json_path.write_text(json.dumps(records, indent=1))
     Path(args.out).write_text(render(records, tp_version))
 
 

@@ -263,3 +263,52 @@ def test_groups_warns_once_per_trace_and_prune_groups_reports_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pruner.groups()   # the same trace: said once
+
+
+class TokenMixing(nn.Module):
+    """MLP-Mixer: a Linear over the tokens ([N, C, L]) passes the channel units through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.tokens = nn.Linear(5, 5)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.embed(x)                                        # [N, L, C]
+        h = h + self.tokens(h.transpose(1, 2)).transpose(1, 2)   # mix the tokens, channel by channel
+        return self.head(h.mean(1))
+
+
+def test_a_linear_over_another_axis_passes_the_units_through():
+    torch.manual_seed(0)
+    model = TokenMixing().double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    (group,) = pruner.groups()
+    assert model.tokens not in group and group.source_modules == [model.embed]
+    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.embed, [0, 3]),
+                                    lambda twin: masked_units(twin.head, [0, 3], axis=1, on="input"), x)
+    assert model.head.in_features == 4 and model.tokens.weight.shape == (5, 5)
+
+
+def test_addcmul_affine_is_element_wise_and_slices_its_parameters():
+    """ResMLP's Affine: ``torch.addcmul(self.beta, self.alpha, x)``, per channel."""
+    class Affine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 6)
+            self.alpha = nn.Parameter(torch.randn(6))
+            self.beta = nn.Parameter(torch.randn(6))
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(torch.addcmul(self.beta, self.alpha, self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Affine().double().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc, [1, 2]),
+                                    lambda twin: masked_units(twin.head, [1, 2], on="input"), x)
+    assert model.alpha.shape == model.beta.shape == (4,)

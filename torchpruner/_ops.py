@@ -70,14 +70,14 @@ ELEMENTWISE_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | set(DROPOUT_FUNCTIONS) | {
     torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum,
     torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.square, torch.pow,
     torch.clamp, torch.clip, torch.where, torch.erf, torch.sin, torch.cos, torch.reciprocal,
-    F.hardtanh, F.hardshrink, F.softshrink, torch.clone, torch.detach, torch.nan_to_num,
+    F.hardtanh, F.hardshrink, F.softshrink, torch.clone, torch.detach, torch.nan_to_num, torch.addcmul, torch.addcdiv,
 }
 ELEMENTWISE_METHODS = set(ACTIVATION_METHODS) | {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
     "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_",
     "clone", "contiguous", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as",
     "sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "exp_", "erf", "reciprocal",
-    "maximum", "minimum", "masked_fill", "nan_to_num", "requires_grad_",
+    "maximum", "minimum", "masked_fill", "nan_to_num", "requires_grad_", "addcmul", "addcdiv",
 }
 #: Ops that only move data around: followed empirically (see module docstring).
 MOVEMENT_FUNCTIONS = {

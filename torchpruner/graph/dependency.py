@@ -1317,7 +1317,13 @@ class DependencyGraph:
         elif isinstance(module, nn.Linear) or (rule is not None and getattr(rule, "input_unit_axis", None) == -1
                                                and not getattr(rule, "passes_units_through", False)):
             if space.axis != space.ndim - 1:
-                # the input cannot lose units here; the output units are the layer's own and stay prunable
+                # the layer maps the last axis; units on another axis (MLP-Mixer's token mixing on
+                # [N, C, L]) pass through it unit by unit, and its own features are not units here
+                # (a refused tensor's axis is a guess: it only blocks, so the refusal stays in its group)
+                if x.op != "placeholder" and id(space) not in self._blocked and len(shape) == space.ndim \
+                        and shape[space.axis] == space.size:
+                    self._link_same(space, self._alloc(node, space.axis))
+                    return
                 if x.op != "placeholder":
                     self._block(space, f"{self._label(node)} reads its input units on the last axis but the "
                                        f"units are on axis {space.axis} of a {space.ndim}-d tensor")
