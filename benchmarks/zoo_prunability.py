@@ -334,9 +334,11 @@ def work(names: list[str], tool: str, timeout: float) -> None:
         print(json.dumps(record), flush=True)
 
 
-def run_tool(names: list[str], tool: str, timeout: float, results: dict[str, dict]) -> None:
+def run_tool(names: list[str], tool: str, timeout: float, results: dict[str, dict],
+             progress: Path | None = None) -> None:
     """Run a worker for ``tool`` over ``names``; a worker that dies (a segfault, out of memory) costs
-    the model it was on (``crash``) and is restarted on the rest."""
+    the model it was on (``crash``) and is restarted on the rest. Each result is also appended to
+    ``progress`` (one JSON line), so an interrupted run keeps what it measured."""
     remaining = list(names)
     while remaining:
         command = [sys.executable, __file__, "--worker", "--tool", tool, "--timeout", str(timeout), *remaining]
@@ -349,6 +351,9 @@ def run_tool(names: list[str], tool: str, timeout: float, results: dict[str, dic
                 name = record.pop("model")
                 results[name] = record
                 remaining.remove(name)
+                if progress is not None:
+                    with progress.open("a") as file:
+                        file.write(json.dumps({"tool": tool, "model": name, **record}) + "\n")
         worker.wait()
         if remaining:   # the worker died on remaining[0]
             results[remaining.pop(0)] = {"status": "crash", "reason": f"the process died (exit {worker.returncode})"}
@@ -418,10 +423,18 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "zoo_prunability.md"))
     parser.add_argument("--render", action="store_true", help="only write the .md from the .json next to it")
     args = parser.parse_args()
-    if args.render:
+    if args.render:   # from the .json, or from the progress lines of an interrupted run
         import torch_pruning
 
-        records = json.loads(Path(args.out).with_suffix(".json").read_text())
+        json_path = Path(args.out).with_suffix(".json")
+        if json_path.exists():
+            records = json.loads(json_path.read_text())
+        else:
+            lines = [json.loads(line) for line in json_path.with_suffix(".progress.jsonl").read_text().splitlines()]
+            by_model: dict[str, dict] = {}
+            for line in lines:
+                by_model.setdefault(line.pop("model"), {})[line.pop("tool")] = line
+            records = [{"model": name, **tools} for name, tools in by_model.items() if "ours" in tools]
         Path(args.out).write_text(render(records, torch_pruning.__version__))
         return
     if args.worker:
@@ -441,7 +454,10 @@ def main() -> None:
         tp_version = torch_pruning.__version__
         tools.append("tp")
     results: dict[str, dict[str, dict]] = {tool: {} for tool in tools}
-    threads = [threading.Thread(target=run_tool, args=(names, tool, args.timeout, results[tool])) for tool in tools]
+    progress = json_path.with_suffix(".progress.jsonl")
+    progress.unlink(missing_ok=True)
+    threads = [threading.Thread(target=run_tool, args=(names, tool, args.timeout, results[tool], progress))
+               for tool in tools]
     for thread in threads:
         thread.start()
     for thread in threads:
