@@ -66,7 +66,7 @@ TIMM_MODELS = [
 ]
 #: timm models whose image size is part of the architecture
 TIMM_KWARGS = {name: {"img_size": 64} for name in (
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "mixer_s16_224", "resmlp_12_224", "pvt_v2_b0")}
+    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "mixer_s16_224", "resmlp_12_224")}
 TIMM_KWARGS["swin_tiny_patch4_window7_224"] = {"img_size": 64, "window_size": 4}
 TIMM_SIZE = {"inception_v3": 96, "swin_tiny_patch4_window7_224": 64}
 

@@ -222,6 +222,7 @@ class Attention(nn.Module):
         super().__init__()
         self.inp = nn.Linear(4, 8)
         self.qkv = nn.Linear(8, 24)
+        self.norm = nn.Identity()   # timm's attention norm: after the refused reshape, before proj
         self.proj = nn.Linear(8, 8)
         self.out = nn.Linear(8, 2)
 
@@ -230,7 +231,7 @@ class Attention(nn.Module):
         b, n, _ = h.shape
         q, k, v = self.qkv(h).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 8)
-        return self.out(h + self.proj(a))
+        return self.out(h + self.proj(self.norm(a)))
 
 
 def test_a_refused_attention_does_not_refuse_the_stream_around_it():

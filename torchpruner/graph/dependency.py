@@ -554,6 +554,7 @@ class DependencyGraph:
         self._blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]] = {}   # id(space) -> (reason, hard, op)
         self._visiting: Optional[fx.Node] = None
         self._warned = False
+        self._guessed: set[int] = set()   # spaces whose unit axis is a guess (after an op that could not be followed)
         self._roles: List[_Role] = []
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
@@ -598,6 +599,8 @@ class DependencyGraph:
         return space
 
     def _link(self, a: _Space, a_pos: np.ndarray, b: _Space, b_pos: np.ndarray) -> None:
+        if id(a) in self._guessed:
+            self._guessed.add(id(b))   # its unit axis follows a guess
         self._edges.append((a.start + np.asarray(a_pos, dtype=np.int64), b.start + np.asarray(b_pos, dtype=np.int64)))
 
     def _link_same(self, a: _Space, b: _Space) -> None:
@@ -644,7 +647,9 @@ class DependencyGraph:
                 if space is not None and space.ndim == len(shape) and space.node.op != "placeholder":
                     axis = space.axis
                     break
-            self._block(self._alloc(node, axis), reason)
+            blocked = self._alloc(node, axis)
+            self._guessed.add(id(blocked))
+            self._block(blocked, reason)
         elif node in self._spaces:
             self._block(self._spaces[node], reason)
 
@@ -1319,9 +1324,10 @@ class DependencyGraph:
             if space.axis != space.ndim - 1:
                 # the layer maps the last axis; units on another axis (MLP-Mixer's token mixing on
                 # [N, C, L]) pass through it unit by unit, and its own features are not units here
-                # (a refused tensor's axis is a guess: it only blocks, so the refusal stays in its group)
-                if x.op != "placeholder" and id(space) not in self._blocked and len(shape) == space.ndim \
-                        and shape[space.axis] == space.size:
+                # (after an op that could not be followed the axis is a guess: then it only blocks, so
+                # the refusal stays in its group)
+                if x.op != "placeholder" and id(space) not in self._blocked and id(space) not in self._guessed \
+                        and len(shape) == space.ndim and shape[space.axis] == space.size:
                     self._link_same(space, self._alloc(node, space.axis))
                     return
                 if x.op != "placeholder":
