@@ -305,7 +305,7 @@ def run_one(name: str, tool: str) -> dict:
     return run_ours(name) if tool == "ours" else run_tp(name)
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):   # not caught by the runs' own `except Exception`
     pass
 
 

@@ -313,3 +313,23 @@ def test_addcmul_affine_is_element_wise_and_slices_its_parameters():
     assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc, [1, 2]),
                                     lambda twin: masked_units(twin.head, [1, 2], on="input"), x)
     assert model.alpha.shape == model.beta.shape == (4,)
+
+
+def test_a_shape_read_from_the_stream_for_another_tensor_refuses_the_stream():
+    """PVT-v2: ``B, N, C = x.shape`` of the stream, then the attention output ``.reshape(B, N, C)``:
+    pruning the stream would change C under a tensor that keeps its width."""
+    class ReusedWidth(Attention):
+        def forward(self, x):
+            h = self.inp(x)
+            b, n, c = h.shape
+            q, k, v = self.qkv(h).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+            return self.out(h + self.proj(self.norm(a)))
+
+    model = ReusedWidth()
+    pruner = Pruner(model, example_inputs=torch.randn(2, 3, 4))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"reshape at call site 'reshape_1' computes an argument from the number of "
+                                         r"units of 'inp'"):
+        pruner.prune_model(model.inp, [0])
+    assert_unchanged(before, model)

@@ -700,6 +700,8 @@ class DependencyGraph:
             return
         slotted = self._slotted_inputs(node, attrs=True)
         shape = self._shape(node)
+        if node.op in ("call_function", "call_method") and shape is not None:
+            self._check_shape_sources(node)
         if node.op == "call_module":
             module = self._traced_modules[node.target]
             self._visit_module(node, module, slotted)
@@ -760,6 +762,46 @@ class DependencyGraph:
         else:
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}: "
                                 f"unsupported op")
+
+    def _check_shape_sources(self, node: fx.Node) -> None:
+        """``node`` computes an argument from the size of another tensor (``B, N, C = x.shape`` then
+        ``attn_out.reshape(B, N, C)``): when that size is the unit count of a tensor with units, a
+        prune changes the argument (checked by computing it with two units of that tensor removed),
+        so that tensor's units are refused here, naming the op."""
+        sources: list[fx.Node] = []
+        stack = list(node.all_input_nodes)
+        seen: set[fx.Node] = set()
+        while stack:
+            arg = stack.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if self._shape(arg) is not None:
+                continue   # a tensor operand, not shape arithmetic
+            if self._is_shape_query(arg) or (arg.op == "call_function" and arg.target is getattr):
+                tensor = arg.args[0]
+                if isinstance(tensor, fx.Node) and self._shape(tensor) is not None:
+                    sources.append(tensor)
+                continue
+            stack.extend(arg.all_input_nodes)
+        args = (node.args, dict(node.kwargs))
+        operands = {n for n in node.all_input_nodes if self._shape(n) is not None}
+        for tensor in dict.fromkeys(sources):
+            if tensor in operands:
+                continue   # the op's own input: followed (and checked) with the op itself
+            space = self._spaces.get(tensor)
+            if space is None or space.size < 3:
+                continue
+            try:
+                before = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, np.arange(space.size))})
+                removed = np.setdiff1d(np.arange(space.size), [0, space.size // 2])
+                after = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, removed)})
+            except Exception:  # noqa: BLE001 - the shape code fails on fewer units: it depends on them
+                before, after = None, ()
+            if _shape_values(before) != _shape_values(after):
+                self._block(space, f"{self._label(node)} computes an argument from the number of units of "
+                                   f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
+                                   f"would change it")
 
     def _is_shape_query(self, node: fx.Node) -> bool:
         """``node`` reads a size or a property of a tensor, not its values (``x.size(0)``, ``x.shape``)."""
@@ -1766,6 +1808,13 @@ def _same_shape_value(value: Any, literal: Any) -> bool:
     if isinstance(literal, (tuple, list, torch.Size)) and isinstance(value, (tuple, list, torch.Size)):
         return tuple(value) == tuple(literal)
     return False
+
+
+def _shape_values(value: Any) -> list[Any]:
+    """The non-tensor leaves of a (nested) argument, for comparing computed shapes."""
+    found: list[Any] = []
+    fx.node.map_aggregate(value, lambda v: found.append(None if isinstance(v, torch.Tensor) else v))
+    return found
 
 
 def _flatten_nodes(value: Any) -> List[fx.Node]:
