@@ -409,6 +409,11 @@ def render(records: list[dict], tp_version: str | None) -> str:
               "the step after it; `STALE` = some were not (new Parameter objects, or state it cannot use).",
               "Time: our trace + prune, Torch-Pruning's graph build + prune (its `MagnitudePruner` construction and "
               "`step()`), one run each; the ratio is ours / theirs."]
+    reruns = sorted({r["ours"]["rerun"] for r in records if r["ours"].get("rerun")})
+    for commit in reruns:
+        rows = ", ".join(r["model"] for r in records if r["ours"].get("rerun") == commit)
+        lines.append(f"Rows measured again (both tools) at commit {commit}, after a fix the first run showed the "
+                     f"need for: {rows}.")
     return "\n".join(lines) + "\n"
 
 
