@@ -70,14 +70,14 @@ ELEMENTWISE_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | set(DROPOUT_FUNCTIONS) | {
     torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum,
     torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.square, torch.pow,
     torch.clamp, torch.clip, torch.where, torch.erf, torch.sin, torch.cos, torch.reciprocal,
-    F.hardtanh, F.hardshrink, F.softshrink, torch.clone, torch.detach, torch.nan_to_num,
+    F.hardtanh, F.hardshrink, F.softshrink, torch.clone, torch.detach, torch.nan_to_num, torch.addcmul, torch.addcdiv,
 }
 ELEMENTWISE_METHODS = set(ACTIVATION_METHODS) | {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
     "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_",
     "clone", "contiguous", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as",
     "sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "exp_", "erf", "reciprocal",
-    "maximum", "minimum", "masked_fill", "nan_to_num", "requires_grad_",
+    "maximum", "minimum", "masked_fill", "nan_to_num", "requires_grad_", "addcmul", "addcdiv",
 }
 #: Ops that only move data around: followed empirically (see module docstring).
 MOVEMENT_FUNCTIONS = {
@@ -139,6 +139,33 @@ PASS_THROUGH_MODULES: tuple[type, ...] = tuple(m for m in ACTIVATION_MODULES if 
     nn.Identity, nn.AlphaDropout, nn.FeatureAlphaDropout)
 MOVEMENT_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten)
 DIM_WISE_MODULES: tuple[type, ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+
+
+#: Functional forms of the torch.nn layers. A call whose tensors are all parameters/buffers of one
+#: module of the matching type, made inside that module's own forward (a subclass that fx traces
+#: into: timm's ``Linear``, ``BatchNormAct2d``, ``GroupNorm1``), stands for a call of that module.
+#: function -> (module types, tensor arguments, settings), each argument as
+#: ``(position, keyword, module attribute)``; a *setting* is a module attribute the call reads as a
+#: constant and that a prune can change (``groups``, ``num_groups``, ``normalized_shape``).
+FunctionalArgument = tuple[int, str, str]
+FUNCTIONAL_LAYERS: dict[object, tuple[tuple[type, ...], tuple[FunctionalArgument, ...], tuple[FunctionalArgument, ...]]] = {
+    F.linear: ((nn.Linear,), ((1, "weight", "weight"), (2, "bias", "bias")), ()),
+    **{conv: ((module_type,), ((1, "weight", "weight"), (2, "bias", "bias")), ((6, "groups", "groups"),))
+       for conv, module_type in ((F.conv1d, nn.Conv1d), (F.conv2d, nn.Conv2d), (F.conv3d, nn.Conv3d))},
+    **{conv: ((module_type,), ((1, "weight", "weight"), (2, "bias", "bias")), ((6, "groups", "groups"),))
+       for conv, module_type in ((F.conv_transpose1d, nn.ConvTranspose1d), (F.conv_transpose2d, nn.ConvTranspose2d),
+                                 (F.conv_transpose3d, nn.ConvTranspose3d))},
+    F.batch_norm: ((nn.modules.batchnorm._BatchNorm,),
+                   ((1, "running_mean", "running_mean"), (2, "running_var", "running_var"), (3, "weight", "weight"),
+                    (4, "bias", "bias")), ()),
+    F.instance_norm: ((nn.modules.instancenorm._InstanceNorm,),
+                      ((1, "running_mean", "running_mean"), (2, "running_var", "running_var"),
+                       (3, "weight", "weight"), (4, "bias", "bias")), ()),
+    F.layer_norm: ((nn.LayerNorm,), ((2, "weight", "weight"), (3, "bias", "bias")),
+                   ((1, "normalized_shape", "normalized_shape"),)),
+    F.rms_norm: ((nn.RMSNorm,), ((2, "weight", "weight"),), ((1, "normalized_shape", "normalized_shape"),)),
+    F.group_norm: ((nn.GroupNorm,), ((2, "weight", "weight"), (3, "bias", "bias")), ((1, "num_groups", "num_groups"),)),
+}
 
 
 #: Parameter-free modules whose output keeps the units of their input (nothing to slice).

@@ -14,11 +14,21 @@ axis. Ops connect slots that must disappear together:
 - element-wise ops, BatchNorm, activations, Dropout, pooling, mean/sum over other dims connect
   slot ``i`` of their input(s) with slot ``i`` of their output (broadcast operands of size 1 are
   free; a residual addition therefore connects both operands);
-- concatenation along the unit axis shifts by the branch offset; split/chunk the other way round;
+- concatenation along the unit axis shifts by the branch offset;
 - reshapes, flattens, permutes, indexing and expands are *followed empirically*: the op is run on
   a tensor of slot ids, then again with two slots removed; if the second result is not the first
   one with those slots removed (a hard-coded ``x.view(-1, 16*5*5)``, a channel shuffle) the op is
   refused. ``flatten`` into a Linear thereby maps channel ``c`` to its ``H*W`` inputs;
+- a piece of the unit axis (an item of ``split``/``chunk``, ``x[:, a:b]``) maps each of its units
+  back to the source. Equal pieces (``chunk(n)``, sizes computed from the tensor) need the same
+  number of units removed from every piece (a group whose units sit in some pieces only is
+  refused); with positions written in the code (``split(16)``, ``x[:, :16]``) the units up to the
+  piece's end are pinned (their groups refused) and the units after it stay free;
+- a functional call standing for its layer (``F.linear``/``F.conv*``/``F.batch_norm``/
+  ``F.layer_norm``/``F.group_norm`` on a module's own tensors inside its forward: a subclass fx
+  traces into, such as timm's ``Linear`` or ``BatchNormAct2d``) is that layer's call, sliced once by
+  its rule; the settings it reads (``groups``, ``num_groups``, ``normalized_shape``) must come from
+  the layer's attributes;
 - depthwise convolutions pass channels through; grouped convolutions force equal pruning in every
   group; GroupNorm whole groups; ``nn.MultiheadAttention`` equal pruning in every head;
 - ``max``/``topk``/``sort``-like pairs are followed at their items (``[0]``/``.values``,
@@ -47,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -57,7 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchpruner._ops import (DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, DIM_WISE_MODULES, ELEMENTWISE_FUNCTIONS,
-                              ELEMENTWISE_METHODS, MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES,
+                              ELEMENTWISE_METHODS, FUNCTIONAL_LAYERS, MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES,
                               PASS_THROUGH_MODULES, REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_ATTRIBUTES,
                               SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS, SPATIAL_FUNCTIONS, SPATIAL_MODULES,
                               TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_FUNCTIONS, TUPLE_DIM_OPS)
@@ -67,7 +78,8 @@ from .trace import CallSite, ModelGraph, _LeafTracer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "get_dependency_graph", "zeroing_functions"]
+__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "RefusedGroupsWarning", "get_dependency_graph",
+           "zeroing_functions"]
 
 
 class DependencyError(ValueError):
@@ -76,6 +88,11 @@ class DependencyError(ValueError):
 
 def _is_torchvision(module: nn.Module, name: str) -> bool:
     return type(module).__module__.startswith("torchvision") and type(module).__name__ == name
+
+
+class RefusedGroupsWarning(UserWarning):
+    """Some groups of the model hold a layer's units but cannot be pruned (an op the analysis
+    cannot follow): they are left out of ``groups()``; ``pruner.refused_groups()`` lists them."""
 
 
 class _CannotFollow(Exception):
@@ -167,6 +184,7 @@ class Group:
         num_units: number of group units; unit ``u`` is ordered by the first source's channels.
         members: the modules and parameters that are sliced (see :class:`Member`).
         refusal: None when the group can be pruned, else the reason (names the op and call site).
+        refusal_site: the call site of the op that refused the group (None when unknown).
         output_reason: set when the group reaches a model output (classifier outputs): prunable
             only when asked (``include_outputs=True``).
     """
@@ -178,6 +196,7 @@ class Group:
         self._spaces: List[_Space] = []
         self._roles: List[_Role] = []
         self.refusal: Optional[str] = None
+        self.refusal_site: Optional[CallSite] = None
         self.output_reason: Optional[str] = None
         self.members: List[Member] = []
 
@@ -421,8 +440,9 @@ class Group:
             name = self._dep.graph.module_name(module)
             raise DependencyError(
                 f"cannot prune units {indices.tolist()[:20]} of '{name}' alone: they are coupled with its units "
-                f"{extra[:20]}{'...' if len(extra) > 20 else ''} (grouped convolution / GroupNorm / attention heads "
-                f"require equal pruning in every group); add them to the indices")
+                f"{extra[:20]}{'...' if len(extra) > 20 else ''} (grouped convolution / GroupNorm / attention heads / "
+                f"pieces of a split or chunk that meet again require equal pruning in every group); add them to the "
+                f"indices")
         return units
 
     def unit_channels(self, module: nn.Module, call_index: int = 0) -> List[np.ndarray]:
@@ -531,15 +551,20 @@ class DependencyGraph:
         self._space_list: List[_Space] = []
         self._num_slots = 0
         self._edges: List[Tuple[np.ndarray, np.ndarray]] = []
-        self._blocked: Dict[int, Tuple[str, bool]] = {}     # id(space) -> (reason, hard)
+        self._blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]] = {}   # id(space) -> (reason, hard, op)
+        self._visiting: Optional[fx.Node] = None
+        self._warned = False
+        self._guessed: set[int] = set()   # spaces whose unit axis is a guess (after an op that could not be followed)
         self._roles: List[_Role] = []
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
         self._count_constraints: List[Tuple[_Space, int]] = []   # (space, conv groups): equal counts per block
+        self._equal_pieces: list[_Space] = []   # tensors split into equal pieces (positions linked across pieces)
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
         for node in graph.traced.graph.nodes:
+            self._visiting = node   # the op a refusal is recorded at
             try:
                 self._visit(node)
             except _CannotFollow as exc:
@@ -547,6 +572,7 @@ class DependencyGraph:
             except Exception as exc:  # arguments the analysis cannot read (a traced shape as an argument...)
                 self._block_node(node, f"cannot follow the units through {self._label(node)} "
                                        f"({type(exc).__name__}: {str(exc)[:120]})")
+        self._visiting = None
         self._build_groups()
 
     # -- slots ------------------------------------------------------------------------------
@@ -573,6 +599,8 @@ class DependencyGraph:
         return space
 
     def _link(self, a: _Space, a_pos: np.ndarray, b: _Space, b_pos: np.ndarray) -> None:
+        if id(a) in self._guessed:
+            self._guessed.add(id(b))   # its unit axis follows a guess
         self._edges.append((a.start + np.asarray(a_pos, dtype=np.int64), b.start + np.asarray(b_pos, dtype=np.int64)))
 
     def _link_same(self, a: _Space, b: _Space) -> None:
@@ -583,12 +611,15 @@ class DependencyGraph:
     def _block(self, space: _Space, reason: str, hard: bool = True) -> None:
         old = self._blocked.get(id(space))
         if old is None or (hard and not old[1]):
-            self._blocked[id(space)] = (reason, hard)
+            self._blocked[id(space)] = (reason, hard, self._visiting or space.node)
 
     def _label(self, node: fx.Node) -> str:
         site = self._site_by_node.get(node)
         if site is not None and site.kind == "module":
             return f"'{site.label}' ({type(site.module).__name__})"
+        if site is not None and site.module is not None:   # a functional call standing for its layer
+            call = f", call {site.call_index}" if site.call_index else ""
+            return f"'{site.module_name}' ({type(site.module).__name__}, {node.target.__name__}{call})"
         target = node.target
         op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
         return f"{op} at call site '{node.name}'"
@@ -616,7 +647,9 @@ class DependencyGraph:
                 if space is not None and space.ndim == len(shape) and space.node.op != "placeholder":
                     axis = space.axis
                     break
-            self._block(self._alloc(node, axis), reason)
+            blocked = self._alloc(node, axis)
+            self._guessed.add(id(blocked))
+            self._block(blocked, reason)
         elif node in self._spaces:
             self._block(self._spaces[node], reason)
 
@@ -667,9 +700,15 @@ class DependencyGraph:
             return
         slotted = self._slotted_inputs(node, attrs=True)
         shape = self._shape(node)
+        if node.op in ("call_function", "call_method") and shape is not None:
+            self._check_shape_sources(node)
         if node.op == "call_module":
             module = self._traced_modules[node.target]
             self._visit_module(node, module, slotted)
+            return
+        site = self._site_by_node.get(node)
+        if node.op == "call_function" and site is not None and site.module is not None:
+            self._visit_layer_call(node, site)
             return
         target = node.target
         is_fn, is_method = node.op == "call_function", node.op == "call_method"
@@ -723,6 +762,46 @@ class DependencyGraph:
         else:
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}: "
                                 f"unsupported op")
+
+    def _check_shape_sources(self, node: fx.Node) -> None:
+        """``node`` computes an argument from the size of another tensor (``B, N, C = x.shape`` then
+        ``attn_out.reshape(B, N, C)``): when that size is the unit count of a tensor with units, a
+        prune changes the argument (checked by computing it with two units of that tensor removed),
+        so that tensor's units are refused here, naming the op."""
+        sources: list[fx.Node] = []
+        stack = list(node.all_input_nodes)
+        seen: set[fx.Node] = set()
+        while stack:
+            arg = stack.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if self._shape(arg) is not None:
+                continue   # a tensor operand, not shape arithmetic
+            if self._is_shape_query(arg) or (arg.op == "call_function" and arg.target is getattr):
+                tensor = arg.args[0]
+                if isinstance(tensor, fx.Node) and self._shape(tensor) is not None:
+                    sources.append(tensor)
+                continue
+            stack.extend(arg.all_input_nodes)
+        args = (node.args, dict(node.kwargs))
+        operands = {n for n in node.all_input_nodes if self._shape(n) is not None}
+        for tensor in dict.fromkeys(sources):
+            if tensor in operands:
+                continue   # the op's own input: followed (and checked) with the op itself
+            space = self._spaces.get(tensor)
+            if space is None or space.size < 3:
+                continue
+            try:
+                before = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, np.arange(space.size))})
+                removed = np.setdiff1d(np.arange(space.size), [0, space.size // 2])
+                after = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, removed)})
+            except Exception:  # noqa: BLE001 - the shape code fails on fewer units: it depends on them
+                before, after = None, ()
+            if _shape_values(before) != _shape_values(after):
+                self._block(space, f"{self._label(node)} computes an argument from the number of units of "
+                                   f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
+                                   f"would change it")
 
     def _is_shape_query(self, node: fx.Node) -> bool:
         """``node`` reads a size or a property of a tensor, not its values (``x.size(0)``, ``x.shape``)."""
@@ -941,7 +1020,16 @@ class DependencyGraph:
         out_shape = self._shape(node)
         if spatial_dims is None and node.target is F.pad:
             pad = self._dim_arg(node, 1, "pad")
-            spatial_dims = len(pad) // 2 if isinstance(pad, (list, tuple)) else space.ndim - 2
+            if not isinstance(pad, (list, tuple)):
+                raise _CannotFollow(f"cannot read the padding of {self._label(node)}")
+            # pairs from the last dim backwards: the unit axis may be among them, padded by (0, 0)
+            pair = 2 * (space.ndim - 1 - space.axis)
+            if pair + 1 < len(pad):
+                full = _slot_ids(space.shape, space.axis, np.arange(space.size))
+                before, after = self._evaluate_value([pad[pair], pad[pair + 1]], {x: full})
+                if before != 0 or after != 0:
+                    raise _CannotFollow(f"{self._label(node)} pads the unit axis {space.axis}")
+            spatial_dims = 0
         if spatial_dims is None:
             name = getattr(node.target, "__name__", "")
             spatial_dims = int(name[-2]) if name[-2:-1].isdigit() and name.endswith("d") else space.ndim - 2
@@ -1074,7 +1162,8 @@ class DependencyGraph:
                 f"that splits the unit axis); it cannot be pruned")
         present = set(np.unique(line).tolist())
         if present != set(range(space.size)):
-            raise _CannotFollow(f"{self._label(node)} selects a fixed subset of the units (hard-coded indexing, or a split of the unit axis)")
+            self._piece(node, x, space, y, out_axis, line, module)
+            return
         if space.size >= 2:
             for removed in _probe_removals(space.size):
                 keep = np.setdiff1d(np.arange(space.size), removed)
@@ -1092,6 +1181,101 @@ class DependencyGraph:
                                         f"are removed (e.g. x.view(-1, C*H*W) with a literal size)")
         out = self._alloc(node, out_axis)
         self._link(space, line, out, np.arange(out.size))
+
+    def _piece(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, out_axis: int, line: np.ndarray,
+               module: Optional[nn.Module]) -> None:
+        """``node`` keeps a part of the unit axis (a piece of ``split``/``chunk``, ``x[:, a:b]``): each
+        unit of the piece maps back to its source unit. Two kinds are followed, each checked by
+        running the op on slot ids with units removed:
+
+        - *equal pieces* (``chunk(n)``, ``split(x.size(1) // n)``, or ``split(self.width)`` with the
+          size read from a module attribute, which the prune then updates): the piece is block
+          ``k`` of ``n`` equal blocks and stays so when every block loses the same units. Position
+          ``j`` of every block is linked (one unit removes it from every piece, as the dims of
+          attention heads), so the pieces stay equal whatever the selection;
+        - *fixed positions* (sizes written in the code: ``split(16)``, ``x[:, :16]``): removing units
+          after the piece leaves it unchanged; the units up to its end cannot be removed (their
+          groups are refused, naming the op), the others are free.
+        """
+        label = op = self._label(node)
+        source = node.args[0] if node.target is operator.getitem else None
+        if isinstance(source, fx.Node) and self._shape(source) is None:   # an item of split/chunk's tuple
+            op = self._label(source)
+            label = f"item {node.args[1]!r} of {op}"
+        size = space.size
+
+        def result_without(removed: np.ndarray) -> torch.Tensor | None:
+            keep = np.setdiff1d(np.arange(size), removed)
+            try:
+                value = self._evaluate(node, {x: _slot_ids(space.shape, space.axis, keep)}, module)
+            except Exception:  # noqa: BLE001 - the model's own code fails on the smaller tensor
+                return None
+            return value if isinstance(value, torch.Tensor) else None
+
+        def equals(value: torch.Tensor | None, removed: np.ndarray) -> bool:
+            expected = y.index_select(out_axis, torch.as_tensor(np.nonzero(~np.isin(line, removed))[0]))
+            return value is not None and value.shape == expected.shape and torch.equal(value, expected)
+
+        length, first = len(line), int(line[0])
+        contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
+        blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
+        sized_by = self._split_size_attribute(source, length) if blocks >= 2 and source is not None else None
+        if blocks >= 2 and (sized_by is not None or all(
+                equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
+                for r in sorted({0, length // 2, length - 1}))):
+            out = self._alloc(node, out_axis)
+            self._link(space, line, out, np.arange(out.size))
+            if space not in self._equal_pieces:
+                self._equal_pieces.append(space)
+                slots = np.arange(size)
+                self._link(space, slots, space, slots % length)   # position j of every piece goes together
+            if sized_by is not None:
+                owner, owner_name, attribute = sized_by
+                self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name, attribute, None))
+            return
+        end = int(line.max())
+        free = np.arange(end + 1, size)
+        probes = [free[[0]], free[[-1]], free[[len(free) // 2]]] if len(free) else []
+        results = [result_without(p) for p in probes]
+        if any(r is None or r.shape != y.shape or not torch.equal(r, y) for r in results):
+            raise _CannotFollow(f"{label} selects units of the unit axis that do not follow once units are "
+                                f"removed (hard-coded indexing)")
+        out = self._alloc(node, out_axis)
+        self._link(space, line, out, np.arange(out.size))
+        self._pin(space, np.arange(end + 1),
+                  f"{label} takes units {first}..{end} of {size} at positions written in the code (a split or "
+                  f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
+                  f"from the tensor (x.size(1) // 2, chunk) to prune them")
+
+    def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
+        """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an
+        int attribute of the module that calls it (``torch.split(x, self.width, 1)``, checked by
+        tracing the module again with the attribute changed), else None."""
+        is_split = (source.op == "call_function" and source.target is torch.split) or \
+            (source.op == "call_method" and source.target == "split")
+        size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
+        if not is_split or type(size) is not int or size != length:
+            return None
+        owner_name = self._calling_module(source)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        if owner is None:
+            return None
+        candidates = [attr for attr, value in vars(owner).items() if not attr.startswith("_") and type(value) is int
+                      and value == length]
+        function: Any = torch.split if source.op == "call_function" else "split"
+        keyword = "split_size_or_sections" if source.op == "call_function" else "split_size"
+        found = [attr for attr in candidates if _reads_attribute(owner, attr, function, 1, keyword)]
+        return (owner, owner_name or "(model)", found[0]) if len(found) == 1 else None
+
+    def _pin(self, space: _Space, positions: np.ndarray, reason: str) -> None:
+        """Refuse the groups of the given slots of ``space`` (not its other slots): a blocked
+        stand-in tensor is linked to them."""
+        pin = _Space(node=space.node, site=None, start=self._num_slots, size=len(positions), axis=0,
+                     shape=(len(positions),))
+        self._num_slots += pin.size
+        self._space_list.append(pin)
+        self._link(space, positions, pin, np.arange(pin.size))
+        self._block(pin, reason)
 
     def _evaluate(self, node: fx.Node, env: Dict[fx.Node, torch.Tensor], module: Optional[nn.Module] = None,
                   depth: int = 0) -> Any:
@@ -1128,8 +1312,27 @@ class DependencyGraph:
 
     # -- modules ----------------------------------------------------------------------------
 
+    def _visit_layer_call(self, node: fx.Node, site: CallSite) -> None:
+        """A functional call that stands for its layer (``F.linear`` on ``self.weight`` inside an
+        ``nn.Linear`` subclass that fx traces into): followed as a call of that layer, whose rule
+        slices all of its tensors once. The settings the call reads as constants and a prune
+        changes (``groups`` of a grouped convolution, ``num_groups``, ``normalized_shape``) must
+        come from the layer's attributes, not from literals in its code."""
+        module = site.module
+        _, _, settings = FUNCTIONAL_LAYERS[node.target]
+        for position, keyword, attribute in settings:
+            value = getattr(module, attribute)
+            if attribute in ("groups", "num_groups") and value == 1:
+                continue   # a prune never changes a single group
+            if not _reads_attribute(module, attribute, node.target, position, keyword):
+                raise _CannotFollow(f"{self._label(node)} passes {keyword}={value!r} as a constant that does not "
+                                    f"come from '{site.module_name}.{attribute}', so a prune cannot update it; read "
+                                    f"it from self.{attribute} in the forward")
+        data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
+        self._visit_module(node, module, data)
+
     def _visit_module(self, node: fx.Node, module: nn.Module, slotted: List[fx.Node]) -> None:
-        name = self._site_by_node[node].module_name or node.target
+        name = self._site_by_node[node].module_name or str(node.target)
         shape = self._shape(node)
         if isinstance(module, nn.MultiheadAttention):
             return  # handled at its getitem (the module returns a tuple)
@@ -1161,9 +1364,17 @@ class DependencyGraph:
         elif isinstance(module, nn.Linear) or (rule is not None and getattr(rule, "input_unit_axis", None) == -1
                                                and not getattr(rule, "passes_units_through", False)):
             if space.axis != space.ndim - 1:
+                # the layer maps the last axis; units on another axis (MLP-Mixer's token mixing on
+                # [N, C, L]) pass through it unit by unit, and its own features are not units here
+                # (after an op that could not be followed the axis is a guess: then it only blocks, so
+                # the refusal stays in its group)
+                if x.op != "placeholder" and id(space) not in self._blocked and id(space) not in self._guessed \
+                        and len(shape) == space.ndim and shape[space.axis] == space.size:
+                    self._link_same(space, self._alloc(node, space.axis))
+                    return
                 if x.op != "placeholder":
-                    raise _CannotFollow(f"{self._label(node)} reads its input units on the last axis but the "
-                                        f"units are on axis {space.axis} of a {space.ndim}-d tensor")
+                    self._block(space, f"{self._label(node)} reads its input units on the last axis but the "
+                                       f"units are on axis {space.axis} of a {space.ndim}-d tensor")
             else:
                 self._add_role(space, "in", module, name)
             self._add_role(self._alloc(node, len(shape) - 1), "out", module, name)
@@ -1228,8 +1439,13 @@ class DependencyGraph:
             raise _CannotFollow(f"{self._label(node)} reads units on axis {axis}; they are on axis {space.axis}")
 
     def _conv(self, node: fx.Node, module: nn.modules.conv._ConvNd, name: str, space: _Space) -> None:
-        self._require_axis(node, space, 1)
         groups, cin, cout = module.groups, module.in_channels, module.out_channels
+        if space.axis != 1 and groups == 1:
+            # the input cannot lose units here; the output channels are the layer's own and stay prunable
+            self._block(space, f"{self._label(node)} reads units on axis 1; they are on axis {space.axis}")
+            self._add_role(self._alloc(node, 1), "out", module, name)
+            return
+        self._require_axis(node, space, 1)
         out = self._alloc(node, 1)
         if groups == 1:
             self._add_role(space, "in", module, name)
@@ -1358,6 +1574,7 @@ class DependencyGraph:
                 if reason is not None:
                     if reason[1] and group.refusal is None:
                         group.refusal = reason[0]
+                        group.refusal_site = self._site_by_node.get(reason[2])
                     elif not reason[1] and group.output_reason is None:
                         group.output_reason = reason[0]
         space_index = {id(space): k for k, space in enumerate(self._space_list)}
@@ -1432,7 +1649,15 @@ class DependencyGraph:
             self._block(space, f"cannot find the owner of the parameter '{path}'")
             return
         rule = get_slicing_rule(owner)
-        if rule is not None and getattr(rule, "passes_units_through", False) and attr in ("weight", "bias"):
+        sliced_by_rule = rule is not None and attr in (rule.tensors or ("weight", "bias"))
+        if sliced_by_rule and any((id(owner), d) in self._first_role_space for d in ("in", "out")):
+            # the layer's rule slices this tensor with the layer's units: a second, bare use of it
+            # (a tied weight, a scale read by another op) cannot be kept consistent with that slice
+            users = ", ".join(self._label(u) for u in space.node.users)
+            self._block(space, f"'{path}' is read outside the call of its layer '{owner_path}' "
+                               f"({type(owner).__name__}) by {users}; pruning the layer would slice it for both")
+            return
+        if sliced_by_rule and getattr(rule, "passes_units_through", False):
             role = _Role(space=space, direction="in", module=owner, module_name=owner_path)
         else:
             role = _Role(space=space, direction="param", module=owner, module_name=owner_path or "(model)",
@@ -1473,6 +1698,31 @@ class DependencyGraph:
                 continue
             result.append(group)
         return result
+
+    def refused_groups(self, ignored_layers: Sequence[nn.Module] = ()) -> List[Group]:
+        """The groups that hold units of a layer but cannot be pruned because an op cannot be
+        followed (``group.refusal`` says why, ``group.refusal_site`` where); groups that only
+        reach the model output or hold a single unit are not refusals."""
+        ignored = {id(m) for m in ignored_layers}
+        return [group for group in self._groups
+                if group.members and group.refusal is not None and group.source_roles
+                and not any(id(m) in ignored for m in group.source_modules)]
+
+    def warn_refused(self, ignored_layers: Sequence[nn.Module] = ()) -> None:
+        """Warn (:class:`RefusedGroupsWarning`, once per analysis) when groups are refused: their
+        count and the first reasons, so that a prune that leaves layers alone never does so silently."""
+        if self._warned:
+            return
+        self._warned = True
+        refused = self.refused_groups(ignored_layers)
+        if not refused:
+            return
+        shown = "; ".join(f"group {g.index} ({g.members[0].module_name}): {g.refusal}" for g in refused[:3])
+        more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
+        warnings.warn(RefusedGroupsWarning(
+            f"{len(refused)} of {len(self.all_groups)} groups of {type(self.model).__name__} hold units of a layer but "
+            f"cannot be pruned, and are left out: {shown}{more} (pruner.refused_groups() lists each with its call "
+            f"site)"), stacklevel=3)
 
     @property
     def all_groups(self) -> List[Group]:
@@ -1519,7 +1769,17 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
     """Every ``F.layer_norm`` call in ``owner``'s forward whose normalized_shape is ``literal`` reads
     it from ``owner.<attribute>``: traced again with the attribute set to another value (restored
     afterwards), none of them still shows ``literal``."""
+    return _reads_attribute(owner, attribute, F.layer_norm, 1, "normalized_shape", literal)
+
+
+def _reads_attribute(owner: nn.Module, attribute: str, function: Callable | str, position: int, keyword: str,
+                     literal: Any = None) -> bool:
+    """The calls of ``function`` (a tensor method: its name) in ``owner``'s forward take argument ``keyword`` from
+    ``owner.<attribute>``: traced again with the attribute set to another value (restored
+    afterwards), one of them shows that value and none still shows ``literal`` (by default the
+    attribute's value)."""
     old = getattr(owner, attribute)
+    literal = old if literal is None else literal
     if isinstance(old, int):
         sentinel: Any = old + 7919
     else:
@@ -1532,10 +1792,11 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
         return False
     finally:
         setattr(owner, attribute, old)
-    shapes = [n.kwargs.get("normalized_shape", n.args[1] if len(n.args) > 1 else None)
-              for n in graph.nodes if n.op == "call_function" and n.target is F.layer_norm]
-    return any(_same_shape_value(sentinel, shape) for shape in shapes) and \
-        not any(_same_shape_value(shape, literal) for shape in shapes)
+    op = "call_method" if isinstance(function, str) else "call_function"
+    values = [n.kwargs.get(keyword, n.args[position] if len(n.args) > position else None)
+              for n in graph.nodes if n.op == op and (n.target == function if op == "call_method" else n.target is function)]
+    return any(_same_shape_value(sentinel, value) for value in values) and \
+        not any(_same_shape_value(value, literal) for value in values)
 
 
 def _same_shape_value(value: Any, literal: Any) -> bool:
@@ -1547,6 +1808,13 @@ def _same_shape_value(value: Any, literal: Any) -> bool:
     if isinstance(literal, (tuple, list, torch.Size)) and isinstance(value, (tuple, list, torch.Size)):
         return tuple(value) == tuple(literal)
     return False
+
+
+def _shape_values(value: Any) -> list[Any]:
+    """The non-tensor leaves of a (nested) argument, for comparing computed shapes."""
+    found: list[Any] = []
+    fx.node.map_aggregate(value, lambda v: found.append(None if isinstance(v, torch.Tensor) else v))
+    return found
 
 
 def _flatten_nodes(value: Any) -> List[fx.Node]:

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from torchpruner._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, BATCHNORM_FUNCTIONS,
                               BATCHNORM_MODULES, CHANNEL_AXIS_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES,
-                              LAST_AXIS_MODULES, MERGE_FUNCTIONS, MERGE_METHODS, RELU_LIKE_FUNCTIONS,
+                              FUNCTIONAL_LAYERS, LAST_AXIS_MODULES, MERGE_FUNCTIONS, MERGE_METHODS, RELU_LIKE_FUNCTIONS,
                               RELU_LIKE_METHODS, RELU_LIKE_MODULES, leaf_version, user_leaf_types)
 from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
 
@@ -77,7 +77,9 @@ class CallSite:
         kind: ``"module"``, ``"function"``, ``"method"``, ``"input"`` (a model input) or
             ``"attr"`` (a bare parameter/buffer read, e.g. a class token).
         target: the module, the function, the method name, the input name or the attribute path.
-        module: the module for ``kind == "module"``, else None.
+        module: the module for ``kind == "module"``; for a functional call that stands for a layer
+            (``F.linear`` on a module's own weight, inside its forward: a subclass fx traces into),
+            that layer; else None.
         module_name: qualified name of ``module`` in the model.
         call_index: for modules, which call of this module within one forward (0-based).
         inputs: producers of this site's tensor arguments, in argument order.
@@ -157,7 +159,7 @@ def _unit_axis_for(site: CallSite) -> Optional[int]:
     ndim = len(site.shape)
     if ndim < 2:
         return None
-    if site.kind == "module":
+    if site.module is not None:
         if isinstance(site.module, LAST_AXIS_MODULES):
             return ndim - 1
         if isinstance(site.module, CHANNEL_AXIS_MODULES):
@@ -268,6 +270,62 @@ class _LeafTracer(fx.Tracer):
         return module_path.startswith(("torch.nn", "torch.ao.nn"))
 
 
+def layer_of_call(node: fx.Node, root: nn.Module) -> str | None:
+    """The qualified name in ``root`` (the model) of the layer a functional call stands for, or None.
+
+    ``F.linear(x, self.weight, self.bias)`` made inside the forward of an ``nn.Linear`` subclass
+    that fx traces into is that layer's call: every tensor it reads besides the input is the
+    parameter or buffer of that very module that the argument names (see
+    :data:`torchpruner._ops.FUNCTIONAL_LAYERS`), and every setting it reads (``groups``...) has the
+    module's value. Whether a setting is read from the attribute or written as a literal in the
+    code is checked by the dependency analysis, which prunes it.
+    """
+    spec = FUNCTIONAL_LAYERS.get(node.target) if node.op == "call_function" else None
+    if spec is None:
+        return None
+    module_types, tensors, settings = spec
+
+    def argument(position: int, keyword: str) -> Any:
+        if keyword in node.kwargs:
+            return node.kwargs[keyword]
+        return node.args[position] if len(node.args) > position else None
+
+    owner_path = None
+    for position, keyword, attribute in tensors:
+        value = argument(position, keyword)
+        if value is None:
+            continue
+        if not isinstance(value, fx.Node) or value.op != "get_attr":
+            return None
+        path, _, name = value.target.rpartition(".")
+        if name != attribute or (owner_path is not None and path != owner_path):
+            return None
+        owner_path = path
+    if owner_path is None:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    calling = list(stack.values())[-1][0] if stack else ""
+    if calling != owner_path:
+        return None   # another module's forward reads the layer's weight (tied weights): not its call
+    try:
+        owner = root.get_submodule(owner_path)
+    except AttributeError:
+        return None
+    if not isinstance(owner, module_types):
+        return None
+    for position, keyword, attribute in settings:
+        value = argument(position, keyword)
+        if value is None and keyword == "groups":
+            value = 1
+        current = getattr(owner, attribute, None)
+        if isinstance(current, (tuple, list, torch.Size)) and isinstance(value, (tuple, list, torch.Size)):
+            if tuple(current) != tuple(value):
+                return None
+        elif current != value:
+            return None
+    return owner_path
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Runs the traced graph once and records each node's output shape and dtype."""
 
@@ -345,7 +403,7 @@ class ModelGraph:
             site.unit_axis = _unit_axis_for(site)
         self._by_module: Dict[int, List[CallSite]] = {}
         for site in self.sites:
-            if site.kind == "module":
+            if site.module is not None:
                 self._by_module.setdefault(id(site.module), []).append(site)
 
     # -- building -------------------------------------------------------------------------
@@ -403,9 +461,11 @@ class ModelGraph:
                     "call_function": "function", "call_method": "method"}[node.op]
             module = module_name = None
             call_index = 0
-            if kind == "module":
-                module = traced.get_submodule(node.target)
-                module_name = self._names.get(id(module), node.target)
+            layer_path = node.target if kind == "module" else layer_of_call(node, self.model) if kind == "function" else None
+            if layer_path is not None:
+                # a traced-through layer is not a submodule of the graph module: take the model's
+                module = traced.get_submodule(layer_path) if kind == "module" else self.model.get_submodule(layer_path)
+                module_name = self._names.get(id(module), layer_path)
                 call_index = calls.get(id(module), 0)
                 calls[id(module)] = call_index + 1
             shape, dtype = recorder.meta.get(node, (None, None))

@@ -29,18 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
 from torchpruner._state import unwrap_model
-from torchpruner.rules import RECORD_ATTRIBUTES, Edit, TensorSlice, apply_slice
+from torchpruner.rules import RECORD_ATTRIBUTES, AttributeChange, Edit, TensorSlice, apply_slice
 
 from .optimizer import OptimizerStateSlice, apply_optimizer_surgery, plan_optimizer_surgery
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Plan", "resolve_model"]
+__all__ = ["Plan", "resolve_model", "merge_edits"]
 
 Undo = Callable[[], None]
 
@@ -51,6 +52,69 @@ def resolve_model(model: nn.Module) -> nn.Module:
     while isinstance(model, AveragedModel):
         model = unwrap_model(model.module)
     return model
+
+
+# -- one edit per tensor axis ----------------------------------------------------------------------
+
+def merge_edits(edits: list[Edit], merge: bool = True) -> list[Edit]:
+    """The edits with each tensor sliced at most once per axis and each attribute set once.
+
+    Several slices of one tensor are fine on *different* axes (a weight loses rows for one group
+    and columns for another, ``in_proj_weight`` its q/k/v rows and its input columns): each keeps
+    positions of its own axis, which slicing another axis does not move. Two slices along the
+    *same* axis cannot both be applied (the second one's positions refer to the tensor before the
+    first), so two that keep the same positions (one tensor reached twice, e.g. through a layer and
+    through one of its buffers) are merged into one, and two that differ are refused, naming the
+    tensor. Attribute changes alike: the same new value is merged, a different one refused.
+    ``merge=False`` refuses identical duplicates too (a plan to apply must hold none).
+
+    Raises:
+        ValueError: two edits that cannot both hold.
+    """
+    slices: dict[tuple[str, str, int], TensorSlice] = {}
+    attributes: dict[tuple[str, str], AttributeChange] = {}
+    result: list[Edit] = []
+    for edit in edits:
+        if isinstance(edit, TensorSlice):
+            key = (edit.module_name, edit.tensor_name, edit.axis)
+            first = slices.get(key)
+            if first is None:
+                slices[key] = edit
+                result.append(edit)
+                continue
+            same = (merge and tuple(first.old_shape) == tuple(edit.old_shape) and torch.equal(first.keep, edit.keep)
+                    and _same_group_keep(first.group_keep, edit.group_keep))
+            if not same:
+                raise ValueError(f"the plan slices '{edit.qualified_name}' twice along axis {edit.axis} "
+                                 f"(keeping {len(first.keep)} and {len(edit.keep)} of {edit.old_shape[edit.axis]}); "
+                                 f"one prune may slice a tensor once per axis")
+            continue
+        if isinstance(edit, AttributeChange) and edit.attribute not in RECORD_ATTRIBUTES:
+            key2 = (edit.module_name, edit.attribute)
+            first_change = attributes.get(key2)
+            if first_change is None:
+                attributes[key2] = edit
+                result.append(edit)
+                continue
+            if not (merge and _same_value(first_change.new, edit.new)):
+                raise ValueError(f"the plan sets '{edit.module_name}.{edit.attribute}' twice "
+                                 f"({first_change.new!r} and {edit.new!r}); one prune may set an attribute once")
+            continue
+        result.append(edit)
+    return result
+
+
+def _same_group_keep(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...] | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - values that do not compare (tensors): not the same
+        return a is b
 
 
 # -- a parameter's gradient accumulator ---------------------------------------------------------
@@ -228,6 +292,7 @@ class Plan:
     def _bind(self, model: nn.Module) -> list[tuple[Edit, nn.Module]]:
         """Find each edit's module in ``model`` and check it is in the expected state (no change)."""
         modules = dict(model.named_modules(remove_duplicate=False))
+        merge_edits(self.edits, merge=False)   # each tensor axis and attribute changed once
         bound = []
         for edit in self.edits:
             module = modules.get(edit.module_name)

@@ -29,7 +29,7 @@ from torchpruner.rules import (KEPT_UNITS_ATTRIBUTE, AttributeChange, Edit, Grou
                                unaccounted_tensors_message)
 
 from .optimizer import describe_optimizer_surgery, plan_optimizer_surgery
-from .plan import Plan
+from .plan import Plan, merge_edits
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +282,8 @@ def finish_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, descr
                 others = [n for n in param_names[id(param)] if n != edit.qualified_name]
                 raise ValueError(f"'{edit.qualified_name}' is tied to {others} (the same Parameter in several "
                                  f"modules); pruning tied weights is not supported")
-    plan = Plan(description=description, edits=edits)
-    parameter_slices = [(e, e.module._parameters[e.tensor_name]) for e in edits
+    plan = Plan(description=description, edits=merge_edits(edits))
+    parameter_slices = [(e, e.module._parameters[e.tensor_name]) for e in plan.edits
                         if isinstance(e, TensorSlice) and e.is_parameter]
     plan.optimizer_slices = describe_optimizer_surgery(plan_optimizer_surgery(optimizer, parameter_slices))
     logger.debug("%s", plan)

@@ -205,9 +205,20 @@ class Pruner:
     def groups(self, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False) -> list[Group]:
         """The coupled groups of the model that can be pruned, each once (see
         :mod:`torchpruner.graph.dependency`): ``group.num_units``, ``group.members``,
-        ``print(group)``. Classifier outputs are left out unless ``include_outputs=True``."""
-        return get_dependency_graph(self.graph()).groups(ignored_layers=ignored_layers,
-                                                         include_outputs=include_outputs)
+        ``print(group)``. Classifier outputs are left out unless ``include_outputs=True``.
+
+        Groups that hold a layer's units but cannot be pruned are left out too, with a
+        :class:`~torchpruner.graph.dependency.RefusedGroupsWarning` (once per traced graph) giving
+        their count and the first reasons; :meth:`refused_groups` lists them all."""
+        dependencies = get_dependency_graph(self.graph())
+        dependencies.warn_refused(ignored_layers)
+        return dependencies.groups(ignored_layers=ignored_layers, include_outputs=include_outputs)
+
+    def refused_groups(self, ignored_layers: Sequence[nn.Module] = ()) -> list[Group]:
+        """The groups that hold units of a layer but cannot be pruned: ``group.refusal`` names the
+        op that cannot be followed and its call site, ``group.refusal_site`` is that call site.
+        Groups reaching the model output (see ``include_outputs``) are not refusals."""
+        return get_dependency_graph(self.graph()).refused_groups(ignored_layers)
 
     def plan_groups(self, selection: dict[Group, Any], description: str | None = None) -> Plan:
         """Plan the removal of ``{group: units}`` (units index ``range(group.num_units)``); changes nothing."""
