@@ -546,7 +546,7 @@ class DependencyGraph:
         self.graph = graph
         self.model = graph.model
         self.tensor_shapes = tensor_shapes(self.model)   # a prune makes these groups stale
-        self._site_by_node: Dict[fx.Node, CallSite] = getattr(graph, "_site_by_node")
+        self._site_by_node: Dict[fx.Node, CallSite] = graph._site_by_node
         self._spaces: Dict[fx.Node, _Space] = {}
         self._space_list: List[_Space] = []
         self._num_slots = 0
@@ -1152,7 +1152,8 @@ class DependencyGraph:
         except _CannotFollow:
             raise
         except Exception as exc:
-            raise _CannotFollow(f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {exc})")
+            raise _CannotFollow(
+                f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {exc})") from exc
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(out_shape):
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}")
         out_axis, line = _unit_line(y)
@@ -1845,14 +1846,14 @@ def _unit_line(y: torch.Tensor) -> Tuple[Optional[int], Optional[np.ndarray]]:
         view[axis] = y.shape[axis]
         if torch.equal(y, line.reshape(view).expand_as(y)):
             candidates.append((axis, line))
-    varying = [(a, l) for a, l in candidates if l.numel() > 1 and not bool((l == l[0]).all())]
+    varying = [(a, ids) for a, ids in candidates if ids.numel() > 1 and not bool((ids == ids[0]).all())]
     if len(varying) == 1:
         return varying[0][0], varying[0][1].numpy()
     if not varying and candidates and bool((y == y.flatten()[0]).all()):
         # a single unit: the last axis holding it
-        for a, l in reversed(candidates):
+        for a, ids in reversed(candidates):
             if y.shape[a] >= 1:
-                return a, l.numpy()
+                return a, ids.numpy()
     return None, None
 
 
