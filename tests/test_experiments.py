@@ -101,9 +101,18 @@ def _t_interval(values):
     return values.mean(), values.mean() - half, values.mean() + half
 
 
-def test_low_data_smoke_with_intervals_over_seeds(tmp_path):
+def test_low_data_smoke_with_intervals_over_seeds(tmp_path, monkeypatch):
+    drawn = []
+
+    def few_per_class(dataset, per_class, seed=0):
+        drawn.append((per_class, seed))
+        return real_few_per_class(dataset, per_class, seed=seed)
+
+    real_few_per_class = low_data.few_per_class
+    monkeypatch.setattr(low_data, "few_per_class", few_per_class)
     payload = low_data.main(["--results", str(tmp_path), *TINY_CNN, "--criteria", "random,weight_norm",
                              "--keep", "0.5,1.0", "--per-class", "2", "--finetune-epochs", "1", "--n-seeds", "2"])
+    assert drawn == [(2, 0), (2, 1)]  # one subset per seed
     folder = next((tmp_path / "low_data").iterdir())
     runs = _rows(folder / "runs.csv")
     assert len(runs) == 2 * 2 * 2  # every criterion (seeded or not) x 2 seeds (each its own subset) x 2 keep ratios
