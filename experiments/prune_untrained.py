@@ -6,9 +6,11 @@ The Shapley-pruning paper observed that in a randomly initialised fully connecte
 initialised (``--seed``), each hidden layer in turn is scored with Shapley values on training
 examples (``find_best_evaluation_module=True``: after the ReLU) and its negative-valued units are
 removed with the Pruner; scores of later layers are computed on the already-pruned model. Reports
-parameters, test loss and accuracy before and after, per seed.
+parameters, test loss and accuracy before and after, per initialisation (``--n-seeds``, default 5),
+and their means over initialisations with a 95% t-interval, the change (after minus before, paired
+by initialisation) included; the figure shows the means with those intervals and every seed's value.
 
-    python -m experiments.prune_untrained                              # digits, 3 seeds, < 1 min
+    python -m experiments.prune_untrained                              # digits, 5 initialisations
     python -m experiments.prune_untrained --dataset mnist --data-root ~/data --hidden 2000,2000
 """
 from __future__ import annotations
@@ -25,19 +27,24 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from experiments.common import (base_parser, evaluate, format_table, mean_std, pyplot, resolve_device,
-                                results_folder, seed_everything, write_csv, write_json, reproducible)
+from experiments.common import (base_parser, environment, evaluate, format_table, pyplot, reproducible,
+                                resolve_device, results_folder, seed_everything, write_csv, write_json)
 from experiments.data import load_dataset
 from experiments.models import build_model
+from experiments.stats import mean_ci
 
 RUN_COLUMNS = ["seed", "params_before", "params_after", "loss_before", "loss_after", "accuracy_before",
                "accuracy_after", "widths_before", "widths_after", "seconds"]
+SUMMARY_COLUMNS = ["quantity", "before", "before_low", "before_high", "after", "after_low", "after_high", "change",
+                   "change_low", "change_high", "seeds"]
+QUANTITIES = ("params", "loss", "accuracy")
+LEVEL = 0.95
 
 
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0], epochs=0)
     parser.add_argument("--hidden", default="512,512", help="hidden layer widths of the fully connected net")
-    parser.add_argument("--n-seeds", type=int, default=3, help="random initialisations (seed, seed+1, ...)")
+    parser.add_argument("--n-seeds", type=int, default=5, help="random initialisations (seed, seed+1, ...)")
     parser.add_argument("--sv-samples", type=int, default=5, help="permutations per Shapley estimate")
     parser.add_argument("--score-examples", type=int, default=512, help="training examples used for scoring")
     return parser
@@ -62,21 +69,67 @@ def prune_negative_units(model, loader, input_size, device, seed: int, sv_sample
     return removed
 
 
-def plot(runs: list[dict], path: Path, title: str) -> None:
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per quantity: the mean over initialisations before and after with 95% t-intervals, and the mean
+    change (after minus before, paired by initialisation) with its t-interval."""
+    summary = []
+    for quantity in QUANTITIES:
+        before = np.array([run[quantity + "_before"] for run in runs], dtype=np.float64)
+        after = np.array([run[quantity + "_after"] for run in runs], dtype=np.float64)
+        row = {"quantity": quantity, "seeds": len(runs)}
+        for key, values in (("before", before), ("after", after), ("change", after - before)):
+            row[key], row[key + "_low"], row[key + "_high"] = mean_ci(values, LEVEL)
+        summary.append(row)
+    return summary
+
+
+def format_tables(runs: list[dict], summary: list[dict]) -> str:
+    """The printed result: one row per initialisation, then the means with their intervals (no timings,
+    so two runs with the same torch version and threads print the same text)."""
+    interval = f"95% t-interval over {len(runs)} initialisations" if len(runs) > 1 else "one seed: no interval"
+    formats = {"params": ".0f", "loss": ".4f", "accuracy": ".4f"}
+
+    def cell(value, fmt, signed=False):
+        return "" if np.isnan(value) else format(value, ("+" if signed else "") + fmt)
+
+    table = []
+    for row in summary:
+        fmt = formats[row["quantity"]]
+        cells = {"quantity": row["quantity"], "seeds": row["seeds"]}
+        for key in ("before", "after", "change"):
+            signed = key == "change"
+            cells[key] = cell(row[key], fmt, signed)
+            cells[key + ":ci"] = ("" if np.isnan(row[key + "_low"]) else
+                                  f"[{cell(row[key + '_low'], fmt, signed)}, {cell(row[key + '_high'], fmt, signed)}]")
+        table.append(cells)
+    columns = ["quantity", "before", "before:ci", "after", "after:ci", "change", "change:ci", "seeds"]
+    headers = ["quantity", "random init", "95% CI", "pruned", "95% CI", "change", "95% CI", "seeds"]
+    return "\n".join([format_table(runs, RUN_COLUMNS[:-1]), "",
+                      f"mean over initialisations ({interval}); change: pruned minus random init, paired by "
+                      "initialisation; no training at all", "",
+                      format_table(table, columns, headers=headers)])
+
+
+def plot(runs: list[dict], summary: list[dict], path: Path, title: str) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    seeds = [str(run["seed"]) for run in runs]
-    x = np.arange(len(runs))
-    for ax, before, after, label in ((axes[0], "params_before", "params_after", "parameters"),
-                                     (axes[1], "accuracy_before", "accuracy_after", "test accuracy")):
-        ax.bar(x - 0.2, [run[before] for run in runs], width=0.4, label="random init", color="#7f7f7f")
-        ax.bar(x + 0.2, [run[after] for run in runs], width=0.4, label="negative-Shapley units removed",
-               color="#d62728")
-        ax.set_xticks(x, [f"seed {s}" for s in seeds])
-        ax.set_title(label)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    by_quantity = {row["quantity"]: row for row in summary}
+    for ax, quantity, label in ((axes[0], "params", "parameters"), (axes[1], "accuracy", "test accuracy")):
+        row = by_quantity[quantity]
+        for position, key, name, colour in ((0, "before", "random init", "#7f7f7f"),
+                                            (1, "after", "negative-Shapley units removed", "#d62728")):
+            mean, low, high = row[key], row[key + "_low"], row[key + "_high"]
+            error = None if np.isnan(low) else [[mean - low], [high - mean]]
+            ax.bar(position, mean, width=0.6, yerr=error, capsize=6, color=colour, alpha=0.8, label=name)
+            values = [run[f"{quantity}_{key}"] for run in runs]
+            jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+            ax.scatter(position + jitter, values, s=14, color="black", zorder=3,
+                       label="one initialisation" if position == 1 else None)
+        ax.set_xticks([0, 1], ["random init", "pruned"])
+        ax.set_title(f"{label} (mean, 95% CI, {len(runs)} seeds)" if len(runs) > 1 else label)
         ax.grid(alpha=0.3, axis="y")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -91,7 +144,7 @@ def main(argv=None) -> dict:
 
 
 def run(args) -> dict:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     device = resolve_device(args.device)
     progress = not args.no_progress
     hidden = tuple(int(w) for w in args.hidden.split(",") if w.strip())
@@ -124,22 +177,20 @@ def run(args) -> dict:
     folder = results_folder(args.results, "prune_untrained") / f"{splits.name}_mlp_seed{args.seed}"
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(folder / "runs.csv", runs, RUN_COLUMNS)
+    summary = summarise(runs)
+    write_csv(folder / "summary.csv", summary, SUMMARY_COLUMNS)
     figure = folder / "prune_untrained.png"
-    plot(runs, figure, f"{splits.name}: untrained fully connected net, negative-Shapley units removed")
-    summary = {key: mean_std([run[key] for run in runs]) for key in
-               ("params_before", "params_after", "accuracy_before", "accuracy_after", "loss_before", "loss_after")}
-    payload = {"study": "prune_untrained", "dataset": splits.name, "hidden": list(hidden), "runs": runs,
-               "summary": {k: {"mean": m, "std": s} for k, (m, s) in summary.items()},
-               "seconds": time.perf_counter() - started}
+    plot(runs, summary, figure, f"{splits.name}: untrained fully connected net {hidden}, negative-Shapley units removed")
+    text = format_tables(runs, summary)
+    payload = {"study": "prune_untrained", "dataset": splits.name, "hidden": list(hidden), "level": LEVEL,
+               "environment": environment(), "runs": runs, "summary": summary, "table": text,
+               "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
     write_json(folder / "results.json", payload)
 
     print()
-    print(format_table(runs, RUN_COLUMNS[:-1]))
-    (pb, _), (pa, _) = summary["params_before"], summary["params_after"]
-    (ab, ab_s), (aa, aa_s) = summary["accuracy_before"], summary["accuracy_after"]
-    print(f"\nmean over {len(runs)} seed(s): parameters {pb:,.0f} -> {pa:,.0f} ({pa / pb:.2f}x), "
-          f"test accuracy {ab:.4f} ± {ab_s:.4f} -> {aa:.4f} ± {aa_s:.4f} (no training)")
-    print(f"total {payload['seconds']:.1f} s\nresults: {folder}\nfigure: {figure}")
+    print(text)
+    print(f"\ntotal {payload['seconds']:.1f} s wall, {payload['cpu_seconds']:.1f} s CPU\nresults: {folder}\n"
+          f"figure: {figure}")
     return payload
 
 

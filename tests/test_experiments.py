@@ -93,30 +93,89 @@ def test_prune_during_training_smoke(tmp_path):
     assert payload is not None
 
 
-def test_low_data_smoke(tmp_path):
-    low_data.main(["--results", str(tmp_path), *TINY_CNN, "--criteria", "random,weight_norm", "--keep", "0.5,1.0",
-                   "--per-class", "2", "--finetune-epochs", "1", "--n-seeds", "2"])
+def _t_interval(values):
+    """Mean and 95% t-interval, computed here with the tabulated t quantiles (independent of experiments.stats)."""
+    quantiles = {1: 12.7062047362, 2: 4.3026527297}
+    values = np.asarray(values, dtype=np.float64)
+    half = quantiles[len(values) - 1] * values.std(ddof=1) / np.sqrt(len(values))
+    return values.mean(), values.mean() - half, values.mean() + half
+
+
+def test_low_data_smoke_with_intervals_over_seeds(tmp_path, monkeypatch):
+    drawn = []
+
+    def few_per_class(dataset, per_class, seed=0):
+        drawn.append((per_class, seed))
+        return real_few_per_class(dataset, per_class, seed=seed)
+
+    real_few_per_class = low_data.few_per_class
+    monkeypatch.setattr(low_data, "few_per_class", few_per_class)
+    payload = low_data.main(["--results", str(tmp_path), *TINY_CNN, "--criteria", "random,weight_norm",
+                             "--keep", "0.5,1.0", "--per-class", "2", "--finetune-epochs", "1", "--n-seeds", "2"])
+    assert drawn == [(2, 0), (2, 1)]  # one subset per seed
     folder = next((tmp_path / "low_data").iterdir())
     runs = _rows(folder / "runs.csv")
-    assert len(runs) == (2 + 1) * 2  # random x 2 seeds + weight_norm, two keep ratios
+    assert len(runs) == 2 * 2 * 2  # every criterion (seeded or not) x 2 seeds (each its own subset) x 2 keep ratios
     full = [row for row in runs if float(row["keep"]) == 1.0]
     half = [row for row in runs if float(row["keep"]) == 0.5]
     assert len({row["params"] for row in full}) == 1 and int(half[0]["params"]) < int(full[0]["params"])
     assert all(0.0 <= float(row["accuracy"]) <= 1.0 for row in runs)
     results = json.loads((folder / "results.json").read_text())
-    assert results["per_class"] == 2 and len(results["summary"]) == 4
+    assert results["per_class"] == 2 and len(results["summary"]) == 4 and results["seeds"] == [0, 1]
+    # the summary's intervals and paired differences, recomputed from the per-run rows
+    summary = {(row["criterion"], float(row["keep"])): row for row in _rows(folder / "summary.csv")}
+    for (criterion, keep), row in summary.items():
+        assert int(row["seeds"]) == 2
+        for column in ("accuracy", "accuracy_finetuned"):
+            mine = {r["seed"]: float(r[column]) for r in runs if r["criterion"] == criterion and float(r["keep"]) == keep}
+            reference = {r["seed"]: float(r[column]) for r in runs if r["criterion"] == "random" and float(r["keep"]) == keep}
+            expected = _t_interval(list(mine.values()))
+            got = [float(row[column + suffix]) for suffix in ("", "_low", "_high")]
+            assert np.allclose(got, expected, atol=1e-9, equal_nan=True)
+            difference = [float(row[column + "_minus_random" + s]) for s in ("", "_low", "_high")]
+            if criterion == "random":
+                assert np.isnan(difference).all()
+            else:
+                expected = _t_interval([mine[seed] - reference[seed] for seed in mine])
+                assert np.allclose(difference, expected, atol=1e-9, equal_nan=True)
+    assert "95% t-interval over 2 seeds" in payload["table"] and "minus random" in payload["table"]
     _png_ok(folder / "low_data.png")
 
 
-def test_prune_untrained_smoke(tmp_path):
-    payload = prune_untrained.main(["--results", str(tmp_path), "--hidden", "12,10", "--n-seeds", "1",
+def test_low_data_seeds_draw_their_own_subsets():
+    from experiments.data import few_per_class
+
+    train = load_dataset("digits").train
+    first, second = (set(few_per_class(train, 3, seed=seed).indices) for seed in (0, 1))
+    assert len(first) == len(second) == 30 and first != second
+
+
+def test_low_data_refuses_no_seeds(tmp_path):
+    with pytest.raises(SystemExit, match="--n-seeds"):
+        low_data.main(["--results", str(tmp_path), *TINY_CNN, "--n-seeds", "0"])
+
+
+def test_prune_untrained_smoke_with_intervals_over_initialisations(tmp_path):
+    payload = prune_untrained.main(["--results", str(tmp_path), "--hidden", "12,10", "--n-seeds", "2",
                                     "--sv-samples", "2", "--score-examples", "64", "--no-progress"])
-    run = payload["runs"][0]
-    assert run["params_after"] < run["params_before"]
-    widths = [int(w) for w in run["widths_after"].split("/")]
-    assert all(1 <= w for w in widths) and widths != [12, 10]
+    runs = payload["runs"]
+    assert [run["seed"] for run in runs] == [0, 1]
+    for run in runs:
+        assert run["params_after"] < run["params_before"]
+        widths = [int(w) for w in run["widths_after"].split("/")]
+        assert all(1 <= w for w in widths) and widths != [12, 10]
     folder = next((tmp_path / "prune_untrained").iterdir())
     assert _rows(folder / "runs.csv")[0]["widths_before"] == "12/10"
+    summary = {row["quantity"]: row for row in _rows(folder / "summary.csv")}
+    assert set(summary) == {"params", "loss", "accuracy"}
+    for quantity, row in summary.items():
+        before = [run[quantity + "_before"] for run in runs]
+        after = [run[quantity + "_after"] for run in runs]
+        for key, values in (("before", before), ("after", after),
+                            ("change", [a - b for a, b in zip(after, before)])):
+            got = [float(row[key + suffix]) for suffix in ("", "_low", "_high")]
+            assert np.allclose(got, _t_interval(values), atol=1e-6)
+    assert "95% t-interval over 2 initialisations" in payload["table"]
     _png_ok(folder / "prune_untrained.png")
 
 
