@@ -150,6 +150,16 @@ def scoring_job(rank: int) -> dict[str, Any]:
             attr = metric(ddp, loader, F.cross_entropy, reduction=reduction)
             record[(metric.name, rname, "layer")] = attr.run(model[2])
             record[(metric.name, rname, "group")] = attr.run(groups[0])
+    for rname in ("mean", "none", "mean+2std"):  # every target in one pass, one exchange
+        for metric in (TaylorAttributionMetric, APoZAttributionMetric):
+            attr = metric(ddp, loader, F.cross_entropy, reduction=reductions[rname])
+            record[("run_all", metric.name, rname)] = attr.run_all([model[2]] + groups)
+    record[("run_all", "Shapley")] = ShapleyAttributionMetric(  # run by run, rank 0's seed each time
+        ddp, loader, F.cross_entropy, sv_samples=1, seed=rank).run_all()
+    record["run_all empty shard"] = _error_of(lambda: TaylorAttributionMetric(
+        ddp, [] if rank == 1 else loader, F.cross_entropy).run_all())
+    record["run_all empty shard, run by run"] = _error_of(lambda: ShapleyAttributionMetric(
+        ddp, [] if rank == 1 else loader, F.cross_entropy, sv_samples=1).run_all())
     shapley = ShapleyAttributionMetric(model, loader, F.cross_entropy, process_group=dist.group.WORLD,
                                        sv_samples=2)  # seed None: rank 0 draws it
     record[("Shapley", "mean", "layer")] = shapley.run(model[2])

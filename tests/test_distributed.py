@@ -23,6 +23,7 @@ import ddp_workers as workers
 from torchpruner import Pruner
 from torchpruner.attributions import (APoZAttributionMetric, MeanPlusStd, SensitivityAttributionMetric,
                                       ShapleyAttributionMetric, TaylorAttributionMetric, WeightNormAttributionMetric)
+from torchpruner.attributions.groups import group_label
 from torchpruner.attributions.reductions import Moments
 from torchpruner.distributed import DistributedPruningError, ddp_arguments, plan_ddp, prune_ddp
 from torchpruner.schedule import select_units
@@ -93,6 +94,41 @@ def test_distributed_scores_equal_the_scores_of_the_union_of_the_shards(scoring,
             assert got.shape == expected.shape, (rank, target)
             np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12, err_msg=f"rank {rank} {target}")
         np.testing.assert_array_equal(scoring[0][(metric, reduction, target)], scoring[1][(metric, reduction, target)])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none", "mean+2std"])
+@pytest.mark.parametrize("metric", ["Taylor", "APoZ"])
+def test_distributed_run_all_equals_run_on_the_union_of_the_shards(scoring, metric, reduction):
+    model = workers.mlp()
+    groups = Pruner(model, input_size=(12,)).groups()
+    reference = METRICS[metric](model, workers.union_loader(workers.dataset()), F.cross_entropy,
+                                reduction=REDUCTIONS[reduction])
+    expected = {"2": reference.run(model[2]), **{group_label(g): reference.run(g) for g in groups}}
+    for rank, record in enumerate(scoring):
+        got = record[("run_all", metric, reduction)]
+        assert list(got) == list(expected), rank
+        for key, want in expected.items():
+            np.testing.assert_allclose(got[key], want, rtol=1e-10, atol=1e-12, err_msg=f"rank {rank} {key}")
+            np.testing.assert_array_equal(got[key], scoring[0][("run_all", metric, reduction)][key])
+
+
+def test_distributed_run_all_of_shapley_runs_each_group_with_rank_0s_seed(scoring):
+    model = workers.mlp()
+    groups = Pruner(model, input_size=(12,)).groups()
+    reference = ShapleyAttributionMetric(model, workers.union_loader(workers.dataset()), F.cross_entropy,
+                                         sv_samples=1, seed=0)
+    for record in scoring:  # rank 1 asked for seed=1 and got rank 0's
+        got = record[("run_all", "Shapley")]
+        assert list(got) == [group_label(g) for g in groups]
+        for group in groups:
+            np.testing.assert_allclose(got[group_label(group)], reference.run(group), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["run_all empty shard", "run_all empty shard, run by run"])
+def test_a_rank_that_fails_in_run_all_makes_every_rank_raise_the_same_error(scoring, case):
+    messages = [record[case] for record in scoring]
+    assert messages[0] is not None and messages[0] == messages[1]
+    assert "DistributedScoringError" in messages[0] and "rank(s) [1]" in messages[0]
 
 
 def test_shapley_uses_rank_0s_seed_on_every_rank(scoring):

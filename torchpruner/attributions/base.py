@@ -5,7 +5,10 @@ A metric says what it computes for one batch against the one
 ``[N, units]`` (``score_batch``), or, for metrics that need no data, one score per unit
 (``score_without_data``). A layer (``run(module)``) is a runner with one point, its evaluation
 point; a coupled group (``run(group)``) a runner with the group's points
-(:mod:`torchpruner.attributions.groups`). Everything else lives here: locating the evaluation
+(:mod:`torchpruner.attributions.groups`). ``run_all(targets)`` scores many layers and groups;
+metrics whose ``score_batch`` reads only activations and their gradients (``shares_pass``) serve
+every target from one pass per batch (:class:`~torchpruner.attributions.runner.SharedPass`), the
+others run once per target. Everything else lives here: locating the evaluation
 point in the traced graph, intercepting the points, the progress bar, reducing over examples,
 and leaving the model exactly as it was found.
 """
@@ -28,20 +31,21 @@ from tqdm import auto as tqdm_auto
 
 from torchpruner._ops import BATCHNORM_MODULES
 from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state
-from torchpruner.graph.dependency import Group
+from torchpruner.graph.dependency import Group, get_dependency_graph
 from torchpruner.graph.evaluation import evaluation_module
 
 from .data import (INPUT_KEYS, TARGET_KEYS, Batch, BatchFn, default_batch_fn, first_tensor, make_batch,
                    per_example_loss, scoring_iterator, sum_positions, to_device, unit_mask_shape,
                    units_view, wide)
 from .collectives import Shards, scoring_model
-from .groups import check_group, group_runner, warn_if_coupled
+from .groups import check_group, group_label, group_runner, warn_if_coupled
 from .reductions import MeanPlusStd, Moments
-from .runner import MaskPoint, Runner
+from .runner import MaskPoint, Runner, SharedPass
 
 logger = logging.getLogger(__name__)
 
 Reduction = str | Callable[[np.ndarray], np.ndarray]
+Target = nn.Module | CallSite | Group
 
 __all__ = [  # data.py and runner.py names stay importable from here, as before the split
     "AttributionMetric", "Batch", "BatchFn", "BatchStatisticsWarning", "INPUT_KEYS", "MaskPoint", "Reduction",
@@ -297,6 +301,10 @@ class AttributionMetric:
     name: ClassVar[str] = "Attribution"
     #: Options this metric understands, with their defaults.
     default_options: ClassVar[dict[str, Any]] = {}
+    #: ``score_batch`` uses only ``runner.activations`` / ``runner.activations_and_gradients``,
+    #: so ``run_all`` can serve every target from one pass per batch. Holds for the class that
+    #: defines ``score_batch`` only: a subclass that overrides ``score_batch`` must set it again.
+    shares_pass: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -406,6 +414,64 @@ class AttributionMetric:
                     runner = Runner([point], [point], site.num_units, self.criterion, site.label)
                     return self._score(graph, runner, itertools.chain([first], batches), options)
 
+    def run_all(
+        self,
+        targets: Iterable[Target] | None = None,
+        find_best_evaluation_module: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray]:
+        """Score several layers and groups: ``{key: scores}``, each as ``run(target)`` returns it.
+
+        Metrics that read only activations and their gradients (Taylor, Sensitivity, APoZ) score
+        every target in **one pass over the data**: one forward (and one backward) per batch with
+        the points of all targets intercepted at once, so the cost is about that of one training
+        step per batch, whatever the number of targets. Every other metric (Shapley,
+        leave-one-out, captum methods, and the data-free ones) calls ``run`` once per target, in
+        order; the result is the same either way.
+
+        Args:
+            targets: modules of the model (keyed by their name), call sites (keyed by their
+                label) and coupled groups from ``pruner.groups()`` (keyed by their label, e.g.
+                ``"group 2 (conv2)"``). ``None``: every prunable coupled group of the model (the
+                groups ``pruner.groups()`` lists, in data-flow order; needs a model torch.fx can
+                trace).
+            find_best_evaluation_module: as in ``run``, for the modules among ``targets``.
+            **kwargs: metric options, as in ``run``.
+
+        In a distributed run (``process_group=`` or a DDP model), every rank must call
+        ``run_all`` with the same targets: a shared pass exchanges all targets' partial results in
+        one collective; the per-target fallback exchanges once per target, in the order of
+        ``targets``.
+
+        Returns:
+            ``dict`` from key to the ``np.ndarray`` ``run(target)`` returns, in the order of
+            ``targets``.
+        """
+        options = self.options(kwargs)
+        given = None if targets is None else self._check_targets(targets)
+        if given is not None and not given:
+            return {}
+        if not self._shares_pass() or self._without_data():  # one run per target, in order
+            if given is None:
+                _, shards = scoring_model(self.model, self.process_group)
+                with self._across(shards):
+                    given = list(self._default_targets())
+                    if shards is not None:  # every rank found its targets, or every rank raises
+                        shards.exchange(None)
+            keys = self._target_keys(given)
+            return {key: self.run(target, find_best_evaluation_module, **kwargs) for key, target in zip(keys, given)}
+        model, shards = scoring_model(self.model, self.process_group)
+        if shards is not None:
+            options = shards.shared_options(options)
+        with self._across(shards), left_as_found(model, self.data_generator):
+            warn_if_batch_statistics(model, self.name, stacklevel=2)
+            with contextlib.closing(self._batches(model)) as batches:
+                first = self._first_batch(batches)
+                graph = get_graph(model, first.args, first.kwargs or None)
+                chosen: list[Target] = given if given is not None else list(self._groups_of(graph))
+                runners = self._shared_runners(model, graph, chosen, first, find_best_evaluation_module)
+                return self._score_shared(graph, runners, itertools.chain([first], batches), options)
+
     def find_evaluation_module(
         self,
         module: nn.Module | CallSite,
@@ -468,6 +534,77 @@ class AttributionMetric:
         finally:
             self._shards = None
 
+    def _shares_pass(self) -> bool:
+        for cls in type(self).__mro__:
+            if "score_batch" in cls.__dict__:
+                return bool(cls.__dict__.get("shares_pass", False))
+        return False
+
+    def _check_targets(self, targets: Iterable[Target]) -> list[Target]:
+        if isinstance(targets, (nn.Module, CallSite, Group)):
+            raise TypeError("targets must be a list of modules, call sites or groups (run(target) scores one)")
+        try:
+            given = list(targets)
+        except TypeError:
+            raise TypeError(f"targets must be a list of modules, call sites or groups, got "
+                            f"{type(targets).__name__}") from None
+        for target in given:
+            if not isinstance(target, (nn.Module, CallSite, Group)):
+                raise TypeError(f"targets must hold modules, call sites or groups, got a {type(target).__name__}")
+        return given
+
+    def _target_keys(self, targets: list[Target]) -> list[str]:
+        """The key of each target in ``run_all``'s result (ValueError when two keys agree)."""
+        model, _ = scoring_model(self.model)
+        keys = []
+        for target in targets:
+            if isinstance(target, Group):
+                keys.append(group_label(target))
+            elif isinstance(target, CallSite):
+                keys.append(target.label)
+            else:
+                _check_scored_module(model, target)
+                keys.append(_module_name(model, target) or type(target).__name__)
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"targets lists {repeated} more than once; each target is scored once")
+        return keys
+
+    def _groups_of(self, graph: ModelGraph) -> list[Group]:
+        """Every prunable coupled group of the traced model (as ``pruner.groups()``)."""
+        try:
+            groups = get_dependency_graph(graph).groups()
+        except Exception as error:
+            raise ValueError(
+                f"run_all() without targets scores the coupled groups of the model, which could not be "
+                f"computed for {type(graph.model).__name__} ({error}); pass targets= (a list of its layers)"
+            ) from error
+        if not groups:
+            raise ValueError(f"the model {type(graph.model).__name__} has no prunable coupled group; "
+                             "pass targets= (a list of its layers)")
+        return groups
+
+    def _default_targets(self) -> list[Group]:
+        """The prunable groups, from a trace on the first batch (the model is left as found)."""
+        model, _ = scoring_model(self.model)
+        with left_as_found(model, self.data_generator), contextlib.closing(self._batches(model)) as batches:
+            first = self._first_batch(batches)
+            return self._groups_of(get_graph(model, first.args, first.kwargs or None))
+
+    def _shared_runners(self, model: nn.Module, graph: ModelGraph, targets: list[Target], first: Batch,
+                        find_best: bool) -> dict[str, Runner]:
+        """``{key: runner}`` of ``run_all``'s targets, each runner as ``run`` builds it."""
+        runners: dict[str, Runner] = {}
+        for key, target in zip(self._target_keys(targets), targets):
+            if isinstance(target, Group):
+                check_group(model, target)
+                runners[key] = group_runner(graph, target, self.criterion)
+            else:
+                site, _ = self._evaluation_point(model, target, first, find_best, 0, stacklevel=5, graph=graph)
+                point = MaskPoint.of_site(site)
+                runners[key] = Runner([point], [point], site.num_units, self.criterion, site.label)
+        return runners
+
     def _without_data(self) -> bool:
         return type(self).score_without_data is not AttributionMetric.score_without_data
 
@@ -509,9 +646,10 @@ class AttributionMetric:
 
     def _evaluation_point(
         self, model: nn.Module, module: nn.Module | CallSite, batch: Batch, find_best: bool, call_index: int,
-        stacklevel: int = 4,
+        stacklevel: int = 4, graph: ModelGraph | None = None,
     ) -> tuple[CallSite, ModelGraph]:
-        graph = get_graph(model, batch.args, batch.kwargs or None)
+        if graph is None:
+            graph = get_graph(model, batch.args, batch.kwargs or None)
         if isinstance(module, CallSite):
             site = module
             if site not in graph.sites:
@@ -593,6 +731,43 @@ class AttributionMetric:
             for partial in partials:
                 accumulator.merge(partial)
         return accumulator.result()
+
+    def _score_shared(self, graph: ModelGraph, runners: dict[str, Runner], batches: Iterable[Batch],
+                      options: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The data loop of ``run_all``: one :class:`SharedPass` per batch serves every runner."""
+        for runner in runners.values():
+            runner.description = f"{self.name} {runner.label}"
+            runner.graph = graph
+            self.prepare(runner, options)
+        shared = SharedPass(list(runners.values()), self.criterion)
+        accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
+        bar = tqdm_auto.tqdm(total=self._total_batches(), desc=f"{self.name} {len(runners)} targets", unit="batch",
+                             disable=not progress_enabled(self.progress), leave=False)
+        try:
+            with graph.intercept(shared.functions()) as forward:
+                shared.forward = forward
+                for batch in batches:
+                    for key, runner in runners.items():
+                        scores = self.score_batch(runner, batch, options)
+                        if scores.shape != (batch.size, runner.num_units):
+                            raise RuntimeError(
+                                f"{type(self).__name__} scored a batch of {runner.label} with shape "
+                                f"{tuple(scores.shape)}, expected {(batch.size, runner.num_units)}")
+                        accumulators[key].add(scores)
+                    bar.update(1)
+        finally:
+            bar.close()
+            for runner in runners.values():
+                runner.shared = None
+        if any(accumulator.count == 0 for accumulator in accumulators.values()):
+            raise ValueError(f"the data generator yielded no examples; {type(self).__name__} needs data")
+        if self._shards is not None:  # one exchange for every target, merged in rank order
+            partials = self._shards.exchange([accumulators[key].partial() for key in runners])
+            accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
+            for rank_partials in partials:
+                for key, partial in zip(runners, rank_partials):
+                    accumulators[key].merge(partial)
+        return {key: accumulator.result() for key, accumulator in accumulators.items()}
 
     def _finish(self, scores: torch.Tensor) -> np.ndarray:
         """Data-free metrics: treat the scores as a single example so ``reduction`` applies (in a

@@ -18,6 +18,12 @@ set by :meth:`Runner.activations`, :meth:`Runner.activations_and_gradients`,
 :meth:`Runner.losses` or :meth:`Runner.transformed`. Every interception returns a new tensor, so
 in-place operations downstream (``ReLU(inplace=True)``, ``out += identity``) never touch a
 captured activation.
+
+Several runners can share one pass (:class:`SharedPass`, used by ``run_all``): every point of
+every runner is intercepted at once, and one forward (one forward and one backward for
+gradients) per batch serves all of them. The derivative at a point is the total derivative of the
+loss there whatever else is intercepted (the other points add a zero or copy), so each runner
+sees exactly what it would see alone.
 """
 
 from __future__ import annotations
@@ -83,6 +89,16 @@ def _copy(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
     return z.clone()
 
 
+def _additive_zero(site: CallSite, z: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A zero shaped like ``z`` whose derivative is taken (of the batch's size for a bare
+    parameter ``[1, ...]``, so that its derivative is per example). One scalar expanded: nothing
+    is allocated or filled, and the derivative with respect to it still has the full shape."""
+    shape: tuple[int, ...] = tuple(z.shape)
+    if site.kind == "attr" and z.dim() >= 2 and shape[0] == 1:
+        shape = (batch_size,) + tuple(shape[1:])
+    return torch.zeros((), dtype=z.dtype, device=z.device, requires_grad=True).expand(shape)
+
+
 class Runner:
     """Runs the model on a batch with every mask point intercepted.
 
@@ -116,6 +132,8 @@ class Runner:
         self.description = label
         self._transform: Transform = _copy
         self._set_progress: Callable[[str], None] = lambda text: None
+        #: the pass this runner shares with others (``run_all``), else None
+        self.shared: SharedPass | None = None
 
     @property
     def unit_axis(self) -> int:
@@ -146,6 +164,9 @@ class Runner:
             self._transform = _copy
 
     def _run(self, batch: Batch, transform: Transform) -> Any:
+        if self.shared is not None:
+            raise RuntimeError(f"{self.label} shares its forward pass with other runners: only "
+                               "activations() and activations_and_gradients() are available")
         with self.transformed(transform):
             return self.forward(*batch.args, **batch.kwargs)
 
@@ -157,6 +178,8 @@ class Runner:
 
     def activations(self, batch: Batch) -> list[tuple[MaskPoint, torch.Tensor]]:
         """``[(point, z)]``: the tensor at every read point (no gradient)."""
+        if self.shared is not None:
+            return self.shared.activations(self, batch)
         wanted = {id(p) for p in self.read_points}
         captured: dict[int, torch.Tensor] = {}
 
@@ -180,16 +203,15 @@ class Runner:
         every example's own derivative. A bare parameter (a position embedding ``[1, L, D]``) gets
         a zero of the batch's size, so that its derivative is per example too.
         """
+        if self.shared is not None:
+            return self.shared.activations_and_gradients(self, batch)
         wanted = {id(p) for p in self.entry_points}
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def perturb(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
             if id(point) not in wanted:
                 return z.clone()
-            shape = z.shape
-            if point.site.kind == "attr" and z.dim() >= 2 and shape[0] == 1:
-                shape = (batch.size,) + tuple(shape[1:])
-            zero = torch.zeros(shape, dtype=z.dtype, device=z.device, requires_grad=True)
+            zero = _additive_zero(point.site, z, batch.size)
             captured[id(point)] = (z.detach(), zero)
             return z + zero  # a new tensor: downstream in-place ops are allowed
 
@@ -238,3 +260,111 @@ class Runner:
         if total is None:
             raise RuntimeError(f"{self.label} has no points to sum over")
         return total
+
+
+class SharedPass:
+    """One pass per batch for several runners of one graph (``run_all``).
+
+    Every point of every runner is intercepted at once (a tensor that several runners read is
+    intercepted once). The first ``activations`` (``activations_and_gradients``) a runner asks
+    for on a batch runs one forward (one forward and one backward) that captures the tensors (and
+    total derivatives) of every runner's read (entry) points; the other runners are served from
+    it. Each runner gets its own points, exactly as it would alone.
+
+    Args:
+        runners: the runners; each one's ``shared`` is set to this pass.
+        criterion: the loss, as given to the metric.
+
+    Attributes:
+        forward: runs the intercepted model (set by the data loop for the whole run).
+    """
+
+    def __init__(self, runners: list[Runner], criterion: Callable) -> None:
+        self.runners = runners
+        self.criterion = criterion
+        self.forward: Callable[..., Any] | None = None
+        self._sites: dict[str, CallSite] = {}
+        self._points: dict[str, list[MaskPoint]] = {}
+        self._read: set[str] = set()
+        self._entry: set[str] = set()
+        for runner in runners:
+            for point in runner.points:
+                self._sites.setdefault(point.site.name, point.site)
+                self._points.setdefault(point.site.name, []).append(point)
+            self._read.update(point.site.name for point in runner.read_points)
+            self._entry.update(point.site.name for point in runner.entry_points)
+            runner.shared = self
+        self._batch: Batch | None = None
+        self._captured: dict[str, torch.Tensor] | None = None
+        self._derivatives: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._transform: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, z: z.clone()
+
+    def functions(self) -> dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
+        """``{site: fn}`` for ``graph.intercept``: each site once, whichever runners hold it."""
+        return {site: (lambda z, name=name: self._apply(name, z)) for name, site in self._sites.items()}
+
+    def _apply(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        for point in self._points[name]:
+            point.check(z)
+        return self._transform(name, z)
+
+    def _run(self, batch: Batch, transform: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+        if self.forward is None:
+            raise RuntimeError("the shared pass is run outside the data loop")
+        self._transform = transform
+        try:
+            return self.forward(*batch.args, **batch.kwargs)
+        finally:
+            self._transform = lambda name, z: z.clone()
+
+    def _on(self, batch: Batch) -> None:
+        if self._batch is not batch:  # a new batch: forget the last one's tensors
+            self._batch, self._captured, self._derivatives = batch, None, None
+
+    def _reached(self, runner: Runner, points: list[MaskPoint], captured: dict[str, Any]) -> list[Any]:
+        missing = [point.site.label for point in points if point.site.name not in captured]
+        if missing:
+            raise RuntimeError(f"the points {missing} of {runner.label} were not reached")
+        return [captured[point.site.name] for point in points]
+
+    def activations(self, runner: Runner, batch: Batch) -> list[tuple[MaskPoint, torch.Tensor]]:
+        """What ``runner.activations(batch)`` returns alone."""
+        self._on(batch)
+        if self._captured is None:
+            captured: dict[str, torch.Tensor] = {}
+
+            def capture(name: str, z: torch.Tensor) -> torch.Tensor:
+                if name in self._read:
+                    captured[name] = z.detach()
+                return z.clone()
+
+            with torch.no_grad():
+                self._run(batch, capture)
+            self._captured = captured
+        return list(zip(runner.read_points, self._reached(runner, runner.read_points, self._captured)))
+
+    def activations_and_gradients(self, runner: Runner,
+                                  batch: Batch) -> list[tuple[MaskPoint, torch.Tensor, torch.Tensor]]:
+        """What ``runner.activations_and_gradients(batch)`` returns alone."""
+        self._on(batch)
+        if self._derivatives is None:
+            captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+            def perturb(name: str, z: torch.Tensor) -> torch.Tensor:
+                if name not in self._entry:
+                    return z.clone()
+                zero = _additive_zero(self._sites[name], z, batch.size)
+                captured[name] = (z.detach(), zero)
+                return z + zero
+
+            with torch.enable_grad():
+                output = self._run(batch, perturb)
+                names = list(captured)
+                losses = per_example_loss(self.criterion, output, batch.target, batch.size)
+                grads = torch.autograd.grad(wide(losses).sum(), [captured[name][1] for name in names],
+                                            allow_unused=True)
+            self._derivatives = {
+                name: (z.expand_as(zero), zero, torch.zeros_like(zero) if g is None else g)
+                for name, (z, zero), g in zip(names, (captured[name] for name in names), grads)}
+        found = self._reached(runner, runner.entry_points, self._derivatives)
+        return [(point, z, g) for point, (z, _, g) in zip(runner.entry_points, found)]

@@ -54,6 +54,7 @@ class APoZAttributionMetric(AttributionMetric):
     """
 
     name: ClassVar[str] = "APoZ"
+    shares_pass: ClassVar[bool] = True
 
     def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
         others = [point.site for point in runner.read_points if not _after_relu(point.site)]

@@ -16,6 +16,7 @@ class SensitivityAttributionMetric(AttributionMetric):
     over the group's entry points e (``g_e`` the total derivative at e)."""
 
     name: ClassVar[str] = "Sensitivity"
+    shares_pass: ClassVar[bool] = True
 
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         return runner.sum_per_unit((point, g.abs()) for point, _, g in runner.activations_and_gradients(batch))

@@ -24,6 +24,7 @@ class TaylorAttributionMetric(AttributionMetric):
     """
 
     name: ClassVar[str] = "Taylor"
+    shares_pass: ClassVar[bool] = True
     default_options: ClassVar[dict[str, Any]] = {"signed": False}
 
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
