@@ -6,8 +6,6 @@ scales, so that unimportant channels end with γ near zero; they are then pruned
 subgradient ``s·sign(γ)`` to the BatchNorm weight gradients, one call between ``backward()`` and
 ``step()``::
 
-    from torchpruner.regularize import update_bn, prunable_batchnorms
-
     batchnorms = prunable_batchnorms(pruner)     # optional: only BatchNorms the Pruner can shrink
     for inputs, targets in loader:
         optimizer.zero_grad()

@@ -4,10 +4,7 @@ Lightning's own ``ModelPruning`` callback masks weights through ``torch.nn.utils
 model keeps its size. :class:`PruningCallback` scores every coupled group with a metric and slices
 the layers, at the epochs or steps you choose, with the Trainer's own optimizer kept live (its
 state sliced in place, not reset), and sends what it removed and the parameter and FLOP counts to
-the Trainer's loggers::
-
-    from torchpruner import TaylorAttributionMetric
-    from torchpruner.integrations.lightning import PruningCallback
+the Trainer's loggers (``TaylorAttributionMetric`` from :mod:`torchpruner`)::
 
     lit = LitClassifier()                                  # holds the network as lit.net
     taylor = TaylorAttributionMetric(lit.net, val_loader, F.cross_entropy, max_batches=4)

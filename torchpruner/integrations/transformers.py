@@ -2,10 +2,7 @@
 
 :class:`PruningCallback` scores every coupled group with a metric and slices the layers at the
 epochs or steps you choose, with the Trainer's own optimizer kept live (accelerate's wrapper is
-looked through; the state is sliced in place, not reset)::
-
-    from torchpruner import TaylorAttributionMetric
-    from torchpruner.integrations.transformers import PruningCallback
+looked through; the state is sliced in place, not reset; ``TaylorAttributionMetric`` from :mod:`torchpruner`)::
 
     model = DigitsClassifier()            # forward(x, labels=None) -> {"loss", "logits"}; body in model.net
     taylor = TaylorAttributionMetric(model.net, val_loader, F.cross_entropy, max_batches=4)
