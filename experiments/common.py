@@ -107,6 +107,14 @@ def reproducible(threads: int | None = DEFAULT_THREADS):
         torch.set_num_threads(previous_threads)
 
 
+def run_reproducibly(run, args: argparse.Namespace):
+    """``run(args)`` under :func:`reproducible` with the study's ``--threads`` (checked first)."""
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    with reproducible(args.threads):
+        return run(args)
+
+
 def environment() -> dict:
     """What the figures of a study depend on besides its arguments."""
     import platform

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, UnitMask, add_model_arguments,
                                 base_parser, criterion_applies, criterion_is_seeded, environment, evaluate,
                                 format_table, make_metric, make_pruner, mean_plus_2std, model_options_from,
-                                parse_criteria, prune_units, pyplot, removal_order, reproducible, resolve_device,
+                                parse_criteria, prune_units, pyplot, removal_order, run_reproducibly, resolve_device,
                                 results_folder, score_layer, write_csv, write_json)
 from experiments.data import load_dataset
 from experiments.models import default_arch, load_or_train, prunable_layers
@@ -96,10 +96,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--train-seeds must be at least 1, got {args.train_seeds}")
     if args.n_seeds < 1:
         raise SystemExit(f"--n-seeds must be at least 1, got {args.n_seeds}")
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-    with reproducible(args.threads):
-        return run(args)
+    return run_reproducibly(run, args)
 
 
 def run(args) -> dict:

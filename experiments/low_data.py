@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from experiments.common import (CRITERIA, CRITERION_COLOURS, add_model_arguments, base_parser, environment, evaluate,
                                 format_table, make_metric, model_options_from, parse_criteria, pyplot,
-                                reproducible, resolve_device, results_folder, seed_everything, write_csv, write_json)
+                                run_reproducibly, resolve_device, results_folder, seed_everything, write_csv, write_json)
 from experiments.data import few_per_class, load_dataset
 from experiments.models import default_arch, load_or_train, train_one_epoch
 from experiments.stats import mean_ci
@@ -195,10 +195,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-    with reproducible(args.threads):
-        return run(args)
+    return run_reproducibly(run, args)
 
 
 def run(args) -> dict:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from experiments.common import (CRITERIA, add_model_arguments, base_parser, model_options_from, parse_criteria,
                                 evaluate, format_table, make_metric, model_costs, pyplot,
-                                resolve_device, results_folder, seed_everything, write_csv, write_json, reproducible)
+                                resolve_device, results_folder, seed_everything, write_csv, write_json, run_reproducibly)
 from experiments.data import load_dataset
 from experiments.models import build_model, default_arch, train_one_epoch
 
@@ -119,10 +119,7 @@ def train_variant(variant: str, model: nn.Module, splits, args, device, progress
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-    with reproducible(args.threads):
-        return run(args)
+    return run_reproducibly(run, args)
 
 
 def run(args) -> dict:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from experiments.common import (base_parser, environment, evaluate, format_table, pyplot, reproducible,
+from experiments.common import (base_parser, environment, evaluate, format_table, pyplot, run_reproducibly,
                                 resolve_device, results_folder, seed_everything, write_csv, write_json)
 from experiments.data import load_dataset
 from experiments.models import build_model
@@ -137,10 +137,7 @@ def plot(runs: list[dict], summary: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-    with reproducible(args.threads):
-        return run(args)
+    return run_reproducibly(run, args)
 
 
 def run(args) -> dict:

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments.common import (base_parser, evaluate, format_table, pyplot, resolve_device, results_folder,
-                                seed_everything, write_csv, write_json, reproducible)
+                                seed_everything, write_csv, write_json, run_reproducibly)
 from experiments.data import load_dataset
 from torchpruner import BNScaleAttributionMetric, Pruner, prune_groups
 from torchpruner.regularize import update_bn
@@ -122,10 +122,7 @@ def costs(model: nn.Module, input_size) -> tuple[int, int]:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-    with reproducible(args.threads):
-        return run(args)
+    return run_reproducibly(run, args)
 
 
 def run(args) -> dict:
