@@ -319,14 +319,13 @@ class ShapleyAttributionMetric(AttributionMetric):
             raise ValueError("the standard error (return_stderr=True, tolerance=) is defined for "
                              "reduction 'mean', 'sum' or 'none', not for a callable reduction")
         _, shards = scoring_model(self.model, self.process_group)
-        if shards is not None:  # every rank draws rank 0's orderings
-            if return_stderr or tolerance is not None:
-                raise ValueError("return_stderr=True and tolerance= are not available in a distributed run yet "
-                                 "(each rank would stop after its own number of orderings); score with a fixed "
-                                 "sv_samples")
-            options = shards.shared_options(options)
-            kwargs = {**kwargs, "seed": options["seed"]}
-        self._orderings = Orderings(options["seed"], bool(options["antithetic"]))
+        if shards is not None and (return_stderr or tolerance is not None):
+            raise ValueError("return_stderr=True and tolerance= are not available in a distributed run yet "
+                             "(each rank would stop after its own number of orderings); score with a fixed "
+                             "sv_samples")
+        # the orderings are drawn in prepare(), from the seed the run settled on (rank 0's in a
+        # distributed run), and kept over the adaptive rounds of this run
+        self._orderings: Orderings | None = None
         self._stats = _SampleStats(self.reduction, bool(options["antithetic"]))
         self._round = options["sv_samples"]
         with _warnings_for_the_caller():
@@ -353,10 +352,12 @@ class ShapleyAttributionMetric(AttributionMetric):
         return scores
 
     def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
-        if not hasattr(self, "_orderings"):  # scored without run() (e.g. by a subclass' own loop)
-            self._orderings = Orderings(options["seed"], bool(options["antithetic"]))
+        if not hasattr(self, "_stats"):  # scored without run() (e.g. by a subclass' own loop)
             self._stats = _SampleStats(self.reduction, bool(options["antithetic"]))
             self._round = options["sv_samples"]
+            self._orderings = None
+        if self._orderings is None:
+            self._orderings = Orderings(options["seed"], bool(options["antithetic"]))
         self._permutations = self._orderings.draw(runner.num_units, self._round)
         self._fast = FastEvaluator(runner, options, self.name) if options["algorithm"] == "fast" else None
         self._first = True
