@@ -1,0 +1,403 @@
+"""The dependency analysis, tensor ops: how units flow through element-wise ops, merges,
+concatenations, reductions and movement ops (part of :mod:`torchpruner.graph.dependency`)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchpruner._ops import SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_OPS
+
+from .spaces import _CannotFollow, _ShapeAttribute, _Space, _flatten_nodes
+from .slots import SlotFlow, _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
+
+
+
+
+class TensorOpFlow(SlotFlow):
+    """How tensor ops move units: element-wise ops and merges, concatenation and stacking,
+    reductions and dim-wise ops, pooling-like spatial ops, movement ops (reshape, permute,
+    indexing: followed on tensors of slot ids), pieces of the unit axis, max/sort-like pairs and
+    tensor attributes."""
+
+    def _check_shape_sources(self, node: fx.Node) -> None:
+        """``node`` computes an argument from the size of another tensor (``B, N, C = x.shape`` then
+        ``attn_out.reshape(B, N, C)``): when that size is the unit count of a tensor with units, a
+        prune changes the argument (checked by computing it with two units of that tensor removed),
+        so that tensor's units are refused here, naming the op."""
+        sources: list[fx.Node] = []
+        stack = list(node.all_input_nodes)
+        seen: set[fx.Node] = set()
+        while stack:
+            arg = stack.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if self._shape(arg) is not None:
+                continue   # a tensor operand, not shape arithmetic
+            if self._is_shape_query(arg) or (arg.op == "call_function" and arg.target is getattr):
+                tensor = arg.args[0]
+                if isinstance(tensor, fx.Node) and self._shape(tensor) is not None:
+                    sources.append(tensor)
+                continue
+            stack.extend(arg.all_input_nodes)
+        args = (node.args, dict(node.kwargs))
+        operands = {n for n in node.all_input_nodes if self._shape(n) is not None}
+        for tensor in dict.fromkeys(sources):
+            if tensor in operands:
+                continue   # the op's own input: followed (and checked) with the op itself
+            space = self._spaces.get(tensor)
+            if space is None or space.size < 3:
+                continue
+            try:
+                before = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, np.arange(space.size))})
+                removed = np.setdiff1d(np.arange(space.size), [0, space.size // 2])
+                after = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, removed)})
+            except Exception:  # noqa: BLE001 - the shape code fails on fewer units: it depends on them
+                before, after = None, ()
+            if _shape_values(before) != _shape_values(after):
+                self._block(space, f"{self._label(node)} computes an argument from the number of units of "
+                                   f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
+                                   f"would change it")
+
+    def _check_pair_users(self, node: fx.Node) -> None:
+        """A pair is followed at its items; refuse it when it is read any other way."""
+        fields = TUPLE_DIM_OPS[self._tuple_op(node)][2]
+        for user in node.users:
+            if user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1, -1, -2):
+                continue
+            if user.op == "call_function" and user.target is getattr and user.args[1] in fields:
+                continue
+            if [n for n in self._slotted_inputs(node) if n.op != "get_attr"]:
+                raise _CannotFollow(f"cannot follow the units through {self._label(node)}: its result is read "
+                                    f"as a whole by {self._label(user)}")
+
+    def _pair_item(self, node: fx.Node, index: Any) -> None:
+        """Item ``index`` (``[0]``/``.values``, ``[1]``/``.indices``) of a pair-returning op along one
+        dim: the units pass unless the op runs along the unit axis."""
+        source = node.args[0]
+        name = self._tuple_op(source)
+        position, default, fields = TUPLE_DIM_OPS[name]
+        if index not in (0, 1, -1, -2):
+            raise _CannotFollow(f"cannot follow the units through item {index!r} of {self._label(source)}")
+        _, space = self._input_space(source)
+        dim = self._dim_arg(source, position, "dim", default)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise _CannotFollow(f"cannot read the dim of {self._label(source)}")
+        dim %= space.ndim
+        if dim == space.axis:
+            raise _CannotFollow(f"{self._label(source)} runs along the unit axis {space.axis} (dim={dim}): "
+                                f"its {fields[index % 2]} mix the units")
+        out_shape = self._shape(node)
+        if len(out_shape) == space.ndim:
+            axis = space.axis
+        elif len(out_shape) == space.ndim - 1:
+            axis = space.axis - (1 if dim < space.axis else 0)
+        else:
+            raise _CannotFollow(f"cannot follow the units through {self._label(source)}")
+        if out_shape[axis] != space.size:
+            raise _CannotFollow(f"cannot follow the units through {self._label(source)}")
+        self._link_same(space, self._alloc(node, axis))
+
+    def _visit_getattr(self, node: fx.Node, slotted: list[fx.Node]) -> None:
+        """``x.<name>``: a pair's item, a view of the tensor (``.mT``, ``.data``), a shape query
+        (``.shape``), or refused: an attribute read is never ignored while it carries units."""
+        source, name = node.args[0], node.args[1]
+        label = f"the attribute '.{name}' at call site '{node.name}'"
+        pair = self._tuple_op(source)
+        if pair is not None:
+            fields = TUPLE_DIM_OPS[pair][2]
+            if name not in fields:
+                raise _CannotFollow(f"cannot follow the units through {label} of {self._label(source)}")
+            self._pair_item(node, fields.index(name))
+            return
+        if name in SHAPE_QUERY_ATTRIBUTES:
+            return
+        carries_units = bool([n for n in slotted if n.op != "get_attr"])
+        if self._shape(node) is None:
+            if carries_units:
+                raise _CannotFollow(f"cannot follow the units through {label}: it is not a tensor")
+            return
+        if not slotted:
+            return
+        if name in TENSOR_VIEW_ATTRIBUTES:
+            self._movement(node)
+            return
+        raise _CannotFollow(f"cannot follow the units through {label}: unknown tensor attribute")
+
+    # -- element-wise, concat, reductions ----------------------------------------------------
+
+    def _elementwise(self, node: fx.Node) -> None:
+        shape = self._shape(node)
+        nd = len(shape)
+        operands = [n for n in _flatten_nodes((node.args, node.kwargs)) if self._shape(n) is not None]
+        # the output's unit axis: from the first operand with real (non-attr) slots
+        out_axis = None
+        for n in operands:
+            if n in self._spaces and n.op != "get_attr":
+                space = self._spaces[n]
+                out_axis = space.axis + (nd - space.ndim)
+                if space.shape[space.axis] == shape[out_axis]:
+                    break
+        if out_axis is None:
+            for n in operands:
+                if n.op == "get_attr":
+                    space = self._space_of(n)
+                    if space is not None:
+                        out_axis = space.axis + (nd - space.ndim)
+                        break
+        if out_axis is None or out_axis < 0:
+            raise _CannotFollow(f"cannot align the units of the operands of {self._label(node)}")
+        out = self._alloc(node, out_axis)
+        for n in operands:
+            op_shape = self._shape(n)
+            b = out_axis - (nd - len(op_shape))
+            existing = self._spaces.get(n)
+            if b < 0 or op_shape[b] == 1:
+                # broadcast along the unit axis: the operand has no units here
+                if existing is not None and existing.shape[existing.axis] > 1:
+                    self._block(existing, f"its units are broadcast against another axis in {self._label(node)}")
+                continue
+            if existing is None and n.op != "get_attr":
+                self._block(out, f"{self._label(node)} combines the units with a tensor of fixed size "
+                                 f"({self._label(n)})")
+                continue
+            space = self._space_of(n, axis=b)
+            if space is None or space.axis != b or space.size != out.size:
+                self._block(out, f"the operands of {self._label(node)} carry units on different axes")
+                if space is not None:
+                    self._block(space, f"the operands of {self._label(node)} carry units on different axes")
+                continue
+            self._link_same(space, out)
+
+    def _concat(self, node: fx.Node) -> None:
+        tensors = self._dim_arg(node, 0, "tensors")
+        dim = self._dim_arg(node, 1, "dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+            raise _CannotFollow(f"cannot read the arguments of {self._label(node)}")
+        shape = self._shape(node)
+        dim = dim % len(shape)
+        spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+        axes = {s.axis for s in spaces if s is not None and s.node.op != "get_attr"}
+        if len(axes) != 1:
+            raise _CannotFollow(f"the inputs of {self._label(node)} carry units on different axes")
+        axis = axes.pop()
+        out = self._alloc(node, axis)
+        if dim == axis:
+            offset = 0
+            for t, space in zip(tensors, spaces):
+                size = self._shape(t)[dim]
+                if space is None:
+                    space = self._space_of(t, axis=dim)
+                if space is None or space.axis != dim:
+                    self._block(out, f"{self._label(node)} concatenates a tensor without units ({self._label(t)})")
+                else:
+                    self._link(space, np.arange(size), out, offset + np.arange(size))
+                offset += size
+        else:
+            for t, space in zip(tensors, spaces):
+                if space is None:
+                    space = self._space_of(t, axis=axis)
+                if space is None or space.axis != axis or space.size != out.size:
+                    self._block(out, f"the inputs of {self._label(node)} carry units on different axes")
+                    continue
+                self._link_same(space, out)
+
+    def _stack(self, node: fx.Node) -> None:
+        tensors = self._dim_arg(node, 0, "tensors")
+        dim = self._dim_arg(node, 1, "dim", 0)
+        shape = self._shape(node)
+        dim = dim % len(shape)
+        spaces = [self._space_of(t) for t in tensors]
+        axes = {s.axis for s in spaces if s is not None}
+        if len(axes) != 1 or any(s is None for s in spaces):
+            raise _CannotFollow(f"the inputs of {self._label(node)} carry units on different axes")
+        axis = axes.pop()
+        out = self._alloc(node, axis + 1 if dim <= axis else axis)
+        for space in spaces:
+            self._link_same(space, out)
+
+    def _reduction(self, node: fx.Node) -> None:
+        x, space = self._input_space(node)
+        dims = self._dim_arg(node, 1, "dim", None)
+        if dims is None or isinstance(dims, bool):  # x.std(False): the bool is `unbiased`, all dims go
+            raise _CannotFollow(f"{self._label(node)} reduces over all dims, including the units")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [d % space.ndim for d in dims]
+        if space.axis in dims:
+            raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
+        # keepdim from the traced output rank, not from argument positions (std/var put `unbiased` 3rd)
+        out_shape = self._shape(node)
+        keepdim = out_shape is not None and len(out_shape) == space.ndim
+        axis = space.axis if keepdim else space.axis - sum(1 for d in dims if d < space.axis)
+        self._link_same(space, self._alloc(node, axis))
+
+    def _dim_wise(self, node: fx.Node, dim: Any) -> None:
+        x, space = self._input_space(node)
+        if not isinstance(dim, int):
+            raise _CannotFollow(f"cannot read the dim of {self._label(node)}")
+        if dim % space.ndim == space.axis:
+            raise _CannotFollow(f"{self._label(node)} mixes the units (dim={dim} is the unit axis)")
+        self._link_same(space, self._alloc(node, space.axis))
+
+    def _spatial(self, node: fx.Node, spatial_dims: Optional[int] = None) -> None:
+        x, space = self._input_space(node)
+        out_shape = self._shape(node)
+        if spatial_dims is None and node.target is F.pad:
+            pad = self._dim_arg(node, 1, "pad")
+            if not isinstance(pad, (list, tuple)):
+                raise _CannotFollow(f"cannot read the padding of {self._label(node)}")
+            # pairs from the last dim backwards: the unit axis may be among them, padded by (0, 0)
+            pair = 2 * (space.ndim - 1 - space.axis)
+            if pair + 1 < len(pad):
+                full = _slot_ids(space.shape, space.axis, np.arange(space.size))
+                before, after = self._evaluate_value([pad[pair], pad[pair + 1]], {x: full})
+                if before != 0 or after != 0:
+                    raise _CannotFollow(f"{self._label(node)} pads the unit axis {space.axis}")
+            spatial_dims = 0
+        if spatial_dims is None:
+            name = getattr(node.target, "__name__", "")
+            spatial_dims = int(name[-2]) if name[-2:-1].isdigit() and name.endswith("d") else space.ndim - 2
+        if space.axis >= space.ndim - spatial_dims or len(out_shape) != space.ndim \
+                or out_shape[space.axis] != space.size:
+            raise _CannotFollow(f"{self._label(node)} acts on the unit axis {space.axis}")
+        self._link_same(space, self._alloc(node, space.axis))
+
+    # -- data movement (followed empirically) -------------------------------------------------
+
+    def _movement(self, node: fx.Node, module: Optional[nn.Module] = None) -> None:
+        inputs = [n for n in self._slotted_inputs(node, attrs=True)]
+        if len(inputs) != 1:
+            raise _CannotFollow(f"{self._label(node)} reads {len(inputs)} tensors with units")
+        x = inputs[0]
+        space = self._space_of(x)
+        if space is None:
+            raise _CannotFollow(f"{self._label(node)}: input without units")
+        out_shape = self._shape(node)
+        full = _slot_ids(space.shape, space.axis, np.arange(space.size))
+        try:
+            y = self._evaluate(node, {x: full}, module)
+        except _CannotFollow:
+            raise
+        except Exception as exc:
+            raise _CannotFollow(
+                f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(out_shape):
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)}")
+        out_axis, line = _unit_line(y)
+        if out_axis is None:
+            raise _CannotFollow(
+                f"{self._label(node)} spreads the units over several axes (a channel shuffle or a reshape "
+                f"that splits the unit axis); it cannot be pruned")
+        present = set(np.unique(line).tolist())
+        if present != set(range(space.size)):
+            self._piece(node, x, space, y, out_axis, line, module)
+            return
+        if space.size >= 2:
+            for removed in _probe_removals(space.size):
+                keep = np.setdiff1d(np.arange(space.size), removed)
+                small = _slot_ids(space.shape, space.axis, keep)
+                try:
+                    y_small = self._evaluate(node, {x: small}, module)
+                except Exception as exc:
+                    raise _CannotFollow(
+                        f"hard-coded shape in {self._label(node)}: it fails once units are removed "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                expected = y.index_select(out_axis, torch.as_tensor(np.nonzero(np.isin(line, keep))[0]))
+                if not isinstance(y_small, torch.Tensor) or y_small.shape != expected.shape \
+                        or not torch.equal(y_small, expected):
+                    raise _CannotFollow(f"hard-coded shape in {self._label(node)}: its result is wrong once units "
+                                        f"are removed (e.g. x.view(-1, C*H*W) with a literal size)")
+        out = self._alloc(node, out_axis)
+        self._link(space, line, out, np.arange(out.size))
+
+    def _piece(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, out_axis: int, line: np.ndarray,
+               module: Optional[nn.Module]) -> None:
+        """``node`` keeps a part of the unit axis (a piece of ``split``/``chunk``, ``x[:, a:b]``): each
+        unit of the piece maps back to its source unit. Two kinds are followed, each checked by
+        running the op on slot ids with units removed:
+
+        - *equal pieces* (``chunk(n)``, ``split(x.size(1) // n)``, or ``split(self.width)`` with the
+          size read from a module attribute, which the prune then updates): the piece is block
+          ``k`` of ``n`` equal blocks and stays so when every block loses the same units. Position
+          ``j`` of every block is linked (one unit removes it from every piece, as the dims of
+          attention heads), so the pieces stay equal whatever the selection;
+        - *fixed positions* (sizes written in the code: ``split(16)``, ``x[:, :16]``): removing units
+          after the piece leaves it unchanged; the units up to its end cannot be removed (their
+          groups are refused, naming the op), the others are free.
+        """
+        label = op = self._label(node)
+        source = node.args[0] if node.target is operator.getitem else None
+        if isinstance(source, fx.Node) and self._shape(source) is None:   # an item of split/chunk's tuple
+            op = self._label(source)
+            label = f"item {node.args[1]!r} of {op}"
+        size = space.size
+
+        def result_without(removed: np.ndarray) -> torch.Tensor | None:
+            keep = np.setdiff1d(np.arange(size), removed)
+            try:
+                value = self._evaluate(node, {x: _slot_ids(space.shape, space.axis, keep)}, module)
+            except Exception:  # noqa: BLE001 - the model's own code fails on the smaller tensor
+                return None
+            return value if isinstance(value, torch.Tensor) else None
+
+        def equals(value: torch.Tensor | None, removed: np.ndarray) -> bool:
+            expected = y.index_select(out_axis, torch.as_tensor(np.nonzero(~np.isin(line, removed))[0]))
+            return value is not None and value.shape == expected.shape and torch.equal(value, expected)
+
+        length, first = len(line), int(line[0])
+        contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
+        blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
+        sized_by = self._split_size_attribute(source, length) if blocks >= 2 and source is not None else None
+        if blocks >= 2 and (sized_by is not None or all(
+                equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
+                for r in sorted({0, length // 2, length - 1}))):
+            out = self._alloc(node, out_axis)
+            self._link(space, line, out, np.arange(out.size))
+            if space not in self._equal_pieces:
+                self._equal_pieces.append(space)
+                slots = np.arange(size)
+                self._link(space, slots, space, slots % length)   # position j of every piece goes together
+            if sized_by is not None:
+                owner, owner_name, attribute = sized_by
+                self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name, attribute, None))
+            return
+        end = int(line.max())
+        free = np.arange(end + 1, size)
+        probes = [free[[0]], free[[-1]], free[[len(free) // 2]]] if len(free) else []
+        results = [result_without(p) for p in probes]
+        if any(r is None or r.shape != y.shape or not torch.equal(r, y) for r in results):
+            raise _CannotFollow(f"{label} selects units of the unit axis that do not follow once units are "
+                                f"removed (hard-coded indexing)")
+        out = self._alloc(node, out_axis)
+        self._link(space, line, out, np.arange(out.size))
+        self._pin(space, np.arange(end + 1),
+                  f"{label} takes units {first}..{end} of {size} at positions written in the code (a split or "
+                  f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
+                  f"from the tensor (x.size(1) // 2, chunk) to prune them")
+
+    def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
+        """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an
+        int attribute of the module that calls it (``torch.split(x, self.width, 1)``, checked by
+        tracing the module again with the attribute changed), else None."""
+        is_split = (source.op == "call_function" and source.target is torch.split) or \
+            (source.op == "call_method" and source.target == "split")
+        size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
+        if not is_split or type(size) is not int or size != length:
+            return None
+        owner_name = self._calling_module(source)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        if owner is None:
+            return None
+        candidates = [attr for attr, value in vars(owner).items() if not attr.startswith("_") and type(value) is int
+                      and value == length]
+        function: Any = torch.split if source.op == "call_function" else "split"
+        keyword = "split_size_or_sections" if source.op == "call_function" else "split_size"
+        found = [attr for attr in candidates if _reads_attribute(owner, attr, function, 1, keyword)]
+        return (owner, owner_name or "(model)", found[0]) if len(found) == 1 else None

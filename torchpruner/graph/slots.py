@@ -1,0 +1,338 @@
+"""Slots: the positions of a tensor's unit axis, and the helpers that link them (floor 2, part of
+the dependency analysis in :mod:`torchpruner.graph.dependency`)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchpruner._ops import (SHAPE_QUERY_ATTRIBUTES, SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS, TUPLE_DIM_FUNCTIONS,
+                              TUPLE_DIM_OPS)
+
+from .spaces import _CannotFollow, _Role, _ShapeAttribute, _Space
+from .trace import CallSite, ModelGraph, _LeafTracer
+
+
+
+
+def _slot_ids(shape: Sequence[int], axis: int, ids: np.ndarray) -> torch.Tensor:
+    """A tensor of ``shape`` (with ``len(ids)`` on ``axis``) holding each position's slot id."""
+    shape = list(shape)
+    shape[axis] = len(ids)
+    view = [1] * len(shape)
+    view[axis] = len(ids)
+    return torch.as_tensor(ids, dtype=torch.int64).reshape(view).expand(shape).contiguous()
+
+
+def _unit_line(y: torch.Tensor) -> Tuple[Optional[int], Optional[np.ndarray]]:
+    """The one axis along which slot ids vary (constant along every other axis)."""
+    if y.dim() == 0:
+        return None, None
+    candidates = []
+    for axis in range(y.dim()):
+        index = [0] * y.dim()
+        index[axis] = slice(None)
+        line = y[tuple(index)]
+        view = [1] * y.dim()
+        view[axis] = y.shape[axis]
+        if torch.equal(y, line.reshape(view).expand_as(y)):
+            candidates.append((axis, line))
+    varying = [(a, ids) for a, ids in candidates if ids.numel() > 1 and not bool((ids == ids[0]).all())]
+    if len(varying) == 1:
+        return varying[0][0], varying[0][1].numpy()
+    if not varying and candidates and bool((y == y.flatten()[0]).all()):
+        # a single unit: the last axis holding it
+        for a, ids in reversed(candidates):
+            if y.shape[a] >= 1:
+                return a, ids.numpy()
+    return None, None
+
+
+def _probe_removals(size: int) -> List[np.ndarray]:
+    probes = [np.array([0, size // 2]) if size >= 3 else np.array([0])]
+    if size >= 4:
+        probes.append(np.array([size - 1]))
+    return [np.unique(p) for p in probes]
+
+
+def _shape_values(value: Any) -> list[Any]:
+    """The non-tensor leaves of a (nested) argument, for comparing computed shapes."""
+    found: list[Any] = []
+    fx.node.map_aggregate(value, lambda v: found.append(None if isinstance(v, torch.Tensor) else v))
+    return found
+
+
+def _same_shape_value(value: Any, literal: Any) -> bool:
+    """``value`` (a module attribute) is the shape constant ``literal`` that fx wrote into the graph."""
+    if isinstance(literal, bool) or isinstance(value, bool):
+        return False
+    if isinstance(literal, int):
+        return type(value) is int and value == literal
+    if isinstance(literal, (tuple, list, torch.Size)) and isinstance(value, (tuple, list, torch.Size)):
+        return tuple(value) == tuple(literal)
+    return False
+
+def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
+    """Every ``F.layer_norm`` call in ``owner``'s forward whose normalized_shape is ``literal`` reads
+    it from ``owner.<attribute>``: traced again with the attribute set to another value (restored
+    afterwards), none of them still shows ``literal``."""
+    return _reads_attribute(owner, attribute, F.layer_norm, 1, "normalized_shape", literal)
+
+
+def _reads_attribute(owner: nn.Module, attribute: str, function: Callable | str, position: int, keyword: str,
+                     literal: Any = None) -> bool:
+    """The calls of ``function`` (a tensor method: its name) in ``owner``'s forward take argument ``keyword`` from
+    ``owner.<attribute>``: traced again with the attribute set to another value (restored
+    afterwards), one of them shows that value and none still shows ``literal`` (by default the
+    attribute's value)."""
+    old = getattr(owner, attribute)
+    literal = old if literal is None else literal
+    if isinstance(old, int):
+        sentinel: Any = old + 7919
+    else:
+        values = [int(v) + 7919 for v in old]
+        sentinel = torch.Size(values) if isinstance(old, torch.Size) else type(old)(values)
+    try:
+        setattr(owner, attribute, sentinel)
+        graph = _LeafTracer().trace(owner)
+    except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
+        return False
+    finally:
+        setattr(owner, attribute, old)
+    op = "call_method" if isinstance(function, str) else "call_function"
+    values = [n.kwargs.get(keyword, n.args[position] if len(n.args) > position else None)
+              for n in graph.nodes if n.op == op and (n.target == function if op == "call_method" else n.target is function)]
+    return any(_same_shape_value(sentinel, value) for value in values) and \
+        not any(_same_shape_value(value, literal) for value in values)
+
+
+class SlotFlow:
+    """Slot bookkeeping of the analysis: every tensor that carries units gets slots (one per
+    position on its unit axis); ops link slots, refusals block them. The op and layer visitors
+    (:class:`~torchpruner.graph.flow_ops.TensorOpFlow`, :class:`~torchpruner.graph.flow_layers.LayerFlow`)
+    build on these helpers; :class:`~torchpruner.graph.dependency.DependencyGraph` owns the state
+    they fill."""
+
+    # the state, set by DependencyGraph.__init__
+    graph: ModelGraph
+    model: nn.Module
+    _site_by_node: Dict[fx.Node, CallSite]
+    _spaces: Dict[fx.Node, _Space]
+    _space_list: List[_Space]
+    _num_slots: int
+    _edges: List[Tuple[np.ndarray, np.ndarray]]
+    _blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]]   # id(space) -> (reason, hard, op)
+    _visiting: Optional[fx.Node]
+    _warned: bool
+    _guessed: set[int]   # spaces whose unit axis is a guess (after an op that could not be followed)
+    _roles: List[_Role]
+    _pending_attr_blocks: Dict[fx.Node, str]
+    _first_role_space: Dict[Tuple[int, str], _Space]
+    _shape_attributes: list[_ShapeAttribute]
+    _count_constraints: List[Tuple[_Space, int]]   # (space, conv groups): equal counts per block
+    _equal_pieces: list[_Space]   # tensors split into equal pieces (positions linked across pieces)
+    _modules: Dict[str, nn.Module]
+    _traced_modules: Dict[str, nn.Module]
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _shape(self, node: Any) -> Optional[Tuple[int, ...]]:
+        site = self._site_by_node.get(node) if isinstance(node, fx.Node) else None
+        return tuple(site.shape) if site is not None and site.shape is not None else None
+
+    def _dtype(self, node: fx.Node) -> Optional[torch.dtype]:
+        site = self._site_by_node.get(node)
+        return site.dtype if site is not None else None
+
+    def _alloc(self, node: fx.Node, axis: int, shape: Optional[Tuple[int, ...]] = None) -> _Space:
+        shape = shape if shape is not None else self._shape(node)
+        assert shape is not None
+        axis = axis % len(shape)
+        space = _Space(node=node, site=self._site_by_node.get(node), start=self._num_slots,
+                       size=int(shape[axis]), axis=axis, shape=tuple(shape))
+        self._num_slots += space.size
+        self._spaces[node] = space
+        self._space_list.append(space)
+        if node in self._pending_attr_blocks:
+            self._block(space, self._pending_attr_blocks.pop(node))
+        return space
+
+    def _link(self, a: _Space, a_pos: np.ndarray, b: _Space, b_pos: np.ndarray) -> None:
+        if id(a) in self._guessed:
+            self._guessed.add(id(b))   # its unit axis follows a guess
+        self._edges.append((a.start + np.asarray(a_pos, dtype=np.int64), b.start + np.asarray(b_pos, dtype=np.int64)))
+
+    def _link_same(self, a: _Space, b: _Space) -> None:
+        if a.size != b.size:
+            raise _CannotFollow(f"internal: linking {a.size} with {b.size} units")
+        self._link(a, np.arange(a.size), b, np.arange(b.size))
+
+    def _block(self, space: _Space, reason: str, hard: bool = True) -> None:
+        old = self._blocked.get(id(space))
+        if old is None or (hard and not old[1]):
+            self._blocked[id(space)] = (reason, hard, self._visiting or space.node)
+
+    def _label(self, node: fx.Node) -> str:
+        site = self._site_by_node.get(node)
+        if site is not None and site.kind == "module":
+            return f"'{site.label}' ({type(site.module).__name__})"
+        if site is not None and site.module is not None:   # a functional call standing for its layer
+            call = f", call {site.call_index}" if site.call_index else ""
+            return f"'{site.module_name}' ({type(site.module).__name__}, {node.target.__name__}{call})"
+        target = node.target
+        op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+        return f"{op} at call site '{node.name}'"
+
+    def _block_node(self, node: fx.Node, reason: str) -> None:
+        """Block every slotted input of ``node`` (and its output): the op cannot be followed."""
+        for arg in self._slotted_inputs(node, attrs=True):
+            if arg in self._spaces:
+                self._block(self._spaces[arg], reason)
+            elif arg.op == "get_attr":
+                self._pending_attr_blocks.setdefault(arg, reason)
+        shape = self._shape(node)
+        if shape is not None and len(shape) >= 1 and node not in self._spaces:
+            # the blocked output still needs a sensible unit axis, so it does not poison its users
+            site = self._site_by_node.get(node)
+            axis = site.unit_axis if site is not None and site.unit_axis is not None else len(shape) - 1
+            if node.op == "call_function" and node.target is operator.getitem \
+                    and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module":
+                source = self._slotted_inputs(node)
+                module = self._traced_modules.get(node.args[0].target)
+                if isinstance(module, nn.MultiheadAttention) or not source:
+                    axis = len(shape) - 1
+            for arg in self._slotted_inputs(node):
+                space = self._spaces.get(arg)
+                if space is not None and space.ndim == len(shape) and space.node.op != "placeholder":
+                    axis = space.axis
+                    break
+            blocked = self._alloc(node, axis)
+            self._guessed.add(id(blocked))
+            self._block(blocked, reason)
+        elif node in self._spaces:
+            self._block(self._spaces[node], reason)
+
+    def _slotted_inputs(self, node: fx.Node, attrs: bool = False) -> List[fx.Node]:
+        """Input nodes with slots (through tuple producers such as split); attrs: bare params too."""
+        found: List[fx.Node] = []
+        for arg in node.all_input_nodes:
+            if arg in self._spaces or (attrs and arg.op == "get_attr"):
+                found.append(arg)
+            elif self._shape(arg) is None and arg.op in ("call_function", "call_method", "call_module") \
+                    and not self._is_shape_query(arg):   # x.size(0), x.ndim: no units
+                for inner in arg.all_input_nodes:
+                    if inner in self._spaces or (attrs and inner.op == "get_attr"):
+                        found.append(inner)
+        return list(dict.fromkeys(found))
+
+    def _space_of(self, node: Any, axis: Optional[int] = None) -> Optional[_Space]:
+        """The slots of ``node``; bare parameters get slots on first use (along ``axis``)."""
+        if not isinstance(node, fx.Node):
+            return None
+        space = self._spaces.get(node)
+        if space is not None:
+            return space
+        if node.op == "get_attr":
+            shape = self._shape(node)
+            if shape is None or len(shape) == 0:
+                return None
+            return self._alloc(node, len(shape) - 1 if axis is None else axis)
+        return None
+
+    def _input_space(self, node: fx.Node) -> Tuple[fx.Node, _Space]:
+        data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
+        if len(data) != 1:
+            raise _CannotFollow(f"{self._label(node)} reads {len(data)} tensors with units; expected one")
+        return data[0], self._spaces[data[0]]
+
+    def _dim_arg(self, node: fx.Node, position: int, name: str = "dim", default: Any = None) -> Any:
+        if name in node.kwargs:
+            return node.kwargs[name]
+        if len(node.args) > position:
+            return node.args[position]
+        return default
+
+    def _evaluate(self, node: fx.Node, env: Dict[fx.Node, torch.Tensor], module: Optional[nn.Module] = None,
+                  depth: int = 0) -> Any:
+        """Run ``node`` with ``env`` substituted; the shape arithmetic feeding it is re-run too
+        (``x.size(0)``, ``h // p``), other tensors are stand-ins of their recorded shape."""
+        if node in env:
+            return env[node]
+        if depth > 40:
+            raise _CannotFollow("argument chain too deep")
+        if depth > 0 and self._shape(node) is not None:
+            return torch.empty(self._shape(node), device="meta", dtype=self._dtype(node) or torch.float32)
+
+        def value(arg: Any) -> Any:
+            if isinstance(arg, fx.Node):
+                return self._evaluate(arg, env, None, depth + 1)
+            if isinstance(arg, (list, tuple)):
+                return type(arg)(value(a) for a in arg)
+            if isinstance(arg, slice):
+                return slice(value(arg.start), value(arg.stop), value(arg.step))
+            if isinstance(arg, dict):
+                return {k: value(v) for k, v in arg.items()}
+            return arg
+
+        args = value(node.args)
+        kwargs = value(dict(node.kwargs))
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module" and depth == 0:
+            mod = module if module is not None else self._traced_modules[node.target]
+            return mod(*args, **kwargs)
+        raise _CannotFollow(f"cannot evaluate {node.op} '{node.name}' in a shape computation")
+
+    def _evaluate_value(self, value: Any, env: dict[fx.Node, torch.Tensor]) -> Any:
+        """A (nested) argument with its nodes evaluated as in :meth:`_evaluate`."""
+        return fx.node.map_aggregate(value, lambda v: self._evaluate(v, env, None, 1) if isinstance(v, fx.Node) else v)
+
+    def _pin(self, space: _Space, positions: np.ndarray, reason: str) -> None:
+        """Refuse the groups of the given slots of ``space`` (not its other slots): a blocked
+        stand-in tensor is linked to them."""
+        pin = _Space(node=space.node, site=None, start=self._num_slots, size=len(positions), axis=0,
+                     shape=(len(positions),))
+        self._num_slots += pin.size
+        self._space_list.append(pin)
+        self._link(space, positions, pin, np.arange(pin.size))
+        self._block(pin, reason)
+
+    def _calling_module(self, node: fx.Node) -> str | None:
+        """Qualified name of the module whose forward made the call ``node`` (None: unknown)."""
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            key, value = list(stack.items())[-1]
+            path = value[0] if isinstance(value, (tuple, list)) and isinstance(value[0], str) else key
+            if path in self._modules:
+                return path
+        for arg in node.all_input_nodes:   # its weight: "<owner>.weight"
+            if arg.op == "get_attr" and arg.target.rpartition(".")[0] in self._modules:
+                return arg.target.rpartition(".")[0]
+        return "" if not stack else None
+
+    def _is_shape_query(self, node: fx.Node) -> bool:
+        """``node`` reads a size or a property of a tensor, not its values (``x.size(0)``, ``x.shape``)."""
+        if node.op == "call_function" and node.target is getattr:
+            return self._shape(node) is None and node.args[1] in SHAPE_QUERY_ATTRIBUTES
+        return (node.op == "call_function" and node.target in SHAPE_QUERY_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in SHAPE_QUERY_METHODS)
+
+    # -- attribute reads and (values, indices) pairs ----------------------------------------
+
+    def _tuple_op(self, node: Any) -> str | None:
+        """The name of ``node``'s op when it returns a (values, indices)-like pair, else None."""
+        if not isinstance(node, fx.Node) or self._shape(node) is not None:
+            return None
+        if node.op == "call_function":
+            return TUPLE_DIM_FUNCTIONS.get(node.target) if callable(node.target) else None
+        if node.op == "call_method" and node.target in TUPLE_DIM_OPS:
+            return node.target
+        return None
