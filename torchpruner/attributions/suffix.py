@@ -93,7 +93,7 @@ def _ancestors(ends: Iterable[fx.Node]) -> set[fx.Node]:
     return _closure(ends, lambda node: node.all_input_nodes)
 
 
-def _repeat_rows(value: Any, rows: slice, repeats: int, batch_size: int) -> Any:
+def repeat_rows(value: Any, rows: slice, repeats: int, batch_size: int) -> Any:
     """``value[rows]`` stacked ``repeats`` times along dim 0 (coalition-major); tensors without the
     batch on dim 0, and non-tensors, as they are. Tuples, lists and dicts are followed."""
     if isinstance(value, torch.Tensor):
@@ -102,9 +102,9 @@ def _repeat_rows(value: Any, rows: slice, repeats: int, batch_size: int) -> Any:
         part = value[rows]
         return part.repeat(repeats, *([1] * (part.dim() - 1))) if repeats > 1 else part.clone()
     if isinstance(value, (tuple, list)):
-        return type(value)(_repeat_rows(v, rows, repeats, batch_size) for v in value)
+        return type(value)(repeat_rows(v, rows, repeats, batch_size) for v in value)
     if isinstance(value, dict):
-        return {k: _repeat_rows(v, rows, repeats, batch_size) for k, v in value.items()}
+        return {k: repeat_rows(v, rows, repeats, batch_size) for k, v in value.items()}
     return value
 
 
@@ -211,10 +211,12 @@ class Suffix:
                 raise SuffixUnavailable(f"no value for the model input {name!r}")
         return values
 
-    def prefix(self, batch: Batch, extra: Iterable[fx.Node] = ()) -> dict[fx.Node, Any]:
+    def prefix(self, batch: Batch, extra: Iterable[fx.Node] = (),
+               known: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any]:
         """The values of the prefix nodes for ``batch`` (nothing zeroed); ``extra``: more nodes
-        wanted (and their ancestors)."""
-        inputs = self._inputs(batch)
+        wanted (and their ancestors); ``known``: a prefix of this same batch whose values are
+        reused (only the nodes it lacks are computed)."""
+        inputs = known[_INPUTS] if known is not None else self._inputs(batch)  # type: ignore[index]
         nodes = self.prefix_nodes
         extra = list(extra)
         if extra:
@@ -223,7 +225,10 @@ class Suffix:
         env: dict[fx.Node, Any] = {}
         with torch.no_grad():
             for node in nodes:
-                env[node] = self._run_node(node, env.__getitem__, inputs)
+                if known is not None and node in known:
+                    env[node] = known[node]
+                else:
+                    env[node] = self._run_node(node, env.__getitem__, inputs)
         env[_INPUTS] = inputs  # type: ignore[index]
         return env
 
@@ -242,9 +247,9 @@ class Suffix:
             if node in local:
                 return local[node]
             if node.op == "placeholder":
-                value = _repeat_rows(inputs[node], rows, repeats, size)
+                value = repeat_rows(inputs[node], rows, repeats, size)
             elif node in env:
-                value = _repeat_rows(env[node], rows, repeats, size) if node in self.batched else env[node]
+                value = repeat_rows(env[node], rows, repeats, size) if node in self.batched else env[node]
             else:
                 value = self._run_node(node, fetch, inputs)
             local[node] = value
@@ -276,7 +281,7 @@ class Suffix:
         """Per-example losses ``[repeats, n]`` (float64) of :meth:`evaluate`."""
         output = self.evaluate(program, env, batch, rows, repeats, given, masks)
         n = len(range(batch.size)[rows])
-        target = _repeat_rows(batch.target, rows, repeats, batch.size)
+        target = repeat_rows(batch.target, rows, repeats, batch.size)
         loss = per_example_loss(self.criterion, output, target, repeats * n)
         return loss.to(torch.float64).reshape(repeats, n)
 
@@ -296,7 +301,7 @@ class Suffix:
             chunk = keeps[start:start + per_call]
             masks = {node: point_keep(point, chunk).repeat_interleave(batch.size, 0)
                      for node, point in self.masked_at.items()}
-            given = {node: _repeat_rows(env[node], everything, chunk.shape[0], batch.size) for node in self.first}
+            given = {node: repeat_rows(env[node], everything, chunk.shape[0], batch.size) for node in self.first}
             out.append(self.losses(program, env, batch, everything, chunk.shape[0], given, masks))
             if done is not None:
                 done(start + chunk.shape[0])

@@ -38,7 +38,7 @@ from ..base import AttributionMetric, batch_statistics_modules
 from ..collectives import scoring_model
 from ..data import Batch
 from ..runner import Runner
-from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable
+from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable, repeat_rows
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,20 @@ def prefix_coalitions(orders: torch.Tensor) -> torch.Tensor:
     return (rank[:, None, :] < steps).reshape(num * (units - 1), units)
 
 
+#: How many examples of the first batch the fast algorithm checks against whole-model evaluation.
+CHECKED_EXAMPLES = 8
+
+
+def batch_rows(batch: Batch, count: int) -> Batch:
+    """The first ``count`` examples of ``batch`` (tensors with the batch on dim 0 are sliced,
+    in tuples, lists and dicts too; anything else is kept)."""
+    if count >= batch.size:
+        return batch
+    rows = slice(0, count)
+    return Batch(args=repeat_rows(batch.args, rows, 1, batch.size), kwargs=repeat_rows(batch.kwargs, rows, 1, batch.size),
+                 target=repeat_rows(batch.target, rows, 1, batch.size), size=count)
+
+
 class FastEvaluator:
     """Values ``−ℓ`` of coalitions for one run: a :class:`Suffix` (and its incremental form when
     the graph allows it), built on the first batch and checked there against whole-model
@@ -161,23 +175,33 @@ class FastEvaluator:
                 logger.debug("%s %s: no incremental walk (%s)", self.metric, runner.label, error)
         self.path = "incremental" if self.walk is not None else "suffix"
         logger.debug("%s %s: %s evaluation", self.metric, runner.label, self.path)
-        return self.prefix(batch)
+        return self.prefix(batch, env)
 
     def _fallback(self, reason: str) -> None:
         self.path, self.reason = "reference", reason
         logger.info("%s %s: evaluating whole model per coalition (%s)", self.metric, self.runner.label, reason)
 
-    def prefix(self, batch: Batch) -> dict:
+    def prefix(self, batch: Batch, known: dict | None = None) -> dict:
+        """The prefix environment of ``batch`` (reusing ``known``, a prefix of the same batch)."""
         assert self.suffix is not None
         extra = self.walk.prefix_nodes if self.walk is not None else ()
-        return self.suffix.prefix(batch, extra)
+        return self.suffix.prefix(batch, extra, known)
 
     def check(self, batch: Batch, empty: torch.Tensor, full: torch.Tensor) -> bool:
-        """Compare the losses ``[N]`` of the empty and full coalitions with whole-model ones."""
+        """Compare the losses ``[N]`` of the empty and full coalitions with whole-model ones, on
+        the first :data:`CHECKED_EXAMPLES` examples of the batch (a whole-model forward of a few
+        examples per coalition keeps the check cheap next to the run)."""
         units = self.runner.num_units
+        count = min(batch.size, CHECKED_EXAMPLES)
+        few = batch_rows(batch, count)
         for keep, got in ((torch.zeros(units, dtype=torch.bool), empty), (torch.ones(units, dtype=torch.bool), full)):
-            expected = self.runner.losses(batch, keep).cpu()
-            if not torch.allclose(got.cpu(), expected, rtol=1e-3, atol=1e-5 * (1 + float(expected.abs().max()))):
+            try:
+                expected = self.runner.losses(few, keep).cpu()
+            except Exception as error:  # the whole model does not run on fewer examples
+                self.refuse(f"the whole model could not be checked on {count} examples ({error})")
+                return False
+            got = got[:count].cpu()
+            if not torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * (1 + float(expected.abs().max()))):
                 self.refuse("evaluating the part of the model after the evaluation point gave other "
                             "losses than running the whole model")
                 return False
