@@ -38,7 +38,7 @@ from ..base import AttributionMetric, batch_statistics_modules
 from ..collectives import scoring_model
 from ..data import Batch
 from ..runner import Runner
-from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable, repeat_rows
+from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable, repeat_rows, state_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class FastEvaluator:
             per_call = min(self.suffix.coalitions_per_call(walk.program, n), num * units)
             # the walk's states, written in place: each adds the next unit's contribution to the
             # state before it (in the model's dtype, like the layer itself)
-            buffer = torch.empty((per_call,) + tuple(empty.shape), dtype=empty.dtype, device=empty.device)
+            buffer = state_buffer(per_call, empty)
             pending: list[tuple[int, int, int]] = []  # (ordering, first step, steps) in the buffer
             filled = 0
 
@@ -347,7 +347,7 @@ class ShapleyAttributionMetric(AttributionMetric):
         antithetic (bool): each ordering is followed by its reverse (``sv_samples`` rounded up to
             even); the pair is one sample for the standard error. Default False.
         max_batch_elements (int): memory budget of the fast algorithm: the largest stacked
-            activation holds at most this many elements (default ``2**23``).
+            activation holds at most this many elements (default ``2**21``).
         incremental (bool): let the fast algorithm walk orderings through the first linear layer
             when the graph allows it (default True; False always evaluates the whole suffix).
         tolerance (float | None): adaptive mode: draw rounds of ``sv_samples`` orderings until the
