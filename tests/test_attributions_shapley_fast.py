@@ -365,3 +365,18 @@ def test_a_suffix_that_disagrees_with_the_whole_model_is_caught_on_the_first_bat
                            incremental=incremental)
     assert used == "reference"
     np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_channels_last_walk_gives_the_same_scores_as_the_contiguous_one(monkeypatch, dtype):
+    """Through a 2-d convolution the walk keeps its states channels-last (faster pooling after
+    it); the values, and so the scores, are the ones of the contiguous layout, bit for bit."""
+    from torchpruner.attributions import suffix
+
+    model = cnn(dtype)
+    x, y = data((1, 8, 8), n=7, dtype=dtype)
+    last, used = score(model, model[0], x, y, "fast", reduction="none", sv_samples=2, seed=0)
+    assert used == "incremental"
+    monkeypatch.setattr(suffix, "CHANNELS_LAST", False)
+    contiguous, _ = score(model, model[0], x, y, "fast", reduction="none", sv_samples=2, seed=0)
+    np.testing.assert_array_equal(last, contiguous)
