@@ -31,6 +31,7 @@ memory freed by earlier runs, which the allocator would reuse unseen, out of the
 
     python benchmarks/attribution_speed.py              # 2 threads
     python benchmarks/attribution_speed.py --threads 2 --skip-slow
+    python benchmarks/attribution_speed.py --skip-slow --layers "conv 32" --contiguous-walk
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpruner.attributions import ShapleyAttributionMetric
+from torchpruner.attributions import suffix
 from torchpruner.attributions.suffix import DEFAULT_MAX_BATCH_ELEMENTS
 
 
@@ -238,7 +240,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of fast, limit and captum (best is shown)")
     parser.add_argument("--skip-slow", action="store_true", help="leave out the reference and 2020 peers")
     parser.add_argument("--layers", nargs="*", default=None, help="only these rows (e.g. 'conv 32')")
+    parser.add_argument("--contiguous-walk", action="store_true",
+                        help="walk a 2-d convolution's output in the contiguous layout (for comparison)")
     args = parser.parse_args()
+    suffix.CHANNELS_LAST = not args.contiguous_walk
     torch.set_num_threads(args.threads)
     x_train, y_train, x, y = digits()
     model = digits_cnn()
