@@ -183,8 +183,9 @@ def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int
 
 
 def _peak_worker(state: dict, index: int, x: torch.Tensor, y: torch.Tensor, samples: int, threads: int,
-                 queue) -> None:
+                 channels_last: bool, queue) -> None:
     torch.set_num_threads(threads)
+    suffix.CHANNELS_LAST = channels_last
     model = digits_cnn()
     model.load_state_dict(state)
     model.eval()
@@ -226,7 +227,8 @@ def peak_memory_mib(model: nn.Sequential, index: int, x: torch.Tensor, y: torch.
     process held before it, measured in a fresh (spawned) process."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_peak_worker, args=(model.state_dict(), index, x, y, samples, threads, queue))
+    process = context.Process(target=_peak_worker, args=(model.state_dict(), index, x, y, samples, threads,
+                                                         suffix.CHANNELS_LAST, queue))
     process.start()
     peak = queue.get()
     process.join()
