@@ -12,18 +12,34 @@ scikit-learn's 8×8 digits (trained for a few epochs first), 512 examples in bat
   evaluation point are the input, one feature group per channel, baseline 0,
   ``perturbations_per_eval=16``), per batch.
 
+``fast``, ``limit`` and ``captum`` are each the best of ``--repeats`` rounds (every round runs each
+of them once, so a change of the machine's load hits them alike); ``reference`` and ``2020`` run
+once.
+
 ``limit``: the cost limit of the fast algorithm: the same number of coalition evaluations
 (``sv_samples · units`` per example) at the cost of the incremental step alone (the part of the
 model after the first linear layer that follows the evaluation point, run on stacked batches of
-the size the fast algorithm uses), without the prefix pass or the contributions.
+the size the fast algorithm uses), without the prefix pass or the contributions. ``limit`` runs
+the model's layers on its own (contiguous) layout; ``limit CL`` the same in channels-last layout,
+which is how the fast algorithm walks a 2-d convolution's output (the same for layers whose
+first linear layer is a ``Linear``).
+
+``peak MiB``: peak resident memory of one fast run above the process's resident memory just
+before it, in a fresh process per layer after a tiny warm-up run (Linux: the peak is reset with ``/proc/self/clear_refs``
+and read as ``VmHWM``; tracemalloc does not see torch's CPU allocations, and a fresh process keeps
+memory freed by earlier runs, which the allocator would reuse unseen, out of the figure).
 
     python benchmarks/attribution_speed.py              # 2 threads
     python benchmarks/attribution_speed.py --threads 2 --skip-slow
+    python benchmarks/attribution_speed.py --skip-slow --layers "conv 32" --contiguous-walk
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import multiprocessing
+import resource
 import time
 
 import numpy as np
@@ -32,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpruner.attributions import ShapleyAttributionMetric
+from torchpruner.attributions import suffix
 from torchpruner.attributions.suffix import DEFAULT_MAX_BATCH_ELEMENTS
 
 
@@ -135,9 +152,11 @@ def shapley_captum(model: nn.Sequential, index: int, data, samples: int) -> np.n
     return (total / count).numpy()
 
 
-def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int) -> float:
+def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int,
+               channels_last: bool = False) -> float:
     """Seconds for ``samples · units`` coalition evaluations per example at the cost of the
-    incremental step: the layers after the first linear layer following ``index``."""
+    incremental step: the layers after the first linear layer following ``index`` (on stacked
+    batches in channels-last layout with ``channels_last=True``, for 4-d activations)."""
     linear = next(i for i in range(index + 1, len(model)) if isinstance(model[i], (nn.Linear, nn.Conv2d)))
     head, rest = model[: linear + 1], model[linear + 1:]
     seconds = 0.0
@@ -150,6 +169,8 @@ def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int
         rows = samples * units
         calls, last = divmod(rows, per_call)
         stacked = y_lin.repeat(per_call, *([1] * (y_lin.dim() - 1)))
+        if channels_last and stacked.dim() == 4:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
         target = yb.repeat(per_call)
         with torch.no_grad():
             start = time.perf_counter()
@@ -161,33 +182,101 @@ def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int
     return seconds
 
 
+def _peak_worker(state: dict, index: int, x: torch.Tensor, y: torch.Tensor, samples: int, threads: int,
+                 channels_last: bool, queue) -> None:
+    torch.set_num_threads(threads)
+    suffix.CHANNELS_LAST = channels_last
+    model = digits_cnn()
+    model.load_state_dict(state)
+    model.eval()
+    # a tiny run first: the library code and kernels it pages in are not working memory
+    ShapleyAttributionMetric(model, loader(x[:2], y[:2]), F.cross_entropy, "cpu", sv_samples=1, seed=0).run(
+        model[index])
+    metric = ShapleyAttributionMetric(model, loader(x, y), F.cross_entropy, "cpu", sv_samples=samples, seed=0)
+    before = _reset_peak_kib()
+    metric.run(model[index])
+    queue.put((_peak_kib() - before) / 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _reset_peak_kib() -> int:
+    """Reset the peak resident memory to the current one (Linux ``clear_refs``) and return the
+    current one (KiB); without ``/proc``, the peak so far (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return _status_kib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_kib() -> int:
+    try:
+        return _status_kib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_memory_mib(model: nn.Sequential, index: int, x: torch.Tensor, y: torch.Tensor, samples: int,
+                    threads: int) -> float:
+    """Peak resident memory (MiB) of one fast Shapley run of layer ``index``, above what the
+    process held before it, measured in a fresh (spawned) process."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_peak_worker, args=(model.state_dict(), index, x, y, samples, threads,
+                                                         suffix.CHANNELS_LAST, queue))
+    process.start()
+    peak = queue.get()
+    process.join()
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of fast, limit and captum (best is shown)")
     parser.add_argument("--skip-slow", action="store_true", help="leave out the reference and 2020 peers")
+    parser.add_argument("--layers", nargs="*", default=None, help="only these rows (e.g. 'conv 32')")
+    parser.add_argument("--contiguous-walk", action="store_true",
+                        help="walk a 2-d convolution's output in the contiguous layout (for comparison)")
     args = parser.parse_args()
+    suffix.CHANNELS_LAST = not args.contiguous_walk
     torch.set_num_threads(args.threads)
     x_train, y_train, x, y = digits()
     model = digits_cnn()
     train(model, x_train, y_train)
     data = loader(x, y)
     layers = {"conv 32": 1, "conv 64": 3, "linear 128": 7}  # the ReLU after each layer
+    if args.layers:
+        layers = {name: layers[name] for name in args.layers}
     print(f"digits CNN, {len(x)} examples in batches of 128, sv_samples={args.samples}, CPU, "
-          f"{args.threads} threads, torch {torch.__version__}; shared machine, timings are noisy, "
+          f"{args.threads} threads, torch {torch.__version__}, max_batch_elements={DEFAULT_MAX_BATCH_ELEMENTS}; "
+          f"best of {args.repeats} rounds for fast, limit, captum; shared machine, timings are noisy, "
           "ratios are within this run")
-    header = ("| layer | units | fast (s) | limit (s) | % of limit | reference (s) | 2020 (s) | captum (s) "
-              "| fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum | path |")
+    header = ("| layer | units | fast (s) | limit (s) | limit CL (s) | % of limit | % of limit CL | reference (s) "
+              "| 2020 (s) | captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum "
+              "| peak MiB | path |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for name, index in layers.items():
         point = model[index]
-        metric = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=args.samples, seed=0)
-        fast_s, fast = timed(lambda: metric.run(point))
+        best = {"fast": math.inf, "limit": math.inf, "limit CL": math.inf, "captum": math.inf}
+        for _ in range(args.repeats):
+            metric = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=args.samples, seed=0)
+            fast_s, fast = timed(lambda: metric.run(point))
+            best["fast"] = min(best["fast"], fast_s)
+            for key, channels_last in (("limit", False), ("limit CL", True)):
+                seconds = cost_limit(model, index, data, args.samples, DEFAULT_MAX_BATCH_ELEMENTS, channels_last)
+                best[key] = min(best[key], seconds)
+            captum_s, _ = timed(lambda: shapley_captum(model, index, data, args.samples))
+            best["captum"] = min(best["captum"], captum_s)
         path = metric.last_path
         units = len(fast)
-        limit = cost_limit(model, index, data, args.samples, DEFAULT_MAX_BATCH_ELEMENTS)
-        captum_s, captum_scores = timed(lambda: shapley_captum(model, index, data, args.samples))
         if args.skip_slow:
             ref_s = old_s = float("nan")
         else:
@@ -196,9 +285,12 @@ def main() -> None:
             ref_s, ref_scores = timed(lambda: reference.run(point))
             old_s, _ = timed(lambda: shapley_2020(model, point, data, args.samples))
             assert np.allclose(fast, ref_scores, rtol=1e-3, atol=1e-4 * np.abs(ref_scores).max()), name
-        print(f"| {name} | {units} | {fast_s:.2f} | {limit:.2f} | {100 * limit / fast_s:.0f}% | {ref_s:.2f} "
-              f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.0f}× | {old_s / ref_s:.1f}× "
-              f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {path} |")
+        peak = peak_memory_mib(model, index, x, y, args.samples, args.threads)
+        fast_s, captum_s = best["fast"], best["captum"]
+        print(f"| {name} | {units} | {fast_s:.2f} | {best['limit']:.2f} | {best['limit CL']:.2f} "
+              f"| {100 * best['limit'] / fast_s:.0f}% | {100 * best['limit CL'] / fast_s:.0f}% | {ref_s:.2f} "
+              f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.1f}× | {old_s / ref_s:.1f}× "
+              f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {peak:.0f} | {path} |", flush=True)
 
 
 if __name__ == "__main__":

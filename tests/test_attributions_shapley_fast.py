@@ -347,3 +347,36 @@ def test_leave_one_out_of_a_group_is_the_loss_after_pruning_the_unit():
         reference = LeaveOneOutAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu",
                                                  algorithm="reference").run(group)
         np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_a_suffix_that_disagrees_with_the_whole_model_is_caught_on_the_first_batch(monkeypatch, incremental):
+    """The first batch's empty and full coalitions are compared with whole-model evaluation (on
+    its first examples): a suffix evaluation that is off falls back to the reference, saying so."""
+    from torchpruner.attributions import suffix
+
+    model = cnn()
+    x, y = data((1, 8, 8), n=20)
+    reference, _ = score(model, model[2], x, y, "reference", reduction="none", sv_samples=2, seed=0)
+    original = suffix.Suffix.losses
+    monkeypatch.setattr(suffix.Suffix, "losses", lambda *args, **kwargs: original(*args, **kwargs) + 1e-2)
+    with pytest.warns(RuntimeWarning, match="other losses than running the whole model"):
+        fast, used = score(model, model[2], x, y, "fast", reduction="none", sv_samples=2, seed=0,
+                           incremental=incremental)
+    assert used == "reference"
+    np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_channels_last_walk_gives_the_same_scores_as_the_contiguous_one(monkeypatch, dtype):
+    """Through a 2-d convolution the walk keeps its states channels-last (faster pooling after
+    it); the values, and so the scores, are the ones of the contiguous layout, bit for bit."""
+    from torchpruner.attributions import suffix
+
+    model = cnn(dtype)
+    x, y = data((1, 8, 8), n=7, dtype=dtype)
+    last, used = score(model, model[0], x, y, "fast", reduction="none", sv_samples=2, seed=0)
+    assert used == "incremental"
+    monkeypatch.setattr(suffix, "CHANNELS_LAST", False)
+    contiguous, _ = score(model, model[0], x, y, "fast", reduction="none", sv_samples=2, seed=0)
+    np.testing.assert_array_equal(last, contiguous)

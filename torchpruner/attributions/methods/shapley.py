@@ -38,7 +38,7 @@ from ..base import AttributionMetric, batch_statistics_modules
 from ..collectives import scoring_model
 from ..data import Batch
 from ..runner import Runner
-from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable
+from ..suffix import DEFAULT_MAX_BATCH_ELEMENTS, Incremental, Suffix, SuffixUnavailable, repeat_rows, state_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,34 @@ def marginals_from_values(values: torch.Tensor, orders: torch.Tensor) -> torch.T
     return phi.scatter_(2, index, steps)
 
 
+def check_truncation_tolerance(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN fails >= 0
+        raise ValueError(f"truncation_tolerance must be a non-negative number or None, got {value!r}")
+
+
+def reached_full(values: torch.Tensor, full: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Bool, shaped like ``values`` (``[..., N]``): the value is within ``tolerance`` of the
+    full coalition's ``full`` (``[N]``)."""
+    return (values - full).abs() <= tolerance
+
+
+def truncate_values(values: torch.Tensor, full: torch.Tensor, tolerance: float | None) -> torch.Tensor:
+    """The values ``[P, units + 1, N]`` along each ordering with the ordering truncated, per
+    example, at its first coalition whose value is within ``tolerance`` of the full coalition's
+    ``full`` (``[N]``): every later coalition takes that coalition's value, so the later units get
+    a zero marginal. ``None``: no truncation (``values`` as they are)."""
+    if tolerance is None:
+        return values
+    reached = reached_full(values, full, tolerance)
+    reached[:, -1] = True  # the full coalition itself always ends the ordering
+    first = reached.to(torch.int8).argmax(1, keepdim=True)  # [P, 1, N]: the first step within tolerance
+    step = torch.arange(values.shape[1])[None, :, None]
+    held = values.gather(1, first.expand_as(values))
+    return torch.where(step > first, held, values)
+
+
 def prefix_coalitions(orders: torch.Tensor) -> torch.Tensor:
     """Bool ``[P · (units − 1), units]``: for each ordering, the coalitions of its first
     ``1 .. units − 1`` units (the empty and the full coalition are shared by all orderings)."""
@@ -95,6 +123,20 @@ def prefix_coalitions(orders: torch.Tensor) -> torch.Tensor:
     rank.scatter_(1, orders, torch.arange(units).expand(num, units))
     steps = torch.arange(1, units)[None, :, None]
     return (rank[:, None, :] < steps).reshape(num * (units - 1), units)
+
+
+#: How many examples of the first batch the fast algorithm checks against whole-model evaluation.
+CHECKED_EXAMPLES = 8
+
+
+def batch_rows(batch: Batch, count: int) -> Batch:
+    """The first ``count`` examples of ``batch`` (tensors with the batch on dim 0 are sliced,
+    in tuples, lists and dicts too; anything else is kept)."""
+    if count >= batch.size:
+        return batch
+    rows = slice(0, count)
+    return Batch(args=repeat_rows(batch.args, rows, 1, batch.size), kwargs=repeat_rows(batch.kwargs, rows, 1, batch.size),
+                 target=repeat_rows(batch.target, rows, 1, batch.size), size=count)
 
 
 class FastEvaluator:
@@ -133,23 +175,33 @@ class FastEvaluator:
                 logger.debug("%s %s: no incremental walk (%s)", self.metric, runner.label, error)
         self.path = "incremental" if self.walk is not None else "suffix"
         logger.debug("%s %s: %s evaluation", self.metric, runner.label, self.path)
-        return self.prefix(batch)
+        return self.prefix(batch, env)
 
     def _fallback(self, reason: str) -> None:
         self.path, self.reason = "reference", reason
         logger.info("%s %s: evaluating whole model per coalition (%s)", self.metric, self.runner.label, reason)
 
-    def prefix(self, batch: Batch) -> dict:
+    def prefix(self, batch: Batch, known: dict | None = None) -> dict:
+        """The prefix environment of ``batch`` (reusing ``known``, a prefix of the same batch)."""
         assert self.suffix is not None
         extra = self.walk.prefix_nodes if self.walk is not None else ()
-        return self.suffix.prefix(batch, extra)
+        return self.suffix.prefix(batch, extra, known)
 
     def check(self, batch: Batch, empty: torch.Tensor, full: torch.Tensor) -> bool:
-        """Compare the losses ``[N]`` of the empty and full coalitions with whole-model ones."""
+        """Compare the losses ``[N]`` of the empty and full coalitions with whole-model ones, on
+        the first :data:`CHECKED_EXAMPLES` examples of the batch (a whole-model forward of a few
+        examples per coalition keeps the check cheap next to the run)."""
         units = self.runner.num_units
+        count = min(batch.size, CHECKED_EXAMPLES)
+        few = batch_rows(batch, count)
         for keep, got in ((torch.zeros(units, dtype=torch.bool), empty), (torch.ones(units, dtype=torch.bool), full)):
-            expected = self.runner.losses(batch, keep).cpu()
-            if not torch.allclose(got.cpu(), expected, rtol=1e-3, atol=1e-5 * (1 + float(expected.abs().max()))):
+            try:
+                expected = self.runner.losses(few, keep).cpu()
+            except Exception as error:  # the whole model does not run on fewer examples
+                self.refuse(f"the whole model could not be checked on {count} examples ({error})")
+                return False
+            got = got[:count].cpu()
+            if not torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * (1 + float(expected.abs().max()))):
                 self.refuse("evaluating the part of the model after the evaluation point gave other "
                             "losses than running the whole model")
                 return False
@@ -164,11 +216,14 @@ class FastEvaluator:
 
     # ---------------------------------------------------------------- coalition values
     def ordering_values(self, env: dict, batch: Batch, orders: torch.Tensor,
-                        progress: Callable[[int], None] = lambda done: None) -> torch.Tensor:
+                        progress: Callable[[int], None] = lambda done: None,
+                        truncation: float | None = None) -> torch.Tensor:
         """Values ``[P, units + 1, N]`` (float64) of the coalitions along each ordering;
-        ``progress(k)`` is told when the first ``k`` orderings are done."""
+        ``progress(k)`` is told when the first ``k`` orderings are done. With ``truncation``,
+        the incremental walk skips the rest of an ordering once every example has reached the
+        full coalition's value (the skipped values are left to :func:`truncate_values`)."""
         if self.walk is not None:
-            return self._walk_values(env, batch, orders, progress)
+            return self._walk_values(env, batch, orders, progress, truncation)
         assert self.suffix is not None
         num, units = orders.shape
         keeps = torch.cat([torch.zeros(1, units, dtype=torch.bool), torch.ones(1, units, dtype=torch.bool),
@@ -181,7 +236,7 @@ class FastEvaluator:
         return out
 
     def _walk_values(self, env: dict, batch: Batch, orders: torch.Tensor,
-                     progress: Callable[[int], None]) -> torch.Tensor:
+                     progress: Callable[[int], None], truncation: float | None) -> torch.Tensor:
         walk = self.walk
         assert walk is not None and self.suffix is not None
         num, units = orders.shape
@@ -192,10 +247,22 @@ class FastEvaluator:
             n = rows.stop - rows.start
             empty, contributions = walk.contributions(env, rows)
             out[:, 0, rows] = -walk.rest_losses(env, batch, rows, empty).cpu()[0]
+            full: torch.Tensor | None = None
+            if truncation is not None:  # the full coalition first, to know when an ordering is done
+                every = torch.add(empty, contributions.sum(0, dtype=torch.float64).to(empty.dtype))
+                full = -walk.rest_losses(env, batch, rows, every).cpu()[0]
+
+            def finished(p: int, t: int) -> bool:
+                """Every example of ``rows`` reached the full value by step ``t`` of ordering ``p``
+                (only steps already evaluated are looked at)."""
+                if full is None or t == 0:
+                    return False
+                return bool(reached_full(out[p, 1:t + 1, rows], full, truncation).any(0).all())
+
             per_call = min(self.suffix.coalitions_per_call(walk.program, n), num * units)
             # the walk's states, written in place: each adds the next unit's contribution to the
             # state before it (in the model's dtype, like the layer itself)
-            buffer = torch.empty((per_call,) + tuple(empty.shape), dtype=empty.dtype, device=empty.device)
+            buffer = state_buffer(per_call, empty)
             pending: list[tuple[int, int, int]] = []  # (ordering, first step, steps) in the buffer
             filled = 0
 
@@ -215,6 +282,9 @@ class FastEvaluator:
                 order = orders[p]
                 t0 = 0
                 while t0 < units:
+                    if pending == [] and finished(p, t0):  # the steps so far are evaluated: skip the rest
+                        out[p, t0 + 1:, rows] = out[p, t0, rows]
+                        break
                     k = min(per_call - filled, units - t0)
                     for j, unit in enumerate(order[t0:t0 + k].tolist()):
                         state = torch.add(state, contributions[unit], out=buffer[filled + j])
@@ -227,6 +297,8 @@ class FastEvaluator:
                         filled = 0
             if pending:
                 flush()
+            if full is not None:  # one full value for every ordering, as in the reference
+                out[:, units, rows] = full
         return out
 
     def single_values(self, env: dict, batch: Batch, keeps: torch.Tensor) -> torch.Tensor:
@@ -275,13 +347,25 @@ class ShapleyAttributionMetric(AttributionMetric):
         antithetic (bool): each ordering is followed by its reverse (``sv_samples`` rounded up to
             even); the pair is one sample for the standard error. Default False.
         max_batch_elements (int): memory budget of the fast algorithm: the largest stacked
-            activation holds at most this many elements (default ``2**23``).
+            activation holds at most this many elements (default ``2**21``).
         incremental (bool): let the fast algorithm walk orderings through the first linear layer
             when the graph allows it (default True; False always evaluates the whole suffix).
         tolerance (float | None): adaptive mode: draw rounds of ``sv_samples`` orderings until the
             largest standard error is below ``tolerance`` times the range of the scores (each
             round is one pass over the data). Default None (one round).
         max_samples (int): adaptive mode stops after this many orderings (default 1000).
+        truncation_tolerance (float | None): truncate each ordering, per example, at the first
+            coalition whose loss is within this absolute tolerance of the full model's loss
+            (``|ℓₙ(S) − ℓₙ(all units)| ≤ truncation_tolerance``): the units after it in that
+            ordering get a zero marginal, and their coalitions are not evaluated where the
+            algorithm can skip them (the reference algorithm, and the incremental walk once a
+            stacked evaluation ends inside the ordering, when every example of the batch is
+            truncated). Default None: no truncation. **This biases the estimate**: an ordering
+            sums to ``ℓₙ(∅) − ℓₙ(S_truncated)`` instead of ``ℓₙ(∅) − ℓₙ(all units)`` (off by at
+            most the tolerance), and units that would have moved the loss away from and back
+            to the full model's (e.g. a harmful unit followed by a helpful one) get zero instead of
+            their marginals. It is exact only when no coalition after the truncation point
+            changes the loss (a loss that saturates). Both algorithms truncate the same way.
 
     ``run(..., return_stderr=True)`` returns ``(scores, stderr)``: the standard error of each
     estimate over the sampled orderings (of pairs with ``antithetic=True``), shaped like the
@@ -292,7 +376,7 @@ class ShapleyAttributionMetric(AttributionMetric):
     default_options: ClassVar[dict[str, Any]] = {
         "sv_samples": 5, "seed": None, "algorithm": "fast", "antithetic": False,
         "max_batch_elements": DEFAULT_MAX_BATCH_ELEMENTS, "incremental": True,
-        "tolerance": None, "max_samples": 1000,
+        "tolerance": None, "max_samples": 1000, "truncation_tolerance": None,
     }
 
     #: After a run: ``"incremental"``, ``"suffix"`` or ``"reference"`` (how coalitions were evaluated).
@@ -315,6 +399,7 @@ class ShapleyAttributionMetric(AttributionMetric):
         tolerance = options["tolerance"]
         if tolerance is not None and (not isinstance(tolerance, (int, float)) or not tolerance > 0):
             raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
+        check_truncation_tolerance(options["truncation_tolerance"])
         if (return_stderr or tolerance is not None) and callable(self.reduction):
             raise ValueError("the standard error (return_stderr=True, tolerance=) is defined for "
                              "reduction 'mean', 'sum' or 'none', not for a callable reduction")
@@ -369,14 +454,14 @@ class ShapleyAttributionMetric(AttributionMetric):
         units outside it at every read point of the group together)."""
         phi = None
         if self._fast is not None and self._fast.path != "reference":
-            phi = self._fast_marginals(runner, batch)
+            phi = self._fast_marginals(runner, batch, options)
         if phi is None:
             self.last_path = "reference"
-            phi = self._reference_marginals(runner, batch)
+            phi = self._reference_marginals(runner, batch, options["truncation_tolerance"])
         self._stats.add(phi)
         return phi.sum(0) / phi.shape[0]
 
-    def _fast_marginals(self, runner: Runner, batch: Batch) -> torch.Tensor | None:
+    def _fast_marginals(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor | None:
         fast = self._fast
         assert fast is not None
         env = fast.setup(batch) if self._first else fast.prefix(batch)
@@ -391,36 +476,49 @@ class ShapleyAttributionMetric(AttributionMetric):
                 runner.set_progress(f"Shapley {runner.label}: {done}/{len(orders)} permutations")
 
         progress(0)
+        truncation = options["truncation_tolerance"]
         if not self._first:
-            values = fast.ordering_values(env, batch, orders, progress)
+            values = fast.ordering_values(env, batch, orders, progress, truncation)
         else:
             self._first = False
             try:
-                values = fast.ordering_values(env, batch, orders, progress)
+                values = fast.ordering_values(env, batch, orders, progress, truncation)
             except Exception as error:  # the stacked suffix did not run: a model fx does not fully describe
                 fast.refuse(f"evaluating the part of the model after the evaluation point failed ({error})")
                 return None
             if not fast.check(batch, -values[0, 0], -values[0, -1]):
                 return None
         self.last_path = fast.path
+        values = truncate_values(values, values[0, -1], options["truncation_tolerance"])
         return marginals_from_values(values, orders)
 
-    def _reference_marginals(self, runner: Runner, batch: Batch) -> torch.Tensor:
-        """Every coalition runs the whole model: ``sv_samples · (units + 1)`` forward passes."""
+    def _reference_marginals(self, runner: Runner, batch: Batch, truncation: float | None) -> torch.Tensor:
+        """Every coalition runs the whole model: ``sv_samples · (units + 1)`` forward passes
+        (with ``truncation``, one for the full coalition and, per ordering, only until every
+        example of the batch is within the tolerance of it)."""
         num_units = runner.num_units
-        phi = torch.zeros(len(self._permutations), batch.size, num_units, dtype=torch.float64)
+        orders = torch.stack(self._permutations)
+        values = torch.empty(len(orders), num_units + 1, batch.size, dtype=torch.float64)
+        full = -runner.losses(batch, torch.ones(num_units, dtype=torch.bool)).cpu() if truncation is not None else None
+        reached = torch.zeros(batch.size, dtype=torch.bool)
         label = runner.label
-        for k, permutation in enumerate(self._permutations):
-            runner.set_progress(f"Shapley {label}: {k}/{len(self._permutations)} permutations")
+        for k, permutation in enumerate(orders):
+            runner.set_progress(f"Shapley {label}: {k}/{len(orders)} permutations")
             keep = torch.zeros(num_units, dtype=torch.bool)
-            value_before = -runner.losses(batch, keep).cpu()
-            for unit in permutation.tolist():
+            values[k, 0] = -runner.losses(batch, keep).cpu()
+            reached.zero_()
+            for t, unit in enumerate(permutation.tolist(), start=1):
+                if full is not None:
+                    reached |= reached_full(values[k, t - 1], full, truncation)
+                    if bool(reached.all()):  # the rest of this ordering is truncated for every example
+                        values[k, t:] = values[k, t - 1]
+                        break
                 keep[unit] = True
-                value_after = -runner.losses(batch, keep).cpu()
-                phi[k, :, unit] = value_after - value_before
-                value_before = value_after
-        runner.set_progress(f"Shapley {label}: {len(self._permutations)}/{len(self._permutations)} permutations")
-        return phi
+                values[k, t] = -runner.losses(batch, keep).cpu()
+            if full is not None:
+                values[k, num_units] = full
+        runner.set_progress(f"Shapley {label}: {len(orders)}/{len(orders)} permutations")
+        return marginals_from_values(truncate_values(values, values[0, -1], truncation), orders)
 
 
 @contextlib.contextmanager
