@@ -58,7 +58,8 @@ def base_parser(description: str, epochs: int = 30) -> argparse.ArgumentParser:
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--widths`` / ``--hidden``: the size of the model a study builds."""
     parser.add_argument("--widths", default=None,
-                        help="conv widths of the cnn (e.g. 16,32), vgg config, or mlp hidden sizes")
+                        help="conv widths of the cnn (e.g. 16,32), vgg config (M: a 2x2 max pool, e.g. 64,M,128,M,256,M), "
+                             "or mlp hidden sizes")
     parser.add_argument("--hidden", type=int, default=None, help="hidden units of the cnn's/vgg's classifier")
     return parser
 
@@ -68,7 +69,8 @@ def model_options_from(args: argparse.Namespace, arch: str) -> dict:
     options = {}
     if args.widths:
         key = {"cnn": "widths", "vgg": "config", "mlp": "hidden"}[arch]
-        options[key] = tuple(int(w) for w in args.widths.split(","))
+        options[key] = tuple("M" if arch == "vgg" and w.strip().upper() == "M" else int(w)
+                             for w in args.widths.split(","))
     if args.hidden is not None and arch != "mlp":
         options["hidden"] = args.hidden
     return options
@@ -320,10 +322,14 @@ class UnitMask:
         self.mask = torch.ones(num_units)
         self._handle = None
 
-    def _hook(self, module, inputs, output):
+    def apply(self, output: torch.Tensor) -> torch.Tensor:
+        """``output`` with the dropped units zeroed (what the hook returns)."""
         shape = [1] * output.dim()
         shape[1] = -1
         return output * self.mask.to(device=output.device, dtype=output.dtype).view(shape)
+
+    def _hook(self, module, inputs, output):
+        return self.apply(output)
 
     def drop(self, indices) -> None:
         self.mask[list(indices)] = 0.0
