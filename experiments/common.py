@@ -180,7 +180,7 @@ def model_costs(model: nn.Module, input_size, batch_size: int = 64, repeats: int
 CRITERION_COLOURS = {"random": "#7f7f7f", "weight_norm": "#1f77b4", "apoz": "#ff7f0e", "sensitivity": "#2ca02c",
                      "taylor": "#9467bd", "taylor_signed": "#8c564b", "shapley": "#d62728",
                      "shapley_2std": "#e377c2", "fpgm": "#17becf", "thinet": "#bcbd22", "bn_scale": "#aec7e8",
-                     "leave_one_out": "#ff9896"}
+                     "leave_one_out": "#ff9896", "conductance": "#c5b0d5", "integrated_gradients": "#98df8a"}
 
 
 def mean_plus_2std(values: np.ndarray) -> np.ndarray:
@@ -188,6 +188,11 @@ def mean_plus_2std(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     return values.mean(axis=0) + 2.0 * values.std(axis=0)
 
+
+# captum's path methods: integration steps (captum's default) and examples per forward (bounds the memory:
+# the steps multiply the batch)
+CAPTUM_STEPS = 50
+CAPTUM_BATCH = 4096
 
 # name -> (torchpruner class name, constructor options, uses the seed, description)
 CRITERIA = {
@@ -204,11 +209,19 @@ CRITERIA = {
     "thinet": ("ThiNetAttributionMetric", {}, False, "greedy order of least change in the next layer"),
     "bn_scale": ("BNScaleAttributionMetric", {}, False, "|γ| of the BatchNorm after the layer (layers with one)"),
     "leave_one_out": ("LeaveOneOutAttributionMetric", {}, False, "loss increase when the unit alone is removed"),
+    # captum's layer methods through torchpruner's adapter (signed: positive = the unit lowers the loss)
+    "conductance": ("CaptumAttributionMetric", {"method": "LayerConductance", "n_steps": CAPTUM_STEPS,
+                                                "internal_batch_size": CAPTUM_BATCH}, False,
+                    "captum LayerConductance: the unit's share of the loss change along the path from a zero input"),
+    "integrated_gradients": ("CaptumAttributionMetric", {"method": "LayerIntegratedGradients",
+                                                         "n_steps": CAPTUM_STEPS, "internal_batch_size": CAPTUM_BATCH},
+                             False, "captum LayerIntegratedGradients: the unit's integrated gradient from a zero "
+                                    "activation (the Aumann-Shapley value of the units)"),
 }
 # Criteria that only score a layer followed by a BatchNorm.
 NEEDS_BATCHNORM = ("bn_scale",)
 DEFAULT_CRITERIA = ["random", "weight_norm", "fpgm", "bn_scale", "apoz", "thinet", "sensitivity", "taylor",
-                    "taylor_signed", "shapley", "shapley_2std", "leave_one_out"]
+                    "taylor_signed", "shapley", "shapley_2std", "leave_one_out", "conductance", "integrated_gradients"]
 SEEDED_PREFIXES = ("random", "shapley")
 
 
@@ -223,6 +236,11 @@ def parse_criteria(text: str) -> list[str]:
 
 def criterion_is_seeded(name: str) -> bool:
     return name in CRITERIA and CRITERIA[name][2]
+
+
+def criterion_scores_groups(name: str) -> bool:
+    """Whether ``name`` can score a coupled group (captum's layer methods attribute one tensor)."""
+    return not name.startswith("captum:") and CRITERIA.get(name, ("",))[0] != "CaptumAttributionMetric"
 
 
 def criterion_applies(name: str, layer) -> bool:
@@ -254,6 +272,8 @@ def make_metric(name: str, model: nn.Module, loader, device, seed: int = 0, sv_s
         raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)} or captum:<Method>")
     class_name, extra, seeded, _ = CRITERIA[name]
     options = {**extra, **options}
+    if class_name == "CaptumAttributionMetric":
+        options["method"] = captum_method(options["method"])
     if seeded:
         options["seed"] = seed
     if class_name == "ShapleyAttributionMetric":

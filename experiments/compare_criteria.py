@@ -20,11 +20,19 @@ Reproducible by construction: training, loaders, criteria and the bootstrap are 
 uses ``--threads`` torch threads with ``torch.use_deterministic_algorithms``, so the same torch
 version and thread count print the same tables (other thread counts train other models).
 
+Criteria: every one of :data:`experiments.common.CRITERIA` by default, captum's LayerConductance
+and LayerIntegratedGradients (through torchpruner's captum adapter) included; ``--captum`` adds
+other captum layer methods. The study prunes per layer; ``--groups`` scores each layer's coupled
+group from ``Pruner.groups()`` with the group metrics instead and removes group units with
+``Pruner.plan_groups`` (the models' groups are plain chains, so a group's units are its layer's;
+captum's methods score no groups and are left out).
+
 Removal: by default each curve is computed by zeroing the removed units at the layer's evaluation
-point (after BatchNorm and ReLU), which is exactly what removing them does in eval mode; for every
-curve a few points are re-done by really removing the units with the torchpruner Pruner on a fresh
-copy of the model, and the largest difference is reported. ``--removal prune`` uses the Pruner for
-every point.
+point (after BatchNorm and ReLU), which is exactly what removing them does in eval mode; the model
+up to that point runs once per curve and each point runs only the rest. For every curve a few
+points are re-done by really removing the units with the torchpruner Pruner (planned once on the
+trained model, applied to a fresh copy), and the largest difference is reported. ``--removal
+prune`` uses the Pruner for every point.
 
     python -m experiments.compare_criteria                       # digits, small CNN, 3 models
     python -m experiments.compare_criteria --train-seeds 1 --seed 2
@@ -49,7 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, UnitMask, add_model_arguments,
-                                base_parser, cascading_for, criterion_applies, criterion_is_seeded, environment, evaluate,
+                                base_parser, cascading_for, criterion_applies, criterion_is_seeded, criterion_scores_groups, environment, evaluate,
                                 format_table, make_metric, make_pruner, mean_plus_2std, model_options_from,
                                 parse_criteria, prune_units, pyplot, removal_order, run_reproducibly, resolve_device,
                                 results_folder, score_layer, write_csv, write_json)
@@ -89,6 +97,10 @@ def build_parser():
     parser.add_argument("--verify-points", type=int, default=2,
                         help="points per curve re-done with the Pruner in mask mode (0: none)")
     parser.add_argument("--max-removed", type=int, default=None, help="stop each curve after this many units")
+    parser.add_argument("--groups", action="store_true",
+                        help="score each layer's coupled group from Pruner.groups() with the group metrics and remove "
+                             "units with Pruner.plan_groups (the models' groups are plain chains, so a group is its "
+                             "layer; captum's layer methods score no groups and are left out)")
     add_model_arguments(parser)
     parser.add_argument("--figure", default=None, help="also write the PNG to this path")
     return parser
@@ -134,14 +146,17 @@ def run(args) -> dict:
         layers = _selected_layers(model, args.layers)
         suffixes = {layer.name: suffix_after(model, layer.activation) for layer in layers}
         pruner = make_pruner(model, splits.input_size, device)  # plans every check on this model's one trace
+        groups = layer_groups(pruner, layers) if args.groups else {}
 
         seeds = [model_seed + offset for offset in range(args.n_seeds)]
         jobs = [(layer, name, seed) for layer in layers for name in criteria if criterion_applies(name, layer)
+                and (not args.groups or criterion_scores_groups(name))
                 for seed in (seeds if criterion_is_seeded(name) else [model_seed])]
         shapley_cache: dict = {}
         for layer, name, seed in tqdm(jobs, desc=f"model {model_seed}: layers x criteria", disable=not progress):
             tick = time.perf_counter()
-            scores = _scores(name, model, layer, val_loader, device, seed, args, shapley_cache)
+            scores = _scores(name, model, layer, val_loader, device, seed, args, shapley_cache,
+                             target=groups.get(layer.name))
             score_seconds[name] += time.perf_counter() - tick
             order = removal_order(scores)
             tick = time.perf_counter()
@@ -154,7 +169,8 @@ def run(args) -> dict:
                                                   suffix=suffixes[layer.name])
                 for k in _verify_points(steps, args.verify_points):
                     pruned_loss, pruned_accuracy, remaining = prune_copy(model, layer.name, order[:k], test_loader,
-                                                                         splits.input_size, device, pruner=pruner)
+                                                                         splits.input_size, device, pruner=pruner,
+                                                                         group=groups.get(layer.name))
                     verification.append({"model_seed": model_seed, "layer": layer.name, "criterion": name,
                                          "seed": seed, "removed": k, "mask_loss": losses[k],
                                          "pruned_loss": pruned_loss, "abs_diff": abs(losses[k] - pruned_loss),
@@ -178,7 +194,7 @@ def run(args) -> dict:
     elapsed = time.perf_counter() - started
 
     tag = f"seed{args.seed}" if len(model_seeds) == 1 else f"seeds{model_seeds[0]}-{model_seeds[-1]}"
-    out = results_folder(args.results, "compare_criteria") / f"{splits.name}_{arch}_{tag}"
+    out = results_folder(args.results, "compare_criteria") / f"{splits.name}_{arch}_{tag}{'_groups' if args.groups else ''}"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
@@ -191,7 +207,7 @@ def run(args) -> dict:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         Path(args.figure).write_bytes(figure.read_bytes())
     max_diff = max((v["abs_diff"] for v in verification), default=float("nan"))
-    tables = format_tables(summary, paired, best, models, layers, splits.describe(), arch)
+    tables = format_tables(summary, paired, best, models, layers, splits.describe(), arch, groups=args.groups)
     payload = {
         "study": "compare_criteria", "args": vars(args), "environment": environment(),
         "dataset": splits.describe(), "arch": arch, "models": models, "device": str(device),
@@ -231,18 +247,39 @@ def _selected_layers(model, wanted_text: str):
 
 
 
-def _scores(name, model, layer, loader, device, seed, args, shapley_cache) -> np.ndarray:
-    """Scores for one criterion; both Shapley aggregations share one per-example Shapley run."""
+def layer_groups(pruner, layers) -> dict:
+    """{layer name: the coupled group from ``pruner.groups()`` whose one source is the layer}.
+
+    The curves zero a unit at the layer's activation, which removes the group unit only when the
+    group has no other source (no residual stream); a model with such groups is refused.
+    """
+    groups = pruner.groups()
+    found = {}
+    for layer in layers:
+        mine = [group for group in groups if any(m is layer.module for m in group.source_modules)]
+        if len(mine) != 1 or len(mine[0].source_modules) != 1 or mine[0].num_units != layer.num_units:
+            raise SystemExit(f"--groups: the units of {layer.name} are shared with other layers "
+                             f"({', '.join(repr(g) for g in mine) or 'no prunable group'}); the removal curves "
+                             "zero units at one layer's activation, which only removes a group with one source")
+        found[layer.name] = mine[0]
+    return found
+
+
+def _scores(name, model, layer, loader, device, seed, args, shapley_cache, target=None) -> np.ndarray:
+    """Scores for one criterion of ``target`` (a coupled group; default: the layer, at the
+    evaluation point after its BatchNorm and activation); both Shapley aggregations share one
+    per-example Shapley run."""
+    target = layer.module if target is None else target
     if name in ("shapley", "shapley_2std"):
         key = (layer.name, seed)
         if key not in shapley_cache:
             metric = make_metric("shapley", model, loader, device, seed=seed, sv_samples=args.sv_samples,
                                  max_batches=args.score_batches, reduction="none")
-            per_example = metric.run(layer.module, find_best_evaluation_module=True)
+            per_example = metric.run(target, find_best_evaluation_module=True)
             shapley_cache[key] = np.asarray(per_example, dtype=np.float64)
         per_example = shapley_cache[key]
         return per_example.mean(axis=0) if name == "shapley" else mean_plus_2std(per_example)
-    return score_layer(name, model, layer.module, loader, device, seed=seed, sv_samples=args.sv_samples,
+    return score_layer(name, model, target, loader, device, seed=seed, sv_samples=args.sv_samples,
                        max_batches=args.score_batches)
 
 
@@ -369,13 +406,14 @@ def pruned_curve(model, layer_name, order, loader, input_size, device):
     return losses, accuracies
 
 
-def prune_copy(model, layer_name, units, loader, input_size, device, pruner=None):
+def prune_copy(model, layer_name, units, loader, input_size, device, pruner=None, group=None):
     """Remove ``units`` (original ids) from a fresh copy with the Pruner; (loss, accuracy, units left).
 
     With ``pruner`` (a Pruner of ``model`` itself) the removal is planned once on ``model``, whose
     traced graph the Pruner keeps between calls, and the plan is applied to the copy (plans name
     modules, so a plan fits every model of the same architecture): the same plan that
-    ``prune_model`` on the copy would make, without tracing every copy anew.
+    ``prune_model`` on the copy would make, without tracing every copy anew. With ``group`` (one
+    of that Pruner's groups) the plan removes the group units, ``pruner.plan_groups``.
     """
     twin = copy.deepcopy(model).eval()
     units = sorted(int(u) for u in units)
@@ -384,7 +422,11 @@ def prune_copy(model, layer_name, units, loader, input_size, device, pruner=None
         prune_units(make_pruner(twin, input_size, device), layer, units)
     else:
         original = _layer_named(model, layer_name)
-        pruner.plan(original.module, units, cascading_modules=cascading_for(original)).apply(twin)
+        if group is None:
+            plan = pruner.plan(original.module, units, cascading_modules=cascading_for(original))
+        else:
+            plan = pruner.plan_groups({group: units})
+        plan.apply(twin)
         layer = _layer_named(twin, layer_name)
     loss, accuracy = evaluate(twin, loader, device=device)
     return loss, accuracy, layer.num_units
@@ -465,10 +507,11 @@ def paired_comparisons(per_curve: list[dict], criteria: list[str], reference: st
 
 
 def format_tables(summary: list[dict], paired: list[dict], best: str, models: list[dict], layers, dataset: str,
-                  arch: str) -> str:
+                  arch: str, groups: bool = False) -> str:
     """The printed result: models, the averaged table and the paired comparisons (no timings, so two
     runs with the same torch version and threads print the same text)."""
-    lines = [f"{dataset}; {arch}, {len(models)} trained model{'s' if len(models) > 1 else ''}:"]
+    lines = [f"{dataset}; {arch}, {len(models)} trained model{'s' if len(models) > 1 else ''}"
+             f"{', each layer scored as its coupled group' if groups else ''}:"]
     lines += [f"  seed {m['seed']}: test loss {m['test_loss']:.4f}, accuracy {m['test_accuracy']:.4f}"
               for m in models]
     layer_text = ", ".join(f"{layer.name}: {layer.num_units}" for layer in layers)
