@@ -82,7 +82,25 @@ class SmallCNN(nn.Module):
         return {"widths": (self.conv1.out_channels, self.conv2.out_channels), "hidden": self.fc1.out_features}
 
 
-class VGGNet(nn.Module):
+class _BlocksThenClassifier(nn.Module):
+    """``features`` (conv, BN, ReLU blocks, listed in ``_blocks``), Flatten, then fc1, ReLU, Dropout, fc2.
+
+    Subclasses build the modules (in their own order: it decides the seeded initialisation)."""
+
+    def forward(self, x):
+        x = self.flatten(self.features(x))
+        return self.fc2(self.dropout(self.relu_fc(self.fc1(x))))
+
+    def prunable_layers(self) -> list[PrunableLayer]:
+        layers = []
+        for position, (conv, bn, relu) in enumerate(self._blocks):
+            consumer = self._blocks[position + 1][0] if position + 1 < len(self._blocks) else self.fc1
+            layers.append(PrunableLayer(f"conv{position + 1}", conv, [bn, consumer], relu))
+        layers.append(PrunableLayer("fc1", self.fc1, [self.dropout, self.fc2], self.relu_fc))
+        return layers
+
+
+class VGGNet(_BlocksThenClassifier):
     """A VGG-style net for 32x32 images: (conv, BN, ReLU) blocks with max pooling, then two Linear.
 
     ``config`` lists conv widths and ``"M"`` for a 2x2 max pool, as in torchvision's VGG.
@@ -111,25 +129,13 @@ class VGGNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def forward(self, x):
-        x = self.flatten(self.features(x))
-        return self.fc2(self.dropout(self.relu_fc(self.fc1(x))))
-
-    def prunable_layers(self) -> list[PrunableLayer]:
-        layers = []
-        for position, (conv, bn, relu) in enumerate(self._blocks):
-            consumer = self._blocks[position + 1][0] if position + 1 < len(self._blocks) else self.fc1
-            layers.append(PrunableLayer(f"conv{position + 1}", conv, [bn, consumer], relu))
-        layers.append(PrunableLayer("fc1", self.fc1, [self.dropout, self.fc2], self.relu_fc))
-        return layers
-
     def current_options(self) -> dict:
         widths = iter(conv.out_channels for conv, _, _ in self._blocks)
         config = tuple(item if item == "M" else next(widths) for item in self._config)
         return {"config": config, "hidden": self.fc1.out_features}
 
 
-class CNN1d(nn.Module):
+class CNN1d(_BlocksThenClassifier):
     """A 1-D convolutional net for signals ``[N, C, L]`` (MNIST-1D): (Conv1d, BN, ReLU, max pool 2)
     blocks, then a two-layer classifier with Dropout, as :class:`SmallCNN` in one dimension."""
 
@@ -151,18 +157,6 @@ class CNN1d(nn.Module):
         self.relu_fc = nn.ReLU()
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        x = self.flatten(self.features(x))
-        return self.fc2(self.dropout(self.relu_fc(self.fc1(x))))
-
-    def prunable_layers(self) -> list[PrunableLayer]:
-        layers = []
-        for position, (conv, bn, relu) in enumerate(self._blocks):
-            consumer = self._blocks[position + 1][0] if position + 1 < len(self._blocks) else self.fc1
-            layers.append(PrunableLayer(f"conv{position + 1}", conv, [bn, consumer], relu))
-        layers.append(PrunableLayer("fc1", self.fc1, [self.dropout, self.fc2], self.relu_fc))
-        return layers
 
     def current_options(self) -> dict:
         return {"widths": tuple(conv.out_channels for conv, _, _ in self._blocks), "hidden": self.fc1.out_features}
