@@ -45,8 +45,11 @@ prune`` uses the Pruner for every point.
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: python experiments/compare_criteria.py
@@ -118,6 +121,9 @@ def build_parser():
                              "layer; captum's layer methods score no groups and are left out)")
     add_model_arguments(parser)
     parser.add_argument("--figure", default=None, help="also write the PNG to this path")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="instead of running: the averaged tables of earlier runs of other trained models (their "
+                             "results.json, e.g. one run per --seed), as one run over all their models prints them")
     return parser
 
 
@@ -133,6 +139,8 @@ def parse_arguments(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_arguments(argv)
+    if args.combine:
+        return combine(args.combine, args.results, args.figure)
     if args.train_seeds < 1:
         raise SystemExit(f"--train-seeds must be at least 1, got {args.train_seeds}")
     if args.n_seeds < 1:
@@ -243,7 +251,7 @@ def run(args) -> dict:
         "timing": {"total_seconds": elapsed, "train_seconds": train_seconds, "score_seconds": score_seconds,
                    "removal_seconds": removal_seconds},
         "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"),
-                  "paired": str(out / "paired.csv"), "figure": str(figure)},
+                  "paired": str(out / "paired.csv"), "figure": str(figure), "results": str(out / "results.json")},
     }
     write_json(out / "results.json", payload)
 
@@ -257,6 +265,95 @@ def run(args) -> dict:
           f"removal curves {removal_seconds:.1f} s)")
     print(f"results: {out}\nfigure: {figure}")
     return payload
+
+
+# Arguments that change what a run computes for one trained model: combined runs must agree on them.
+SAME_IN_COMBINED_RUNS = ("dataset", "data_root", "split_seed", "arch", "widths", "hidden", "epochs", "batch_size", "lr",
+                         "criteria", "captum", "layers", "n_seeds", "sv_samples", "score_batches", "removal",
+                         "max_removed", "groups", "threads")
+
+
+def combine(paths: list[str], results: str, figure_path: str | None = None) -> dict:
+    """The tables of one run over every trained model of the runs in ``paths`` (results.json files).
+
+    Runs of different trained models compute per model exactly what one run over all of them
+    computes, so their curves can be pooled; the runs must agree on everything else
+    (:data:`SAME_IN_COMBINED_RUNS`) and on the torch version, and no model may appear twice.
+    """
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    first = payloads[0]
+    for path, payload in zip(paths, payloads):
+        if payload.get("study") != "compare_criteria":
+            raise SystemExit(f"--combine: {path} is not a results.json of this study")
+        differ = [key for key in SAME_IN_COMBINED_RUNS if payload["args"].get(key) != first["args"].get(key)]
+        if payload["environment"]["torch"] != first["environment"]["torch"]:
+            differ.append("torch version")
+        if differ:
+            raise SystemExit(f"--combine: {path} differs from {paths[0]} in {', '.join(differ)}")
+    models = sorted((model for payload in payloads for model in payload["models"]), key=lambda m: m["seed"])
+    seeds = [model["seed"] for model in models]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine: trained models {seeds} appear more than once")
+    per_curve = sorted((curve for payload in payloads for curve in payload["curves"]),
+                       key=lambda curve: seeds.index(curve["model_seed"]))
+    curves = sorted((row for payload in payloads for row in _read_curves(payload["files"]["curves"])),
+                    key=lambda row: seeds.index(row["model_seed"]))
+    criteria = first["criteria"]
+    score_seconds = {name: sum(p["timing"]["score_seconds"].get(name, 0.0) for p in payloads) for name in criteria}
+    summary = summarise(per_curve, criteria, score_seconds)
+    best = best_criterion(summary)
+    paired = (paired_comparisons(per_curve, criteria, "random") if "random" in criteria else [])
+    paired += paired_comparisons(per_curve, criteria, best)
+    layers = [SimpleNamespace(name=layer["name"], num_units=layer["units"]) for layer in first["layers"]]
+    arch, groups = first["arch"], bool(first["args"].get("groups"))
+    tables = format_tables(summary, paired, best, models, layers, first["dataset"], arch, groups=groups)
+    out = results_folder(results, "compare_criteria") / (
+        f"{first['dataset'].split(':')[0]}_{arch}_seeds{'-'.join(str(s) for s in seeds)}{'_groups' if groups else ''}"
+        "_combined")
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
+    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    write_csv(out / "paired.csv", paired, PAIRED_COLUMNS)
+    figure = plot_curves(curves, summary, [layer.name for layer in layers], criteria, out / "compare_criteria.png",
+                         title=f"{first['dataset'].split(':')[0]} / {arch}, {len(models)} trained models: test loss "
+                               "while removing units (no fine-tuning)")
+    if figure_path:
+        Path(figure_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(figure_path).write_bytes(figure.read_bytes())
+    points = [point for payload in payloads for point in payload["verification"]["points"]]
+    max_diff = max((point["abs_diff"] for point in points), default=float("nan"))
+    payload = {"study": "compare_criteria", "combined": list(paths), "args": first["args"],
+               "environment": first["environment"], "dataset": first["dataset"], "arch": arch, "models": models,
+               "layers": first["layers"], "criteria": criteria, "model_seeds": seeds, "best": best,
+               "summary": summary, "paired": paired, "curves": per_curve, "tables": tables,
+               "verification": {"points": points, "max_abs_loss_diff": max_diff},
+               "timing": {"runs_total_seconds": [p["timing"]["total_seconds"] for p in payloads],
+                          "score_seconds": score_seconds},
+               "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"),
+                         "paired": str(out / "paired.csv"), "figure": str(figure),
+                         "results": str(out / "results.json")}}
+    write_json(out / "results.json", payload)
+    print("\n" + tables)
+    if points:
+        print(f"\nPruner check: {len(points)} points re-done by real removal, max |loss difference| {max_diff:.2e}")
+    env = first["environment"]
+    totals = ", ".join(f"{p['timing']['total_seconds']:.1f}" for p in payloads)
+    print(f"torch {env['torch']}, {env['threads']} thread{'s' if env['threads'] > 1 else ''}; combined from "
+          f"{len(paths)} runs of {totals} s")
+    print(f"results: {out}\nfigure: {figure}")
+    return payload
+
+
+def _read_curves(path: str) -> list[dict]:
+    """Rows of a curves.csv with their numbers as numbers (as the run recorded them)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in ("model_seed", "seed", "removed", "unit"):
+            row[key] = int(row[key])
+        for key in ("test_loss", "test_accuracy"):
+            row[key] = float(row[key])
+    return rows
 
 
 def _selected_layers(model, wanted_text: str):
