@@ -39,6 +39,8 @@ prune`` uses the Pruner for every point.
     python -m experiments.compare_criteria --config digits-vgg          # VGG-style 64-128-256 + fc 256
     python -m experiments.compare_criteria --config mnist1d-cnn1d       # MNIST-1D (pip install mnist1d)
     python -m experiments.compare_criteria --groups                     # score coupled groups
+    python -m experiments.compare_criteria --train-seeds 1 --seed 1     # one model per process, side by side,
+    python -m experiments.compare_criteria --combine results/compare_criteria/*_seed?/results.json  # then pooled
     python -m experiments.compare_criteria --captum LayerGradientShap
     python -m experiments.compare_criteria --dataset mnist --data-root ~/data
 """
