@@ -20,32 +20,52 @@ Reproducible by construction: training, loaders, criteria and the bootstrap are 
 uses ``--threads`` torch threads with ``torch.use_deterministic_algorithms``, so the same torch
 version and thread count print the same tables (other thread counts train other models).
 
+Criteria: every one of :data:`experiments.common.CRITERIA` by default, captum's LayerConductance
+and LayerIntegratedGradients (through torchpruner's captum adapter) included; ``--captum`` adds
+other captum layer methods. The study prunes per layer; ``--groups`` scores each layer's coupled
+group from ``Pruner.groups()`` with the group metrics instead and removes group units with
+``Pruner.plan_groups`` (the models' groups are plain chains, so a group's units are its layer's;
+captum's methods score no groups and are left out).
+
 Removal: by default each curve is computed by zeroing the removed units at the layer's evaluation
-point (after BatchNorm and ReLU), which is exactly what removing them does in eval mode; for every
-curve a few points are re-done by really removing the units with the torchpruner Pruner on a fresh
-copy of the model, and the largest difference is reported. ``--removal prune`` uses the Pruner for
-every point.
+point (after BatchNorm and ReLU), which is exactly what removing them does in eval mode; the model
+up to that point runs once per curve and each point runs only the rest. For every curve a few
+points are re-done by really removing the units with the torchpruner Pruner (planned once on the
+trained model, applied to a fresh copy), and the largest difference is reported. ``--removal
+prune`` uses the Pruner for every point.
 
     python -m experiments.compare_criteria                       # digits, small CNN, 3 models
     python -m experiments.compare_criteria --train-seeds 1 --seed 2
-    python -m experiments.compare_criteria --captum LayerConductance
+    python -m experiments.compare_criteria --config digits-vgg          # VGG-style 64-128-256 + fc 256
+    python -m experiments.compare_criteria --config mnist1d-cnn1d       # MNIST-1D (pip install mnist1d)
+    python -m experiments.compare_criteria --groups                     # score coupled groups
+    python -m experiments.compare_criteria --train-seeds 1 --seed 1     # one model per process, side by side,
+    python -m experiments.compare_criteria --combine results/compare_criteria/*_seed?/results.json  # then pooled
+    python -m experiments.compare_criteria --captum LayerGradientShap
     python -m experiments.compare_criteria --dataset mnist --data-root ~/data
 """
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: python experiments/compare_criteria.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, UnitMask, add_model_arguments,
-                                base_parser, criterion_applies, criterion_is_seeded, environment, evaluate,
+                                base_parser, cascading_for, criterion_applies, criterion_is_seeded, criterion_scores_groups, environment, evaluate,
                                 format_table, make_metric, make_pruner, mean_plus_2std, model_options_from,
                                 parse_criteria, prune_units, pyplot, removal_order, run_reproducibly, resolve_device,
                                 results_folder, score_layer, write_csv, write_json)
@@ -66,8 +86,20 @@ BOOTSTRAP_RESAMPLES = 10000
 BOOTSTRAP_SEED = 0
 
 
+# Documented configurations (--config): arguments they set unless given on the command line.
+CONFIGS = {
+    "digits-cnn": {},  # the default study
+    # the paper's regime on shipped data: wide VGG-style layers (conv, BN, ReLU, max pool), 704 units
+    "digits-vgg": {"dataset": "digits", "arch": "vgg", "widths": "64,M,128,M,256,M", "hidden": 256},
+    # a second embedded data set, harder than digits: 1-D signals and Conv1d layers
+    "mnist1d-cnn1d": {"dataset": "mnist1d", "arch": "cnn1d", "widths": "32,64", "hidden": 128},
+}
+
+
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, choices=sorted(CONFIGS),
+                        help="a documented configuration: sets --dataset, --arch, --widths and --hidden unless given")
     parser.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
                         help=f"comma-separated criteria from: {', '.join(CRITERIA)}")
     parser.add_argument("--captum", default="",
@@ -85,13 +117,32 @@ def build_parser():
     parser.add_argument("--verify-points", type=int, default=2,
                         help="points per curve re-done with the Pruner in mask mode (0: none)")
     parser.add_argument("--max-removed", type=int, default=None, help="stop each curve after this many units")
+    parser.add_argument("--groups", action="store_true",
+                        help="score each layer's coupled group from Pruner.groups() with the group metrics and remove "
+                             "units with Pruner.plan_groups (the models' groups are plain chains, so a group is its "
+                             "layer; captum's layer methods score no groups and are left out)")
     add_model_arguments(parser)
     parser.add_argument("--figure", default=None, help="also write the PNG to this path")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="instead of running: the averaged tables of earlier runs of other trained models (their "
+                             "results.json, e.g. one run per --seed), as one run over all their models prints them")
     return parser
 
 
+def parse_arguments(argv=None):
+    """The study's arguments, with ``--config``'s values where the command line left the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for key, value in CONFIGS.get(args.config, {}).items():
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+    return args
+
+
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
+    if args.combine:
+        return combine(args.combine, args.results, args.figure)
     if args.train_seeds < 1:
         raise SystemExit(f"--train-seeds must be at least 1, got {args.train_seeds}")
     if args.n_seeds < 1:
@@ -124,17 +175,23 @@ def run(args) -> dict:
         train_seconds += info["train_seconds"]
         model.eval()
         _, val_loader, test_loader = splits.loaders(batch_size=args.batch_size)
+        test_loader = cached_batches(test_loader, device)
         base_loss, base_accuracy = evaluate(model, test_loader, device=device)
         models.append({"seed": model_seed, "test_loss": base_loss, "test_accuracy": base_accuracy, **info})
         layers = _selected_layers(model, args.layers)
+        suffixes = {layer.name: suffix_after(model, layer.activation) for layer in layers}
+        pruner = make_pruner(model, splits.input_size, device)  # plans every check on this model's one trace
+        groups = layer_groups(pruner, layers) if args.groups else {}
 
         seeds = [model_seed + offset for offset in range(args.n_seeds)]
         jobs = [(layer, name, seed) for layer in layers for name in criteria if criterion_applies(name, layer)
+                and (not args.groups or criterion_scores_groups(name))
                 for seed in (seeds if criterion_is_seeded(name) else [model_seed])]
         shapley_cache: dict = {}
         for layer, name, seed in tqdm(jobs, desc=f"model {model_seed}: layers x criteria", disable=not progress):
             tick = time.perf_counter()
-            scores = _scores(name, model, layer, val_loader, device, seed, args, shapley_cache)
+            scores = _scores(name, model, layer, val_loader, device, seed, args, shapley_cache,
+                             target=groups.get(layer.name))
             score_seconds[name] += time.perf_counter() - tick
             order = removal_order(scores)
             tick = time.perf_counter()
@@ -143,10 +200,12 @@ def run(args) -> dict:
                 losses, accuracies = pruned_curve(model, layer.name, order[:steps], test_loader, splits.input_size,
                                                   device)
             else:
-                losses, accuracies = masked_curve(model, layer, order[:steps], test_loader, device)
+                losses, accuracies = masked_curve(model, layer, order[:steps], test_loader, device,
+                                                  suffix=suffixes[layer.name])
                 for k in _verify_points(steps, args.verify_points):
                     pruned_loss, pruned_accuracy, remaining = prune_copy(model, layer.name, order[:k], test_loader,
-                                                                         splits.input_size, device)
+                                                                         splits.input_size, device, pruner=pruner,
+                                                                         group=groups.get(layer.name))
                     verification.append({"model_seed": model_seed, "layer": layer.name, "criterion": name,
                                          "seed": seed, "removed": k, "mask_loss": losses[k],
                                          "pruned_loss": pruned_loss, "abs_diff": abs(losses[k] - pruned_loss),
@@ -170,7 +229,7 @@ def run(args) -> dict:
     elapsed = time.perf_counter() - started
 
     tag = f"seed{args.seed}" if len(model_seeds) == 1 else f"seeds{model_seeds[0]}-{model_seeds[-1]}"
-    out = results_folder(args.results, "compare_criteria") / f"{splits.name}_{arch}_{tag}"
+    out = results_folder(args.results, "compare_criteria") / f"{splits.name}_{arch}_{tag}{'_groups' if args.groups else ''}"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
@@ -183,7 +242,7 @@ def run(args) -> dict:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         Path(args.figure).write_bytes(figure.read_bytes())
     max_diff = max((v["abs_diff"] for v in verification), default=float("nan"))
-    tables = format_tables(summary, paired, best, models, layers, splits.describe(), arch)
+    tables = format_tables(summary, paired, best, models, layers, splits.describe(), arch, groups=args.groups)
     payload = {
         "study": "compare_criteria", "args": vars(args), "environment": environment(),
         "dataset": splits.describe(), "arch": arch, "models": models, "device": str(device),
@@ -194,7 +253,7 @@ def run(args) -> dict:
         "timing": {"total_seconds": elapsed, "train_seconds": train_seconds, "score_seconds": score_seconds,
                    "removal_seconds": removal_seconds},
         "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"),
-                  "paired": str(out / "paired.csv"), "figure": str(figure)},
+                  "paired": str(out / "paired.csv"), "figure": str(figure), "results": str(out / "results.json")},
     }
     write_json(out / "results.json", payload)
 
@@ -210,6 +269,95 @@ def run(args) -> dict:
     return payload
 
 
+# Arguments that change what a run computes for one trained model: combined runs must agree on them.
+SAME_IN_COMBINED_RUNS = ("dataset", "data_root", "split_seed", "arch", "widths", "hidden", "epochs", "batch_size", "lr",
+                         "criteria", "captum", "layers", "n_seeds", "sv_samples", "score_batches", "removal",
+                         "max_removed", "groups", "threads")
+
+
+def combine(paths: list[str], results: str, figure_path: str | None = None) -> dict:
+    """The tables of one run over every trained model of the runs in ``paths`` (results.json files).
+
+    Runs of different trained models compute per model exactly what one run over all of them
+    computes, so their curves can be pooled; the runs must agree on everything else
+    (:data:`SAME_IN_COMBINED_RUNS`) and on the torch version, and no model may appear twice.
+    """
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    first = payloads[0]
+    for path, payload in zip(paths, payloads):
+        if payload.get("study") != "compare_criteria":
+            raise SystemExit(f"--combine: {path} is not a results.json of this study")
+        differ = [key for key in SAME_IN_COMBINED_RUNS if payload["args"].get(key) != first["args"].get(key)]
+        if payload["environment"]["torch"] != first["environment"]["torch"]:
+            differ.append("torch version")
+        if differ:
+            raise SystemExit(f"--combine: {path} differs from {paths[0]} in {', '.join(differ)}")
+    models = sorted((model for payload in payloads for model in payload["models"]), key=lambda m: m["seed"])
+    seeds = [model["seed"] for model in models]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine: trained models {seeds} appear more than once")
+    per_curve = sorted((curve for payload in payloads for curve in payload["curves"]),
+                       key=lambda curve: seeds.index(curve["model_seed"]))
+    curves = sorted((row for payload in payloads for row in _read_curves(payload["files"]["curves"])),
+                    key=lambda row: seeds.index(row["model_seed"]))
+    criteria = first["criteria"]
+    score_seconds = {name: sum(p["timing"]["score_seconds"].get(name, 0.0) for p in payloads) for name in criteria}
+    summary = summarise(per_curve, criteria, score_seconds)
+    best = best_criterion(summary)
+    paired = (paired_comparisons(per_curve, criteria, "random") if "random" in criteria else [])
+    paired += paired_comparisons(per_curve, criteria, best)
+    layers = [SimpleNamespace(name=layer["name"], num_units=layer["units"]) for layer in first["layers"]]
+    arch, groups = first["arch"], bool(first["args"].get("groups"))
+    tables = format_tables(summary, paired, best, models, layers, first["dataset"], arch, groups=groups)
+    out = results_folder(results, "compare_criteria") / (
+        f"{first['dataset'].split(':')[0]}_{arch}_seeds{'-'.join(str(s) for s in seeds)}{'_groups' if groups else ''}"
+        "_combined")
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
+    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    write_csv(out / "paired.csv", paired, PAIRED_COLUMNS)
+    figure = plot_curves(curves, summary, [layer.name for layer in layers], criteria, out / "compare_criteria.png",
+                         title=f"{first['dataset'].split(':')[0]} / {arch}, {len(models)} trained models: test loss "
+                               "while removing units (no fine-tuning)")
+    if figure_path:
+        Path(figure_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(figure_path).write_bytes(figure.read_bytes())
+    points = [point for payload in payloads for point in payload["verification"]["points"]]
+    max_diff = max((point["abs_diff"] for point in points), default=float("nan"))
+    payload = {"study": "compare_criteria", "combined": list(paths), "args": first["args"],
+               "environment": first["environment"], "dataset": first["dataset"], "arch": arch, "models": models,
+               "layers": first["layers"], "criteria": criteria, "model_seeds": seeds, "best": best,
+               "summary": summary, "paired": paired, "curves": per_curve, "tables": tables,
+               "verification": {"points": points, "max_abs_loss_diff": max_diff},
+               "timing": {"runs_total_seconds": [p["timing"]["total_seconds"] for p in payloads],
+                          "score_seconds": score_seconds},
+               "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"),
+                         "paired": str(out / "paired.csv"), "figure": str(figure),
+                         "results": str(out / "results.json")}}
+    write_json(out / "results.json", payload)
+    print("\n" + tables)
+    if points:
+        print(f"\nPruner check: {len(points)} points re-done by real removal, max |loss difference| {max_diff:.2e}")
+    env = first["environment"]
+    totals = ", ".join(f"{p['timing']['total_seconds']:.1f}" for p in payloads)
+    print(f"torch {env['torch']}, {env['threads']} thread{'s' if env['threads'] > 1 else ''}; combined from "
+          f"{len(paths)} runs of {totals} s")
+    print(f"results: {out}\nfigure: {figure}")
+    return payload
+
+
+def _read_curves(path: str) -> list[dict]:
+    """Rows of a curves.csv with their numbers as numbers (as the run recorded them)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in ("model_seed", "seed", "removed", "unit"):
+            row[key] = int(row[key])
+        for key in ("test_loss", "test_accuracy"):
+            row[key] = float(row[key])
+    return rows
+
+
 def _selected_layers(model, wanted_text: str):
     layers = prunable_layers(model)
     if not wanted_text:
@@ -223,18 +371,39 @@ def _selected_layers(model, wanted_text: str):
 
 
 
-def _scores(name, model, layer, loader, device, seed, args, shapley_cache) -> np.ndarray:
-    """Scores for one criterion; both Shapley aggregations share one per-example Shapley run."""
+def layer_groups(pruner, layers) -> dict:
+    """{layer name: the coupled group from ``pruner.groups()`` whose one source is the layer}.
+
+    The curves zero a unit at the layer's activation, which removes the group unit only when the
+    group has no other source (no residual stream); a model with such groups is refused.
+    """
+    groups = pruner.groups()
+    found = {}
+    for layer in layers:
+        mine = [group for group in groups if any(m is layer.module for m in group.source_modules)]
+        if len(mine) != 1 or len(mine[0].source_modules) != 1 or mine[0].num_units != layer.num_units:
+            raise SystemExit(f"--groups: the units of {layer.name} are shared with other layers "
+                             f"({', '.join(repr(g) for g in mine) or 'no prunable group'}); the removal curves "
+                             "zero units at one layer's activation, which only removes a group with one source")
+        found[layer.name] = mine[0]
+    return found
+
+
+def _scores(name, model, layer, loader, device, seed, args, shapley_cache, target=None) -> np.ndarray:
+    """Scores for one criterion of ``target`` (a coupled group; default: the layer, at the
+    evaluation point after its BatchNorm and activation); both Shapley aggregations share one
+    per-example Shapley run."""
+    target = layer.module if target is None else target
     if name in ("shapley", "shapley_2std"):
         key = (layer.name, seed)
         if key not in shapley_cache:
             metric = make_metric("shapley", model, loader, device, seed=seed, sv_samples=args.sv_samples,
                                  max_batches=args.score_batches, reduction="none")
-            per_example = metric.run(layer.module, find_best_evaluation_module=True)
+            per_example = metric.run(target, find_best_evaluation_module=True)
             shapley_cache[key] = np.asarray(per_example, dtype=np.float64)
         per_example = shapley_cache[key]
         return per_example.mean(axis=0) if name == "shapley" else mean_plus_2std(per_example)
-    return score_layer(name, model, layer.module, loader, device, seed=seed, sv_samples=args.sv_samples,
+    return score_layer(name, model, target, loader, device, seed=seed, sv_samples=args.sv_samples,
                        max_batches=args.score_batches)
 
 
@@ -244,19 +413,99 @@ def _verify_points(steps: int, count: int) -> list[int]:
     return sorted({max(1, round(steps * (i + 1) / count)) for i in range(count)})
 
 
-def masked_curve(model, layer, order, loader, device):
-    """Test (loss, accuracy) after zeroing 0, 1, ..., len(order) units in ``order`` at the evaluation point."""
-    losses, accuracies = [], []
-    with UnitMask(layer.activation, layer.num_units) as mask:
-        loss, accuracy = evaluate(model, loader, device=device)
-        losses.append(loss)
-        accuracies.append(accuracy)
-        for unit in order:
-            mask.drop([int(unit)])
+def masked_curve(model, layer, order, loader, device, suffix=None):
+    """Test (loss, accuracy) after zeroing 0, 1, ..., len(order) units in ``order`` at the evaluation point.
+
+    With ``suffix`` (:func:`suffix_after` of the layer's activation) the model runs up to the
+    activation once per batch and each point of the curve runs only the rest: the same modules on
+    the same tensors as the whole forward with :class:`UnitMask`'s hook, so the same numbers, bit
+    for bit, at a fraction of the cost for the later layers.
+    """
+    if suffix is None:
+        losses, accuracies = [], []
+        with UnitMask(layer.activation, layer.num_units) as mask:
             loss, accuracy = evaluate(model, loader, device=device)
             losses.append(loss)
             accuracies.append(accuracy)
+            for unit in order:
+                mask.drop([int(unit)])
+                loss, accuracy = evaluate(model, loader, device=device)
+                losses.append(loss)
+                accuracies.append(accuracy)
+        return losses, accuracies
+    activations = activations_at(model, layer.activation, loader, device)
+    mask = UnitMask(layer.activation, layer.num_units)
+    losses, accuracies = [], []
+    for step in range(len(order) + 1):
+        if step:
+            mask.drop([int(order[step - 1])])
+        loss, accuracy = _evaluate_suffix(suffix, mask, activations)
+        losses.append(loss)
+        accuracies.append(accuracy)
     return losses, accuracies
+
+
+def suffix_after(model: nn.Module, activation: nn.Module) -> fx.GraphModule | None:
+    """The part of ``model`` after ``activation``, as a graph module taking the activation's output.
+
+    None when torch.fx cannot trace the model, the activation is not called exactly once, or a
+    later op reads anything computed before the activation other than its output (a skip
+    connection): then the curve runs the whole model.
+    """
+    name = next((n for n, m in model.named_modules() if m is activation), None)
+    if name is None:
+        return None
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any tracing failure means: evaluate the whole model
+        return None
+    nodes = list(graph.nodes)
+    calls = [i for i, node in enumerate(nodes) if node.op == "call_module" and node.target == name]
+    if len(calls) != 1:
+        return None
+    suffix = fx.Graph()
+    env = {nodes[calls[0]]: suffix.placeholder("activation")}
+    for node in nodes[calls[0] + 1:]:
+        if any(source not in env for source in node.all_input_nodes):
+            return None
+        env[node] = suffix.node_copy(node, lambda source: env[source])
+    return fx.GraphModule(model, suffix)
+
+
+@torch.no_grad()
+def activations_at(model: nn.Module, activation: nn.Module, loader, device) -> list[tuple]:
+    """(output of ``activation``, targets) for each batch of ``loader``, in eval mode (mode restored)."""
+    captured = []
+    handle = activation.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    was_training = model.training
+    model.eval()
+    batches = []
+    try:
+        for inputs, targets in loader:
+            captured.clear()
+            model(inputs.to(device))
+            batches.append((captured[0].clone(), targets.to(device)))  # safe from later in-place ops
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return batches
+
+
+@torch.no_grad()
+def _evaluate_suffix(suffix: fx.GraphModule, mask: UnitMask, activations: list[tuple]) -> tuple[float, float]:
+    """:func:`experiments.common.evaluate` from cached activations: the same sums in the same order."""
+    total_loss, correct, count = 0.0, 0, 0
+    for activation, targets in activations:
+        logits = suffix(mask.apply(activation))
+        total_loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == targets).sum().item()
+        count += len(targets)
+    return total_loss / count, correct / count
+
+
+def cached_batches(loader, device) -> list[tuple]:
+    """The loader's batches, collated once: every point of every curve evaluates the same test set."""
+    return [(inputs.to(device), targets.to(device)) for inputs, targets in loader]
 
 
 def _layer_named(model, name):
@@ -281,15 +530,30 @@ def pruned_curve(model, layer_name, order, loader, input_size, device):
     return losses, accuracies
 
 
-def prune_copy(model, layer_name, units, loader, input_size, device):
-    """Remove ``units`` (original ids) from a fresh copy with the Pruner; (loss, accuracy, units left)."""
+def prune_copy(model, layer_name, units, loader, input_size, device, pruner=None, group=None):
+    """Remove ``units`` (original ids) from a fresh copy with the Pruner; (loss, accuracy, units left).
+
+    With ``pruner`` (a Pruner of ``model`` itself) the removal is planned once on ``model``, whose
+    traced graph the Pruner keeps between calls, and the plan is applied to the copy (plans name
+    modules, so a plan fits every model of the same architecture): the same plan that
+    ``prune_model`` on the copy would make, without tracing every copy anew. With ``group`` (one
+    of that Pruner's groups) the plan removes the group units, ``pruner.plan_groups``.
+    """
     twin = copy.deepcopy(model).eval()
-    layer = _layer_named(twin, layer_name)
-    prune_units(make_pruner(twin, input_size, device), layer, [int(u) for u in units])
+    units = sorted(int(u) for u in units)
+    if pruner is None:
+        layer = _layer_named(twin, layer_name)
+        prune_units(make_pruner(twin, input_size, device), layer, units)
+    else:
+        original = _layer_named(model, layer_name)
+        if group is None:
+            plan = pruner.plan(original.module, units, cascading_modules=cascading_for(original))
+        else:
+            plan = pruner.plan_groups({group: units})
+        plan.apply(twin)
+        layer = _layer_named(twin, layer_name)
     loss, accuracy = evaluate(twin, loader, device=device)
     return loss, accuracy, layer.num_units
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,10 +631,11 @@ def paired_comparisons(per_curve: list[dict], criteria: list[str], reference: st
 
 
 def format_tables(summary: list[dict], paired: list[dict], best: str, models: list[dict], layers, dataset: str,
-                  arch: str) -> str:
+                  arch: str, groups: bool = False) -> str:
     """The printed result: models, the averaged table and the paired comparisons (no timings, so two
     runs with the same torch version and threads print the same text)."""
-    lines = [f"{dataset}; {arch}, {len(models)} trained model{'s' if len(models) > 1 else ''}:"]
+    lines = [f"{dataset}; {arch}, {len(models)} trained model{'s' if len(models) > 1 else ''}"
+             f"{', each layer scored as its coupled group' if groups else ''}:"]
     lines += [f"  seed {m['seed']}: test loss {m['test_loss']:.4f}, accuracy {m['test_accuracy']:.4f}"
               for m in models]
     layer_text = ", ".join(f"{layer.name}: {layer.num_units}" for layer in layers)

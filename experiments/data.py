@@ -7,8 +7,12 @@
   parsed directly, so torchvision is not needed.
 - ``cifar10``: through ``torchvision.datasets.CIFAR10(download=False)`` when a real copy is present
   (torchvision verifies the checksums; imported lazily).
+- ``mnist1d``: MNIST-1D (Greydanus 2020), 5,000 one-dimensional signals of length 40, generated
+  locally from the ten digit templates by the ``mnist1d`` package's ``make_dataset`` with its
+  published default arguments (``pip install mnist1d``; nothing is downloaded): 4,000 for training
+  (a stratified 20% of them held out for validation) and the package's 1,000 test signals.
 
-Nothing is ever downloaded. Images become float tensors ``[N, C, H, W]`` normalised with the
+Nothing is ever downloaded. Images become float tensors ``[N, C, H, W]`` (signals ``[N, C, L]``) normalised with the
 training split's per-channel mean and standard deviation; labels are int64. Scores are meant to be
 computed on ``val`` and results reported on ``test``.
 """
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mnist1d")
 
 # torchvision's folder names for the idx-format data sets.
 _IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -42,7 +46,7 @@ class DataSplits:
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
-    input_size: tuple  # (C, H, W), no batch dim
+    input_size: tuple  # (C, H, W) or (C, L), no batch dim
     num_classes: int
 
     def loaders(self, batch_size: int = 64, eval_batch_size: int = 512, seed: int = 0):
@@ -69,7 +73,7 @@ def load_dataset(name: str = "digits", data_root: str | Path | None = None, spli
     """Load one of :data:`DATASETS` with a fixed, seeded split.
 
     Args:
-        name: ``digits``, ``mnist``, ``fashion-mnist`` or ``cifar10``.
+        name: ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10`` or ``mnist1d``.
         data_root: folder holding the raw files (not needed for ``digits``).
         split_seed: seed of the train/validation(/test) split; keep it fixed across runs so the
             test set never changes.
@@ -81,6 +85,8 @@ def load_dataset(name: str = "digits", data_root: str | Path | None = None, spli
         key = "fashion-mnist"
     if key == "digits":
         return load_digits_splits(split_seed, val_size=0.2 if val_size is None else val_size)
+    if key == "mnist1d":
+        return load_mnist1d(split_seed, val_size=0.2 if val_size is None else val_size)
     if key not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if data_root is None:
@@ -205,6 +211,45 @@ def load_cifar10(data_root: str | Path, split_seed: int = 0, val_size: float | i
 
 
 # --------------------------------------------------------------------------------------------
+# MNIST-1D (generated from its templates by the mnist1d package)
+
+def make_mnist1d() -> dict:
+    """The MNIST-1D data set of the package's default arguments, generated here (no download).
+
+    ``make_dataset`` seeds numpy's and Python's global generators with the arguments' seed (42);
+    their states are put back afterwards, so loading the data leaves a study's seeds alone.
+    Returns the package's dict (``x``, ``y``, ``x_test``, ``y_test``, ...).
+    """
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:
+        raise ImportError(f"the mnist1d data set needs the mnist1d package (pip install mnist1d), which failed to "
+                          f"import: {error}") from error
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        return make_dataset(get_dataset_args())
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def load_mnist1d(split_seed: int = 0, val_size: float | int = 0.2) -> DataSplits:
+    """MNIST-1D as ``[N, 1, 40]`` signals: the package's train/test split, validation held out of train."""
+    data = make_mnist1d()
+    train_signals = np.asarray(data["x"], dtype=np.float32)[:, None, :]
+    test_signals = np.asarray(data["x_test"], dtype=np.float32)[:, None, :]
+    train_labels = np.asarray(data["y"], dtype=np.int64)
+    test_labels = np.asarray(data["y_test"], dtype=np.int64)
+    rng = np.random.default_rng(split_seed)
+    n_val = _as_count(val_size, len(train_labels))
+    val_idx, train_idx = _stratified_take(train_labels, np.arange(len(train_labels)), n_val, rng)
+    return _make_splits("mnist1d", train_signals, train_labels, train_idx, val_idx, test_signals, test_labels,
+                        np.arange(len(test_labels)), 10)
+
+
+# --------------------------------------------------------------------------------------------
 # helpers
 
 def few_per_class(dataset: TensorDataset, per_class: int, seed: int = 0) -> Subset:
@@ -243,8 +288,9 @@ def _stratified_take(labels: np.ndarray, pool: np.ndarray, count: int, rng: np.r
 def _make_splits(name, train_images, train_labels, train_idx, val_idx, test_images, test_labels, test_idx,
                  num_classes) -> DataSplits:
     fit = train_images[train_idx]
-    mean = fit.mean(axis=(0, 2, 3), keepdims=True)
-    std = fit.std(axis=(0, 2, 3), keepdims=True) + 1e-8
+    axes = (0, *range(2, fit.ndim))  # every axis but the channels
+    mean = fit.mean(axis=axes, keepdims=True)
+    std = fit.std(axis=axes, keepdims=True) + 1e-8
 
     def tensors(images, labels, idx):
         x = torch.from_numpy(np.ascontiguousarray((images[idx] - mean) / std, dtype=np.float32))

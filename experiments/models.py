@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from experiments.common import evaluate, seed_everything
 
-ARCHITECTURES = ("cnn", "vgg", "mlp")
+ARCHITECTURES = ("cnn", "vgg", "mlp", "cnn1d")
 
 
 @dataclass
@@ -82,7 +82,25 @@ class SmallCNN(nn.Module):
         return {"widths": (self.conv1.out_channels, self.conv2.out_channels), "hidden": self.fc1.out_features}
 
 
-class VGGNet(nn.Module):
+class _BlocksThenClassifier(nn.Module):
+    """``features`` (conv, BN, ReLU blocks, listed in ``_blocks``), Flatten, then fc1, ReLU, Dropout, fc2.
+
+    Subclasses build the modules (in their own order: it decides the seeded initialisation)."""
+
+    def forward(self, x):
+        x = self.flatten(self.features(x))
+        return self.fc2(self.dropout(self.relu_fc(self.fc1(x))))
+
+    def prunable_layers(self) -> list[PrunableLayer]:
+        layers = []
+        for position, (conv, bn, relu) in enumerate(self._blocks):
+            consumer = self._blocks[position + 1][0] if position + 1 < len(self._blocks) else self.fc1
+            layers.append(PrunableLayer(f"conv{position + 1}", conv, [bn, consumer], relu))
+        layers.append(PrunableLayer("fc1", self.fc1, [self.dropout, self.fc2], self.relu_fc))
+        return layers
+
+
+class VGGNet(_BlocksThenClassifier):
     """A VGG-style net for 32x32 images: (conv, BN, ReLU) blocks with max pooling, then two Linear.
 
     ``config`` lists conv widths and ``"M"`` for a 2x2 max pool, as in torchvision's VGG.
@@ -111,22 +129,37 @@ class VGGNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def forward(self, x):
-        x = self.flatten(self.features(x))
-        return self.fc2(self.dropout(self.relu_fc(self.fc1(x))))
-
-    def prunable_layers(self) -> list[PrunableLayer]:
-        layers = []
-        for position, (conv, bn, relu) in enumerate(self._blocks):
-            consumer = self._blocks[position + 1][0] if position + 1 < len(self._blocks) else self.fc1
-            layers.append(PrunableLayer(f"conv{position + 1}", conv, [bn, consumer], relu))
-        layers.append(PrunableLayer("fc1", self.fc1, [self.dropout, self.fc2], self.relu_fc))
-        return layers
-
     def current_options(self) -> dict:
         widths = iter(conv.out_channels for conv, _, _ in self._blocks)
         config = tuple(item if item == "M" else next(widths) for item in self._config)
         return {"config": config, "hidden": self.fc1.out_features}
+
+
+class CNN1d(_BlocksThenClassifier):
+    """A 1-D convolutional net for signals ``[N, C, L]`` (MNIST-1D): (Conv1d, BN, ReLU, max pool 2)
+    blocks, then a two-layer classifier with Dropout, as :class:`SmallCNN` in one dimension."""
+
+    def __init__(self, input_size=(1, 40), num_classes=10, widths=(32, 64), hidden=128, kernel_size=5,
+                 dropout=0.3):
+        super().__init__()
+        channels, length = input_size
+        self._blocks = []
+        layers: list[nn.Module] = []
+        for width in widths:
+            conv = nn.Conv1d(channels, int(width), kernel_size, padding=kernel_size // 2)
+            bn, relu = nn.BatchNorm1d(int(width)), nn.ReLU()
+            layers += [conv, bn, relu, nn.MaxPool1d(2)]
+            self._blocks.append((conv, bn, relu))
+            channels, length = int(width), length // 2
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(channels * length, hidden)
+        self.relu_fc = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def current_options(self) -> dict:
+        return {"widths": tuple(conv.out_channels for conv, _, _ in self._blocks), "hidden": self.fc1.out_features}
 
 
 class MLP(nn.Module):
@@ -167,15 +200,15 @@ class MLP(nn.Module):
 
 
 def build_model(arch: str, input_size, num_classes: int, **options) -> nn.Module:
-    """``cnn`` (SmallCNN), ``vgg`` (VGGNet) or ``mlp`` (MLP); options go to the constructor."""
-    builders = {"cnn": SmallCNN, "vgg": VGGNet, "mlp": MLP}
+    """``cnn`` (SmallCNN), ``vgg`` (VGGNet), ``mlp`` (MLP) or ``cnn1d`` (CNN1d); options go to the constructor."""
+    builders = {"cnn": SmallCNN, "vgg": VGGNet, "mlp": MLP, "cnn1d": CNN1d}
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return builders[arch](input_size=tuple(input_size), num_classes=num_classes, **options)
 
 
 def default_arch(dataset: str) -> str:
-    return "vgg" if dataset == "cifar10" else "cnn"
+    return {"cifar10": "vgg", "mnist1d": "cnn1d"}.get(dataset, "cnn")
 
 
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:

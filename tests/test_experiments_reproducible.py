@@ -117,3 +117,24 @@ def test_paired_comparisons_mark_significance_by_sign_test_and_interval():
     summary = compare_criteria.summarise(curves, ["random", "clear", "mostly", "noise"], {})
     assert [row["criterion"] for row in summary][:2] == ["clear", "mostly"]
     assert compare_criteria.best_criterion(summary) == "clear"
+
+
+def test_combined_single_model_runs_print_the_averaged_tables(two_models, tmp_path):
+    singles = [compare_criteria.main(["--results", str(tmp_path), *TINY, "--train-seeds", "1", "--seed", str(seed)])
+               for seed in (1, 0)]  # any order
+    combined = compare_criteria.main(["--results", str(tmp_path), "--combine",
+                                      *[single["files"]["results"] for single in singles]])
+    together = two_models[0][0]
+    assert combined["tables"] == together["tables"]
+    untimed = [[{k: v for k, v in row.items() if k != "score_seconds"} for row in payload["summary"]]
+               for payload in (combined, together)]
+    assert untimed[0] == untimed[1] and combined["paired"] == together["paired"]
+    assert (tmp_path / "compare_criteria" / "digits_cnn_seeds0-1_combined" / "compare_criteria.png").is_file()
+    other = compare_criteria.main(["--results", str(tmp_path / "other"), *TINY, "--train-seeds", "1", "--seed", "0",
+                                   "--sv-samples", "2"])
+    with pytest.raises(SystemExit, match="sv_samples"):
+        compare_criteria.main(["--results", str(tmp_path), "--combine", singles[0]["files"]["results"],
+                               other["files"]["results"]])
+    with pytest.raises(SystemExit, match="more than once"):
+        compare_criteria.main(["--results", str(tmp_path), "--combine", singles[1]["files"]["results"],
+                               singles[1]["files"]["results"]])
