@@ -90,7 +90,7 @@ def make_example_inputs(
     example_inputs: Any = None,
     device: torch.device | str | None = None,
     batch_size: int = 2,
-) -> tuple[tuple, dict]:
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Normalise what a user gives to describe the model's input into ``(args, kwargs)``.
 
     Args:
@@ -188,9 +188,9 @@ class _BufferSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved: list[tuple[nn.Module, dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple]]]] = []
+        self.saved: list[tuple[nn.Module, dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple[Any, ...]]]]] = []
         for module in model.modules():
-            entries = {}
+            entries: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple[Any, ...]]] = {}
             for name, buffer in module._buffers.items():
                 if buffer is None or is_lazy(buffer) or buffer.is_meta:
                     entries[name] = (buffer, None, ())
@@ -199,7 +199,7 @@ class _BufferSnapshot:
             self.saved.append((module, entries))
 
     @staticmethod
-    def _fingerprint(buffer: torch.Tensor) -> tuple:
+    def _fingerprint(buffer: torch.Tensor) -> tuple[Any, ...]:
         # no version counter: fused observer kernels write their buffers without bumping it
         return buffer.data_ptr(), tuple(buffer.shape), buffer.dtype, buffer.device
 
@@ -257,7 +257,7 @@ def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     buffers = _BufferSnapshot(model)
     cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
     np_rng = np.random.get_state()
     py_rng = random.getstate()
     try:
