@@ -229,9 +229,9 @@ class _Journal:
     def commit(self) -> None:
         """Mark every sliced tensor as modified: a graph from before the prune that saved one of
         them refuses to run backward() (autograd's in-place check) instead of mixing shapes."""
-        tensors = [t for t in self.tensors.values() if not t.is_inference()]
-        if tensors:
-            torch.autograd.graph.increment_version(tensors)
+        for tensor in self.tensors.values():
+            if not tensor.is_inference():
+                torch.autograd.graph.increment_version(tensor)  # one at a time: torch < 2.5 takes one tensor
 
     def roll_back(self) -> None:
         """Undo every change, newest first. Each undo only puts old objects back."""
