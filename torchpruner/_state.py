@@ -25,9 +25,11 @@ __all__ = ["unwrap_model", "make_example_inputs", "input_shape", "to_device", "p
 def fsdp_modules(model: nn.Module) -> list[str]:
     """Names of the modules of ``model`` sharded by FSDP (``FullyShardedDataParallel`` wrappers or
     ``fully_shard``). FSDP is looked up only when torch has already imported it: a model cannot
-    be sharded otherwise, and ``import torchpruner`` stays cheap."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    classes = tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None))
+    be sharded otherwise, and ``import torchpruner`` stays cheap. Before torch 2.6, ``fully_shard``
+    and its ``FSDPModule`` live in ``torch.distributed._composable.fsdp``."""
+    homes = [sys.modules.get(name) for name in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")]
+    classes = tuple(c for home in homes for c in (getattr(home, "FullyShardedDataParallel", None),
+                                                   getattr(home, "FSDPModule", None))
                     if isinstance(c, type))
     if not classes:
         return []
