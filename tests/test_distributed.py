@@ -341,6 +341,8 @@ def test_one_rank_prune_with_wrap_and_a_plan_checked_not_broadcast(one_rank):
 
 def test_fsdp_is_refused_with_what_to_do(one_rank):
     fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):  # torch < 2.6: the same function before it was made public
+        fsdp = pytest.importorskip("torch.distributed._composable.fsdp")
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     fsdp.fully_shard(model)
     with pytest.raises(TypeError, match="Prune before sharding"):

@@ -141,11 +141,13 @@ def test_two_param_groups_and_scheduler(name):
     assert_matches_twin(model, twin, optimizer, twin_optimizer)
 
 
-@pytest.mark.parametrize("cls", [torch.optim.LBFGS, torch.optim.SparseAdam, torch.optim.Adafactor, torch.optim.Muon],
-                         ids=lambda c: c.__name__)
-def test_refused_optimizers_by_name(cls):
+@pytest.mark.parametrize("name", ["LBFGS", "SparseAdam", "Adafactor", "Muon"])
+def test_refused_optimizers_by_name(name):
+    cls = getattr(torch.optim, name, None)
+    if cls is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.optim.{name}")
     model = make_model()
-    params = [model[3].weight] if cls is torch.optim.Muon else model.parameters()
+    params = [model[3].weight] if name == "Muon" else model.parameters()
     optimizer = cls(params, lr=0.1) if cls is not torch.optim.SparseAdam else cls(list(model.parameters()), lr=0.1)
     with pytest.raises(TypeError, match=cls.__name__):
         Pruner(model, input_size=(5,), optimizer=optimizer)

@@ -467,3 +467,19 @@ def test_removed_parameters_counts_a_tensor_sliced_on_two_axes_once():
     plan = pruner.plan_groups({groups[0]: [0, 1], groups[1]: [2, 3, 4]})
     plan.apply(net)
     assert plan.removed_parameters == before - sum(p.numel() for p in net.parameters())
+
+
+def test_a_plan_refuses_a_model_whose_sliced_parameter_became_a_buffer():
+    """The plan slices ``0.weight`` as a Parameter; a model holding a same-shaped buffer there instead
+    is refused with a ValueError naming it, and nothing changes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    plan = Pruner(net, input_size=(4,)).plan(net[0], [1, 2])
+    other = copy.deepcopy(net)
+    weight = other[0].weight.detach().clone()
+    del other[0].weight
+    other[0].register_buffer("weight", weight)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"'0\.weight' is not a parameter"):
+        plan.apply(other)
+    assert_unchanged(before, other)

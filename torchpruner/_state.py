@@ -25,9 +25,11 @@ __all__ = ["unwrap_model", "make_example_inputs", "input_shape", "to_device", "p
 def fsdp_modules(model: nn.Module) -> list[str]:
     """Names of the modules of ``model`` sharded by FSDP (``FullyShardedDataParallel`` wrappers or
     ``fully_shard``). FSDP is looked up only when torch has already imported it: a model cannot
-    be sharded otherwise, and ``import torchpruner`` stays cheap."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    classes = tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None))
+    be sharded otherwise, and ``import torchpruner`` stays cheap. Before torch 2.6, ``fully_shard``
+    and its ``FSDPModule`` live in ``torch.distributed._composable.fsdp``."""
+    homes = [sys.modules.get(name) for name in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")]
+    classes = tuple(c for home in homes for c in (getattr(home, "FullyShardedDataParallel", None),
+                                                   getattr(home, "FSDPModule", None))
                     if isinstance(c, type))
     if not classes:
         return []
@@ -90,7 +92,7 @@ def make_example_inputs(
     example_inputs: Any = None,
     device: torch.device | str | None = None,
     batch_size: int = 2,
-) -> tuple[tuple, dict]:
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Normalise what a user gives to describe the model's input into ``(args, kwargs)``.
 
     Args:
@@ -188,9 +190,9 @@ class _BufferSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved: list[tuple[nn.Module, dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple]]]] = []
+        self.saved: list[tuple[nn.Module, dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple[Any, ...]]]]] = []
         for module in model.modules():
-            entries = {}
+            entries: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple[Any, ...]]] = {}
             for name, buffer in module._buffers.items():
                 if buffer is None or is_lazy(buffer) or buffer.is_meta:
                     entries[name] = (buffer, None, ())
@@ -199,7 +201,7 @@ class _BufferSnapshot:
             self.saved.append((module, entries))
 
     @staticmethod
-    def _fingerprint(buffer: torch.Tensor) -> tuple:
+    def _fingerprint(buffer: torch.Tensor) -> tuple[Any, ...]:
         # no version counter: fused observer kernels write their buffers without bumping it
         return buffer.data_ptr(), tuple(buffer.shape), buffer.dtype, buffer.device
 
@@ -257,7 +259,7 @@ def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     buffers = _BufferSnapshot(model)
     cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
     np_rng = np.random.get_state()
     py_rng = random.getstate()
     try:

@@ -43,7 +43,7 @@ import hashlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,7 @@ from torchpruner.pruner import Plan, Pruner
 from torchpruner.rules import AttributeChange, TensorSlice
 
 logger = logging.getLogger(__name__)
+_Result = TypeVar("_Result")
 
 __all__ = ["DistributedPruningError", "ddp_arguments", "plan_ddp", "prune_ddp"]
 
@@ -98,12 +99,11 @@ class _Ranks:
                 f"not every rank reached the distributed prune within the timeout ({error}); every rank must "
                 f"call prune_ddp / plan_ddp at the same point of the run; nothing was pruned") from error
 
-    def run(self, step: Callable[[], Any], what: str,
-            share: Callable[[Any], Any] = lambda result: None) -> tuple[Any, list[Any]]:
+    def run(self, step: Callable[[], _Result], what: str,
+            share: Callable[[_Result], Any] = lambda result: None) -> tuple[_Result, list[Any]]:
         """Run ``step`` on this rank: its result, and ``share(result)`` of every rank in rank order
         (one collective). An exception on any rank becomes the same
         :class:`DistributedPruningError` on every rank."""
-        result = None
         try:
             result = step()
             item: tuple[str, Any] = ("ok", share(result))
@@ -261,7 +261,7 @@ class _RestorePoint:
     def __init__(self, plan: Plan, optimizer: torch.optim.Optimizer | None) -> None:
         self.tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]] = []
         self.attributes: list[tuple[nn.Module | None, str, Any, bool]] = []
-        self.states: list[tuple[dict, dict]] = []
+        self.states: list[tuple[dict[str, Any], dict[str, Any]]] = []
         for edit in plan.edits:
             if isinstance(edit, TensorSlice):
                 tensor = getattr(edit.module, edit.tensor_name)

@@ -185,7 +185,10 @@ class Masker:
                              "input_size= or example_inputs=, or mask a group from pruner.groups()")
         self._planner.plan(target, units)  # checks the layer and the units, naming them; changes nothing
         name = next(n for n, m in self.model.named_modules() if m is target)
-        remove = normalize_indices(units, get_slicing_rule(target).out_units(target), name)
+        rule = get_slicing_rule(target)
+        num_units = rule.out_units(target) if rule is not None else None
+        assert num_units is not None  # plan() above refuses a layer without a rule or output units
+        remove = normalize_indices(units, num_units, name)
         dependencies = get_dependency_graph(self._planner.graph())
         if len(remove) == 0:
             return {group: [] for group in dependencies.groups_of(target)}
@@ -193,7 +196,7 @@ class Masker:
 
     def _masks_of(self, selection: Mapping[Group, Any]) -> list[tuple[str, _Mask | None]]:
         """Plan every group's mask (nothing changes yet): ``[(key, mask or None to unmask)]``."""
-        planned = []
+        planned: list[tuple[str, _Mask | None]] = []
         for group, units in selection.items():
             if not isinstance(group, Group):
                 raise TypeError(f"expected a group from pruner.groups(), got {type(group).__name__}")
@@ -290,19 +293,19 @@ class Masker:
             raise ValueError("the pruner holds another model than the masker; create it on the masked model")
         if not self._masks:
             return pruner.plan_groups({}, "materialize the soft masks")
-        groups = {}
+        groups: dict[str, Group] = {}
         for group in get_dependency_graph(pruner.graph()).all_groups:
             try:
                 groups.setdefault(group_key(group), group)
             except ValueError:
                 continue
-        selection = {}
+        selection: dict[Group, list[int]] = {}
         for key, mask in self._masks.items():
-            group = groups.get(key)
-            if group is None or group.num_units != mask.num_units:
+            found = groups.get(key)
+            if found is None or found.num_units != mask.num_units:
                 raise ValueError(f"the model has no group of {mask.num_units} units starting at '{key}' any more; "
                                  "the masks were made for the model as it was (mask it again)")
-            selection[group] = mask.units
+            selection[found] = mask.units
         plan = pruner.plan_groups(selection, f"materialize {len(selection)} soft mask(s)")
         plan.apply(pruner.model, pruner.optimizer)
         self._masks.clear()

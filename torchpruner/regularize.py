@@ -40,6 +40,7 @@ import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,10 +194,11 @@ def _groups_of(groups: Layers) -> list[Group]:
         raise TypeError(f"groups must be a Pruner, a group or a list of groups from pruner.groups(), got "
                         f"{type(groups).__name__}")
     items = list(groups)
-    strangers = [item for item in items if not isinstance(item, Group)]
-    if strangers:
-        raise TypeError(f"groups holds {type(strangers[0]).__name__}; pass groups from pruner.groups() or a Pruner")
-    return items
+    found = [item for item in items if isinstance(item, Group)]
+    if len(found) != len(items):
+        stranger = next(item for item in items if not isinstance(item, Group))
+        raise TypeError(f"groups holds {type(stranger).__name__}; pass groups from pruner.groups() or a Pruner")
+    return found
 
 
 def _owned_slices(group: Group) -> list[_Owned]:
@@ -209,7 +211,7 @@ def _owned_slices(group: Group) -> list[_Owned]:
     count = group.num_units
     probes = [(None, [0])] + [(bit, [u for u in range(count) if u >> bit & 1])
                               for bit in range(max(0, (count - 1).bit_length()))]
-    found: dict[tuple[int, int], list] = {}  # (parameter id, axis) -> [parameter, name, axis, held, code]
+    found: dict[tuple[int, int], list[Any]] = {}  # (parameter id, axis) -> [parameter, name, axis, held, code]
     names = {id(member.module): member.module_name for member in group.members}
     for bit, units in probes:
         try:
@@ -224,6 +226,7 @@ def _owned_slices(group: Group) -> list[_Owned]:
                 owner = names.get(id(edit.module), type(edit.module).__name__)
                 raise ValueError(f"GroupLasso cannot split group {group.index}: '{owner}.{edit.tensor_name}' is sliced "
                                  "per convolution group; leave that layer out (pruner.groups(ignored_layers=...))")
+            assert edit.module is not None  # planned edits hold their module
             parameter = edit.module._parameters[edit.tensor_name]
             size = edit.old_shape[edit.axis]
             key = (id(parameter), edit.axis)

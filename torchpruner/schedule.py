@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from torchpruner.attributions.methods.weight_norm import group_weight_norms
 from torchpruner.graph.dependency import Group
-from torchpruner.pruner import Pruner
+from torchpruner.pruner import Plan, Pruner
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,10 @@ def _check_fraction(name: str, value: Any) -> float:
     """``value`` as a float in [0, 1) (NaN, bools and non-numbers refused, naming ``name``)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__})")
-    if not 0.0 <= value < 1.0:  # NaN fails too
+    fraction = float(value)
+    if not 0.0 <= fraction < 1.0:  # NaN fails too
         raise ValueError(f"{name} must be in [0, 1) (the fraction of units removed), got {value!r}")
-    return float(value)
+    return fraction
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
@@ -230,7 +231,7 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Mapping
 def prune_groups(pruner: Pruner, fraction: float = 0.3, ratios: Mapping[nn.Module, float] | None = None,
                  scores: ScoreFn | None = None, global_ranking: bool = False, min_units: int = 1,
                  round_to: int = 1, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False,
-                 dry_run: bool = False):
+                 dry_run: bool = False) -> Plan:
     """Prune ``fraction`` of every prunable group of the pruner's model in one validated plan.
 
     Same arguments as :func:`select_units`, plus ``ignored_layers`` / ``include_outputs`` (see

@@ -18,7 +18,7 @@ import logging
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
         if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
             break
         optimizer, seen = inner, seen + 1
-    return optimizer
+    return cast("torch.optim.Optimizer | None", optimizer)
 
 
 def _check_moments(name: str, values: Iterable[int] | None) -> frozenset[int]:
@@ -95,7 +95,7 @@ def _check_moments(name: str, values: Iterable[int] | None) -> frozenset[int]:
         return frozenset()
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be a collection of ints (0-based), got {values!r}")
-    checked = set()
+    checked: set[int] = set()
     for value in values:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must hold ints >= 0, got {value!r}")

@@ -32,7 +32,8 @@ try:
     from lightning.pytorch import Callback, LightningModule, Trainer
 except ImportError:  # the standalone package
     try:
-        from pytorch_lightning import Callback, LightningModule, Trainer
+        from pytorch_lightning import (  # type: ignore[assignment, unused-ignore]  # the same classes
+            Callback, LightningModule, Trainer)
     except ImportError as error:
         raise ImportError("torchpruner.integrations.lightning needs Lightning: "
                           "pip install 'torchpruner-onthefly[lightning]'") from error

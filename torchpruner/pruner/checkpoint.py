@@ -273,7 +273,7 @@ def resize_to_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
     return model
 
 
-def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_pruned(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Save ``model``'s state dict to ``path`` and its manifest to ``path + ".manifest.json"``;
     returns the manifest's path (which :func:`load_pruned` also accepts)."""
     model = unwrap_model(model)
@@ -292,7 +292,7 @@ def _read_manifest(manifest_path: Path) -> Any:
                          f"wrote") from None
 
 
-def load_pruned(model: nn.Module, path: str | os.PathLike, map_location: Any | None = None) -> nn.Module:
+def load_pruned(model: nn.Module, path: str | os.PathLike[str], map_location: Any | None = None) -> nn.Module:
     """Resize a freshly built ``model`` with the manifest next to ``path``, then load the weights.
 
     ``path`` is the checkpoint given to :func:`save_pruned`, or the manifest path it returned.

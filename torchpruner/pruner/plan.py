@@ -137,7 +137,7 @@ def data_assignment_renews_gradient_accumulator() -> bool:
             held = probe * 1  # keeps the accumulator for shape [2] alive
             with torch.no_grad():
                 _renew_and_assign(probe, torch.zeros(3))
-            (probe * 2).sum().backward()
+            (probe * 2).sum().backward()  # type: ignore[no-untyped-call]
             del held
             return probe.grad is not None and tuple(probe.grad.shape) == (3,)
     except RuntimeError:
@@ -156,6 +156,19 @@ def _assign_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
         _renew_and_assign(tensor, data)
     else:
         tensor.data = data
+
+
+def parameter_slices(bound: list[tuple[Edit, nn.Module]]) -> list[tuple[TensorSlice, nn.Parameter]]:
+    """The parameter slices among ``(edit, module)`` pairs, each with the Parameter it slices."""
+    slices = []
+    for edit, module in bound:
+        if isinstance(edit, TensorSlice) and edit.is_parameter:
+            parameter = module._parameters.get(edit.tensor_name)
+            if parameter is None:
+                raise ValueError(f"'{edit.qualified_name}' is not a parameter of {type(module).__name__}; the plan "
+                                 "slices it as one (plan again on the model as it is)")
+            slices.append((edit, parameter))
+    return slices
 
 
 def check_graphs_released(parameters: list[tuple[str, nn.Parameter]]) -> None:
@@ -216,9 +229,9 @@ class _Journal:
     def commit(self) -> None:
         """Mark every sliced tensor as modified: a graph from before the prune that saved one of
         them refuses to run backward() (autograd's in-place check) instead of mixing shapes."""
-        tensors = [t for t in self.tensors.values() if not t.is_inference()]
-        if tensors:
-            torch.autograd.graph.increment_version(tensors)
+        for tensor in self.tensors.values():
+            if not tensor.is_inference():
+                torch.autograd.graph.increment_version(tensor)  # one at a time: torch < 2.5 takes one tensor
 
     def roll_back(self) -> None:
         """Undo every change, newest first. Each undo only puts old objects back."""
@@ -331,10 +344,9 @@ class Plan:
         """
         model = resolve_model(model)
         bound = self._bind(model)
-        parameter_slices = [(edit, module._parameters[edit.tensor_name]) for edit, module in bound
-                            if isinstance(edit, TensorSlice) and edit.is_parameter]
-        optimizer_plan = plan_optimizer_surgery(optimizer, parameter_slices, model) if optimizer is not None else []
-        check_graphs_released([(edit.qualified_name, parameter) for edit, parameter in parameter_slices])
+        sliced_parameters = parameter_slices(bound)
+        optimizer_plan = plan_optimizer_surgery(optimizer, sliced_parameters, model) if optimizer is not None else []
+        check_graphs_released([(edit.qualified_name, parameter) for edit, parameter in sliced_parameters])
         # everything is validated: act, journaling each change. No context manager here: an
         # interrupt at its exit could leave its state behind (e.g. gradients switched off);
         # every slice is taken from detached tensors instead of under no_grad

@@ -14,8 +14,9 @@ thin holder of model, optimizer and policy that calls them. Three entry points:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from torchpruner.rules import (KEPT_UNITS_ATTRIBUTE, AttributeChange, Edit, Grou
                                unaccounted_tensors_message)
 
 from .optimizer import describe_optimizer_surgery, plan_optimizer_surgery
-from .plan import Plan, merge_edits
+from .plan import Plan, merge_edits, parameter_slices
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
     if dep is None:
         return []
     edits: list[Edit] = []
-    kept: dict[int, list] = {}   # module id -> [module, rule, out_keep, in_keep]
+    kept: dict[int, list[Any]] = {}   # module id -> [module, rule, out_keep, in_keep]
     param_kept: dict[int, tuple[nn.Module, dict[str, list[int]]]] = {}  # bare parameters' kept ids
     per_call: dict[int, nn.Module] = {}   # parameter-free modules with one role per call site (Dropout)
     for role, positions in dep.removals(selection):
@@ -83,6 +84,7 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
             continue
         remove = torch.as_tensor(positions, dtype=torch.long)
         if role.direction == "param":
+            assert role.parameter is not None and role.axis is not None  # every "param" role names its tensor
             keep = complement(remove, space.size)
             edits += slice_tensor(role.module, role.parameter, role.axis, keep)
             # recorded like a layer's kept units, so a pruned checkpoint can replay the slice
@@ -224,7 +226,7 @@ def check_group_selection(model: nn.Module, selection: Selection) -> None:
 
 
 def check_listed_cascade(selection: Selection, source: nn.Module, cascade: Sequence[nn.Module],
-                         name_of) -> list[nn.Module]:
+                         name_of: Callable[[nn.Module], str]) -> list[nn.Module]:
     """Check an explicit ``cascading_modules`` list against the groups the analysis found.
 
     Every listed module must be sliced by the prune, and every member with per-unit tensors must
@@ -263,7 +265,7 @@ def finish_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, descr
                 edits: list[Edit]) -> Plan:
     """Name every edit, validate the plan against the model and the optimizer."""
     names = {id(m): n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
-    owners: dict[int, set] = {}
+    owners: dict[int, set[int]] = {}
     param_names: dict[int, list[str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for pname, param in module._parameters.items():
@@ -271,21 +273,25 @@ def finish_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, descr
                 owners.setdefault(id(param), set()).add(id(module))
                 param_names.setdefault(id(param), []).append(f"{module_name}.{pname}" if module_name else pname)
     checked = set()
+    bound: list[tuple[Edit, nn.Module]] = []
     for edit in edits:
-        edit.module_name = names[id(edit.module)]
-        if id(edit.module) not in checked:
-            check_not_parametrized(edit.module, edit.module_name)
-            checked.add(id(edit.module))
+        module = edit.module
+        assert module is not None  # planning edits hold their module until the plan is finished
+        edit.module_name = names[id(module)]
+        if id(module) not in checked:
+            check_not_parametrized(module, edit.module_name)
+            checked.add(id(module))
+        bound.append((edit, module))
         if isinstance(edit, TensorSlice) and edit.is_parameter:
-            param = edit.module._parameters[edit.tensor_name]
+            param = module._parameters[edit.tensor_name]
             if len(owners.get(id(param), ())) > 1:
                 others = [n for n in param_names[id(param)] if n != edit.qualified_name]
                 raise ValueError(f"'{edit.qualified_name}' is tied to {others} (the same Parameter in several "
                                  f"modules); pruning tied weights is not supported")
     plan = Plan(description=description, edits=merge_edits(edits))
-    parameter_slices = [(e, e.module._parameters[e.tensor_name]) for e in plan.edits
-                        if isinstance(e, TensorSlice) and e.is_parameter]
-    plan.optimizer_slices = describe_optimizer_surgery(plan_optimizer_surgery(optimizer, parameter_slices))
+    module_of = {id(edit): module for edit, module in bound}   # merging keeps a subset of the same edits
+    merged = [(edit, module_of[id(edit)]) for edit in plan.edits]
+    plan.optimizer_slices = describe_optimizer_surgery(plan_optimizer_surgery(optimizer, parameter_slices(merged)))
     logger.debug("%s", plan)
     return plan
 
@@ -303,7 +309,7 @@ def check_not_parametrized(module: nn.Module, name: str) -> None:
     """Refuse weights computed by parametrizations, weight_norm/spectral_norm or pruning masks."""
     if parametrize.is_parametrized(module):
         raise ValueError(f"'{name}' ({type(module).__name__}) has parametrized tensors "
-                         f"({sorted(module.parametrizations.keys())}); remove the parametrizations first "
+                         f"({sorted(cast(nn.ModuleDict, module.parametrizations).keys())}); remove the parametrizations first "
                          f"(torch.nn.utils.parametrize.remove_parametrizations)")
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, BasePruningMethod):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -254,7 +254,7 @@ class Pruner:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _example_inputs(self) -> tuple[tuple, dict]:
+    def _example_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return make_example_inputs(self.model, self.input_size, self.example_inputs, self.device)
 
     def _graph_with_sites(self, graph: ModelGraph, modules: Sequence[nn.Module]) -> ModelGraph:
@@ -277,8 +277,8 @@ class Pruner:
         edits = rule_edits(rule, module, name, source_selection, "out")
         edits += kept_units_edit(module, rule, source_selection.keep, None)
         for consumer, selection in consumers:
-            consumer_rule = get_slicing_rule(consumer)
             consumer_name = self._name_of(consumer)
+            consumer_rule = self._rule_of(consumer, consumer_name)
             edits += rule_edits(consumer_rule, consumer, consumer_name, selection, "in")
             edits += kept_units_edit(consumer, consumer_rule,
                                      out_keep_after_in(consumer_rule, consumer, consumer_name, selection), selection.keep)
@@ -286,7 +286,9 @@ class Pruner:
         if listed:
             description += f"; slice {listed}"
         plan = finish_plan(self.model, self.optimizer, description, edits)
-        source_flow = Flow(remove, num_units, graph.sites_of(module)[0].unit_axis, tuple(graph.sites_of(module)[0].shape))
+        site = graph.sites_of(module)[0]
+        assert site.unit_axis is not None and site.shape is not None  # the walk starts only at such a site
+        source_flow = Flow(remove, num_units, site.unit_axis, tuple(site.shape))
         self._check_runs_after(plan, module, name, include_outputs)
         self._check_reaches_only_listed(module, name, source_flow, consumers)
         return plan
@@ -331,6 +333,8 @@ class Pruner:
     def _inputs_changed_by(self, source: nn.Module, site: CallSite, source_flow: Flow) -> torch.Tensor | None:
         """Which (flattened, per example) inputs of ``site``'s module change when the pruned units of
         ``source`` are pushed up and down on the example input; None when it is not called."""
+        if site.module is None:
+            return None
         return self._probe(source, source_flow, [site.module]).get(id(site.module))
 
     def _probe(self, source: nn.Module, flow: Flow, watched: Sequence[nn.Module],
@@ -343,13 +347,13 @@ class Pruner:
         args, kwargs = self._example_inputs()
         seen: dict[int, list[torch.Tensor]] = {id(m): [] for m in watched}
         held: dict[int, list[Any]] = {id(m): [] for m in frozen}
-        run = {"sign": 0.0, "call": {}}
+        run: dict[str, Any] = {"sign": 0.0, "call": {}}
 
-        def grab(module: nn.Module, inputs: tuple) -> None:
+        def grab(module: nn.Module, inputs: tuple[Any, ...]) -> None:
             if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
                 seen[id(module)].append(inputs[0].detach().reshape(inputs[0].shape[0], -1).clone())
 
-        def hold(module: nn.Module, _inputs: tuple, output: Any) -> Any:
+        def hold(module: nn.Module, _inputs: tuple[Any, ...], output: Any) -> Any:
             calls = held[id(module)]
             if run["sign"] == 0.0:
                 calls.append(output)
@@ -358,7 +362,7 @@ class Pruner:
             run["call"][id(module)] = index + 1
             return calls[index] if index < len(calls) else None
 
-        def perturb(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        def perturb(_module: nn.Module, _inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             if run["sign"] == 0.0 or not isinstance(output, torch.Tensor):
                 return None
             index: list[Any] = [slice(None)] * output.dim()
@@ -400,7 +404,7 @@ class Pruner:
         input then changes with the pruned units reads them unseen, and the plan is refused."""
         sliced = {id(m) for owner in [source] + [m for m, _ in consumers] for m in owner.modules()}
         frozen = [m for m, selection in consumers
-                  if removed_out(get_slicing_rule(m), m, self._name_of(m), selection) is None]
+                  if removed_out(self._rule_of(m, self._name_of(m)), m, self._name_of(m), selection) is None]
         watched = []
         for module in self.model.modules():
             if id(module) in sliced or any(True for _ in module.children()):
@@ -454,7 +458,8 @@ class Pruner:
     def _name_of(self, module: nn.Module) -> str:
         if not isinstance(module, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
-        for name, candidate in self.model.named_modules(remove_duplicate=False):
+        named: Iterator[tuple[str, nn.Module]] = self.model.named_modules(remove_duplicate=False)
+        for name, candidate in named:
             if candidate is module:
                 return name
         raise ValueError(f"{type(module).__name__} module {_short_repr(module)} is not part of the model "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn as nn
@@ -22,8 +23,23 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
 
 
-def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, example_inputs: Any = None,
-                batch_size: int = 1, by_module: bool = False) -> int | Dict[str, int]:
+@overload
+def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
+                batch_size: int = 1, by_module: Literal[False] = False) -> int: ...
+
+
+@overload
+def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
+                batch_size: int = 1, *, by_module: Literal[True]) -> dict[str, int]: ...
+
+
+@overload
+def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
+                batch_size: int = 1, by_module: bool = False) -> int | dict[str, int]: ...
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
+                batch_size: int = 1, by_module: bool = False) -> int | dict[str, int]:
     """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
     Counts matrix multiplications and convolutions (a multiply-add is 2 FLOPs), as PyTorch does.
@@ -46,9 +62,9 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, ex
     return int(counter.get_total_flops())
 
 
-def measure_latency(model: nn.Module, input_size: Optional[Sequence[int]] = None, example_inputs: Any = None,
+def measure_latency(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
                     batch_size: int = 1, warmup: int = 3, repeats: int = 10,
-                    threads: Optional[int] = None) -> Dict[str, float]:
+                    threads: int | None = None) -> dict[str, float]:
     """Wall-clock latency of a forward pass in eval mode under ``no_grad``.
 
     Args:
@@ -60,7 +76,7 @@ def measure_latency(model: nn.Module, input_size: Optional[Sequence[int]] = None
     model = unwrap_model(model)
     args, kwargs = make_example_inputs(model, input_size, example_inputs, batch_size=batch_size)
     old_threads = torch.get_num_threads()
-    times = []
+    times: list[float] = []
     try:
         if threads is not None:
             torch.set_num_threads(threads)
