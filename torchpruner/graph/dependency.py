@@ -65,7 +65,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner._ops import (DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
+from torchpruner._ops import (ATTENTION_FUNCTIONS, MATMUL_FUNCTIONS, MATMUL_METHODS, DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
                               MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES, PASS_THROUGH_MODULES,
                               REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS,
                               SPATIAL_FUNCTIONS, SPATIAL_MODULES)
@@ -530,6 +530,10 @@ class DependencyGraph(LayerFlow):
             self._dim_wise(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
         elif is_fn and target in SPATIAL_FUNCTIONS:
             self._spatial(node)
+        elif (is_fn and target in MATMUL_FUNCTIONS) or (is_method and target in MATMUL_METHODS):
+            self._matmul(node)
+        elif is_fn and target in ATTENTION_FUNCTIONS:
+            self._sdpa(node)
         elif is_fn and target in (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm):
             self._functional_norm(node)
         elif (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS):
