@@ -499,7 +499,7 @@ class DependencyGraph(LayerFlow):
             # tuples of split/chunk are followed at their getitem; any other op that takes the units
             # and returns no tensor (torch.sort's (values, indices)...) cannot be followed
             movement = (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS)
-            if not movement and [n for n in slotted if n.op != "get_attr"]:
+            if not movement and [n for n in slotted if n.op != "get_attr"] and not self._returns_none(node):
                 raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it does not return "
                                     f"one tensor")
             return
@@ -538,7 +538,7 @@ class DependencyGraph(LayerFlow):
             self._functional_norm(node)
         elif (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS):
             self._movement(node)
-        else:
+        elif not self._identity_call(node):
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}: "
                                 f"unsupported op")
 

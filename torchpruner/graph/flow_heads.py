@@ -333,3 +333,37 @@ class HeadFlow(SlotFlow):
                 raise _CannotFollow(f"{label}: the attention mask carries units off the head axis")
             self._link_same(ms, sq)
 
+
+    # -- helper functions that fx keeps as calls (timm's maybe_add_mask) ----------------------
+
+    def _returns_none(self, node: fx.Node) -> bool:
+        """``node`` (a call that returned no tensor) returns None: no units flow out of it (timm's
+        ``resolve_self_attn_mask`` without a mask). Run on stand-ins of its inputs."""
+        if node.op != "call_function":
+            return False
+        try:
+            return self._evaluate(node, {}) is None
+        except Exception:  # noqa: BLE001 - it cannot run on stand-ins: unknown
+            return False
+
+    def _identity_call(self, node: fx.Node) -> bool:
+        """An unknown function that returns its one input with units unchanged (timm's
+        ``maybe_add_mask(attn, None)``), verified on tensors of slot ids with and without units
+        removed: the units pass. False when it is not."""
+        inputs = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
+        if node.op != "call_function" or len(inputs) != 1:
+            return False
+        x, space = inputs[0], self._spaces[inputs[0]]
+        if self._shape(node) != space.shape:
+            return False
+        for keep in [np.arange(space.size)] + [np.setdiff1d(np.arange(space.size), r) for r in
+                                               ([0], [space.size - 1]) if space.size >= 2]:
+            ids = _slot_ids(space.shape, space.axis, keep)
+            try:
+                result = self._evaluate(node, {x: ids})
+            except Exception:  # noqa: BLE001 - it does not run on slot ids: not an identity
+                return False
+            if not isinstance(result, torch.Tensor) or result.shape != ids.shape or not torch.equal(result, ids):
+                return False
+        self._link_same(space, self._alloc(node, space.axis))
+        return True
