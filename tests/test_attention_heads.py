@@ -4,8 +4,10 @@ checked against the zeroed twin (float64, eval mode) and a model rebuilt at the 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 from oracles import assert_prune_equals_zeroed_twin, masked_at_mask_points
 from torchpruner import Pruner
+from torchpruner.attributions import LeaveOneOutAttributionMetric
 from torchpruner.schedule import prune_groups
 
 
@@ -209,3 +212,59 @@ def test_timm_vit_prunes_whole_heads_and_the_embedding(fused):
     assert stream.num_units == 192
     _prune_equals_zeroed_twin(pruner, x, group, [1])
     assert attn.num_heads == 2 and attn.attn_dim == 128 and attn.qkv.out_features == 384
+
+
+class Classifier(nn.Module):
+    """A GQA block averaged over the tokens: [B, N, 8] -> [B, 5] logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = LlamaBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x).mean(1)
+
+
+def test_a_head_groups_leave_one_out_score_is_the_loss_change_of_removing_that_head():
+    torch.manual_seed(0)
+    model = Classifier().double().eval()
+    x = torch.randn(6, 6, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,))
+    pruner = Pruner(model, example_inputs=x[:2])
+    group = _head_group(pruner, model.block.k_proj)
+    metric = LeaveOneOutAttributionMetric(model, [(x[:4], y[:4]), (x[4:], y[4:])], F.cross_entropy, "cpu",
+                                          reduction="none", algorithm="reference")
+    scores = metric.run(group)
+    with torch.no_grad():
+        full = F.cross_entropy(model(x), y, reduction="none").numpy()
+    for unit in range(group.num_units):
+        twin = copy.deepcopy(model)
+        twin_pruner = Pruner(twin, example_inputs=x[:2])
+        twin_group = _head_group(twin_pruner, twin.block.k_proj)
+        twin_pruner.plan_groups({twin_group: [unit]}, "one KV head and its query heads").apply(twin, None)
+        assert twin.block.k_proj.out_features == 4 and twin.block.q_proj.out_features == 8
+        with torch.no_grad():
+            pruned = F.cross_entropy(twin(x), y, reduction="none").numpy()
+        np.testing.assert_allclose(scores[:, unit], pruned - full, rtol=1e-9, atol=1e-12)
+
+
+def test_with_a_literal_head_count_and_head_dim_minus_one_the_product_over_head_dims_is_refused_alone():
+    class HeadDims(HFAttention):
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = self.q_proj(x).view(b, n, 4, -1).transpose(1, 2)
+            k = self.k_proj(x).view(b, n, 4, -1).transpose(1, 2)
+            v = self.v_proj(x).view(b, n, 4, -1).transpose(1, 2)
+            y = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+            return self.o_proj(y.transpose(1, 2).reshape(b, n, -1))
+
+    model = Block(HeadDims()).eval()
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = Pruner(model, example_inputs=x)
+        refused = {m.module_name for g in pruner.refused_groups() for m in g.members if m.direction == "out"}
+        assert refused == {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
+        assert all("contracts the units" in g.refusal for g in pruner.refused_groups())
+        (stream,) = pruner.groups()   # the refusal stays in the head groups
+    assert model.embed in stream.source_modules and stream.num_units == 16

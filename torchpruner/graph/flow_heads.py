@@ -10,12 +10,12 @@ split axis whose size the code can change (``-1``, a size computed from the tens
 attribute such as ``self.num_heads``, updated by the prune), and each of its positions is linked to
 every channel of the source that lands in it (the ``D`` dims of a head, for q, k and v alike). The
 other split axes (``3``, ``head_dim``) keep their size. When the outermost changeable axis is
-``head_dim`` (the head count is a literal), the dims of a head are the units instead: dim ``d`` of
-every head goes together.
+``head_dim`` (the head count is a literal), dim ``d`` of every head is the unit instead; a product
+that contracts it (``q @ k^T``) is then refused, so only whole heads are pruned through attention.
 
 Batched matrix products (``q @ k.transpose(-2, -1)``, ``attn @ v``, ``torch.matmul``/``bmm``) link
-the batch axes of their operands with the output's; units on the contracted axes link the two
-operands and leave the output without units. ``F.scaled_dot_product_attention`` links the head axes
+the batch axes of their operands with the output's (and a row or column axis with the output's);
+units on a contracted axis are refused. ``F.scaled_dot_product_attention`` links the head axes
 of q, k, v and its output; with ``enable_gqa=True`` query head ``j`` reads KV head ``j // (Hq / Hkv)``,
 so a KV head and its group of query heads go together (as HF's ``repeat_kv`` expand + reshape gives).
 Merging the heads back (``transpose(1, 2).reshape(B, N, C)``) is an ordinary movement op.
@@ -265,7 +265,7 @@ class HeadFlow(SlotFlow):
         spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (a, b)]
         nd = len(out_shape)
         mapped: list[tuple[_Space, int]] = []   # (operand space, output axis)
-        contracted = []
+        contracted: list[_Space] = []
         for k, (space, shape) in enumerate(zip(spaces, shapes)):
             if space is None:
                 continue
@@ -277,13 +277,11 @@ class HeadFlow(SlotFlow):
             else:
                 mapped.append((space, nd - 2 if k == 0 else nd - 1))
         if contracted:
-            if len(contracted) != 2 or contracted[0].size != contracted[1].size:
-                raise _CannotFollow(f"{self._label(node)} contracts units of one operand with a fixed-size axis "
-                                    f"of the other")
-            self._link_same(contracted[0], contracted[1])
-            if mapped:
-                raise _CannotFollow(f"{self._label(node)} reads units on several axes")
-            return
+            # the dims of each head (q @ k^T over head_dim): zeroing them is not a consumer's read,
+            # and the attention scale of a fused kernel follows head_dim; only whole heads go through
+            raise _CannotFollow(f"{self._label(node)} contracts the units (the dims of each head, when the head "
+                                f"count is a literal in the reshape before it); read the head count from a "
+                                f"module attribute (self.num_heads) or use -1 so that whole heads are pruned")
         axes = {axis for _, axis in mapped}
         if len(axes) != 1:
             raise _CannotFollow(f"{self._label(node)} puts the units of its operands on different axes")
