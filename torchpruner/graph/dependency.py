@@ -31,6 +31,11 @@ axis. Ops connect slots that must disappear together:
   the layer's attributes;
 - depthwise convolutions pass channels through; grouped convolutions force equal pruning in every
   group; GroupNorm whole groups; ``nn.MultiheadAttention`` equal pruning in every head;
+- attention heads (:mod:`~torchpruner.graph.flow_heads`): a reshape that splits a projection's units
+  into (heads, head_dim) makes each head one unit (its channels of q, k, v and the output
+  projection's columns go together; a head count read from ``self.num_heads`` is updated, a literal
+  refuses the heads); batched matmul and ``F.scaled_dot_product_attention`` link the head axes, a
+  KV head going with its group of query heads (``repeat_kv``, ``enable_gqa=True``);
 - ``max``/``topk``/``sort``-like pairs are followed at their items (``[0]``/``.values``,
   ``[1]``/``.indices``) unless they run along the unit axis; tensor attributes that are views
   (``.mT``, ``.T``, ``.real``, ``.data``) like movement ops; any other attribute read that carries
