@@ -268,3 +268,24 @@ def test_with_a_literal_head_count_and_head_dim_minus_one_the_product_over_head_
         assert all("contracts the units" in g.refusal for g in pruner.refused_groups())
         (stream,) = pruner.groups()   # the refusal stays in the head groups
     assert model.embed in stream.source_modules and stream.num_units == 16
+
+
+def test_a_channel_shuffle_with_computed_sizes_prunes_the_same_position_in_every_group():
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            n, c, h, w = y.shape
+            return self.conv2(y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w))
+
+    torch.manual_seed(0)
+    model = Shuffle().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    group = _head_group(pruner, model.conv)
+    assert group.num_units == 4 and group.unit_channels(model.conv)[1].tolist() == [1, 5]
+    _prune_equals_zeroed_twin(pruner, x, group, [1])
+    assert model.conv.out_channels == 6 and model.conv2.in_channels == 6

@@ -144,9 +144,11 @@ class HeadFlow(SlotFlow):
     # -- movement with shape arguments from attributes --------------------------------------
 
     def _shape_upstream(self, x: fx.Node, count: int) -> dict[fx.Node, torch.Tensor]:
-        """Stand-ins for the tensors upstream of ``x`` along a chain of movement ops that hold the
-        same number of units (``k`` in ``k[:, :, None].expand(b, k.shape[1], ...)``): their shapes
-        with ``count`` units on the unit axis, for sizes the code reads from them."""
+        """Stand-ins for the tensors upstream of ``x`` along a chain of movement ops (``k`` in
+        ``k[:, :, None].expand(b, k.shape[1], ...)``, ``y`` in a channel shuffle's
+        ``y.view(n, g, c // g, h, w)...reshape(n, c, h, w)``), with the unit count each has when
+        ``x`` keeps ``count`` units (a head of ``x`` holds ``size(upstream) / size(x)`` of their
+        units), for sizes the code reads from them."""
         found: dict[fx.Node, torch.Tensor] = {}
         space = self._spaces.get(x)
         node = x
@@ -155,12 +157,13 @@ class HeadFlow(SlotFlow):
             if len(inputs) != 1 or node.op not in ("call_method", "call_function"):
                 break
             upstream = self._spaces.get(inputs[0])
-            if upstream is None or upstream.size != space.size:
+            if upstream is None or upstream.size % space.size:
                 break
+            count = count * (upstream.size // space.size)
             shape = list(upstream.shape)
             shape[upstream.axis] = count
             found[inputs[0]] = torch.empty(shape, device="meta", dtype=self._dtype(inputs[0]) or torch.float32)
-            node = inputs[0]
+            node, space = inputs[0], upstream
         return found
 
     def _same_units_upstream(self, tensor: fx.Node, operands: set[fx.Node]) -> bool:
