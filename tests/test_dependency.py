@@ -336,9 +336,17 @@ class ChannelShuffle(nn.Module):
         return self.conv2(y)
 
 
+class LiteralChannelShuffle(ChannelShuffle):
+    def forward(self, x):
+        y = self.conv(x)
+        n, _, h, w = y.shape
+        y = y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)   # sizes written in the code
+        return self.conv2(y)
+
+
 @pytest.mark.parametrize("model_cls, layer, match", [
     (HardCodedView, "conv", r"'conv'.*hard-coded shape in view at call site 'view'"),
-    (ChannelShuffle, "conv", r"'conv'.*view at call site 'view' spreads the units over several axes"),
+    (LiteralChannelShuffle, "conv", r"'conv'.*view at call site 'view' spreads the units over several axes"),
 ])
 def test_unfollowable_ops_are_refused_before_any_change(model_cls, layer, match):
     model = randomize(model_cls())

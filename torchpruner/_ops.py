@@ -92,6 +92,11 @@ MOVEMENT_METHODS = {
     "tensor_split", "roll", "flip", "repeat", "tile", "__getitem__", "split_with_sizes", "view_as",
     "reshape_as", "expand_as",
 }
+#: Matrix products: batch axes pass units, contracted axes link the operands.
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+MATMUL_METHODS = {"matmul", "bmm"}
+#: Attention kernels on [B, heads, L, E]: the head axes of q, k, v and the output go together.
+ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention}
 #: Reductions over some dims: fine unless the unit axis is reduced.
 REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
                        torch.logsumexp, torch.nansum, torch.nanmean}

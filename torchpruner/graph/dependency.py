@@ -31,6 +31,11 @@ axis. Ops connect slots that must disappear together:
   the layer's attributes;
 - depthwise convolutions pass channels through; grouped convolutions force equal pruning in every
   group; GroupNorm whole groups; ``nn.MultiheadAttention`` equal pruning in every head;
+- attention heads (:mod:`~torchpruner.graph.flow_heads`): a reshape that splits a projection's units
+  into (heads, head_dim) makes each head one unit (its channels of q, k, v and the output
+  projection's columns go together; a head count read from ``self.num_heads`` is updated, a literal
+  refuses the heads); batched matmul and ``F.scaled_dot_product_attention`` link the head axes, a
+  KV head going with its group of query heads (``repeat_kv``, ``enable_gqa=True``);
 - ``max``/``topk``/``sort``-like pairs are followed at their items (``[0]``/``.values``,
   ``[1]``/``.indices``) unless they run along the unit axis; tensor attributes that are views
   (``.mT``, ``.T``, ``.real``, ``.data``) like movement ops; any other attribute read that carries
@@ -65,7 +70,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner._ops import (DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
+from torchpruner._ops import (ATTENTION_FUNCTIONS, MATMUL_FUNCTIONS, MATMUL_METHODS, DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
                               MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES, PASS_THROUGH_MODULES,
                               REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS,
                               SPATIAL_FUNCTIONS, SPATIAL_MODULES)
@@ -499,7 +504,7 @@ class DependencyGraph(LayerFlow):
             # tuples of split/chunk are followed at their getitem; any other op that takes the units
             # and returns no tensor (torch.sort's (values, indices)...) cannot be followed
             movement = (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS)
-            if not movement and [n for n in slotted if n.op != "get_attr"]:
+            if not movement and [n for n in slotted if n.op != "get_attr"] and not self._returns_none(node):
                 raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it does not return "
                                     f"one tensor")
             return
@@ -530,11 +535,15 @@ class DependencyGraph(LayerFlow):
             self._dim_wise(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
         elif is_fn and target in SPATIAL_FUNCTIONS:
             self._spatial(node)
+        elif (is_fn and target in MATMUL_FUNCTIONS) or (is_method and target in MATMUL_METHODS):
+            self._matmul(node)
+        elif is_fn and target in ATTENTION_FUNCTIONS:
+            self._sdpa(node)
         elif is_fn and target in (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm):
             self._functional_norm(node)
         elif (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS):
             self._movement(node)
-        else:
+        elif not self._identity_call(node):
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}: "
                                 f"unsupported op")
 

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torchpruner._ops import SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_OPS
 
 from .spaces import _CannotFollow, _ShapeAttribute, _Space, _flatten_nodes
-from .slots import SlotFlow, _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
+from .flow_heads import HeadFlow
+from .slots import _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
 
 
 
 
-class TensorOpFlow(SlotFlow):
+class TensorOpFlow(HeadFlow):
     """How tensor ops move units: element-wise ops and merges, concatenation and stacking,
     reductions and dim-wise ops, pooling-like spatial ops, movement ops (reshape, permute,
     indexing: followed on tensors of slot ids), pieces of the unit axis, max/sort-like pairs and
@@ -50,7 +51,7 @@ class TensorOpFlow(SlotFlow):
         args = (node.args, dict(node.kwargs))
         operands = {n for n in node.all_input_nodes if self._shape(n) is not None}
         for tensor in dict.fromkeys(sources):
-            if tensor in operands:
+            if tensor in operands or self._same_units_upstream(tensor, operands):
                 continue   # the op's own input: followed (and checked) with the op itself
             space = self._spaces.get(tensor)
             if space is None or space.size < 3:
@@ -292,30 +293,22 @@ class TensorOpFlow(SlotFlow):
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}")
         out_axis, line = _unit_line(y)
         if out_axis is None:
+            if self._split_heads(node, x, space, y, module):
+                return
             raise _CannotFollow(
-                f"{self._label(node)} spreads the units over several axes (a channel shuffle or a reshape "
-                f"that splits the unit axis); it cannot be pruned")
+                f"{self._label(node)} spreads the units over several axes (a channel shuffle, or a split into "
+                f"heads whose sizes are literals in the code); it cannot be pruned")
         present = set(np.unique(line).tolist())
         if present != set(range(space.size)):
             self._piece(node, x, space, y, out_axis, line, module)
             return
-        if space.size >= 2:
-            for removed in _probe_removals(space.size):
-                keep = np.setdiff1d(np.arange(space.size), removed)
-                small = _slot_ids(space.shape, space.axis, keep)
-                try:
-                    y_small = self._evaluate(node, {x: small}, module)
-                except Exception as exc:
-                    raise _CannotFollow(
-                        f"hard-coded shape in {self._label(node)}: it fails once units are removed "
-                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
-                expected = y.index_select(out_axis, torch.as_tensor(np.nonzero(np.isin(line, keep))[0]))
-                if not isinstance(y_small, torch.Tensor) or y_small.shape != expected.shape \
-                        or not torch.equal(y_small, expected):
-                    raise _CannotFollow(f"hard-coded shape in {self._label(node)}: its result is wrong once units "
-                                        f"are removed (e.g. x.view(-1, C*H*W) with a literal size)")
+        sized_by = self._probe_movement(node, x, space, y, out_axis, line, module, _probe_removals(space.size)) \
+            if space.size >= 2 else None
         out = self._alloc(node, out_axis)
         self._link(space, line, out, np.arange(out.size))
+        if sized_by is not None:
+            sized_by.space = out
+            self._shape_attributes.append(sized_by)
 
     def _piece(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, out_axis: int, line: np.ndarray,
                module: Optional[nn.Module]) -> None:

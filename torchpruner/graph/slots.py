@@ -286,6 +286,8 @@ class SlotFlow:
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "placeholder" and node.args and self._shape(node) is None:
+            return node.args[0]   # a forward argument left at its default (attn_mask=None)
         if node.op == "call_module" and depth == 0:
             mod = module if module is not None else self._traced_modules[node.target]
             return mod(*args, **kwargs)

@@ -1,0 +1,370 @@
+"""The dependency analysis, attention heads: reshapes that split the unit axis into (heads,
+head_dim), batched matrix products and ``F.scaled_dot_product_attention`` (part of
+:mod:`torchpruner.graph.dependency`).
+
+Model
+-----
+A reshape that splits the units of a projection into several axes (``[B, N, C] -> [B, N, H, D]``,
+timm's ``[B, N, 3, H, D]``) makes one *head* the unit: the new tensor's unit axis is the outermost
+split axis whose size the code can change (``-1``, a size computed from the tensor, or a module
+attribute such as ``self.num_heads``, updated by the prune), and each of its positions is linked to
+every channel of the source that lands in it (the ``D`` dims of a head, for q, k and v alike). The
+other split axes (``3``, ``head_dim``) keep their size. When the outermost changeable axis is
+``head_dim`` (the head count is a literal), dim ``d`` of every head is the unit instead; a product
+that contracts it (``q @ k^T``) is then refused, so only whole heads are pruned through attention.
+
+Batched matrix products (``q @ k.transpose(-2, -1)``, ``attn @ v``, ``torch.matmul``/``bmm``) link
+the batch axes of their operands with the output's (and a row or column axis with the output's);
+units on a contracted axis are refused. ``F.scaled_dot_product_attention`` links the head axes
+of q, k, v and its output; with ``enable_gqa=True`` query head ``j`` reads KV head ``j // (Hq / Hkv)``,
+so a KV head and its group of query heads go together (as HF's ``repeat_kv`` expand + reshape gives).
+Merging the heads back (``transpose(1, 2).reshape(B, N, C)``) is an ordinary movement op.
+
+Every rule is checked on tensors of slot ids with units removed, as reshapes are; a size written as
+a literal that a prune would change refuses the group, naming the op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .slots import SlotFlow, _slot_ids
+from .spaces import _CannotFollow, _ShapeAttribute, _Space
+from .trace import _LeafTracer
+
+_RESHAPE_METHODS = ("reshape", "view")
+
+
+class HeadFlow(SlotFlow):
+    """Attention heads: the split of a projection's units into heads, batched matrix products and
+    ``F.scaled_dot_product_attention``."""
+
+    # -- shape arguments ------------------------------------------------------------------
+
+    def _shape_list(self, node: fx.Node) -> tuple[list[Any], int, bool] | None:
+        """The target shape of a reshape/view ``node`` as a list, where it sits in ``node.args``
+        (start index) and whether it is one tuple argument; None for any other op."""
+        is_reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or \
+            (node.op == "call_function" and node.target is torch.reshape)
+        if not is_reshape:
+            return None
+        if "shape" in node.kwargs or "size" in node.kwargs:
+            return None
+        if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+            return list(node.args[1]), 1, True
+        return list(node.args[1:]), 1, False
+
+    def _with_shape(self, node: fx.Node, position: int, value: int) -> tuple[tuple, dict]:
+        """``node``'s (args, kwargs) with entry ``position`` of its target shape replaced."""
+        shape, start, packed = self._shape_list(node)  # type: ignore[misc]
+        shape = list(shape)
+        shape[position] = value
+        args = list(node.args)
+        if packed:
+            args[start] = type(node.args[start])(shape)
+        else:
+            args[start:] = shape
+        return tuple(args), dict(node.kwargs)
+
+    def _run_with(self, node: fx.Node, env: dict[fx.Node, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Run ``node``'s op on (args, kwargs) with their nodes evaluated against ``env``."""
+        args, kwargs = self._evaluate_value((args, kwargs), env)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+    def _shape_attribute_at(self, node: fx.Node, position: int) -> tuple[nn.Module, str, str] | None:
+        """``(module, name, attribute)`` when entry ``position`` of ``node``'s target shape is a
+        literal that fx read from an int attribute of the module whose forward makes the call
+        (``self.num_heads``): checked by tracing that module again with the attribute changed and
+        finding the change at that entry of the same call."""
+        shape = self._shape_list(node)
+        if shape is None or not (0 <= position < len(shape[0])):
+            return None
+        literal = shape[0][position]
+        if type(literal) is not int:
+            return None
+        owner_name = self._calling_module(node)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        if owner is None:
+            return None
+        same = [n for n in node.graph.nodes if n.op == node.op and n.target == node.target
+                and self._calling_module(n) == owner_name]
+        if node not in same:
+            return None
+        order = same.index(node)
+        for attribute, value in list(vars(owner).items()):
+            if attribute.startswith("_") or type(value) is not int or value != literal:
+                continue
+            sentinel = value + 7919
+            try:
+                setattr(owner, attribute, sentinel)
+                traced = _LeafTracer().trace(owner)
+            except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
+                continue
+            finally:
+                setattr(owner, attribute, value)
+            calls = [n for n in traced.nodes if n.op == node.op and n.target == node.target
+                     and not n.meta.get("nn_module_stack")]
+            if len(calls) != len(same):
+                continue
+            found = self._shape_list(calls[order])
+            if found is not None and len(found[0]) == len(shape[0]) and found[0][position] == sentinel:
+                return owner, owner_name or "(model)", attribute
+        return None
+
+    def _sized_result(self, node: fx.Node, env: dict[fx.Node, torch.Tensor], axis: int, new_size: int,
+                      module: nn.Module | None, sized_by: tuple[nn.Module, str, str] | None) -> Any:
+        """``node`` run on ``env``; when entry ``axis`` of its target shape comes from a module
+        attribute, with that entry set to ``new_size`` (the value the prune writes there)."""
+        if sized_by is None:
+            return self._evaluate(node, env, module)
+        return self._run_with(node, env, *self._with_shape(node, axis, new_size))
+
+    def _size_source(self, node: fx.Node, axis: int) -> tuple[bool, tuple[nn.Module, str, str] | None]:
+        """Whether the size of output ``axis`` of reshape ``node`` can change with a prune (``-1``, a
+        size computed from a tensor, or a module attribute: then also the attribute)."""
+        shape = self._shape_list(node)
+        if shape is None:
+            return True, None   # not a reshape: the probes decide
+        entries = shape[0]
+        if len(entries) != len(self._shape(node) or ()):
+            return False, None
+        entry = entries[axis]
+        if isinstance(entry, fx.Node) or (type(entry) is int and entry == -1):
+            return True, None
+        sized_by = self._shape_attribute_at(node, axis)
+        return sized_by is not None, sized_by
+
+    # -- movement with shape arguments from attributes --------------------------------------
+
+    def _shape_upstream(self, x: fx.Node, count: int) -> dict[fx.Node, torch.Tensor]:
+        """Stand-ins for the tensors upstream of ``x`` along a chain of movement ops (``k`` in
+        ``k[:, :, None].expand(b, k.shape[1], ...)``, ``y`` in a channel shuffle's
+        ``y.view(n, g, c // g, h, w)...reshape(n, c, h, w)``), with the unit count each has when
+        ``x`` keeps ``count`` units (a head of ``x`` holds ``size(upstream) / size(x)`` of their
+        units), for sizes the code reads from them."""
+        found: dict[fx.Node, torch.Tensor] = {}
+        space = self._spaces.get(x)
+        node = x
+        while space is not None:
+            inputs = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
+            if len(inputs) != 1 or node.op not in ("call_method", "call_function"):
+                break
+            upstream = self._spaces.get(inputs[0])
+            if upstream is None or upstream.size % space.size:
+                break
+            count = count * (upstream.size // space.size)
+            shape = list(upstream.shape)
+            shape[upstream.axis] = count
+            found[inputs[0]] = torch.empty(shape, device="meta", dtype=self._dtype(inputs[0]) or torch.float32)
+            node, space = inputs[0], upstream
+        return found
+
+    def _same_units_upstream(self, tensor: fx.Node, operands: set[fx.Node]) -> bool:
+        """``tensor`` is upstream of an operand along movement ops with the same unit count."""
+        return any(tensor in self._shape_upstream(operand, 1) for operand in operands)
+
+    def _probe_movement(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, out_axis: int,
+                        line: np.ndarray, module: nn.Module | None, probes: list[np.ndarray]) -> _ShapeAttribute | None:
+        """Check that ``node`` gives ``y`` with the slots of every probe removed, else raise. When
+        the output size along ``out_axis`` is a literal read from a module attribute (timm's
+        ``reshape(B, N, self.attn_dim)``), run it with the size the prune writes there and return
+        the attribute to update."""
+        sized_by = None
+        for attempt in range(2):
+            failure = None
+            for removed in probes:
+                keep = np.setdiff1d(np.arange(space.size), removed)
+                env = {x: _slot_ids(space.shape, space.axis, keep), **self._shape_upstream(x, len(keep))}
+                kept = np.nonzero(np.isin(line, keep))[0]
+                try:
+                    y_small = self._sized_result(node, env, out_axis, len(kept), module, sized_by)
+                except Exception as exc:  # noqa: BLE001 - the model's own code fails on fewer units
+                    failure = (f"hard-coded shape in {self._label(node)}: it fails once units are removed "
+                               f"({type(exc).__name__}: {str(exc)[:120]})")
+                    break
+                expected = y.index_select(out_axis, torch.as_tensor(kept))
+                if not isinstance(y_small, torch.Tensor) or y_small.shape != expected.shape \
+                        or not torch.equal(y_small, expected):
+                    failure = (f"hard-coded shape in {self._label(node)}: its result is wrong once units are "
+                               f"removed (e.g. x.view(-1, C*H*W) with a literal size)")
+                    break
+            if failure is None:
+                return None if sized_by is None else _ShapeAttribute(space, *sized_by, None)
+            if attempt == 0:
+                sized_by = self._size_source(node, out_axis)[1]
+                if sized_by is not None:
+                    continue
+            raise _CannotFollow(failure)
+        return None
+
+    # -- heads --------------------------------------------------------------------------
+
+    def _split_heads(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor,
+                     module: nn.Module | None) -> bool:
+        """``node`` splits the unit axis of ``x`` into several axes (heads): link each position of
+        the outermost split axis whose size can change to the source units it holds. False when
+        ``y`` (``node`` run on slot ids) is not such a split."""
+        if self._shape_list(node) is None or y.dim() == 0:
+            return False
+        varying = []
+        for axis in range(y.dim()):
+            first = y.narrow(axis, 0, 1)
+            if not torch.equal(y, first.expand_as(y)):
+                varying.append(axis)
+        if len(varying) < 2:
+            return False
+        for axis in varying:   # outermost first
+            size = y.shape[axis]
+            held = [np.unique(y.select(axis, h).numpy()) for h in range(size)]
+            if sum(len(h) for h in held) != space.size or len(np.unique(np.concatenate(held))) != space.size:
+                continue   # the positions along this axis share source units: not a partition
+            changeable, sized_by = self._size_source(node, axis)
+            if not changeable:
+                continue
+            probes = [np.array([0, size // 2]) if size >= 3 else np.array([0])]
+            if size >= 4:
+                probes.append(np.array([size - 1]))
+            ok = True
+            for removed in probes:
+                keep_heads = np.setdiff1d(np.arange(size), removed)
+                keep = np.sort(np.concatenate([held[h] for h in keep_heads]))
+                env = {x: _slot_ids(space.shape, space.axis, keep), **self._shape_upstream(x, len(keep))}
+                try:
+                    y_small = self._sized_result(node, env, axis, len(keep_heads), module, sized_by)
+                except Exception:  # noqa: BLE001 - the code fails with fewer heads: a literal size
+                    ok = False
+                    break
+                expected = y.index_select(axis, torch.as_tensor(keep_heads))
+                if not isinstance(y_small, torch.Tensor) or y_small.shape != expected.shape \
+                        or not torch.equal(y_small, expected):
+                    ok = False
+                    break
+            if not ok:
+                continue
+            out = self._alloc(node, axis)
+            for h in range(size):
+                self._link(space, held[h], out, np.full(len(held[h]), h))
+            if sized_by is not None:
+                self._shape_attributes.append(_ShapeAttribute(out, *sized_by, None))
+            return True
+        return False
+
+    # -- products -------------------------------------------------------------------------
+
+    def _matmul(self, node: fx.Node) -> None:
+        """A batched matrix product ``a @ b`` (``[..., n, k] @ [..., k, m]``)."""
+        a, b = node.args[0], node.args[1]
+        out_shape = self._shape(node)
+        shapes = [self._shape(a), self._shape(b)]
+        if out_shape is None or any(s is None or len(s) < 2 for s in shapes):
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it multiplies vectors")
+        spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (a, b)]
+        nd = len(out_shape)
+        mapped: list[tuple[_Space, int]] = []   # (operand space, output axis)
+        contracted: list[_Space] = []
+        for k, (space, shape) in enumerate(zip(spaces, shapes)):
+            if space is None:
+                continue
+            ndim = len(shape)
+            if space.axis < ndim - 2:
+                mapped.append((space, nd - (ndim - space.axis)))
+            elif (k == 0 and space.axis == ndim - 1) or (k == 1 and space.axis == ndim - 2):
+                contracted.append(space)
+            else:
+                mapped.append((space, nd - 2 if k == 0 else nd - 1))
+        if contracted:
+            # the dims of each head (q @ k^T over head_dim): zeroing them is not a consumer's read,
+            # and the attention scale of a fused kernel follows head_dim; only whole heads go through
+            raise _CannotFollow(f"{self._label(node)} contracts the units (the dims of each head, when the head "
+                                f"count is a literal in the reshape before it); read the head count from a "
+                                f"module attribute (self.num_heads) or use -1 so that whole heads are pruned")
+        axes = {axis for _, axis in mapped}
+        if len(axes) != 1:
+            raise _CannotFollow(f"{self._label(node)} puts the units of its operands on different axes")
+        axis = axes.pop()
+        out = self._alloc(node, axis)
+        for space, _ in mapped:
+            if space.size != out.size:
+                raise _CannotFollow(f"{self._label(node)} broadcasts units against another axis")
+            self._link_same(space, out)
+        for k, (space, shape) in enumerate(zip(spaces, shapes)):
+            position = axis - (nd - len(shape))
+            if space is None and 0 <= position < len(shape) - 2 and shape[position] != 1:
+                self._block(out, f"{self._label(node)} combines the units with a tensor of fixed size "
+                                 f"({self._label((a, b)[k])})")
+
+    def _sdpa(self, node: fx.Node) -> None:
+        """``F.scaled_dot_product_attention(q, k, v, attn_mask, ..., enable_gqa)`` on ``[B, H, L, E]``:
+        the head axes of q, k, v and the output go together (query head ``j`` with KV head
+        ``j // (Hq / Hkv)`` under ``enable_gqa``); the sequence and head-dim axes carry no units."""
+        names = ("query", "key", "value", "attn_mask")
+        q, k, v, mask = (node.kwargs.get(n, node.args[i] if len(node.args) > i else None) for i, n in enumerate(names))
+        label = self._label(node)
+        spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
+        if any(s is None for s in spaces):
+            raise _CannotFollow(f"{label}: the query, key and value must all carry units on their head axis "
+                                f"(cross-attention with fixed keys cannot lose heads)")
+        for space, what in zip(spaces, ("query", "key", "value")):
+            if space.ndim < 3 or space.axis != space.ndim - 3:
+                raise _CannotFollow(f"{label}: the {what} carries units on axis {space.axis}, not on its head "
+                                    f"axis {space.ndim - 3} (only whole heads can be pruned through it)")
+        sq, sk, sv = spaces
+        out = self._alloc(node, len(self._shape(node)) - 3)
+        self._link_same(sq, out)
+        if sk.size != sv.size:
+            raise _CannotFollow(f"{label}: the key and value have different head counts")
+        if sq.size == sk.size:
+            self._link_same(sq, sk)
+        elif node.kwargs.get("enable_gqa", False) and sq.size % sk.size == 0:
+            group = sq.size // sk.size
+            self._link(sq, np.arange(sq.size), sk, np.arange(sq.size) // group)
+        else:
+            raise _CannotFollow(f"{label}: {sq.size} query heads and {sk.size} key heads without enable_gqa")
+        self._link_same(sk, sv)
+        if isinstance(mask, fx.Node) and mask in self._spaces:
+            ms = self._spaces[mask]
+            if ms.axis != ms.ndim - 3 or ms.size != sq.size:
+                raise _CannotFollow(f"{label}: the attention mask carries units off the head axis")
+            self._link_same(ms, sq)
+
+
+    # -- helper functions that fx keeps as calls (timm's maybe_add_mask) ----------------------
+
+    def _returns_none(self, node: fx.Node) -> bool:
+        """``node`` (a call that returned no tensor) returns None: no units flow out of it (timm's
+        ``resolve_self_attn_mask`` without a mask). Run on stand-ins of its inputs."""
+        if node.op != "call_function":
+            return False
+        try:
+            return self._evaluate(node, {}) is None
+        except Exception:  # noqa: BLE001 - it cannot run on stand-ins: unknown
+            return False
+
+    def _identity_call(self, node: fx.Node) -> bool:
+        """An unknown function that returns its one input with units unchanged (timm's
+        ``maybe_add_mask(attn, None)``), verified on tensors of slot ids with and without units
+        removed: the units pass. False when it is not."""
+        inputs = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
+        if node.op != "call_function" or len(inputs) != 1:
+            return False
+        x, space = inputs[0], self._spaces[inputs[0]]
+        if self._shape(node) != space.shape:
+            return False
+        for keep in [np.arange(space.size)] + [np.setdiff1d(np.arange(space.size), r) for r in
+                                               ([0], [space.size - 1]) if space.size >= 2]:
+            ids = _slot_ids(space.shape, space.axis, keep)
+            try:
+                result = self._evaluate(node, {x: ids})
+            except Exception:  # noqa: BLE001 - it does not run on slot ids: not an identity
+                return False
+            if not isinstance(result, torch.Tensor) or result.shape != ids.shape or not torch.equal(result, ids):
+                return False
+        self._link_same(space, self._alloc(node, space.axis))
+        return True
