@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner.graph import get_graph
 from torchpruner.graph.dependency import get_dependency_graph
 from torchpruner.schedule import IterativePruning, prune_groups, select_units, weight_norm_scores
 from torchpruner.pruner import Pruner
