@@ -8,12 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner.graph import get_graph
 from torchpruner.graph.dependency import get_dependency_graph
 from torchpruner.schedule import IterativePruning, prune_groups, select_units, weight_norm_scores
 from torchpruner.pruner import Pruner
 
-from oracles import assert_unchanged, snapshot
+from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_at_mask_points, snapshot
 
 torchvision = pytest.importorskip("torchvision")
 torch.set_num_threads(1)
@@ -63,29 +62,38 @@ def test_torchvision_prune_30_percent_of_every_group(name):
     assert sum(g.num_units for g in pruner.groups()) <= sum(int(np.ceil(w * 0.7)) for w in widths.values())
 
 
-def test_shufflenet_channel_shuffle_groups_refused_with_reason():
-    model = torchvision.models.shufflenet_v2_x0_5(weights=None)
-    dep = get_dependency_graph(get_graph(model, (torch.randn(1, 3, 64, 64),)))
-    refused = [g.why_not_prunable() for g in dep.all_groups if g.refusal]
-    assert any("spreads the units over several axes" in r for r in refused)
-    assert all(("call site" in r) or ("model input" in r) for r in refused)
-    pruner = Pruner(model, input_size=(3, 64, 64))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="channel shuffle"):
-        pruner.prune_model(model.stage2[0].branch2[5], [0])   # feeds the shuffle
-    assert_unchanged(before, model)
+def test_shufflenet_channel_shuffle_is_followed_and_pruning_through_it_is_the_zeroed_twin():
+    """torchvision's channel_shuffle computes its sizes from the tensor: the same position of every
+    shuffle group goes together, and the prune equals the twin zeroed at the consumers."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=4).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    assert not pruner.refused_groups()
+    (group,) = get_dependency_graph(pruner.graph()).groups_of(model.stage2[0].branch2[5])
+    assert group.prunable()
+    plan = pruner.plan_groups({group: [1]}, "one unit through the shuffle")
+    assert_prune_equals_zeroed_twin(model, lambda: plan.apply(model, None),
+                                    lambda twin: masked_at_mask_points(twin, (x,), {group.index: [1]}), x)
+    assert model.stage2[0].branch2[5].out_channels == 16
 
 
-def test_vit_mlp_groups_pruned_stream_refused():
+def test_vit_stream_prunes_with_hidden_dim_updated():
+    """torchvision's ViT reshapes the patch embedding with ``self.hidden_dim``: the stream is
+    pruned (the same dims in every head of its MultiheadAttention layers) and hidden_dim follows."""
+    torch.manual_seed(0)
     model = torchvision.models.vit_b_16(weights=None, image_size=32)
     pruner = Pruner(model, input_size=(3, 32, 32))
     groups = pruner.groups()
-    assert len(groups) == 12 and all(g.num_units == 3072 for g in groups)
+    assert len(groups) == 13 and sum(g.num_units == 3072 for g in groups) == 12
     dep = get_dependency_graph(pruner.graph())
     stream = dep.group_of(model.encoder.layers[0].mlp[3])
-    assert "hard-coded shape in reshape" in stream.why_not_prunable()
+    assert stream.prunable() and stream.num_units == 64   # dim d of every one of the 12 heads
     assert any(m.parameter == "class_token" for m in stream.members)
     assert any(m.parameter == "pos_embedding" for m in stream.members)
+    pruner.plan_groups({stream: [0]}, "one stream unit").apply(model, None)
+    assert model.hidden_dim == 756 and model.encoder.layers[0].self_attention.embed_dim == 756
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
 # --------------------------------------------------------------------------------------------
