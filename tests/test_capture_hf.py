@@ -229,3 +229,14 @@ def test_export_failure_falls_back_to_hooks_and_says_why():
     graph = ModelGraph(Nested(), (x,))
     assert graph.method == "hooks" and graph.capture == "hooks"
     assert graph.export_error is not None and "torch.export failed too" in graph.fx_failure
+
+
+def test_a_model_returning_a_cache_is_captured_with_use_cache_false():
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_head=4, n_embd=32, vocab_size=97, n_positions=16)).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    graph = ModelGraph(model, (ids,))
+    assert graph.capture == "hooks" and "use_cache=False" in graph.fx_failure
+    graph = ModelGraph(model, (), {"input_ids": ids, "use_cache": False})
+    assert graph.capture == "export"
+    with torch.no_grad():
+        torch.testing.assert_close(graph.traced(input_ids=ids).logits, model(ids).logits, rtol=0, atol=0)

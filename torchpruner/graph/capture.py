@@ -321,8 +321,21 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Ex
             return torch.export.export(model, tuple(args), dict(kwargs), strict=False,
                                        dynamic_shapes=_dynamic_batch(names, list(args) + list(kwargs.values())))
         except Exception as exc:  # a batch size the model needs fixed: export it as it is
+            _raise_for_output(model, exc)
             logger.info("torch.export with a dynamic batch failed (%s); exporting with fixed shapes", exc)
-            return torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            try:
+                return torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            except Exception as error:
+                _raise_for_output(model, error)
+                raise
+
+
+def _raise_for_output(model: nn.Module, error: BaseException) -> None:
+    """An output torch.export cannot flatten (a Hugging Face key/value cache) gets its fix named."""
+    if "in output, which is not a known type" in str(error):
+        raise CaptureError(f"{type(model).__name__} returns an object torch.export cannot take apart (a key/value "
+                           f"cache...): make the forward return tensors only (Hugging Face models: add "
+                           f"use_cache=False to the example inputs); {error}") from error
 
 
 def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> fx.GraphModule:
