@@ -347,7 +347,23 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> f
     """
     kwargs = dict(kwargs or {})
     ep = export_model(model, args, kwargs)
-    return from_exported(model, ep, _input_names(model, args, kwargs), list(args) + list(kwargs.values()))
+    module = from_exported(model, ep, _input_names(model, args, kwargs), list(args) + list(kwargs.values()))
+    _check_same_outputs(model, module, args, kwargs)
+    return module
+
+
+def _check_same_outputs(model: nn.Module, module: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """The translated graph must compute what the model computes on the example (eval mode)."""
+    with preserved_state(model), torch.no_grad():
+        expected = pytree.tree_leaves(model(*args, **kwargs))
+        got = pytree.tree_leaves(module(*args, **kwargs))
+    same = len(expected) == len(got) and all(
+        type(e) is type(g) if not isinstance(e, torch.Tensor) else
+        isinstance(g, torch.Tensor) and e.shape == g.shape and torch.allclose(e, g, rtol=1e-4, atol=1e-5, equal_nan=True)
+        for e, g in zip(expected, got))
+    if not same:
+        raise CaptureError(f"the graph captured from {type(model).__name__} with torch.export does not compute "
+                           f"what the model computes on the example inputs")
 
 
 def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, input_names: list[str],
