@@ -240,3 +240,21 @@ def test_a_model_returning_a_cache_is_captured_with_use_cache_false():
     assert graph.capture == "export"
     with torch.no_grad():
         torch.testing.assert_close(graph.traced(input_ids=ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_subclass_of_a_torch_layer_that_computes_otherwise_is_not_taken_for_it():
+    """Hugging Face ConvNext's LayerNorm subclass normalizes channels first ([N, C, H, W]); taken
+    for an nn.LayerNorm call it was left unsliced and the pruned model failed. Its ops are kept."""
+    from torchpruner.schedule import prune_groups
+
+    torch.manual_seed(0)
+    model = tf.ConvNextForImageClassification(tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                                   num_labels=3))
+    model = model.double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    before = sum(p.numel() for p in model.parameters())
+    pruner = Pruner(model, example_inputs=(x,))
+    prune_groups(pruner, fraction=0.3)
+    assert sum(p.numel() for p in model.parameters()) < before
+    with torch.no_grad():
+        assert model(x).logits.shape == (2, 3)

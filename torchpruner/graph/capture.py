@@ -45,7 +45,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from torchpruner._ops import user_leaf_types
 from torchpruner._state import preserved_state
-from torchpruner.rules import get_slicing_rule
+from torchpruner.rules import has_own_slicing_rule
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,9 @@ class _OutputTree(_PyTreeCodeGen):
 
 def _collapsible(module: nn.Module) -> bool:
     """Modules shown as one call site: the torch.nn layers fx keeps as leaves, registered leaf
-    types and any module with a slicing rule (Hugging Face ``Conv1D``)."""
+    types and modules whose own class has a slicing rule (Hugging Face ``Conv1D``). A subclass of a
+    torch.nn layer defined elsewhere may compute something else (a channels-first LayerNorm): its
+    ops are kept, and a functional call on its own weights stands for the layer where it matches."""
     leaves = user_leaf_types()
     if leaves and isinstance(module, leaves):
         return True
@@ -289,7 +291,7 @@ def _collapsible(module: nn.Module) -> bool:
     path = type(module).__module__
     if path.startswith(("torch.nn", "torch.ao.nn")) and not any(True for _ in module.children()):
         return True
-    return get_slicing_rule(module) is not None and not any(True for _ in module.children())
+    return has_own_slicing_rule(module) and not any(True for _ in module.children())
 
 
 def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:

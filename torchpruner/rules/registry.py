@@ -209,6 +209,13 @@ def get_slicing_rule(module: nn.Module) -> SlicingRule | None:
     return None
 
 
+def has_own_slicing_rule(module: nn.Module) -> bool:
+    """True when a rule is registered for ``type(module)`` itself (not only for a base class whose
+    forward the subclass may have replaced, as Hugging Face's channels-first LayerNorm does)."""
+    get_slicing_rule(module)   # registers a rule named by class path
+    return type(module) in _RULES
+
+
 def unaccounted_tensors(rule: SlicingRule, module: nn.Module) -> list[str]:
     """The module's own parameters and buffers that ``rule`` does not account for (see
     :attr:`SlicingRule.tensors`); empty when the rule makes no claim."""
