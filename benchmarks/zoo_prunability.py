@@ -413,8 +413,10 @@ def render(records: list[dict], tp_version: str | None) -> str:
     reruns = sorted({r["ours"]["rerun"] for r in records if r["ours"].get("rerun")})
     for commit in reruns:
         rows = ", ".join(r["model"] for r in records if r["ours"].get("rerun") == commit)
-        lines.append(f"Rows measured again (both tools) at commit {commit}, after a fix the first run showed the "
-                     f"need for: {rows}.")
+        kept = [r["model"] for r in records if r["ours"].get("rerun") == commit and (r.get("tp") or {}).get("earlier")]
+        lines.append(f"Rows measured again at commit {commit}, after a fix the first run showed the need for: {rows}"
+                     + (f" (torchpruner only; Torch-Pruning's columns of {', '.join(kept)} are from the earlier run)"
+                        if kept else " (both tools)") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -484,8 +486,16 @@ def main() -> None:
         fresh = {record["model"]: record for record in records}
         for record in fresh.values():
             record["ours"]["rerun"] = commit
-        old = json.loads(json_path.read_text())
-        records = [fresh.pop(r["model"], r) for r in old] + list(fresh.values())
+        old = {r["model"]: r for r in json.loads(json_path.read_text())}
+        for name, record in fresh.items():   # a tool not run this time keeps its earlier record
+            for tool, value in old.get(name, {}).items():
+                if tool not in record:
+                    record[tool] = {**value, "earlier": True} if isinstance(value, dict) else value
+        records = [fresh.pop(name, r) for name, r in old.items()] + list(fresh.values())
+        if tp_version is None:   # the version the kept Torch-Pruning records were measured with
+            import torch_pruning
+
+            tp_version = torch_pruning.__version__
     json_path.write_text(json.dumps(records, indent=1))
     Path(args.out).write_text(render(records, tp_version))
 
