@@ -103,7 +103,8 @@ def build(name: str) -> tuple[nn.Module, dict, set[str]]:
             n_layers=2, n_heads=4, dim=64, hidden_dim=128, vocab_size=1000, num_labels=10, max_position_embeddings=64))
         return model, tokens, {"classifier"}
     if kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64))
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64,
+                                                 use_cache=False))
         return model, tokens, {"lm_head"}
     if kind == "t5":
         model = tf.T5EncoderModel(tf.T5Config(num_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=128,
@@ -117,7 +118,7 @@ def build(name: str) -> tuple[nn.Module, dict, set[str]]:
         config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
                                      "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                                      "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
-        model = model_class(config_class(**small, num_key_value_heads=2, max_position_embeddings=64))
+        model = model_class(config_class(**small, num_key_value_heads=2, max_position_embeddings=64, use_cache=False))
         return model, tokens, {"lm_head"}
     if kind == "resnet":
         model = tf.ResNetForImageClassification(tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64],
@@ -195,7 +196,7 @@ def run_ours(name: str) -> dict:
         pruner = Pruner(model, example_inputs=inputs, optimizer=optimizer)
         graph = pruner.graph()
         record["trace_s"] = round(time.perf_counter() - start, 2)
-        record["capture"] = graph.method
+        record["capture"] = getattr(graph, "capture", graph.method).replace("symbolic_trace", "fx")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             groups = pruner.groups(ignored_layers=ignored)
@@ -412,8 +413,10 @@ def render(records: list[dict], tp_version: str | None) -> str:
     reruns = sorted({r["ours"]["rerun"] for r in records if r["ours"].get("rerun")})
     for commit in reruns:
         rows = ", ".join(r["model"] for r in records if r["ours"].get("rerun") == commit)
-        lines.append(f"Rows measured again (both tools) at commit {commit}, after a fix the first run showed the "
-                     f"need for: {rows}.")
+        kept = [r["model"] for r in records if r["ours"].get("rerun") == commit and (r.get("tp") or {}).get("earlier")]
+        lines.append(f"Rows measured again at commit {commit}, after a fix the first run showed the need for: {rows}"
+                     + (f" (torchpruner only; Torch-Pruning's columns of {', '.join(kept)} are from the earlier run)"
+                        if kept else " (both tools)") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +430,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--out", default=str(HERE / "zoo_prunability.md"))
     parser.add_argument("--render", action="store_true", help="only write the .md from the .json next to it")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the measured rows in the existing .json (marked as measured again at "
+                             "the current commit) and keep the others")
     args = parser.parse_args()
     if args.render:   # from the .json, or from the progress lines of an interrupted run
         import torch_pruning
@@ -474,6 +480,22 @@ def main() -> None:
         print(f"{record['model']:32s} ours {o['status']:8s} {o.get('groups', '')}/{o.get('refused_groups', '')} "
               f"{o.get('params_before', '')}->{o.get('params_after', '')} {o.get('twin_error', '')} | "
               f"TP {t.get('status', '')} {t.get('params_after', '')} | {(o.get('reason') or o.get('note') or '')[:120]}")
+    if args.merge and json_path.exists():
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=HERE).stdout.strip() or "unknown"
+        fresh = {record["model"]: record for record in records}
+        for record in fresh.values():
+            record["ours"]["rerun"] = commit
+        old = {r["model"]: r for r in json.loads(json_path.read_text())}
+        for name, record in fresh.items():   # a tool not run this time keeps its earlier record
+            for tool, value in old.get(name, {}).items():
+                if tool not in record:
+                    record[tool] = {**value, "earlier": True} if isinstance(value, dict) else value
+        records = [fresh.pop(name, r) for name, r in old.items()] + list(fresh.values())
+        if tp_version is None:   # the version the kept Torch-Pruning records were measured with
+            import torch_pruning
+
+            tp_version = torch_pruning.__version__
     json_path.write_text(json.dumps(records, indent=1))
     Path(args.out).write_text(render(records, tp_version))
 

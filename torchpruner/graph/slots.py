@@ -222,14 +222,19 @@ class SlotFlow:
         """Input nodes with slots (through tuple producers such as split); attrs: bare params too."""
         found: List[fx.Node] = []
         for arg in node.all_input_nodes:
-            if arg in self._spaces or (attrs and arg.op == "get_attr"):
+            if arg in self._spaces or (attrs and arg.op == "get_attr" and self._attr_units(arg)):
                 found.append(arg)
             elif self._shape(arg) is None and arg.op in ("call_function", "call_method", "call_module") \
                     and not self._is_shape_query(arg):   # x.size(0), x.ndim: no units
                 for inner in arg.all_input_nodes:
-                    if inner in self._spaces or (attrs and inner.op == "get_attr"):
+                    if inner in self._spaces or (attrs and inner.op == "get_attr" and self._attr_units(inner)):
                         found.append(inner)
         return list(dict.fromkeys(found))
+
+    def _attr_units(self, node: fx.Node) -> bool:
+        """A bare parameter/buffer carries units unless it holds integers (position ids are indices)."""
+        dtype = self._dtype(node)
+        return dtype is None or dtype.is_floating_point or dtype.is_complex
 
     def _space_of(self, node: Any, axis: Optional[int] = None) -> Optional[_Space]:
         """The slots of ``node``; bare parameters get slots on first use (along ``axis``)."""
@@ -240,8 +245,8 @@ class SlotFlow:
             return space
         if node.op == "get_attr":
             shape = self._shape(node)
-            if shape is None or len(shape) == 0:
-                return None
+            if shape is None or len(shape) == 0 or not self._attr_units(node):
+                return None   # integer buffers (position ids) hold indices, not units
             return self._alloc(node, len(shape) - 1 if axis is None else axis)
         return None
 

@@ -5,13 +5,21 @@ leaf module, each functional op (``F.relu``, ``torch.cat``, ``operator.add``) an
 method (``x.view``, ``x.mean``), with the producers of its tensor arguments, its users, the shape
 of its output and the axis that holds the layer's *units* (neurons, channels, filters).
 
-Two tracing methods, tried in this order:
+Three tracing methods, tried in this order:
 
 ``"fx"``
     ``torch.fx`` symbolic tracing with torch.nn modules as leaves, followed by one real forward pass
     (shape propagation). Sees functional ops and merges (add, cat). Fails on data-dependent control
     flow (``if x.sum() > 0``) and on some dynamic Python; then the fallback is used, and
     :attr:`ModelGraph.fx_failure` names the module whose code fx could not trace.
+``"export"``
+    When fx symbolic tracing fails: ``torch.export`` in non-strict mode (it runs the forward as
+    Python, so Hugging Face models, value-dependent control flow and iteration work), translated
+    into the same kind of fx graph by :mod:`torchpruner.graph.capture` (leaf modules as
+    ``call_module``, parameters by their state-dict names, torch-level ops). The graph keeps
+    ``method == "fx"`` (the analysis reads it like any fx graph); :attr:`ModelGraph.capture` says
+    ``"export"``. Costs seconds rather than a fraction of one; dimensions other than the batch
+    keep the example's sizes.
 ``"hooks"``
     Forward hooks on every leaf module during one real forward pass. Works on any model that runs,
     but only sees modules: functional ops (``F.relu``), merges and reshapes are invisible, so
@@ -50,6 +58,7 @@ from torchpruner._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATI
                               FUNCTIONAL_LAYERS, LAST_AXIS_MODULES, MERGE_FUNCTIONS, MERGE_METHODS, RELU_LIKE_FUNCTIONS,
                               RELU_LIKE_METHODS, RELU_LIKE_MODULES, leaf_version, user_leaf_types)
 from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
+from torchpruner.graph.capture import capture as export_capture
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +176,8 @@ def _unit_axis_for(site: CallSite) -> Optional[int]:
     if site.kind == "input":  # [N, C, ...] data; integer token ids carry no units
         return 1 if site.dtype is not None and site.dtype.is_floating_point else None
     if site.kind == "attr":  # bare parameters such as class tokens / position embeddings [1, L, D]
-        return ndim - 1
+        # integer buffers (Hugging Face's position_ids) are indices, not units
+        return ndim - 1 if site.dtype is None or site.dtype.is_floating_point else None
     producer = site.inputs[0] if site.inputs else None
     if producer is not None and producer.unit_axis is not None and producer.shape is not None:
         axis = producer.unit_axis
@@ -364,13 +374,19 @@ class ModelGraph:
         model: the model (``torch.compile`` wrappers are unwrapped).
         args: positional example inputs (batch dim included).
         kwargs: keyword example inputs.
-        method: ``"auto"`` (fx, falling back to hooks), ``"fx"`` or ``"hooks"``.
+        method: ``"auto"`` (fx symbolic tracing, then torch.export, then hooks), ``"fx"`` (symbolic
+            tracing only), ``"export"`` (torch.export only) or ``"hooks"``.
+
+    Attributes:
+        method: ``"fx"`` when the call sites come from an fx graph (:attr:`traced`), ``"hooks"``.
+        capture: what made the graph: ``"symbolic_trace"``, ``"export"`` or ``"hooks"``.
+        export_error: why torch.export failed, when it was tried and failed (else None).
     """
 
     def __init__(self, model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None,
                  method: str = "auto") -> None:
-        if method not in ("auto", "fx", "hooks"):
-            raise ValueError(f"method must be 'auto', 'fx' or 'hooks', got {method!r}")
+        if method not in ("auto", "fx", "export", "hooks"):
+            raise ValueError(f"method must be 'auto', 'fx', 'export' or 'hooks', got {method!r}")
         self.model = unwrap_model(model)
         self._state = _ModelState(self.model)
         kwargs = dict(kwargs or {})
@@ -382,23 +398,33 @@ class ModelGraph:
         self._fx_failed_in: tuple[str, type] | None = None
         self._release_traced: Callable[[], None] = lambda: None
         self.sites: List[CallSite] = []
+        self.export_error: Optional[BaseException] = None
+        self.method, self.capture = "hooks", "hooks"
         if method in ("auto", "fx"):
             try:
                 self._build_fx(args, kwargs)
-                self.method = "fx"
+                self.method, self.capture = "fx", "symbolic_trace"
             except Exception as exc:  # fx cannot trace data-dependent control flow and more
                 self.fx_error = exc
                 if method == "fx":
                     if hasattr(exc, "add_note"):  # Python 3.11+: the traceback names the failing module
                         exc.add_note(f"torch.fx could not trace {self.fx_failure}")
                     raise
-                logger.info("torch.fx could not trace %s; using forward hooks", self.fx_failure)
+                logger.info("torch.fx could not trace %s; capturing with torch.export", self.fx_failure)
                 self.sites = []
-                self._build_hooks(args, kwargs)
-                self.method = "hooks"
-        else:
+        if method in ("auto", "export") and self.method == "hooks":
+            try:
+                self._build_fx(args, kwargs, exported=True)
+                self.method, self.capture = "fx", "export"
+            except Exception as exc:  # noqa: BLE001  (torch.export raises many kinds of errors)
+                self.export_error = exc
+                if method == "export":
+                    raise
+                logger.info("torch.export could not capture %s (%s: %s); using forward hooks",
+                            type(self.model).__name__, type(exc).__name__, exc)
+                self.sites = []
+        if self.method == "hooks":
             self._build_hooks(args, kwargs)
-            self.method = "hooks"
         for site in self.sites:
             site.unit_axis = _unit_axis_for(site)
         self._by_module: Dict[int, List[CallSite]] = {}
@@ -412,6 +438,12 @@ class ModelGraph:
     def fx_failure(self) -> str | None:
         """Why torch.fx could not trace the model: the module whose code failed and the fx error
         (None when fx traced it)."""
+        if self.fx_error is not None and self.export_error is not None:
+            return (f"{self._symbolic_failure()}; torch.export failed too "
+                    f"({type(self.export_error).__name__}: {str(self.export_error)[:300]})")
+        return self._symbolic_failure()
+
+    def _symbolic_failure(self) -> str | None:
         model_name = type(self.model).__name__
         if self.fx_error is None:
             return None if self.method == "fx" else f"the model {model_name} (traced with forward hooks only)"
@@ -422,14 +454,18 @@ class ModelGraph:
         return (f"module '{name}' ({module_type.__name__}) of the model {model_name} ({error}); "
                 f"torchpruner.graph.register_leaf_module({module_type.__name__}) traces it as one layer")
 
-    def _build_fx(self, args: tuple, kwargs: dict) -> None:
+    def _build_fx(self, args: tuple, kwargs: dict, exported: bool = False) -> None:
         tracer = _LeafTracer()
         traced: fx.GraphModule | None = None
         release: Callable[[], None] = lambda: None
         try:
             with preserved_state(self.model):
-                graph = tracer.trace(self.model)
-                traced = fx.GraphModule(tracer.root, graph, type(self.model).__name__)
+                if exported:
+                    traced = export_capture(self.model, args, kwargs)
+                    graph = traced.graph
+                else:
+                    graph = tracer.trace(self.model)
+                    traced = fx.GraphModule(tracer.root, graph, type(self.model).__name__)
                 release = _source_release(traced)
                 placeholders = [n for n in graph.nodes if n.op == "placeholder"]
                 flat_args = list(args)
@@ -660,6 +696,7 @@ class ModelGraph:
                 probe.fn = fn_by_node[node]
                 root[probe_name] = probe
                 env[node] = new_graph.call_module(probe_name, (new_node,))
+        new_graph._codegen = old_graph._codegen   # the model's output structure (a captured ModelOutput)
         return fx.GraphModule(root, new_graph, "ProbedModel")
 
     def is_current(self) -> bool:

@@ -10,7 +10,8 @@ import torch.nn as nn
 from torchpruner._ops import PARAMETER_FREE_PASS_THROUGH_MODULES
 
 from .edits import Edit, set_attribute, slice_tensor
-from .registry import DROPOUT_POLICIES, GroupedSliceError, SlicingRule, UnitSelection, register_slicing_rule
+from .registry import (DROPOUT_POLICIES, GroupedSliceError, SlicingRule, UnitSelection, register_slicing_rule,
+                       register_slicing_rule_by_path)
 
 
 @register_slicing_rule(nn.Linear)
@@ -32,6 +33,29 @@ class LinearRule(SlicingRule):
 
     def prune_in(self, module: nn.Linear, selection: UnitSelection) -> List[Edit]:
         return slice_tensor(module, "weight", 1, selection.keep) + set_attribute(module, "in_features", len(selection.keep))
+
+
+@register_slicing_rule_by_path("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(SlicingRule):
+    """Hugging Face's ``Conv1D`` (GPT-2): ``y = x @ weight + bias`` with ``weight [in, out]``,
+    ``nx`` inputs and ``nf`` outputs; units on the last axis of input and output."""
+
+    input_unit_axis = -1
+    tensors = frozenset({"weight", "bias"})
+
+    def out_units(self, module: nn.Module) -> int:
+        return int(module.weight.shape[1])
+
+    def in_units(self, module: nn.Module) -> int:
+        return int(module.weight.shape[0])
+
+    def prune_out(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
+        return (slice_tensor(module, "weight", 1, selection.keep) + slice_tensor(module, "bias", 0, selection.keep)
+                + set_attribute(module, "nf", len(selection.keep)))
+
+    def prune_in(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
+        edits = slice_tensor(module, "weight", 0, selection.keep)
+        return edits + set_attribute(module, "nx", len(selection.keep)) if hasattr(module, "nx") else edits
 
 
 @register_slicing_rule(nn.Bilinear)

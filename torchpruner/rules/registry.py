@@ -176,13 +176,44 @@ def register_slicing_rule(*module_types: type) -> Callable[[R], R]:
     return decorator
 
 
+#: Rules for classes of optional libraries, by ``"<module path>.<class name>"``: registered for the
+#: class the first time a module of it (or of a subclass) is looked up, so the library is never
+#: imported by torchpruner (Hugging Face's ``transformers.pytorch_utils.Conv1D``).
+_RULES_BY_CLASS_PATH: dict[str, type[SlicingRule]] = {}
+
+
+def register_slicing_rule_by_path(*class_paths: str) -> Callable[[R], R]:
+    """Class decorator: use this rule for the classes named ``"package.module.ClassName"`` (and
+    their subclasses) once one of them is seen; nothing is imported."""
+
+    def decorator(rule_class: R) -> R:
+        if not (isinstance(rule_class, type) and issubclass(rule_class, SlicingRule)):
+            raise TypeError(f"{rule_class!r} is not a SlicingRule subclass")
+        for path in class_paths:
+            _RULES_BY_CLASS_PATH[path] = rule_class
+        return rule_class
+
+    return decorator
+
+
 def get_slicing_rule(module: nn.Module) -> SlicingRule | None:
     """The rule registered for ``type(module)`` or its nearest registered base class."""
     for klass in type(module).__mro__:
         rule = _RULES.get(klass)
         if rule is not None:
             return rule
+        by_path = _RULES_BY_CLASS_PATH.get(f"{klass.__module__}.{klass.__qualname__}")
+        if by_path is not None:
+            register_slicing_rule(klass)(by_path)
+            return _RULES[klass]
     return None
+
+
+def has_own_slicing_rule(module: nn.Module) -> bool:
+    """True when a rule is registered for ``type(module)`` itself (not only for a base class whose
+    forward the subclass may have replaced, as Hugging Face's channels-first LayerNorm does)."""
+    get_slicing_rule(module)   # registers a rule named by class path
+    return type(module) in _RULES
 
 
 def unaccounted_tensors(rule: SlicingRule, module: nn.Module) -> list[str]:
