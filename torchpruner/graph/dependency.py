@@ -85,7 +85,9 @@ class Group:
     """A coupled group: units that can only be removed together from all of its tensors.
 
     Attributes:
-        index: position in :meth:`DependencyGraph.groups`.
+        index: position in ``pruner.groups()`` (no ignored layers); the groups that list leaves
+            out follow, in the order of ``groups(include_outputs=True)`` and then of
+            ``groups(prunable_only=False)``; ``print(group)`` shows this number.
         num_units: number of group units; unit ``u`` is ordered by the first source's channels.
         members: the modules and parameters that are sliced (see :class:`Member`).
         refusal: None when the group can be pruned, else the reason (names the op and call site).
@@ -611,7 +613,27 @@ class DependencyGraph(LayerFlow):
                 mine = int((group._unit_of(role.space) >= 0).sum())
                 group.members.append(Member(role.module_name, role.module, role.direction, role.parameter,
                                             role.space.size, max(1, mine // max(1, group.num_units))))
-        self._groups = groups
+        self._groups = self._number_groups(groups)
+
+    def _number_groups(self, groups: List[Group]) -> List[Group]:
+        """Renumber the groups so that ``group.index`` is the position users index with: the
+        prunable groups first (``groups()``), then those reaching a model output
+        (``groups(include_outputs=True)``), then the other groups with members
+        (``groups(prunable_only=False)``), each part in data-flow order; groups without members
+        (model inputs) last."""
+        def part(group: Group) -> int:
+            if not group.members:
+                return 3
+            if group.prunable():
+                return 0
+            return 1 if group.prunable(include_outputs=True) else 2
+        ordered = sorted(groups, key=lambda g: (part(g), g.index))  # sorted() is stable
+        renumber = np.full(len(groups) + 1, -1, dtype=np.int64)  # entry -1 keeps "no group"
+        for new_index, group in enumerate(ordered):
+            renumber[group.index] = new_index
+            group.index = new_index
+        self._group_of_label = renumber[self._group_of_label]
+        return ordered
 
     def removals(self, selection: Mapping[Group, Sequence[int]]) -> List[Tuple[_Role, np.ndarray]]:
         """``[(role, removed positions)]`` when the given units of the given groups go, merged per
