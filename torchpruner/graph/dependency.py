@@ -251,11 +251,16 @@ class Group:
         tensors with these units, a concatenation), consumer or fan-out; and every other operand
         of a merge that comes from outside the stream (an attention output). Zeroing there is
         pruning, and the points are not chained: a residual stream's block outputs are not entry
-        points, so scaling a unit at every entry point counts it once per source.
+        points, so scaling a unit at every entry point counts it once per source. A product of
+        two tensors with these units (a squeeze-excitation gate ``x * s``) keeps one of them: an
+        operand whose only reader is the product (the gate ``s``) is not an entry point when
+        another operand is scaled, since scaling both would scale the product twice.
         """
         dep = self._dep
         additive = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
         additive_methods = {"add", "add_", "sub", "sub_"}
+        multiplicative = {operator.mul, operator.imul, torch.mul, torch.multiply}
+        multiplicative_methods = {"mul", "mul_", "multiply", "multiply_"}
 
         def carries(node: Any) -> bool:
             space = dep._spaces.get(node) if isinstance(node, fx.Node) else None
@@ -323,6 +328,21 @@ class Group:
                     (node,) = [n for n in carrying_inputs(node) if n.op != "get_attr"]
                 if node not in on_chains and not is_merge(node):
                     entries[operand] = None  # enters from outside the stream (an attention output)
+        for space in self._spaces:
+            # a product of tensors carrying the units (a squeeze-excitation gate ``x * s``) would
+            # be scaled by (1 - t) once per operand: keep one scaled operand, drop the entries that
+            # only feed the product (zeroing the other operand already removes the unit there)
+            product = space.node
+            if not (product.op == "call_function" and product.target in multiplicative
+                    or product.op == "call_method" and product.target in multiplicative_methods):
+                continue
+            operands = [n for n in carrying_inputs(product) if n.op != "get_attr" or token_like(n)]
+            if len(operands) < 2:
+                continue
+            only_product = [n for n in operands if n in entries and real_users(n) == [product]]
+            dropped = only_product if len(only_product) < len(operands) else only_product[1:]
+            for node in dropped:
+                del entries[node]
         points = []
         for node in entries:
             site, space = dep._site_by_node.get(node), dep._spaces[node]
