@@ -275,3 +275,20 @@ def test_refusals_change_nothing():
 def test_masker_is_exported():
     assert Masker is MaskerFromModule
     assert isinstance(Masker(nn.Linear(2, 2)).zero_ratio(), dict)
+
+
+def test_masking_whole_input_groups_of_a_grouped_consumer_is_pruning_them():
+    """The grouped consumer's outputs of the removed conv groups are masked with them (weights and
+    bias), so the masked model is the materialized one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(),
+                          nn.Conv2d(4, 3, 1)).to(DTYPE).eval()
+    x = probe((2, 5, 5))
+    masker = Masker(model)
+    masker.mask(Pruner(model, input_size=(2, 5, 5)).groups()[0], [4, 5, 6, 7])
+    with torch.no_grad():
+        soft = model(x)
+    masker.materialize(Pruner(model, input_size=(2, 5, 5)))
+    assert model[2].groups == 1 and model[2].out_channels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), soft, rtol=1e-12, atol=1e-12)
