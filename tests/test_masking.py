@@ -43,8 +43,10 @@ def probe(input_size, n=5, seed=11):
 
 
 def some_units(group, seed=0) -> list[int]:
+    """A third of the group's units, drawn with a seed per group (``group.index + 1``: the draws
+    these tests were written with, when the model input was numbered group 0)."""
     count = max(1, group.num_units // 3)
-    return sorted(np.random.default_rng(seed + group.index).permutation(group.num_units)[:count].tolist())
+    return sorted(np.random.default_rng(seed + group.index + 1).permutation(group.num_units)[:count].tolist())
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,3 +275,20 @@ def test_refusals_change_nothing():
 def test_masker_is_exported():
     assert Masker is MaskerFromModule
     assert isinstance(Masker(nn.Linear(2, 2)).zero_ratio(), dict)
+
+
+def test_masking_whole_input_groups_of_a_grouped_consumer_is_pruning_them():
+    """The grouped consumer's outputs of the removed conv groups are masked with them (weights and
+    bias), so the masked model is the materialized one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(),
+                          nn.Conv2d(4, 3, 1)).to(DTYPE).eval()
+    x = probe((2, 5, 5))
+    masker = Masker(model)
+    masker.mask(Pruner(model, input_size=(2, 5, 5)).groups()[0], [4, 5, 6, 7])
+    with torch.no_grad():
+        soft = model(x)
+    masker.materialize(Pruner(model, input_size=(2, 5, 5)))
+    assert model[2].groups == 1 and model[2].out_channels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), soft, rtol=1e-12, atol=1e-12)

@@ -23,7 +23,10 @@ into the stream. Zeroing there gives the same model as zeroing at the read point
 points of a residual stream are chained (the block output that the head reads already contains
 the stem output that the block read), so scaling a unit by ``1 − t`` at every read point
 compounds: its first-order term counts the stem once per block. At the entry points each source
-is scaled once, so the first-order term is that of scaling the unit linearly everywhere.
+is scaled once, so the first-order term is that of scaling the unit linearly everywhere. A
+product of two tensors with the units (a squeeze-excitation gate ``x * s``, where a later layer
+writes the gate of each unit) is scaled through one operand only: the gate, read by nothing
+else, is not an entry point, since scaling both would scale the product by ``(1 − t)²``.
 
 How each metric reads the points (per example n, group unit u, positions s of u):
 

@@ -90,7 +90,9 @@ class Group:
     """A coupled group: units that can only be removed together from all of its tensors.
 
     Attributes:
-        index: position in :meth:`DependencyGraph.groups`.
+        index: position in ``pruner.groups()`` (no ignored layers); the groups that list leaves
+            out follow, in the order of ``groups(include_outputs=True)`` and then of
+            ``groups(prunable_only=False)``; ``print(group)`` shows this number.
         num_units: number of group units; unit ``u`` is ordered by the first source's channels.
         members: the modules and parameters that are sliced (see :class:`Member`).
         refusal: None when the group can be pruned, else the reason (names the op and call site).
@@ -254,11 +256,16 @@ class Group:
         tensors with these units, a concatenation), consumer or fan-out; and every other operand
         of a merge that comes from outside the stream (an attention output). Zeroing there is
         pruning, and the points are not chained: a residual stream's block outputs are not entry
-        points, so scaling a unit at every entry point counts it once per source.
+        points, so scaling a unit at every entry point counts it once per source. A product of
+        two tensors with these units (a squeeze-excitation gate ``x * s``) keeps one of them: an
+        operand whose only reader is the product (the gate ``s``) is not an entry point when
+        another operand is scaled, since scaling both would scale the product twice.
         """
         dep = self._dep
         additive = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
         additive_methods = {"add", "add_", "sub", "sub_"}
+        multiplicative = {operator.mul, operator.imul, torch.mul, torch.multiply}
+        multiplicative_methods = {"mul", "mul_", "multiply", "multiply_"}
 
         def carries(node: Any) -> bool:
             space = dep._spaces.get(node) if isinstance(node, fx.Node) else None
@@ -326,6 +333,21 @@ class Group:
                     (node,) = [n for n in carrying_inputs(node) if n.op != "get_attr"]
                 if node not in on_chains and not is_merge(node):
                     entries[operand] = None  # enters from outside the stream (an attention output)
+        for space in self._spaces:
+            # a product of tensors carrying the units (a squeeze-excitation gate ``x * s``) would
+            # be scaled by (1 - t) once per operand: keep one scaled operand, drop the entries that
+            # only feed the product (zeroing the other operand already removes the unit there)
+            product = space.node
+            if not (product.op == "call_function" and product.target in multiplicative
+                    or product.op == "call_method" and product.target in multiplicative_methods):
+                continue
+            operands = [n for n in carrying_inputs(product) if n.op != "get_attr" or token_like(n)]
+            if len(operands) < 2:
+                continue
+            only_product = [n for n in operands if n in entries and real_users(n) == [product]]
+            dropped = only_product if len(only_product) < len(operands) else only_product[1:]
+            for node in dropped:
+                del entries[node]
         points = []
         for node in entries:
             site, space = dep._site_by_node.get(node), dep._spaces[node]
@@ -620,7 +642,27 @@ class DependencyGraph(LayerFlow):
                 mine = int((group._unit_of(role.space) >= 0).sum())
                 group.members.append(Member(role.module_name, role.module, role.direction, role.parameter,
                                             role.space.size, max(1, mine // max(1, group.num_units))))
-        self._groups = groups
+        self._groups = self._number_groups(groups)
+
+    def _number_groups(self, groups: List[Group]) -> List[Group]:
+        """Renumber the groups so that ``group.index`` is the position users index with: the
+        prunable groups first (``groups()``), then those reaching a model output
+        (``groups(include_outputs=True)``), then the other groups with members
+        (``groups(prunable_only=False)``), each part in data-flow order; groups without members
+        (model inputs) last."""
+        def part(group: Group) -> int:
+            if not group.members:
+                return 3
+            if group.prunable():
+                return 0
+            return 1 if group.prunable(include_outputs=True) else 2
+        ordered = sorted(groups, key=lambda g: (part(g), g.index))  # sorted() is stable
+        renumber = np.full(len(groups) + 1, -1, dtype=np.int64)  # entry -1 keeps "no group"
+        for new_index, group in enumerate(ordered):
+            renumber[group.index] = new_index
+            group.index = new_index
+        self._group_of_label = renumber[self._group_of_label]
+        return ordered
 
     def removals(self, selection: Mapping[Group, Sequence[int]]) -> List[Tuple[_Role, np.ndarray]]:
         """``[(role, removed positions)]`` when the given units of the given groups go, merged per

@@ -337,7 +337,17 @@ def layer_of_call(node: fx.Node, root: nn.Module) -> str | None:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs the traced graph once and records each node's output shape and dtype."""
+    """Runs the traced graph once and records each node's output shape and dtype.
+
+    Not ``torch.fx.passes.shape_prop.ShapeProp``, although it records the same facts
+    (``node.meta["tensor_meta"]``), because of what it does when the example run fails, which
+    is how a trace that fx built but that does not run (a forward that branches on
+    ``isinstance(x, torch.Tensor)``) falls back to forward hooks: ShapeProp prints the traceback
+    to stderr (``traceback.print_exc``; the library never prints) and re-raises a RuntimeError
+    whose message is the node and its whole ``meta`` dict, which ``ModelGraph.fx_failure`` would
+    then show instead of the model's own error. It also raises on tensors without sizes
+    (nested tensors), which only need ``None`` here.
+    """
 
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)

@@ -34,7 +34,7 @@ from .plan import Plan, merge_edits, parameter_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["rule_edits", "removed_out", "group_edits", "module_selection", "output_units_refusal", "check_group_selection",
+__all__ = ["rule_edits", "removed_out", "group_edits", "module_selection", "with_whole_conv_groups", "output_units_refusal", "check_group_selection",
            "check_listed_cascade", "check_rule_fits", "describe_selection", "finish_plan"]
 
 Selection = Mapping[Group, Sequence[int]]
@@ -77,7 +77,9 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
     kept: dict[int, list[Any]] = {}   # module id -> [module, rule, out_keep, in_keep]
     param_kept: dict[int, tuple[nn.Module, dict[str, list[int]]]] = {}  # bare parameters' kept ids
     per_call: dict[int, nn.Module] = {}   # parameter-free modules with one role per call site (Dropout)
-    for role, positions in dep.removals(selection):
+    removals = dep.removals(selection)
+    covered = _outputs_cut_with_inputs(removals, dropout_policy)
+    for role, positions in removals:
         space = role.space
         if role.per_call:
             per_call.setdefault(id(role.module), role.module)
@@ -98,8 +100,12 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
             raise DependencyError(f"'{role.module_name}' ({type(module).__name__}) has no slicing rule")
         unit_selection = UnitSelection.from_remove(remove, space.size, axis=space.axis, ndim=space.ndim,
                                                    dropout_policy=dropout_policy)
-        edits += rule_edits(rule, module, role.module_name, unit_selection, role.direction)
         record = kept.setdefault(id(module), [module, rule, None, None])
+        cut = covered.get(id(module))
+        if role.direction == "out" and cut is not None and torch.equal(cut, remove):
+            record[2] = unit_selection.keep   # the input side's edits (whole conv groups) remove them
+            continue
+        edits += rule_edits(rule, module, role.module_name, unit_selection, role.direction)
         if role.direction == "out":
             record[2] = unit_selection.keep
         else:
@@ -124,6 +130,54 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
             edits.append(AttributeChange(module=module, attribute=KEPT_UNITS_ATTRIBUTE, old=old,
                                          new={**(old or {}), **records}))
     return edits
+
+
+def _outputs_cut_with_inputs(removals: list, dropout_policy: str) -> dict[int, torch.Tensor]:
+    """``{module id: output units}`` that layers drop because whole groups of their input go (a
+    grouped convolution losing whole conv groups: its ``groups`` shrinks)."""
+    cut: dict[int, torch.Tensor] = {}
+    for role, positions in removals:
+        if role.direction != "in" or role.per_call:
+            continue
+        rule = get_slicing_rule(role.module)
+        if rule is None:
+            continue
+        space = role.space
+        unit_selection = UnitSelection.from_remove(torch.as_tensor(positions, dtype=torch.long), space.size,
+                                                   axis=space.axis, ndim=space.ndim, dropout_policy=dropout_policy)
+        out_removed = removed_out(rule, role.module, role.module_name, unit_selection)
+        if out_removed is not None:
+            cut[id(role.module)] = torch.as_tensor(out_removed, dtype=torch.long).sort().values
+    return cut
+
+
+def with_whole_conv_groups(dep: DependencyGraph, selection: Selection) -> dict[Group, list[int]]:
+    """``selection`` and, for every grouped convolution that loses whole conv groups of its input,
+    the group units of that convolution's output channels in those conv groups (which go with
+    them: its ``groups`` shrinks), until nothing more follows. A depthwise convolution's outputs
+    are already linked to its inputs; equal counts per conv group change nothing downstream."""
+    result: dict[Group, list[int]] = {group: sorted(set(int(u) for u in units)) for group, units in selection.items()}
+    while True:
+        added = False
+        for role, positions in dep.removals(result):
+            module = role.module
+            if role.direction != "in" or role.per_call or not isinstance(module, nn.modules.conv._ConvNd) \
+                    or module.groups in (1, module.in_channels) or len(dep.graph.sites_of(module)) != 1:
+                continue
+            rule = get_slicing_rule(module)
+            space = role.space
+            unit_selection = UnitSelection.from_remove(torch.as_tensor(positions, dtype=torch.long), space.size,
+                                                       axis=space.axis, ndim=space.ndim)
+            out_removed = removed_out(rule, module, role.module_name, unit_selection)
+            if out_removed is None:
+                continue
+            for group, units in dep.select(module, out_removed.tolist()).items():
+                merged = sorted(set(result.get(group, [])) | set(units))
+                if merged != result.get(group):
+                    result[group] = merged
+                    added = True
+        if not added:
+            return result
 
 
 def _call_site_fractions(dep: DependencyGraph, selection: Selection,
@@ -191,7 +245,7 @@ def module_selection(dep: DependencyGraph, module: nn.Module, remove: torch.Tens
     a group the analysis cannot prune and a removal that would empty a group, and (ValueError)
     units that are outputs of the model unless ``include_outputs``."""
     name = dep.graph.module_name(module)
-    selection = dep.select(module, remove.tolist(), call_index)
+    selection = with_whole_conv_groups(dep, dep.select(module, remove.tolist(), call_index))
     for group, units in selection.items():
         if group.refusal is not None:
             raise DependencyError(f"cannot prune '{name}' ({type(module).__name__}): {group.refusal}")

@@ -38,7 +38,7 @@ from .optimizer import check_optimizer
 from .plan import Plan
 from .planning import (check_group_selection, check_listed_cascade, check_rule_fits, describe_selection, finish_plan,
                        group_edits, module_selection, out_keep_after_in, output_units_refusal, removed_out,
-                       rule_edits)
+                       rule_edits, with_whole_conv_groups)
 from .walk import Flow, follow_modules
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,8 @@ class Pruner:
                 checked[group] = remove.tolist()
         if not checked:
             return Plan(description=(description or "remove nothing") + " (nothing to do)")
+        check_group_selection(self.model, checked)
+        checked = with_whole_conv_groups(next(iter(checked))._dep, checked)  # grouped convs losing whole groups
         check_group_selection(self.model, checked)
         text = describe_selection(checked)
         edits = group_edits(checked, self.dropout_policy)

@@ -12,6 +12,7 @@ from torchpruner._ops import PARAMETER_FREE_PASS_THROUGH_MODULES
 from .edits import Edit, set_attribute, slice_tensor
 from .registry import (DROPOUT_POLICIES, GroupedSliceError, SlicingRule, UnitSelection, register_slicing_rule,
                        register_slicing_rule_by_path)
+from .units import conv_blocked_side
 
 
 @register_slicing_rule(nn.Linear)
@@ -110,13 +111,6 @@ class ConvRule(SlicingRule):
     def in_units(self, module: nn.modules.conv._ConvNd) -> int:
         return module.in_channels
 
-    # dim 0 of the weight is split into groups: out channels for Conv, in channels for ConvTranspose
-    @staticmethod
-    def _sides(module: nn.modules.conv._ConvNd, direction: str) -> str:
-        """"blocked" when ``direction``'s units sit on weight dim 0 (contiguous per group), else "local"."""
-        on_dim0 = (direction == "out") != bool(module.transposed)
-        return "blocked" if on_dim0 else "local"
-
     def _classify(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> str:
         groups = module.groups
         if groups == 1:
@@ -150,7 +144,7 @@ class ConvRule(SlicingRule):
 
     def _prune(self, module: nn.modules.conv._ConvNd, selection: UnitSelection, direction: str) -> List[Edit]:
         kind = self._classify(module, selection)
-        side = self._sides(module, direction)
+        blocked = conv_blocked_side(module) == direction  # this side's units sit on weight dim 0
         count_attr = "out_channels" if direction == "out" else "in_channels"
         new_count = len(selection.keep)
         edits: List[Edit] = []
@@ -168,15 +162,14 @@ class ConvRule(SlicingRule):
                                      for j in range(out_per_group)], dtype=torch.long)
             keep_in_rows = torch.tensor([g * in_per_group + j for g in range(module.groups) if g not in removed_groups
                                          for j in range(in_per_group)], dtype=torch.long)
-            # weight dim 0 holds out channels (Conv) or in channels (ConvTranspose), grouped by block
-            keep_dim0 = keep_in_rows if module.transposed else keep_out
+            keep_dim0 = keep_out if conv_blocked_side(module) == "out" else keep_in_rows
             edits += slice_tensor(module, "weight", 0, keep_dim0)
             edits += slice_tensor(module, "bias", 0, keep_out)
             edits += set_attribute(module, "in_channels", len(keep_in_rows))
             edits += set_attribute(module, "out_channels", len(keep_out))
             edits += set_attribute(module, "groups", groups_left)
             return edits
-        if side == "blocked":
+        if blocked:
             edits += slice_tensor(module, "weight", 0, selection.keep)
         else:
             if kind == "plain":

@@ -13,7 +13,7 @@ from .edits import KEPT_UNITS_ATTRIBUTE, SHAPE_ATTRIBUTES_ATTRIBUTE, AttributeCh
 from .registry import SlicingRule, get_slicing_rule
 
 __all__ = ["normalize_indices", "complement", "kept_units", "kept_units_edit", "param_record_key",
-           "shape_attributes_edit"]
+           "shape_attributes_edit", "conv_blocked_side", "conv_weight_blocks"]
 
 
 def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all: bool = False,
@@ -136,6 +136,28 @@ def kept_units_edit(module: nn.Module, rule: SlicingRule, out_keep: Optional[tor
     if not changed:
         return []
     return [AttributeChange(module=module, attribute=KEPT_UNITS_ATTRIBUTE, old=old, new=new)]
+
+
+def conv_blocked_side(module: nn.modules.conv._ConvNd) -> str:
+    """The side (``"out"`` or ``"in"``) whose channels a convolution's weight holds on dim 0, every
+    group's block after the other; dim 1 holds the other side's channels of one group.
+
+    ``Conv*d``: weight ``[out, in/groups, k...]``, so ``"out"``; ``ConvTranspose*d``: weight
+    ``[in, out/groups, k...]``, so ``"in"``. The one place the package reads this layout.
+    """
+    return "in" if module.transposed else "out"
+
+
+def conv_weight_blocks(module: nn.modules.conv._ConvNd, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """A convolution's weight (or ``weight``, a tensor of its shape) as
+    ``[groups, out/groups, in/groups, kernel elements]``: entry ``[g, j, i]`` links output channel
+    ``g·(out/groups) + j`` to input channel ``g·(in/groups) + i``. A view when the layout allows.
+    """
+    w = module.weight if weight is None else weight
+    groups = module.groups
+    if conv_blocked_side(module) == "out":
+        return w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
+    return w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
 
 
 def complement(remove: torch.Tensor, num_units: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from torchpruner.graph.dependency import Group
+from torchpruner.rules.units import conv_weight_blocks
 
 from ..base import AttributionMetric, Scored
 from ..groups import member_slices
@@ -59,12 +60,10 @@ def unit_weight_slices(module: nn.Module) -> torch.Tensor:
             "(score the Linear/Conv layer that produces these units instead)"
         )
     w = weight.detach().to(torch.float64)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        groups = module.groups
-        in_per_group, out_per_group = w.shape[0] // groups, w.shape[1]
-        blocks = w.reshape(groups, in_per_group, out_per_group, -1).transpose(1, 2)
-        return blocks.reshape(groups * out_per_group, -1)
-    if isinstance(module, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)):
+    if isinstance(module, nn.modules.conv._ConvNd):
+        blocks = conv_weight_blocks(module, w)                 # [groups, out/groups, in/groups, k]
+        return blocks.reshape(module.out_channels, -1)
+    if isinstance(module, (nn.Linear, nn.Bilinear)):
         return w.reshape(w.shape[0], -1)
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return w.transpose(0, 1)
@@ -99,12 +98,9 @@ def input_weight_slices(module: nn.Module) -> torch.Tensor | None:
     if not isinstance(weight, torch.Tensor):
         return None
     w = weight.detach().to(torch.float64)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return w.reshape(w.shape[0], -1)
     if isinstance(module, nn.modules.conv._ConvNd):
-        groups = module.groups
-        blocks = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
-        return blocks.reshape(groups * w.shape[1], -1)
+        blocks = conv_weight_blocks(module, w).transpose(1, 2)  # [groups, in/groups, out/groups, k]
+        return blocks.reshape(module.in_channels, -1)
     if isinstance(module, nn.Linear):
         return w.transpose(0, 1)
     if isinstance(module, NORM_LAYERS):

@@ -490,3 +490,42 @@ def test_attention_embed_dim_against_rebuilt_model():
     model.train()
     model(x).sum().backward()
     optimizer.step()
+
+
+# --------------------------------------------------------------------------------------------
+# Group numbers
+# --------------------------------------------------------------------------------------------
+
+class ShuffledStem(nn.Module):
+    """A refused group (channel_shuffle) and the model input come before the prunable groups in
+    data-flow order; the classifier output comes last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.body = nn.Conv2d(4, 6, 3)
+        self.head = nn.Conv2d(6, 5, 3)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.channel_shuffle(self.stem(x), 2)
+        x = self.head(torch.relu(self.body(x))).mean((2, 3))
+        return self.fc(x)
+
+
+def test_printed_group_number_is_the_position_users_index_with():
+    pruner = Pruner(ShuffledStem(), input_size=(3, 12, 12))
+    with pytest.warns(UserWarning, match="channel_shuffle"):
+        groups = pruner.groups()
+    dependencies = get_dependency_graph(pruner.graph())
+    for listing in (groups, pruner.groups(include_outputs=True), dependencies.groups(prunable_only=False)):
+        for position, group in enumerate(listing):
+            assert group.index == position
+            assert str(group).startswith(f"Group {position}: ")
+            assert repr(group).startswith(f"Group({position}, ")
+    assert [g.members[0].module_name for g in groups] == ["body", "head"]
+    refused = pruner.refused_groups()
+    assert len(refused) == 1 and refused[0].index >= len(pruner.groups(include_outputs=True))
+    # the number in a message is the one to index with
+    with pytest.raises(ValueError, match=r"group 1\b"):
+        pruner.plan_groups({groups[1]: [9]})

@@ -6,6 +6,7 @@ the last element-wise module after them (after the activation, so f(0) != 0 does
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -133,16 +134,51 @@ def test_grouped_conv_consumer_equal_within_groups(indices):
 
 
 @pytest.mark.parametrize("cascade", ["explicit", "discovered"])
-def test_grouped_conv_consumer_whole_groups_refused_on_both_paths(cascade):
-    """Whole input groups of a grouped consumer would take its output groups with them, which the
-    dependency analysis does not follow: refused, with the fix, on both paths, nothing changed."""
+@pytest.mark.parametrize("groups, removed_group", [(2, 1), (3, 1), (3, 0)])
+def test_grouped_conv_consumer_loses_whole_input_groups_on_both_paths(cascade, groups, removed_group):
+    """Whole input groups of a grouped consumer take its output channels of those conv groups with
+    them (``groups`` shrinks by one); the layer after it loses those inputs too. Zeroed twin: the
+    removed inputs and the consumer's removed outputs zeroed where they are read."""
+    seeded(groups + removed_group)
+    per_in, per_out = 8 // 2, 2
+    model = nn.Sequential(nn.Conv2d(2, per_in * groups, 1), nn.ReLU(),
+                          nn.Conv2d(per_in * groups, per_out * groups, 3, groups=groups), nn.ReLU(),
+                          nn.Conv2d(per_out * groups, 3, 1))
+    inputs = list(range(removed_group * per_in, (removed_group + 1) * per_in))
+    outputs = list(range(removed_group * per_out, (removed_group + 1) * per_out))
+    listed = [model[2], model[4]] if cascade == "explicit" else None
+
+    @contextlib.contextmanager
+    def mask(twin):
+        with masked_units(counterpart(twin, model, model[1]), inputs), \
+                masked_units(counterpart(twin, model, model[3]), outputs):
+            yield None
+
+    def prune():
+        return Pruner(model.double().eval(), input_size=(2, 5, 5)).prune_model(model[0], inputs, listed)
+
+    plan = assert_prune_equals_zeroed_twin(model.double().eval(), prune, mask, torch.randn(2, 2, 5, 5).double())
+    assert "units of group 1" in plan.description
+    assert model[2].groups == groups - 1 and model[2].in_channels == per_in * (groups - 1)
+    assert model[2].out_channels == per_out * (groups - 1) and model[4].in_channels == per_out * (groups - 1)
+    assert kept_units(model[2], "out") == [c for c in range(per_out * groups) if c not in outputs]
+
+
+def test_grouped_conv_consumer_whole_groups_need_their_outputs_listed():
     seeded()
     model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
-    pruner = Pruner(model, input_size=(2, 5, 5))
     before = snapshot(model)
-    listed = [model[2], model[4]] if cascade == "explicit" else None
-    with pytest.raises(ValueError, match="'2'.*whole conv groups.*same number of units in every conv group"):
-        pruner.prune_model(model[0], [4, 5, 6, 7], listed)
+    with pytest.raises(ValueError, match="'4'.*not in cascading_modules"):
+        Pruner(model, input_size=(2, 5, 5)).prune_model(model[0], [4, 5, 6, 7], [model[2]])
+    assert_unchanged(before, model)
+
+
+def test_grouped_conv_consumer_whole_and_partial_groups_refused():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'2'.*\[4, 1\] units per group"):
+        Pruner(model, input_size=(2, 5, 5)).prune_model(model[0], [0, 1, 2, 3, 4])
     assert_unchanged(before, model)
 
 
@@ -485,3 +521,19 @@ def test_depthwise_conv_transpose_in_cascade():
                           nn.Conv2d(4, 2, 1))
     zeroed_twin_check(model, model[0], [0, 3], [model[2], model[4]], model[3], torch.randn(2, 2, 4, 4))
     assert model[2].groups == 2 and model[2].weight.shape == (2, 1, 3, 3)
+
+
+def test_group_selection_with_whole_input_groups_of_a_grouped_consumer_equals_prune_model():
+    seeded(4)
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    twin = copy.deepcopy(model)
+    pruner = Pruner(model, input_size=(2, 5, 5))
+    first = pruner.groups()[0]
+    assert first.members[0].module is model[0]
+    plan = pruner.prune_group(first, first.units_for(model[0], [0, 1, 2, 3]))
+    assert "units of group 1" in plan.description   # the grouped conv's outputs of that conv group
+    Pruner(twin, input_size=(2, 5, 5)).prune_model(twin[0], [0, 1, 2, 3])
+    assert model.state_dict().keys() == twin.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+    assert model[2].groups == 1

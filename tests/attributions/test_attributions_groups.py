@@ -420,6 +420,11 @@ def test_group_sensitivity_sums_gradient_magnitudes_over_the_entry_tensors():
     group = stream_group(model, input_size)
     scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu",
                                           reduction="none").run(group)
+    np.testing.assert_allclose(scores, gradient_magnitudes(residual_entry_twin, model, x, y), rtol=1e-9, atol=1e-12)
+
+
+def gradient_magnitudes(twin, model, x, y) -> np.ndarray:
+    """``Σ_e Σ_s |dℓₙ/dz_e|`` per example and unit over the tensors ``twin`` gates, by autograd."""
     perturbations = []
 
     def gate(k, t):
@@ -427,10 +432,9 @@ def test_group_sensitivity_sums_gradient_magnitudes_over_the_entry_tensors():
         perturbations.append(e)
         return t + e
 
-    loss = F.cross_entropy(residual_entry_twin(model, x, gate), y, reduction="sum")
+    loss = F.cross_entropy(twin(model, x, gate), y, reduction="sum")
     grads = torch.autograd.grad(loss, perturbations)
-    expected = sum(g.abs().reshape(g.shape[0], g.shape[1], -1).sum(2) for g in grads)
-    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-9, atol=1e-12)
+    return sum(g.abs().reshape(g.shape[0], g.shape[1], -1).sum(2) for g in grads).numpy()
 
 
 def test_concat_branch_enters_after_its_own_activation():
@@ -718,3 +722,76 @@ def test_group_scores_on_cuda_equal_cpu():
     for name, cpu in expected.items():
         cuda = GROUP_METRICS[name](model, batches(x, y), F.cross_entropy).run(group)  # batches moved to cuda
         np.testing.assert_allclose(cuda, cpu, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# A multiplicative gate on the units (squeeze-excitation)
+# --------------------------------------------------------------------------------------------
+class SqueezeExcite(nn.Module):
+    """``y = x * s`` with ``s = sigmoid(fc2(relu(fc1(pool(x)))))``: fc2 writes the gate of unit c,
+    so conv and fc2 are both sources of one group, merged by a product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc1, self.fc2 = nn.Conv2d(6, 3, 1), nn.Conv2d(3, 6, 1)
+        self.head = nn.Conv2d(6, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1)))))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.head(h * s)), 1).flatten(1))
+
+
+def squeeze_excite_twin(model: SqueezeExcite, x, gate):
+    """SqueezeExcite's forward written out with ``gate`` on the conv's units after BN and ReLU: the
+    gated tensor is read by the pool of the gate branch and by the product, so the product loses
+    the unit once; fc2's gate of unit c only ever multiplies the gated unit."""
+    h = gate(0, F.relu(model.bn(model.conv(x))))
+    s = torch.sigmoid(model.fc2(F.relu(model.fc1(F.adaptive_avg_pool2d(h, 1)))))
+    return model.fc(F.adaptive_avg_pool2d(F.relu(model.head(h * s)), 1).flatten(1))
+
+
+def squeeze_excite(seed: int) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    return randomize_batchnorms(SqueezeExcite().to(DTYPE), seed).eval(), (3, 6, 6)
+
+
+def test_squeeze_excite_gate_enters_once_through_the_gated_tensor():
+    model, input_size = squeeze_excite(0)
+    group = stream_group(model, input_size)
+    assert {m.module_name for m in group.members if m.direction == "out"} == {"conv", "fc2"}
+    assert [site.name for site, _ in group.entry_points()] == ["relu"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_taylor_counts_a_multiplicative_gate_once(seed):
+    """Scaling the conv's unit and fc2's gate of it by (1 − t) both would scale the product by
+    (1 − t)²: twice the first-order term of the joint removal, which is dℓ/dt for the gated
+    tensor scaled once (t = 1 is pruning)."""
+    model, input_size = squeeze_excite(seed)
+    x, y = data(input_size, n=5, seed=seed)
+    group = stream_group(model, input_size)
+    scores = TaylorAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none",
+                                     signed=True).run(group)
+    m = torch.ones(len(x), group.num_units, dtype=DTYPE, requires_grad=True)
+    loss = F.cross_entropy(squeeze_excite_twin(model, x, gate_on_units(m)), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, m)
+    np.testing.assert_allclose(scores, -grad.numpy(), rtol=1e-9, atol=1e-12)
+    with torch.no_grad():   # t = 1 is the pruned model
+        for unit in (0, 4):
+            off = torch.ones(len(x), group.num_units, dtype=DTYPE)
+            off[:, unit] = 0
+            gated = F.cross_entropy(squeeze_excite_twin(model, x, gate_on_units(off)), y, reduction="none")
+            np.testing.assert_allclose(gated.numpy(), losses(pruned_copy(model, input_size, group, unit), x, y),
+                                       rtol=1e-10, atol=1e-12)
+
+
+def test_group_sensitivity_reads_a_multiplicative_gate_once():
+    model, input_size = squeeze_excite(2)
+    x, y = data(input_size, n=5, seed=2)
+    group = stream_group(model, input_size)
+    scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu",
+                                          reduction="none").run(group)
+    np.testing.assert_allclose(scores, gradient_magnitudes(squeeze_excite_twin, model, x, y), rtol=1e-9, atol=1e-12)

@@ -260,7 +260,7 @@ def test_script_runs_as_a_file(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "prune_untrained.py"
+    script = Path(__file__).resolve().parents[2] / "experiments" / "prune_untrained.py"
     done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert done.returncode == 0, done.stderr
@@ -274,7 +274,7 @@ def test_ddp_prune_smoke_gloo(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     command = [sys.executable, "-m", "experiments.ddp_prune", "--epochs", "2", "--prune-epoch", "1", "--widths",
                "4,6", "--hidden", "8", "--nproc", "1", "--results", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}

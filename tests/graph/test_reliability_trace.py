@@ -341,3 +341,24 @@ def test_fx_failure_in_the_model_forward_itself_names_the_model():
     graph = get_graph(Gated(), (torch.randn(2, 4),))
     assert graph.method == "hooks"
     assert "forward of the model Gated" in graph.fx_failure
+
+
+def test_an_fx_trace_that_does_not_run_falls_back_silently_with_the_model_error(capfd):
+    class TensorCheck(nn.Module):
+        """Traced, ``x`` is a Proxy: the graph adds a dimension that the eager forward never does."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not isinstance(x, torch.Tensor):
+                x = x.unsqueeze(0)
+            return self.conv(x)
+
+    graph = get_graph(TensorCheck(), (torch.randn(2, 3, 8, 8),))
+    assert graph.method == "hooks"
+    assert isinstance(graph.fx_error, RuntimeError) and "conv2d" in str(graph.fx_error)
+    assert "meta=" not in graph.fx_failure
+    captured = capfd.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
