@@ -203,10 +203,11 @@ def main() -> None:
         print(f"{layer}: {len(reference)} units, reference in {spent:.1f} s, its stderr/range: mean "
               f"{reference_stderr.mean() / spread:.4f}, max {reference_stderr.max() / spread:.4f}", flush=True)
         start = time.perf_counter()
-        rows += convergence(model, data, point, layer, reference, tuple(args.samples), args.seeds)
-        print(f"{layer}: study in {time.perf_counter() - start:.1f} s", flush=True)
-    print(table(rows))
-    figure(rows, args.figure)
+        part = convergence(model, data, point, layer, reference, tuple(args.samples), args.seeds)
+        print(f"{layer}: study in {time.perf_counter() - start:.1f} s\n{table(part)}", flush=True)
+        rows += part
+        figure(rows, args.figure)  # after every layer, so that a stopped run leaves what it has
+    print(f"\n{table(rows)}")
     print(f"figure: {args.figure}")
 
 
