@@ -98,7 +98,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown layers {sorted(unknown)}; choose from {list(layers)}")
         layers = {name: layers[name] for name in args.layers}
-    mark = "" if scale == 1 else f" ×{args.samples}/{slow}"
+    mark = "" if scale == 1 or args.skip_slow else f" ×{args.samples}/{slow}"
     print(f"VGG-style net on 8×8 digits ({'-'.join(map(str, CONFIG))}, BatchNorm, linear 256; accuracy "
           f"{accuracy:.3f} on the scored examples), {args.examples} examples in batches of 128, "
           f"sv_samples={args.samples}, CPU, {args.threads} threads, torch {torch.__version__}; shared "
