@@ -20,7 +20,7 @@ from torchpruner.attributions import ShapleyAttributionMetric
 
 pytest.importorskip("scipy")
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
