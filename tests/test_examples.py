@@ -21,6 +21,8 @@ SCRIPTS = {
     "compare_criteria.py": ((), ["taylor", "random", "mean loss increase"]),
     "lightning_callback.py": (("lightning",), ["epoch 1: 6570 -> 5028 parameters", "epoch 3:", "logged to"]),
     "transformers_callback.py": (("transformers", "accelerate"), ["epoch 1: 6570 -> 5028 parameters", "epoch 3:"]),
+    "prune_tiny_llama.py": (("transformers",), ["captured by export: 2 prunable groups",
+                                                "parameters 90,432 -> 65,856", "every parameter updated"]),
 }
 
 
