@@ -67,9 +67,14 @@ def digits(n: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
 def digits_cnn() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128),
+        nn.ReLU(),
         nn.Linear(128, 10),
     )
 
@@ -80,13 +85,13 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 3) -
     for _ in range(epochs):
         for i in range(0, len(x), 64):
             optimizer.zero_grad()
-            F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
             optimizer.step()
     model.eval()
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -132,7 +137,7 @@ def shapley_2020(model: nn.Module, point: nn.Module, data, samples: int, seed: i
 def shapley_captum(model: nn.Sequential, index: int, data, samples: int) -> np.ndarray:
     from captum.attr import ShapleyValueSampling
 
-    head, tail = model[: index + 1], model[index + 1:]
+    head, tail = model[: index + 1], model[index + 1 :]
     total, count = None, 0
     for xb, yb in data:
         with torch.no_grad():
@@ -145,20 +150,20 @@ def shapley_captum(model: nn.Sequential, index: int, data, samples: int) -> np.n
 
         mask = torch.arange(z.shape[1]).reshape(1, -1, *([1] * (z.dim() - 2))).expand_as(z[:1]).contiguous()
         attributions = ShapleyValueSampling(forward).attribute(
-            z, baselines=0.0, feature_mask=mask, n_samples=samples, perturbations_per_eval=16)
+            z, baselines=0.0, feature_mask=mask, n_samples=samples, perturbations_per_eval=16
+        )
         per_unit = attributions.reshape(z.shape[0], z.shape[1], -1)[:, :, 0].sum(0)
         total = per_unit if total is None else total + per_unit
         count += len(yb)
     return (total / count).numpy()
 
 
-def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int,
-               channels_last: bool = False) -> float:
+def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int, channels_last: bool = False) -> float:
     """Seconds for ``samples · units`` coalition evaluations per example at the cost of the
     incremental step: the layers after the first linear layer following ``index`` (on stacked
     batches in channels-last layout with ``channels_last=True``, for 4-d activations)."""
     linear = next(i for i in range(index + 1, len(model)) if isinstance(model[i], (nn.Linear, nn.Conv2d)))
-    head, rest = model[: linear + 1], model[linear + 1:]
+    head, rest = model[: linear + 1], model[linear + 1 :]
     seconds = 0.0
     for xb, yb in data:
         with torch.no_grad():
@@ -182,8 +187,9 @@ def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int
     return seconds
 
 
-def _peak_worker(state: dict, index: int, x: torch.Tensor, y: torch.Tensor, samples: int, threads: int,
-                 channels_last: bool, queue) -> None:
+def _peak_worker(
+    state: dict, index: int, x: torch.Tensor, y: torch.Tensor, samples: int, threads: int, channels_last: bool, queue
+) -> None:
     torch.set_num_threads(threads)
     suffix.CHANNELS_LAST = channels_last
     model = digits_cnn()
@@ -191,7 +197,8 @@ def _peak_worker(state: dict, index: int, x: torch.Tensor, y: torch.Tensor, samp
     model.eval()
     # a tiny run first: the library code and kernels it pages in are not working memory
     ShapleyAttributionMetric(model, loader(x[:2], y[:2]), F.cross_entropy, "cpu", sv_samples=1, seed=0).run(
-        model[index])
+        model[index]
+    )
     metric = ShapleyAttributionMetric(model, loader(x, y), F.cross_entropy, "cpu", sv_samples=samples, seed=0)
     before = _reset_peak_kib()
     metric.run(model[index])
@@ -221,14 +228,16 @@ def _peak_kib() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def peak_memory_mib(model: nn.Sequential, index: int, x: torch.Tensor, y: torch.Tensor, samples: int,
-                    threads: int) -> float:
+def peak_memory_mib(
+    model: nn.Sequential, index: int, x: torch.Tensor, y: torch.Tensor, samples: int, threads: int
+) -> float:
     """Peak resident memory (MiB) of one fast Shapley run of layer ``index``, above what the
     process held before it, measured in a fresh (spawned) process."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_peak_worker, args=(model.state_dict(), index, x, y, samples, threads,
-                                                         suffix.CHANNELS_LAST, queue))
+    process = context.Process(
+        target=_peak_worker, args=(model.state_dict(), index, x, y, samples, threads, suffix.CHANNELS_LAST, queue)
+    )
     process.start()
     peak = queue.get()
     process.join()
@@ -242,8 +251,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of fast, limit and captum (best is shown)")
     parser.add_argument("--skip-slow", action="store_true", help="leave out the reference and 2020 peers")
     parser.add_argument("--layers", nargs="*", default=None, help="only these rows (e.g. 'conv 32')")
-    parser.add_argument("--contiguous-walk", action="store_true",
-                        help="walk a 2-d convolution's output in the contiguous layout (for comparison)")
+    parser.add_argument(
+        "--contiguous-walk",
+        action="store_true",
+        help="walk a 2-d convolution's output in the contiguous layout (for comparison)",
+    )
     args = parser.parse_args()
     suffix.CHANNELS_LAST = not args.contiguous_walk
     torch.set_num_threads(args.threads)
@@ -254,13 +266,17 @@ def main() -> None:
     layers = {"conv 32": 1, "conv 64": 3, "linear 128": 7}  # the ReLU after each layer
     if args.layers:
         layers = {name: layers[name] for name in args.layers}
-    print(f"digits CNN, {len(x)} examples in batches of 128, sv_samples={args.samples}, CPU, "
-          f"{args.threads} threads, torch {torch.__version__}, max_batch_elements={DEFAULT_MAX_BATCH_ELEMENTS}; "
-          f"best of {args.repeats} rounds for fast, limit, captum; shared machine, timings are noisy, "
-          "ratios are within this run")
-    header = ("| layer | units | fast (s) | limit (s) | limit CL (s) | % of limit | % of limit CL | reference (s) "
-              "| 2020 (s) | captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum "
-              "| peak MiB | path |")
+    print(
+        f"digits CNN, {len(x)} examples in batches of 128, sv_samples={args.samples}, CPU, "
+        f"{args.threads} threads, torch {torch.__version__}, max_batch_elements={DEFAULT_MAX_BATCH_ELEMENTS}; "
+        f"best of {args.repeats} rounds for fast, limit, captum; shared machine, timings are noisy, "
+        "ratios are within this run"
+    )
+    header = (
+        "| layer | units | fast (s) | limit (s) | limit CL (s) | % of limit | % of limit CL | reference (s) "
+        "| 2020 (s) | captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum "
+        "| peak MiB | path |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for name, index in layers.items():
@@ -280,17 +296,21 @@ def main() -> None:
         if args.skip_slow:
             ref_s = old_s = float("nan")
         else:
-            reference = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=args.samples,
-                                                 seed=0, algorithm="reference")
+            reference = ShapleyAttributionMetric(
+                model, data, F.cross_entropy, "cpu", sv_samples=args.samples, seed=0, algorithm="reference"
+            )
             ref_s, ref_scores = timed(lambda: reference.run(point))
             old_s, _ = timed(lambda: shapley_2020(model, point, data, args.samples))
             assert np.allclose(fast, ref_scores, rtol=1e-3, atol=1e-4 * np.abs(ref_scores).max()), name
         peak = peak_memory_mib(model, index, x, y, args.samples, args.threads)
         fast_s, captum_s = best["fast"], best["captum"]
-        print(f"| {name} | {units} | {fast_s:.2f} | {best['limit']:.2f} | {best['limit CL']:.2f} "
-              f"| {100 * best['limit'] / fast_s:.0f}% | {100 * best['limit CL'] / fast_s:.0f}% | {ref_s:.2f} "
-              f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.1f}× | {old_s / ref_s:.1f}× "
-              f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {peak:.0f} | {path} |", flush=True)
+        print(
+            f"| {name} | {units} | {fast_s:.2f} | {best['limit']:.2f} | {best['limit CL']:.2f} "
+            f"| {100 * best['limit'] / fast_s:.0f}% | {100 * best['limit CL'] / fast_s:.0f}% | {ref_s:.2f} "
+            f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.1f}× | {old_s / ref_s:.1f}× "
+            f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {peak:.0f} | {path} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -77,8 +77,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--examples", type=int, default=128)
-    parser.add_argument("--slow-samples", type=int, default=1,
-                        help="orderings the reference and 2020 peers are timed on (scaled to --samples)")
+    parser.add_argument(
+        "--slow-samples",
+        type=int,
+        default=1,
+        help="orderings the reference and 2020 peers are timed on (scaled to --samples)",
+    )
     parser.add_argument("--full", action="store_true", help="time the reference and 2020 peers on all orderings")
     parser.add_argument("--skip-slow", action="store_true", help="leave out the reference and 2020 peers")
     parser.add_argument("--layers", nargs="+", default=None, help="a subset of the layer names")
@@ -99,14 +103,21 @@ def main() -> None:
             parser.error(f"unknown layers {sorted(unknown)}; choose from {list(layers)}")
         layers = {name: layers[name] for name in args.layers}
     mark = "" if scale == 1 or args.skip_slow else f" ×{args.samples}/{slow}"
-    print(f"VGG-style net on 8×8 digits ({'-'.join(map(str, CONFIG))}, BatchNorm, linear 256; accuracy "
-          f"{accuracy:.3f} on the scored examples), {args.examples} examples in batches of 128, "
-          f"sv_samples={args.samples}, CPU, {args.threads} threads, torch {torch.__version__}; shared "
-          "machine, timings are noisy, ratios are within this run"
-          + ("" if scale == 1 or args.skip_slow else
-             f"; reference and 2020 timed on {slow} of {args.samples} orderings and scaled ×{scale:g}"))
-    header = (f"| layer | units | fast (s) | limit (s) | % of limit | reference (s{mark}) | 2020 (s{mark}) "
-              "| captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum | path |")
+    print(
+        f"VGG-style net on 8×8 digits ({'-'.join(map(str, CONFIG))}, BatchNorm, linear 256; accuracy "
+        f"{accuracy:.3f} on the scored examples), {args.examples} examples in batches of 128, "
+        f"sv_samples={args.samples}, CPU, {args.threads} threads, torch {torch.__version__}; shared "
+        "machine, timings are noisy, ratios are within this run"
+        + (
+            ""
+            if scale == 1 or args.skip_slow
+            else f"; reference and 2020 timed on {slow} of {args.samples} orderings and scaled ×{scale:g}"
+        )
+    )
+    header = (
+        f"| layer | units | fast (s) | limit (s) | % of limit | reference (s{mark}) | 2020 (s{mark}) "
+        "| captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum | path |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|", flush=True)
     fast_total = old_total = 0.0
@@ -121,24 +132,36 @@ def main() -> None:
         if args.skip_slow:
             ref_s = old_s = float("nan")
         else:
-            reference = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=slow, seed=0,
-                                                 algorithm="reference")
+            reference = ShapleyAttributionMetric(
+                model, data, F.cross_entropy, "cpu", sv_samples=slow, seed=0, algorithm="reference"
+            )
             ref_s, ref_scores = timed(lambda: reference.run(point))
             old_s, _ = timed(lambda: shapley_2020(model, point, data, slow))
             ref_s, old_s = ref_s * scale, old_s * scale
             old_total += old_s
-            same = fast if slow == args.samples else ShapleyAttributionMetric(
-                model, data, F.cross_entropy, "cpu", sv_samples=slow, seed=0).run(point)
+            same = (
+                fast
+                if slow == args.samples
+                else ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=slow, seed=0).run(point)
+            )
             assert np.allclose(same, ref_scores, rtol=1e-3, atol=1e-4 * np.abs(ref_scores).max()), name
-        print(f"| {name} | {len(fast)} | {fast_s:.2f} | {limit:.2f} | {100 * limit / fast_s:.0f}% | {ref_s:.2f} "
-              f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.0f}× | {old_s / ref_s:.1f}× "
-              f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {path} |", flush=True)
+        print(
+            f"| {name} | {len(fast)} | {fast_s:.2f} | {limit:.2f} | {100 * limit / fast_s:.0f}% | {ref_s:.2f} "
+            f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.0f}× | {old_s / ref_s:.1f}× "
+            f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {path} |",
+            flush=True,
+        )
     every = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=args.samples, seed=0)
     all_s, groups = timed(lambda: every.run_all())
-    print(f"\nShapley-scoring every layer ({len(layers)} layers): fast {fast_total:.2f} s (the rows above, "
-          f"summed); run_all() over the model's {len(groups)} prunable groups {all_s:.2f} s"
-          + ("" if args.skip_slow else f"; the 2020 algorithm {old_total:.1f} s{mark} "
-             f"({old_total / fast_total:.0f}× the fast rows)"))
+    print(
+        f"\nShapley-scoring every layer ({len(layers)} layers): fast {fast_total:.2f} s (the rows above, "
+        f"summed); run_all() over the model's {len(groups)} prunable groups {all_s:.2f} s"
+        + (
+            ""
+            if args.skip_slow
+            else f"; the 2020 algorithm {old_total:.1f} s{mark} ({old_total / fast_total:.0f}× the fast rows)"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchpruner import (BNScaleAttributionMetric, FPGMAttributionMetric, Pruner,  # noqa: E402
-                         ThiNetAttributionMetric)
+from torchpruner import (
+    BNScaleAttributionMetric,
+    FPGMAttributionMetric,
+    Pruner,  # noqa: E402
+    ThiNetAttributionMetric,
+)
 from torchpruner.attributions.groups import member_slices  # noqa: E402
 
 
@@ -66,7 +70,9 @@ def compare_with_torch_pruning() -> None:
     bn_ours, fpgm_ours = BNScaleAttributionMetric(model, None, None), FPGMAttributionMetric(model, None, None)
     bn_tp, fpgm_tp = tp.importance.BNScaleImportance(), tp.importance.FPGMImportance()
     print("resnet18: torchpruner vs Torch-Pruning", tp.__version__, "per coupled group")
-    print(f"{'group source':<22}{'units':>6}{'BN scale max |diff|':>22}{'FPGM rho (layer)':>18}{'FPGM rho (group)':>18}")
+    print(
+        f"{'group source':<22}{'units':>6}{'BN scale max |diff|':>22}{'FPGM rho (layer)':>18}{'FPGM rho (group)':>18}"
+    )
     for group in groups:
         name = first_source_conv(group, modules)
         if name is None:
@@ -84,8 +90,17 @@ def compare_with_torch_pruning() -> None:
 
 def thinet_cost() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
     data = DataLoader(TensorDataset(torch.randn(512, 1, 8, 8), torch.randint(0, 10, (512,))), batch_size=128)
     with torch.no_grad():
         times = []
@@ -95,7 +110,9 @@ def thinet_cost() -> None:
                 model(images)
             times.append(time.perf_counter() - start)
         forward = min(times)
-    print(f"\nThiNet on the digits CNN (512 examples, batch 128); one forward pass over the data: {forward * 1e3:.1f} ms")
+    print(
+        f"\nThiNet on the digits CNN (512 examples, batch 128); one forward pass over the data: {forward * 1e3:.1f} ms"
+    )
     print(f"{'layer':<10}{'units':>6}{'samples/batch':>15}{'seconds':>10}{'x forward':>11}")
     for index in (0, 2, 6):
         for samples in (64, 256):
@@ -104,8 +121,10 @@ def thinet_cost() -> None:
             start = time.perf_counter()
             scores = metric.run(model[index])
             seconds = time.perf_counter() - start
-            print(f"{type(model[index]).__name__ + str(index):<10}{len(scores):>6}{samples:>15}{seconds:>10.3f}"
-                  f"{seconds / forward:>11.1f}")
+            print(
+                f"{type(model[index]).__name__ + str(index):<10}{len(scores):>6}{samples:>15}{seconds:>10.3f}"
+                f"{seconds / forward:>11.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -36,15 +36,20 @@ def vgg(num_classes: int = 10) -> nn.Sequential:
         else:
             layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
             channels = item
-    layers += [nn.Flatten(), nn.Linear(512 * 2 * 2, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
-               nn.Linear(512, num_classes)]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(512 * 2 * 2, 512),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(512, num_classes),
+    ]
     return nn.Sequential(*layers)
 
 
 def cascade_of(model: nn.Sequential, index: int) -> List[nn.Module]:
     """BatchNorm/Dropout after layer ``index`` and the next Conv/Linear."""
     cascade = []
-    for module in list(model)[index + 1:]:
+    for module in list(model)[index + 1 :]:
         if isinstance(module, (nn.BatchNorm2d, nn.Dropout)):
             cascade.append(module)
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -95,8 +100,9 @@ def main() -> None:
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             optimizer.load_state_dict(base_optimizer.state_dict())
             invalidate_graph(model)
-            state.update(model=model, optimizer=optimizer,
-                         pruner=Pruner(model, input_size=(3, 32, 32), optimizer=optimizer))
+            state.update(
+                model=model, optimizer=optimizer, pruner=Pruner(model, input_size=(3, 32, 32), optimizer=optimizer)
+            )
 
         def units(model: nn.Module) -> int:
             layer = model[index]
@@ -127,8 +133,10 @@ def main() -> None:
         label = f"{index}: {type(layer).__name__}"
         rows.append((label, f"{len(indices(base))}/{units(base)}", plan_ms, apply_ms, total_ms))
 
-    print(f"VGG-style CNN, CPU, {args.threads} thread(s), median of {args.repeats}; "
-          f"training step (batch {args.batch_size}, fwd+bwd+SGD): {step_ms:.1f} ms")
+    print(
+        f"VGG-style CNN, CPU, {args.threads} thread(s), median of {args.repeats}; "
+        f"training step (batch {args.batch_size}, fwd+bwd+SGD): {step_ms:.1f} ms"
+    )
     print("plan = trace + data flow + validation; apply = slicing + optimizer surgery; prune = prune_model")
     print(f"{'layer':<14}{'pruned':>10}{'plan ms':>10}{'apply ms':>10}{'prune ms':>10}{'vs step':>9}")
     for label, pruned, plan_ms, apply_ms, total_ms in rows:

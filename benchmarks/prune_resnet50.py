@@ -87,7 +87,9 @@ def main() -> None:
     # the optimizer keeps training the pruned model
     F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([1, 2])).backward()
     optimizer.step()
-    rows.append(("torchpruner (+ optimizer surgery)", ours_time, params(model), flops(model), latency(model, args.runs)))
+    rows.append(
+        ("torchpruner (+ optimizer surgery)", ours_time, params(model), flops(model), latency(model, args.runs))
+    )
 
     try:
         import torch_pruning as tp
@@ -97,24 +99,41 @@ def main() -> None:
     if tp is not None:
         tp_model, _ = trained_resnet50()
         start = time.perf_counter()
-        tp_pruner = tp.pruner.MagnitudePruner(tp_model, torch.randn(1, 3, 224, 224),
-                                              importance=tp.importance.MagnitudeImportance(p=1),
-                                              pruning_ratio=0.5, ignored_layers=[tp_model.fc])
+        tp_pruner = tp.pruner.MagnitudePruner(
+            tp_model,
+            torch.randn(1, 3, 224, 224),
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=0.5,
+            ignored_layers=[tp_model.fc],
+        )
         tp_pruner.step()
         tp_time = time.perf_counter() - start
-        rows.append((f"Torch-Pruning {getattr(tp, '__version__', '')} MagnitudePruner", tp_time, params(tp_model),
-                     flops(tp_model), latency(tp_model, args.runs)))
+        rows.append(
+            (
+                f"Torch-Pruning {getattr(tp, '__version__', '')} MagnitudePruner",
+                tp_time,
+                params(tp_model),
+                flops(tp_model),
+                latency(tp_model, args.runs),
+            )
+        )
 
     base_params, base_flops, base_latency = rows[0][2], rows[0][3], rows[0][4]
-    print(f"resnet50, 50% of every group, torch {torch.__version__}, {args.threads} threads, "
-          f"latency = median of {args.runs} runs, batch 8, 224x224")
-    print("| method | prune time (s) | params | FLOPs (G, 1 image) | latency (ms) | params ratio | FLOP ratio | "
-          "latency ratio | latency / FLOP ratio |")
+    print(
+        f"resnet50, 50% of every group, torch {torch.__version__}, {args.threads} threads, "
+        f"latency = median of {args.runs} runs, batch 8, 224x224"
+    )
+    print(
+        "| method | prune time (s) | params | FLOPs (G, 1 image) | latency (ms) | params ratio | FLOP ratio | "
+        "latency ratio | latency / FLOP ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, seconds, n, f, lat in rows:
         fr, lr = f / base_flops, lat / base_latency
-        print(f"| {name} | {'' if seconds is None else f'{seconds:.2f}'} | {n / 1e6:.2f} M | {f / 1e9:.2f} | "
-              f"{lat * 1e3:.0f} | {n / base_params:.3f} | {fr:.3f} | {lr:.3f} | {lr / fr:.2f} |")
+        print(
+            f"| {name} | {'' if seconds is None else f'{seconds:.2f}'} | {n / 1e6:.2f} M | {f / 1e9:.2f} | "
+            f"{lat * 1e3:.0f} | {n / base_params:.3f} | {fr:.3f} | {lr:.3f} | {lr / fr:.2f} |"
+        )
     print(f"\n{len(plan.edits)} edits, {len(plan.optimizer_slices)} optimizer state slices in our plan")
 
 

@@ -10,6 +10,7 @@ interleaving the peers; the script asserts the peers give the same numbers befor
     OMP_NUM_THREADS=1 python benchmarks/removal_curves_speed.py             # digits CNN of the study
     OMP_NUM_THREADS=1 python benchmarks/removal_curves_speed.py --arch vgg --widths 64,M,128,M,256,M
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,14 @@ def main(argv=None):
     with reproducible(args.threads):
         splits = load_dataset("digits")
         options = model_options_from(args, args.arch)
-        model, _ = load_or_train(args.arch, splits, args.results, seed=0, epochs=args.epochs,
-                                 model_options=options, progress=False)
+        model, _ = load_or_train(
+            args.arch, splits, args.results, seed=0, epochs=args.epochs, model_options=options, progress=False
+        )
         _, _, test_loader = splits.loaders(batch_size=64)
         pruner = make_pruner(model, splits.input_size, "cpu")
         rows = []
         for layer in prunable_layers(model):
-            order = np.random.default_rng(0).permutation(layer.num_units)[:layer.num_units - 1]
+            order = np.random.default_rng(0).permutation(layer.num_units)[: layer.num_units - 1]
             checks = compare_criteria._verify_points(len(order), 2)
             suffix = compare_criteria.suffix_after(model, layer.activation)
             plain, cheap = [], []
@@ -68,16 +70,26 @@ def main(argv=None):
                 return compare_criteria.masked_curve(model, layer, order, batches, "cpu", suffix=suffix)
 
             def plain_checks():
-                return [compare_criteria.prune_copy(model, layer.name, order[:k], test_loader, splits.input_size,
-                                                    "cpu") for k in checks]
+                return [
+                    compare_criteria.prune_copy(model, layer.name, order[:k], test_loader, splits.input_size, "cpu")
+                    for k in checks
+                ]
 
             def cheap_checks():
-                return [compare_criteria.prune_copy(model, layer.name, order[:k], test_loader, splits.input_size,
-                                                    "cpu", pruner=pruner) for k in checks]
+                return [
+                    compare_criteria.prune_copy(
+                        model, layer.name, order[:k], test_loader, splits.input_size, "cpu", pruner=pruner
+                    )
+                    for k in checks
+                ]
 
             times = {name: [] for name in ("plain_curve", "cheap_curve", "plain_checks", "cheap_checks")}
-            peers = {"plain_curve": (plain_curve, plain), "cheap_curve": (cheap_curve, cheap),
-                     "plain_checks": (plain_checks, plain), "cheap_checks": (cheap_checks, cheap)}
+            peers = {
+                "plain_curve": (plain_curve, plain),
+                "cheap_curve": (cheap_curve, cheap),
+                "plain_checks": (plain_checks, plain),
+                "cheap_checks": (cheap_checks, cheap),
+            }
             for _ in range(args.repeats):  # interleaved: a change of load hits every peer
                 for name, (function, sink) in peers.items():
                     times[name].append(_best(function, 1, sink))
@@ -85,19 +97,27 @@ def main(argv=None):
                 raise AssertionError(f"{layer.name}: the cheap removal gave other numbers than the plain one")
             best = {name: min(values) for name, values in times.items()}
             rows.append((layer.name, layer.num_units, best))
-    print(f"removal curves on digits / {args.arch}, {args.threads} thread(s), best of {args.repeats} "
-          "(shared machine: only the ratios within a row mean anything)\n")
-    print("| layer | units | curve plain (s) | curve cheap (s) | speed-up | 2 checks plain (s) | 2 checks cheap (s) "
-          "| speed-up |")
+    print(
+        f"removal curves on digits / {args.arch}, {args.threads} thread(s), best of {args.repeats} "
+        "(shared machine: only the ratios within a row mean anything)\n"
+    )
+    print(
+        "| layer | units | curve plain (s) | curve cheap (s) | speed-up | 2 checks plain (s) | 2 checks cheap (s) "
+        "| speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, units, best in rows:
-        print(f"| {name} | {units} | {best['plain_curve']:.3f} | {best['cheap_curve']:.3f} | "
-              f"{best['plain_curve'] / best['cheap_curve']:.1f}× | {best['plain_checks']:.3f} | "
-              f"{best['cheap_checks']:.3f} | {best['plain_checks'] / best['cheap_checks']:.1f}× |")
+        print(
+            f"| {name} | {units} | {best['plain_curve']:.3f} | {best['cheap_curve']:.3f} | "
+            f"{best['plain_curve'] / best['cheap_curve']:.1f}× | {best['plain_checks']:.3f} | "
+            f"{best['cheap_checks']:.3f} | {best['plain_checks'] / best['cheap_checks']:.1f}× |"
+        )
     total = {name: sum(best[name] for _, _, best in rows) for name in rows[0][2]}
-    print(f"| all | | {total['plain_curve']:.3f} | {total['cheap_curve']:.3f} | "
-          f"{total['plain_curve'] / total['cheap_curve']:.1f}× | {total['plain_checks']:.3f} | "
-          f"{total['cheap_checks']:.3f} | {total['plain_checks'] / total['cheap_checks']:.1f}× |")
+    print(
+        f"| all | | {total['plain_curve']:.3f} | {total['cheap_curve']:.3f} | "
+        f"{total['plain_curve'] / total['cheap_curve']:.1f}× | {total['plain_checks']:.3f} | "
+        f"{total['cheap_checks']:.3f} | {total['plain_checks'] / total['cheap_checks']:.1f}× |"
+    )
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def captum_taylor(model: nn.Module, layers: list[nn.Module], data) -> list[np.nd
     for layer in layers:
         total, count = None, 0
         for xb, yb in data:
+
             def loss(inputs: torch.Tensor, target: torch.Tensor = yb) -> torch.Tensor:
                 return F.cross_entropy(model(inputs), target, reduction="none")
 
@@ -89,32 +90,41 @@ def main() -> None:
     points = [model[point] for _, point in LAYERS.values()]  # where run_all scores them (find_best)
     attr = TaylorAttributionMetric(model, data, F.cross_entropy, "cpu", progress=False)
 
-    timed = interleaved(args.repeats, {
-        "base": lambda: forward_backward(model, data),
-        "run_all": lambda: attr.run_all(layers, find_best_evaluation_module=True),
-        "groups": lambda: attr.run_all(),
-        "run": lambda: [attr.run(layer, find_best_evaluation_module=True) for layer in layers],
-        "captum": lambda: captum_taylor(model, points, data),
-    })
+    timed = interleaved(
+        args.repeats,
+        {
+            "base": lambda: forward_backward(model, data),
+            "run_all": lambda: attr.run_all(layers, find_best_evaluation_module=True),
+            "groups": lambda: attr.run_all(),
+            "run": lambda: [attr.run(layer, find_best_evaluation_module=True) for layer in layers],
+            "captum": lambda: captum_taylor(model, points, data),
+        },
+    )
     (base_s, _), (all_s, together), (groups_s, by_group), (run_s, alone), (captum_s, by_captum) = timed.values()
     for key, mine, theirs, outside in zip(together, together.values(), alone, by_captum):
         assert np.allclose(mine, theirs, rtol=1e-6, atol=1e-9), key
         assert np.allclose(mine, outside, rtol=1e-4, atol=1e-6 * np.abs(outside).max()), key
 
-    print(f"digits CNN, {len(x)} examples in batches of 128, Taylor over {len(layers)} layers "
-          f"({', '.join(LAYERS)}), CPU, {args.threads} threads, best of {args.repeats} interleaved rounds, torch {torch.__version__}; "
-          "shared machine, timings are noisy, ratios are within this run")
+    print(
+        f"digits CNN, {len(x)} examples in batches of 128, Taylor over {len(layers)} layers "
+        f"({', '.join(LAYERS)}), CPU, {args.threads} threads, best of {args.repeats} interleaved rounds, torch {torch.__version__}; "
+        "shared machine, timings are noisy, ratios are within this run"
+    )
     print("| what | seconds | vs forward+backward |")
     print("|---|---|---|")
-    rows = [("one forward+backward pass over the loader", base_s),
-            (f"run_all(layers): {len(layers)} layers, one pass", all_s),
-            (f"run_all(): the {len(by_group)} prunable groups, one pass", groups_s),
-            (f"run(layer), layer by layer ({len(layers)} runs)", run_s),
-            (f"captum LayerGradientXActivation, layer by layer ({len(layers)} passes)", captum_s)]
+    rows = [
+        ("one forward+backward pass over the loader", base_s),
+        (f"run_all(layers): {len(layers)} layers, one pass", all_s),
+        (f"run_all(): the {len(by_group)} prunable groups, one pass", groups_s),
+        (f"run(layer), layer by layer ({len(layers)} runs)", run_s),
+        (f"captum LayerGradientXActivation, layer by layer ({len(layers)} passes)", captum_s),
+    ]
     for what, seconds in rows:
         print(f"| {what} | {seconds:.3f} | {seconds / base_s:.2f}× |")
-    print(f"\nrun_all vs run layer by layer: {run_s / all_s:.2f}× faster; vs captum layer by layer: "
-          f"{captum_s / all_s:.2f}× faster")
+    print(
+        f"\nrun_all vs run layer by layer: {run_s / all_s:.2f}× faster; vs captum layer by layer: "
+        f"{captum_s / all_s:.2f}× faster"
+    )
 
 
 if __name__ == "__main__":

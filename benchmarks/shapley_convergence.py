@@ -84,18 +84,27 @@ def rank_correlation(scores: np.ndarray, reference: np.ndarray) -> float:
     return float(spearmanr(scores, reference).statistic)
 
 
-def score(model: nn.Module, data, point: nn.Module, samples: int, seed: int,
-          antithetic: bool) -> tuple[np.ndarray, np.ndarray, int]:
+def score(
+    model: nn.Module, data, point: nn.Module, samples: int, seed: int, antithetic: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Scores, reported standard errors and the number of orderings of one Shapley run."""
-    metric = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=samples, seed=seed,
-                                      antithetic=antithetic)
+    metric = ShapleyAttributionMetric(
+        model, data, F.cross_entropy, "cpu", sv_samples=samples, seed=seed, antithetic=antithetic
+    )
     scores, stderr = metric.run(point, return_stderr=True)
     return np.asarray(scores, dtype=np.float64), np.asarray(stderr, dtype=np.float64), metric.last_samples
 
 
-def convergence(model: nn.Module, data, point: nn.Module, layer: str, reference: np.ndarray,
-                samples: tuple[int, ...] = SAMPLES, seeds: int = 4,
-                modes: tuple[bool, ...] = (False, True)) -> list[Row]:
+def convergence(
+    model: nn.Module,
+    data,
+    point: nn.Module,
+    layer: str,
+    reference: np.ndarray,
+    samples: tuple[int, ...] = SAMPLES,
+    seeds: int = 4,
+    modes: tuple[bool, ...] = (False, True),
+) -> list[Row]:
     """One :class:`Row` per (mode, n): ``seeds`` runs of ``n`` orderings compared with ``reference``
     (the scores of a converged run, or exact Shapley values)."""
     if seeds < 2:
@@ -118,25 +127,34 @@ def convergence(model: nn.Module, data, point: nn.Module, layer: str, reference:
             stderrs = np.stack([r[1] for r in runs])
             correlations = [rank_correlation(e, reference) for e in estimates]
             empirical = estimates.var(axis=0, ddof=1).mean()
-            reported = float(np.mean(stderrs ** 2))
-            rows.append(Row(
-                layer=layer, antithetic=antithetic, samples=orderings,
-                spearman=float(np.mean(correlations)), spearman_min=float(np.min(correlations)),
-                bottom_overlap=float(np.mean([bottom_overlap(e, reference) for e in estimates])),
-                stderr_over_range=float(np.mean(stderrs)) / spread,
-                error_over_range=math.sqrt(float(np.mean((estimates - reference) ** 2))) / spread,
-                stderr_over_spread=math.sqrt(reported / empirical) if empirical > 0 else float("nan"),
-            ))
+            reported = float(np.mean(stderrs**2))
+            rows.append(
+                Row(
+                    layer=layer,
+                    antithetic=antithetic,
+                    samples=orderings,
+                    spearman=float(np.mean(correlations)),
+                    spearman_min=float(np.min(correlations)),
+                    bottom_overlap=float(np.mean([bottom_overlap(e, reference) for e in estimates])),
+                    stderr_over_range=float(np.mean(stderrs)) / spread,
+                    error_over_range=math.sqrt(float(np.mean((estimates - reference) ** 2))) / spread,
+                    stderr_over_spread=math.sqrt(reported / empirical) if empirical > 0 else float("nan"),
+                )
+            )
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| layer | orderings | mode | spearman | min | bottom-25% | stderr/range | err/range "
-             "| stderr/spread |", "|---" * 9 + "|"]
+    lines = [
+        "| layer | orderings | mode | spearman | min | bottom-25% | stderr/range | err/range | stderr/spread |",
+        "|---" * 9 + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r.layer} | {r.samples} | {'antithetic' if r.antithetic else 'plain'} "
-                     f"| {r.spearman:.3f} | {r.spearman_min:.3f} | {r.bottom_overlap:.2f} "
-                     f"| {r.stderr_over_range:.4f} | {r.error_over_range:.4f} | {r.stderr_over_spread:.2f} |")
+        lines.append(
+            f"| {r.layer} | {r.samples} | {'antithetic' if r.antithetic else 'plain'} "
+            f"| {r.spearman:.3f} | {r.spearman_min:.3f} | {r.bottom_overlap:.2f} "
+            f"| {r.stderr_over_range:.4f} | {r.error_over_range:.4f} | {r.stderr_over_spread:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -154,10 +172,17 @@ def figure(rows: list[Row], path: Path) -> None:
             n = [r.samples for r in part]
             label = "antithetic" if antithetic else "plain"
             axes[0, j].plot(n, [r.spearman for r in part], style, color=color, label=label)
-            axes[1, j].plot(n, [r.stderr_over_range for r in part], style, color=color,
-                            label=f"{label}: reported stderr")
-            axes[1, j].plot(n, [r.error_over_range for r in part], style, color=color, alpha=0.35,
-                            label=f"{label}: RMS error vs reference")
+            axes[1, j].plot(
+                n, [r.stderr_over_range for r in part], style, color=color, label=f"{label}: reported stderr"
+            )
+            axes[1, j].plot(
+                n,
+                [r.error_over_range for r in part],
+                style,
+                color=color,
+                alpha=0.35,
+                label=f"{label}: RMS error vs reference",
+            )
         axes[0, j].set_title(layer)
         axes[0, j].axvline(5, color="grey", lw=0.8, ls=":")
         axes[1, j].axvline(5, color="grey", lw=0.8, ls=":")
@@ -190,9 +215,11 @@ def main() -> None:
     model = digits_cnn()
     train(model, x_train, y_train)
     data = loader(x[: args.examples], y[: args.examples])
-    print(f"digits CNN, {args.examples} examples in batches of 128, reference {args.reference} orderings "
-          f"(antithetic, seed {REFERENCE_SEED}), {args.seeds} seeds per row, CPU, {args.threads} thread(s), "
-          f"torch {torch.__version__}")
+    print(
+        f"digits CNN, {args.examples} examples in batches of 128, reference {args.reference} orderings "
+        f"(antithetic, seed {REFERENCE_SEED}), {args.seeds} seeds per row, CPU, {args.threads} thread(s), "
+        f"torch {torch.__version__}"
+    )
     rows: list[Row] = []
     for layer in args.layers:
         point = model[LAYERS[layer]]
@@ -200,8 +227,11 @@ def main() -> None:
         reference, reference_stderr, _ = score(model, data, point, args.reference, REFERENCE_SEED, True)
         spent = time.perf_counter() - start
         spread = float(np.ptp(reference))
-        print(f"{layer}: {len(reference)} units, reference in {spent:.1f} s, its stderr/range: mean "
-              f"{reference_stderr.mean() / spread:.4f}, max {reference_stderr.max() / spread:.4f}", flush=True)
+        print(
+            f"{layer}: {len(reference)} units, reference in {spent:.1f} s, its stderr/range: mean "
+            f"{reference_stderr.mean() / spread:.4f}, max {reference_stderr.max() / spread:.4f}",
+            flush=True,
+        )
         start = time.perf_counter()
         part = convergence(model, data, point, layer, reference, tuple(args.samples), args.seeds)
         print(f"{layer}: study in {time.perf_counter() - start:.1f} s\n{table(part)}", flush=True)

@@ -148,13 +148,19 @@ def render(records: list, fraction: float) -> str:
         before, after = r.get("params_before"), r.get("params_after")
         ratio = f"{after / before:.2f}" if before and after else ""
         note = (r.get("reason") or r.get("note") or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['model']} | {r.get('image', '')} | {r.get('groups', '')} / {r.get('groups_total', '')} | "
-                     f"{before or ''} | {after or ''} | {ratio} | {r.get('twin_error', '')} | {r['status']} | {note[:220]} |")
-    lines += ["", "Zeroed-twin error: the pruned model (eval mode, float32) against the unpruned copy with the "
-              "pruned units zeroed where the consumers read them, relative to the output scale; `LN` = a pruned "
-              "group holds a LayerNorm/GroupNorm over the pruned axis (its statistics change: not comparable).",
-              "", "A note names the most common reason why some groups of a passing model were left unpruned "
-              "(the op and call site are in the full message)."]
+        lines.append(
+            f"| {r['model']} | {r.get('image', '')} | {r.get('groups', '')} / {r.get('groups_total', '')} | "
+            f"{before or ''} | {after or ''} | {ratio} | {r.get('twin_error', '')} | {r['status']} | {note[:220]} |"
+        )
+    lines += [
+        "",
+        "Zeroed-twin error: the pruned model (eval mode, float32) against the unpruned copy with the "
+        "pruned units zeroed where the consumers read them, relative to the output scale; `LN` = a pruned "
+        "group holds a LayerNorm/GroupNorm over the pruned axis (its statistics change: not comparable).",
+        "",
+        "A note names the most common reason why some groups of a passing model were left unpruned "
+        "(the op and call site are in the full message).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +185,11 @@ def main() -> None:
             continue
         record = run_one(name, args.fraction)
         records.append(record)
-        print(f"{name:28s} {record['status']:8s} {record.get('seconds', 0):7.1f}s {record.get('twin_error', '')} "
-              f"{record.get('reason', record.get('note', ''))[:150]}", flush=True)
+        print(
+            f"{name:28s} {record['status']:8s} {record.get('seconds', 0):7.1f}s {record.get('twin_error', '')} "
+            f"{record.get('reason', record.get('note', ''))[:150]}",
+            flush=True,
+        )
         json_path.write_text(json.dumps(records, indent=1))
     Path(args.out).write_text(render(records, args.fraction))
 

@@ -49,8 +49,9 @@ def ours(name: str, heads_ratio: float | None) -> tuple[int, int, bool]:
         warnings.simplefilter("ignore")
         if ratios:
             groups = pruner.groups(ignored_layers=ignored)
-            ratios.update({g.source_modules[0]: 0.3 for g in groups
-                           if not any(g.source_modules[0] is m for m in ratios)})
+            ratios.update(
+                {g.source_modules[0]: 0.3 for g in groups if not any(g.source_modules[0] is m for m in ratios)}
+            )
         prune_groups(pruner, fraction=0.3, ratios=ratios, ignored_layers=ignored)
     return before, num_params(model), _runs(model, inputs)
 
@@ -62,10 +63,16 @@ def torch_pruning(name: str, whole_heads: bool) -> tuple[int, int, bool]:
     before = num_params(model)
     ignored = [m for n, m in model.named_modules() if n in classifier]
     extra = {"prune_num_heads": True, "prune_head_dims": False} if whole_heads else {}
-    pruner = tp.pruner.MagnitudePruner(model, example_inputs=next(iter(inputs.values())),
-                                       importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.3,
-                                       ignored_layers=ignored, num_heads=attention_heads(model),
-                                       output_transform=lambda out: output_tensor(out).sum(), **extra)
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        example_inputs=next(iter(inputs.values())),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=0.3,
+        ignored_layers=ignored,
+        num_heads=attention_heads(model),
+        output_transform=lambda out: output_tensor(out).sum(),
+        **extra,
+    )
     pruner.step()
     return before, num_params(model), _runs(model, inputs)
 
@@ -75,8 +82,12 @@ def main() -> None:
     print("| model | run | params before | params after | reduction | runs |")
     print("|---|---|---|---|---|---|")
     for name in ("vit_tiny_patch16_224", "deit_tiny_patch16_224"):
-        rows = [("ours 0.3", lambda: ours(name, None)), ("ours 0.3, heads 1/3", lambda: ours(name, 1 / 3)),
-                ("TP 0.3", lambda: torch_pruning(name, False)), ("TP 0.3 heads", lambda: torch_pruning(name, True))]
+        rows = [
+            ("ours 0.3", lambda: ours(name, None)),
+            ("ours 0.3, heads 1/3", lambda: ours(name, 1 / 3)),
+            ("TP 0.3", lambda: torch_pruning(name, False)),
+            ("TP 0.3 heads", lambda: torch_pruning(name, True)),
+        ]
         for label, run in rows:
             try:
                 before, after, runs = run()

@@ -77,8 +77,9 @@ def main() -> None:
     records = []
     for name in names:
         try:
-            done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
-                                  timeout=args.timeout)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", name], capture_output=True, text=True, timeout=args.timeout
+            )
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             record = json.loads(lines[-1]) if lines else {"fx_error": "crash", "export_error": "crash"}
         except subprocess.TimeoutExpired:
@@ -89,19 +90,27 @@ def main() -> None:
         Path(args.out).with_suffix(".json").write_text(json.dumps(records, indent=1))
     fx_ok = sum("fx_error" not in r for r in records)
     ex_ok = sum("export_error" not in r for r in records)
-    lines = ["# Graph capture on the zoo", "",
-             f"Produced by `benchmarks/zoo_capture.py` (torch {torch.__version__}; CPU, a shared and noisy machine). "
-             f"Same models and inputs as `zoo_prunability.py`, eval mode.", "",
-             f"**torch.fx (torchpruner's tracer): {fx_ok} / {len(records)} captured; torch.export (non-strict): "
-             f"{ex_ok} / {len(records)}.**", "",
-             "| model | fx | fx s | fx call sites | export | export s | export ops | ops with nn_module_stack | "
-             "params named by state-dict key |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Graph capture on the zoo",
+        "",
+        f"Produced by `benchmarks/zoo_capture.py` (torch {torch.__version__}; CPU, a shared and noisy machine). "
+        f"Same models and inputs as `zoo_prunability.py`, eval mode.",
+        "",
+        f"**torch.fx (torchpruner's tracer): {fx_ok} / {len(records)} captured; torch.export (non-strict): "
+        f"{ex_ok} / {len(records)}.**",
+        "",
+        "| model | fx | fx s | fx call sites | export | export s | export ops | ops with nn_module_stack | "
+        "params named by state-dict key |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         fx = "ok" if "fx_error" not in r else r["fx_error"].replace("|", "\\|")[:90]
         ex = "ok" if "export_error" not in r else r["export_error"].replace("|", "\\|")[:90]
-        lines.append(f"| {r['model']} | {fx} | {r.get('fx_s', '')} | {r.get('fx_sites', '')} | {ex} | "
-                     f"{r.get('export_s', '')} | {r.get('export_ops', '')} | {r.get('export_module_stack', '')} | "
-                     f"{r.get('export_names_params', '')} |")
+        lines.append(
+            f"| {r['model']} | {fx} | {r.get('fx_s', '')} | {r.get('fx_sites', '')} | {ex} | "
+            f"{r.get('export_s', '')} | {r.get('export_ops', '')} | {r.get('export_module_stack', '')} | "
+            f"{r.get('export_names_params', '')} |"
+        )
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 

@@ -48,30 +48,73 @@ HERE = Path(__file__).resolve().parent
 
 TIMM_MODELS = [
     # family: models (pretrained=False, 64x64)
-    "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "res2net50_26w_4s", "resnest14d",
-    "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv2_050", "mobilenetv3_small_050", "ghostnet_050",
-    "rexnet_100", "lcnet_050", "mnasnet_050",
-    "regnetx_002", "regnety_002",
-    "densenet121", "dpn68",
-    "cspresnet50", "cspdarknet53",
+    "resnet18",
+    "resnet50d",
+    "resnext26ts",
+    "seresnext26d_32x4d",
+    "res2net50_26w_4s",
+    "resnest14d",
+    "efficientnet_b0",
+    "tf_efficientnet_b0",
+    "mobilenetv2_050",
+    "mobilenetv3_small_050",
+    "ghostnet_050",
+    "rexnet_100",
+    "lcnet_050",
+    "mnasnet_050",
+    "regnetx_002",
+    "regnety_002",
+    "densenet121",
+    "dpn68",
+    "cspresnet50",
+    "cspdarknet53",
     "inception_v3",
-    "repvgg_a0", "ese_vovnet19b_dw",
-    "convnext_atto", "convnextv2_atto",
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224",
-    "swin_tiny_patch4_window7_224", "pvt_v2_b0",
-    "mixer_s16_224", "resmlp_12_224",
-    "poolformer_s12", "edgenext_xx_small", "mobilevit_xxs",
-    "nf_resnet26", "vgg11", "dla34", "hrnet_w18_small", "selecsls42b", "skresnet18", "ecaresnet26t",
-    "fastvit_t8", "hgnetv2_b0", "mobileone_s0",
+    "repvgg_a0",
+    "ese_vovnet19b_dw",
+    "convnext_atto",
+    "convnextv2_atto",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "pvt_v2_b0",
+    "mixer_s16_224",
+    "resmlp_12_224",
+    "poolformer_s12",
+    "edgenext_xx_small",
+    "mobilevit_xxs",
+    "nf_resnet26",
+    "vgg11",
+    "dla34",
+    "hrnet_w18_small",
+    "selecsls42b",
+    "skresnet18",
+    "ecaresnet26t",
+    "fastvit_t8",
+    "hgnetv2_b0",
+    "mobileone_s0",
 ]
 #: timm models whose image size is part of the architecture
-TIMM_KWARGS = {name: {"img_size": 64} for name in (
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "mixer_s16_224", "resmlp_12_224")}
+TIMM_KWARGS = {
+    name: {"img_size": 64}
+    for name in ("vit_tiny_patch16_224", "deit_tiny_patch16_224", "mixer_s16_224", "resmlp_12_224")
+}
 TIMM_KWARGS["swin_tiny_patch4_window7_224"] = {"img_size": 64, "window_size": 4}
 TIMM_SIZE = {"inception_v3": 96, "swin_tiny_patch4_window7_224": 64}
 
-HF_MODELS = ["hf-bert", "hf-roberta", "hf-distilbert", "hf-albert", "hf-gpt2", "hf-t5", "hf-vit", "hf-llama",
-             "hf-qwen2", "hf-mistral", "hf-resnet", "hf-convnext"]
+HF_MODELS = [
+    "hf-bert",
+    "hf-roberta",
+    "hf-distilbert",
+    "hf-albert",
+    "hf-gpt2",
+    "hf-t5",
+    "hf-vit",
+    "hf-llama",
+    "hf-qwen2",
+    "hf-mistral",
+    "hf-resnet",
+    "hf-convnext",
+]
 
 
 def build(name: str) -> tuple[nn.Module, dict, set[str]]:
@@ -94,39 +137,61 @@ def build(name: str) -> tuple[nn.Module, dict, set[str]]:
     small = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128, vocab_size=1000)
     if kind in ("bert", "roberta", "albert"):
         config = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "albert": tf.AlbertConfig}[kind](
-            **small, num_labels=10, max_position_embeddings=64)
-        model = {"bert": tf.BertForSequenceClassification, "roberta": tf.RobertaForSequenceClassification,
-                 "albert": tf.AlbertForSequenceClassification}[kind](config)
+            **small, num_labels=10, max_position_embeddings=64
+        )
+        model = {
+            "bert": tf.BertForSequenceClassification,
+            "roberta": tf.RobertaForSequenceClassification,
+            "albert": tf.AlbertForSequenceClassification,
+        }[kind](config)
         return model, tokens, {"classifier"}
     if kind == "distilbert":
-        model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-            n_layers=2, n_heads=4, dim=64, hidden_dim=128, vocab_size=1000, num_labels=10, max_position_embeddings=64))
+        model = tf.DistilBertForSequenceClassification(
+            tf.DistilBertConfig(
+                n_layers=2,
+                n_heads=4,
+                dim=64,
+                hidden_dim=128,
+                vocab_size=1000,
+                num_labels=10,
+                max_position_embeddings=64,
+            )
+        )
         return model, tokens, {"classifier"}
     if kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64,
-                                                 use_cache=False))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64, use_cache=False)
+        )
         return model, tokens, {"lm_head"}
     if kind == "t5":
-        model = tf.T5EncoderModel(tf.T5Config(num_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=128,
-                                              vocab_size=1000))
+        model = tf.T5EncoderModel(
+            tf.T5Config(num_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=128, vocab_size=1000)
+        )
         return model, tokens, set()
     if kind == "vit":
-        model = tf.ViTForImageClassification(tf.ViTConfig(**{k: v for k, v in small.items() if k != "vocab_size"},
-                                                          image_size=32, patch_size=8, num_labels=10))
+        model = tf.ViTForImageClassification(
+            tf.ViTConfig(
+                **{k: v for k, v in small.items() if k != "vocab_size"}, image_size=32, patch_size=8, num_labels=10
+            )
+        )
         return model, image, {"classifier"}
     if kind in ("llama", "qwen2", "mistral"):
-        config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                                     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-                                     "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
+        config_class, model_class = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+            "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        }[kind]
         model = model_class(config_class(**small, num_key_value_heads=2, max_position_embeddings=64, use_cache=False))
         return model, tokens, {"lm_head"}
     if kind == "resnet":
-        model = tf.ResNetForImageClassification(tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64],
-                                                                depths=[1, 1, 1, 1], num_labels=10))
+        model = tf.ResNetForImageClassification(
+            tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], num_labels=10)
+        )
         return model, image, {"classifier.1"}
     if kind == "convnext":
-        model = tf.ConvNextForImageClassification(tf.ConvNextConfig(hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
-                                                                    num_labels=10))
+        model = tf.ConvNextForImageClassification(
+            tf.ConvNextConfig(hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], num_labels=10)
+        )
         return model, image, {"classifier"}
     raise ValueError(f"unknown model {name}")
 
@@ -153,8 +218,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict)
     loss_of(model, inputs).backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer.step()
-    return [n for n, p in model.named_parameters()
-            if p.grad is not None and bool(p.grad.any()) and torch.equal(before[n], p.detach())]
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and bool(p.grad.any()) and torch.equal(before[n], p.detach())
+    ]
 
 
 def num_params(model: nn.Module) -> int:
@@ -200,8 +268,11 @@ def run_ours(name: str) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             groups = pruner.groups(ignored_layers=ignored)
-        refused = pruner.refused_groups(ignored_layers=ignored) if hasattr(pruner, "refused_groups") else \
-            [g for g in get_dependency_graph(graph).all_groups if g.refusal and g.source_roles]
+        refused = (
+            pruner.refused_groups(ignored_layers=ignored)
+            if hasattr(pruner, "refused_groups")
+            else [g for g in get_dependency_graph(graph).all_groups if g.refusal and g.source_roles]
+        )
         record["groups"], record["refused_groups"] = len(groups), len(refused)
         record["warned"] = any("cannot be pruned" in str(w.message) for w in caught)
         if refused:
@@ -239,8 +310,11 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     ``qkv``, Hugging Face's ``query``/``key``/``value`` and ``q_proj``/``k_proj``/``v_proj``)."""
     heads: dict[nn.Module, int] = {}
     for module in model.modules():
-        count = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None) or \
-            getattr(module, "n_heads", None)
+        count = (
+            getattr(module, "num_heads", None)
+            or getattr(module, "num_attention_heads", None)
+            or getattr(module, "n_heads", None)
+        )
         config = getattr(module, "config", None)
         if count is None and config is not None and hasattr(module, "q_proj"):
             count = config.num_attention_heads
@@ -269,9 +343,15 @@ def run_tp(name: str) -> dict:
         example = inputs if len(inputs) > 1 else next(iter(inputs.values()))
         if name.startswith("hf-"):
             example = inputs
-        pruner = tp.pruner.MagnitudePruner(model, example_inputs=example, importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=0.3, ignored_layers=ignored, num_heads=attention_heads(model),
-                                           output_transform=lambda out: output_tensor(out).sum())
+        pruner = tp.pruner.MagnitudePruner(
+            model,
+            example_inputs=example,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=0.3,
+            ignored_layers=ignored,
+            num_heads=attention_heads(model),
+            output_transform=lambda out: output_tensor(out).sum(),
+        )
         pruner.step()
         record["prune_s"] = round(time.perf_counter() - start, 2)
         record["params_after"] = num_params(model)
@@ -292,8 +372,13 @@ def run_tp(name: str) -> dict:
             except Exception as exc:  # noqa: BLE001
                 record["optimizer_ok"] = False
                 record["reason"] = f"old optimizer fails: {type(exc).__name__}: {str(exc)[:150]}"
-        record["status"] = ("broken" if not record["runs_after"] else
-                            "pruned" if record["params_after"] < record["params_before"] else "no-op")
+        record["status"] = (
+            "broken"
+            if not record["runs_after"]
+            else "pruned"
+            if record["params_after"] < record["params_before"]
+            else "no-op"
+        )
     except Exception as exc:  # noqa: BLE001
         record["status"] = "failed"
         record["reason"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -306,7 +391,7 @@ def run_one(name: str, tool: str) -> dict:
     return run_ours(name) if tool == "ours" else run_tp(name)
 
 
-class _Timeout(BaseException):   # not caught by the runs' own `except Exception`
+class _Timeout(BaseException):  # not caught by the runs' own `except Exception`
     pass
 
 
@@ -335,16 +420,18 @@ def work(names: list[str], tool: str, timeout: float) -> None:
         print(json.dumps(record), flush=True)
 
 
-def run_tool(names: list[str], tool: str, timeout: float, results: dict[str, dict],
-             progress: Path | None = None) -> None:
+def run_tool(
+    names: list[str], tool: str, timeout: float, results: dict[str, dict], progress: Path | None = None
+) -> None:
     """Run a worker for ``tool`` over ``names``; a worker that dies (a segfault, out of memory) costs
     the model it was on (``crash``) and is restarted on the rest. Each result is also appended to
     ``progress`` (one JSON line), so an interrupted run keeps what it measured."""
     remaining = list(names)
     while remaining:
         command = [sys.executable, __file__, "--worker", "--tool", tool, "--timeout", str(timeout), *remaining]
-        worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                  env=os.environ.copy())
+        worker = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy()
+        )
         assert worker.stdout is not None
         for line in worker.stdout:
             if line.startswith("{"):
@@ -356,7 +443,7 @@ def run_tool(names: list[str], tool: str, timeout: float, results: dict[str, dic
                     with progress.open("a") as file:
                         file.write(json.dumps({"tool": tool, "model": name, **record}) + "\n")
         worker.wait()
-        if remaining:   # the worker died on remaining[0]
+        if remaining:  # the worker died on remaining[0]
             results[remaining.pop(0)] = {"status": "crash", "reason": f"the process died (exit {worker.returncode})"}
 
 
@@ -377,12 +464,14 @@ def render(records: list[dict], tp_version: str | None) -> str:
         f"no-ops, {sum(r['status'] == 'timeout' for r in ours)} timed out.",
     ]
     if any(theirs):
-        lines += [f"**Torch-Pruning {tp_version}: {sum(t['status'] == 'pruned' for t in theirs if t)} / {len(ours)} "
-                  f"pruned**, of which {sum(1 for t in theirs if t and t['status'] == 'pruned' and not t.get('optimizer_ok'))}"
-                  f" leave the old optimizer unable to step every parameter; "
-                  f"{sum(1 for t in theirs if t and t['status'] == 'broken')} broken (prune, then forward fails), "
-                  f"{sum(1 for t in theirs if t and t['status'] == 'failed')} failed, "
-                  f"{sum(1 for t in theirs if t and t['status'] == 'timeout')} timed out."]
+        lines += [
+            f"**Torch-Pruning {tp_version}: {sum(t['status'] == 'pruned' for t in theirs if t)} / {len(ours)} "
+            f"pruned**, of which {sum(1 for t in theirs if t and t['status'] == 'pruned' and not t.get('optimizer_ok'))}"
+            f" leave the old optimizer unable to step every parameter; "
+            f"{sum(1 for t in theirs if t and t['status'] == 'broken')} broken (prune, then forward fails), "
+            f"{sum(1 for t in theirs if t and t['status'] == 'failed')} failed, "
+            f"{sum(1 for t in theirs if t and t['status'] == 'timeout')} timed out."
+        ]
     lines += [
         "",
         "| model | capture | groups (prunable / refused) | params before | after (ours) | after (TP) | zeroed twin | "
@@ -393,7 +482,7 @@ def render(records: list[dict], tp_version: str | None) -> str:
         o, t = record["ours"], record.get("tp") or {}
         ours_time = (o.get("trace_s") or 0) + (o.get("prune_s") or 0)
         ratio = f" ({ours_time / t['prune_s']:.1f}x)" if o.get("prune_s") is not None and t.get("prune_s") else ""
-        note = (o.get("reason") or o.get("note") or "")
+        note = o.get("reason") or o.get("note") or ""
         if t.get("reason"):
             note += f" / TP: {t['reason']}"
         note = note.replace("|", "\\|").replace("\n", " ")[:260]
@@ -402,21 +491,31 @@ def render(records: list[dict], tp_version: str | None) -> str:
             f"| {record['model']} | {o.get('capture', '')} | {o.get('groups', '')} / {o.get('refused_groups', '')} | "
             f"{o.get('params_before', '')} | {o.get('params_after', '')} | {t.get('params_after', '')} | "
             f"{o.get('twin_error', '')} | {flag(o.get('optimizer_ok'))} / {flag(t.get('optimizer_ok'))} | "
-            f"{ours_time:.1f} / {t.get('prune_s', '')}{ratio} | {o['status']} | {t.get('status', '')} | {note} |")
-    lines += ["", "Zeroed twin: the pruned model (eval mode, float32) against the unpruned copy with the pruned units "
-              "zeroed where the consumers read them, relative to the output scale; `LN` = a pruned group holds a "
-              "LayerNorm/GroupNorm over the pruned axis (statistics change: not comparable by construction).",
-              "Optimizer: `ok` = the AdamW created before the prune changed every parameter of the pruned model in "
-              "the step after it; `STALE` = some were not (new Parameter objects, or state it cannot use).",
-              "Time: our trace + prune, Torch-Pruning's graph build + prune (its `MagnitudePruner` construction and "
-              "`step()`), one run each; the ratio is ours / theirs."]
+            f"{ours_time:.1f} / {t.get('prune_s', '')}{ratio} | {o['status']} | {t.get('status', '')} | {note} |"
+        )
+    lines += [
+        "",
+        "Zeroed twin: the pruned model (eval mode, float32) against the unpruned copy with the pruned units "
+        "zeroed where the consumers read them, relative to the output scale; `LN` = a pruned group holds a "
+        "LayerNorm/GroupNorm over the pruned axis (statistics change: not comparable by construction).",
+        "Optimizer: `ok` = the AdamW created before the prune changed every parameter of the pruned model in "
+        "the step after it; `STALE` = some were not (new Parameter objects, or state it cannot use).",
+        "Time: our trace + prune, Torch-Pruning's graph build + prune (its `MagnitudePruner` construction and "
+        "`step()`), one run each; the ratio is ours / theirs.",
+    ]
     reruns = sorted({r["ours"]["rerun"] for r in records if r["ours"].get("rerun")})
     for commit in reruns:
         rows = ", ".join(r["model"] for r in records if r["ours"].get("rerun") == commit)
         kept = [r["model"] for r in records if r["ours"].get("rerun") == commit and (r.get("tp") or {}).get("earlier")]
-        lines.append(f"Rows measured again at commit {commit}, after a fix the first run showed the need for: {rows}"
-                     + (f" (torchpruner only; Torch-Pruning's columns of {', '.join(kept)} are from the earlier run)"
-                        if kept else " (both tools)") + ".")
+        lines.append(
+            f"Rows measured again at commit {commit}, after a fix the first run showed the need for: {rows}"
+            + (
+                f" (torchpruner only; Torch-Pruning's columns of {', '.join(kept)} are from the earlier run)"
+                if kept
+                else " (both tools)"
+            )
+            + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -430,11 +529,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--out", default=str(HERE / "zoo_prunability.md"))
     parser.add_argument("--render", action="store_true", help="only write the .md from the .json next to it")
-    parser.add_argument("--merge", action="store_true",
-                        help="replace only the measured rows in the existing .json (marked as measured again at "
-                             "the current commit) and keep the others")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the measured rows in the existing .json (marked as measured again at "
+        "the current commit) and keep the others",
+    )
     args = parser.parse_args()
-    if args.render:   # from the .json, or from the progress lines of an interrupted run
+    if args.render:  # from the .json, or from the progress lines of an interrupted run
         import torch_pruning
 
         json_path = Path(args.out).with_suffix(".json")
@@ -453,7 +555,9 @@ def main() -> None:
         return
     if args.one:
         record = run_one(args.one, args.tool)
-        print(json.dumps({k: v for k, v in record.items() if k != "traceback"} | {"traceback": record.get("traceback")}))
+        print(
+            json.dumps({k: v for k, v in record.items() if k != "traceback"} | {"traceback": record.get("traceback")})
+        )
         return
     names = args.models or TIMM_MODELS + HF_MODELS
     json_path = Path(args.out).with_suffix(".json")
@@ -467,32 +571,40 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {tool: {} for tool in tools}
     progress = json_path.with_suffix(".progress.jsonl")
     progress.unlink(missing_ok=True)
-    threads = [threading.Thread(target=run_tool, args=(names, tool, args.timeout, results[tool], progress))
-               for tool in tools]
+    threads = [
+        threading.Thread(target=run_tool, args=(names, tool, args.timeout, results[tool], progress)) for tool in tools
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    records = [{"model": name, **{tool: results[tool].get(name, {"status": "missing"}) for tool in tools}}
-               for name in names]
+    records = [
+        {"model": name, **{tool: results[tool].get(name, {"status": "missing"}) for tool in tools}} for name in names
+    ]
     for record in records:
         o, t = record["ours"], record.get("tp") or {}
-        print(f"{record['model']:32s} ours {o['status']:8s} {o.get('groups', '')}/{o.get('refused_groups', '')} "
-              f"{o.get('params_before', '')}->{o.get('params_after', '')} {o.get('twin_error', '')} | "
-              f"TP {t.get('status', '')} {t.get('params_after', '')} | {(o.get('reason') or o.get('note') or '')[:120]}")
+        print(
+            f"{record['model']:32s} ours {o['status']:8s} {o.get('groups', '')}/{o.get('refused_groups', '')} "
+            f"{o.get('params_before', '')}->{o.get('params_after', '')} {o.get('twin_error', '')} | "
+            f"TP {t.get('status', '')} {t.get('params_after', '')} | {(o.get('reason') or o.get('note') or '')[:120]}"
+        )
     if args.merge and json_path.exists():
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+            ).stdout.strip()
+            or "unknown"
+        )
         fresh = {record["model"]: record for record in records}
         for record in fresh.values():
             record["ours"]["rerun"] = commit
         old = {r["model"]: r for r in json.loads(json_path.read_text())}
-        for name, record in fresh.items():   # a tool not run this time keeps its earlier record
+        for name, record in fresh.items():  # a tool not run this time keeps its earlier record
             for tool, value in old.get(name, {}).items():
                 if tool not in record:
                     record[tool] = {**value, "earlier": True} if isinstance(value, dict) else value
         records = [fresh.pop(name, r) for name, r in old.items()] + list(fresh.values())
-        if tp_version is None:   # the version the kept Torch-Pruning records were measured with
+        if tp_version is None:  # the version the kept Torch-Pruning records were measured with
             import torch_pruning
 
             tp_version = torch_pruning.__version__

@@ -95,8 +95,7 @@ def build(output: Path = DEFAULT_OUTPUT, modules: list[str] | None = None) -> Bu
     names = public_modules() if modules is None else list(modules)
     pdoc.render.configure(docformat="restructuredtext", show_source=False)
     pdoc_dir = Path(pdoc.__file__).resolve().parent
-    package_dirs = sorted({Path(importlib.import_module(n.split(".")[0]).__file__).resolve().parent
-                           for n in names})
+    package_dirs = sorted({Path(importlib.import_module(n.split(".")[0]).__file__).resolve().parent for n in names})
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(record=True) as caught:

@@ -20,8 +20,11 @@ torch.manual_seed(0)
 digits = load_digits()
 x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
 y = torch.tensor(digits.target)
-(x_train, y_train), (x_val, y_val), (x_test, y_test) = ((x[:1200], y[:1200]), (x[1200:1500], y[1200:1500]),
-                                                        (x[1500:], y[1500:]))
+(x_train, y_train), (x_val, y_val), (x_test, y_test) = (
+    (x[:1200], y[:1200]),
+    (x[1200:1500], y[1200:1500]),
+    (x[1500:], y[1500:]),
+)
 
 model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

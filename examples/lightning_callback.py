@@ -49,12 +49,22 @@ if __name__ == "__main__":
     lit = LitDigits()
     taylor = TaylorAttributionMetric(lit.net, [(x[1500:], y[1500:])], F.cross_entropy)
     prune = PruningCallback(fraction=0.2, metric=taylor, epochs=[1, 3], model=lit.net, input_size=(64,))
-    trainer = pl.Trainer(max_epochs=5, accelerator="cpu", callbacks=[prune], logger=CSVLogger("lightning_logs"),
-                         log_every_n_steps=10, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        accelerator="cpu",
+        callbacks=[prune],
+        logger=CSVLogger("lightning_logs"),
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     before = count_parameters(lit)
     trainer.fit(lit, train)
 
     for record in prune.records:
-        print(f"epoch {record.epoch}: {record.parameters_before} -> {record.parameters} parameters, "
-              f"{record.flops_before} -> {record.flops} FLOPs, widths {record.widths}")
+        print(
+            f"epoch {record.epoch}: {record.parameters_before} -> {record.parameters} parameters, "
+            f"{record.flops_before} -> {record.flops} FLOPs, widths {record.widths}"
+        )
     print(f"parameters {before} -> {count_parameters(lit)}; logged to {trainer.logger.log_dir}")

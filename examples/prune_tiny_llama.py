@@ -19,12 +19,19 @@ from torchpruner import Pruner, TaylorAttributionMetric, prune_groups
 from torchpruner.graph.dependency import RefusedGroupsWarning
 
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+config = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    use_cache=False,
+)
 llama = LlamaForCausalLM(config)
 adamw = torch.optim.AdamW(llama.parameters(), lr=3e-3)
 tokens = torch.randint(0, 128, (32, 17))
-batches = [(t[:, :-1], t[:, 1:]) for t in tokens.split(8)]   # (input ids, next tokens)
+batches = [(t[:, :-1], t[:, 1:]) for t in tokens.split(8)]  # (input ids, next tokens)
 
 
 def next_token_loss(output, targets, reduction="mean"):
@@ -35,21 +42,21 @@ def next_token_loss(output, targets, reduction="mean"):
 
 before = sum(p.numel() for p in llama.parameters())
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RefusedGroupsWarning)   # listed below instead
+    warnings.simplefilter("ignore", RefusedGroupsWarning)  # listed below instead
     pruner = Pruner(llama, optimizer=adamw, example_inputs={"input_ids": batches[0][0]})
     groups = pruner.groups()
-print(f"captured by {pruner.graph().capture}: {len(groups)} prunable groups, "
-      f"{len(pruner.refused_groups())} refused")
+print(f"captured by {pruner.graph().capture}: {len(groups)} prunable groups, {len(pruner.refused_groups())} refused")
 print(groups[0])
 taylor = TaylorAttributionMetric(llama, batches, next_token_loss, "cpu")
-prune_groups(pruner, fraction=0.5, scores=taylor.run)   # half of every group, by group Taylor
+prune_groups(pruner, fraction=0.5, scores=taylor.run)  # half of every group, by group Taylor
 after = sum(p.numel() for p in llama.parameters())
-print(f"parameters {before:,} -> {after:,}; mlp widths",
-      [layer.mlp.up_proj.out_features for layer in llama.model.layers])
+print(
+    f"parameters {before:,} -> {after:,}; mlp widths", [layer.mlp.up_proj.out_features for layer in llama.model.layers]
+)
 
 start = {name: p.detach().clone() for name, p in llama.named_parameters()}
 losses = []
-for step in range(8):   # the same AdamW keeps training the smaller model
+for step in range(8):  # the same AdamW keeps training the smaller model
     inputs, targets = batches[step % len(batches)]
     adamw.zero_grad()
     loss = next_token_loss(llama(input_ids=inputs), targets)

@@ -24,6 +24,8 @@ print("\n".join(lines[1:12] + [f"  ... {len(lines) - 13} more changes", lines[-1
 
 params, flops = count_parameters(model), count_flops(model, input_size=(3, 64, 64))
 prune_groups(pruner, fraction=0.3, global_ranking=True)
-print(f"parameters {params:,} -> {count_parameters(model):,}; "
-      f"FLOPs {flops:,} -> {count_flops(model, input_size=(3, 64, 64)):,}")
+print(
+    f"parameters {params:,} -> {count_parameters(model):,}; "
+    f"FLOPs {flops:,} -> {count_flops(model, input_size=(3, 64, 64)):,}"
+)
 print("output:", tuple(model(torch.randn(2, 3, 64, 64)).shape))

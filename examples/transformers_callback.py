@@ -49,15 +49,26 @@ if __name__ == "__main__":
     taylor = TaylorAttributionMetric(model.net, [(x[1500:], y[1500:])], F.cross_entropy)
     prune = PruningCallback(fraction=0.2, metric=taylor, epochs=[1, 3], model=model.net, input_size=(64,))
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(output_dir=output_dir, num_train_epochs=5, per_device_train_batch_size=64,
-                                 learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
-                                 disable_tqdm=True, logging_strategy="epoch", seed=0)
+        args = TrainingArguments(
+            output_dir=output_dir,
+            num_train_epochs=5,
+            per_device_train_batch_size=64,
+            learning_rate=1e-2,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="epoch",
+            seed=0,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=Digits(x[:1500], y[:1500]), callbacks=[prune])
         prune.trainer = trainer  # report through trainer.log (TensorBoard, W&B, ... when configured)
         before = count_parameters(model)
         trainer.train()
 
     for record in prune.records:  # also in trainer.state.log_history, as "pruning/parameters", ...
-        print(f"epoch {record.epoch}: {record.parameters_before} -> {record.parameters} parameters, "
-              f"{record.flops_before} -> {record.flops} FLOPs, widths {record.widths}")
+        print(
+            f"epoch {record.epoch}: {record.parameters_before} -> {record.parameters} parameters, "
+            f"{record.flops_before} -> {record.flops} FLOPs, widths {record.widths}"
+        )
     print(f"parameters {before} -> {count_parameters(model)}")

@@ -44,6 +44,7 @@ prune`` uses the Pruner for every point.
     python -m experiments.compare_criteria --captum LayerGradientShap
     python -m experiments.compare_criteria --dataset mnist --data-root ~/data
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,22 +65,67 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, CRITERION_COLOURS, DEFAULT_CRITERIA, UnitMask, add_model_arguments,
-                                base_parser, cascading_for, criterion_applies, criterion_is_seeded, criterion_scores_groups, environment, evaluate,
-                                format_table, make_metric, make_pruner, mean_plus_2std, model_options_from,
-                                parse_criteria, prune_units, pyplot, removal_order, run_reproducibly, resolve_device,
-                                results_folder, score_layer, write_csv, write_json)
+from experiments.common import (
+    CRITERIA,
+    CRITERION_COLOURS,
+    DEFAULT_CRITERIA,
+    UnitMask,
+    add_model_arguments,
+    base_parser,
+    cascading_for,
+    criterion_applies,
+    criterion_is_seeded,
+    criterion_scores_groups,
+    environment,
+    evaluate,
+    format_table,
+    make_metric,
+    make_pruner,
+    mean_plus_2std,
+    model_options_from,
+    parse_criteria,
+    prune_units,
+    pyplot,
+    removal_order,
+    run_reproducibly,
+    resolve_device,
+    results_folder,
+    score_layer,
+    write_csv,
+    write_json,
+)
 from experiments.data import load_dataset
 from experiments.models import default_arch, load_or_train, prunable_layers
 from experiments.stats import bootstrap_ci, mean_ci, sign_test
 
 COLOURS = CRITERION_COLOURS
 CURVE_COLUMNS = ["model_seed", "layer", "criterion", "seed", "removed", "unit", "test_loss", "test_accuracy"]
-SUMMARY_COLUMNS = ["criterion", "loss_increase", "loss_increase_low", "loss_increase_high", "loss_increase_std",
-                   "accuracy_drop", "accuracy_drop_low", "accuracy_drop_high", "models", "layers", "seeds",
-                   "score_seconds"]
-PAIRED_COLUMNS = ["criterion", "reference", "pairs", "mean_difference", "ci_low", "ci_high", "lower", "higher",
-                  "p_value", "significant"]
+SUMMARY_COLUMNS = [
+    "criterion",
+    "loss_increase",
+    "loss_increase_low",
+    "loss_increase_high",
+    "loss_increase_std",
+    "accuracy_drop",
+    "accuracy_drop_low",
+    "accuracy_drop_high",
+    "models",
+    "layers",
+    "seeds",
+    "score_seconds",
+]
+PAIRED_COLUMNS = [
+    "criterion",
+    "reference",
+    "pairs",
+    "mean_difference",
+    "ci_low",
+    "ci_high",
+    "lower",
+    "higher",
+    "p_value",
+    "significant",
+]
 LEVEL = 0.95  # confidence level of every interval
 ALPHA = 0.05  # significance level of the sign tests
 BOOTSTRAP_RESAMPLES = 10000
@@ -98,34 +144,58 @@ CONFIGS = {
 
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, choices=sorted(CONFIGS),
-                        help="a documented configuration: sets --dataset, --arch, --widths and --hidden unless given")
-    parser.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
-                        help=f"comma-separated criteria from: {', '.join(CRITERIA)}")
-    parser.add_argument("--captum", default="",
-                        help="comma-separated captum layer methods to add, e.g. LayerConductance")
+    parser.add_argument(
+        "--config",
+        default=None,
+        choices=sorted(CONFIGS),
+        help="a documented configuration: sets --dataset, --arch, --widths and --hidden unless given",
+    )
+    parser.add_argument(
+        "--criteria", default=",".join(DEFAULT_CRITERIA), help=f"comma-separated criteria from: {', '.join(CRITERIA)}"
+    )
+    parser.add_argument(
+        "--captum", default="", help="comma-separated captum layer methods to add, e.g. LayerConductance"
+    )
     parser.add_argument("--layers", default="", help="comma-separated layer names (default: all prunable)")
-    parser.add_argument("--train-seeds", type=int, default=3,
-                        help="trained models (seeds --seed, --seed + 1, ...); the tables average over them")
-    parser.add_argument("--n-seeds", type=int, default=3,
-                        help="seeds per model for the random criteria (random, shapley)")
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        default=3,
+        help="trained models (seeds --seed, --seed + 1, ...); the tables average over them",
+    )
+    parser.add_argument(
+        "--n-seeds", type=int, default=3, help="seeds per model for the random criteria (random, shapley)"
+    )
     parser.add_argument("--sv-samples", type=int, default=5, help="permutations per Shapley estimate")
     parser.add_argument("--score-batches", type=int, default=None, help="cap on validation batches for scoring")
-    parser.add_argument("--removal", choices=["mask", "prune"], default="mask",
-                        help="mask: zero units at the evaluation point (checked against the Pruner); "
-                             "prune: remove every unit with the Pruner")
-    parser.add_argument("--verify-points", type=int, default=2,
-                        help="points per curve re-done with the Pruner in mask mode (0: none)")
+    parser.add_argument(
+        "--removal",
+        choices=["mask", "prune"],
+        default="mask",
+        help="mask: zero units at the evaluation point (checked against the Pruner); "
+        "prune: remove every unit with the Pruner",
+    )
+    parser.add_argument(
+        "--verify-points", type=int, default=2, help="points per curve re-done with the Pruner in mask mode (0: none)"
+    )
     parser.add_argument("--max-removed", type=int, default=None, help="stop each curve after this many units")
-    parser.add_argument("--groups", action="store_true",
-                        help="score each layer's coupled group from Pruner.groups() with the group metrics and remove "
-                             "units with Pruner.plan_groups (the models' groups are plain chains, so a group is its "
-                             "layer; captum's layer methods score no groups and are left out)")
+    parser.add_argument(
+        "--groups",
+        action="store_true",
+        help="score each layer's coupled group from Pruner.groups() with the group metrics and remove "
+        "units with Pruner.plan_groups (the models' groups are plain chains, so a group is its "
+        "layer; captum's layer methods score no groups and are left out)",
+    )
     add_model_arguments(parser)
     parser.add_argument("--figure", default=None, help="also write the PNG to this path")
-    parser.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
-                        help="instead of running: the averaged tables of earlier runs of other trained models (their "
-                             "results.json, e.g. one run per --seed), as one run over all their models prints them")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="instead of running: the averaged tables of earlier runs of other trained models (their "
+        "results.json, e.g. one run per --seed), as one run over all their models prints them",
+    )
     return parser
 
 
@@ -169,9 +239,19 @@ def run(args) -> dict:
     score_seconds: dict[str, float] = {name: 0.0 for name in criteria}
     removal_seconds = train_seconds = 0.0
     for model_seed in model_seeds:
-        model, info = load_or_train(arch, splits, args.results, seed=model_seed, epochs=args.epochs, lr=args.lr,
-                                    batch_size=args.batch_size, device=device, model_options=model_options,
-                                    progress=progress, retrain=args.retrain)
+        model, info = load_or_train(
+            arch,
+            splits,
+            args.results,
+            seed=model_seed,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            device=device,
+            model_options=model_options,
+            progress=progress,
+            retrain=args.retrain,
+        )
         train_seconds += info["train_seconds"]
         model.eval()
         _, val_loader, test_loader = splits.loaders(batch_size=args.batch_size)
@@ -184,95 +264,185 @@ def run(args) -> dict:
         groups = layer_groups(pruner, layers) if args.groups else {}
 
         seeds = [model_seed + offset for offset in range(args.n_seeds)]
-        jobs = [(layer, name, seed) for layer in layers for name in criteria if criterion_applies(name, layer)
-                and (not args.groups or criterion_scores_groups(name))
-                for seed in (seeds if criterion_is_seeded(name) else [model_seed])]
+        jobs = [
+            (layer, name, seed)
+            for layer in layers
+            for name in criteria
+            if criterion_applies(name, layer) and (not args.groups or criterion_scores_groups(name))
+            for seed in (seeds if criterion_is_seeded(name) else [model_seed])
+        ]
         shapley_cache: dict = {}
         for layer, name, seed in tqdm(jobs, desc=f"model {model_seed}: layers x criteria", disable=not progress):
             tick = time.perf_counter()
-            scores = _scores(name, model, layer, val_loader, device, seed, args, shapley_cache,
-                             target=groups.get(layer.name))
+            scores = _scores(
+                name, model, layer, val_loader, device, seed, args, shapley_cache, target=groups.get(layer.name)
+            )
             score_seconds[name] += time.perf_counter() - tick
             order = removal_order(scores)
             tick = time.perf_counter()
             steps = layer.num_units - 1 if args.max_removed is None else min(args.max_removed, layer.num_units - 1)
             if args.removal == "prune":
-                losses, accuracies = pruned_curve(model, layer.name, order[:steps], test_loader, splits.input_size,
-                                                  device)
+                losses, accuracies = pruned_curve(
+                    model, layer.name, order[:steps], test_loader, splits.input_size, device
+                )
             else:
-                losses, accuracies = masked_curve(model, layer, order[:steps], test_loader, device,
-                                                  suffix=suffixes[layer.name])
+                losses, accuracies = masked_curve(
+                    model, layer, order[:steps], test_loader, device, suffix=suffixes[layer.name]
+                )
                 for k in _verify_points(steps, args.verify_points):
-                    pruned_loss, pruned_accuracy, remaining = prune_copy(model, layer.name, order[:k], test_loader,
-                                                                         splits.input_size, device, pruner=pruner,
-                                                                         group=groups.get(layer.name))
-                    verification.append({"model_seed": model_seed, "layer": layer.name, "criterion": name,
-                                         "seed": seed, "removed": k, "mask_loss": losses[k],
-                                         "pruned_loss": pruned_loss, "abs_diff": abs(losses[k] - pruned_loss),
-                                         "units_left": remaining, "expected_units_left": layer.num_units - k})
+                    pruned_loss, pruned_accuracy, remaining = prune_copy(
+                        model,
+                        layer.name,
+                        order[:k],
+                        test_loader,
+                        splits.input_size,
+                        device,
+                        pruner=pruner,
+                        group=groups.get(layer.name),
+                    )
+                    verification.append(
+                        {
+                            "model_seed": model_seed,
+                            "layer": layer.name,
+                            "criterion": name,
+                            "seed": seed,
+                            "removed": k,
+                            "mask_loss": losses[k],
+                            "pruned_loss": pruned_loss,
+                            "abs_diff": abs(losses[k] - pruned_loss),
+                            "units_left": remaining,
+                            "expected_units_left": layer.num_units - k,
+                        }
+                    )
             removal_seconds += time.perf_counter() - tick
             for k, (loss, accuracy) in enumerate(zip(losses, accuracies)):
-                curves.append({"model_seed": model_seed, "layer": layer.name, "criterion": name, "seed": seed,
-                               "removed": k, "unit": int(order[k - 1]) if k > 0 else -1, "test_loss": loss,
-                               "test_accuracy": accuracy})
-            per_curve.append({"model_seed": model_seed, "layer": layer.name, "criterion": name, "seed": seed,
-                              "units": layer.num_units, "scores": scores.tolist(), "order": order.tolist(),
-                              "loss_increase": float(np.mean(np.asarray(losses[1:]) - losses[0])) if steps else 0.0,
-                              "accuracy_drop": float(np.mean(accuracies[0] - np.asarray(accuracies[1:])))
-                              if steps else 0.0})
+                curves.append(
+                    {
+                        "model_seed": model_seed,
+                        "layer": layer.name,
+                        "criterion": name,
+                        "seed": seed,
+                        "removed": k,
+                        "unit": int(order[k - 1]) if k > 0 else -1,
+                        "test_loss": loss,
+                        "test_accuracy": accuracy,
+                    }
+                )
+            per_curve.append(
+                {
+                    "model_seed": model_seed,
+                    "layer": layer.name,
+                    "criterion": name,
+                    "seed": seed,
+                    "units": layer.num_units,
+                    "scores": scores.tolist(),
+                    "order": order.tolist(),
+                    "loss_increase": float(np.mean(np.asarray(losses[1:]) - losses[0])) if steps else 0.0,
+                    "accuracy_drop": float(np.mean(accuracies[0] - np.asarray(accuracies[1:]))) if steps else 0.0,
+                }
+            )
 
     layer_names = [layer.name for layer in layers]
     summary = summarise(per_curve, criteria, score_seconds)
     best = best_criterion(summary)
-    paired = (paired_comparisons(per_curve, criteria, "random") if "random" in criteria else [])
+    paired = paired_comparisons(per_curve, criteria, "random") if "random" in criteria else []
     paired += paired_comparisons(per_curve, criteria, best)
     elapsed = time.perf_counter() - started
 
     tag = f"seed{args.seed}" if len(model_seeds) == 1 else f"seeds{model_seeds[0]}-{model_seeds[-1]}"
-    out = results_folder(args.results, "compare_criteria") / f"{splits.name}_{arch}_{tag}{'_groups' if args.groups else ''}"
+    out = (
+        results_folder(args.results, "compare_criteria")
+        / f"{splits.name}_{arch}_{tag}{'_groups' if args.groups else ''}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     write_csv(out / "paired.csv", paired, PAIRED_COLUMNS)
-    figure = plot_curves(curves, summary, layer_names, criteria, out / "compare_criteria.png",
-                         title=f"{splits.name} / {arch}, {len(model_seeds)} trained model"
-                               f"{'s' if len(model_seeds) > 1 else ''}: test loss while removing units "
-                               "(no fine-tuning)")
+    figure = plot_curves(
+        curves,
+        summary,
+        layer_names,
+        criteria,
+        out / "compare_criteria.png",
+        title=f"{splits.name} / {arch}, {len(model_seeds)} trained model"
+        f"{'s' if len(model_seeds) > 1 else ''}: test loss while removing units "
+        "(no fine-tuning)",
+    )
     if args.figure:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         Path(args.figure).write_bytes(figure.read_bytes())
     max_diff = max((v["abs_diff"] for v in verification), default=float("nan"))
     tables = format_tables(summary, paired, best, models, layers, splits.describe(), arch, groups=args.groups)
     payload = {
-        "study": "compare_criteria", "args": vars(args), "environment": environment(),
-        "dataset": splits.describe(), "arch": arch, "models": models, "device": str(device),
+        "study": "compare_criteria",
+        "args": vars(args),
+        "environment": environment(),
+        "dataset": splits.describe(),
+        "arch": arch,
+        "models": models,
+        "device": str(device),
         "layers": [{"name": layer.name, "units": layer.num_units} for layer in layers],
-        "criteria": criteria, "model_seeds": model_seeds, "best": best, "summary": summary, "paired": paired,
-        "curves": per_curve, "tables": tables,
+        "criteria": criteria,
+        "model_seeds": model_seeds,
+        "best": best,
+        "summary": summary,
+        "paired": paired,
+        "curves": per_curve,
+        "tables": tables,
         "verification": {"points": verification, "max_abs_loss_diff": max_diff},
-        "timing": {"total_seconds": elapsed, "train_seconds": train_seconds, "score_seconds": score_seconds,
-                   "removal_seconds": removal_seconds},
-        "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"),
-                  "paired": str(out / "paired.csv"), "figure": str(figure), "results": str(out / "results.json")},
+        "timing": {
+            "total_seconds": elapsed,
+            "train_seconds": train_seconds,
+            "score_seconds": score_seconds,
+            "removal_seconds": removal_seconds,
+        },
+        "files": {
+            "curves": str(out / "curves.csv"),
+            "summary": str(out / "summary.csv"),
+            "paired": str(out / "paired.csv"),
+            "figure": str(figure),
+            "results": str(out / "results.json"),
+        },
     }
     write_json(out / "results.json", payload)
 
     print("\n" + tables)
     if verification:
-        print(f"\nPruner check: {len(verification)} points re-done by real removal, "
-              f"max |loss difference| {max_diff:.2e}")
+        print(
+            f"\nPruner check: {len(verification)} points re-done by real removal, max |loss difference| {max_diff:.2e}"
+        )
     env = payload["environment"]
-    print(f"torch {env['torch']}, {env['threads']} thread{'s' if env['threads'] > 1 else ''}, {device}; "
-          f"total {elapsed:.1f} s (training {train_seconds:.1f} s, scoring {sum(score_seconds.values()):.1f} s, "
-          f"removal curves {removal_seconds:.1f} s)")
+    print(
+        f"torch {env['torch']}, {env['threads']} thread{'s' if env['threads'] > 1 else ''}, {device}; "
+        f"total {elapsed:.1f} s (training {train_seconds:.1f} s, scoring {sum(score_seconds.values()):.1f} s, "
+        f"removal curves {removal_seconds:.1f} s)"
+    )
     print(f"results: {out}\nfigure: {figure}")
     return payload
 
 
 # Arguments that change what a run computes for one trained model: combined runs must agree on them.
-SAME_IN_COMBINED_RUNS = ("dataset", "data_root", "split_seed", "arch", "widths", "hidden", "epochs", "batch_size", "lr",
-                         "criteria", "captum", "layers", "n_seeds", "sv_samples", "score_batches", "removal",
-                         "max_removed", "groups", "threads")
+SAME_IN_COMBINED_RUNS = (
+    "dataset",
+    "data_root",
+    "split_seed",
+    "arch",
+    "widths",
+    "hidden",
+    "epochs",
+    "batch_size",
+    "lr",
+    "criteria",
+    "captum",
+    "layers",
+    "n_seeds",
+    "sv_samples",
+    "score_batches",
+    "removal",
+    "max_removed",
+    "groups",
+    "threads",
+)
 
 
 def combine(paths: list[str], results: str, figure_path: str | None = None) -> dict:
@@ -296,52 +466,84 @@ def combine(paths: list[str], results: str, figure_path: str | None = None) -> d
     seeds = [model["seed"] for model in models]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--combine: trained models {seeds} appear more than once")
-    per_curve = sorted((curve for payload in payloads for curve in payload["curves"]),
-                       key=lambda curve: seeds.index(curve["model_seed"]))
-    curves = sorted((row for payload in payloads for row in _read_curves(payload["files"]["curves"])),
-                    key=lambda row: seeds.index(row["model_seed"]))
+    per_curve = sorted(
+        (curve for payload in payloads for curve in payload["curves"]),
+        key=lambda curve: seeds.index(curve["model_seed"]),
+    )
+    curves = sorted(
+        (row for payload in payloads for row in _read_curves(payload["files"]["curves"])),
+        key=lambda row: seeds.index(row["model_seed"]),
+    )
     criteria = first["criteria"]
     score_seconds = {name: sum(p["timing"]["score_seconds"].get(name, 0.0) for p in payloads) for name in criteria}
     summary = summarise(per_curve, criteria, score_seconds)
     best = best_criterion(summary)
-    paired = (paired_comparisons(per_curve, criteria, "random") if "random" in criteria else [])
+    paired = paired_comparisons(per_curve, criteria, "random") if "random" in criteria else []
     paired += paired_comparisons(per_curve, criteria, best)
     layers = [SimpleNamespace(name=layer["name"], num_units=layer["units"]) for layer in first["layers"]]
     arch, groups = first["arch"], bool(first["args"].get("groups"))
     tables = format_tables(summary, paired, best, models, layers, first["dataset"], arch, groups=groups)
     out = results_folder(results, "compare_criteria") / (
         f"{first['dataset'].split(':')[0]}_{arch}_seeds{'-'.join(str(s) for s in seeds)}{'_groups' if groups else ''}"
-        "_combined")
+        "_combined"
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     write_csv(out / "paired.csv", paired, PAIRED_COLUMNS)
-    figure = plot_curves(curves, summary, [layer.name for layer in layers], criteria, out / "compare_criteria.png",
-                         title=f"{first['dataset'].split(':')[0]} / {arch}, {len(models)} trained models: test loss "
-                               "while removing units (no fine-tuning)")
+    figure = plot_curves(
+        curves,
+        summary,
+        [layer.name for layer in layers],
+        criteria,
+        out / "compare_criteria.png",
+        title=f"{first['dataset'].split(':')[0]} / {arch}, {len(models)} trained models: test loss "
+        "while removing units (no fine-tuning)",
+    )
     if figure_path:
         Path(figure_path).parent.mkdir(parents=True, exist_ok=True)
         Path(figure_path).write_bytes(figure.read_bytes())
     points = [point for payload in payloads for point in payload["verification"]["points"]]
     max_diff = max((point["abs_diff"] for point in points), default=float("nan"))
-    payload = {"study": "compare_criteria", "combined": list(paths), "args": first["args"],
-               "environment": first["environment"], "dataset": first["dataset"], "arch": arch, "models": models,
-               "layers": first["layers"], "criteria": criteria, "model_seeds": seeds, "best": best,
-               "summary": summary, "paired": paired, "curves": per_curve, "tables": tables,
-               "verification": {"points": points, "max_abs_loss_diff": max_diff},
-               "timing": {"runs_total_seconds": [p["timing"]["total_seconds"] for p in payloads],
-                          "score_seconds": score_seconds},
-               "files": {"curves": str(out / "curves.csv"), "summary": str(out / "summary.csv"),
-                         "paired": str(out / "paired.csv"), "figure": str(figure),
-                         "results": str(out / "results.json")}}
+    payload = {
+        "study": "compare_criteria",
+        "combined": list(paths),
+        "args": first["args"],
+        "environment": first["environment"],
+        "dataset": first["dataset"],
+        "arch": arch,
+        "models": models,
+        "layers": first["layers"],
+        "criteria": criteria,
+        "model_seeds": seeds,
+        "best": best,
+        "summary": summary,
+        "paired": paired,
+        "curves": per_curve,
+        "tables": tables,
+        "verification": {"points": points, "max_abs_loss_diff": max_diff},
+        "timing": {
+            "runs_total_seconds": [p["timing"]["total_seconds"] for p in payloads],
+            "score_seconds": score_seconds,
+        },
+        "files": {
+            "curves": str(out / "curves.csv"),
+            "summary": str(out / "summary.csv"),
+            "paired": str(out / "paired.csv"),
+            "figure": str(figure),
+            "results": str(out / "results.json"),
+        },
+    }
     write_json(out / "results.json", payload)
     print("\n" + tables)
     if points:
         print(f"\nPruner check: {len(points)} points re-done by real removal, max |loss difference| {max_diff:.2e}")
     env = first["environment"]
     totals = ", ".join(f"{p['timing']['total_seconds']:.1f}" for p in payloads)
-    print(f"torch {env['torch']}, {env['threads']} thread{'s' if env['threads'] > 1 else ''}; combined from "
-          f"{len(paths)} runs of {totals} s")
+    print(
+        f"torch {env['torch']}, {env['threads']} thread{'s' if env['threads'] > 1 else ''}; combined from "
+        f"{len(paths)} runs of {totals} s"
+    )
     print(f"results: {out}\nfigure: {figure}")
     return payload
 
@@ -369,8 +571,6 @@ def _selected_layers(model, wanted_text: str):
     return [layer for layer in layers if layer.name in wanted]
 
 
-
-
 def layer_groups(pruner, layers) -> dict:
     """{layer name: the coupled group from ``pruner.groups()`` whose one source is the layer}.
 
@@ -382,9 +582,11 @@ def layer_groups(pruner, layers) -> dict:
     for layer in layers:
         mine = [group for group in groups if any(m is layer.module for m in group.source_modules)]
         if len(mine) != 1 or len(mine[0].source_modules) != 1 or mine[0].num_units != layer.num_units:
-            raise SystemExit(f"--groups: the units of {layer.name} are shared with other layers "
-                             f"({', '.join(repr(g) for g in mine) or 'no prunable group'}); the removal curves "
-                             "zero units at one layer's activation, which only removes a group with one source")
+            raise SystemExit(
+                f"--groups: the units of {layer.name} are shared with other layers "
+                f"({', '.join(repr(g) for g in mine) or 'no prunable group'}); the removal curves "
+                "zero units at one layer's activation, which only removes a group with one source"
+            )
         found[layer.name] = mine[0]
     return found
 
@@ -397,14 +599,23 @@ def _scores(name, model, layer, loader, device, seed, args, shapley_cache, targe
     if name in ("shapley", "shapley_2std"):
         key = (layer.name, seed)
         if key not in shapley_cache:
-            metric = make_metric("shapley", model, loader, device, seed=seed, sv_samples=args.sv_samples,
-                                 max_batches=args.score_batches, reduction="none")
+            metric = make_metric(
+                "shapley",
+                model,
+                loader,
+                device,
+                seed=seed,
+                sv_samples=args.sv_samples,
+                max_batches=args.score_batches,
+                reduction="none",
+            )
             per_example = metric.run(target, find_best_evaluation_module=True)
             shapley_cache[key] = np.asarray(per_example, dtype=np.float64)
         per_example = shapley_cache[key]
         return per_example.mean(axis=0) if name == "shapley" else mean_plus_2std(per_example)
-    return score_layer(name, model, target, loader, device, seed=seed, sv_samples=args.sv_samples,
-                       max_batches=args.score_batches)
+    return score_layer(
+        name, model, target, loader, device, seed=seed, sv_samples=args.sv_samples, max_batches=args.score_batches
+    )
 
 
 def _verify_points(steps: int, count: int) -> list[int]:
@@ -465,7 +676,7 @@ def suffix_after(model: nn.Module, activation: nn.Module) -> fx.GraphModule | No
         return None
     suffix = fx.Graph()
     env = {nodes[calls[0]]: suffix.placeholder("activation")}
-    for node in nodes[calls[0] + 1:]:
+    for node in nodes[calls[0] + 1 :]:
         if any(source not in env for source in node.all_input_nodes):
             return None
         env[node] = suffix.node_copy(node, lambda source: env[source])
@@ -559,6 +770,7 @@ def prune_copy(model, layer_name, units, loader, input_size, device, pruner=None
 # --------------------------------------------------------------------------------------------
 # statistics over trained models and (model, layer) pairs
 
+
 def layer_values(per_curve: list[dict], criterion: str, key: str = "loss_increase") -> dict:
     """{(model seed, layer): ``key`` averaged over the criterion's seeds} for one criterion."""
     grouped: dict = {}
@@ -587,13 +799,22 @@ def summarise(per_curve: list[dict], criteria: list[str], score_seconds: dict) -
         loss_mean, loss_low, loss_high = mean_ci(loss_by_model, LEVEL)
         accuracy_mean, accuracy_low, accuracy_high = mean_ci(model_means(accuracy), LEVEL)
         seeds = {c["seed"] for c in per_curve if c["criterion"] == name and c["model_seed"] == min(loss)[0]}
-        rows.append({"criterion": name, "loss_increase": loss_mean, "loss_increase_low": loss_low,
-                     "loss_increase_high": loss_high,
-                     "loss_increase_std": float(np.std(loss_by_model, ddof=1)) if len(loss_by_model) > 1 else 0.0,
-                     "accuracy_drop": accuracy_mean, "accuracy_drop_low": accuracy_low,
-                     "accuracy_drop_high": accuracy_high, "models": len(loss_by_model),
-                     "layers": len({layer for _, layer in loss}), "seeds": len(seeds),
-                     "score_seconds": score_seconds.get(name, 0.0)})
+        rows.append(
+            {
+                "criterion": name,
+                "loss_increase": loss_mean,
+                "loss_increase_low": loss_low,
+                "loss_increase_high": loss_high,
+                "loss_increase_std": float(np.std(loss_by_model, ddof=1)) if len(loss_by_model) > 1 else 0.0,
+                "accuracy_drop": accuracy_mean,
+                "accuracy_drop_low": accuracy_low,
+                "accuracy_drop_high": accuracy_high,
+                "models": len(loss_by_model),
+                "layers": len({layer for _, layer in loss}),
+                "seeds": len(seeds),
+                "score_seconds": score_seconds.get(name, 0.0),
+            }
+        )
     rows.sort(key=lambda row: row["loss_increase"])
     return rows
 
@@ -623,43 +844,80 @@ def paired_comparisons(per_curve: list[dict], criteria: list[str], reference: st
         significant = ""
         if test.p_value < ALPHA and not low <= 0.0 <= high:
             significant = "**" if test.p_value < ALPHA / len(others) else "*"
-        rows.append({"criterion": name, "reference": reference, "pairs": len(pairs),
-                     "mean_difference": float(differences.mean()), "ci_low": low, "ci_high": high,
-                     "lower": test.negative, "higher": test.positive, "p_value": test.p_value,
-                     "significant": significant})
+        rows.append(
+            {
+                "criterion": name,
+                "reference": reference,
+                "pairs": len(pairs),
+                "mean_difference": float(differences.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "lower": test.negative,
+                "higher": test.positive,
+                "p_value": test.p_value,
+                "significant": significant,
+            }
+        )
     return rows
 
 
-def format_tables(summary: list[dict], paired: list[dict], best: str, models: list[dict], layers, dataset: str,
-                  arch: str, groups: bool = False) -> str:
+def format_tables(
+    summary: list[dict],
+    paired: list[dict],
+    best: str,
+    models: list[dict],
+    layers,
+    dataset: str,
+    arch: str,
+    groups: bool = False,
+) -> str:
     """The printed result: models, the averaged table and the paired comparisons (no timings, so two
     runs with the same torch version and threads print the same text)."""
-    lines = [f"{dataset}; {arch}, {len(models)} trained model{'s' if len(models) > 1 else ''}"
-             f"{', each layer scored as its coupled group' if groups else ''}:"]
-    lines += [f"  seed {m['seed']}: test loss {m['test_loss']:.4f}, accuracy {m['test_accuracy']:.4f}"
-              for m in models]
+    lines = [
+        f"{dataset}; {arch}, {len(models)} trained model{'s' if len(models) > 1 else ''}"
+        f"{', each layer scored as its coupled group' if groups else ''}:"
+    ]
+    lines += [f"  seed {m['seed']}: test loss {m['test_loss']:.4f}, accuracy {m['test_accuracy']:.4f}" for m in models]
     layer_text = ", ".join(f"{layer.name}: {layer.num_units}" for layer in layers)
     interval = "95% t-interval over models" if len(models) > 1 else "one model: no interval"
-    lines += ["", f"mean test-loss increase per removed unit over the layers ({layer_text} units), mean over "
-                  f"models ({interval}); lower is better", ""]
+    lines += [
+        "",
+        f"mean test-loss increase per removed unit over the layers ({layer_text} units), mean over "
+        f"models ({interval}); lower is better",
+        "",
+    ]
     every_layer = max(row["layers"] for row in summary)
 
     def interval_text(low, high):
         return "" if np.isnan(low) else f"[{low:.4f}, {high:.4f}]"
 
-    table = [{"criterion": row["criterion"] + ("" if row["layers"] == every_layer else f" ({row['layers']} layers)"),
-              "loss_increase": f"{row['loss_increase']:.4f}",
-              "ci": interval_text(row["loss_increase_low"], row["loss_increase_high"]),
-              "accuracy_drop": f"{row['accuracy_drop']:.4f}",
-              "accuracy_ci": interval_text(row["accuracy_drop_low"], row["accuracy_drop_high"])} for row in summary]
-    lines.append(format_table(table, ["criterion", "loss_increase", "ci", "accuracy_drop", "accuracy_ci"],
-                              headers=["criterion", "loss_increase", "95% CI", "accuracy_drop", "95% CI"]))
+    table = [
+        {
+            "criterion": row["criterion"] + ("" if row["layers"] == every_layer else f" ({row['layers']} layers)"),
+            "loss_increase": f"{row['loss_increase']:.4f}",
+            "ci": interval_text(row["loss_increase_low"], row["loss_increase_high"]),
+            "accuracy_drop": f"{row['accuracy_drop']:.4f}",
+            "accuracy_ci": interval_text(row["accuracy_drop_low"], row["accuracy_drop_high"]),
+        }
+        for row in summary
+    ]
+    lines.append(
+        format_table(
+            table,
+            ["criterion", "loss_increase", "ci", "accuracy_drop", "accuracy_ci"],
+            headers=["criterion", "loss_increase", "95% CI", "accuracy_drop", "95% CI"],
+        )
+    )
     references = [name for name in ("random", best) if any(row["reference"] == name for row in paired)]
     if not references:
         return "\n".join(lines)
-    lines += ["", "paired differences in loss increase per (model, layer): mean, 95% bootstrap CI, pairs where "
-                  "the criterion is lower, exact two-sided sign test;",
-              "* p < 0.05 and CI excluding 0, ** also after Bonferroni over the column's criteria", ""]
+    lines += [
+        "",
+        "paired differences in loss increase per (model, layer): mean, 95% bootstrap CI, pairs where "
+        "the criterion is lower, exact two-sided sign test;",
+        "* p < 0.05 and CI excluding 0, ** also after Bonferroni over the column's criteria",
+        "",
+    ]
     by_pair = {(row["criterion"], row["reference"]): row for row in paired}
     table, columns, headers = [], ["criterion"], ["criterion"]
     for reference in references:
@@ -670,13 +928,18 @@ def format_tables(summary: list[dict], paired: list[dict], best: str, models: li
         for reference in references:
             pair = by_pair.get((row["criterion"], reference))
             if pair is None:
-                cells.update({f"{reference}:diff": "", f"{reference}:ci": "", f"{reference}:lower": "",
-                              f"{reference}:p": ""})
+                cells.update(
+                    {f"{reference}:diff": "", f"{reference}:ci": "", f"{reference}:lower": "", f"{reference}:p": ""}
+                )
                 continue
-            cells.update({f"{reference}:diff": f"{pair['mean_difference']:+.4f} {pair['significant']:<2}",
-                          f"{reference}:ci": f"[{pair['ci_low']:+.4f}, {pair['ci_high']:+.4f}]",
-                          f"{reference}:lower": f"{pair['lower']}/{pair['pairs']}",
-                          f"{reference}:p": f"{pair['p_value']:.4f}"})
+            cells.update(
+                {
+                    f"{reference}:diff": f"{pair['mean_difference']:+.4f} {pair['significant']:<2}",
+                    f"{reference}:ci": f"[{pair['ci_low']:+.4f}, {pair['ci_high']:+.4f}]",
+                    f"{reference}:lower": f"{pair['lower']}/{pair['pairs']}",
+                    f"{reference}:p": f"{pair['p_value']:.4f}",
+                }
+            )
         table.append(cells)
     lines.append(format_table(table, columns, headers=headers))
     return "\n".join(lines)
@@ -684,6 +947,7 @@ def format_tables(summary: list[dict], paired: list[dict], best: str, models: li
 
 # --------------------------------------------------------------------------------------------
 # figure
+
 
 def plot_curves(curves, summary, layer_names, criteria, path: Path, title: str = "") -> Path:
     """A panel per layer (test loss vs units removed on a log axis, a line per criterion: the
@@ -733,14 +997,22 @@ def plot_curves(curves, summary, layer_names, criteria, path: Path, title: str =
     highs = np.array([row["loss_increase_high"] for row in summary])
     errors = None if np.isnan(lows).all() else np.nan_to_num(np.vstack([means - lows, highs - means]))
     ax.bar(range(len(names)), means, yerr=errors, capsize=3, color=[colour[n] for n in names])
-    ax.set_xticks(range(len(names)), [n if row["layers"] == every_layer else f"{n}*"
-                                      for n, row in zip(names, summary)], rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(
+        range(len(names)),
+        [n if row["layers"] == every_layer else f"{n}*" for n, row in zip(names, summary)],
+        rotation=60,
+        ha="right",
+        fontsize=8,
+    )
     random_row = next((row for row in summary if row["criterion"] == "random"), None)
     if random_row is not None:
         ax.axhline(random_row["loss_increase"], color=colour["random"], ls="--", lw=1, label="random")
     ax.set_ylabel("loss increase per removed unit")
-    ax.set_title("summary, 95% CI (lower is better)" + ("; *: fewer layers" if min(
-        row["layers"] for row in summary) < every_layer else ""), fontsize=9)
+    ax.set_title(
+        "summary, 95% CI (lower is better)"
+        + ("; *: fewer layers" if min(row["layers"] for row in summary) < every_layer else ""),
+        fontsize=9,
+    )
     ax.grid(alpha=0.3, axis="y")
     for ax in axes[panels:]:
         ax.axis("off")

@@ -16,6 +16,7 @@ Nothing is ever downloaded. Images become float tensors ``[N, C, H, W]`` (signal
 training split's per-channel mean and standard deviation; labels are int64. Scores are meant to be
 computed on ``val`` and results reported on ``test``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -58,8 +59,10 @@ class DataSplits:
         )
 
     def describe(self) -> str:
-        return (f"{self.name}: train {len(self.train)}, val {len(self.val)}, test {len(self.test)}, "
-                f"input {tuple(self.input_size)}, {self.num_classes} classes")
+        return (
+            f"{self.name}: train {len(self.train)}, val {len(self.val)}, test {len(self.test)}, "
+            f"input {tuple(self.input_size)}, {self.num_classes} classes"
+        )
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
@@ -68,8 +71,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def load_dataset(name: str = "digits", data_root: str | Path | None = None, split_seed: int = 0,
-                 val_size: float | int | None = None) -> DataSplits:
+def load_dataset(
+    name: str = "digits", data_root: str | Path | None = None, split_seed: int = 0, val_size: float | int | None = None
+) -> DataSplits:
     """Load one of :data:`DATASETS` with a fixed, seeded split.
 
     Args:
@@ -90,8 +94,7 @@ def load_dataset(name: str = "digits", data_root: str | Path | None = None, spli
     if key not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if data_root is None:
-        raise ValueError(f"data set {name!r} needs --data-root pointing at a local copy "
-                         "(nothing is downloaded)")
+        raise ValueError(f"data set {name!r} needs --data-root pointing at a local copy (nothing is downloaded)")
     if key in _IDX_FOLDERS:
         return load_idx_dataset(key, data_root, split_seed, val_size=5000 if val_size is None else val_size)
     return load_cifar10(data_root, split_seed, val_size=5000 if val_size is None else val_size)
@@ -100,8 +103,8 @@ def load_dataset(name: str = "digits", data_root: str | Path | None = None, spli
 # --------------------------------------------------------------------------------------------
 # digits
 
-def load_digits_splits(split_seed: int = 0, val_size: float | int = 0.2,
-                       test_size: float | int = 0.2) -> DataSplits:
+
+def load_digits_splits(split_seed: int = 0, val_size: float | int = 0.2, test_size: float | int = 0.2) -> DataSplits:
     """scikit-learn's digits, stratified train/val/test (60/20/20 by default)."""
     from sklearn.datasets import load_digits
 
@@ -120,6 +123,7 @@ def load_digits_splits(split_seed: int = 0, val_size: float | int = 0.2,
 # --------------------------------------------------------------------------------------------
 # MNIST / Fashion-MNIST (idx files in torchvision's raw layout)
 
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Parse one idx file (optionally gzip-compressed) into a numpy array."""
     path = Path(path)
@@ -131,10 +135,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_DTYPES:
         raise ValueError(f"{path}: unknown idx element type 0x{type_code:02x}")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[type_code])
     expected = int(np.prod(shape)) * dtype.itemsize
-    payload = raw[4 + 4 * ndim:]
+    payload = raw[4 + 4 * ndim :]
     if len(payload) != expected:
         raise ValueError(f"{path}: expected {expected} bytes of data for shape {shape}, got {len(payload)}")
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
@@ -150,11 +154,11 @@ def find_idx_folder(name: str, data_root: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(
         f"no {folder} idx files under {root} (looked in {', '.join(str(c) for c in candidates)}); "
-        f"expected torchvision's raw layout, e.g. {root / folder / 'raw' / _IDX_FILES['train'][0]}")
+        f"expected torchvision's raw layout, e.g. {root / folder / 'raw' / _IDX_FILES['train'][0]}"
+    )
 
 
-def load_idx_dataset(name: str, data_root: str | Path, split_seed: int = 0,
-                     val_size: float | int = 5000) -> DataSplits:
+def load_idx_dataset(name: str, data_root: str | Path, split_seed: int = 0, val_size: float | int = 5000) -> DataSplits:
     """MNIST or Fashion-MNIST from local idx files; validation is held out of the training set."""
     folder = find_idx_folder(name, data_root)
     arrays = {}
@@ -171,8 +175,9 @@ def load_idx_dataset(name: str, data_root: str | Path, split_seed: int = 0,
     rng = np.random.default_rng(split_seed)
     n_val = _as_count(val_size, len(train_labels))
     val_idx, train_idx = _stratified_take(train_labels, np.arange(len(train_labels)), n_val, rng)
-    return _make_splits(name, train_images, train_labels, train_idx, val_idx, test_images, test_labels,
-                        np.arange(len(test_labels)), 10)
+    return _make_splits(
+        name, train_images, train_labels, train_idx, val_idx, test_images, test_labels, np.arange(len(test_labels)), 10
+    )
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -184,6 +189,7 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
 
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 (a real copy only; torchvision checks the md5 sums)
+
 
 def load_cifar10(data_root: str | Path, split_seed: int = 0, val_size: float | int = 5000) -> DataSplits:
     """CIFAR-10 from ``<root>/cifar-10-batches-py`` via torchvision, never downloading."""
@@ -198,7 +204,8 @@ def load_cifar10(data_root: str | Path, split_seed: int = 0, val_size: float | i
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted."
         raise FileNotFoundError(
             f"no intact CIFAR-10 copy under {root} ({error}); expected {root / 'cifar-10-batches-py'} "
-            "as extracted from the official archive (files are checked against their md5 sums)") from error
+            "as extracted from the official archive (files are checked against their md5 sums)"
+        ) from error
     train_images = train.data.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
     test_images = test.data.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
     train_labels = np.asarray(train.targets, dtype=np.int64)
@@ -206,12 +213,22 @@ def load_cifar10(data_root: str | Path, split_seed: int = 0, val_size: float | i
     rng = np.random.default_rng(split_seed)
     n_val = _as_count(val_size, len(train_labels))
     val_idx, train_idx = _stratified_take(train_labels, np.arange(len(train_labels)), n_val, rng)
-    return _make_splits("cifar10", train_images, train_labels, train_idx, val_idx, test_images, test_labels,
-                        np.arange(len(test_labels)), 10)
+    return _make_splits(
+        "cifar10",
+        train_images,
+        train_labels,
+        train_idx,
+        val_idx,
+        test_images,
+        test_labels,
+        np.arange(len(test_labels)),
+        10,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # MNIST-1D (generated from its templates by the mnist1d package)
+
 
 def make_mnist1d() -> dict:
     """The MNIST-1D data set of the package's default arguments, generated here (no download).
@@ -225,8 +242,9 @@ def make_mnist1d() -> dict:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as error:
-        raise ImportError(f"the mnist1d data set needs the mnist1d package (pip install mnist1d), which failed to "
-                          f"import: {error}") from error
+        raise ImportError(
+            f"the mnist1d data set needs the mnist1d package (pip install mnist1d), which failed to import: {error}"
+        ) from error
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         return make_dataset(get_dataset_args())
@@ -245,12 +263,22 @@ def load_mnist1d(split_seed: int = 0, val_size: float | int = 0.2) -> DataSplits
     rng = np.random.default_rng(split_seed)
     n_val = _as_count(val_size, len(train_labels))
     val_idx, train_idx = _stratified_take(train_labels, np.arange(len(train_labels)), n_val, rng)
-    return _make_splits("mnist1d", train_signals, train_labels, train_idx, val_idx, test_signals, test_labels,
-                        np.arange(len(test_labels)), 10)
+    return _make_splits(
+        "mnist1d",
+        train_signals,
+        train_labels,
+        train_idx,
+        val_idx,
+        test_signals,
+        test_labels,
+        np.arange(len(test_labels)),
+        10,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
 
 def few_per_class(dataset: TensorDataset, per_class: int, seed: int = 0) -> Subset:
     """A class-balanced subset with ``per_class`` examples of each label (fewer if a class is short)."""
@@ -285,8 +313,9 @@ def _stratified_take(labels: np.ndarray, pool: np.ndarray, count: int, rng: np.r
     return np.sort(taken), np.sort(rest)
 
 
-def _make_splits(name, train_images, train_labels, train_idx, val_idx, test_images, test_labels, test_idx,
-                 num_classes) -> DataSplits:
+def _make_splits(
+    name, train_images, train_labels, train_idx, val_idx, test_images, test_labels, test_idx, num_classes
+) -> DataSplits:
     fit = train_images[train_idx]
     axes = (0, *range(2, fit.ndim))  # every axis but the channels
     mean = fit.mean(axis=axes, keepdims=True)

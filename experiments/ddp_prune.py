@@ -11,6 +11,7 @@ decide + prune + re-wrap) next to the mean epoch time; rank 0 writes ``results.j
     torchrun --standalone --nproc_per_node=2 experiments/ddp_prune.py
     python -m experiments.ddp_prune --nproc 2          # the same, spawning the ranks itself
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ from torchpruner.utils import count_parameters
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--prune-epoch", type=int, default=4, help="prune at the end of this epoch")
     parser.add_argument("--fraction", type=float, default=0.3, help="fraction of every group removed")
@@ -66,10 +68,12 @@ def run_rank(args: argparse.Namespace) -> dict:
     splits = load_dataset("digits")
     train_sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     train_loader = DataLoader(splits.train, batch_size=args.batch_size, sampler=train_sampler)
-    val_shard = DataLoader(splits.val, batch_size=256,
-                           sampler=DistributedSampler(splits.val, num_replicas=world, rank=rank, shuffle=False))
-    model = SmallCNN(splits.input_size, splits.num_classes, widths=tuple(int(w) for w in args.widths.split(",")),
-                     hidden=args.hidden)
+    val_shard = DataLoader(
+        splits.val, batch_size=256, sampler=DistributedSampler(splits.val, num_replicas=world, rank=rank, shuffle=False)
+    )
+    model = SmallCNN(
+        splits.input_size, splits.num_classes, widths=tuple(int(w) for w in args.widths.split(",")), hidden=args.hidden
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ddp = DistributedDataParallel(model)
     pruner = Pruner(ddp.module, input_size=splits.input_size, optimizer=optimizer)
@@ -98,23 +102,39 @@ def run_rank(args: argparse.Namespace) -> dict:
             prune_seconds = time.perf_counter() - start
             plan_text = ", ".join(f"{len(units)} of group {group.index}" for group, units in selection.items())
         val_loss, val_accuracy = evaluate(model, DataLoader(splits.val, batch_size=512))
-        rows.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_accuracy": val_accuracy,
-                     "parameters": count_parameters(model), "epoch_s": epoch_seconds,
-                     "pruned": "yes" if epoch == args.prune_epoch else ""})
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / max(count, 1),
+                "val_accuracy": val_accuracy,
+                "parameters": count_parameters(model),
+                "epoch_s": epoch_seconds,
+                "pruned": "yes" if epoch == args.prune_epoch else "",
+            }
+        )
     test_loss, test_accuracy = evaluate(model, DataLoader(splits.test, batch_size=512))
     epoch_mean = sum(row["epoch_s"] for row in rows) / len(rows)
-    return {"rows": rows, "prune_seconds": prune_seconds, "epoch_seconds": epoch_mean, "test_accuracy": test_accuracy,
-            "test_loss": test_loss, "removed": plan_text, "world_size": world,
-            "parameters_before": parameters_before,
-            "first_weight": model.conv1.weight.detach().clone()}
+    return {
+        "rows": rows,
+        "prune_seconds": prune_seconds,
+        "epoch_seconds": epoch_mean,
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "removed": plan_text,
+        "world_size": world,
+        "parameters_before": parameters_before,
+        "first_weight": model.conv1.weight.detach().clone(),
+    }
 
 
 def report(result: dict) -> None:
     print(format_table(result["rows"], ["epoch", "train_loss", "val_accuracy", "parameters", "epoch_s", "pruned"]))
     print(f"removed: {result['removed']}")
-    print(f"prune step (score + decide + prune + re-wrap) on {result['world_size']} ranks: "
-          f"{result['prune_seconds']:.3f} s; one training epoch: {result['epoch_seconds']:.3f} s "
-          f"(ratio {result['prune_seconds'] / result['epoch_seconds']:.2f})")
+    print(
+        f"prune step (score + decide + prune + re-wrap) on {result['world_size']} ranks: "
+        f"{result['prune_seconds']:.3f} s; one training epoch: {result['epoch_seconds']:.3f} s "
+        f"(ratio {result['prune_seconds'] / result['epoch_seconds']:.2f})"
+    )
     print(f"test accuracy after pruning and training on: {result['test_accuracy']:.4f}")
 
 
@@ -131,8 +151,9 @@ def _finish(args: argparse.Namespace, result: dict) -> dict:
 
 
 def _spawned(rank: int, args: argparse.Namespace, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=args.nproc,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=args.nproc, timeout=datetime.timedelta(seconds=120)
+    )
     try:
         result = _finish(args, run_rank(args))
         if rank == 0:

@@ -13,6 +13,7 @@ with the t-interval of the paired differences; the figure shades the intervals.
     python -m experiments.low_data                                  # digits, 10 per class, 5 seeds
     python -m experiments.low_data --per-class 5 --keep 0.25,0.5 --criteria weight_norm,shapley
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,34 +30,71 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from experiments.common import (CRITERIA, CRITERION_COLOURS, add_model_arguments, base_parser, environment, evaluate,
-                                format_table, make_metric, model_options_from, parse_criteria, pyplot,
-                                run_reproducibly, resolve_device, results_folder, seed_everything, write_csv, write_json)
+from experiments.common import (
+    CRITERIA,
+    CRITERION_COLOURS,
+    add_model_arguments,
+    base_parser,
+    environment,
+    evaluate,
+    format_table,
+    make_metric,
+    model_options_from,
+    parse_criteria,
+    pyplot,
+    run_reproducibly,
+    resolve_device,
+    results_folder,
+    seed_everything,
+    write_csv,
+    write_json,
+)
 from experiments.data import few_per_class, load_dataset
 from experiments.models import default_arch, load_or_train, train_one_epoch
 from experiments.stats import mean_ci
 
 DEFAULT_CRITERIA = ["random", "weight_norm", "apoz", "sensitivity", "taylor", "shapley", "shapley_2std"]
 RUN_COLUMNS = ["criterion", "seed", "keep", "params", "accuracy", "accuracy_finetuned", "score_seconds"]
-SUMMARY_COLUMNS = ["criterion", "keep", "accuracy", "accuracy_low", "accuracy_high", "accuracy_minus_random",
-                   "accuracy_minus_random_low", "accuracy_minus_random_high", "accuracy_finetuned",
-                   "accuracy_finetuned_low", "accuracy_finetuned_high", "accuracy_finetuned_minus_random",
-                   "accuracy_finetuned_minus_random_low", "accuracy_finetuned_minus_random_high", "seeds"]
+SUMMARY_COLUMNS = [
+    "criterion",
+    "keep",
+    "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "accuracy_minus_random",
+    "accuracy_minus_random_low",
+    "accuracy_minus_random_high",
+    "accuracy_finetuned",
+    "accuracy_finetuned_low",
+    "accuracy_finetuned_high",
+    "accuracy_finetuned_minus_random",
+    "accuracy_finetuned_minus_random_low",
+    "accuracy_finetuned_minus_random_high",
+    "seeds",
+]
 LEVEL = 0.95
 REFERENCE = "random"
 
 
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0], epochs=30)
-    parser.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
-                        help=f"comma-separated criteria from {', '.join(CRITERIA)} or captum:<Method>")
+    parser.add_argument(
+        "--criteria",
+        default=",".join(DEFAULT_CRITERIA),
+        help=f"comma-separated criteria from {', '.join(CRITERIA)} or captum:<Method>",
+    )
     parser.add_argument("--per-class", type=int, default=10, help="examples per class used for scoring")
     parser.add_argument("--keep", default="0.25,0.5,0.75", help="comma-separated fractions of units kept")
-    parser.add_argument("--finetune-epochs", type=int, default=10,
-                        help="epochs of fine-tuning on the same few examples (0: none)")
-    parser.add_argument("--n-seeds", type=int, default=5,
-                        help="seeds seed, seed+1, ...: each draws its own few-per-class subset and seeds the random "
-                             "criteria (random, shapley) and the fine-tune")
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=10, help="epochs of fine-tuning on the same few examples (0: none)"
+    )
+    parser.add_argument(
+        "--n-seeds",
+        type=int,
+        default=5,
+        help="seeds seed, seed+1, ...: each draws its own few-per-class subset and seeds the random "
+        "criteria (random, shapley) and the fine-tune",
+    )
     parser.add_argument("--sv-samples", type=int, default=5, help="permutations per Shapley estimate")
     return add_model_arguments(parser)
 
@@ -66,8 +104,10 @@ def group_scores(name: str, model: nn.Module, loader, device, seed: int, sv_samp
     from torchpruner import Pruner
 
     metric = make_metric(name, model, loader, device, seed=seed, sv_samples=sv_samples)
-    return {group.index: np.asarray(metric.run(group), dtype=np.float64)
-            for group in Pruner(model, input_size=input_size, device=device).groups()}
+    return {
+        group.index: np.asarray(metric.run(group), dtype=np.float64)
+        for group in Pruner(model, input_size=input_size, device=device).groups()
+    }
 
 
 def prune_to(model: nn.Module, scores: dict, keep: float, input_size, device) -> nn.Module:
@@ -121,8 +161,9 @@ def summarise(runs: list[dict], criteria: list[str], keeps: list[float]) -> list
                 row[column], row[column + "_low"], row[column + "_high"] = _ci(values)
                 difference = (float("nan"),) * 3
                 if REFERENCE in criteria and name != REFERENCE:
-                    difference = _ci([by_key[(name, keep, seed)][column] - by_key[(REFERENCE, keep, seed)][column]
-                                      for seed in seeds])
+                    difference = _ci(
+                        [by_key[(name, keep, seed)][column] - by_key[(REFERENCE, keep, seed)][column] for seed in seeds]
+                    )
                 key = column + "_minus_random"
                 row[key], row[key + "_low"], row[key + "_high"] = difference
             summary.append(row)
@@ -136,16 +177,20 @@ def _ci(values: list[float]) -> tuple[float, float, float]:
     return mean_ci(values, LEVEL)
 
 
-def format_tables(summary: list[dict], examples: int, per_class: int, base_accuracy: float,
-                  finetune_epochs: int) -> str:
+def format_tables(
+    summary: list[dict], examples: int, per_class: int, base_accuracy: float, finetune_epochs: int
+) -> str:
     """The printed result (no timings, so two runs with the same torch version and threads print the same text)."""
     seeds = summary[0]["seeds"]
     interval = f"95% t-interval over {seeds} seeds" if seeds > 1 else "one seed: no interval"
-    lines = [f"test accuracy after pruning every group to a keep ratio, scores from {examples} examples "
-             f"({per_class} per class, a new subset per seed; unpruned: {base_accuracy:.4f}); fine-tune: "
-             f"{finetune_epochs} epochs on the same examples; mean over seeds ({interval});",
-             "minus random: the criterion's accuracy minus random's on the same subset and seed, mean and 95% "
-             "t-interval of those paired differences, * when the interval excludes 0", ""]
+    lines = [
+        f"test accuracy after pruning every group to a keep ratio, scores from {examples} examples "
+        f"({per_class} per class, a new subset per seed; unpruned: {base_accuracy:.4f}); fine-tune: "
+        f"{finetune_epochs} epochs on the same examples; mean over seeds ({interval});",
+        "minus random: the criterion's accuracy minus random's on the same subset and seed, mean and 95% "
+        "t-interval of those paired differences, * when the interval excludes 0",
+        "",
+    ]
     table = []
     for row in summary:
         cells = {"criterion": row["criterion"], "keep": f"{row['keep']:.2f}", "seeds": row["seeds"]}
@@ -169,18 +214,27 @@ def format_tables(summary: list[dict], examples: int, per_class: int, base_accur
 def plot(summary: list[dict], path: Path, title: str) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, column, label in ((axes[0], "accuracy", "right after pruning"),
-                              (axes[1], "accuracy_finetuned", "after a short fine-tune")):
+    for ax, column, label in (
+        (axes[0], "accuracy", "right after pruning"),
+        (axes[1], "accuracy_finetuned", "after a short fine-tune"),
+    ):
         for criterion in dict.fromkeys(row["criterion"] for row in summary):
             rows = [row for row in summary if row["criterion"] == criterion]
             keeps = [row["keep"] for row in rows]
             colour = CRITERION_COLOURS.get(criterion)
-            lines = ax.plot(keeps, [row[column] for row in rows], marker="o", label=criterion, color=colour,
-                            linestyle="--" if criterion == "random" else "-")
+            lines = ax.plot(
+                keeps,
+                [row[column] for row in rows],
+                marker="o",
+                label=criterion,
+                color=colour,
+                linestyle="--" if criterion == "random" else "-",
+            )
             low = np.array([row[column + "_low"] for row in rows])
             if not np.isnan(low).all():
-                ax.fill_between(keeps, low, [row[column + "_high"] for row in rows],
-                                color=lines[0].get_color(), alpha=0.12, lw=0)
+                ax.fill_between(
+                    keeps, low, [row[column + "_high"] for row in rows], color=lines[0].get_color(), alpha=0.12, lw=0
+                )
         ax.set_title(label)
         ax.set_xlabel("fraction of units kept")
         ax.grid(alpha=0.3)
@@ -211,15 +265,27 @@ def run(args) -> dict:
 
     splits = load_dataset(args.dataset, args.data_root, split_seed=args.split_seed)
     arch = args.arch or default_arch(args.dataset)
-    model, info = load_or_train(arch, splits, args.results, seed=args.seed, epochs=args.epochs, lr=args.lr,
-                                batch_size=args.batch_size, device=device, model_options=model_options_from(args, arch),
-                                progress=progress, retrain=args.retrain)
+    model, info = load_or_train(
+        arch,
+        splits,
+        args.results,
+        seed=args.seed,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=device,
+        model_options=model_options_from(args, arch),
+        progress=progress,
+        retrain=args.retrain,
+    )
     _, _, test_loader = splits.loaders(batch_size=args.batch_size, seed=args.seed)
     seeds = list(range(args.seed, args.seed + args.n_seeds))
     subsets = {seed: few_per_class(splits.train, args.per_class, seed=seed) for seed in seeds}
     examples = len(subsets[seeds[0]])
-    print(f"{splits.describe()}; {arch}: test accuracy {info['test_accuracy']:.4f}; scoring and fine-tuning on "
-          f"{examples} examples ({args.per_class} per class), {len(seeds)} seed(s), a new subset per seed")
+    print(
+        f"{splits.describe()}; {arch}: test accuracy {info['test_accuracy']:.4f}; scoring and fine-tuning on "
+        f"{examples} examples ({args.per_class} per class), {len(seeds)} seed(s), a new subset per seed"
+    )
 
     runs = []
     jobs = [(name, seed) for seed in seeds for name in criteria]
@@ -239,9 +305,17 @@ def run(args) -> dict:
                 seed_everything(seed)
                 tuned = fine_tune(pruned, few_loader, args.finetune_epochs, args.lr, device)
                 _, accuracy_finetuned = evaluate(tuned, test_loader, device=device)
-            runs.append({"criterion": name, "seed": seed, "keep": keep,
-                         "params": sum(p.numel() for p in pruned.parameters()), "accuracy": accuracy,
-                         "accuracy_finetuned": accuracy_finetuned, "score_seconds": score_seconds})
+            runs.append(
+                {
+                    "criterion": name,
+                    "seed": seed,
+                    "keep": keep,
+                    "params": sum(p.numel() for p in pruned.parameters()),
+                    "accuracy": accuracy,
+                    "accuracy_finetuned": accuracy_finetuned,
+                    "score_seconds": score_seconds,
+                }
+            )
 
     summary = summarise(runs, criteria, keeps)
     folder = results_folder(args.results, "low_data") / f"{splits.name}_{arch}_{args.per_class}pc_seed{args.seed}"
@@ -251,16 +325,30 @@ def run(args) -> dict:
     figure = folder / "low_data.png"
     plot(summary, figure, f"{splits.name} / {arch}: pruning from {args.per_class} examples per class")
     text = format_tables(summary, examples, args.per_class, info["test_accuracy"], args.finetune_epochs)
-    payload = {"study": "low_data", "dataset": splits.name, "arch": arch, "per_class": args.per_class,
-               "keep": keeps, "seeds": seeds, "finetune_epochs": args.finetune_epochs,
-               "base_test_accuracy": info["test_accuracy"], "level": LEVEL, "environment": environment(),
-               "summary": summary, "runs": runs, "table": text, "seconds": time.perf_counter() - started,
-               "cpu_seconds": time.process_time() - cpu_started}
+    payload = {
+        "study": "low_data",
+        "dataset": splits.name,
+        "arch": arch,
+        "per_class": args.per_class,
+        "keep": keeps,
+        "seeds": seeds,
+        "finetune_epochs": args.finetune_epochs,
+        "base_test_accuracy": info["test_accuracy"],
+        "level": LEVEL,
+        "environment": environment(),
+        "summary": summary,
+        "runs": runs,
+        "table": text,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
     write_json(folder / "results.json", payload)
     print()
     print(text)
-    print(f"\ntotal {payload['seconds']:.1f} s wall, {payload['cpu_seconds']:.1f} s CPU\nresults: {folder}\n"
-          f"figure: {figure}")
+    print(
+        f"\ntotal {payload['seconds']:.1f} s wall, {payload['cpu_seconds']:.1f} s CPU\nresults: {folder}\n"
+        f"figure: {figure}"
+    )
     return payload
 
 

@@ -5,6 +5,7 @@ removed, the modules that must be sliced with it (its *cascading modules*: the f
 Dropout and the consumer layer) and the activation whose output holds the units (the evaluation point
 after BatchNorm and ReLU, where zeroing a unit is the same as removing it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -106,8 +107,14 @@ class VGGNet(_BlocksThenClassifier):
     ``config`` lists conv widths and ``"M"`` for a 2x2 max pool, as in torchvision's VGG.
     """
 
-    def __init__(self, input_size=(3, 32, 32), num_classes=10,
-                 config=(64, 64, "M", 128, 128, "M", 256, 256, "M"), hidden=256, dropout=0.5):
+    def __init__(
+        self,
+        input_size=(3, 32, 32),
+        num_classes=10,
+        config=(64, 64, "M", 128, 128, "M", 256, 256, "M"),
+        hidden=256,
+        dropout=0.5,
+    ):
         super().__init__()
         channels, height, width = input_size
         layers: list[nn.Module] = []
@@ -139,8 +146,7 @@ class CNN1d(_BlocksThenClassifier):
     """A 1-D convolutional net for signals ``[N, C, L]`` (MNIST-1D): (Conv1d, BN, ReLU, max pool 2)
     blocks, then a two-layer classifier with Dropout, as :class:`SmallCNN` in one dimension."""
 
-    def __init__(self, input_size=(1, 40), num_classes=10, widths=(32, 64), hidden=128, kernel_size=5,
-                 dropout=0.3):
+    def __init__(self, input_size=(1, 40), num_classes=10, widths=(32, 64), hidden=128, kernel_size=5, dropout=0.3):
         super().__init__()
         channels, length = input_size
         self._blocks = []
@@ -191,8 +197,11 @@ class MLP(nn.Module):
         layers = []
         for position, linear in enumerate(self.hidden):
             consumer = self.hidden[position + 1] if position + 1 < len(self.hidden) else self.out
-            layers.append(PrunableLayer(f"fc{position + 1}", linear, [self.dropouts[position], consumer],
-                                        self.activations[position]))
+            layers.append(
+                PrunableLayer(
+                    f"fc{position + 1}", linear, [self.dropouts[position], consumer], self.activations[position]
+                )
+            )
         return layers
 
     def current_options(self) -> dict:
@@ -221,8 +230,18 @@ def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
 # --------------------------------------------------------------------------------------------
 # training with a checkpoint cache
 
-def train_model(model: nn.Module, train_loader, epochs: int, lr: float = 1e-3, weight_decay: float = 0.0,
-                device="cpu", val_loader=None, progress: bool = True, desc: str = "train"):
+
+def train_model(
+    model: nn.Module,
+    train_loader,
+    epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    device="cpu",
+    val_loader=None,
+    progress: bool = True,
+    desc: str = "train",
+):
     """Plain Adam training with cross-entropy; returns a per-epoch history list of dicts."""
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -251,21 +270,43 @@ def train_one_epoch(model, loader, optimizer, criterion, device="cpu") -> float:
     return total / max(count, 1)
 
 
-def load_or_train(arch: str, splits, results_dir: str | Path, seed: int = 0, epochs: int = 30,
-                  lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 64, device="cpu",
-                  model_options: dict | None = None, progress: bool = True, retrain: bool = False):
+def load_or_train(
+    arch: str,
+    splits,
+    results_dir: str | Path,
+    seed: int = 0,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    device="cpu",
+    model_options: dict | None = None,
+    progress: bool = True,
+    retrain: bool = False,
+):
     """A trained model from ``<results>/checkpoints`` when one with this exact recipe exists, else train it.
 
     Returns ``(model, info)``; ``info`` holds the checkpoint path, whether it was cached, the training
     time and the test loss/accuracy. Checkpoints are plain state dicts loaded with ``weights_only=True``.
     """
     model_options = dict(model_options or {})
-    recipe = {"arch": arch, "dataset": splits.name, "input_size": list(splits.input_size),
-              "num_classes": splits.num_classes, "train_size": len(splits.train), "seed": seed,
-              "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-              "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in model_options.items()},
-              # the trained weights depend on these too (float sums differ in the last bits otherwise)
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "device": torch.device(device).type}
+    recipe = {
+        "arch": arch,
+        "dataset": splits.name,
+        "input_size": list(splits.input_size),
+        "num_classes": splits.num_classes,
+        "train_size": len(splits.train),
+        "seed": seed,
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in model_options.items()},
+        # the trained weights depend on these too (float sums differ in the last bits otherwise)
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.device(device).type,
+    }
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(results_dir) / "checkpoints"
     path = folder / f"{splits.name}_{arch}_seed{seed}_{digest}.pt"
@@ -279,8 +320,16 @@ def load_or_train(arch: str, splits, results_dir: str | Path, seed: int = 0, epo
     else:
         train_loader, val_loader, _ = splits.loaders(batch_size=batch_size, seed=seed)
         start = time.perf_counter()
-        train_model(model, train_loader, epochs, lr=lr, weight_decay=weight_decay, device=device,
-                    progress=progress, desc=f"train {arch} on {splits.name}")
+        train_model(
+            model,
+            train_loader,
+            epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            device=device,
+            progress=progress,
+            desc=f"train {arch} on {splits.name}",
+        )
         info.update(cached=False, train_seconds=time.perf_counter() - start)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)

@@ -13,6 +13,7 @@ by initialisation) included; the figure shows the means with those intervals and
     python -m experiments.prune_untrained                              # digits, 5 initialisations
     python -m experiments.prune_untrained --dataset mnist --data-root ~/data --hidden 2000,2000
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,16 +28,48 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from experiments.common import (base_parser, environment, evaluate, format_table, pyplot, run_reproducibly,
-                                resolve_device, results_folder, seed_everything, write_csv, write_json)
+from experiments.common import (
+    base_parser,
+    environment,
+    evaluate,
+    format_table,
+    pyplot,
+    run_reproducibly,
+    resolve_device,
+    results_folder,
+    seed_everything,
+    write_csv,
+    write_json,
+)
 from experiments.data import load_dataset
 from experiments.models import build_model
 from experiments.stats import mean_ci
 
-RUN_COLUMNS = ["seed", "params_before", "params_after", "loss_before", "loss_after", "accuracy_before",
-               "accuracy_after", "widths_before", "widths_after", "seconds"]
-SUMMARY_COLUMNS = ["quantity", "before", "before_low", "before_high", "after", "after_low", "after_high", "change",
-                   "change_low", "change_high", "seeds"]
+RUN_COLUMNS = [
+    "seed",
+    "params_before",
+    "params_after",
+    "loss_before",
+    "loss_after",
+    "accuracy_before",
+    "accuracy_after",
+    "widths_before",
+    "widths_after",
+    "seconds",
+]
+SUMMARY_COLUMNS = [
+    "quantity",
+    "before",
+    "before_low",
+    "before_high",
+    "after",
+    "after_low",
+    "after_high",
+    "change",
+    "change_low",
+    "change_high",
+    "seeds",
+]
 QUANTITIES = ("params", "loss", "accuracy")
 LEVEL = 0.95
 
@@ -58,8 +91,9 @@ def prune_negative_units(model, loader, input_size, device, seed: int, sv_sample
     removed = []
     for position in range(len(model.hidden)):
         layer = model.hidden[position]
-        metric = ShapleyAttributionMetric(model, loader, F.cross_entropy, device, sv_samples=sv_samples,
-                                          seed=seed + position, progress=progress)
+        metric = ShapleyAttributionMetric(
+            model, loader, F.cross_entropy, device, sv_samples=sv_samples, seed=seed + position, progress=progress
+        )
         scores = metric.run(layer, find_best_evaluation_module=True)
         negative = np.flatnonzero(scores < 0)
         if len(negative) == len(scores):  # a layer cannot lose every unit: keep its best one
@@ -99,15 +133,24 @@ def format_tables(runs: list[dict], summary: list[dict]) -> str:
         for key in ("before", "after", "change"):
             signed = key == "change"
             cells[key] = cell(row[key], fmt, signed)
-            cells[key + ":ci"] = ("" if np.isnan(row[key + "_low"]) else
-                                  f"[{cell(row[key + '_low'], fmt, signed)}, {cell(row[key + '_high'], fmt, signed)}]")
+            cells[key + ":ci"] = (
+                ""
+                if np.isnan(row[key + "_low"])
+                else f"[{cell(row[key + '_low'], fmt, signed)}, {cell(row[key + '_high'], fmt, signed)}]"
+            )
         table.append(cells)
     columns = ["quantity", "before", "before:ci", "after", "after:ci", "change", "change:ci", "seeds"]
     headers = ["quantity", "random init", "95% CI", "pruned", "95% CI", "change", "95% CI", "seeds"]
-    return "\n".join([format_table(runs, RUN_COLUMNS[:-1]), "",
-                      f"mean over initialisations ({interval}); change: pruned minus random init, paired by "
-                      "initialisation; no training at all", "",
-                      format_table(table, columns, headers=headers)])
+    return "\n".join(
+        [
+            format_table(runs, RUN_COLUMNS[:-1]),
+            "",
+            f"mean over initialisations ({interval}); change: pruned minus random init, paired by "
+            "initialisation; no training at all",
+            "",
+            format_table(table, columns, headers=headers),
+        ]
+    )
 
 
 def plot(runs: list[dict], summary: list[dict], path: Path, title: str) -> None:
@@ -116,15 +159,23 @@ def plot(runs: list[dict], summary: list[dict], path: Path, title: str) -> None:
     by_quantity = {row["quantity"]: row for row in summary}
     for ax, quantity, label in ((axes[0], "params", "parameters"), (axes[1], "accuracy", "test accuracy")):
         row = by_quantity[quantity]
-        for position, key, name, colour in ((0, "before", "random init", "#7f7f7f"),
-                                            (1, "after", "negative-Shapley units removed", "#d62728")):
+        for position, key, name, colour in (
+            (0, "before", "random init", "#7f7f7f"),
+            (1, "after", "negative-Shapley units removed", "#d62728"),
+        ):
             mean, low, high = row[key], row[key + "_low"], row[key + "_high"]
             error = None if np.isnan(low) else [[mean - low], [high - mean]]
             ax.bar(position, mean, width=0.6, yerr=error, capsize=6, color=colour, alpha=0.8, label=name)
             values = [run[f"{quantity}_{key}"] for run in runs]
             jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
-            ax.scatter(position + jitter, values, s=14, color="black", zorder=3,
-                       label="one initialisation" if position == 1 else None)
+            ax.scatter(
+                position + jitter,
+                values,
+                s=14,
+                color="black",
+                zorder=3,
+                label="one initialisation" if position == 1 else None,
+            )
         ax.set_xticks([0, 1], ["random init", "pruned"])
         ax.set_title(f"{label} (mean, 95% CI, {len(runs)} seeds)" if len(runs) > 1 else label)
         ax.grid(alpha=0.3, axis="y")
@@ -163,13 +214,20 @@ def run(args) -> dict:
         loss_before, accuracy_before = evaluate(model, test_loader, device=device)
         prune_negative_units(model, score_loader, splits.input_size, device, seed, args.sv_samples, progress)
         loss_after, accuracy_after = evaluate(model, test_loader, device=device)
-        runs.append({"seed": seed, "params_before": params_before,
-                     "params_after": sum(p.numel() for p in model.parameters()),
-                     "loss_before": loss_before, "loss_after": loss_after,
-                     "accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
-                     "widths_before": "/".join(map(str, hidden)),
-                     "widths_after": "/".join(str(layer.out_features) for layer in model.hidden),
-                     "seconds": time.perf_counter() - tick})
+        runs.append(
+            {
+                "seed": seed,
+                "params_before": params_before,
+                "params_after": sum(p.numel() for p in model.parameters()),
+                "loss_before": loss_before,
+                "loss_after": loss_after,
+                "accuracy_before": accuracy_before,
+                "accuracy_after": accuracy_after,
+                "widths_before": "/".join(map(str, hidden)),
+                "widths_after": "/".join(str(layer.out_features) for layer in model.hidden),
+                "seconds": time.perf_counter() - tick,
+            }
+        )
 
     folder = results_folder(args.results, "prune_untrained") / f"{splits.name}_mlp_seed{args.seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -177,17 +235,30 @@ def run(args) -> dict:
     summary = summarise(runs)
     write_csv(folder / "summary.csv", summary, SUMMARY_COLUMNS)
     figure = folder / "prune_untrained.png"
-    plot(runs, summary, figure, f"{splits.name}: untrained fully connected net {hidden}, negative-Shapley units removed")
+    plot(
+        runs, summary, figure, f"{splits.name}: untrained fully connected net {hidden}, negative-Shapley units removed"
+    )
     text = format_tables(runs, summary)
-    payload = {"study": "prune_untrained", "dataset": splits.name, "hidden": list(hidden), "level": LEVEL,
-               "environment": environment(), "runs": runs, "summary": summary, "table": text,
-               "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
+    payload = {
+        "study": "prune_untrained",
+        "dataset": splits.name,
+        "hidden": list(hidden),
+        "level": LEVEL,
+        "environment": environment(),
+        "runs": runs,
+        "summary": summary,
+        "table": text,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
     write_json(folder / "results.json", payload)
 
     print()
     print(text)
-    print(f"\ntotal {payload['seconds']:.1f} s wall, {payload['cpu_seconds']:.1f} s CPU\nresults: {folder}\n"
-          f"figure: {figure}")
+    print(
+        f"\ntotal {payload['seconds']:.1f} s wall, {payload['cpu_seconds']:.1f} s CPU\nresults: {folder}\n"
+        f"figure: {figure}"
+    )
     return payload
 
 

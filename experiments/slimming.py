@@ -20,6 +20,7 @@ sparsity training, and saves a plot of the sorted |γ| of both models.
     python -m experiments.slimming --quick                  # a few seconds (the smoke test)
     python -m experiments.slimming --dataset cifar10 --data-root ~/data --widths 32,64,128 --epochs 40
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments.common import (base_parser, evaluate, format_table, pyplot, resolve_device, results_folder,
-                                seed_everything, write_csv, write_json, run_reproducibly)
+from experiments.common import (
+    base_parser,
+    evaluate,
+    format_table,
+    pyplot,
+    resolve_device,
+    results_folder,
+    seed_everything,
+    write_csv,
+    write_json,
+    run_reproducibly,
+)
 from experiments.data import load_dataset
 from torchpruner import BNScaleAttributionMetric, Pruner, prune_groups
 from torchpruner.regularize import update_bn
@@ -59,8 +70,7 @@ class SlimNet(nn.Module):
         channels = input_size[0]
         layers: list[nn.Module] = []
         for position, width in enumerate(widths):
-            layers += [nn.Conv2d(channels, int(width), 3, padding=1, bias=False), nn.BatchNorm2d(int(width)),
-                       nn.ReLU()]
+            layers += [nn.Conv2d(channels, int(width), 3, padding=1, bias=False), nn.BatchNorm2d(int(width)), nn.ReLU()]
             if position % 2 == 1:
                 layers.append(nn.MaxPool2d(2))
             channels = int(width)
@@ -82,8 +92,9 @@ def all_gammas(model: nn.Module) -> np.ndarray:
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0], epochs=30)
     parser.set_defaults(lr=0.05, batch_size=32)
-    parser.add_argument("--widths", default=",".join(map(str, DEFAULT_WIDTHS)),
-                        help="conv widths, one (conv, BN, ReLU) block each")
+    parser.add_argument(
+        "--widths", default=",".join(map(str, DEFAULT_WIDTHS)), help="conv widths, one (conv, BN, ReLU) block each"
+    )
     parser.add_argument("--s", type=float, default=2e-2, help="L1 strength on the BatchNorm scales (update_bn)")
     parser.add_argument("--ratios", default="0.3,0.5,0.7", help="fractions of all channels pruned globally")
     parser.add_argument("--finetune-epochs", type=int, default=8, help="epochs of fine-tuning after each prune")
@@ -94,8 +105,17 @@ def build_parser():
     return parser
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epochs: int, lr: float, s: float, device,
-          progress: bool, desc: str) -> None:
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    epochs: int,
+    lr: float,
+    s: float,
+    device,
+    progress: bool,
+    desc: str,
+) -> None:
     """SGD epochs (learning rate ``lr`` on a cosine schedule) with ``update_bn(model, s)`` between
     ``backward()`` and ``step()``."""
     for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
@@ -159,9 +179,19 @@ def run(args) -> dict:
         loss, accuracy = evaluate(model, test_loader, device=device)
         params, flops = costs(model, splits.input_size)
         channels = "/".join(str(bn.num_features) for bn in batchnorms(model))
-        rows.append({"model": name, "test_accuracy": accuracy, "test_loss": loss, "channels": channels,
-                     "params": params, "params_ratio": params / base_params, "flops": flops,
-                     "flops_ratio": flops / base_flops, **extra})
+        rows.append(
+            {
+                "model": name,
+                "test_accuracy": accuracy,
+                "test_loss": loss,
+                "channels": channels,
+                "params": params,
+                "params_ratio": params / base_params,
+                "flops": flops,
+                "flops_ratio": flops / base_flops,
+                **extra,
+            }
+        )
 
     record("original", models["original"])
     record(f"sparse (s={args.s:g})", models["sparse"])
@@ -170,30 +200,62 @@ def run(args) -> dict:
     for ratio in ratios:
         model, optimizer = copy.deepcopy((models["sparse"], optimizers["sparse"]))
         pruner = Pruner(model, input_size=splits.input_size, device=device, optimizer=optimizer)
-        prune_groups(pruner, fraction=ratio, scores=BNScaleAttributionMetric(model, None, None).run,
-                     global_ranking=True, min_units=args.min_units)
+        prune_groups(
+            pruner,
+            fraction=ratio,
+            scores=BNScaleAttributionMetric(model, None, None).run,
+            global_ranking=True,
+            min_units=args.min_units,
+        )
         record(f"pruned {ratio:.0%}", model)
-        train(model, optimizer, train_loader, args.finetune_epochs, args.lr * 0.2, 0.0, device, progress,
-              f"fine-tune {ratio:.0%}")
+        train(
+            model,
+            optimizer,
+            train_loader,
+            args.finetune_epochs,
+            args.lr * 0.2,
+            0.0,
+            device,
+            progress,
+            f"fine-tune {ratio:.0%}",
+        )
         record(f"pruned {ratio:.0%} + fine-tune", model)
 
     out = results_folder(args.results, "slimming")
     stem = f"{splits.name}_seed{args.seed}"
-    write_csv(out / f"{stem}.csv", rows, ["model", "test_accuracy", "test_loss", "channels", "params", "params_ratio",
-                                          "flops", "flops_ratio"])
+    write_csv(
+        out / f"{stem}.csv",
+        rows,
+        ["model", "test_accuracy", "test_loss", "channels", "params", "params_ratio", "flops", "flops_ratio"],
+    )
     figure = None if args.no_figure else plot_gammas(gammas, out / f"{stem}_gammas.png", args.small, splits.name)
     elapsed = time.perf_counter() - started
-    gamma_rows = [{"model": name, f"|γ| < {args.small:g}": small[name], "median |γ|": float(np.median(gammas[name])),
-                   "channels": len(gammas[name])} for name in ("original", "sparse")]
-    payload = {"study": "slimming", "args": vars(args), "dataset": splits.describe(), "device": str(device),
-               "rows": rows, "small_gamma_fraction": small,
-               "median_gamma": {name: float(np.median(v)) for name, v in gammas.items()},
-               "timing": {"total_seconds": elapsed},
-               "files": {"table": str(out / f"{stem}.csv"), "figure": str(figure) if figure else None}}
+    gamma_rows = [
+        {
+            "model": name,
+            f"|γ| < {args.small:g}": small[name],
+            "median |γ|": float(np.median(gammas[name])),
+            "channels": len(gammas[name]),
+        }
+        for name in ("original", "sparse")
+    ]
+    payload = {
+        "study": "slimming",
+        "args": vars(args),
+        "dataset": splits.describe(),
+        "device": str(device),
+        "rows": rows,
+        "small_gamma_fraction": small,
+        "median_gamma": {name: float(np.median(v)) for name, v in gammas.items()},
+        "timing": {"total_seconds": elapsed},
+        "files": {"table": str(out / f"{stem}.csv"), "figure": str(figure) if figure else None},
+    }
     write_json(out / f"{stem}.json", payload)
 
-    print(f"\n{splits.describe()}; SlimNet widths {args.widths}; {args.epochs} epochs SGD (s = {args.s:g} on |γ| for "
-          f"the sparse model), prune globally by BN scale, {args.finetune_epochs} epochs fine-tune\n")
+    print(
+        f"\n{splits.describe()}; SlimNet widths {args.widths}; {args.epochs} epochs SGD (s = {args.s:g} on |γ| for "
+        f"the sparse model), prune globally by BN scale, {args.finetune_epochs} epochs fine-tune\n"
+    )
     print("accuracy")
     print(format_table(rows, ACCURACY_COLUMNS))
     print("\nparameters")
@@ -213,8 +275,13 @@ def plot_gammas(gammas: dict[str, np.ndarray], path: Path, small: float, dataset
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, colour in (("original", "#1f77b4"), ("sparse", "#d62728")):
         values = np.sort(gammas[name])
-        ax.plot(np.arange(len(values)), np.maximum(values, 1e-6), color=colour, lw=1.6,
-                label=f"{name} ({(values < small).mean():.0%} below {small:g})")
+        ax.plot(
+            np.arange(len(values)),
+            np.maximum(values, 1e-6),
+            color=colour,
+            lw=1.6,
+            label=f"{name} ({(values < small).mean():.0%} below {small:g})",
+        )
     ax.axhline(small, color="#7f7f7f", ls=":", lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("channel (sorted by |γ|)")

@@ -9,6 +9,7 @@ bootstrap interval, and the exact two-sided sign test.
 - :func:`sign_test`: the exact two-sided binomial test that positive and negative differences are
   equally likely; zero differences carry no sign and are dropped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,7 @@ def t_cdf(x: float, df: float) -> float:
         return 0.5
     grid = np.linspace(0.0, abs(x), SIMPSON_INTERVALS + 1)
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    density = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid ** 2 / df))
+    density = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid**2 / df))
     weights = np.ones_like(grid)
     weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
     half = float(weights @ density) * (grid[1] - grid[0]) / 3.0
@@ -107,7 +108,7 @@ def binomial_tail(k: int, n: int) -> float:
     """P(X <= k) for X ~ Binomial(n, 1/2), exactly (integer arithmetic, one division)."""
     if n < 0 or k < 0:
         raise ValueError(f"binomial_tail needs k, n >= 0, got k={k}, n={n}")
-    return sum(math.comb(n, i) for i in range(min(k, n) + 1)) / 2 ** n
+    return sum(math.comb(n, i) for i in range(min(k, n) + 1)) / 2**n
 
 
 def sign_test(differences) -> SignTest:

@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 WORLD_SIZE = 2
-BATCH = 4           # per rank; the dataset divides WORLD_SIZE * BATCH (DistributedSampler pads otherwise)
+BATCH = 4  # per rank; the dataset divides WORLD_SIZE * BATCH (DistributedSampler pads otherwise)
 EXAMPLES = 32
 
 
 # -- what both sides build -----------------------------------------------------------------------
+
 
 def mlp() -> nn.Module:
     """No BatchNorm, no Dropout: per-rank batch statistics and dropout draws would differ."""
@@ -40,8 +41,17 @@ def mlp() -> nn.Module:
 
 def bn_cnn() -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3),
-                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
 
 
 def dataset(seed: int = 0, examples: int = EXAMPLES) -> TensorDataset:
@@ -69,16 +79,27 @@ def union_loader(data: TensorDataset, batch: int = BATCH) -> DataLoader:
 def global_batches(data: TensorDataset, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Training step t of a single process: every rank's batch t together."""
     per_rank = [list(shard_loader(data, rank)) for rank in range(WORLD_SIZE)]
-    return [(torch.cat([per_rank[r][t][0] for r in range(WORLD_SIZE)]),
-             torch.cat([per_rank[r][t][1] for r in range(WORLD_SIZE)])) for t in range(steps)]
+    return [
+        (
+            torch.cat([per_rank[r][t][0] for r in range(WORLD_SIZE)]),
+            torch.cat([per_rank[r][t][1] for r in range(WORLD_SIZE)]),
+        )
+        for t in range(steps)
+    ]
 
 
 # -- the launcher --------------------------------------------------------------------------------
 
+
 def _entry(rank: int, job: str, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/store",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=30),
+    )
     try:
         result = JOBS[job](rank)
         torch.save(result, f"{folder}/rank{rank}.pt")
@@ -123,18 +144,27 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
     state = {}
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
-        state = {names[id(p)]: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                 for p, s in optimizer.state.items()}
+        state = {
+            names[id(p)]: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for p, s in optimizer.state.items()
+        }
     return {"params": params, "optimizer": state}
 
 
 # -- job 1: scoring ------------------------------------------------------------------------------
 
+
 def scoring_job(rank: int) -> dict[str, Any]:
     from torchpruner import Pruner
-    from torchpruner.attributions import (APoZAttributionMetric, MeanPlusStd, RandomAttributionMetric,
-                                          SensitivityAttributionMetric, ShapleyAttributionMetric,
-                                          TaylorAttributionMetric, WeightNormAttributionMetric)
+    from torchpruner.attributions import (
+        APoZAttributionMetric,
+        MeanPlusStd,
+        RandomAttributionMetric,
+        SensitivityAttributionMetric,
+        ShapleyAttributionMetric,
+        TaylorAttributionMetric,
+        WeightNormAttributionMetric,
+    )
 
     model = mlp()
     ddp = DistributedDataParallel(model)
@@ -143,8 +173,13 @@ def scoring_job(rank: int) -> dict[str, Any]:
     loader = shard_loader(dataset(), rank)
     groups = Pruner(model, input_size=(12,)).groups()
     record: dict[str, Any] = {}
-    reductions = {"mean": "mean", "sum": "sum", "none": "none", "mean+2std": MeanPlusStd(2.0),
-                  "callable": lambda s: s.max(0) - s.min(0)}
+    reductions = {
+        "mean": "mean",
+        "sum": "sum",
+        "none": "none",
+        "mean+2std": MeanPlusStd(2.0),
+        "callable": lambda s: s.max(0) - s.min(0),
+    }
     for rname, reduction in reductions.items():
         for metric in (TaylorAttributionMetric, SensitivityAttributionMetric, APoZAttributionMetric):
             attr = metric(ddp, loader, F.cross_entropy, reduction=reduction)
@@ -155,18 +190,24 @@ def scoring_job(rank: int) -> dict[str, Any]:
             attr = metric(ddp, loader, F.cross_entropy, reduction=reductions[rname])
             record[("run_all", metric.name, rname)] = attr.run_all([model[2]] + groups)
     record[("run_all", "Shapley")] = ShapleyAttributionMetric(  # run by run, rank 0's seed each time
-        ddp, loader, F.cross_entropy, sv_samples=1, seed=rank).run_all()
-    record["run_all empty shard"] = _error_of(lambda: TaylorAttributionMetric(
-        ddp, [] if rank == 1 else loader, F.cross_entropy).run_all())
-    record["run_all empty shard, run by run"] = _error_of(lambda: ShapleyAttributionMetric(
-        ddp, [] if rank == 1 else loader, F.cross_entropy, sv_samples=1).run_all())
-    shapley = ShapleyAttributionMetric(model, loader, F.cross_entropy, process_group=dist.group.WORLD,
-                                       sv_samples=2)  # seed None: rank 0 draws it
+        ddp, loader, F.cross_entropy, sv_samples=1, seed=rank
+    ).run_all()
+    record["run_all empty shard"] = _error_of(
+        lambda: TaylorAttributionMetric(ddp, [] if rank == 1 else loader, F.cross_entropy).run_all()
+    )
+    record["run_all empty shard, run by run"] = _error_of(
+        lambda: ShapleyAttributionMetric(ddp, [] if rank == 1 else loader, F.cross_entropy, sv_samples=1).run_all()
+    )
+    shapley = ShapleyAttributionMetric(
+        model, loader, F.cross_entropy, process_group=dist.group.WORLD, sv_samples=2
+    )  # seed None: rank 0 draws it
     record[("Shapley", "mean", "layer")] = shapley.run(model[2])
     record[("Shapley", "none", "group")] = ShapleyAttributionMetric(
-        ddp, loader, F.cross_entropy, reduction="none", sv_samples=1, seed=rank).run(groups[1])  # rank 0's seed
-    record["shapley stderr"] = _error_of(lambda: ShapleyAttributionMetric(
-        ddp, loader, F.cross_entropy, sv_samples=1).run(model[2], return_stderr=True))
+        ddp, loader, F.cross_entropy, reduction="none", sv_samples=1, seed=rank
+    ).run(groups[1])  # rank 0's seed
+    record["shapley stderr"] = _error_of(
+        lambda: ShapleyAttributionMetric(ddp, loader, F.cross_entropy, sv_samples=1).run(model[2], return_stderr=True)
+    )
     record[("Random", "mean", "layer")] = RandomAttributionMetric(ddp, loader, F.cross_entropy).run(model[0])
     record[("WeightNorm", "mean", "group")] = WeightNormAttributionMetric(ddp, loader, F.cross_entropy).run(groups[0])
     # a rank without data: every rank raises the same error, nobody waits
@@ -186,8 +227,11 @@ STEPS_BEFORE, STEPS_AFTER = 4, 3
 TRAIN_EXAMPLES = WORLD_SIZE * BATCH * (STEPS_BEFORE + STEPS_AFTER)
 
 
-def train_steps(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def train_steps(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
     for x, y in batches:
         optimizer.zero_grad()
         F.cross_entropy(forward(x), y).backward()
@@ -222,14 +266,18 @@ def pruning_job(rank: int) -> dict[str, Any]:
     record["selection"] = sorted((g.index, units) for g, units in selection.items())
     ddp = prune_ddp(ddp, pruner, selection if rank == 0 else None)
     record["after prune"] = _state(model, optimizer)
-    for x, y in batches[STEPS_BEFORE:STEPS_BEFORE + STEPS_AFTER]:
+    for x, y in batches[STEPS_BEFORE : STEPS_BEFORE + STEPS_AFTER]:
         optimizer.zero_grad()
         F.cross_entropy(ddp(x), y).backward()
         optimizer.step()
         scheduler.step()
     record["end"] = _state(model, optimizer)
-    record["same objects"] = (ddp.module is model, pruner.optimizer is optimizer, scheduler.optimizer is optimizer,
-                              ddp is not old)
+    record["same objects"] = (
+        ddp.module is model,
+        pruner.optimizer is optimizer,
+        scheduler.optimizer is optimizer,
+        ddp is not old,
+    )
     record["old wrapper"] = _error_of(lambda: old(batches[0][0]))
     record["lr"] = scheduler.get_last_lr()
 
@@ -250,6 +298,7 @@ def pruning_job(rank: int) -> dict[str, Any]:
 
     # applying fails on rank 1 after every rank validated: rank 0 puts its prune back too
     from torchpruner.pruner import plan as plan_module
+
     surgery = plan_module.apply_optimizer_surgery
 
     def failing_surgery(*args: Any, **kwargs: Any) -> None:
@@ -303,8 +352,11 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return False
     if any(not torch.equal(a["params"][k], b["params"][k]) for k in a["params"]):
         return False
-    return all(not isinstance(v, torch.Tensor) or torch.equal(v, b["optimizer"][n][k])
-               for n, s in a["optimizer"].items() for k, v in s.items())
+    return all(
+        not isinstance(v, torch.Tensor) or torch.equal(v, b["optimizer"][n][k])
+        for n, s in a["optimizer"].items()
+        for k, v in s.items()
+    )
 
 
 JOBS: dict[str, Callable[[int], dict[str, Any]]] = {"scoring": scoring_job, "pruning": pruning_job}

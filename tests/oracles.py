@@ -43,14 +43,17 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 # Slicers
 # --------------------------------------------------------------------------------------------
 
+
 def kept(*per_axis: Sequence[int] | torch.Tensor | None) -> Slicer:
     """The slicer keeping ``per_axis[a]`` along axis ``a`` (None: all of it), axis by axis:
     ``kept(rows)(t) == t[rows]``, ``kept(None, cols)(t) == t[:, cols]``."""
+
     def slicer(tensor: torch.Tensor) -> torch.Tensor:
         for axis, index in enumerate(per_axis):
             if index is not None:
                 tensor = tensor.index_select(axis, torch.as_tensor(index, dtype=torch.long, device=tensor.device))
         return tensor
+
     return slicer
 
 
@@ -91,8 +94,9 @@ class Snapshot:
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Snapshot:
     """Everything a refused prune, a dry run or a trace must leave exactly as it was."""
-    named = list(itertools.chain(model.named_parameters(remove_duplicate=False),
-                                 model.named_buffers(remove_duplicate=False)))
+    named = list(
+        itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    )
     parameters = dict(model.named_parameters(remove_duplicate=False))
     return Snapshot(
         tensors={name: tensor.detach().clone() for name, tensor in named},
@@ -100,10 +104,14 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
         grads={name: None if p.grad is None else p.grad.detach().clone() for name, p in parameters.items()},
         state_keys=list(model.state_dict().keys()),
         # plain attributes: widths, groups, Dropout p, training mode, the kept-unit bookkeeping
-        attributes={name: {k: copy.deepcopy(v) for k, v in vars(m).items() if _is_plain(v)}
-                    for name, m in model.named_modules(remove_duplicate=False)},
-        hooks={name: {k: list(v.keys()) for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)}
-               for name, m in model.named_modules(remove_duplicate=False)},
+        attributes={
+            name: {k: copy.deepcopy(v) for k, v in vars(m).items() if _is_plain(v)}
+            for name, m in model.named_modules(remove_duplicate=False)
+        },
+        hooks={
+            name: {k: list(v.keys()) for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)}
+            for name, m in model.named_modules(remove_duplicate=False)
+        },
         repr=repr(model),
         optimizer=None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
         optimizer_params=None if optimizer is None else [[id(p) for p in g["params"]] for g in optimizer.param_groups],
@@ -155,9 +163,11 @@ def assert_same_structure(x: Any, y: Any, where: str = "") -> None:
 # Zeroed twin
 # --------------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
-def masked_units(module: nn.Module, indices: Sequence[int], axis: int = 1, *, value: float = 0.0,
-                 on: str = "output") -> Iterator[None]:
+def masked_units(
+    module: nn.Module, indices: Sequence[int], axis: int = 1, *, value: float = 0.0, on: str = "output"
+) -> Iterator[None]:
     """Set units ``indices`` (along ``axis``) of ``module``'s output (``on="input"``: of its one
     input) to ``value`` on every forward inside the block: a persistent mask."""
     if on not in ("output", "input"):
@@ -183,8 +193,13 @@ def masked_units(module: nn.Module, indices: Sequence[int], axis: int = 1, *, va
 
 
 @contextlib.contextmanager
-def masked_at_mask_points(twin: nn.Module, example_args: tuple, units: tuple[nn.Module, Sequence[int]]
-                          | Mapping[int, Sequence[int]], *, min_sites: int = 1) -> Iterator[Callable[..., Any]]:
+def masked_at_mask_points(
+    twin: nn.Module,
+    example_args: tuple,
+    units: tuple[nn.Module, Sequence[int]] | Mapping[int, Sequence[int]],
+    *,
+    min_sites: int = 1,
+) -> Iterator[Callable[..., Any]]:
     """Yield ``twin``'s forward with units zeroed where their groups' consumers read them.
 
     ``units``: ``(module of twin, output indices)``, or ``{group index: units}`` for the groups of
@@ -210,9 +225,15 @@ def counterpart(twin: nn.Module, model: nn.Module, module: nn.Module) -> nn.Modu
     return twin.get_submodule(names[id(module)])
 
 
-def assert_prune_equals_zeroed_twin(model: nn.Module, prune: Callable[[], Any],
-                                    mask: Callable[[nn.Module], ContextManager[Callable[..., Any] | None]],
-                                    inputs: torch.Tensor | tuple, *, rtol: float = 1e-10, atol: float = 1e-10) -> Any:
+def assert_prune_equals_zeroed_twin(
+    model: nn.Module,
+    prune: Callable[[], Any],
+    mask: Callable[[nn.Module], ContextManager[Callable[..., Any] | None]],
+    inputs: torch.Tensor | tuple,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+) -> Any:
     """Zeroed-twin oracle: ``prune()`` (which prunes ``model`` in place) gives the outputs of the
     unpruned twin run inside ``mask(twin)`` (its yielded forward, or the twin itself), in float64
     and eval mode; every Parameter object of ``model`` survives. Returns what ``prune()`` returned."""
@@ -237,8 +258,10 @@ def assert_prune_equals_zeroed_twin(model: nn.Module, prune: Callable[[], Any],
 # Masked trajectory
 # --------------------------------------------------------------------------------------------
 
-def twin_of(model: nn.Module, optimizer: torch.optim.Optimizer,
-            make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer]:
+
+def twin_of(
+    model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A deep copy of ``model`` with its own optimizer holding a copy of ``optimizer``'s state."""
     twin = copy.deepcopy(model)
     twin_optimizer = make_optimizer(twin)
@@ -247,8 +270,14 @@ def twin_of(model: nn.Module, optimizer: torch.optim.Optimizer,
     return twin, twin_optimizer
 
 
-def train(forward: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, batches: Iterable[Batch], *,
-          scheduler: Any = None, loss: Callable[..., torch.Tensor] = F.cross_entropy) -> None:
+def train(
+    forward: Callable[..., torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    *,
+    scheduler: Any = None,
+    loss: Callable[..., torch.Tensor] = F.cross_entropy,
+) -> None:
     """One optimizer step per ``(x, y)`` batch (and one scheduler step, if given)."""
     for x, y in batches:
         optimizer.zero_grad()
@@ -258,10 +287,16 @@ def train(forward: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer
             scheduler.step()
 
 
-def assert_state_matches(model: nn.Module, reference: nn.Module, slices: Mapping[str, Slicer] | None = None, *,
-                         optimizer: torch.optim.Optimizer | None = None,
-                         reference_optimizer: torch.optim.Optimizer | None = None,
-                         rtol: float = 0.0, atol: float = 0.0) -> None:
+def assert_state_matches(
+    model: nn.Module,
+    reference: nn.Module,
+    slices: Mapping[str, Slicer] | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    reference_optimizer: torch.optim.Optimizer | None = None,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+) -> None:
     """Every state-dict tensor of ``model`` equals ``slices[key]`` of ``reference``'s (whole when
     the key has no slicer); with optimizers, so do the per-element state tensors of each
     parameter, the scalar state and the param-group options. Exact unless told otherwise."""
@@ -293,13 +328,15 @@ def assert_state_matches(model: nn.Module, reference: nn.Module, slices: Mapping
                 assert value == want[key], f"{name}/{key}"
     assert len(optimizer.param_groups) == len(reference_optimizer.param_groups)
     for group, reference_group in zip(optimizer.param_groups, reference_optimizer.param_groups):
-        assert {k: v for k, v in group.items() if k != "params"} == \
-               {k: v for k, v in reference_group.items() if k != "params"}
+        assert {k: v for k, v in group.items() if k != "params"} == {
+            k: v for k, v in reference_group.items() if k != "params"
+        }
 
 
 # --------------------------------------------------------------------------------------------
 # Rebuilt smaller model
 # --------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def rebuilt(small: nn.Module, full: nn.Module, slices: Mapping[str, Slicer]) -> nn.Module:

@@ -21,8 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ddp_workers as workers
 from torchpruner import Pruner
-from torchpruner.attributions import (APoZAttributionMetric, MeanPlusStd, SensitivityAttributionMetric,
-                                      ShapleyAttributionMetric, TaylorAttributionMetric, WeightNormAttributionMetric)
+from torchpruner.attributions import (
+    APoZAttributionMetric,
+    MeanPlusStd,
+    SensitivityAttributionMetric,
+    ShapleyAttributionMetric,
+    TaylorAttributionMetric,
+    WeightNormAttributionMetric,
+)
 from torchpruner.attributions.groups import group_label
 from torchpruner.attributions.reductions import Moments
 from torchpruner.distributed import DistributedPruningError, ddp_arguments, plan_ddp, prune_ddp
@@ -30,10 +36,18 @@ from torchpruner.schedule import select_units
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-METRICS = {"Taylor": TaylorAttributionMetric, "Sensitivity": SensitivityAttributionMetric,
-           "APoZ": APoZAttributionMetric}
-REDUCTIONS = {"mean": "mean", "sum": "sum", "none": "none", "mean+2std": MeanPlusStd(2.0),
-              "callable": lambda s: s.max(0) - s.min(0)}
+METRICS = {
+    "Taylor": TaylorAttributionMetric,
+    "Sensitivity": SensitivityAttributionMetric,
+    "APoZ": APoZAttributionMetric,
+}
+REDUCTIONS = {
+    "mean": "mean",
+    "sum": "sum",
+    "none": "none",
+    "mean+2std": MeanPlusStd(2.0),
+    "callable": lambda s: s.max(0) - s.min(0),
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +62,7 @@ def pruning(tmp_path_factory):
 
 # -- the reductions combine exactly ------------------------------------------------------------
 
+
 def test_moments_of_shards_merge_to_the_moments_of_the_union():
     rows = np.random.default_rng(0).normal(size=(37, 5)) * 3 + 1
     merged = Moments.of(rows[:10]).merge(Moments.of(rows[10:11])).merge(Moments.of(rows[11:]))
@@ -56,8 +71,9 @@ def test_moments_of_shards_merge_to_the_moments_of_the_union():
     np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-13)
     np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-12)
     np.testing.assert_allclose(MeanPlusStd(2.0)(rows), rows.mean(0) + 2 * rows.std(0), rtol=1e-13)
-    np.testing.assert_allclose(MeanPlusStd(1.5, ddof=1).from_moments(merged), rows.mean(0) + 1.5 * rows.std(0, ddof=1),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        MeanPlusStd(1.5, ddof=1).from_moments(merged), rows.mean(0) + 1.5 * rows.std(0, ddof=1), rtol=1e-12
+    )
 
 
 def test_mean_plus_std_streams_like_the_callable_over_batches():
@@ -76,12 +92,14 @@ def test_mean_plus_std_refuses_a_bad_k(bad):
 
 # -- scoring across ranks equals scoring the union of the shards --------------------------------
 
+
 def _reference(metric, reduction, target, **options):
     model = workers.mlp()
     groups = Pruner(model, input_size=(12,)).groups()
     what = model[2] if target == "layer" else groups[0]
-    return metric(model, workers.union_loader(workers.dataset()), F.cross_entropy, reduction=reduction,
-                  **options).run(what)
+    return metric(model, workers.union_loader(workers.dataset()), F.cross_entropy, reduction=reduction, **options).run(
+        what
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -101,8 +119,9 @@ def test_distributed_scores_equal_the_scores_of_the_union_of_the_shards(scoring,
 def test_distributed_run_all_equals_run_on_the_union_of_the_shards(scoring, metric, reduction):
     model = workers.mlp()
     groups = Pruner(model, input_size=(12,)).groups()
-    reference = METRICS[metric](model, workers.union_loader(workers.dataset()), F.cross_entropy,
-                                reduction=REDUCTIONS[reduction])
+    reference = METRICS[metric](
+        model, workers.union_loader(workers.dataset()), F.cross_entropy, reduction=REDUCTIONS[reduction]
+    )
     expected = {"2": reference.run(model[2]), **{group_label(g): reference.run(g) for g in groups}}
     for rank, record in enumerate(scoring):
         got = record[("run_all", metric, reduction)]
@@ -115,8 +134,9 @@ def test_distributed_run_all_equals_run_on_the_union_of_the_shards(scoring, metr
 def test_distributed_run_all_of_shapley_runs_each_group_with_rank_0s_seed(scoring):
     model = workers.mlp()
     groups = Pruner(model, input_size=(12,)).groups()
-    reference = ShapleyAttributionMetric(model, workers.union_loader(workers.dataset()), F.cross_entropy,
-                                         sv_samples=1, seed=0)
+    reference = ShapleyAttributionMetric(
+        model, workers.union_loader(workers.dataset()), F.cross_entropy, sv_samples=1, seed=0
+    )
     for record in scoring:  # rank 1 asked for seed=1 and got rank 0's
         got = record[("run_all", "Shapley")]
         assert list(got) == [group_label(g) for g in groups]
@@ -135,8 +155,9 @@ def test_shapley_uses_rank_0s_seed_on_every_rank(scoring):
     np.testing.assert_array_equal(scoring[0][("Shapley", "mean", "layer")], scoring[1][("Shapley", "mean", "layer")])
     model = workers.mlp()
     group = Pruner(model, input_size=(12,)).groups()[1]
-    expected = ShapleyAttributionMetric(model, workers.union_loader(workers.dataset()), F.cross_entropy,
-                                        reduction="none", sv_samples=1, seed=0).run(group)
+    expected = ShapleyAttributionMetric(
+        model, workers.union_loader(workers.dataset()), F.cross_entropy, reduction="none", sv_samples=1, seed=0
+    ).run(group)
     for record in scoring:  # rank 1 asked for seed=1 and got rank 0's
         np.testing.assert_allclose(record[("Shapley", "none", "group")], expected, rtol=1e-10, atol=1e-12)
 
@@ -170,6 +191,7 @@ def test_scoring_through_the_wrapper_never_calls_it_and_training_goes_on(scoring
 
 # -- pruning in the middle of a run ---------------------------------------------------------------
 
+
 def _single_process_run():
     """The reference: one process trained on the global batches (both ranks' batches of a step),
     scored on the union of the shards, pruned with the selection its own scores give."""
@@ -178,7 +200,7 @@ def _single_process_run():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     steps = workers.global_batches(data, workers.STEPS_BEFORE + workers.STEPS_AFTER)
-    for x, y in steps[:workers.STEPS_BEFORE]:
+    for x, y in steps[: workers.STEPS_BEFORE]:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -190,7 +212,7 @@ def _single_process_run():
     selection = select_units(groups, 0.3, scores=attr.run)
     pruner.plan_groups(selection).apply(model, optimizer)
     after = workers._state(model, optimizer)
-    for x, y in steps[workers.STEPS_BEFORE:]:
+    for x, y in steps[workers.STEPS_BEFORE :]:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -206,8 +228,9 @@ def _assert_states_close(got, expected, atol):
     for name, state in expected["optimizer"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(got["optimizer"][name][key].double(), value.double(), rtol=0, atol=atol,
-                                           msg=f"{name}.{key}")
+                torch.testing.assert_close(
+                    got["optimizer"][name][key].double(), value.double(), rtol=0, atol=atol, msg=f"{name}.{key}"
+                )
 
 
 def test_a_run_pruned_mid_training_equals_a_single_process_on_the_same_global_batches(pruning):
@@ -274,10 +297,12 @@ def test_a_rank_that_never_arrives_is_reported_within_the_timeout(pruning):
 
 # -- one process: what is refused before any collective ----------------------------------------
 
+
 @pytest.fixture
 def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1, timeout=datetime.timedelta(seconds=20)
+    )
     try:
         yield
     finally:
@@ -308,8 +333,9 @@ def test_a_stale_or_foreign_group_is_refused_naming_the_fix(one_rank):
 
 
 def test_ddp_arguments_round_trip_and_hooks_are_refused(one_rank):
-    ddp = DistributedDataParallel(workers.mlp(), find_unused_parameters=True, gradient_as_bucket_view=True,
-                                  bucket_cap_mb=5)
+    ddp = DistributedDataParallel(
+        workers.mlp(), find_unused_parameters=True, gradient_as_bucket_view=True, bucket_cap_mb=5
+    )
     arguments = ddp_arguments(ddp)
     assert arguments["find_unused_parameters"] and arguments["gradient_as_bucket_view"]
     assert arguments["bucket_cap_mb"] == pytest.approx(5)
@@ -329,8 +355,9 @@ def test_one_rank_prune_with_wrap_and_a_plan_checked_not_broadcast(one_rank):
     with pytest.raises(ValueError, match="broadcast=False"):
         plan_ddp(pruner, plan)
     made = []
-    new = prune_ddp(ddp, pruner, plan, broadcast=False,
-                    wrap=lambda module: made.append(module) or DistributedDataParallel(module))
+    new = prune_ddp(
+        ddp, pruner, plan, broadcast=False, wrap=lambda module: made.append(module) or DistributedDataParallel(module)
+    )
     assert made == [model] and new.module is model and model[0].out_features == 8
     x, y = workers.dataset()[:4]
     optimizer.zero_grad()

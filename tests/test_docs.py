@@ -22,8 +22,15 @@ PAGES = sorted([*DOCS.glob("*.md"), *DOCS.glob("workflows/*.md")])
 #: pages whose ```python blocks are fragments of the reader's own code (undefined names)
 FRAGMENTS = {"migration.md": "its one block shows a call on the reader's model, loader and device"}
 #: the pages each module's reference must have
-REFERENCE_MODULES = ["torchpruner", "torchpruner.pruner", "torchpruner.attributions", "torchpruner.schedule",
-                     "torchpruner.masking", "torchpruner.regularize", "torchpruner.distributed"]
+REFERENCE_MODULES = [
+    "torchpruner",
+    "torchpruner.pruner",
+    "torchpruner.attributions",
+    "torchpruner.schedule",
+    "torchpruner.masking",
+    "torchpruner.regularize",
+    "torchpruner.distributed",
+]
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -38,8 +45,12 @@ def _relative(page: Path) -> str:
     return page.relative_to(DOCS).as_posix()
 
 
-RUNNABLE = [(_relative(page), index) for page in PAGES if _relative(page) not in FRAGMENTS
-            for index in range(len(_blocks(page)))]
+RUNNABLE = [
+    (_relative(page), index)
+    for page in PAGES
+    if _relative(page) not in FRAGMENTS
+    for index in range(len(_blocks(page)))
+]
 
 
 # -- the pages ---------------------------------------------------------------------------------
@@ -112,8 +123,10 @@ def test_only_missing_frameworks_are_skipped(reference):
     _, result = reference
     assert set(result.skipped) <= docs_build.OPTIONAL_MODULES
     for name in docs_build.OPTIONAL_MODULES:
-        framework = {"torchpruner.integrations.lightning": ("lightning", "pytorch_lightning"),
-                     "torchpruner.integrations.transformers": ("transformers",)}[name]
+        framework = {
+            "torchpruner.integrations.lightning": ("lightning", "pytorch_lightning"),
+            "torchpruner.integrations.transformers": ("transformers",),
+        }[name]
         installed = any(importlib.util.find_spec(package) is not None for package in framework)
         assert (name in result.skipped) != installed, name
     assert not any(part.startswith("_") for page in result.pages for part in page.parts[-3:])
@@ -123,12 +136,15 @@ def test_a_warning_fails_the_build(tmp_path, monkeypatch):
     pytest.importorskip("pdoc")
     package = tmp_path / "src" / "brokendocs"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text(textwrap.dedent('''\
+    (package / "__init__.py").write_text(
+        textwrap.dedent('''\
         """A package whose docstring includes a file that does not exist.
 
         .. include:: missing.md
         """
-        '''), encoding="utf-8")
+        '''),
+        encoding="utf-8",
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     result = docs_build.build(tmp_path / "out", ["brokendocs"])
     assert not result.ok and any("missing.md" in text for text in result.warnings)

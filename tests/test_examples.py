@@ -16,13 +16,17 @@ EXAMPLES = ROOT / "examples"
 #: script -> (packages it needs beyond the test extra, text its output must contain)
 SCRIPTS = {
     "train_and_prune.py": ((), ["pruned a quarter of every hidden layer", "Linear(in_features=64, out_features=36"]),
-    "prune_torchvision.py": (("torchvision",), ["coupled groups", "more changes", "parameters 11,181,642 ->",
-                                                "output: (2, 10)"]),
+    "prune_torchvision.py": (
+        ("torchvision",),
+        ["coupled groups", "more changes", "parameters 11,181,642 ->", "output: (2, 10)"],
+    ),
     "compare_criteria.py": ((), ["taylor", "random", "mean loss increase"]),
     "lightning_callback.py": (("lightning",), ["epoch 1: 6570 -> 5028 parameters", "epoch 3:", "logged to"]),
     "transformers_callback.py": (("transformers", "accelerate"), ["epoch 1: 6570 -> 5028 parameters", "epoch 3:"]),
-    "prune_tiny_llama.py": (("transformers",), ["captured by export: 2 prunable groups",
-                                                "parameters 90,432 -> 65,856", "every parameter updated"]),
+    "prune_tiny_llama.py": (
+        ("transformers",),
+        ["captured by export: 2 prunable groups", "parameters 90,432 -> 65,856", "every parameter updated"],
+    ),
 }
 
 
@@ -37,10 +41,15 @@ def test_example_runs(script, tmp_path):
     for package in needs:
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{script} needs {package}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHPRUNER_PROGRESS="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(EXAMPLES / script)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TORCHPRUNER_PROGRESS="0",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for text in expected:
         assert text in result.stdout, f"{text!r} not in the output of {script}:\n{result.stdout[-2000:]}"

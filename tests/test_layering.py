@@ -13,11 +13,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "torchpruner"
 
 #: floor of each top-level room; a file may import rooms of its floor or lower ones
 FLOORS = {
-    "_ops": 0, "_state": 0,
+    "_ops": 0,
+    "_state": 0,
     "rules": 1,
     "graph": 2,
-    "pruner": 3, "attributions": 3,
-    "schedule": 4, "masking": 4, "regularize": 4, "distributed": 4, "utils": 4,
+    "pruner": 3,
+    "attributions": 3,
+    "schedule": 4,
+    "masking": 4,
+    "regularize": 4,
+    "distributed": 4,
+    "utils": 4,
     "integrations": 5,
 }
 #: rooms of one floor that must not import each other
@@ -48,7 +54,7 @@ def imports_of(path: Path) -> list[tuple[str, bool, int]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 prefix = ".".join(base + ([node.module] if node.module else []))
             else:
                 prefix = node.module or ""
@@ -82,9 +88,11 @@ def test_imports_go_down_or_sideways(path):
         target_room = room(target)
         assert target_room is not None, f"{source}:{line} imports the package root (a circle through it)"
         assert FLOORS[target_room] <= FLOORS[source_room], (
-            f"{source}:{line} imports {target} (floor {FLOORS[target_room]}) from floor {FLOORS[source_room]}")
+            f"{source}:{line} imports {target} (floor {FLOORS[target_room]}) from floor {FLOORS[source_room]}"
+        )
         assert frozenset({source_room, target_room}) not in SIBLINGS_APART or source_room == target_room, (
-            f"{source}:{line} imports {target}: {source_room} and {target_room} never import each other")
+            f"{source}:{line} imports {target}: {source_room} and {target_room} never import each other"
+        )
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
@@ -112,7 +120,7 @@ def test_no_import_circle():
         state[node] = 1
         for nxt in graph.get(node, ()):
             if state.get(nxt) == 1:
-                cycle = trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt]
+                cycle = trail[trail.index(nxt) :] + [nxt] if nxt in trail else [node, nxt]
                 raise AssertionError("import circle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, trail + [nxt])

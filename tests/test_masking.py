@@ -89,10 +89,10 @@ def test_masking_a_layer_masks_its_whole_coupled_group():
     zero = lambda t: bool((t.detach() == 0).all())
     assert zero(model.stem.weight[1]) and zero(model.stem.bias[1]) and zero(model.bn.weight[1])
     assert zero(model.bn.bias[1]) and zero(model.fc.weight[:, 1])
-    for block in model.blocks:   # every source and consumer of the residual stream
+    for block in model.blocks:  # every source and consumer of the residual stream
         assert zero(block.conv2.weight[1]) and zero(block.bn2.weight[1]) and zero(block.conv1.weight[:, 1])
     assert not zero(model.stem.weight[0]) and not zero(model.blocks[0].conv1.weight[:, 0])
-    masker.mask(model.stem, [])   # unmask: the record goes (the zeroed weights stay zero)
+    masker.mask(model.stem, [])  # unmask: the record goes (the zeroed weights stay zero)
     assert masker.masked_units == {}
 
 
@@ -109,8 +109,8 @@ def test_zero_ratio_is_a_direct_count_of_the_plans_removed_elements():
         if params:
             direct = sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params)
             assert ratios[name] == direct, name
-    assert ratios["0"] == (2 * 2 * 9 + 2) / (4 * 2 * 9 + 4)   # two filters and their biases
-    assert ratios["1"] == 0.5                                 # BatchNorm: γ and β of 2 of 4 channels
+    assert ratios["0"] == (2 * 2 * 9 + 2) / (4 * 2 * 9 + 4)  # two filters and their biases
+    assert ratios["1"] == 0.5  # BatchNorm: γ and β of 2 of 4 channels
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     assert zeros == removed.removed_parameters
 
@@ -136,7 +136,7 @@ def test_training_after_materialize_equals_training_the_masked_model(name):
     masker.mask_by_rate(groups, 0.25, scores=FPGMAttributionMetric(model, None, None))
     assert len(masker.masked_units) == len(groups) >= 3
     with masker.attach(optimizer):
-        train(model, optimizer, data[2:4])           # soft pruning: masked weights stay zero
+        train(model, optimizer, data[2:4])  # soft pruning: masked weights stay zero
     twin, twin_optimizer = twin_of(model, optimizer, lambda m: OPTIMIZERS[name](m.parameters()))
     twin_masker = Masker(twin)
     twin_masker.load_state_dict(masker.state_dict())
@@ -147,10 +147,11 @@ def test_training_after_materialize_equals_training_the_masked_model(name):
     assert name == "sgd_momentum" or plan.optimizer_slices
     train(model, optimizer, data[4:])
     train(twin, twin_optimizer, data[4:])
-    assert twin_masker.zero_ratio()["stem"] > 0     # the twin's masks held all along
+    assert twin_masker.zero_ratio()["stem"] > 0  # the twin's masks held all along
 
-    assert_state_matches(model, twin, kept_slices(model), optimizer=optimizer, reference_optimizer=twin_optimizer,
-                         rtol=1e-9, atol=1e-12)
+    assert_state_matches(
+        model, twin, kept_slices(model), optimizer=optimizer, reference_optimizer=twin_optimizer, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_masked_weights_regrow_without_the_step_hook():
@@ -194,7 +195,7 @@ def test_mask_by_rate_takes_the_lowest_scores_per_layer():
     selection = masker.mask_by_rate(groups, {model[0]: 0.5}, scores=fpgm)
     assert {g.index: u for g, u in selection.items()} == {first.index: expected}
     assert masker.masked_units == {"0": expected}
-    masker.mask_by_rate(groups, 0.25)                # every group, by L1 weight norms; replaces
+    masker.mask_by_rate(groups, 0.25)  # every group, by L1 weight norms; replaces
     assert set(masker.masked_units) == {"0", "3"} and len(masker.masked_units["0"]) == 1
     masker.mask_by_rate(groups, 0.0)
     assert masker.masked_units == {}
@@ -260,9 +261,21 @@ def test_refusals_change_nothing():
         (lambda: masker.mask("stem", [0]), TypeError, "nn.Module"),
         (lambda: Masker(model).mask(model.stem, [0]), ValueError, "input_size"),
         (lambda: masker.materialize(Pruner(other, input_size=input_size)), ValueError, "another model"),
-        (lambda: masker.load_state_dict({"masks": {"stem": {"units": torch.tensor([0]), "num_units": 4,
-                                                            "keep": {"stem.weight": torch.ones(3, 2, 3, 3)}}}}),
-         ValueError, "shape"),
+        (
+            lambda: masker.load_state_dict(
+                {
+                    "masks": {
+                        "stem": {
+                            "units": torch.tensor([0]),
+                            "num_units": 4,
+                            "keep": {"stem.weight": torch.ones(3, 2, 3, 3)},
+                        }
+                    }
+                }
+            ),
+            ValueError,
+            "shape",
+        ),
         (lambda: masker.mask_by_rate(model_groups(model, input_size), {other.stem: 0.5}), ValueError, "ratios"),
     ]
     for call, error, match in refusals:
@@ -281,8 +294,11 @@ def test_masking_whole_input_groups_of_a_grouped_consumer_is_pruning_them():
     """The grouped consumer's outputs of the removed conv groups are masked with them (weights and
     bias), so the masked model is the materialized one."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(),
-                          nn.Conv2d(4, 3, 1)).to(DTYPE).eval()
+    model = (
+        nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
+        .to(DTYPE)
+        .eval()
+    )
     x = probe((2, 5, 5))
     masker = Masker(model)
     masker.mask(Pruner(model, input_size=(2, 5, 5)).groups()[0], [4, 5, 6, 7])

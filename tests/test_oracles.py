@@ -6,8 +6,18 @@ import torch.nn as nn
 
 from torchpruner import Pruner
 
-from oracles import (assert_prune_equals_zeroed_twin, assert_state_matches, assert_unchanged, kept,
-                     masked_at_mask_points, masked_units, rebuilt, snapshot, train, twin_of)
+from oracles import (
+    assert_prune_equals_zeroed_twin,
+    assert_state_matches,
+    assert_unchanged,
+    kept,
+    masked_at_mask_points,
+    masked_units,
+    rebuilt,
+    snapshot,
+    train,
+    twin_of,
+)
 
 
 def _trained():
@@ -63,11 +73,22 @@ def _edit_optimizer_option(model, optimizer):
     optimizer.param_groups[0]["lr"] = 0.2
 
 
-EDITS = [_edit_value, _edit_running_stat, _edit_grad, _edit_parameter_object, _edit_attribute, _edit_dropout,
-         _edit_mode, _edit_kept_units, _edit_hook, _edit_optimizer_state, _edit_optimizer_option]
+EDITS = [
+    _edit_value,
+    _edit_running_stat,
+    _edit_grad,
+    _edit_parameter_object,
+    _edit_attribute,
+    _edit_dropout,
+    _edit_mode,
+    _edit_kept_units,
+    _edit_hook,
+    _edit_optimizer_state,
+    _edit_optimizer_option,
+]
 
 
-@pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__[len("_edit_"):])
+@pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__[len("_edit_") :])
 def test_assert_unchanged_sees_every_edit(edit):
     model, optimizer = _trained()
     before = snapshot(model, optimizer)
@@ -85,20 +106,36 @@ def _mlp():
 def test_zeroed_twin_rejects_other_units_and_a_float32_model():
     x = torch.randn(5, 4, dtype=torch.float64)
     model = _mlp()
-    assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, (4,)).prune_model(model[0], [1, 4], [model[2]]),
-                                    lambda twin: masked_units(twin[1], [1, 4]), x)
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: Pruner(model, (4,)).prune_model(model[0], [1, 4], [model[2]]),
+        lambda twin: masked_units(twin[1], [1, 4]),
+        x,
+    )
     model = _mlp()
     with pytest.raises(AssertionError):
-        assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, (4,)).prune_model(model[0], [1, 4], [model[2]]),
-                                        lambda twin: masked_units(twin[1], [1, 3]), x)
+        assert_prune_equals_zeroed_twin(
+            model,
+            lambda: Pruner(model, (4,)).prune_model(model[0], [1, 4], [model[2]]),
+            lambda twin: masked_units(twin[1], [1, 3]),
+            x,
+        )
     model = _mlp()
     with pytest.raises(AssertionError):  # mask points of other units
-        assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, (4,)).prune_model(model[0], [1, 4]),
-                                        lambda twin: masked_at_mask_points(twin, (x,), (twin[0], [1, 5])), x)
+        assert_prune_equals_zeroed_twin(
+            model,
+            lambda: Pruner(model, (4,)).prune_model(model[0], [1, 4]),
+            lambda twin: masked_at_mask_points(twin, (x,), (twin[0], [1, 5])),
+            x,
+        )
     model = _mlp().float()
     with pytest.raises(AssertionError, match="float64"):
-        assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, (4,)).prune_model(model[0], [1], [model[2]]),
-                                        lambda twin: masked_units(twin[1], [1]), x.float())
+        assert_prune_equals_zeroed_twin(
+            model,
+            lambda: Pruner(model, (4,)).prune_model(model[0], [1], [model[2]]),
+            lambda twin: masked_units(twin[1], [1]),
+            x.float(),
+        )
 
 
 def test_state_matches_rejects_a_wrong_slice_and_other_optimizer_state():
@@ -115,15 +152,18 @@ def test_state_matches_rejects_a_wrong_slice_and_other_optimizer_state():
         assert_state_matches(model, twin, {**slices, "0.bias": kept([0, 1, 2, 3, 4])})
     train(twin, twin_optimizer, data[:1])  # the twin moves on alone
     with pytest.raises(AssertionError):
-        assert_state_matches(model, twin, slices, optimizer=optimizer, reference_optimizer=twin_optimizer,
-                             rtol=1e-9, atol=1e-12)
+        assert_state_matches(
+            model, twin, slices, optimizer=optimizer, reference_optimizer=twin_optimizer, rtol=1e-9, atol=1e-12
+        )
 
 
 def test_rebuilt_is_strict():
     model = _mlp()
-    small = rebuilt(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), model,
-                    {"0.weight": kept([0, 1, 2, 3, 5]), "0.bias": kept([0, 1, 2, 3, 5]),
-                     "2.weight": kept(None, [0, 1, 2, 3, 5])})
+    small = rebuilt(
+        nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+        model,
+        {"0.weight": kept([0, 1, 2, 3, 5]), "0.bias": kept([0, 1, 2, 3, 5]), "2.weight": kept(None, [0, 1, 2, 3, 5])},
+    )
     assert torch.equal(small[0].weight, model[0].weight[[0, 1, 2, 3, 5]]) and small[0].weight.dtype == torch.float64
     with pytest.raises(RuntimeError, match="size mismatch"):  # a forgotten slicer
         rebuilt(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), model, {"0.weight": kept(range(5))})

@@ -22,6 +22,6 @@ def test_readme_block_runs(index, tmp_path, monkeypatch):
     namespace = {"__name__": "__readme__"}
     blocks = _python_blocks()
     # later blocks may use names defined by the quickstart (e.g. `model`)
-    for block in blocks[: index]:
+    for block in blocks[:index]:
         exec(compile(block, f"README block {blocks.index(block)}", "exec"), namespace)
     exec(compile(blocks[index], f"README block {index}", "exec"), namespace)

@@ -28,6 +28,7 @@ from oracles import assert_state_matches, assert_unchanged, snapshot
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
+
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -94,11 +95,14 @@ def _reshape_a_tensor(state):
     state["fc.weight"] = torch.zeros(3, 7)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (_add_a_key, r"unexpected.*'head\.weight'"),
-    (_drop_a_key, r"missing.*'fc\.bias'"),
-    (_reshape_a_tensor, r"fc\.weight.*\[3, 7\].*\[3, 5\]"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_add_a_key, r"unexpected.*'head\.weight'"),
+        (_drop_a_key, r"missing.*'fc\.bias'"),
+        (_reshape_a_tensor, r"fc\.weight.*\[3, 7\].*\[3, 5\]"),
+    ],
+)
 def test_a_state_dict_that_does_not_fit_the_manifest_is_refused(tmp_path, edit, match):
     net = _pruned()
     save_pruned(net, tmp_path / "net.pt")
@@ -134,8 +138,9 @@ def test_a_manifest_that_is_not_json_names_the_file(tmp_path):
     _refused_load(tmp_path / "net.pt", ValueError, "net.pt.manifest.json")
 
 
-@pytest.mark.parametrize("key", ["param:weight", "param::0", "param:weight:x", "param:weight:0:1", "param:weight:1.0",
-                                 "sideways"])
+@pytest.mark.parametrize(
+    "key", ["param:weight", "param::0", "param:weight:x", "param:weight:0:1", "param:weight:1.0", "sideways"]
+)
 def test_a_malformed_record_key_is_refused(key):
     manifest = pruning_manifest(_pruned())
     manifest["kept_units"]["conv1"][key] = [0, 1]
@@ -181,6 +186,7 @@ def test_kept_ids_that_are_not_distinct_integers_are_refused(ids):
 # prune_groups / select_units
 # --------------------------------------------------------------------------------------------
 
+
 def _mlp_with_optimizer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -205,8 +211,9 @@ def _refused_prune(error, match, ratios_of=None, **kwargs):
     return model, pruner
 
 
-@pytest.mark.parametrize("round_to, error", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (2.0, TypeError),
-                                             (True, TypeError)])
+@pytest.mark.parametrize(
+    "round_to, error", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (2.0, TypeError), (True, TypeError)]
+)
 def test_round_to_must_be_a_positive_int(round_to, error):
     _, pruner = _refused_prune(error, "round_to", fraction=0.5, round_to=round_to)
     with pytest.raises(error, match="round_to"):
@@ -218,14 +225,32 @@ def test_min_units_must_be_a_non_negative_int(min_units, error):
     _refused_prune(error, "min_units", fraction=0.5, min_units=min_units)
 
 
-@pytest.mark.parametrize("fraction, error", [(1.5, ValueError), (1.0, ValueError), (-0.1, ValueError),
-                                             (float("nan"), ValueError), (True, TypeError), ("0.3", TypeError)])
+@pytest.mark.parametrize(
+    "fraction, error",
+    [
+        (1.5, ValueError),
+        (1.0, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        ("0.3", TypeError),
+    ],
+)
 def test_fraction_must_be_in_zero_one(fraction, error):
     _refused_prune(error, "fraction", fraction=fraction)
 
 
-@pytest.mark.parametrize("ratio, error", [(1.5, ValueError), (1.0, ValueError), (-0.1, ValueError),
-                                          (float("nan"), ValueError), (True, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "ratio, error",
+    [
+        (1.5, ValueError),
+        (1.0, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
 def test_a_ratio_outside_zero_one_is_refused_naming_the_layer(ratio, error):
     model, _, pruner = _mlp_with_optimizer()
     before = snapshot(model)
@@ -238,8 +263,12 @@ def test_a_ratio_outside_zero_one_is_refused_naming_the_layer(ratio, error):
 
 def test_a_ratio_for_a_layer_of_another_model_is_refused():
     other = nn.Linear(4, 8)
-    _, pruner = _refused_prune(ValueError, r"ratios.*not a layer of the pruner's model.*Linear\(in_features=4",
-                               fraction=0.0, ratios={other: 0.5})
+    _, pruner = _refused_prune(
+        ValueError,
+        r"ratios.*not a layer of the pruner's model.*Linear\(in_features=4",
+        fraction=0.0,
+        ratios={other: 0.5},
+    )
     with pytest.raises(ValueError, match=r"ratios.*Linear\(in_features=4"):
         select_units(pruner.groups(), fraction=0.0, ratios={other: 0.5})
 
@@ -275,15 +304,17 @@ def _nan_in_second_group(group):
 
 @pytest.mark.parametrize("global_ranking", [True, False])
 def test_nan_scores_are_refused_naming_the_group(global_ranking):
-    _refused_prune(ValueError, r"group {1}.*NaN.*\[3\]", fraction=0.3, scores=_nan_in_second_group,
-                   global_ranking=global_ranking)
+    _refused_prune(
+        ValueError, r"group {1}.*NaN.*\[3\]", fraction=0.3, scores=_nan_in_second_group, global_ranking=global_ranking
+    )
 
 
 def test_infinite_scores_are_refused_in_a_global_ranking_only():
     def scores(group):
         values = np.arange(1.0, group.num_units + 1)
-        values[0] = math.inf   # "never remove unit 0": fine per group, meaningless once normalised
+        values[0] = math.inf  # "never remove unit 0": fine per group, meaningless once normalised
         return values
+
     _refused_prune(ValueError, r"group {0}.*global_ranking", fraction=0.3, scores=scores, global_ranking=True)
     model, _, pruner = _mlp_with_optimizer()
     prune_groups(pruner, fraction=0.5, scores=scores)
@@ -294,17 +325,30 @@ def test_infinite_scores_are_refused_in_a_global_ranking_only():
 # IterativePruning
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"steps": 2.5}, TypeError, "steps"), ({"steps": 0}, ValueError, "steps"), ({"steps": -1}, ValueError, "steps"),
-    ({"steps": True}, TypeError, "steps"), ({"steps": 2.0}, TypeError, "steps"),
-    ({"every": 2.5}, TypeError, "every"), ({"every": 0}, ValueError, "every"), ({"every": -3}, ValueError, "every"),
-    ({"every": True}, TypeError, "every"),
-    ({"target": 1.5}, ValueError, "target"), ({"target": 1.0}, ValueError, "target"),
-    ({"target": -0.2}, ValueError, "target"), ({"target": float("nan")}, ValueError, "target"),
-    ({"target": True}, TypeError, "target"), ({"target": "0.5"}, TypeError, "target"),
-    ({"round_to": 0}, ValueError, "round_to"), ({"round_to": 1.5}, TypeError, "round_to"),
-    ({"min_units": -1}, ValueError, "min_units"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"steps": 2.5}, TypeError, "steps"),
+        ({"steps": 0}, ValueError, "steps"),
+        ({"steps": -1}, ValueError, "steps"),
+        ({"steps": True}, TypeError, "steps"),
+        ({"steps": 2.0}, TypeError, "steps"),
+        ({"every": 2.5}, TypeError, "every"),
+        ({"every": 0}, ValueError, "every"),
+        ({"every": -3}, ValueError, "every"),
+        ({"every": True}, TypeError, "every"),
+        ({"target": 1.5}, ValueError, "target"),
+        ({"target": 1.0}, ValueError, "target"),
+        ({"target": -0.2}, ValueError, "target"),
+        ({"target": float("nan")}, ValueError, "target"),
+        ({"target": True}, TypeError, "target"),
+        ({"target": "0.5"}, TypeError, "target"),
+        ({"round_to": 0}, ValueError, "round_to"),
+        ({"round_to": 1.5}, TypeError, "round_to"),
+        ({"min_units": -1}, ValueError, "min_units"),
+    ],
+)
 def test_iterative_pruning_checks_its_arguments(kwargs, error, match):
     model, optimizer, pruner = _mlp_with_optimizer()
     before = snapshot(model, optimizer)

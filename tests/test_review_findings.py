@@ -25,6 +25,7 @@ from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_un
 #    next training epoch saw a different shuffle.
 # --------------------------------------------------------------------------------------------
 
+
 def test_scoring_leaves_a_seeded_dataloader_generator_as_found():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -60,6 +61,7 @@ def test_scoring_leaves_a_seeded_sampler_generator_as_found():
 #    prune.
 # --------------------------------------------------------------------------------------------
 
+
 def test_parameter_tensor_hooks_survive_a_prune():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -93,6 +95,7 @@ def test_parameter_tensor_hooks_survive_a_prune():
 #    control flow, shape asserts) falls back to the forward-hook trace, which cannot see merges
 #    (x + f(x), torch.cat): the plan was accepted and the model left broken.
 # --------------------------------------------------------------------------------------------
+
 
 class _UntraceableResidual(nn.Module):
     def __init__(self) -> None:
@@ -158,6 +161,7 @@ def test_hooks_trace_still_prunes_a_plain_chain():
 #    was accepted and left the model broken. cascading_modules=None (dependency analysis) was right.
 # --------------------------------------------------------------------------------------------
 
+
 class _AcrossUnits(nn.Module):
     def __init__(self, op: str) -> None:
         super().__init__()
@@ -203,10 +207,12 @@ def test_a_channel_flip_is_a_permutation_both_paths_follow():
     torch.manual_seed(0)
     model = _AcrossUnits("flip").double()
     twin = copy.deepcopy(model)
-    plans = [Pruner(m, (3, 8, 8)).plan(m.conv, [0, 5], cascading_modules=c)
-             for m, c in ((model, [model.next]), (twin, None))]
-    assert [str(e.keep.tolist()) for e in plans[0].edits if hasattr(e, "keep")] == \
-        [str(e.keep.tolist()) for e in plans[1].edits if hasattr(e, "keep")]
+    plans = [
+        Pruner(m, (3, 8, 8)).plan(m.conv, [0, 5], cascading_modules=c) for m, c in ((model, [model.next]), (twin, None))
+    ]
+    assert [str(e.keep.tolist()) for e in plans[0].edits if hasattr(e, "keep")] == [
+        str(e.keep.tolist()) for e in plans[1].edits if hasattr(e, "keep")
+    ]
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         mask = torch.ones(1, 8, 1, 1, dtype=torch.float64)
@@ -235,6 +241,11 @@ def test_explicit_cascade_still_follows_ops_along_other_dims():
     model = _AlongOtherDims().double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert_prune_equals_zeroed_twin(
-        model, lambda: Pruner(model, (3, 8, 8)).prune_model(model.conv, [0, 5], cascading_modules=[model.fc]),
+        model,
+        lambda: Pruner(model, (3, 8, 8)).prune_model(model.conv, [0, 5], cascading_modules=[model.fc]),
         # softmax(0) != 0: mask where the units reach the consumer
-        lambda twin: masked_units(twin.fc, [0, 5], on="input"), x, rtol=1e-12, atol=1e-12)
+        lambda twin: masked_units(twin.fc, [0, 5], on="input"),
+        x,
+        rtol=1e-12,
+        atol=1e-12,
+    )

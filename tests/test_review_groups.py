@@ -22,6 +22,7 @@ D = torch.float64
 # Pruned checkpoints of a group with a bare parameter (position embedding, class token, layer scale)
 # --------------------------------------------------------------------------------------------
 
+
 class TokenNet(nn.Module):
     """Integer tokens -> Embedding + a bare position-embedding Parameter -> token MLP -> head."""
 
@@ -45,7 +46,7 @@ def test_checkpoint_round_trip_of_a_group_with_a_bare_parameter(tmp_path):
     tokens = torch.randint(0, 10, (2, 5))
     pruner = Pruner(model, example_inputs=tokens)
     twin = copy.deepcopy(model)
-    pruner.prune_model(model.emb, [1, 4])   # the embedding stream: emb, pos, fc1 in, fc2 out, head in
+    pruner.prune_model(model.emb, [1, 4])  # the embedding stream: emb, pos, fc1 in, fc2 out, head in
     assert model.pos.shape == (1, 5, 4)
     with torch.no_grad():  # zeroed twin: the stream units are zero everywhere (no norm layer here)
         twin.emb.weight[:, [1, 4]] = 0
@@ -70,6 +71,7 @@ def test_checkpoint_round_trip_of_a_group_with_a_bare_parameter(tmp_path):
 # Rounding: fractions of the ORIGINAL units, not one unit less because of binary floats
 # --------------------------------------------------------------------------------------------
 
+
 def mlp(hidden: int) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
@@ -80,7 +82,7 @@ def test_iterative_pruning_reaches_the_target_of_the_original_units(hidden, targ
     model = mlp(hidden)
     schedule = IterativePruning(Pruner(model, input_size=(4,)), target=target, steps=1, every=1)
     schedule.step()
-    assert model[0].out_features == hidden - round(target * hidden)   # 10 * (1 - 0.7) is 3.0000000000000004
+    assert model[0].out_features == hidden - round(target * hidden)  # 10 * (1 - 0.7) is 3.0000000000000004
 
 
 @pytest.mark.parametrize("hidden, fraction", [(100, 0.29), (100, 0.57), (50, 0.58)])
@@ -89,12 +91,13 @@ def test_prune_groups_fraction_is_not_rounded_down_by_float_error(hidden, fracti
     model = mlp(hidden)
     groups = Pruner(model, input_size=(4,)).groups()
     selection = select_units(groups, fraction=fraction, global_ranking=global_ranking)
-    assert len(selection[groups[0]]) == round(fraction * hidden)      # 0.29 * 100 is 28.999999999999996
+    assert len(selection[groups[0]]) == round(fraction * hidden)  # 0.29 * 100 is 28.999999999999996
 
 
 # --------------------------------------------------------------------------------------------
 # An op whose arguments the analysis cannot read refuses its group, not the whole model
 # --------------------------------------------------------------------------------------------
+
 
 class ShapeFromTensor(nn.Module):
     """``y.mean(dim=y.dim() - 1)``: the dim is a traced value, not a literal."""
@@ -115,7 +118,7 @@ class ShapeFromTensor(nn.Module):
 def test_unreadable_op_arguments_refuse_only_their_group():
     model = ShapeFromTensor().double().eval()
     pruner = Pruner(model, input_size=(3, 6, 6))
-    groups = pruner.groups()      # used to raise TypeError ("object of type 'Node' has no len()")
+    groups = pruner.groups()  # used to raise TypeError ("object of type 'Node' has no len()")
     assert any(model.fc1 in g for g in groups)
     before = snapshot(model)
     with pytest.raises(ValueError, match="mean"):
@@ -129,6 +132,7 @@ def test_unreadable_op_arguments_refuse_only_their_group():
 # A stale group (from before a prune) or a group of another model is refused clearly
 # --------------------------------------------------------------------------------------------
 
+
 def test_stale_group_refused_with_a_clear_error_and_nothing_changed():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
@@ -139,7 +143,7 @@ def test_stale_group_refused_with_a_clear_error_and_nothing_changed():
     group = pruner.groups()[0]
     pruner.prune_group(group, [0])
     before = snapshot(model, optimizer)
-    for units in ([1], [3]):   # used to fail with an IndexError from the bookkeeping
+    for units in ([1], [3]):  # used to fail with an IndexError from the bookkeeping
         with pytest.raises(ValueError, match="groups again"):
             pruner.prune_group(group, units)
         assert_unchanged(before, model, optimizer)
@@ -165,12 +169,18 @@ def test_std_and_var_with_unbiased_argument_keep_the_unit_axis():
             self.fc = nn.Linear(6, 3)
 
         def forward(self, tokens):
-            h = torch.relu(self.proj(tokens))            # [N, L, 6], units on the last axis
+            h = torch.relu(self.proj(tokens))  # [N, L, 6], units on the last axis
             return self.fc(torch.std(h, 1, True, False) + h.var(1, False))
 
     torch.manual_seed(0)
     model = Net().double().eval()
     x = torch.randn(3, 5, 4, dtype=torch.float64)
-    assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, input_size=(5, 4)).prune_model(model.proj, [1, 4]),
-                                    lambda twin: masked_units(twin.proj, [1, 4], axis=-1), x, rtol=1e-12, atol=1e-12)
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: Pruner(model, input_size=(5, 4)).prune_model(model.proj, [1, 4]),
+        lambda twin: masked_units(twin.proj, [1, 4], axis=-1),
+        x,
+        rtol=1e-12,
+        atol=1e-12,
+    )
     assert model.fc.in_features == 4

@@ -98,8 +98,13 @@ class Concat(nn.Module):
 
 def loader(shape, batches=2, size=4, classes=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, *shape, generator=generator, dtype=torch.float64),
-             torch.randint(0, classes, (size,), generator=generator)) for _ in range(batches)]
+    return [
+        (
+            torch.randn(size, *shape, generator=generator, dtype=torch.float64),
+            torch.randint(0, classes, (size,), generator=generator),
+        )
+        for _ in range(batches)
+    ]
 
 
 def group_with(groups, module):
@@ -163,7 +168,8 @@ def test_bn_scale_of_a_group_sums_abs_gamma_over_the_groups_batchnorms():
     np.testing.assert_array_equal(metric.run(chain), abs_gamma(model.bn1))
     # run(module) keeps its local meaning: only the BatchNorm right after the layer
     np.testing.assert_array_equal(
-        BNScaleAttributionMetric(model, loader((3, 8, 8)), F.cross_entropy).run(model.c2), abs_gamma(model.bn2))
+        BNScaleAttributionMetric(model, loader((3, 8, 8)), F.cross_entropy).run(model.c2), abs_gamma(model.bn2)
+    )
 
 
 def test_bn_scale_of_a_concatenation_maps_the_batchnorm_channels_to_each_branch():
@@ -281,8 +287,17 @@ def test_update_bn_skips_batchnorms_without_a_gradient():
     assert all(p.grad is None for p in fresh.parameters())
 
 
-@pytest.mark.parametrize("s, error", [(-1e-4, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
-                                      ("1e-4", TypeError), (True, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "s, error",
+    [
+        (-1e-4, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("1e-4", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
 def test_update_bn_refuses_a_bad_strength_and_changes_nothing(s, error):
     model = with_grads(scramble_batchnorms(WithHead().double()))
     before = snapshot(model)
@@ -339,13 +354,13 @@ def test_update_bn_after_gradscaler_unscale_matches_training_without_a_scaler():
     batches = loader((2, 6, 6), batches=3, size=6)
     s = 0.05
     _sgd_steps(reference.train(), batches, s)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=True)
     _sgd_steps(scaled.train(), batches, s, scaler=scaler)
-    assert scaler.get_scale() == 2.0 ** 12  # no step was skipped
+    assert scaler.get_scale() == 2.0**12  # no step was skipped
     for (name, p), q in zip(reference.named_parameters(), scaled.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=name)
     # before unscale_ the term is divided by the scale: the documented order matters
-    _sgd_steps(wrong.train(), batches, s, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), unscale_first=False)
+    _sgd_steps(wrong.train(), batches, s, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12), unscale_first=False)
     assert not torch.allclose(wrong.bn1.weight, reference.bn1.weight, rtol=0, atol=1e-6)
 
 
@@ -388,15 +403,32 @@ def direct_residual_lasso(model: Residual) -> torch.Tensor:
     """Σ_units ||θ_unit||_2 written out by hand for the two groups of Residual."""
     total = torch.zeros((), dtype=torch.float64)
     for c in range(6):  # the stream: stem, c2 and dw write it; c1 and head read it
-        parts = [model.stem.weight[c], model.stem.bias[c:c + 1], model.bn0.weight[c:c + 1], model.bn0.bias[c:c + 1],
-                 model.c1.weight[:, c], model.c2.weight[c], model.c2.bias[c:c + 1], model.bn2.weight[c:c + 1],
-                 model.bn2.bias[c:c + 1], model.dw.weight[c], model.dw.bias[c:c + 1], model.bn3.weight[c:c + 1],
-                 model.bn3.bias[c:c + 1], model.head.weight[:, c]]
-        total = total + torch.sqrt(sum((p ** 2).sum() for p in parts))
+        parts = [
+            model.stem.weight[c],
+            model.stem.bias[c : c + 1],
+            model.bn0.weight[c : c + 1],
+            model.bn0.bias[c : c + 1],
+            model.c1.weight[:, c],
+            model.c2.weight[c],
+            model.c2.bias[c : c + 1],
+            model.bn2.weight[c : c + 1],
+            model.bn2.bias[c : c + 1],
+            model.dw.weight[c],
+            model.dw.bias[c : c + 1],
+            model.bn3.weight[c : c + 1],
+            model.bn3.bias[c : c + 1],
+            model.head.weight[:, c],
+        ]
+        total = total + torch.sqrt(sum((p**2).sum() for p in parts))
     for c in range(model.c1.out_channels):  # the block's inner channels
-        parts = [model.c1.weight[c], model.c1.bias[c:c + 1], model.bn1.weight[c:c + 1], model.bn1.bias[c:c + 1],
-                 model.c2.weight[:, c]]
-        total = total + torch.sqrt(sum((p ** 2).sum() for p in parts))
+        parts = [
+            model.c1.weight[c],
+            model.c1.bias[c : c + 1],
+            model.bn1.weight[c : c + 1],
+            model.bn1.bias[c : c + 1],
+            model.c2.weight[:, c],
+        ]
+        total = total + torch.sqrt(sum((p**2).sum() for p in parts))
     return total
 
 
@@ -404,20 +436,33 @@ def direct_chain_lasso(model: Chain) -> torch.Tensor:
     """Chain's conv groups by hand; conv2's channel c owns the 16 fc1 columns its map flattens into."""
     total = torch.zeros((), dtype=torch.float64)
     for c in range(5):
-        parts = [model.conv1.weight[c], model.conv1.bias[c:c + 1], model.bn1.weight[c:c + 1], model.bn1.bias[c:c + 1],
-                 model.conv2.weight[:, c]]
-        total = total + torch.sqrt(sum((p ** 2).sum() for p in parts))
+        parts = [
+            model.conv1.weight[c],
+            model.conv1.bias[c : c + 1],
+            model.bn1.weight[c : c + 1],
+            model.bn1.bias[c : c + 1],
+            model.conv2.weight[:, c],
+        ]
+        total = total + torch.sqrt(sum((p**2).sum() for p in parts))
     for c in range(4):
-        parts = [model.conv2.weight[c], model.conv2.bias[c:c + 1], model.bn2.weight[c:c + 1], model.bn2.bias[c:c + 1],
-                 model.fc1.weight[:, 16 * c:16 * (c + 1)]]
-        total = total + torch.sqrt(sum((p ** 2).sum() for p in parts))
+        parts = [
+            model.conv2.weight[c],
+            model.conv2.bias[c : c + 1],
+            model.bn2.weight[c : c + 1],
+            model.bn2.bias[c : c + 1],
+            model.fc1.weight[:, 16 * c : 16 * (c + 1)],
+        ]
+        total = total + torch.sqrt(sum((p**2).sum() for p in parts))
     return total
 
 
-@pytest.mark.parametrize("build, direct, shape, ignored", [
-    (Residual, direct_residual_lasso, (3, 8, 8), ()),
-    (Chain, direct_chain_lasso, (2, 8, 8), ("fc1",)),
-])
+@pytest.mark.parametrize(
+    "build, direct, shape, ignored",
+    [
+        (Residual, direct_residual_lasso, (3, 8, 8), ()),
+        (Chain, direct_chain_lasso, (2, 8, 8), ("fc1",)),
+    ],
+)
 def test_group_lasso_value_and_gradient_match_a_direct_float64_computation(build, direct, shape, ignored):
     model = scramble_batchnorms(build().double())
     pruner = Pruner(model, input_size=shape)
@@ -525,8 +570,9 @@ def test_prune_groups_with_bn_scale_removes_the_smallest_gammas_and_reloads(tmp_
     expected = expected_global_selection(batchnorms, 0.5, min_units=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     pruner = Pruner(model, input_size=(1, 8, 8), optimizer=optimizer)
-    plan = prune_groups(pruner, fraction=0.5, scores=BNScaleAttributionMetric(model, None, None).run,
-                        global_ranking=True, min_units=3)
+    plan = prune_groups(
+        pruner, fraction=0.5, scores=BNScaleAttributionMetric(model, None, None).run, global_ranking=True, min_units=3
+    )
     assert plan.description
     for index, bn in enumerate(batchnorms):
         assert pruner.kept_units(bn, "in") == expected[index], bn
@@ -556,13 +602,20 @@ def test_prune_groups_with_bn_scale_refuses_a_group_without_batchnorm_and_change
         prune_groups(pruner, fraction=0.5, scores=BNScaleAttributionMetric(model, None, None).run, global_ranking=True)
     assert_unchanged(before, model, optimizer)
     # leaving the Linear layer out is the fix
-    prune_groups(pruner, fraction=0.5, scores=BNScaleAttributionMetric(model, None, None).run, global_ranking=True,
-                 ignored_layers=[model.fc1])
+    prune_groups(
+        pruner,
+        fraction=0.5,
+        scores=BNScaleAttributionMetric(model, None, None).run,
+        global_ranking=True,
+        ignored_layers=[model.fc1],
+    )
     assert model.fc1.out_features == 6 and model.conv1.out_channels + model.conv2.out_channels < 9
 
 
 def test_bn_scale_and_weight_norm_agree_on_a_lone_batchnorm():
     """WeightNorm of a BatchNorm is its |γ| too: one helper, one definition."""
     model = scramble_batchnorms(Chain().double())
-    np.testing.assert_array_equal(BNScaleAttributionMetric(model, None, None).run(model.bn1),
-                                  WeightNormAttributionMetric(model, None, None).run(model.bn1))
+    np.testing.assert_array_equal(
+        BNScaleAttributionMetric(model, None, None).run(model.bn1),
+        WeightNormAttributionMetric(model, None, None).run(model.bn1),
+    )

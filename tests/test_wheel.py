@@ -16,8 +16,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-IGNORED = shutil.ignore_patterns(".git", ".venv", ".ci-venv", "__pycache__", "*.egg-info", "build", "dist", "results",
-                                 ".pytest_cache", ".hypothesis", "lightning_logs")
+IGNORED = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    ".ci-venv",
+    "__pycache__",
+    "*.egg-info",
+    "build",
+    "dist",
+    "results",
+    ".pytest_cache",
+    ".hypothesis",
+    "lightning_logs",
+)
 
 
 def quickstart() -> str:
@@ -64,16 +75,22 @@ def test_wheel_holds_the_package_only(wheel):
 
 def test_installed_wheel_runs_the_quickstart_outside_the_repository(wheel, tmp_path):
     site = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-                              str(wheel)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     script = tmp_path / "quickstart.py"
-    script.write_text("import torchpruner\nprint('imported from', torchpruner.__file__)\n" + quickstart(),
-                      encoding="utf-8")
+    script.write_text(
+        "import torchpruner\nprint('imported from', torchpruner.__file__)\n" + quickstart(), encoding="utf-8"
+    )
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1", TORCHPRUNER_PROGRESS="0")
-    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"imported from {site / 'torchpruner' / '__init__.py'}" in run.stdout
     assert "Linear(in_features=64, out_features=24" in run.stdout

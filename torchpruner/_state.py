@@ -18,8 +18,15 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-__all__ = ["unwrap_model", "make_example_inputs", "input_shape", "to_device", "preserved_state", "fsdp_modules",
-           "fsdp_refusal"]
+__all__ = [
+    "unwrap_model",
+    "make_example_inputs",
+    "input_shape",
+    "to_device",
+    "preserved_state",
+    "fsdp_modules",
+    "fsdp_refusal",
+]
 
 
 def fsdp_modules(model: nn.Module) -> list[str]:
@@ -28,9 +35,12 @@ def fsdp_modules(model: nn.Module) -> list[str]:
     be sharded otherwise, and ``import torchpruner`` stays cheap. Before torch 2.6, ``fully_shard``
     and its ``FSDPModule`` live in ``torch.distributed._composable.fsdp``."""
     homes = [sys.modules.get(name) for name in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")]
-    classes = tuple(c for home in homes for c in (getattr(home, "FullyShardedDataParallel", None),
-                                                   getattr(home, "FSDPModule", None))
-                    if isinstance(c, type))
+    classes = tuple(
+        c
+        for home in homes
+        for c in (getattr(home, "FullyShardedDataParallel", None), getattr(home, "FSDPModule", None))
+        if isinstance(c, type)
+    )
     if not classes:
         return []
     return [name or type(model).__name__ for name, module in model.named_modules() if isinstance(module, classes)]
@@ -39,11 +49,13 @@ def fsdp_modules(model: nn.Module) -> list[str]:
 def fsdp_refusal(model: nn.Module) -> str:
     """Why an FSDP-sharded model is refused, and what to do instead."""
     names = ", ".join(f"'{n}'" for n in fsdp_modules(model)[:5])
-    return (f"{type(model).__name__} is sharded with FSDP ({names}): each rank holds only a shard of every "
-            "parameter, so no rank can score or slice whole units. Prune before sharding (build the model, "
-            "prune it, then shard it), or gather a full state dict, prune an unsharded copy of the model "
-            "(save_pruned / load_pruned carry the sizes), and shard it again with a new optimizer; or train "
-            "with DistributedDataParallel and use torchpruner.distributed.prune_ddp")
+    return (
+        f"{type(model).__name__} is sharded with FSDP ({names}): each rank holds only a shard of every "
+        "parameter, so no rank can score or slice whole units. Prune before sharding (build the model, "
+        "prune it, then shard it), or gather a full state dict, prune an unsharded copy of the model "
+        "(save_pruned / load_pruned carry the sizes), and shard it again with a new optimizer; or train "
+        "with DistributedDataParallel and use torchpruner.distributed.prune_ddp"
+    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -61,11 +73,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             "DistributedDataParallel wrappers cannot be pruned directly (the reducer caches the old "
             "parameter shapes): build the Pruner on `ddp.module` and prune with "
             "`ddp = torchpruner.distributed.prune_ddp(ddp, pruner, selection)`, which prunes every rank "
-            "alike and returns a new wrapper")
+            "alike and returns a new wrapper"
+        )
     if isinstance(model, nn.DataParallel):
         raise TypeError(
             "DataParallel wrappers are not supported: prune the wrapped model (`model.module`), then "
-            "delete the old wrapper and wrap again (its replicas hold the old parameter shapes)")
+            "delete the old wrapper and wrap again (its replicas hold the old parameter shapes)"
+        )
     if fsdp_modules(model):
         raise TypeError(fsdp_refusal(model))
     seen = 0
@@ -132,16 +146,21 @@ def input_shape(input_size: Any) -> tuple[int, ...]:
         TypeError: not a sequence, or an entry that is not an integer (floats, bools, strings).
         ValueError: an entry that is zero or negative.
     """
-    if isinstance(input_size, (str, bytes, Mapping)) or not isinstance(input_size, (Sequence, np.ndarray, torch.Tensor)):
-        raise TypeError(f"input_size must be a sequence of ints (the input shape without the batch dim), "
-                        f"got {input_size!r} ({type(input_size).__name__})")
+    if isinstance(input_size, (str, bytes, Mapping)) or not isinstance(
+        input_size, (Sequence, np.ndarray, torch.Tensor)
+    ):
+        raise TypeError(
+            f"input_size must be a sequence of ints (the input shape without the batch dim), "
+            f"got {input_size!r} ({type(input_size).__name__})"
+        )
     entries = input_size.tolist() if isinstance(input_size, (np.ndarray, torch.Tensor)) else list(input_size)
     if not isinstance(entries, list):
         entries = [entries]
     for entry in entries:
         if isinstance(entry, (bool, np.bool_)) or not isinstance(entry, (int, np.integer)):
-            raise TypeError(f"input_size must hold integers, got {entry!r} ({type(entry).__name__}) in "
-                            f"{tuple(entries)!r}")
+            raise TypeError(
+                f"input_size must hold integers, got {entry!r} ({type(entry).__name__}) in {tuple(entries)!r}"
+            )
     shape = tuple(int(entry) for entry in entries)
     if any(entry <= 0 for entry in shape):
         raise ValueError(f"input_size must be positive, got {shape}")
@@ -190,7 +209,9 @@ class _BufferSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved: list[tuple[nn.Module, dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple[Any, ...]]]]] = []
+        self.saved: list[
+            tuple[nn.Module, dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple[Any, ...]]]]
+        ] = []
         for module in model.modules():
             entries: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, tuple[Any, ...]]] = {}
             for name, buffer in module._buffers.items():
@@ -213,8 +234,11 @@ class _BufferSnapshot:
             for name, (original, copy, fingerprint) in entries.items():
                 if name not in module._buffers or module._buffers[name] is not original:
                     module._buffers[name] = original
-                if original is None or copy is None or (
-                        self._fingerprint(original) == fingerprint and _same_bits(original, copy)):
+                if (
+                    original is None
+                    or copy is None
+                    or (self._fingerprint(original) == fingerprint and _same_bits(original, copy))
+                ):
                     continue
                 with torch.no_grad():
                     if original.dtype == copy.dtype and original.device == copy.device:

@@ -78,6 +78,7 @@ class DistributedPruningError(RuntimeError):
 
 # -- collectives that carry an error instead of leaving the other ranks waiting ---------------
 
+
 class _Ranks:
     """The ranks of one process group, taking the steps of a distributed prune together."""
 
@@ -97,10 +98,12 @@ class _Ranks:
         except RuntimeError as error:
             raise DistributedPruningError(
                 f"not every rank reached the distributed prune within the timeout ({error}); every rank must "
-                f"call prune_ddp / plan_ddp at the same point of the run; nothing was pruned") from error
+                f"call prune_ddp / plan_ddp at the same point of the run; nothing was pruned"
+            ) from error
 
-    def run(self, step: Callable[[], _Result], what: str,
-            share: Callable[[_Result], Any] = lambda result: None) -> tuple[_Result, list[Any]]:
+    def run(
+        self, step: Callable[[], _Result], what: str, share: Callable[[_Result], Any] = lambda result: None
+    ) -> tuple[_Result, list[Any]]:
         """Run ``step`` on this rank: its result, and ``share(result)`` of every rank in rank order
         (one collective). An exception on any rank becomes the same
         :class:`DistributedPruningError` on every rank."""
@@ -115,8 +118,10 @@ class _Ranks:
         failed = [(rank, message) for rank, (status, message) in enumerate(outcomes) if status == "error"]
         if failed:
             details = "; ".join(f"rank {rank}: {message}" for rank, message in failed)
-            raise DistributedPruningError(f"{what} failed on rank(s) {[r for r, _ in failed]} of {self.world_size} "
-                                          f"({details}); nothing was pruned on any rank") from error
+            raise DistributedPruningError(
+                f"{what} failed on rank(s) {[r for r, _ in failed]} of {self.world_size} "
+                f"({details}); nothing was pruned on any rank"
+            ) from error
         return result, [shared for _, shared in outcomes]
 
     def from_rank0(self, step: Callable[[], Any], what: str) -> Any:
@@ -134,8 +139,9 @@ def _as_timedelta(timeout: Any) -> datetime.timedelta | None:
 
 def _process_group(process_group: Any) -> dist.ProcessGroup:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("a distributed prune needs an initialized torch.distributed job "
-                           "(torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "a distributed prune needs an initialized torch.distributed job (torch.distributed.init_process_group)"
+        )
     group = dist.group.WORLD if process_group is None else process_group
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
@@ -144,19 +150,24 @@ def _process_group(process_group: Any) -> dist.ProcessGroup:
 
 # -- one decision ------------------------------------------------------------------------------
 
+
 def _selection_items(selection: Any, pruner: Pruner) -> list[tuple[int, list[int]]]:
     """``{group: units}`` as ``[(group index, sorted units)]``, checked against the pruner's model."""
     if not isinstance(selection, Mapping):
-        raise TypeError(f"selection must be a dict {{group: units}} of groups from pruner.groups() (as from "
-                        f"torchpruner.schedule.select_units), got {type(selection).__name__}")
+        raise TypeError(
+            f"selection must be a dict {{group: units}} of groups from pruner.groups() (as from "
+            f"torchpruner.schedule.select_units), got {type(selection).__name__}"
+        )
     known = {id(group) for group in get_dependency_graph(pruner.graph()).all_groups}
     items = []
     for group, units in selection.items():
         if not isinstance(group, Group):
             raise TypeError(f"selection keys must be groups from pruner.groups(), got {type(group).__name__}")
         if id(group) not in known:
-            raise ValueError(f"group {group.index} of the selection is not a group of the pruner's model as it is "
-                             f"now (groups from before a prune are stale): take them from pruner.groups()")
+            raise ValueError(
+                f"group {group.index} of the selection is not a group of the pruner's model as it is "
+                f"now (groups from before a prune are stale): take them from pruner.groups()"
+            )
         items.append((group.index, sorted(int(u) for u in units)))
     return sorted(items)
 
@@ -199,12 +210,19 @@ def _agree(ranks: _Ranks, everyone: list[tuple[str, str]]) -> None:
             f"the ranks planned different prunes: rank(s) {differ} of {ranks.world_size} differ from rank 0 (rank "
             f"{first}: {_first_difference(everyone[first][1], reference[1])}). The replicas or the selections "
             f"differ; decide on rank 0 (broadcast=True) and keep the replicas identical (DDP does, unless a rank "
-            f"changed its model outside it); nothing was pruned on any rank")
+            f"changed its model outside it); nothing was pruned on any rank"
+        )
 
 
-def plan_ddp(pruner: Pruner, selection: Selection | Plan | None, *, process_group: Any = None,
-             broadcast: bool = True, timeout: float | datetime.timedelta | None = None,
-             description: str | None = None) -> Plan:
+def plan_ddp(
+    pruner: Pruner,
+    selection: Selection | Plan | None,
+    *,
+    process_group: Any = None,
+    broadcast: bool = True,
+    timeout: float | datetime.timedelta | None = None,
+    description: str | None = None,
+) -> Plan:
     """The plan that every rank will apply, checked to be the same on every rank; changes nothing.
 
     Call it on every rank at the same point of the run (it is a collective).
@@ -234,8 +252,10 @@ def plan_ddp(pruner: Pruner, selection: Selection | Plan | None, *, process_grou
     ranks.all_arrive()
     own_plan = isinstance(selection, Plan)
     if own_plan and broadcast:
-        raise ValueError("a Plan built on each rank cannot be broadcast: pass broadcast=False to check that every "
-                         "rank built the same plan, or pass the selection {group: units} to use rank 0's")
+        raise ValueError(
+            "a Plan built on each rank cannot be broadcast: pass broadcast=False to check that every "
+            "rank built the same plan, or pass the selection {group: units} to use rank 0's"
+        )
 
     def local_plan() -> Plan:
         if own_plan:
@@ -246,13 +266,15 @@ def plan_ddp(pruner: Pruner, selection: Selection | Plan | None, *, process_grou
     decided: list[tuple[int, list[int]]] = []
     if broadcast and not own_plan:
         decided = ranks.from_rank0(lambda: _selection_items(selection, pruner), "deciding the distributed prune")
-    plan, everyone = ranks.run(local_plan, "planning the distributed prune",
-                               share=lambda plan: (fingerprint(plan), str(plan)))
+    plan, everyone = ranks.run(
+        local_plan, "planning the distributed prune", share=lambda plan: (fingerprint(plan), str(plan))
+    )
     _agree(ranks, everyone)
     return plan
 
 
 # -- all or nothing ----------------------------------------------------------------------------
+
 
 class _RestorePoint:
     """What applying ``plan`` replaces (the old objects, not copies), to put back on this rank
@@ -265,15 +287,17 @@ class _RestorePoint:
         for edit in plan.edits:
             if isinstance(edit, TensorSlice):
                 tensor = getattr(edit.module, edit.tensor_name)
-                self.tensors.append((tensor, tensor.data, tensor.grad if edit.is_parameter else None,
-                                     edit.is_parameter))
+                self.tensors.append(
+                    (tensor, tensor.data, tensor.grad if edit.is_parameter else None, edit.is_parameter)
+                )
                 if optimizer is not None and edit.is_parameter and tensor in optimizer.state:
                     state = optimizer.state[tensor]
                     self.states.append((state, dict(state)))
             else:
                 module = edit.module
-                existed = edit.attribute in vars(module) or hasattr(getattr(type(module), edit.attribute, None),
-                                                                    "__set__")
+                existed = edit.attribute in vars(module) or hasattr(
+                    getattr(type(module), edit.attribute, None), "__set__"
+                )
                 self.attributes.append((module, edit.attribute, getattr(module, edit.attribute, None), existed))
 
     def restore(self) -> None:
@@ -316,9 +340,14 @@ def _apply_everywhere(ranks: _Ranks, plan: Plan, pruner: Pruner) -> bool:
 
 #: DDP constructor arguments read back from a wrapper, with the attribute that holds each
 _DDP_ATTRIBUTES = {
-    "device_ids": "device_ids", "output_device": "output_device", "dim": "dim", "process_group": "process_group",
-    "find_unused_parameters": "find_unused_parameters", "gradient_as_bucket_view": "gradient_as_bucket_view",
-    "static_graph": "static_graph", "skip_all_reduce_unused_params": "skip_all_reduce_unused_params",
+    "device_ids": "device_ids",
+    "output_device": "output_device",
+    "dim": "dim",
+    "process_group": "process_group",
+    "find_unused_parameters": "find_unused_parameters",
+    "gradient_as_bucket_view": "gradient_as_bucket_view",
+    "static_graph": "static_graph",
+    "skip_all_reduce_unused_params": "skip_all_reduce_unused_params",
     "forward_sync_buffers": "forward_sync_buffers",
 }
 
@@ -339,18 +368,27 @@ def ddp_arguments(ddp: DistributedDataParallel) -> dict[str, Any]:
     """
     if not isinstance(ddp, DistributedDataParallel):
         raise TypeError(f"expected a DistributedDataParallel wrapper, got {type(ddp).__name__}")
-    refused = [what for what, present in (
-        ("a communication hook (register_comm_hook)", bool(getattr(ddp, "_comm_hooks", None))),
-        ("mixed_precision", getattr(ddp, "mixed_precision", None) is not None),
-        ("delay_all_reduce_named_params", bool(getattr(ddp, "_delay_all_reduce_params", None))),
-    ) if present]
+    refused = [
+        what
+        for what, present in (
+            ("a communication hook (register_comm_hook)", bool(getattr(ddp, "_comm_hooks", None))),
+            ("mixed_precision", getattr(ddp, "mixed_precision", None) is not None),
+            ("delay_all_reduce_named_params", bool(getattr(ddp, "_delay_all_reduce_params", None))),
+        )
+        if present
+    ]
     if refused:
-        raise ValueError(f"the DistributedDataParallel wrapper uses {', '.join(refused)}, which cannot be carried "
-                         f"over to a wrapper of the pruned model automatically; pass wrap=lambda module: "
-                         f"DistributedDataParallel(module, ...) (registering the hook again with a fresh state)")
+        raise ValueError(
+            f"the DistributedDataParallel wrapper uses {', '.join(refused)}, which cannot be carried "
+            f"over to a wrapper of the pruned model automatically; pass wrap=lambda module: "
+            f"DistributedDataParallel(module, ...) (registering the hook again with a fresh state)"
+        )
     accepted = inspect.signature(DistributedDataParallel.__init__).parameters
-    arguments = {name: getattr(ddp, attribute) for name, attribute in _DDP_ATTRIBUTES.items()
-                 if name in accepted and hasattr(ddp, attribute)}
+    arguments = {
+        name: getattr(ddp, attribute)
+        for name, attribute in _DDP_ATTRIBUTES.items()
+        if name in accepted and hasattr(ddp, attribute)
+    }
     if "forward_sync_buffers" not in arguments and "broadcast_buffers" in accepted:
         arguments["broadcast_buffers"] = ddp.broadcast_buffers
     if "bucket_cap_mb" in accepted and hasattr(ddp, "bucket_bytes_cap"):
@@ -359,8 +397,10 @@ def ddp_arguments(ddp: DistributedDataParallel) -> dict[str, Any]:
 
 
 def _retired(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError("this DistributedDataParallel wrapper was replaced when its model was pruned: use the "
-                       "wrapper that prune_ddp returned (ddp = prune_ddp(ddp, pruner, selection))")
+    raise RuntimeError(
+        "this DistributedDataParallel wrapper was replaced when its model was pruned: use the "
+        "wrapper that prune_ddp returned (ddp = prune_ddp(ddp, pruner, selection))"
+    )
 
 
 def retire(ddp: DistributedDataParallel) -> None:
@@ -374,10 +414,16 @@ def retire(ddp: DistributedDataParallel) -> None:
     ddp.forward = _retired  # type: ignore[method-assign]
 
 
-def prune_ddp(ddp: DistributedDataParallel, pruner: Pruner, selection: Selection | Plan | None, *,
-              broadcast: bool = True, timeout: float | datetime.timedelta | None = None,
-              wrap: Callable[[nn.Module], DistributedDataParallel] | None = None,
-              description: str | None = None) -> DistributedDataParallel:
+def prune_ddp(
+    ddp: DistributedDataParallel,
+    pruner: Pruner,
+    selection: Selection | Plan | None,
+    *,
+    broadcast: bool = True,
+    timeout: float | datetime.timedelta | None = None,
+    wrap: Callable[[nn.Module], DistributedDataParallel] | None = None,
+    description: str | None = None,
+) -> DistributedDataParallel:
     """Prune ``ddp.module`` on every rank alike and return a new wrapper of it.
 
     Call it on every rank at the same point of the run, outside any forward/backward (e.g. after
@@ -403,17 +449,26 @@ def prune_ddp(ddp: DistributedDataParallel, pruner: Pruner, selection: Selection
     if fsdp_modules(ddp) if isinstance(ddp, nn.Module) else False:
         raise TypeError(fsdp_refusal(ddp))
     if not isinstance(ddp, DistributedDataParallel):
-        raise TypeError(f"ddp must be a DistributedDataParallel wrapper, got {type(ddp).__name__}; for a model "
-                        f"that is not wrapped use Pruner / prune_groups directly")
+        raise TypeError(
+            f"ddp must be a DistributedDataParallel wrapper, got {type(ddp).__name__}; for a model "
+            f"that is not wrapped use Pruner / prune_groups directly"
+        )
     if not isinstance(pruner, Pruner) or pruner.model is not ddp.module:
         raise ValueError("pruner must be built on the wrapped module: Pruner(ddp.module, ..., optimizer=optimizer)")
     if wrap is not None and not callable(wrap):
         raise TypeError(f"wrap must be a function module -> wrapper, got {type(wrap).__name__}")
     arguments = ddp_arguments(ddp) if wrap is None else {}
     rewrap: Callable[[nn.Module], DistributedDataParallel] = wrap or functools.partial(
-        DistributedDataParallel, **arguments)
-    plan = plan_ddp(pruner, selection, process_group=ddp.process_group, broadcast=broadcast, timeout=timeout,
-                    description=description)
+        DistributedDataParallel, **arguments
+    )
+    plan = plan_ddp(
+        pruner,
+        selection,
+        process_group=ddp.process_group,
+        broadcast=broadcast,
+        timeout=timeout,
+        description=description,
+    )
     if plan.is_empty:
         return ddp
     ranks = _Ranks(ddp.process_group, _as_timedelta(timeout))

@@ -100,8 +100,10 @@ def _check_rates(rates: Any) -> tuple[float, Mapping[nn.Module, float] | None]:
     if isinstance(rates, Mapping):
         return 0.0, rates
     if isinstance(rates, bool) or not isinstance(rates, numbers.Real):
-        raise TypeError(f"rate_dist_per_layer must be a fraction in [0, 1) for every layer or a dict "
-                        f"{{layer: fraction}}, got {rates!r} ({type(rates).__name__})")
+        raise TypeError(
+            f"rate_dist_per_layer must be a fraction in [0, 1) for every layer or a dict "
+            f"{{layer: fraction}}, got {rates!r} ({type(rates).__name__})"
+        )
     return float(rates), None
 
 
@@ -115,8 +117,14 @@ class Masker:
             Masking groups from ``pruner.groups()`` needs neither.
     """
 
-    def __init__(self, model: nn.Module, input_size: Sequence[int] | None = None, *,
-                 example_inputs: Any = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: Sequence[int] | None = None,
+        *,
+        example_inputs: Any = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.model = unwrap_model(model)
         self._planner = Pruner(self.model, input_size, device, example_inputs=example_inputs)
         self._masks: dict[str, _Mask] = {}
@@ -140,9 +148,16 @@ class Masker:
         """
         self._commit(self._masks_of(self._selection_of(target, units)))
 
-    def mask_by_rate(self, groups: Sequence[Group], rate_dist_per_layer: float | Mapping[nn.Module, float],
-                     scores: Scores = None, *, global_ranking: bool = False, min_units: int = 1,
-                     round_to: int = 1) -> dict[Group, list[int]]:
+    def mask_by_rate(
+        self,
+        groups: Sequence[Group],
+        rate_dist_per_layer: float | Mapping[nn.Module, float],
+        scores: Scores = None,
+        *,
+        global_ranking: bool = False,
+        min_units: int = 1,
+        round_to: int = 1,
+    ) -> dict[Group, list[int]]:
         """Mask the lowest-scored units of every group: ``rate_dist_per_layer`` of them.
 
         Args:
@@ -164,8 +179,13 @@ class Masker:
         self._commit(self._masks_of({group: selection.get(group, []) for group in groups}))
         return selection
 
-    def layer_by_layer(self, groups: Sequence[Group], rate_dist_per_layer: float | Mapping[nn.Module, float],
-                       scores: Scores = None, **options: Any) -> Iterator[tuple[Group, list[int]]]:
+    def layer_by_layer(
+        self,
+        groups: Sequence[Group],
+        rate_dist_per_layer: float | Mapping[nn.Module, float],
+        scores: Scores = None,
+        **options: Any,
+    ) -> Iterator[tuple[Group, list[int]]]:
         """Mask one group at a time (the seed's ``pre_layer`` schedule): each iteration scores
         the next group on the model as it is then (train in between) and masks it; yields
         ``(group, units)`` for every group that loses units. Options as for :meth:`mask_by_rate`."""
@@ -178,11 +198,14 @@ class Masker:
         if isinstance(target, Group):
             return {target: units}
         if not isinstance(target, nn.Module):
-            raise TypeError(f"mask a layer (nn.Module) of the model or a group from pruner.groups(), got "
-                            f"{type(target).__name__}")
+            raise TypeError(
+                f"mask a layer (nn.Module) of the model or a group from pruner.groups(), got {type(target).__name__}"
+            )
         if self._planner.input_size is None and self._planner.example_inputs is None:
-            raise ValueError("masking a layer follows the data flow of the model: create the Masker with "
-                             "input_size= or example_inputs=, or mask a group from pruner.groups()")
+            raise ValueError(
+                "masking a layer follows the data flow of the model: create the Masker with "
+                "input_size= or example_inputs=, or mask a group from pruner.groups()"
+            )
         self._planner.plan(target, units)  # checks the layer and the units, naming them; changes nothing
         name = next(n for n, m in self.model.named_modules() if m is target)
         rule = get_slicing_rule(target)
@@ -208,8 +231,12 @@ class Masker:
             removed = normalize_indices(units, group.num_units, f"group {group.index}").tolist()
             inexact = inexact_members(group)
             if inexact:
-                warnings.warn(f"masking units of group {group.index} ({key}) is not exactly pruning them: pruning "
-                              f"also changes {'; '.join(inexact[:3])}", UserWarning, stacklevel=4)
+                warnings.warn(
+                    f"masking units of group {group.index} ({key}) is not exactly pruning them: pruning "
+                    f"also changes {'; '.join(inexact[:3])}",
+                    UserWarning,
+                    stacklevel=4,
+                )
             planned.append((key, _Mask(key, removed, group.num_units, _keep_masks(plan))))
         return planned
 
@@ -244,8 +271,10 @@ class Masker:
             parameter = parameters.get(name)
             if parameter is None or tuple(parameter.shape) != tuple(keep.shape):
                 found = None if parameter is None else list(parameter.shape)
-                raise ValueError(f"the masks do not match the model any more: '{name}' has shape {found}, the mask "
-                                 f"{list(keep.shape)} (was the model pruned by other means?)")
+                raise ValueError(
+                    f"the masks do not match the model any more: '{name}' has shape {found}, the mask "
+                    f"{list(keep.shape)} (was the model pruned by other means?)"
+                )
             parameter.masked_fill_(~keep.to(parameter.device), 0)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Masker:
@@ -303,8 +332,10 @@ class Masker:
         for key, mask in self._masks.items():
             found = groups.get(key)
             if found is None or found.num_units != mask.num_units:
-                raise ValueError(f"the model has no group of {mask.num_units} units starting at '{key}' any more; "
-                                 "the masks were made for the model as it was (mask it again)")
+                raise ValueError(
+                    f"the model has no group of {mask.num_units} units starting at '{key}' any more; "
+                    "the masks were made for the model as it was (mask it again)"
+                )
             selection[found] = mask.units
         plan = pruner.plan_groups(selection, f"materialize {len(selection)} soft mask(s)")
         plan.apply(pruner.model, pruner.optimizer)
@@ -315,9 +346,16 @@ class Masker:
 
     def state_dict(self) -> dict[str, Any]:
         """The masks as plain data: ``{"masks": {key: {"units", "num_units", "keep": {param: bool}}}}``."""
-        return {"masks": {key: {"units": torch.tensor(mask.units, dtype=torch.long), "num_units": mask.num_units,
-                                "keep": {name: keep.clone() for name, keep in mask.keep.items()}}
-                          for key, mask in self._masks.items()}}
+        return {
+            "masks": {
+                key: {
+                    "units": torch.tensor(mask.units, dtype=torch.long),
+                    "num_units": mask.num_units,
+                    "keep": {name: keep.clone() for name, keep in mask.keep.items()},
+                }
+                for key, mask in self._masks.items()
+            }
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore masks saved by :meth:`state_dict` (checked against the model first; the weights
@@ -330,12 +368,16 @@ class Masker:
             try:
                 units = [int(u) for u in entry["units"]]
                 num_units = int(entry["num_units"])
-                keep = {str(name): torch.as_tensor(value, dtype=torch.bool).cpu() for name, value in entry["keep"].items()}
+                keep = {
+                    str(name): torch.as_tensor(value, dtype=torch.bool).cpu() for name, value in entry["keep"].items()
+                }
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"the saved mask '{key}' is not one of Masker.state_dict(): {error}") from None
             for name, value in keep.items():
                 if shapes.get(name) != tuple(value.shape):
-                    raise ValueError(f"the saved mask '{key}' is for a parameter '{name}' of shape {list(value.shape)}; "
-                                     f"the model's is {list(shapes[name]) if name in shapes else None}")
+                    raise ValueError(
+                        f"the saved mask '{key}' is for a parameter '{name}' of shape {list(value.shape)}; "
+                        f"the model's is {list(shapes[name]) if name in shapes else None}"
+                    )
             masks[str(key)] = _Mask(str(key), units, num_units, keep)
         self._masks = masks

@@ -67,8 +67,9 @@ Layers = Pruner | Group | Iterable[nn.Module | Group]
 # --------------------------------------------------------------------------------------------
 def _check_strength(s: object) -> float:
     if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real):
-        raise TypeError(f"s must be a non-negative number (the L1 strength on BatchNorm scales), got {s!r} "
-                        f"({type(s).__name__})")
+        raise TypeError(
+            f"s must be a non-negative number (the L1 strength on BatchNorm scales), got {s!r} ({type(s).__name__})"
+        )
     if not math.isfinite(s) or s < 0:
         raise ValueError(f"s must be a finite number >= 0 (the L1 strength on BatchNorm scales), got {s!r}")
     return float(s)
@@ -94,8 +95,9 @@ def prunable_batchnorms(layers: Pruner | Group | Iterable[Group]) -> list[nn.Mod
     items = list(layers)
     strangers = [item for item in items if not isinstance(item, Group)]
     if strangers:
-        raise TypeError(f"prunable_batchnorms takes a Pruner or groups from pruner.groups(), got "
-                        f"{type(strangers[0]).__name__}")
+        raise TypeError(
+            f"prunable_batchnorms takes a Pruner or groups from pruner.groups(), got {type(strangers[0]).__name__}"
+        )
     return _batchnorms_of_groups(items)
 
 
@@ -107,8 +109,10 @@ def _resolve_batchnorms(model: nn.Module, layers: Layers | None) -> list[nn.Modu
     if isinstance(layers, (Pruner, Group)):
         batchnorms = prunable_batchnorms(layers)
     elif isinstance(layers, nn.Module):
-        raise TypeError(f"layers must be None, a Pruner, a group or a list of BatchNorms/groups, got one "
-                        f"{type(layers).__name__} module; wrap it in a list")
+        raise TypeError(
+            f"layers must be None, a Pruner, a group or a list of BatchNorms/groups, got one "
+            f"{type(layers).__name__} module; wrap it in a list"
+        )
     elif isinstance(layers, Iterable) and not isinstance(layers, (str, bytes)):
         batchnorms = []
         for item in layers:
@@ -119,19 +123,26 @@ def _resolve_batchnorms(model: nn.Module, layers: Layers | None) -> list[nn.Modu
             elif isinstance(item, nn.Module):
                 name = names.get(id(item))
                 label = f"'{name}' ({type(item).__name__})" if name is not None else type(item).__name__
-                raise TypeError(f"layers holds {label}, which is not a BatchNorm; pass BatchNorm modules, groups "
-                                "from pruner.groups() or a Pruner")
+                raise TypeError(
+                    f"layers holds {label}, which is not a BatchNorm; pass BatchNorm modules, groups "
+                    "from pruner.groups() or a Pruner"
+                )
             else:
-                raise TypeError(f"layers holds {item!r} ({type(item).__name__}); pass BatchNorm modules, groups "
-                                "from pruner.groups() or a Pruner")
+                raise TypeError(
+                    f"layers holds {item!r} ({type(item).__name__}); pass BatchNorm modules, groups "
+                    "from pruner.groups() or a Pruner"
+                )
     else:
-        raise TypeError(f"layers must be None, a Pruner, a group or a list of BatchNorms/groups, got "
-                        f"{type(layers).__name__}")
+        raise TypeError(
+            f"layers must be None, a Pruner, a group or a list of BatchNorms/groups, got {type(layers).__name__}"
+        )
     unique: dict[int, nn.Module] = {}
     for module in batchnorms:
         if id(module) not in names:
-            raise ValueError(f"layers holds a {type(module).__name__} that is not part of the model "
-                             f"{type(model).__name__}; pass the model's own BatchNorms (or its Pruner)")
+            raise ValueError(
+                f"layers holds a {type(module).__name__} that is not part of the model "
+                f"{type(model).__name__}; pass the model's own BatchNorms (or its Pruner)"
+            )
         unique.setdefault(id(module), module)
     return list(unique.values())
 
@@ -182,7 +193,7 @@ class _Owned:
     axis: int
     size: int
     positions: torch.Tensor  # positions along ``axis`` held by the group
-    units: torch.Tensor      # group unit of each position
+    units: torch.Tensor  # group unit of each position
 
 
 def _groups_of(groups: Layers) -> list[Group]:
@@ -191,8 +202,9 @@ def _groups_of(groups: Layers) -> list[Group]:
     if isinstance(groups, Group):
         return [groups]
     if isinstance(groups, nn.Module) or not isinstance(groups, Iterable):
-        raise TypeError(f"groups must be a Pruner, a group or a list of groups from pruner.groups(), got "
-                        f"{type(groups).__name__}")
+        raise TypeError(
+            f"groups must be a Pruner, a group or a list of groups from pruner.groups(), got {type(groups).__name__}"
+        )
     items = list(groups)
     found = [item for item in items if isinstance(item, Group)]
     if len(found) != len(items):
@@ -209,31 +221,34 @@ def _owned_slices(group: Group) -> list[_Owned]:
     set; a position removed with the units of bit ``b`` has bit ``b`` in its unit index.
     """
     count = group.num_units
-    probes = [(None, [0])] + [(bit, [u for u in range(count) if u >> bit & 1])
-                              for bit in range(max(0, (count - 1).bit_length()))]
+    probes = [(None, [0])] + [
+        (bit, [u for u in range(count) if u >> bit & 1]) for bit in range(max(0, (count - 1).bit_length()))
+    ]
     found: dict[tuple[int, int], list[Any]] = {}  # (parameter id, axis) -> [parameter, name, axis, held, code]
     names = {id(member.module): member.module_name for member in group.members}
     for bit, units in probes:
         try:
             edits = group_edits({group: units}, "linear")
         except (TypeError, ValueError) as error:
-            raise ValueError(f"GroupLasso cannot split group {group.index} into the parameter slices of its units: "
-                             f"{error}") from None
+            raise ValueError(
+                f"GroupLasso cannot split group {group.index} into the parameter slices of its units: {error}"
+            ) from None
         for edit in edits:
             if not isinstance(edit, TensorSlice) or not edit.is_parameter:
                 continue
             if edit.group_keep is not None:
                 owner = names.get(id(edit.module), type(edit.module).__name__)
-                raise ValueError(f"GroupLasso cannot split group {group.index}: '{owner}.{edit.tensor_name}' is sliced "
-                                 "per convolution group; leave that layer out (pruner.groups(ignored_layers=...))")
+                raise ValueError(
+                    f"GroupLasso cannot split group {group.index}: '{owner}.{edit.tensor_name}' is sliced "
+                    "per convolution group; leave that layer out (pruner.groups(ignored_layers=...))"
+                )
             assert edit.module is not None  # planned edits hold their module
             parameter = edit.module._parameters[edit.tensor_name]
             size = edit.old_shape[edit.axis]
             key = (id(parameter), edit.axis)
             if key not in found:
                 name = f"{names.get(id(edit.module), type(edit.module).__name__)}.{edit.tensor_name}"
-                found[key] = [parameter, name, edit.axis,
-                              np.zeros(size, dtype=bool), np.zeros(size, dtype=np.int64)]
+                found[key] = [parameter, name, edit.axis, np.zeros(size, dtype=bool), np.zeros(size, dtype=np.int64)]
             removed = complement(edit.keep, size).numpy()
             record = found[key]
             record[3][removed] = True
@@ -244,8 +259,9 @@ def _owned_slices(group: Group) -> list[_Owned]:
         positions = np.nonzero(held)[0]
         if (code[positions] >= count).any():
             raise RuntimeError(f"internal: inconsistent unit slices of '{name}' in group {group.index}")
-        owned.append(_Owned(parameter, name, axis, len(held), torch.as_tensor(positions),
-                            torch.as_tensor(code[positions])))
+        owned.append(
+            _Owned(parameter, name, axis, len(held), torch.as_tensor(positions), torch.as_tensor(code[positions]))
+        )
     return owned
 
 
@@ -279,21 +295,29 @@ class GroupLasso:
             for slice_ in owned:
                 parameter = slice_.parameter
                 if parameter.dim() <= slice_.axis or parameter.shape[slice_.axis] != slice_.size:
-                    raise ValueError(f"'{slice_.name}' has shape {tuple(parameter.shape)}, not the one group "
-                                     f"{group.index} was computed on (the model was pruned): build a new GroupLasso "
-                                     "from pruner.groups()")
+                    raise ValueError(
+                        f"'{slice_.name}' has shape {tuple(parameter.shape)}, not the one group "
+                        f"{group.index} was computed on (the model was pruned): build a new GroupLasso "
+                        "from pruner.groups()"
+                    )
                 wide = parameter.to(torch.promote_types(parameter.dtype, torch.float32))
                 per_position = wide.movedim(slice_.axis, 0).reshape(slice_.size, -1).pow(2).sum(dim=1)
                 positions = slice_.positions.to(parameter.device)
                 contribution = torch.zeros(group.num_units, dtype=wide.dtype, device=parameter.device).index_add(
-                    0, slice_.units.to(parameter.device), per_position.index_select(0, positions))
+                    0, slice_.units.to(parameter.device), per_position.index_select(0, positions)
+                )
                 squares = contribution if squares is None else squares + contribution.to(squares)
             if squares is None:
                 squares = torch.zeros(group.num_units)
             positive = squares > 0
             # sqrt has an infinite derivative at 0: an all-zero unit gets the subgradient 0
-            norms.append(torch.where(positive, torch.sqrt(torch.where(positive, squares, torch.ones_like(squares))),
-                                     torch.zeros_like(squares)))
+            norms.append(
+                torch.where(
+                    positive,
+                    torch.sqrt(torch.where(positive, squares, torch.ones_like(squares))),
+                    torch.zeros_like(squares),
+                )
+            )
         return norms
 
     def __call__(self) -> torch.Tensor:

@@ -75,8 +75,9 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
 
 def _check_scores(scores: ScoreFn | None) -> None:
     if scores is not None and not callable(scores):
-        raise TypeError(f"scores must be a function group -> array of one score per unit (or None), "
-                        f"got {type(scores).__name__}")
+        raise TypeError(
+            f"scores must be a function group -> array of one score per unit (or None), got {type(scores).__name__}"
+        )
 
 
 def _layer_label(module: nn.Module, names: Mapping[int, str]) -> str:
@@ -87,8 +88,9 @@ def _layer_label(module: nn.Module, names: Mapping[int, str]) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_ratios(ratios: Mapping[nn.Module, float] | None, groups: Sequence[Group],
-                  names: Mapping[int, str]) -> list[tuple[nn.Module, float]]:
+def _check_ratios(
+    ratios: Mapping[nn.Module, float] | None, groups: Sequence[Group], names: Mapping[int, str]
+) -> list[tuple[nn.Module, float]]:
     """Each ``ratios`` entry checked: a layer that is a source of one of ``groups``, a fraction in [0, 1)."""
     if ratios is None:
         return []
@@ -98,14 +100,17 @@ def _check_ratios(ratios: Mapping[nn.Module, float] | None, groups: Sequence[Gro
     checked = []
     for module, value in ratios.items():
         if not isinstance(module, nn.Module):
-            raise TypeError(f"ratios keys must be layers (nn.Module) of the model, got {module!r} "
-                            f"({type(module).__name__})")
+            raise TypeError(
+                f"ratios keys must be layers (nn.Module) of the model, got {module!r} ({type(module).__name__})"
+            )
         label = _layer_label(module, names)
         ratio = _check_fraction(f"ratios[{label}]", value)
         if all(module is not source for source in sources):
-            raise ValueError(f"ratios names {label}, which is not a layer whose output units one of the groups holds: "
-                             f"it is ignored (ignored_layers), a model output (pass include_outputs=True), in no "
-                             f"prunable group, or a layer of another model")
+            raise ValueError(
+                f"ratios names {label}, which is not a layer whose output units one of the groups holds: "
+                f"it is ignored (ignored_layers), a model output (pass include_outputs=True), in no "
+                f"prunable group, or a layer of another model"
+            )
         checked.append((module, ratio))
     return checked
 
@@ -125,8 +130,10 @@ def _as_scores(group: Group, scores: ScoreFn | None) -> np.ndarray:
         raise ValueError(f"scores for group {group.index} must have shape ({group.num_units},), got {values.shape}")
     nan = np.flatnonzero(np.isnan(values))
     if nan.size:
-        raise ValueError(f"scores for group {group.index} are NaN at units {nan[:10].tolist()}; the score function "
-                         f"must give every unit a number (higher = keep)")
+        raise ValueError(
+            f"scores for group {group.index} are NaN at units {nan[:10].tolist()}; the score function "
+            f"must give every unit a number (higher = keep)"
+        )
     return values
 
 
@@ -148,9 +155,15 @@ def _lowest(group: Group, values: np.ndarray, count: int) -> list[int]:
     return sorted(chosen)
 
 
-def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Mapping[nn.Module, float] | None = None,
-                 scores: ScoreFn | None = None, global_ranking: bool = False, min_units: int = 1,
-                 round_to: int = 1) -> dict[Group, list[int]]:
+def select_units(
+    groups: Sequence[Group],
+    fraction: float = 0.3,
+    ratios: Mapping[nn.Module, float] | None = None,
+    scores: ScoreFn | None = None,
+    global_ranking: bool = False,
+    min_units: int = 1,
+    round_to: int = 1,
+) -> dict[Group, list[int]]:
     """Choose the lowest-scored units of each group.
 
     Args:
@@ -174,8 +187,10 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Mapping
     round_to = _check_count("round_to", round_to, 1)
     _check_scores(scores)
     if global_ranking and ratios:
-        raise ValueError("ratios= and global_ranking=True do not combine: a global ranking decides each "
-                         "group's share itself; use one or the other")
+        raise ValueError(
+            "ratios= and global_ranking=True do not combine: a global ranking decides each "
+            "group's share itself; use one or the other"
+        )
     checked_ratios = _check_ratios(ratios, groups, _member_names(groups))
     chosen: dict[Group, list[int]] = {}
     per_group = {g: _as_scores(g, scores) for g in groups}
@@ -189,9 +204,11 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Mapping
         for group, values in per_group.items():
             infinite = np.flatnonzero(~np.isfinite(values))
             if infinite.size:
-                raise ValueError(f"scores for group {group.index} are infinite at units {infinite[:10].tolist()}; "
-                                 f"global_ranking=True divides each group's scores by their mean, which needs "
-                                 f"finite scores")
+                raise ValueError(
+                    f"scores for group {group.index} are infinite at units {infinite[:10].tolist()}; "
+                    f"global_ranking=True divides each group's scores by their mean, which needs "
+                    f"finite scores"
+                )
             mean = np.abs(values).mean()
             normalised = values / mean if mean > 0 else values
             entries += [(float(v), group.index, u, group) for u, v in enumerate(normalised)]
@@ -228,10 +245,18 @@ def select_units(groups: Sequence[Group], fraction: float = 0.3, ratios: Mapping
     return chosen
 
 
-def prune_groups(pruner: Pruner, fraction: float = 0.3, ratios: Mapping[nn.Module, float] | None = None,
-                 scores: ScoreFn | None = None, global_ranking: bool = False, min_units: int = 1,
-                 round_to: int = 1, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False,
-                 dry_run: bool = False) -> Plan:
+def prune_groups(
+    pruner: Pruner,
+    fraction: float = 0.3,
+    ratios: Mapping[nn.Module, float] | None = None,
+    scores: ScoreFn | None = None,
+    global_ranking: bool = False,
+    min_units: int = 1,
+    round_to: int = 1,
+    ignored_layers: Sequence[nn.Module] = (),
+    include_outputs: bool = False,
+    dry_run: bool = False,
+) -> Plan:
     """Prune ``fraction`` of every prunable group of the pruner's model in one validated plan.
 
     Same arguments as :func:`select_units`, plus ``ignored_layers`` / ``include_outputs`` (see
@@ -247,8 +272,10 @@ def prune_groups(pruner: Pruner, fraction: float = 0.3, ratios: Mapping[nn.Modul
     names = {id(module): name for name, module in pruner.model.named_modules()}
     for module in ratios or {}:
         if isinstance(module, nn.Module) and id(module) not in names:
-            raise ValueError(f"ratios names a layer that is not a layer of the pruner's model: "
-                             f"{_layer_label(module, names)}; key ratios by the layers of the model being pruned")
+            raise ValueError(
+                f"ratios names a layer that is not a layer of the pruner's model: "
+                f"{_layer_label(module, names)}; key ratios by the layers of the model being pruned"
+            )
     groups = pruner.groups(ignored_layers, include_outputs)
     _check_ratios(ratios, groups, names)  # named by the model: the layer may be in no group
     selection = select_units(groups, fraction, ratios, scores, global_ranking, min_units, round_to)
@@ -276,9 +303,17 @@ class IterativePruning:
     model, the optimizer and the schedule's counters as they were.
     """
 
-    def __init__(self, pruner: Pruner, target: float = 0.5, steps: int = 5, every: int = 100,
-                 scores: ScoreFn | None = None, min_units: int = 1, round_to: int = 1,
-                 ignored_layers: Sequence[nn.Module] = ()) -> None:
+    def __init__(
+        self,
+        pruner: Pruner,
+        target: float = 0.5,
+        steps: int = 5,
+        every: int = 100,
+        scores: ScoreFn | None = None,
+        min_units: int = 1,
+        round_to: int = 1,
+        ignored_layers: Sequence[nn.Module] = (),
+    ) -> None:
         target = _check_fraction("target", target)
         steps = _check_count("steps", steps, 1)
         every = _check_count("every", every, 1)

@@ -20,9 +20,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchpruner.attributions import (APoZAttributionMetric, CaptumAttributionMetric,
-                                      SensitivityAttributionMetric, ShapleyAttributionMetric,
-                                      TaylorAttributionMetric, WeightNormAttributionMetric)
+from torchpruner.attributions import (
+    APoZAttributionMetric,
+    CaptumAttributionMetric,
+    SensitivityAttributionMetric,
+    ShapleyAttributionMetric,
+    TaylorAttributionMetric,
+    WeightNormAttributionMetric,
+)
 from torchpruner.attributions.methods.weight_norm import unit_weight_norms
 from torchpruner.graph import get_graph
 
@@ -30,7 +35,7 @@ DTYPE = torch.float64
 
 
 def batches(x, y, batch_size):
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
 def classification_data(shape, n=12, classes=3, seed=0):
@@ -46,8 +51,14 @@ def mlp(seed=0):
 def convnet(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
     ).to(DTYPE)
     with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
         bn = model[1]
@@ -60,6 +71,7 @@ def convnet(seed=0):
 
 def captum_layer(name):
     import captum.attr
+
     return getattr(captum.attr, name)
 
 
@@ -71,7 +83,8 @@ def captum_gxa(model, layer, x, y, attribute_to_layer_input=False):
         return -F.cross_entropy(model(inputs), target, reduction="none")
 
     attribution = LayerGradientXActivation(forward, layer).attribute(
-        x, additional_forward_args=(y,), attribute_to_layer_input=attribute_to_layer_input)
+        x, additional_forward_args=(y,), attribute_to_layer_input=attribute_to_layer_input
+    )
     return attribution.detach().reshape(attribution.shape[0], attribution.shape[1], -1).sum(2).numpy()
 
 
@@ -99,8 +112,13 @@ def test_taylor_equals_captum_gradient_x_activation(arch, layer_index, shape, si
 
 
 @settings(max_examples=10)
-@given(widths=st.lists(st.integers(1, 5), min_size=1, max_size=3), layer=st.integers(0, 10),
-       batch_size=st.integers(1, 7), find_best=st.booleans(), seed=st.integers(0, 1000))
+@given(
+    widths=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    layer=st.integers(0, 10),
+    batch_size=st.integers(1, 7),
+    find_best=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_taylor_equals_captum_on_random_conv_stacks(widths, layer, batch_size, find_best, seed):
     """Random Conv → BN → ReLU stacks; any conv; any batch size; with or without moving past BN/ReLU."""
     torch.manual_seed(seed)
@@ -117,8 +135,9 @@ def test_taylor_equals_captum_on_random_conv_stacks(widths, layer, batch_size, f
     conv_index = 3 * (layer % len(widths))
     expected_layer = model[conv_index + 2] if find_best else model[conv_index]
     reference = captum_gxa(model, expected_layer, x, y)
-    metric = TaylorAttributionMetric(model, batches(x, y, batch_size), F.cross_entropy, "cpu", reduction="none",
-                                     signed=True)
+    metric = TaylorAttributionMetric(
+        model, batches(x, y, batch_size), F.cross_entropy, "cpu", reduction="none", signed=True
+    )
     np.testing.assert_allclose(metric.run(model[conv_index], find_best), reference, rtol=1e-9, atol=1e-13)
 
 
@@ -130,8 +149,8 @@ def test_sensitivity_equals_per_example_autograd():
     head, tail = model[:2], model[2:]  # evaluation point: the BatchNorm output
     expected = []
     for n in range(len(x)):
-        z = head(x[n:n + 1]).detach().requires_grad_(True)
-        loss = F.cross_entropy(tail(z), y[n:n + 1])
+        z = head(x[n : n + 1]).detach().requires_grad_(True)
+        loss = F.cross_entropy(tail(z), y[n : n + 1])
         (g,) = torch.autograd.grad(loss, z)
         expected.append(g.abs().sum(dim=(2, 3))[0])
     expected = torch.stack(expected).numpy()
@@ -158,6 +177,7 @@ def test_apoz_equals_direct_count():
 class warnings_as_errors:
     def __enter__(self):
         import warnings
+
         self._ctx = warnings.catch_warnings()
         self._ctx.__enter__()
         warnings.simplefilter("error")
@@ -179,14 +199,20 @@ def owned_weight_norms(layer: nn.Module, input_shape) -> np.ndarray:
 
 
 @settings(max_examples=12)
-@given(groups=st.integers(1, 3), in_per_group=st.integers(1, 3), out_per_group=st.integers(1, 3),
-       kernel=st.integers(1, 3), transposed=st.booleans())
+@given(
+    groups=st.integers(1, 3),
+    in_per_group=st.integers(1, 3),
+    out_per_group=st.integers(1, 3),
+    kernel=st.integers(1, 3),
+    transposed=st.booleans(),
+)
 def test_weight_norm_equals_owned_weights(groups, in_per_group, out_per_group, kernel, transposed):
     torch.manual_seed(groups * 100 + in_per_group * 10 + out_per_group + kernel)
     cls = nn.ConvTranspose2d if transposed else nn.Conv2d
     layer = cls(groups * in_per_group, groups * out_per_group, kernel, groups=groups).to(DTYPE)
-    np.testing.assert_allclose(unit_weight_norms(layer).numpy(), owned_weight_norms(layer, (groups * in_per_group, 4, 4)),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        unit_weight_norms(layer).numpy(), owned_weight_norms(layer, (groups * in_per_group, 4, 4)), rtol=1e-12
+    )
 
 
 def test_weight_norm_metric_linear_norms_and_embedding():
@@ -224,8 +250,9 @@ def test_shapley_samples_telescope_to_loss_difference(hidden, n, samples, seed):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, 2)).to(DTYPE)
     x, y = classification_data((3,), n=n, classes=2, seed=seed)
-    scores = ShapleyAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu", reduction="none",
-                                      sv_samples=samples, seed=seed).run(model[0])
+    scores = ShapleyAttributionMetric(
+        model, batches(x, y, 3), F.cross_entropy, "cpu", reduction="none", sv_samples=samples, seed=seed
+    ).run(model[0])
     assert scores.shape == (n, hidden)
     nothing = loss_with_units_zeroed(model[:1], model[1:], x, y, range(hidden))
     everything = loss_with_units_zeroed(model[:1], model[1:], x, y, [])
@@ -238,8 +265,9 @@ def test_shapley_sample_equals_marginals_along_its_permutation():
 
     model = mlp(seed=4)
     x, y = classification_data((5,), n=5)
-    scores = ShapleyAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none",
-                                      sv_samples=1, seed=11).run(model[0], True)
+    scores = ShapleyAttributionMetric(
+        model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none", sv_samples=1, seed=11
+    ).run(model[0], True)
     (order,) = draw_permutations(7, 1, seed=11)
     expected = np.zeros((5, 7))
     active: list[int] = []
@@ -287,8 +315,9 @@ def test_shapley_converges_to_brute_force():
 def test_shapley_same_permutations_every_batch_and_seeded():
     model = mlp()
     x, y = classification_data((5,), n=10)
-    run = lambda bs, seed: ShapleyAttributionMetric(model, batches(x, y, bs), F.cross_entropy, "cpu",
-                                                    reduction="none", sv_samples=2, seed=seed).run(model[0])
+    run = lambda bs, seed: ShapleyAttributionMetric(
+        model, batches(x, y, bs), F.cross_entropy, "cpu", reduction="none", sv_samples=2, seed=seed
+    ).run(model[0])
     one_batch, small_batches = run(10, 7), run(3, 7)
     np.testing.assert_allclose(small_batches, one_batch, rtol=1e-12, atol=1e-14)
     assert not np.allclose(run(10, 8), one_batch)  # another seed draws other permutations
@@ -389,8 +418,9 @@ def test_functional_model_evaluation_point_after_f_relu():
     apoz = APoZAttributionMetric(model, batches(x, y, 4), F.cross_entropy, "cpu").run(model.conv1, True)
     np.testing.assert_array_equal(apoz, (z > 0).double().mean(dim=(0, 2, 3)).numpy())
     # Shapley zeroes units at the functional site: one sample telescopes to ℓ(none) − ℓ(all)
-    scores = ShapleyAttributionMetric(model, batches(x, y, 4), F.cross_entropy, "cpu", reduction="none",
-                                      sv_samples=1, seed=0).run(model.conv1, True)
+    scores = ShapleyAttributionMetric(
+        model, batches(x, y, 4), F.cross_entropy, "cpu", reduction="none", sv_samples=1, seed=0
+    ).run(model.conv1, True)
     with torch.no_grad():
         everything = F.cross_entropy(model(x), y, reduction="none")
         rest = lambda h: model.fc(torch.flatten(F.adaptive_avg_pool2d(F.gelu(model.conv2(F.max_pool2d(h, 2))), 1), 1))
@@ -480,11 +510,19 @@ def test_token_linear_units_on_last_dim():
     np.testing.assert_allclose(shapley.run(model.proj).sum(1), (nothing - everything).numpy(), rtol=1e-9)
     from captum.attr import LayerConductance, LayerIntegratedGradients
 
-    gxa = CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=captum_layer("LayerGradientXActivation"),
-                                  reduction="none", absolute=True)
+    gxa = CaptumAttributionMetric(
+        model,
+        data,
+        F.cross_entropy,
+        "cpu",
+        method=captum_layer("LayerGradientXActivation"),
+        reduction="none",
+        absolute=True,
+    )
     np.testing.assert_allclose(gxa.run(model.proj), expected, rtol=1e-10)
-    layer_ig = CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=LayerIntegratedGradients,
-                                       reduction="none", n_steps=200).run(model.proj)
+    layer_ig = CaptumAttributionMetric(
+        model, data, F.cross_entropy, "cpu", method=LayerIntegratedGradients, reduction="none", n_steps=200
+    ).run(model.proj)
     with torch.no_grad():  # layer IG's baseline: the layer output for token id 0 everywhere
         zero_tokens = F.cross_entropy(model(torch.zeros_like(ids)), y, reduction="none")
     np.testing.assert_allclose(layer_ig.sum(1), (zero_tokens - everything).numpy(), rtol=0.03, atol=1e-4)
@@ -512,8 +550,9 @@ def test_model_fx_cannot_trace_uses_hooks_graph():
     assert get_graph(model, (x[:2],)).method == "hooks"
     taylor = TaylorAttributionMetric(model, batches(x, y, 5), F.cross_entropy, "cpu", reduction="none", signed=True)
     np.testing.assert_allclose(taylor.run(model.fc1, True), captum_gxa(model, model.act, x, y), rtol=1e-10)
-    scores = ShapleyAttributionMetric(model, batches(x, y, 5), F.cross_entropy, "cpu", reduction="none",
-                                      sv_samples=1, seed=0).run(model.fc1, True)
+    scores = ShapleyAttributionMetric(
+        model, batches(x, y, 5), F.cross_entropy, "cpu", reduction="none", sv_samples=1, seed=0
+    ).run(model.fc1, True)
     with torch.no_grad():
         nothing = F.cross_entropy(model.fc2(torch.zeros(len(x), 6, dtype=DTYPE)), y, reduction="none")
         everything = F.cross_entropy(model(x), y, reduction="none")
@@ -525,7 +564,9 @@ def test_cuda_device_honoured():
     cpu_model, cuda_model = convnet(), convnet().cuda()  # same seed, same weights
     x, y = classification_data((2, 6, 6))
     cpu_scores = TaylorAttributionMetric(cpu_model, batches(x, y, 4), F.cross_entropy, "cpu").run(cpu_model[0])
-    scores = TaylorAttributionMetric(cuda_model, batches(x, y, 4), F.cross_entropy, torch.device("cuda")).run(cuda_model[0])
+    scores = TaylorAttributionMetric(cuda_model, batches(x, y, 4), F.cross_entropy, torch.device("cuda")).run(
+        cuda_model[0]
+    )
     np.testing.assert_allclose(scores, cpu_scores, rtol=1e-8)
     cuda_rng = torch.cuda.get_rng_state()
     ShapleyAttributionMetric(cuda_model, batches(x, y, 4), F.cross_entropy, "cuda", sv_samples=1).run(cuda_model[0])
@@ -545,13 +586,21 @@ def test_captum_adapter_gradient_x_activation_is_signed_taylor():
     taylor = TaylorAttributionMetric(model, data, F.cross_entropy, "cpu", signed=True)
     for find_best in (False, True):
         np.testing.assert_allclose(adapter.run(model[0], find_best), taylor.run(model[0], find_best), rtol=1e-10)
-    np.testing.assert_allclose(adapter.run(model[0], absolute=True),
-                               TaylorAttributionMetric(model, data, F.cross_entropy, "cpu").run(model[0]), rtol=1e-10)
+    np.testing.assert_allclose(
+        adapter.run(model[0], absolute=True),
+        TaylorAttributionMetric(model, data, F.cross_entropy, "cpu").run(model[0]),
+        rtol=1e-10,
+    )
 
 
 def test_captum_adapter_methods():
-    from captum.attr import (InternalInfluence, LayerActivation, LayerConductance,
-                             LayerFeatureAblation, LayerIntegratedGradients)
+    from captum.attr import (
+        InternalInfluence,
+        LayerActivation,
+        LayerConductance,
+        LayerFeatureAblation,
+        LayerIntegratedGradients,
+    )
 
     model = convnet().eval()  # eval for the references below
     x, y = classification_data((2, 6, 6), n=6)
@@ -562,19 +611,30 @@ def test_captum_adapter_methods():
     np.testing.assert_allclose(activation.run(model[0], True), z.sum(dim=(2, 3)).mean(0).numpy(), rtol=1e-12)
     # Conductance: the adapter gives captum's own numbers for the layer, and completeness holds
     # (per example the unit scores sum to −ℓ(x) − (−ℓ(0)), up to the integration error).
-    conductance = CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=LayerConductance,
-                                          reduction="none", n_steps=64,
-                                          attribute_kwargs={"method": "riemann_trapezoid"}).run(model[0])
+    conductance = CaptumAttributionMetric(
+        model,
+        data,
+        F.cross_entropy,
+        "cpu",
+        method=LayerConductance,
+        reduction="none",
+        n_steps=64,
+        attribute_kwargs={"method": "riemann_trapezoid"},
+    ).run(model[0])
     forward = lambda inputs, target: -F.cross_entropy(model(inputs), target, reduction="none")
-    direct = LayerConductance(forward, model[0]).attribute(x, additional_forward_args=(y,), n_steps=64,
-                                                           method="riemann_trapezoid")
+    direct = LayerConductance(forward, model[0]).attribute(
+        x, additional_forward_args=(y,), n_steps=64, method="riemann_trapezoid"
+    )
     np.testing.assert_allclose(conductance, direct.detach().sum(dim=(2, 3)).numpy(), rtol=1e-9, atol=1e-13)
     with torch.no_grad():
-        delta = (F.cross_entropy(model(torch.zeros_like(x)), y, reduction="none")
-                 - F.cross_entropy(model(x), y, reduction="none")).numpy()
+        delta = (
+            F.cross_entropy(model(torch.zeros_like(x)), y, reduction="none")
+            - F.cross_entropy(model(x), y, reduction="none")
+        ).numpy()
     np.testing.assert_allclose(conductance.sum(1), delta, rtol=0.03)
-    layer_ig = CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=LayerIntegratedGradients,
-                                       reduction="none", n_steps=64).run(model[0])
+    layer_ig = CaptumAttributionMetric(
+        model, data, F.cross_entropy, "cpu", method=LayerIntegratedGradients, reduction="none", n_steps=64
+    ).run(model[0])
     # layer IG integrates between the layer activations of the input baseline (0) and of x
     np.testing.assert_allclose(layer_ig.sum(1), delta, rtol=0.03)
     everything = loss_with_units_zeroed(model[:1], model[1:], x, y, [])
@@ -582,8 +642,9 @@ def test_captum_adapter_methods():
     assert influence.run(model[0]).shape == (4,)
     # feature ablation of a whole unit (mask per channel) = ℓ(unit zeroed) − ℓ(all): "leave one out"
     mask = torch.arange(4).reshape(1, 4, 1, 1).expand(1, 4, 6, 6)
-    ablation = CaptumAttributionMetric(model, data, F.cross_entropy, "cpu", method=LayerFeatureAblation,
-                                       reduction="none", layer_mask=mask).run(model[0])
+    ablation = CaptumAttributionMetric(
+        model, data, F.cross_entropy, "cpu", method=LayerFeatureAblation, reduction="none", layer_mask=mask
+    ).run(model[0])
     for unit in range(4):
         leave_out = loss_with_units_zeroed(model[:1], model[1:], x, y, [unit]) - everything
         np.testing.assert_allclose(ablation[:, unit] / 36, leave_out, rtol=1e-9, atol=1e-12)
@@ -605,6 +666,8 @@ def all_hooks_removed(model):
 
 
 def test_import_without_captum():
-    code = ("import sys; import torchpruner, torchpruner.attributions; "
-            "assert 'captum' not in sys.modules, 'captum imported eagerly'")
+    code = (
+        "import sys; import torchpruner, torchpruner.attributions; "
+        "assert 'captum' not in sys.modules, 'captum imported eagerly'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

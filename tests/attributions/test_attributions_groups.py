@@ -25,10 +25,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_attributions_state import Boom, all_hooks, failing_criterion
 
-from torchpruner.attributions import (APoZAttributionMetric, CaptumAttributionMetric, CoupledGroupWarning,
-                                      RandomAttributionMetric, SensitivityAttributionMetric,
-                                      ShapleyAttributionMetric, TaylorAttributionMetric,
-                                      WeightNormAttributionMetric)
+from torchpruner.attributions import (
+    APoZAttributionMetric,
+    CaptumAttributionMetric,
+    CoupledGroupWarning,
+    RandomAttributionMetric,
+    SensitivityAttributionMetric,
+    ShapleyAttributionMetric,
+    TaylorAttributionMetric,
+    WeightNormAttributionMetric,
+)
 from torchpruner.attributions.methods import draw_permutations
 from torchpruner.graph import ModelGraph, get_graph, make_example_inputs
 from torchpruner.pruner import Pruner
@@ -106,16 +112,28 @@ class ConcatNet(nn.Module):
 
 def separable_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 3),
     )
 
 
 def plain_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 2 * 2, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 2 * 2, 3),
     )
 
 
@@ -139,7 +157,7 @@ def data(input_size, n=6, seed=0):
 
 
 def batches(x, y, size=4):
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def model_groups(model: nn.Module, input_size) -> list:
@@ -181,12 +199,14 @@ def test_pruning_a_unit_equals_the_shapley_coalition_all_but_it(arch):
             if len(lasts) == min(group.num_units, 3):
                 break
         for unit, seed in lasts.items():
-            metric = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
-                                              sv_samples=1, seed=seed)
+            metric = ShapleyAttributionMetric(
+                model, batches(x, y), F.cross_entropy, "cpu", reduction="none", sv_samples=1, seed=seed
+            )
             all_but_unit = metric.run(group)[:, unit] + full
             pruned = pruned_copy(model, input_size, group, unit)
-            np.testing.assert_allclose(losses(pruned, x, y), all_but_unit, rtol=1e-10, atol=1e-12,
-                                       err_msg=f"{arch}: {group!r}, unit {unit}")
+            np.testing.assert_allclose(
+                losses(pruned, x, y), all_but_unit, rtol=1e-10, atol=1e-12, err_msg=f"{arch}: {group!r}, unit {unit}"
+            )
 
 
 def test_torchvision_resnet18_downsample_group_pruned_equals_coalition():
@@ -197,16 +217,19 @@ def test_torchvision_resnet18_downsample_group_pruned_equals_coalition():
     model = randomize_batchnorms(torchvision.models.resnet18(num_classes=3).to(DTYPE).eval())
     input_size = (3, 16, 16)
     x, y = data(input_size, n=2)
-    (group,) = [g for g in model_groups(model, input_size)
-                if any(s.label == "layer2.0.downsample.0" for s in g.sources)]
+    (group,) = [
+        g for g in model_groups(model, input_size) if any(s.label == "layer2.0.downsample.0" for s in g.sources)
+    ]
     assert {s.label for s in group.sources} == {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"}
     seed = 3
     unit = int(draw_permutations(group.num_units, 1, seed)[0][-1])
-    scores = ShapleyAttributionMetric(model, [(x, y)], F.cross_entropy, reduction="none", sv_samples=1,
-                                      seed=seed).run(group)
+    scores = ShapleyAttributionMetric(model, [(x, y)], F.cross_entropy, reduction="none", sv_samples=1, seed=seed).run(
+        group
+    )
     full = losses(model, x, y)
-    np.testing.assert_allclose(losses(pruned_copy(model, input_size, group, unit), x, y), scores[:, unit] + full,
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        losses(pruned_copy(model, input_size, group, unit), x, y), scores[:, unit] + full, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_group_scores_drive_prune_groups():
@@ -279,8 +302,9 @@ def test_transformer_mlp_group_pruned_equals_coalition_all_but_it():
         unit = int(draw_permutations(group.num_units, 1, seed)[0][-1])
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # nothing inexact in this group
-            scores = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
-                                              sv_samples=1, seed=seed).run(group)
+            scores = ShapleyAttributionMetric(
+                model, batches(x, y), F.cross_entropy, "cpu", reduction="none", sv_samples=1, seed=seed
+            ).run(group)
         pruned = pruned_copy(model, input_size, group, unit)
         np.testing.assert_allclose(losses(pruned, x, y), scores[:, unit] + full, rtol=1e-10, atol=1e-12)
 
@@ -289,8 +313,11 @@ def test_transformer_stream_group_warns_that_zeroing_is_not_pruning():
     model, input_size = transformer()
     x, y = data(input_size)
     (stream,) = [g for g in model_groups(model, input_size) if len(g.sources) > 1]
-    with pytest.warns(UserWarning, match=r"not exactly pruning them: pruning also changes the statistics of "
-                                         r"'blocks\.0\.ln1' \(LayerNorm\)") as record:
+    with pytest.warns(
+        UserWarning,
+        match=r"not exactly pruning them: pruning also changes the statistics of "
+        r"'blocks\.0\.ln1' \(LayerNorm\)",
+    ) as record:
         scores = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy).run(stream)
     assert record[0].filename == __file__
     assert scores.shape == (stream.num_units,) == (4,)  # 8 dims, equal in both heads of 4
@@ -306,12 +333,16 @@ def test_group_weight_norm_by_hand_transformer_stream():
     for block in model.blocks:
         w_in, w_out = a(block.attn.in_proj_weight), a(block.attn.out_proj.weight)
         attention = w_in.sum(0) + w_in.reshape(3, 8, 8).sum((0, 2)) + w_out.sum(0) + w_out.sum(1)
-        per_dim += [a(block.ln1.weight), attention, a(block.ln2.weight), a(block.fc1.weight).sum(0),
-                    a(block.fc2.weight).sum(1)]
+        per_dim += [
+            a(block.ln1.weight),
+            attention,
+            a(block.ln2.weight),
+            a(block.fc1.weight).sum(0),
+            a(block.fc2.weight).sum(1),
+        ]
     per_unit = [v.reshape(2, 4).sum(0) for v in per_dim]
     expected = sum(v / v.mean() for v in per_unit)
-    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(stream), expected.numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(stream), expected.numpy(), rtol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,8 +358,9 @@ def test_group_shapley_telescopes_to_no_unit_minus_all(seed, samples):
     model, input_size = build("residual", seed)
     x, y = data(input_size, seed=seed)
     group = stream_group(model, input_size)
-    scores = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
-                                      sv_samples=samples, seed=seed).run(group)
+    scores = ShapleyAttributionMetric(
+        model, batches(x, y), F.cross_entropy, "cpu", reduction="none", sv_samples=samples, seed=seed
+    ).run(group)
     with torch.no_grad():
         nothing = F.cross_entropy(residual_twin(model, x, lambda k, t: t * 0), y, reduction="none").numpy()
     np.testing.assert_allclose(scores.sum(1), nothing - losses(model, x, y), rtol=1e-10, atol=1e-12)
@@ -365,8 +397,9 @@ def test_group_taylor_is_the_first_order_term_of_scaling_each_entry_once(signed)
     model, input_size = build("residual", seed=3)
     x, y = data(input_size, n=5, seed=3)
     group = stream_group(model, input_size)
-    scores = TaylorAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none",
-                                     signed=signed).run(group)
+    scores = TaylorAttributionMetric(
+        model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none", signed=signed
+    ).run(group)
     m = torch.ones(len(x), group.num_units, dtype=DTYPE, requires_grad=True)
     loss = F.cross_entropy(residual_entry_twin(model, x, gate_on_units(m)), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, m)
@@ -379,8 +412,10 @@ def test_group_taylor_is_the_first_order_term_of_scaling_each_entry_once(signed)
     (compounded,) = torch.autograd.grad(loss, m)
     assert not np.allclose(expected, -compounded.numpy(), rtol=1e-3)
     # not the same as summing each source's local score either
-    local = sum(TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", signed=True)
-                .run(layer) for layer in (model.stem, model.blocks[0].conv2, model.blocks[1].conv2))
+    local = sum(
+        TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", signed=True).run(layer)
+        for layer in (model.stem, model.blocks[0].conv2, model.blocks[1].conv2)
+    )
     assert not np.allclose(local, expected.mean(0))
 
 
@@ -390,23 +425,28 @@ def test_group_taylor_is_the_derivative_of_the_joint_removal_along_the_straight_
     model, input_size = build("residual", seed=8)
     x, y = data(input_size, n=4, seed=8)
     group = stream_group(model, input_size)
-    scores = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
-                                     signed=True).run(group)
+    scores = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none", signed=True).run(
+        group
+    )
     graph = get_graph(model, (x,))
     by_name = {site.name: site for site in graph.sites}
     eps = 1e-6
     for unit in range(group.num_units):
+
         def scaled(t):
             fns = {}
             for site, positions_fn in group.entry_points():
                 axis, positions = positions_fn([unit])
+
                 def fn(z, axis=axis, positions=torch.as_tensor(positions)):
                     factor = torch.ones(z.shape[axis], dtype=z.dtype)
                     factor[positions] = 1 - t
                     return z * factor.reshape([-1 if d == axis else 1 for d in range(z.dim())])
+
                 fns[by_name[site.name]] = fn
             with graph.intercept(fns) as forward, torch.no_grad():
                 return F.cross_entropy(forward(x), y, reduction="none").numpy()
+
         derivative = (scaled(eps) - scaled(-eps)) / (2 * eps)
         np.testing.assert_allclose(scores[:, unit], derivative, rtol=1e-5, atol=1e-8)
         # t = 1 is pruning: the zeroed entries give the pruned model's loss
@@ -418,8 +458,7 @@ def test_group_sensitivity_sums_gradient_magnitudes_over_the_entry_tensors():
     model, input_size = build("residual", seed=4)
     x, y = data(input_size, n=5, seed=4)
     group = stream_group(model, input_size)
-    scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu",
-                                          reduction="none").run(group)
+    scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu", reduction="none").run(group)
     np.testing.assert_allclose(scores, gradient_magnitudes(residual_entry_twin, model, x, y), rtol=1e-9, atol=1e-12)
 
 
@@ -444,11 +483,12 @@ def test_concat_branch_enters_after_its_own_activation():
     x, y = data(input_size, n=4, seed=2)
     for source, act in ((model.a, F.relu), (model.b, torch.tanh)):
         (group,) = [g for g in model_groups(model, input_size) if g.sources[0].module is source]
-        scores = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
-                                         signed=True).run(group)
+        scores = TaylorAttributionMetric(
+            model, batches(x, y), F.cross_entropy, "cpu", reduction="none", signed=True
+        ).run(group)
         bn = model.bn_a if source is model.a else model.bn_b
         z = act(bn(source(x))).detach().requires_grad_(True)
-        other = (torch.tanh(model.bn_b(model.b(x))) if source is model.a else F.relu(model.bn_a(model.a(x))))
+        other = torch.tanh(model.bn_b(model.b(x))) if source is model.a else F.relu(model.bn_a(model.a(x)))
         parts = [z, other] if source is model.a else [other, z]
         out = model.fc(F.relu(model.mix(torch.cat(parts, 1))).flatten(1))
         (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), z)
@@ -476,8 +516,9 @@ SAME_AS_MODULE = {
     "signed_taylor": lambda m, d: TaylorAttributionMetric(m, d, F.cross_entropy, "cpu", signed=True),
     "sensitivity": lambda m, d: SensitivityAttributionMetric(m, d, F.cross_entropy, "cpu", reduction="none"),
     "apoz": lambda m, d: APoZAttributionMetric(m, d, F.cross_entropy, "cpu", reduction="none"),
-    "shapley": lambda m, d: ShapleyAttributionMetric(m, d, F.cross_entropy, "cpu", reduction="none",
-                                                     sv_samples=2, seed=5),
+    "shapley": lambda m, d: ShapleyAttributionMetric(
+        m, d, F.cross_entropy, "cpu", reduction="none", sv_samples=2, seed=5
+    ),
     "random": lambda m, d: RandomAttributionMetric(m, d, F.cross_entropy, "cpu", seed=3),
 }
 
@@ -514,8 +555,11 @@ def test_group_weight_norm_by_hand_residual():
     l1 = lambda w, dims: w.detach().abs().sum(dims)
     per_layer = [l1(model.stem.weight, (1, 2, 3)), model.bn.weight.detach().abs(), l1(model.fc.weight, 0)]
     for block in model.blocks:
-        per_layer += [l1(block.conv1.weight, (0, 2, 3)), l1(block.conv2.weight, (1, 2, 3)),
-                      block.bn2.weight.detach().abs()]
+        per_layer += [
+            l1(block.conv1.weight, (0, 2, 3)),
+            l1(block.conv2.weight, (1, 2, 3)),
+            block.bn2.weight.detach().abs(),
+        ]
     expected = sum(v / v.mean() for v in per_layer)
     scores = WeightNormAttributionMetric(model, None, F.cross_entropy).run(group)
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-12)
@@ -526,15 +570,26 @@ def test_group_weight_norm_by_hand_flatten_and_depthwise():
     groups = model_groups(model, input_size)
     l1 = lambda w, dims: w.detach().abs().sum(dims)
     (first,) = [g for g in groups if g.sources[0].module is model[0]]
-    per_layer = [l1(model[0].weight, (1, 2, 3)), model[1].weight.detach().abs(),
-                 l1(model[3].weight, (1, 2, 3)), model[4].weight.detach().abs(), l1(model[6].weight, (0, 2, 3))]
-    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(first),
-                               sum(v / v.mean() for v in per_layer).numpy(), rtol=1e-12)
+    per_layer = [
+        l1(model[0].weight, (1, 2, 3)),
+        model[1].weight.detach().abs(),
+        l1(model[3].weight, (1, 2, 3)),
+        model[4].weight.detach().abs(),
+        l1(model[6].weight, (0, 2, 3)),
+    ]
+    np.testing.assert_allclose(
+        WeightNormAttributionMetric(model, None, None).run(first),
+        sum(v / v.mean() for v in per_layer).numpy(),
+        rtol=1e-12,
+    )
     (last,) = [g for g in groups if g.sources[0].module is model[6]]
     columns = l1(model[9].weight, 0).reshape(5, 16).sum(1)  # a channel owns its 4x4 flattened inputs
     rows = l1(model[6].weight, (1, 2, 3))
-    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(last),
-                               (rows / rows.mean() + columns / columns.mean()).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        WeightNormAttributionMetric(model, None, None).run(last),
+        (rows / rows.mean() + columns / columns.mean()).numpy(),
+        rtol=1e-12,
+    )
 
 
 def test_group_random_is_per_unit_and_seeded():
@@ -557,8 +612,11 @@ def test_run_module_warns_when_the_layer_shares_its_units_and_traces_once(monkey
     original = ModelGraph.__init__
     monkeypatch.setattr(ModelGraph, "__init__", lambda self, *a, **k: (builds.append(1), original(self, *a, **k))[1])
     metric = TaylorAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu")
-    with pytest.warns(CoupledGroupWarning, match=r"'blocks\.0\.conv2' \(Conv2d\) belongs to a coupled group "
-                                                 r"of 3 layers sharing 4 units") as record:
+    with pytest.warns(
+        CoupledGroupWarning,
+        match=r"'blocks\.0\.conv2' \(Conv2d\) belongs to a coupled group "
+        r"of 3 layers sharing 4 units",
+    ) as record:
         local = metric.run(model.blocks[0].conv2)
     assert record[0].filename == __file__  # points at the caller
     assert len(builds) == 1  # the dependency analysis reuses the traced graph
@@ -639,8 +697,10 @@ def test_group_run_leaves_the_model_as_found(name):
     model.stem.weight.grad = torch.ones_like(model.stem.weight)  # an existing grad; others stay None
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True)
     modes = []
-    criterion = lambda out, t, reduction="mean": (modes.append(model.bn.training),
-                                                  F.cross_entropy(out, t, reduction=reduction))[1]
+    criterion = lambda out, t, reduction="mean": (
+        modes.append(model.bn.training),
+        F.cross_entropy(out, t, reduction=reduction),
+    )[1]
     before = state_of(model)
     GROUP_METRICS[name](model, loader, criterion).run(group)
     assert_same_state(before, state_of(model))
@@ -677,8 +737,9 @@ def test_group_scores_independent_of_batch_size_and_reductions():
 def test_classifier_output_group_has_nothing_to_zero():
     model, input_size = build("plain")
     x, y = data(input_size)
-    (output,) = [g for g in Pruner(model, input_size=input_size).groups(include_outputs=True)
-                 if g.sources[0].module is model[6]]
+    (output,) = [
+        g for g in Pruner(model, input_size=input_size).groups(include_outputs=True) if g.sources[0].module is model[6]
+    ]
     with pytest.raises(ValueError, match="only reach the model output"):
         TaylorAttributionMetric(model, batches(x, y), F.cross_entropy).run(output)
     rows = model[6].weight.detach().abs().sum(1)
@@ -715,8 +776,10 @@ def test_group_scores_on_cuda_equal_cpu():
     model, input_size = build("residual", seed=9)
     x, y = data(input_size, seed=9)
     group = stream_group(model, input_size)
-    expected = {name: GROUP_METRICS[name](model, batches(x, y), F.cross_entropy).run(group)
-                for name in ("taylor", "sensitivity", "shapley", "apoz")}
+    expected = {
+        name: GROUP_METRICS[name](model, batches(x, y), F.cross_entropy).run(group)
+        for name in ("taylor", "sensitivity", "shapley", "apoz")
+    }
     model.cuda()
     group = stream_group(model, input_size)
     for name, cpu in expected.items():
@@ -773,25 +836,26 @@ def test_group_taylor_counts_a_multiplicative_gate_once(seed):
     model, input_size = squeeze_excite(seed)
     x, y = data(input_size, n=5, seed=seed)
     group = stream_group(model, input_size)
-    scores = TaylorAttributionMetric(model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none",
-                                     signed=True).run(group)
+    scores = TaylorAttributionMetric(
+        model, batches(x, y, 2), F.cross_entropy, "cpu", reduction="none", signed=True
+    ).run(group)
     m = torch.ones(len(x), group.num_units, dtype=DTYPE, requires_grad=True)
     loss = F.cross_entropy(squeeze_excite_twin(model, x, gate_on_units(m)), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, m)
     np.testing.assert_allclose(scores, -grad.numpy(), rtol=1e-9, atol=1e-12)
-    with torch.no_grad():   # t = 1 is the pruned model
+    with torch.no_grad():  # t = 1 is the pruned model
         for unit in (0, 4):
             off = torch.ones(len(x), group.num_units, dtype=DTYPE)
             off[:, unit] = 0
             gated = F.cross_entropy(squeeze_excite_twin(model, x, gate_on_units(off)), y, reduction="none")
-            np.testing.assert_allclose(gated.numpy(), losses(pruned_copy(model, input_size, group, unit), x, y),
-                                       rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                gated.numpy(), losses(pruned_copy(model, input_size, group, unit), x, y), rtol=1e-10, atol=1e-12
+            )
 
 
 def test_group_sensitivity_reads_a_multiplicative_gate_once():
     model, input_size = squeeze_excite(2)
     x, y = data(input_size, n=5, seed=2)
     group = stream_group(model, input_size)
-    scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu",
-                                          reduction="none").run(group)
+    scores = SensitivityAttributionMetric(model, batches(x, y, 3), F.cross_entropy, "cpu", reduction="none").run(group)
     np.testing.assert_allclose(scores, gradient_magnitudes(squeeze_excite_twin, model, x, y), rtol=1e-9, atol=1e-12)

@@ -20,19 +20,29 @@ from oracles import assert_unchanged, snapshot
 from test_attributions_groups import batches, build, data, model_groups
 from test_attributions_state import Boom, failing_criterion
 
-from torchpruner.attributions import (APoZAttributionMetric, LeaveOneOutAttributionMetric, MeanPlusStd,
-                                      RandomAttributionMetric, SensitivityAttributionMetric,
-                                      ShapleyAttributionMetric, TaylorAttributionMetric,
-                                      WeightNormAttributionMetric)
+from torchpruner.attributions import (
+    APoZAttributionMetric,
+    LeaveOneOutAttributionMetric,
+    MeanPlusStd,
+    RandomAttributionMetric,
+    SensitivityAttributionMetric,
+    ShapleyAttributionMetric,
+    TaylorAttributionMetric,
+    WeightNormAttributionMetric,
+)
 from torchpruner.attributions.groups import group_label
 from torchpruner.graph import get_graph
 
 pytestmark = [pytest.mark.filterwarnings("ignore:APoZ"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
-SHARED = {"Taylor": TaylorAttributionMetric, "Sensitivity": SensitivityAttributionMetric,
-          "APoZ": APoZAttributionMetric}
-REDUCTIONS = {"mean": "mean", "sum": "sum", "none": "none", "mean+2std": MeanPlusStd(2.0),
-              "callable": lambda s: s.max(0) - s.min(0)}
+SHARED = {"Taylor": TaylorAttributionMetric, "Sensitivity": SensitivityAttributionMetric, "APoZ": APoZAttributionMetric}
+REDUCTIONS = {
+    "mean": "mean",
+    "sum": "sum",
+    "none": "none",
+    "mean+2std": MeanPlusStd(2.0),
+    "callable": lambda s: s.max(0) - s.min(0),
+}
 
 
 def residual_targets(model, x):
@@ -135,14 +145,19 @@ def test_a_subclass_with_its_own_score_batch_is_scored_run_by_run():
     np.testing.assert_allclose(got["stem"], (plain["stem"] ** 2).mean(0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("make", [
-    lambda m, loader: ShapleyAttributionMetric(m, loader, F.cross_entropy, sv_samples=2, seed=7),
-    lambda m, loader: ShapleyAttributionMetric(m, loader, F.cross_entropy, sv_samples=2, seed=7,
-                                               algorithm="reference", reduction="none"),
-    lambda m, loader: LeaveOneOutAttributionMetric(m, loader, F.cross_entropy),
-    lambda m, loader: WeightNormAttributionMetric(m, loader, F.cross_entropy),
-    lambda m, loader: RandomAttributionMetric(m, loader, F.cross_entropy, seed=3),
-], ids=["shapley", "shapley-reference", "leave-one-out", "weight-norm", "random"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, loader: ShapleyAttributionMetric(m, loader, F.cross_entropy, sv_samples=2, seed=7),
+        lambda m, loader: ShapleyAttributionMetric(
+            m, loader, F.cross_entropy, sv_samples=2, seed=7, algorithm="reference", reduction="none"
+        ),
+        lambda m, loader: LeaveOneOutAttributionMetric(m, loader, F.cross_entropy),
+        lambda m, loader: WeightNormAttributionMetric(m, loader, F.cross_entropy),
+        lambda m, loader: RandomAttributionMetric(m, loader, F.cross_entropy, seed=3),
+    ],
+    ids=["shapley", "shapley-reference", "leave-one-out", "weight-norm", "random"],
+)
 def test_metrics_that_cannot_share_a_pass_equal_run_on_each(make):
     model, input_size = build("residual", seed=6)
     x, y = data(input_size, n=6)
@@ -152,8 +167,7 @@ def test_metrics_that_cannot_share_a_pass_equal_run_on_each(make):
     before = snapshot(model)
     got = attr.run_all(targets)
     assert_unchanged(before, model)
-    assert_same_scores(got, [attr.run(t) for t in targets],
-                       ["blocks.0.conv1", "fc"] + [group_label(g) for g in groups])
+    assert_same_scores(got, [attr.run(t) for t in targets], ["blocks.0.conv1", "fc"] + [group_label(g) for g in groups])
     default = attr.run_all()
     assert list(default) == [group_label(g) for g in groups]
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def batches(x, y, size=5):
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def data(shape, n=10, classes=3, seed=0, dtype=DTYPE):
@@ -44,33 +44,44 @@ def mlp(dtype=DTYPE):
 def cnn(dtype=DTYPE):
     """conv -> ReLU -> conv -> ReLU -> max-pool -> flatten -> linear -> ReLU -> linear (the digits CNN, small)."""
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 16, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 16, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    ).to(dtype)
 
 
 def bn_net():
     """The evaluation point feeds a BatchNorm: no incremental walk, the suffix is evaluated."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 16, 3)).to(DTYPE)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)
+    ).to(DTYPE)
     return randomize_batchnorms(model, 2).eval()
 
 
 def score(model, target, x, y, algorithm, find_best=True, reduction="mean", **options):
-    metric = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction=reduction,
-                                      algorithm=algorithm, **options)
+    metric = ShapleyAttributionMetric(
+        model, batches(x, y), F.cross_entropy, "cpu", reduction=reduction, algorithm=algorithm, **options
+    )
     scores = metric.run(target, find_best) if isinstance(target, nn.Module) else metric.run(target)
     return scores, metric.last_path
 
 
 LAYER_CASES = [  # (model, layer index, find_best, expected fast path)
-    ("mlp", 0, True, "incremental"),       # ReLU output -> Linear
-    ("mlp", 0, False, "incremental"),      # Linear output -> ReLU -> Linear
-    ("mlp", 2, True, "incremental"),       # Tanh output -> Linear (tanh(0) = 0 is not needed after it)
-    ("cnn", 0, True, "incremental"),       # -> conv
-    ("cnn", 2, True, "incremental"),       # -> max-pool -> flatten -> linear
-    ("cnn", 6, True, "incremental"),       # hidden linear -> linear
-    ("bn", 0, False, "suffix"),            # -> BatchNorm
+    ("mlp", 0, True, "incremental"),  # ReLU output -> Linear
+    ("mlp", 0, False, "incremental"),  # Linear output -> ReLU -> Linear
+    ("mlp", 2, True, "incremental"),  # Tanh output -> Linear (tanh(0) = 0 is not needed after it)
+    ("cnn", 0, True, "incremental"),  # -> conv
+    ("cnn", 2, True, "incremental"),  # -> max-pool -> flatten -> linear
+    ("cnn", 6, True, "incremental"),  # hidden linear -> linear
+    ("bn", 0, False, "suffix"),  # -> BatchNorm
 ]
 MODELS = {"mlp": lambda: (mlp(), (4,)), "cnn": lambda: (cnn(), (1, 8, 8)), "bn": lambda: (bn_net(), (1, 4, 4))}
 
@@ -103,8 +114,9 @@ def test_fast_equals_reference_in_float32(index, incremental):
     model = cnn(torch.float32)
     x, y = data((1, 8, 8), dtype=torch.float32)
     reference, _ = score(model, model[index], x, y, "reference", reduction="none", sv_samples=2, seed=3)
-    fast, used = score(model, model[index], x, y, "fast", reduction="none", sv_samples=2, seed=3,
-                       incremental=incremental)
+    fast, used = score(
+        model, model[index], x, y, "fast", reduction="none", sv_samples=2, seed=3, incremental=incremental
+    )
     assert used == ("incremental" if incremental else "suffix")
     np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
@@ -138,7 +150,7 @@ def test_each_fast_ordering_telescopes(index):
     model = cnn()
     x, y = data((1, 8, 8), n=6)
     scores, _ = score(model, model[index], x, y, "fast", reduction="none", sv_samples=1, seed=9)
-    head, tail = model[:index + 2], model[index + 2:]
+    head, tail = model[: index + 2], model[index + 2 :]
     with torch.no_grad():
         z = head(x)
         nothing = F.cross_entropy(tail(torch.zeros_like(z)), y, reduction="none")
@@ -164,8 +176,12 @@ def brute_force(head, tail, x, y):
         for coalition, v in values.items():
             if c not in coalition:
                 s = len(coalition)
-                phi[:, c] += math.factorial(s) * math.factorial(units - s - 1) / math.factorial(units) * (
-                    values[coalition | {c}] - v)
+                phi[:, c] += (
+                    math.factorial(s)
+                    * math.factorial(units - s - 1)
+                    / math.factorial(units)
+                    * (values[coalition | {c}] - v)
+                )
     return phi.mean(0)
 
 
@@ -173,7 +189,7 @@ def brute_force(head, tail, x, y):
 def test_fast_converges_to_brute_force(index):
     model = cnn()
     x, y = data((1, 8, 8), n=8)
-    exact = brute_force(model[:index + 2], model[index + 2:], x, y)  # 4 / 6 units
+    exact = brute_force(model[: index + 2], model[index + 2 :], x, y)  # 4 / 6 units
     few, _ = score(model, model[index], x, y, "fast", sv_samples=2, seed=0)
     many, _ = score(model, model[index], x, y, "fast", sv_samples=300, seed=0, antithetic=True)
     assert np.abs(many - exact).max() < 0.05 * np.abs(exact).max()
@@ -194,8 +210,9 @@ def test_stderr_matches_the_spread_over_seeds(antithetic):
     runs = []
     stderrs = []
     for seed in range(40):
-        metric = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", sv_samples=6, seed=seed,
-                                          antithetic=antithetic)
+        metric = ShapleyAttributionMetric(
+            model, batches(x, y), F.cross_entropy, "cpu", sv_samples=6, seed=seed, antithetic=antithetic
+        )
         scores, stderr = metric.run(model[0], True, return_stderr=True)
         assert stderr.shape == scores.shape
         runs.append(scores)
@@ -211,8 +228,9 @@ def test_stderr_matches_the_spread_over_seeds(antithetic):
 def test_stderr_per_example_and_sum_and_refused_for_a_callable():
     model = mlp()
     x, y = data((4,), n=10)
-    make = lambda reduction: ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu",
-                                                      reduction=reduction, sv_samples=4, seed=0)
+    make = lambda reduction: ShapleyAttributionMetric(
+        model, batches(x, y), F.cross_entropy, "cpu", reduction=reduction, sv_samples=4, seed=0
+    )
     per_example, stderr = make("none").run(model[0], True, return_stderr=True)
     assert stderr.shape == per_example.shape and np.all(stderr >= 0)
     total, stderr_sum = make("sum").run(model[0], True, return_stderr=True)
@@ -226,8 +244,9 @@ def test_stderr_per_example_and_sum_and_refused_for_a_callable():
 def test_adaptive_mode_stops_where_it_says():
     model = mlp()
     x, y = data((4,), n=10)
-    metric = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", sv_samples=4, seed=0,
-                                      tolerance=0.01, max_samples=400)
+    metric = ShapleyAttributionMetric(
+        model, batches(x, y), F.cross_entropy, "cpu", sv_samples=4, seed=0, tolerance=0.01, max_samples=400
+    )
     scores, stderr = metric.run(model[0], True, return_stderr=True)
     samples = metric.last_samples
     assert 4 < samples <= 400 and samples % 4 == 0
@@ -236,16 +255,25 @@ def test_adaptive_mode_stops_where_it_says():
     plain = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", sv_samples=samples, seed=0)
     np.testing.assert_allclose(plain.run(model[0], True), scores, rtol=1e-9, atol=1e-12)
     shorter, shorter_stderr = ShapleyAttributionMetric(
-        model, batches(x, y), F.cross_entropy, "cpu", sv_samples=samples - 4, seed=0).run(model[0], True, return_stderr=True)
+        model, batches(x, y), F.cross_entropy, "cpu", sv_samples=samples - 4, seed=0
+    ).run(model[0], True, return_stderr=True)
     assert shorter_stderr.max() > 0.01 * (shorter.max() - shorter.min())
-    capped = ShapleyAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", sv_samples=3, seed=0,
-                                      tolerance=1e-9, max_samples=7)
+    capped = ShapleyAttributionMetric(
+        model, batches(x, y), F.cross_entropy, "cpu", sv_samples=3, seed=0, tolerance=1e-9, max_samples=7
+    )
     capped.run(model[0], True)
     assert capped.last_samples == 7
 
 
-@pytest.mark.parametrize("bad, match", [({"algorithm": "quick"}, "algorithm"), ({"max_batch_elements": 0}, "max_batch"),
-                                        ({"tolerance": -1.0}, "tolerance"), ({"max_samples": 0}, "max_samples")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"algorithm": "quick"}, "algorithm"),
+        ({"max_batch_elements": 0}, "max_batch"),
+        ({"tolerance": -1.0}, "tolerance"),
+        ({"max_samples": 0}, "max_samples"),
+    ],
+)
 def test_bad_options_are_refused_by_name(bad, match):
     model = mlp()
     x, y = data((4,), n=4)
@@ -258,8 +286,18 @@ def test_a_small_memory_budget_gives_the_same_scores():
     x, y = data((1, 8, 8), n=7)
     for incremental in (True, False):
         wide, _ = score(model, model[2], x, y, "fast", reduction="none", sv_samples=2, seed=0, incremental=incremental)
-        narrow, _ = score(model, model[2], x, y, "fast", reduction="none", sv_samples=2, seed=0,
-                          incremental=incremental, max_batch_elements=50)
+        narrow, _ = score(
+            model,
+            model[2],
+            x,
+            y,
+            "fast",
+            reduction="none",
+            sv_samples=2,
+            seed=0,
+            incremental=incremental,
+            max_batch_elements=50,
+        )
         np.testing.assert_allclose(narrow, wide, rtol=1e-10, atol=1e-13)
 
 
@@ -313,13 +351,15 @@ def test_a_suffix_that_cannot_run_stacked_falls_back_with_a_warning():
 # --------------------------------------------------------------------------------------------
 # Leave-one-out on the same machinery
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, index, find_best", [("cnn", 0, True), ("cnn", 2, True), ("bn", 0, False), ("mlp", 2, True)])
+@pytest.mark.parametrize(
+    "name, index, find_best", [("cnn", 0, True), ("cnn", 2, True), ("bn", 0, False), ("mlp", 2, True)]
+)
 def test_leave_one_out_is_the_loss_increase_of_removing_one_unit(name, index, find_best):
     from torchpruner.attributions import LeaveOneOutAttributionMetric
 
     model, shape = MODELS[name]()
     x, y = data(shape, n=7)
-    head, tail = model[:index + (2 if find_best else 1)], model[index + (2 if find_best else 1):]
+    head, tail = model[: index + (2 if find_best else 1)], model[index + (2 if find_best else 1) :]
     with torch.no_grad():
         z = head(x)
         full = F.cross_entropy(tail(z), y, reduction="none")
@@ -330,8 +370,9 @@ def test_leave_one_out_is_the_loss_increase_of_removing_one_unit(name, index, fi
             expected.append((F.cross_entropy(tail(zeroed), y, reduction="none") - full).numpy())
     expected = np.stack(expected, 1)
     for algorithm in ("fast", "reference"):
-        metric = LeaveOneOutAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu", reduction="none",
-                                              algorithm=algorithm)
+        metric = LeaveOneOutAttributionMetric(
+            model, batches(x, y), F.cross_entropy, "cpu", reduction="none", algorithm=algorithm
+        )
         np.testing.assert_allclose(metric.run(model[index], find_best), expected, rtol=1e-9, atol=1e-12)
     assert metric.last_path == "reference"
 
@@ -344,8 +385,9 @@ def test_leave_one_out_of_a_group_is_the_loss_after_pruning_the_unit():
     x, y = data((2, 4, 4), n=6)
     for group in model_groups(model, (2, 4, 4)):
         fast = LeaveOneOutAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu").run(group)
-        reference = LeaveOneOutAttributionMetric(model, batches(x, y), F.cross_entropy, "cpu",
-                                                 algorithm="reference").run(group)
+        reference = LeaveOneOutAttributionMetric(
+            model, batches(x, y), F.cross_entropy, "cpu", algorithm="reference"
+        ).run(group)
         np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
 
 
@@ -361,8 +403,9 @@ def test_a_suffix_that_disagrees_with_the_whole_model_is_caught_on_the_first_bat
     original = suffix.Suffix.losses
     monkeypatch.setattr(suffix.Suffix, "losses", lambda *args, **kwargs: original(*args, **kwargs) + 1e-2)
     with pytest.warns(RuntimeWarning, match="other losses than running the whole model"):
-        fast, used = score(model, model[2], x, y, "fast", reduction="none", sv_samples=2, seed=0,
-                           incremental=incremental)
+        fast, used = score(
+            model, model[2], x, y, "fast", reduction="none", sv_samples=2, seed=0, incremental=incremental
+        )
     assert used == "reference"
     np.testing.assert_array_equal(fast, reference)
 

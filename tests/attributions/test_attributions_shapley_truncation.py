@@ -69,9 +69,19 @@ def hand_truncated(weights, cap, scales, target_of, orders, tolerance):
 
 
 def truncated_scores(model, data, algorithm, tolerance, incremental=True, samples=6, seed=3, **options):
-    metric = ShapleyAttributionMetric(model, data, F.l1_loss, "cpu", reduction="none", sv_samples=samples, seed=seed,
-                                      algorithm=algorithm, incremental=incremental, truncation_tolerance=tolerance,
-                                      **options)
+    metric = ShapleyAttributionMetric(
+        model,
+        data,
+        F.l1_loss,
+        "cpu",
+        reduction="none",
+        sv_samples=samples,
+        seed=seed,
+        algorithm=algorithm,
+        incremental=incremental,
+        truncation_tolerance=tolerance,
+        **options,
+    )
     scores = metric.run(model.units)
     return scores, metric.last_path
 
@@ -123,8 +133,17 @@ def test_truncation_drops_the_marginals_after_the_loss_first_reaches_the_full_lo
 
 def cnn(dtype=DTYPE):
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 16, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 16, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    ).to(dtype)
 
 
 @pytest.mark.parametrize("index", [0, 2, 6])
@@ -133,10 +152,19 @@ def test_fast_and_reference_truncate_alike_on_a_cnn(index, incremental):
     model = cnn()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(10, 1, 8, 8, generator=g, dtype=DTYPE), torch.randint(0, 3, (10,), generator=g)
-    data = [(x[i:i + 5], y[i:i + 5]) for i in (0, 5)]
+    data = [(x[i : i + 5], y[i : i + 5]) for i in (0, 5)]
     run = lambda algorithm, tolerance, **kw: ShapleyAttributionMetric(
-        model, data, F.cross_entropy, "cpu", reduction="none", sv_samples=4, seed=2, algorithm=algorithm,
-        truncation_tolerance=tolerance, **kw).run(model[index], True)
+        model,
+        data,
+        F.cross_entropy,
+        "cpu",
+        reduction="none",
+        sv_samples=4,
+        seed=2,
+        algorithm=algorithm,
+        truncation_tolerance=tolerance,
+        **kw,
+    ).run(model[index], True)
     plain = run("reference", None)
     reference = run("reference", 0.02)
     fast = run("fast", 0.02, incremental=incremental, max_batch_elements=200)

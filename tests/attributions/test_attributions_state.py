@@ -17,10 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchpruner.attributions import (APoZAttributionMetric, CaptumAttributionMetric,
-                                      RandomAttributionMetric, SensitivityAttributionMetric,
-                                      ShapleyAttributionMetric, TaylorAttributionMetric,
-                                      WeightNormAttributionMetric)
+from torchpruner.attributions import (
+    APoZAttributionMetric,
+    CaptumAttributionMetric,
+    RandomAttributionMetric,
+    SensitivityAttributionMetric,
+    ShapleyAttributionMetric,
+    TaylorAttributionMetric,
+    WeightNormAttributionMetric,
+)
 from torchpruner.attributions.base import default_batch_fn, per_example_loss
 
 DTYPE = torch.float64
@@ -29,8 +34,12 @@ DTYPE = torch.float64
 def make_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Dropout(0.5),
-        nn.Flatten(), nn.Linear(4 * 5 * 5, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
     ).to(DTYPE)
 
 
@@ -45,6 +54,7 @@ def loader(n=10, batch_size=4, shuffle=True):
 
 def captum_gxa():
     from captum.attr import LayerGradientXActivation
+
     return LayerGradientXActivation
 
 
@@ -63,8 +73,15 @@ DATA_METRICS = ["apoz", "sensitivity", "taylor", "shapley", "captum"]
 def all_hooks(model):
     found = []
     for name, module in model.named_modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                     "_forward_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
             if getattr(module, attr, None):
                 found.append((name, attr))
     return found
@@ -80,8 +97,10 @@ def test_training_flag_restored_per_module(name, find_best):
     model[3].eval()
     before = [m.training for m in model.modules()]
     seen_modes = []
-    criterion = lambda out, y, reduction="mean": (seen_modes.append(model[1].training or model[3].training),
-                                                  F.cross_entropy(out, y, reduction=reduction))[1]
+    criterion = lambda out, y, reduction="mean": (
+        seen_modes.append(model[1].training or model[3].training),
+        F.cross_entropy(out, y, reduction=reduction),
+    )[1]
     METRICS[name](model, loader(), criterion).run(model[0], find_best)
     assert [m.training for m in model.modules()] == before
     assert not any(seen_modes)  # every forward ran in eval mode
@@ -108,7 +127,7 @@ def failing_data(after_batches):
     for i in range(0, 12, 4):
         if i // 4 >= after_batches:
             raise Boom("data loader failed")
-        yield x[i:i + 4], y[i:i + 4]
+        yield x[i : i + 4], y[i : i + 4]
 
 
 @pytest.mark.parametrize("name", DATA_METRICS)
@@ -188,8 +207,9 @@ def test_global_rng_state_restored(name):
 @pytest.mark.parametrize("name", DATA_METRICS)
 def test_scores_independent_of_batch_size(name):
     model = make_model()
-    scores = [METRICS[name](model, loader(10, bs, shuffle=False), F.cross_entropy).run(model[0], True)
-              for bs in (1, 3, 10)]
+    scores = [
+        METRICS[name](model, loader(10, bs, shuffle=False), F.cross_entropy).run(model[0], True) for bs in (1, 3, 10)
+    ]
     for other in scores[1:]:
         np.testing.assert_allclose(other, scores[0], rtol=1e-10, atol=1e-13)
 
@@ -197,8 +217,9 @@ def test_scores_independent_of_batch_size(name):
 @pytest.mark.parametrize("name", DATA_METRICS)
 def test_reductions(name):
     model = make_model()
-    run = lambda reduction: METRICS[name](model, loader(10, 4, shuffle=False), F.cross_entropy,
-                                          reduction=reduction).run(model[0], True)
+    run = lambda reduction: METRICS[name](
+        model, loader(10, 4, shuffle=False), F.cross_entropy, reduction=reduction
+    ).run(model[0], True)
     per_example = run("none")
     assert per_example.shape == (10, 4)
     np.testing.assert_allclose(run("mean"), per_example.mean(0), rtol=1e-12, atol=1e-15)
@@ -220,7 +241,7 @@ def test_max_batches(name):
     def generator():
         for i in range(0, 12, 4):
             consumed.append(i)
-            yield x[i:i + 4], y[i:i + 4]
+            yield x[i : i + 4], y[i : i + 4]
 
     capped = METRICS[name](model, generator(), F.cross_entropy, max_batches=2, reduction="none").run(model[0], True)
     assert consumed == [0, 4]
@@ -258,11 +279,13 @@ def test_batch_layouts():
         "dict labels": [{"images": x, "labels": y}],
     }
     for layout, data in layouts.items():
-        np.testing.assert_array_equal(TaylorAttributionMetric(model, data, F.cross_entropy).run(model[0]), reference,
-                                      err_msg=layout)
+        np.testing.assert_array_equal(
+            TaylorAttributionMetric(model, data, F.cross_entropy).run(model[0]), reference, err_msg=layout
+        )
     custom = [{"pixels": x, "class": y}]
-    scores = TaylorAttributionMetric(model, custom, F.cross_entropy,
-                                     batch_fn=lambda b: (b["pixels"], b["class"])).run(model[0])
+    scores = TaylorAttributionMetric(model, custom, F.cross_entropy, batch_fn=lambda b: (b["pixels"], b["class"])).run(
+        model[0]
+    )
     np.testing.assert_array_equal(scores, reference)
     with pytest.raises(ValueError, match="batch_fn"):
         TaylorAttributionMetric(model, custom, F.cross_entropy).run(model[0])
@@ -287,11 +310,16 @@ def test_several_and_keyword_inputs_via_batch_fn():
     g = torch.Generator().manual_seed(0)
     left, right = torch.randn(5, 3, generator=g, dtype=DTYPE), torch.randn(5, 2, generator=g, dtype=DTYPE)
     y = torch.randint(0, 2, (5,), generator=g)
-    positional = TaylorAttributionMetric(model, [(left, right, y)], F.cross_entropy,
-                                         batch_fn=lambda b: ((b[0], b[1]), b[2]), reduction="none").run(model.a)
-    keyword = TaylorAttributionMetric(model, [(left, right, y)], F.cross_entropy,
-                                      batch_fn=lambda b: ({"left": b[0], "right": b[1]}, b[2]),
-                                      reduction="none").run(model.a)
+    positional = TaylorAttributionMetric(
+        model, [(left, right, y)], F.cross_entropy, batch_fn=lambda b: ((b[0], b[1]), b[2]), reduction="none"
+    ).run(model.a)
+    keyword = TaylorAttributionMetric(
+        model,
+        [(left, right, y)],
+        F.cross_entropy,
+        batch_fn=lambda b: ({"left": b[0], "right": b[1]}, b[2]),
+        reduction="none",
+    ).run(model.a)
     np.testing.assert_array_equal(positional, keyword)
     z = model.a(left).detach().requires_grad_(True)
     loss = F.cross_entropy(model.head(torch.relu(z + model.b(right))), y, reduction="sum")
@@ -304,13 +332,15 @@ def test_called_under_no_grad_or_inference_mode(name):
     model = make_model()
     reference = METRICS[name](model, loader(shuffle=False), F.cross_entropy).run(model[0], True)
     with torch.no_grad():
-        np.testing.assert_allclose(METRICS[name](model, loader(shuffle=False), F.cross_entropy).run(model[0], True),
-                                   reference, rtol=1e-12)
+        np.testing.assert_allclose(
+            METRICS[name](model, loader(shuffle=False), F.cross_entropy).run(model[0], True), reference, rtol=1e-12
+        )
     with torch.inference_mode():
         x, y = make_data()  # inference tensors
         data = [(x[:5], y[:5]), (x[5:], y[5:])]
-        np.testing.assert_allclose(METRICS[name](model, data, F.cross_entropy).run(model[0], True), reference,
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            METRICS[name](model, data, F.cross_entropy).run(model[0], True), reference, rtol=1e-12
+        )
         assert torch.is_inference_mode_enabled()
 
 
@@ -336,8 +366,9 @@ def test_clear_errors():
         taylor.run(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="container"):
         nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)).to(DTYPE)
-        TaylorAttributionMetric(nested, [(torch.randn(3, 4, dtype=DTYPE), torch.tensor([0, 1, 0]))],
-                                F.cross_entropy).run(nested[0])
+        TaylorAttributionMetric(
+            nested, [(torch.randn(3, 4, dtype=DTYPE), torch.tensor([0, 1, 0]))], F.cross_entropy
+        ).run(nested[0])
 
     class Unused(nn.Module):
         def __init__(self):
@@ -349,13 +380,15 @@ def test_clear_errors():
 
     unused = Unused().to(DTYPE)
     with pytest.raises(ValueError, match="never called"):
-        TaylorAttributionMetric(unused, [(torch.randn(3, 4, dtype=DTYPE), torch.tensor([0, 1, 0]))],
-                                F.cross_entropy).run(unused.unused)
+        TaylorAttributionMetric(
+            unused, [(torch.randn(3, 4, dtype=DTYPE), torch.tensor([0, 1, 0]))], F.cross_entropy
+        ).run(unused.unused)
     with pytest.raises(ValueError, match="no batches"):
         TaylorAttributionMetric(model, [], F.cross_entropy).run(model[0])
     with pytest.raises(ValueError, match="no batches"):
-        TaylorAttributionMetric(model, DataLoader(TensorDataset(*make_data(0)), batch_size=2),
-                                F.cross_entropy).run(model[0])
+        TaylorAttributionMetric(model, DataLoader(TensorDataset(*make_data(0)), batch_size=2), F.cross_entropy).run(
+            model[0]
+        )
     with pytest.raises(ValueError, match="scalar"):
         TaylorAttributionMetric(model, data, lambda out, y, reduction="mean": F.cross_entropy(out, y)).run(model[0])
 
@@ -379,8 +412,10 @@ def test_clear_errors():
 def test_per_example_loss_reduces_extra_dims():
     out = torch.randn(4, 3, 5, dtype=DTYPE)  # [N, classes, tokens]
     target = torch.randint(0, 3, (4, 5))
-    np.testing.assert_allclose(per_example_loss(F.cross_entropy, out, target, 4).numpy(),
-                               F.cross_entropy(out, target, reduction="none").mean(1).numpy())
+    np.testing.assert_allclose(
+        per_example_loss(F.cross_entropy, out, target, 4).numpy(),
+        F.cross_entropy(out, target, reduction="none").mean(1).numpy(),
+    )
     with pytest.raises(ValueError, match="shape"):
         per_example_loss(lambda o, t, reduction: o.sum(0), out, target, 4)
 
@@ -418,8 +453,9 @@ def test_progress_bar_names_module_and_permutations(monkeypatch):
     tqdm.auto.tqdm = Recording
     try:
         # the reference algorithm runs one ordering after the other (the fast one stacks them)
-        ShapleyAttributionMetric(model, loader(6, 3), F.cross_entropy, progress=True, sv_samples=2,
-                                 algorithm="reference").run(model[0])
+        ShapleyAttributionMetric(
+            model, loader(6, 3), F.cross_entropy, progress=True, sv_samples=2, algorithm="reference"
+        ).run(model[0])
         TaylorAttributionMetric(model, loader(6, 3), F.cross_entropy, progress=False).run(model[0])
         monkeypatch.setenv("TORCHPRUNER_PROGRESS", "0")
         TaylorAttributionMetric(model, loader(6, 3), F.cross_entropy).run(model[0])
@@ -434,7 +470,12 @@ def test_progress_bar_names_module_and_permutations(monkeypatch):
 
 
 @settings(max_examples=10)
-@given(channels=st.integers(1, 5), size=st.integers(1, 4), batch=st.integers(1, 5), call=st.sampled_from(["taylor", "apoz", "sensitivity"]))
+@given(
+    channels=st.integers(1, 5),
+    size=st.integers(1, 4),
+    batch=st.integers(1, 5),
+    call=st.sampled_from(["taylor", "apoz", "sensitivity"]),
+)
 def test_score_length_is_unit_count(channels, size, batch, call):
     torch.manual_seed(channels)
     model = nn.Sequential(nn.Conv1d(2, channels, 1), nn.ReLU(), nn.Flatten(), nn.Linear(channels * size, 2)).to(DTYPE)

@@ -81,8 +81,7 @@ def test_weight_norm_p_is_the_lp_norm_of_the_owned_weights(name, p):
     np.testing.assert_allclose(metric.run(model[0]), expected, rtol=1e-12)
     # the default is FilterNorm: p = 1 (the seed's behaviour)
     if p == 1:
-        np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(model[0]), expected,
-                                   rtol=1e-12)
+        np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(model[0]), expected, rtol=1e-12)
 
 
 def test_weight_norm_p2_of_a_group_by_hand():
@@ -92,17 +91,32 @@ def test_weight_norm_p2_of_a_group_by_hand():
     l2 = lambda w, dims: w.detach().pow(2).sum(dims).sqrt()
     per_layer = [l2(model.stem.weight, (1, 2, 3)), model.bn.weight.detach().abs(), l2(model.fc.weight, 0)]
     for block in model.blocks:
-        per_layer += [l2(block.conv1.weight, (0, 2, 3)), l2(block.conv2.weight, (1, 2, 3)),
-                      block.bn2.weight.detach().abs()]
+        per_layer += [
+            l2(block.conv1.weight, (0, 2, 3)),
+            l2(block.conv2.weight, (1, 2, 3)),
+            block.bn2.weight.detach().abs(),
+        ]
     expected = sum(v / v.mean() for v in per_layer)
-    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None, p=2).run(group), expected.numpy(),
-                               rtol=1e-12)
-    np.testing.assert_allclose(WeightNormAttributionMetric(model, None, None).run(group, p=2), expected.numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        WeightNormAttributionMetric(model, None, None, p=2).run(group), expected.numpy(), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        WeightNormAttributionMetric(model, None, None).run(group, p=2), expected.numpy(), rtol=1e-12
+    )
 
 
-@pytest.mark.parametrize("p, error", [(0, ValueError), (0.5, ValueError), (-1, ValueError), (math.nan, ValueError),
-                                      ("2", TypeError), (True, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "p, error",
+    [
+        (0, ValueError),
+        (0.5, ValueError),
+        (-1, ValueError),
+        (math.nan, ValueError),
+        ("2", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
 def test_weight_norm_refuses_a_bad_p(p, error):
     model, _ = layer_model("linear")
     with pytest.raises(error, match=r"\bp\b"):
@@ -129,7 +143,7 @@ def summed_distances(vectors: list[np.ndarray]) -> np.ndarray:
 def test_fpgm_is_the_summed_distance_to_the_other_filters(name):
     model, shape = layer_model(name, seed=3)
     filters = [w.numpy() for w in owned(model[0], shape)]
-    scores = FPGMAttributionMetric(model, None, None).run(model[0])   # no data needed
+    scores = FPGMAttributionMetric(model, None, None).run(model[0])  # no data needed
     np.testing.assert_allclose(scores, summed_distances(filters), rtol=1e-12)
     assert TopLevelFPGM is FPGMAttributionMetric
 
@@ -149,8 +163,8 @@ def test_fpgm_prunes_the_filter_nearest_the_geometric_median_first():
 def test_fpgm_of_a_group_concatenates_every_slice_normalised_per_layer():
     model, input_size = build("residual", seed=4)
     group = stream_group(model, input_size)
-    rows = lambda w: w.detach().reshape(w.shape[0], -1)                       # output unit c: W[c]
-    columns = lambda w: w.detach().transpose(0, 1).reshape(w.shape[1], -1)    # input unit c: W[:, c]
+    rows = lambda w: w.detach().reshape(w.shape[0], -1)  # output unit c: W[c]
+    columns = lambda w: w.detach().transpose(0, 1).reshape(w.shape[1], -1)  # input unit c: W[:, c]
     per_layer = [rows(model.stem.weight), model.bn.weight.detach().reshape(-1, 1), columns(model.fc.weight)]
     for block in model.blocks:
         per_layer += [columns(block.conv1.weight), rows(block.conv2.weight), block.bn2.weight.detach().reshape(-1, 1)]
@@ -167,8 +181,9 @@ def test_fpgm_of_a_group_with_flattened_consumer():
     filters = model[6].weight.detach().reshape(5, -1)
     columns = model[9].weight.detach().reshape(3, 5, 16).transpose(0, 1).reshape(5, -1)
     joined = torch.cat([filters / filters.norm(dim=1).mean(), columns / columns.norm(dim=1).mean()], 1).numpy()
-    np.testing.assert_allclose(FPGMAttributionMetric(model, None, None).run(last), summed_distances(list(joined)),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        FPGMAttributionMetric(model, None, None).run(last), summed_distances(list(joined)), rtol=1e-12
+    )
 
 
 def test_fpgm_refuses_a_layer_without_weights():
@@ -201,13 +216,15 @@ def chain_model(seed: int = 0) -> nn.Module:
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 1.5)
         model.bn.weight.uniform_(0.5, 1.5)
-    return model.train()   # scoring must switch to eval mode and back
+    return model.train()  # scoring must switch to eval mode and back
 
 
 def image_batches(seed: int = 0, n: int = 3, size: int = 4):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 2, 6, 6, generator=g, dtype=DTYPE), torch.randint(0, 3, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 2, 6, 6, generator=g, dtype=DTYPE), torch.randint(0, 3, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def consumer_inputs(model: nn.Module, consumer: nn.Module, loader) -> list[torch.Tensor]:
@@ -223,8 +240,7 @@ def consumer_inputs(model: nn.Module, consumer: nn.Module, loader) -> list[torch
     return captured
 
 
-def brute_force_greedy(consumer: nn.Module, inputs: list[torch.Tensor], channels: int,
-                       owner=lambda j: j) -> list[int]:
+def brute_force_greedy(consumer: nn.Module, inputs: list[torch.Tensor], channels: int, owner=lambda j: j) -> list[int]:
     """Remove, one at a time, the channel whose removal (with those already removed) changes the
     consumer's output least (squared error over every output entry): zero the input features
     ``owner`` maps to the removed channels and re-run the consumer."""
@@ -305,15 +321,16 @@ def test_thinet_sampling_is_seeded():
 def test_sampled_contributions_add_up_to_the_consumer_output(consumer):
     torch.manual_seed(6)
     if consumer.startswith("conv"):
-        layer = {"conv": lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2),
-                 "conv1d_circular": lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),
-                 "conv_same_reflect": lambda: nn.Conv2d(3, 4, (2, 3), padding="same", padding_mode="reflect"),
-                 }[consumer]().to(DTYPE)
+        layer = {
+            "conv": lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2),
+            "conv1d_circular": lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),
+            "conv_same_reflect": lambda: nn.Conv2d(3, 4, (2, 3), padding="same", padding_mode="reflect"),
+        }[consumer]().to(DTYPE)
         x = torch.randn((2, 3, 7) if consumer == "conv1d_circular" else (2, 3, 7, 7), dtype=DTYPE)
         y = (layer(x) - layer.bias.view(1, -1, *[1] * (x.dim() - 2))).detach().flatten()
     else:
         layer = nn.Linear(6, 4).to(DTYPE)
-        x = torch.randn(2, 5, 6, dtype=DTYPE)                       # tokens: features on the last dim
+        x = torch.randn(2, 5, 6, dtype=DTYPE)  # tokens: features on the last dim
         y = (layer(x) - layer.bias).detach().movedim(-1, 1).flatten()
     generator = torch.Generator().manual_seed(0)
     contributions, index = channel_contributions(layer, x, 9, generator)
@@ -343,7 +360,7 @@ def test_thinet_refuses_layers_without_one_conv_or_linear_consumer():
     metric = ThiNetAttributionMetric(model, loader, None)
     before = snapshot(model)
     with pytest.raises(ValueError, match="exactly one"):
-        metric.run(model.stem)                      # the residual stream feeds conv1 of each block and fc
+        metric.run(model.stem)  # the residual stream feeds conv1 of each block and fc
     with pytest.raises(ValueError, match="exactly one"):
         metric.run(stream_group(model, input_size))
     with pytest.raises(ValueError, match="model output|no .*consumer"):
@@ -357,8 +374,9 @@ def test_thinet_refuses_layers_without_one_conv_or_linear_consumer():
 
 def test_thinet_refuses_a_grouped_consumer():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 2)).to(DTYPE)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+    ).to(DTYPE)
     loader = [(torch.randn(2, 2, 6, 6, dtype=DTYPE), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(ValueError, match="groups"):
         ThiNetAttributionMetric(model, loader, None).run(model[0])
@@ -375,7 +393,8 @@ def test_thinet_needs_data():
 # --------------------------------------------------------------------------------------------
 def test_fpgm_and_thinet_are_rows_of_the_criteria_comparison(tmp_path):
     assert {"fpgm", "thinet"} <= set(DEFAULT_CRITERIA)
-    payload = compare_criteria.main(["--results", str(tmp_path), *TINY_CNN, "--criteria", "fpgm,thinet",
-                                     "--verify-points", "1"])
+    payload = compare_criteria.main(
+        ["--results", str(tmp_path), *TINY_CNN, "--criteria", "fpgm,thinet", "--verify-points", "1"]
+    )
     assert {row["criterion"] for row in payload["summary"]} == {"fpgm", "thinet"}
     assert payload["verification"]["max_abs_loss_diff"] < 1e-4

@@ -41,16 +41,14 @@ METRICS = {
     "apoz": lambda m, d, **kw: APoZAttributionMetric(m, d, F.cross_entropy, "cpu", **kw),
     "sensitivity": lambda m, d, **kw: SensitivityAttributionMetric(m, d, F.cross_entropy, "cpu", **kw),
     "taylor": lambda m, d, **kw: TaylorAttributionMetric(m, d, F.cross_entropy, "cpu", **kw),
-    "shapley": lambda m, d, **kw: ShapleyAttributionMetric(m, d, F.cross_entropy, "cpu", sv_samples=1,
-                                                           seed=0, **kw),
+    "shapley": lambda m, d, **kw: ShapleyAttributionMetric(m, d, F.cross_entropy, "cpu", sv_samples=1, seed=0, **kw),
 }
 DATA_METRICS = ["apoz", "sensitivity", "taylor", "shapley"]
 
 
 def images(n=8, channels=2, size=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, channels, size, size, generator=g, dtype=DTYPE),
-            torch.randint(0, 3, (n,), generator=g))
+    return (torch.randn(n, channels, size, size, generator=g, dtype=DTYPE), torch.randint(0, 3, (n,), generator=g))
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,10 +90,18 @@ class RepBlock(nn.Module):
 
 def rep_model(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict(
-        stem=nn.Conv2d(2, 4, 3, padding=1), act=nn.ReLU(), block=RepBlock(4), head=nn.Conv2d(4, 4, 1),
-        head_act=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(4, 3),
-    )).to(DTYPE)
+    return nn.Sequential(
+        OrderedDict(
+            stem=nn.Conv2d(2, 4, 3, padding=1),
+            act=nn.ReLU(),
+            block=RepBlock(4),
+            head=nn.Conv2d(4, 4, 1),
+            head_act=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(4, 3),
+        )
+    ).to(DTYPE)
 
 
 def flags(model):
@@ -273,8 +279,11 @@ def test_scoring_restores_buffers_a_forward_replaces_or_adds():
 
 
 def test_scoring_between_forward_and_backward_keeps_the_users_graph():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(36, 3)).to(DTYPE).train()
+    model = (
+        nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3))
+        .to(DTYPE)
+        .train()
+    )
     x, y = images()
     loss = F.cross_entropy(model(x), y)  # BatchNorm saved its running statistics for backward
     TaylorAttributionMetric(model, [(x, y)], F.cross_entropy, "cpu").run(model[0])
@@ -287,15 +296,20 @@ def test_scoring_between_forward_and_backward_keeps_the_users_graph():
 # --------------------------------------------------------------------------------------------
 def batch_stats_model(track_running_stats: bool):
     torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(2, 4, 3, padding=1), norm=nn.BatchNorm2d(4, track_running_stats=track_running_stats),
-        act=nn.ReLU(), flat=nn.Flatten(), fc=nn.Linear(4 * 25, 3),
-    )).to(DTYPE)
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(2, 4, 3, padding=1),
+            norm=nn.BatchNorm2d(4, track_running_stats=track_running_stats),
+            act=nn.ReLU(),
+            flat=nn.Flatten(),
+            fc=nn.Linear(4 * 25, 3),
+        )
+    ).to(DTYPE)
 
 
 def batches(n=8, batch_size=2):
     x, y = images(n)
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
 @pytest.mark.filterwarnings("ignore:APoZ evaluated")
@@ -321,8 +335,9 @@ def test_batch_statistics_warning_scores_really_depend_on_the_batch():
 
 
 @pytest.mark.filterwarnings("ignore:APoZ evaluated")
-@pytest.mark.parametrize(("name", "track_running_stats"),
-                         [(name, True) for name in METRICS] + [("random", False), ("weight_norm", False)])
+@pytest.mark.parametrize(
+    ("name", "track_running_stats"), [(name, True) for name in METRICS] + [("random", False), ("weight_norm", False)]
+)
 def test_no_batch_statistics_warning_with_running_statistics_or_without_a_data_pass(name, track_running_stats):
     model = batch_stats_model(track_running_stats=track_running_stats)
     with warnings.catch_warnings(record=True) as record:
@@ -341,8 +356,9 @@ def indexed_dataset(n=8):
 
 def persistent_loader(dataset, shuffle):
     generator = torch.Generator().manual_seed(1) if shuffle else None
-    return DataLoader(dataset, batch_size=2, shuffle=shuffle, generator=generator, num_workers=1,
-                      persistent_workers=True)
+    return DataLoader(
+        dataset, batch_size=2, shuffle=shuffle, generator=generator, num_workers=1, persistent_workers=True
+    )
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -351,8 +367,9 @@ def test_scoring_mid_epoch_with_the_training_loader_sees_every_batch_once(shuffl
     loader = persistent_loader(dataset, shuffle)
     model = batch_stats_model(track_running_stats=True)
     metric = TaylorAttributionMetric(model, loader, F.cross_entropy, "cpu")
-    reference = TaylorAttributionMetric(model, DataLoader(dataset, batch_size=2), F.cross_entropy,
-                                        "cpu").run(model.conv)
+    reference = TaylorAttributionMetric(model, DataLoader(dataset, batch_size=2), F.cross_entropy, "cpu").run(
+        model.conv
+    )
     for epoch in range(2):
         seen: list[int] = []
         scores = None

@@ -75,7 +75,7 @@ def test_bottom_overlap_and_rank_correlation(study):
     assert study.bottom_overlap(-reference, reference) == 0.0
     # the bottom quarter is units 0 and 1; the estimate puts unit 2 before unit 1
     assert study.bottom_overlap(np.array([0.0, 2.5, 1.0, 3, 4, 5, 6, 7]), reference) == 0.5
-    assert study.rank_correlation(reference ** 3, reference) == pytest.approx(1.0)
+    assert study.rank_correlation(reference**3, reference) == pytest.approx(1.0)
     assert study.rank_correlation(-reference, reference) == pytest.approx(-1.0)
     assert math.isnan(study.rank_correlation(np.zeros(8), reference))
 
@@ -106,15 +106,20 @@ def test_a_row_is_what_the_metric_reports(study, tiny):
     model, data, x, y = tiny
     reference = exact_shapley(model, x, y)
     (row,) = study.convergence(model, data, model[1], "hidden", reference, samples=(3,), seeds=2, modes=(False,))
-    runs = [ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=3, seed=s).run(
-        model[1], return_stderr=True) for s in range(2)]
+    runs = [
+        ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=3, seed=s).run(
+            model[1], return_stderr=True
+        )
+        for s in range(2)
+    ]
     estimates = np.stack([scores for scores, _ in runs])
     spread = np.ptp(reference)
     assert row.samples == 3
     assert row.stderr_over_range == pytest.approx(np.mean([stderr for _, stderr in runs]) / spread)
     assert row.error_over_range == pytest.approx(np.sqrt(np.mean((estimates - reference) ** 2)) / spread)
     assert row.stderr_over_spread == pytest.approx(
-        np.sqrt(np.mean([stderr ** 2 for _, stderr in runs]) / estimates.var(axis=0, ddof=1).mean()))
+        np.sqrt(np.mean([stderr**2 for _, stderr in runs]) / estimates.var(axis=0, ddof=1).mean())
+    )
 
 
 def test_refuses_what_it_cannot_measure(study, tiny):

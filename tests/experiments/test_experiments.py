@@ -35,14 +35,36 @@ def _png_ok(path):
 
 
 def test_compare_criteria_smoke_and_removal_order(tmp_path):
-    payload = compare_criteria.main(["--results", str(tmp_path), *TINY_CNN, "--criteria",
-                                     "random,weight_norm,taylor,shapley,shapley_2std", "--n-seeds", "2",
-                                     "--sv-samples", "1", "--verify-points", "1", "--train-seeds", "1"])
+    payload = compare_criteria.main(
+        [
+            "--results",
+            str(tmp_path),
+            *TINY_CNN,
+            "--criteria",
+            "random,weight_norm,taylor,shapley,shapley_2std",
+            "--n-seeds",
+            "2",
+            "--sv-samples",
+            "1",
+            "--verify-points",
+            "1",
+            "--train-seeds",
+            "1",
+        ]
+    )
     folder = tmp_path / "compare_criteria" / "digits_cnn_seed0"
     curves = _rows(folder / "curves.csv")
     summary = _rows(folder / "summary.csv")
-    assert set(curves[0]) == {"model_seed", "layer", "criterion", "seed", "removed", "unit", "test_loss",
-                              "test_accuracy"}
+    assert set(curves[0]) == {
+        "model_seed",
+        "layer",
+        "criterion",
+        "seed",
+        "removed",
+        "unit",
+        "test_loss",
+        "test_accuracy",
+    }
     assert {row["criterion"] for row in summary} == {"random", "weight_norm", "taylor", "shapley", "shapley_2std"}
     assert {row["seeds"] for row in summary if row["criterion"] in ("random", "shapley")} == {"2"}
     _png_ok(folder / "compare_criteria.png")
@@ -53,10 +75,15 @@ def test_compare_criteria_smoke_and_removal_order(tmp_path):
     # The removal order really is the score order: lowest score first, every unit once.
     for curve in payload["curves"]:
         scores = np.asarray(curve["scores"])
-        removed = [int(row["unit"]) for row in curves
-                   if row["layer"] == curve["layer"] and row["criterion"] == curve["criterion"]
-                   and int(row["seed"]) == curve["seed"] and int(row["removed"]) > 0]
-        assert removed == curve["order"][:len(removed)]
+        removed = [
+            int(row["unit"])
+            for row in curves
+            if row["layer"] == curve["layer"]
+            and row["criterion"] == curve["criterion"]
+            and int(row["seed"]) == curve["seed"]
+            and int(row["removed"]) > 0
+        ]
+        assert removed == curve["order"][: len(removed)]
         assert len(removed) == curve["units"] - 1 and len(set(removed)) == len(removed)
         assert np.all(np.diff(scores[removed]) >= 0)
     # Recorded scores are the metric's: weight norm recomputed from the cached trained model.
@@ -65,8 +92,15 @@ def test_compare_criteria_smoke_and_removal_order(tmp_path):
 
     splits = load_dataset("digits")
     with reproducible(1):  # the checkpoint's recipe names the thread count it was trained with
-        model, info = load_or_train("cnn", splits, tmp_path, epochs=1, batch_size=128,
-                                    model_options={"widths": (4, 6), "hidden": 8}, progress=False)
+        model, info = load_or_train(
+            "cnn",
+            splits,
+            tmp_path,
+            epochs=1,
+            batch_size=128,
+            model_options={"widths": (4, 6), "hidden": 8},
+            progress=False,
+        )
     assert info["cached"]
     recorded = next(c for c in payload["curves"] if c["criterion"] == "weight_norm" and c["layer"] == "conv2")
     expected = WeightNormAttributionMetric(model, None, None, "cpu").run(model.conv2)
@@ -78,9 +112,25 @@ def test_removal_order_breaks_ties_by_index():
 
 
 def test_prune_during_training_smoke(tmp_path):
-    payload = prune_during_training.main(["--results", str(tmp_path), *TINY_CNN, "--epochs", "3", "--every", "1",
-                                          "--events", "2", "--fraction", "0.3", "--criterion", "weight_norm",
-                                          "--latency-batch", "8"])
+    payload = prune_during_training.main(
+        [
+            "--results",
+            str(tmp_path),
+            *TINY_CNN,
+            "--epochs",
+            "3",
+            "--every",
+            "1",
+            "--events",
+            "2",
+            "--fraction",
+            "0.3",
+            "--criterion",
+            "weight_norm",
+            "--latency-batch",
+            "8",
+        ]
+    )
     folder = next((tmp_path / "prune_during_training").iterdir())
     history = _rows(folder / "history.csv")
     assert {"variant", "epoch", "test_accuracy", "params", "flops", "latency_ms"} <= set(history[0])
@@ -110,8 +160,23 @@ def test_low_data_smoke_with_intervals_over_seeds(tmp_path, monkeypatch):
 
     real_few_per_class = low_data.few_per_class
     monkeypatch.setattr(low_data, "few_per_class", few_per_class)
-    payload = low_data.main(["--results", str(tmp_path), *TINY_CNN, "--criteria", "random,weight_norm",
-                             "--keep", "0.5,1.0", "--per-class", "2", "--finetune-epochs", "1", "--n-seeds", "2"])
+    payload = low_data.main(
+        [
+            "--results",
+            str(tmp_path),
+            *TINY_CNN,
+            "--criteria",
+            "random,weight_norm",
+            "--keep",
+            "0.5,1.0",
+            "--per-class",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--n-seeds",
+            "2",
+        ]
+    )
     assert drawn == [(2, 0), (2, 1)]  # one subset per seed
     folder = next((tmp_path / "low_data").iterdir())
     runs = _rows(folder / "runs.csv")
@@ -127,8 +192,12 @@ def test_low_data_smoke_with_intervals_over_seeds(tmp_path, monkeypatch):
     for (criterion, keep), row in summary.items():
         assert int(row["seeds"]) == 2
         for column in ("accuracy", "accuracy_finetuned"):
-            mine = {r["seed"]: float(r[column]) for r in runs if r["criterion"] == criterion and float(r["keep"]) == keep}
-            reference = {r["seed"]: float(r[column]) for r in runs if r["criterion"] == "random" and float(r["keep"]) == keep}
+            mine = {
+                r["seed"]: float(r[column]) for r in runs if r["criterion"] == criterion and float(r["keep"]) == keep
+            }
+            reference = {
+                r["seed"]: float(r[column]) for r in runs if r["criterion"] == "random" and float(r["keep"]) == keep
+            }
             expected = _t_interval(list(mine.values()))
             got = [float(row[column + suffix]) for suffix in ("", "_low", "_high")]
             assert np.allclose(got, expected, atol=1e-9, equal_nan=True)
@@ -156,8 +225,21 @@ def test_low_data_refuses_no_seeds(tmp_path):
 
 
 def test_prune_untrained_smoke_with_intervals_over_initialisations(tmp_path):
-    payload = prune_untrained.main(["--results", str(tmp_path), "--hidden", "12,10", "--n-seeds", "2",
-                                    "--sv-samples", "2", "--score-examples", "64", "--no-progress"])
+    payload = prune_untrained.main(
+        [
+            "--results",
+            str(tmp_path),
+            "--hidden",
+            "12,10",
+            "--n-seeds",
+            "2",
+            "--sv-samples",
+            "2",
+            "--score-examples",
+            "64",
+            "--no-progress",
+        ]
+    )
     runs = payload["runs"]
     assert [run["seed"] for run in runs] == [0, 1]
     for run in runs:
@@ -171,8 +253,7 @@ def test_prune_untrained_smoke_with_intervals_over_initialisations(tmp_path):
     for quantity, row in summary.items():
         before = [run[quantity + "_before"] for run in runs]
         after = [run[quantity + "_after"] for run in runs]
-        for key, values in (("before", before), ("after", after),
-                            ("change", [a - b for a, b in zip(after, before)])):
+        for key, values in (("before", before), ("after", after), ("change", [a - b for a, b in zip(after, before)])):
             got = [float(row[key + suffix]) for suffix in ("", "_low", "_high")]
             assert np.allclose(got, _t_interval(values), atol=1e-6)
     assert "95% t-interval over 2 initialisations" in payload["table"]
@@ -224,8 +305,9 @@ def test_idx_loader_reads_torchvision_layout(tmp_path, name, folder, compress):
     assert images.dtype == torch.float32 and abs(float(train_pixels.mean())) < 1e-4
     assert abs(float(train_pixels.std()) - 1.0) < 1e-2
     fit = train_images[[i for i in range(60) if not _in_val(i, splits, train_images)]] / 255.0
-    np.testing.assert_allclose(images[3, 0].numpy(), (test_images[3] / 255.0 - fit.mean()) / fit.std(), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        images[3, 0].numpy(), (test_images[3] / 255.0 - fit.mean()) / fit.std(), rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_array_equal(labels.numpy(), test_labels)
     assert sorted(np.bincount(splits.val.tensors[1].numpy()).tolist()) == [1] * 10  # stratified
 
@@ -245,8 +327,12 @@ def test_cifar10_real_copy():
 
 @pytest.mark.parametrize("script", ["compare_criteria", "prune_during_training", "low_data", "prune_untrained"])
 def test_scripts_show_help(script, capsys):
-    module = {"compare_criteria": compare_criteria, "prune_during_training": prune_during_training,
-              "low_data": low_data, "prune_untrained": prune_untrained}[script]
+    module = {
+        "compare_criteria": compare_criteria,
+        "prune_during_training": prune_during_training,
+        "low_data": low_data,
+        "prune_untrained": prune_untrained,
+    }[script]
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0
@@ -261,8 +347,14 @@ def test_script_runs_as_a_file(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "experiments" / "prune_untrained.py"
-    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     assert done.returncode == 0, done.stderr
     assert "--seed" in done.stdout
 
@@ -275,8 +367,23 @@ def test_ddp_prune_smoke_gloo(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "experiments.ddp_prune", "--epochs", "2", "--prune-epoch", "1", "--widths",
-               "4,6", "--hidden", "8", "--nproc", "1", "--results", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.ddp_prune",
+        "--epochs",
+        "2",
+        "--prune-epoch",
+        "1",
+        "--widths",
+        "4,6",
+        "--hidden",
+        "8",
+        "--nproc",
+        "1",
+        "--results",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -44,8 +44,9 @@ def test_cnn1d_masked_removal_is_real_removal():
             with UnitMask(layer.activation, layer.num_units) as mask:
                 mask.drop(units)
                 masked = evaluate(model, loader)
-            loss, accuracy, left = compare_criteria.prune_copy(model, layer.name, units, loader, (1, 40), "cpu",
-                                                               pruner=pruner)
+            loss, accuracy, left = compare_criteria.prune_copy(
+                model, layer.name, units, loader, (1, 40), "cpu", pruner=pruner
+            )
             assert left == layer.num_units - 3
             assert abs(loss - masked[0]) < 1e-5 and accuracy == masked[1]
             assert compare_criteria.suffix_after(model, layer.activation) is not None

@@ -15,13 +15,38 @@ from experiments.common import DEFAULT_CRITERIA, UnitMask, reproducible
 from experiments.data import load_dataset
 from experiments.models import load_or_train, prunable_layers
 
-TINY = ["--epochs", "2", "--widths", "4,6", "--hidden", "8", "--no-progress", "--batch-size", "128",
-        "--n-seeds", "1", "--sv-samples", "1", "--verify-points", "1", "--train-seeds", "1"]
+TINY = [
+    "--epochs",
+    "2",
+    "--widths",
+    "4,6",
+    "--hidden",
+    "8",
+    "--no-progress",
+    "--batch-size",
+    "128",
+    "--n-seeds",
+    "1",
+    "--sv-samples",
+    "1",
+    "--verify-points",
+    "1",
+    "--train-seeds",
+    "1",
+]
 
 
 def test_the_default_study_runs_every_criterion():
-    assert {"conductance", "integrated_gradients", "leave_one_out", "thinet", "fpgm", "bn_scale", "shapley_2std",
-            "taylor_signed"} <= set(DEFAULT_CRITERIA)
+    assert {
+        "conductance",
+        "integrated_gradients",
+        "leave_one_out",
+        "thinet",
+        "fpgm",
+        "bn_scale",
+        "shapley_2std",
+        "taylor_signed",
+    } <= set(DEFAULT_CRITERIA)
 
 
 @torch.no_grad()
@@ -40,12 +65,20 @@ def _mean_loss(model, loader, mask=None, zero_input=False):
 
 
 def test_captum_rows_are_complete_attributions_of_the_loss(tmp_path):
-    payload = compare_criteria.main(["--results", str(tmp_path), *TINY,
-                                     "--criteria", "random,conductance,integrated_gradients"])
+    payload = compare_criteria.main(
+        ["--results", str(tmp_path), *TINY, "--criteria", "random,conductance,integrated_gradients"]
+    )
     splits = load_dataset("digits")
     with reproducible(1):
-        model, _ = load_or_train("cnn", splits, tmp_path, epochs=2, batch_size=128,
-                                 model_options={"widths": (4, 6), "hidden": 8}, progress=False)
+        model, _ = load_or_train(
+            "cnn",
+            splits,
+            tmp_path,
+            epochs=2,
+            batch_size=128,
+            model_options={"widths": (4, 6), "hidden": 8},
+            progress=False,
+        )
     _, val_loader, _ = splits.loaders(batch_size=128)
     loss = _mean_loss(model, val_loader)
     for layer in prunable_layers(model):

@@ -22,8 +22,10 @@ def trained():
     splits = load_dataset("digits")
     models = {}
     with reproducible(1):
-        for arch, options in (("cnn", {"widths": (6, 8), "hidden": 12}),
-                              ("vgg", {"config": (8, "M", 12, "M", 16), "hidden": 10})):
+        for arch, options in (
+            ("cnn", {"widths": (6, 8), "hidden": 12}),
+            ("vgg", {"config": (8, "M", 12, "M", 16), "hidden": 10}),
+        ):
             torch.manual_seed(0)
             model = build_model(arch, splits.input_size, splits.num_classes, **options)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -44,7 +46,7 @@ def test_suffix_curve_is_the_masked_model_bit_for_bit(trained, arch):
         for layer in prunable_layers(model):
             suffix = compare_criteria.suffix_after(model, layer.activation)
             assert suffix is not None, layer.name
-            order = np.random.default_rng(0).permutation(layer.num_units)[:layer.num_units - 1]
+            order = np.random.default_rng(0).permutation(layer.num_units)[: layer.num_units - 1]
             plain = compare_criteria.masked_curve(model, layer, order, batches, "cpu")
             fast = compare_criteria.masked_curve(model, layer, order, batches, "cpu", suffix=suffix)
             assert fast == plain, layer.name  # the same floats, not merely close
@@ -82,8 +84,9 @@ def test_check_planned_on_the_model_equals_a_pruner_on_the_copy(trained, arch):
     with reproducible(1):
         for layer in prunable_layers(model):
             units = list(range(1, layer.num_units, 2))
-            reused = compare_criteria.prune_copy(model, layer.name, units, batches, splits.input_size, "cpu",
-                                                 pruner=pruner)
+            reused = compare_criteria.prune_copy(
+                model, layer.name, units, batches, splits.input_size, "cpu", pruner=pruner
+            )
             fresh = compare_criteria.prune_copy(model, layer.name, units, batches, splits.input_size, "cpu")
             assert reused == fresh and reused[2] == layer.num_units - len(units)
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # untouched

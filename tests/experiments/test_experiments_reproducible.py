@@ -9,17 +9,37 @@ import torch
 from experiments import compare_criteria
 from experiments.stats import bootstrap_ci, sign_test
 
-TINY = ["--epochs", "1", "--widths", "4,6", "--hidden", "8", "--no-progress", "--batch-size", "128",
-        "--criteria", "random,weight_norm,bn_scale,taylor,shapley", "--n-seeds", "2", "--sv-samples", "1",
-        "--verify-points", "0", "--threads", "1"]
+TINY = [
+    "--epochs",
+    "1",
+    "--widths",
+    "4,6",
+    "--hidden",
+    "8",
+    "--no-progress",
+    "--batch-size",
+    "128",
+    "--criteria",
+    "random,weight_norm,bn_scale,taylor,shapley",
+    "--n-seeds",
+    "2",
+    "--sv-samples",
+    "1",
+    "--verify-points",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     """The same two-model study run twice, each in a fresh results folder (so each trains)."""
     before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    runs = [compare_criteria.main(["--results", str(tmp_path_factory.mktemp(f"run{i}")), *TINY,
-                                   "--train-seeds", "2"]) for i in range(2)]
+    runs = [
+        compare_criteria.main(["--results", str(tmp_path_factory.mktemp(f"run{i}")), *TINY, "--train-seeds", "2"])
+        for i in range(2)
+    ]
     after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     return runs, before, after
 
@@ -50,8 +70,9 @@ def test_averaged_run_is_the_separate_runs_model_for_model(two_models, tmp_path)
     single = compare_criteria.main(["--results", str(tmp_path), *TINY, "--train-seeds", "1", "--seed", "1"])
     assert not single["models"][0]["cached"]
     from_average = [c for c in two_models[0][0]["curves"] if c["model_seed"] == 1]
-    assert [(c["layer"], c["criterion"], c["seed"], c["order"], c["loss_increase"]) for c in from_average] == \
-           [(c["layer"], c["criterion"], c["seed"], c["order"], c["loss_increase"]) for c in single["curves"]]
+    assert [(c["layer"], c["criterion"], c["seed"], c["order"], c["loss_increase"]) for c in from_average] == [
+        (c["layer"], c["criterion"], c["seed"], c["order"], c["loss_increase"]) for c in single["curves"]
+    ]
 
 
 def test_paired_statistics_are_recomputed_from_the_curves(two_models):
@@ -91,8 +112,9 @@ def test_bn_scale_scores_the_conv_layers_by_their_batchnorm_and_skips_fc1(two_mo
     assert {c["layer"] for c in payload["curves"] if c["criterion"] == "bn_scale"} == {"conv1", "conv2"}
     model_info = payload["models"][0]
     state = torch.load(model_info["checkpoint"], weights_only=True)
-    recorded = next(c for c in payload["curves"] if c["criterion"] == "bn_scale" and c["layer"] == "conv2"
-                    and c["model_seed"] == 0)
+    recorded = next(
+        c for c in payload["curves"] if c["criterion"] == "bn_scale" and c["layer"] == "conv2" and c["model_seed"] == 0
+    )
     np.testing.assert_allclose(recorded["scores"], state["bn2.weight"].abs().double().numpy(), rtol=1e-12)
 
 
@@ -104,12 +126,26 @@ def test_paired_comparisons_mark_significance_by_sign_test_and_interval():
         for layer in ("a", "b", "c"):
             base = float(rng.uniform(0.5, 1.0))
             index = 3 * model_seed + "abc".index(layer)
-            for name, value in (("random", base), ("clear", base - 0.2), ("mostly", base - (0.2 if index else -0.01)),
-                                ("noise", base + (0.01 if index % 2 else -0.01))):
-                curves.append({"model_seed": model_seed, "layer": layer, "criterion": name, "seed": 0,
-                               "loss_increase": value, "accuracy_drop": 0.0})
-    rows = {row["criterion"]: row for row in
-            compare_criteria.paired_comparisons(curves, ["random", "clear", "mostly", "noise"], "random")}
+            for name, value in (
+                ("random", base),
+                ("clear", base - 0.2),
+                ("mostly", base - (0.2 if index else -0.01)),
+                ("noise", base + (0.01 if index % 2 else -0.01)),
+            ):
+                curves.append(
+                    {
+                        "model_seed": model_seed,
+                        "layer": layer,
+                        "criterion": name,
+                        "seed": 0,
+                        "loss_increase": value,
+                        "accuracy_drop": 0.0,
+                    }
+                )
+    rows = {
+        row["criterion"]: row
+        for row in compare_criteria.paired_comparisons(curves, ["random", "clear", "mostly", "noise"], "random")
+    }
     assert (rows["clear"]["lower"], rows["clear"]["p_value"], rows["clear"]["significant"]) == (9, 2 / 512, "**")
     assert (rows["mostly"]["lower"], rows["mostly"]["significant"]) == (8, "*")  # p = 20/512 > 0.05/3
     assert rows["mostly"]["p_value"] == pytest.approx(20 / 512)
@@ -120,21 +156,29 @@ def test_paired_comparisons_mark_significance_by_sign_test_and_interval():
 
 
 def test_combined_single_model_runs_print_the_averaged_tables(two_models, tmp_path):
-    singles = [compare_criteria.main(["--results", str(tmp_path), *TINY, "--train-seeds", "1", "--seed", str(seed)])
-               for seed in (1, 0)]  # any order
-    combined = compare_criteria.main(["--results", str(tmp_path), "--combine",
-                                      *[single["files"]["results"] for single in singles]])
+    singles = [
+        compare_criteria.main(["--results", str(tmp_path), *TINY, "--train-seeds", "1", "--seed", str(seed)])
+        for seed in (1, 0)
+    ]  # any order
+    combined = compare_criteria.main(
+        ["--results", str(tmp_path), "--combine", *[single["files"]["results"] for single in singles]]
+    )
     together = two_models[0][0]
     assert combined["tables"] == together["tables"]
-    untimed = [[{k: v for k, v in row.items() if k != "score_seconds"} for row in payload["summary"]]
-               for payload in (combined, together)]
+    untimed = [
+        [{k: v for k, v in row.items() if k != "score_seconds"} for row in payload["summary"]]
+        for payload in (combined, together)
+    ]
     assert untimed[0] == untimed[1] and combined["paired"] == together["paired"]
     assert (tmp_path / "compare_criteria" / "digits_cnn_seeds0-1_combined" / "compare_criteria.png").is_file()
-    other = compare_criteria.main(["--results", str(tmp_path / "other"), *TINY, "--train-seeds", "1", "--seed", "0",
-                                   "--sv-samples", "2"])
+    other = compare_criteria.main(
+        ["--results", str(tmp_path / "other"), *TINY, "--train-seeds", "1", "--seed", "0", "--sv-samples", "2"]
+    )
     with pytest.raises(SystemExit, match="sv_samples"):
-        compare_criteria.main(["--results", str(tmp_path), "--combine", singles[0]["files"]["results"],
-                               other["files"]["results"]])
+        compare_criteria.main(
+            ["--results", str(tmp_path), "--combine", singles[0]["files"]["results"], other["files"]["results"]]
+        )
     with pytest.raises(SystemExit, match="more than once"):
-        compare_criteria.main(["--results", str(tmp_path), "--combine", singles[1]["files"]["results"],
-                               singles[1]["files"]["results"]])
+        compare_criteria.main(
+            ["--results", str(tmp_path), "--combine", singles[1]["files"]["results"], singles[1]["files"]["results"]]
+        )

@@ -15,7 +15,9 @@ def test_slimming_quick_run_prints_the_tables_and_drives_gamma_down(tmp_path, ca
         assert f"\n{title}\n" in out
     names = [row["model"] for row in payload["rows"]]
     ratios = ["30%", "50%", "70%"]
-    assert names == ["original", "sparse (s=0.05)"] + [n for r in ratios for n in (f"pruned {r}", f"pruned {r} + fine-tune")]
+    assert names == ["original", "sparse (s=0.05)"] + [
+        n for r in ratios for n in (f"pruned {r}", f"pruned {r} + fine-tune")
+    ]
     rows = {row["model"]: row for row in payload["rows"]}
     for row in payload["rows"]:
         assert 0.0 <= row["test_accuracy"] <= 1.0 and np.isfinite(row["test_loss"])
@@ -27,7 +29,9 @@ def test_slimming_quick_run_prints_the_tables_and_drives_gamma_down(tmp_path, ca
     assert flops == sorted(flops, reverse=True) and flops[0] < rows["original"]["flops"]
     for r in ratios:
         assert rows[f"pruned {r} + fine-tune"]["params"] == rows[f"pruned {r}"]["params"]
-        assert rows[f"pruned {r}"]["params_ratio"] == pytest.approx(rows[f"pruned {r}"]["params"] / rows["original"]["params"])
+        assert rows[f"pruned {r}"]["params_ratio"] == pytest.approx(
+            rows[f"pruned {r}"]["params"] / rows["original"]["params"]
+        )
     # L1 on the BatchNorm scales pushes γ towards zero
     small, median = payload["small_gamma_fraction"], payload["median_gamma"]
     assert small["sparse"] > small["original"]
@@ -35,7 +39,7 @@ def test_slimming_quick_run_prints_the_tables_and_drives_gamma_down(tmp_path, ca
     with open(payload["files"]["table"], newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [row["model"] for row in table] == names and {"params", "flops", "test_accuracy"} <= set(table[0])
-    assert payload["timing"]["total_seconds"] > 0   # recorded; speed belongs in benchmarks/, not in a test
+    assert payload["timing"]["total_seconds"] > 0  # recorded; speed belongs in benchmarks/, not in a test
 
 
 def test_slimming_plot_of_sorted_gammas(tmp_path):
@@ -43,8 +47,9 @@ def test_slimming_plot_of_sorted_gammas(tmp_path):
     matplotlib.use("Agg")
     from matplotlib import image
 
-    payload = slimming.main(["--quick", "--no-progress", "--results", str(tmp_path), "--ratios", "0.5",
-                             "--epochs", "2"])
+    payload = slimming.main(
+        ["--quick", "--no-progress", "--results", str(tmp_path), "--ratios", "0.5", "--epochs", "2"]
+    )
     pixels = image.imread(payload["files"]["figure"])
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and float(np.asarray(pixels).std()) > 0.01
 

@@ -67,8 +67,9 @@ def test_bootstrap_ci_coverage_on_a_known_case():
     rng = np.random.default_rng(11)
     trials, covered = 400, 0
     for trial in range(trials):
-        covered += (lambda ci: ci[0] <= 0.0 <= ci[1])(bootstrap_ci(rng.normal(0.0, 1.0, size=40), resamples=2000,
-                                                                   seed=trial))
+        covered += (lambda ci: ci[0] <= 0.0 <= ci[1])(
+            bootstrap_ci(rng.normal(0.0, 1.0, size=40), resamples=2000, seed=trial)
+        )
     assert 0.90 <= covered / trials <= 0.98  # the percentile interval covers slightly under 95% at n = 40
 
 

@@ -36,7 +36,7 @@ class HFAttention(nn.Module):
         if self.fused:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+            attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
             y = torch.matmul(attn.softmax(dim=-1), v)
         return self.o_proj(y.transpose(1, 2).reshape(b, n, -1))
 
@@ -100,8 +100,9 @@ def _prune_equals_zeroed_twin(pruner: Pruner, x: torch.Tensor, group, units: lis
     """Removing ``units`` of ``group`` gives the twin with them zeroed where their consumers read them."""
     model = pruner.model
     plan = pruner.plan_groups({group: units}, "heads")
-    assert_prune_equals_zeroed_twin(model, lambda: plan.apply(model, None),
-                                    lambda twin: masked_at_mask_points(twin, (x,), {group.index: units}), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: plan.apply(model, None), lambda twin: masked_at_mask_points(twin, (x,), {group.index: units}), x
+    )
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["matmul", "sdpa"])
@@ -111,10 +112,14 @@ def test_hf_style_heads_are_one_unit_each_and_pruning_them_is_the_zeroed_twin(fu
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     pruner = Pruner(model, example_inputs=x)
     group = _head_group(pruner, model.attn.q_proj)
-    assert group.num_units == 4   # heads, not channels
+    assert group.num_units == 4  # heads, not channels
     by_name = {(m.module_name, m.direction): m for m in group.members}
-    assert set(by_name) == {("attn.q_proj", "out"), ("attn.k_proj", "out"), ("attn.v_proj", "out"),
-                            ("attn.o_proj", "in")}
+    assert set(by_name) == {
+        ("attn.q_proj", "out"),
+        ("attn.k_proj", "out"),
+        ("attn.v_proj", "out"),
+        ("attn.o_proj", "in"),
+    }
     assert all(m.units_per_group_unit == 4 for m in group.members)
     _prune_equals_zeroed_twin(pruner, x, group, [1, 3])
     assert model.attn.num_heads == 2 and model.attn.q_proj.out_features == 8 and model.attn.o_proj.in_features == 8
@@ -207,7 +212,9 @@ def test_timm_vit_prunes_whole_heads_and_the_embedding(fused):
     attn = model.blocks[0].attn
     group = _head_group(pruner, attn.qkv)
     assert group.num_units == 3 and attn.proj in group
-    assert group.unit_channels(attn.qkv)[1].tolist() == [c for s in range(3) for c in range(s * 192 + 64, s * 192 + 128)]
+    assert group.unit_channels(attn.qkv)[1].tolist() == [
+        c for s in range(3) for c in range(s * 192 + 64, s * 192 + 128)
+    ]
     stream = _head_group(pruner, model.patch_embed.proj)
     assert stream.num_units == 192
     _prune_equals_zeroed_twin(pruner, x, group, [1])
@@ -232,8 +239,9 @@ def test_a_head_groups_leave_one_out_score_is_the_loss_change_of_removing_that_h
     y = torch.randint(0, 5, (6,))
     pruner = Pruner(model, example_inputs=x[:2])
     group = _head_group(pruner, model.block.k_proj)
-    metric = LeaveOneOutAttributionMetric(model, [(x[:4], y[:4]), (x[4:], y[4:])], F.cross_entropy, "cpu",
-                                          reduction="none", algorithm="reference")
+    metric = LeaveOneOutAttributionMetric(
+        model, [(x[:4], y[:4]), (x[4:], y[4:])], F.cross_entropy, "cpu", reduction="none", algorithm="reference"
+    )
     scores = metric.run(group)
     with torch.no_grad():
         full = F.cross_entropy(model(x), y, reduction="none").numpy()
@@ -266,7 +274,7 @@ def test_with_a_literal_head_count_and_head_dim_minus_one_the_product_over_head_
         refused = {m.module_name for g in pruner.refused_groups() for m in g.members if m.direction == "out"}
         assert refused == {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
         assert all("contracts the units" in g.refusal for g in pruner.refused_groups())
-        (stream,) = pruner.groups()   # the refusal stays in the head groups
+        (stream,) = pruner.groups()  # the refusal stays in the head groups
     assert model.embed in stream.source_modules and stream.num_units == 16
 
 

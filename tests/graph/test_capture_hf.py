@@ -34,8 +34,9 @@ from torchpruner.rules import UnitSelection, get_slicing_rule
 
 tf = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.filterwarnings("ignore::torchpruner.graph.dependency.RefusedGroupsWarning",
-                                        "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::torchpruner.graph.dependency.RefusedGroupsWarning", "ignore::UserWarning"
+)
 
 SMALL = dict(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, intermediate_size=48, vocab_size=97)
 
@@ -49,24 +50,36 @@ def tiny(kind: str) -> tuple[nn.Module, torch.Tensor, list[tuple[str, ...]]]:
         model = tf.BertForSequenceClassification(tf.BertConfig(**SMALL, num_labels=3, max_position_embeddings=16))
         mlp = [(("in", "bert.encoder.layer.0.output.dense"), ("out", "bert.encoder.layer.0.intermediate.dense"))]
     elif kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_head=4, n_embd=32, n_inner=48, vocab_size=97,
-                                                 n_positions=16, use_cache=False))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_layer=1, n_head=4, n_embd=32, n_inner=48, vocab_size=97, n_positions=16, use_cache=False)
+        )
         mlp = [(("in", "transformer.h.0.mlp.c_proj"), ("out", "transformer.h.0.mlp.c_fc"))]
     elif kind == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=16,
-                                                   use_cache=False))
-        mlp = [(("in", "model.layers.0.mlp.down_proj"), ("out", "model.layers.0.mlp.gate_proj"),
-                ("out", "model.layers.0.mlp.up_proj"))]
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=16, use_cache=False)
+        )
+        mlp = [
+            (
+                ("in", "model.layers.0.mlp.down_proj"),
+                ("out", "model.layers.0.mlp.gate_proj"),
+                ("out", "model.layers.0.mlp.up_proj"),
+            )
+        ]
     elif kind == "distilbert":
-        model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-            n_layers=1, n_heads=4, dim=32, hidden_dim=48, vocab_size=97, num_labels=3, max_position_embeddings=16))
+        model = tf.DistilBertForSequenceClassification(
+            tf.DistilBertConfig(
+                n_layers=1, n_heads=4, dim=32, hidden_dim=48, vocab_size=97, num_labels=3, max_position_embeddings=16
+            )
+        )
         mlp = [(("in", "distilbert.transformer.layer.0.ffn.lin2"), ("out", "distilbert.transformer.layer.0.ffn.lin1"))]
     elif kind == "vit":
         config = {k: v for k, v in SMALL.items() if k != "vocab_size"}
         model = tf.ViTForImageClassification(tf.ViTConfig(**config, image_size=16, patch_size=8, num_labels=3))
-        mlp = [(("in", "vit.layers.0.mlp.fc2"), ("out", "vit.layers.0.mlp.fc1"))] \
-            if hasattr(model.vit, "layers") else \
-            [(("in", "vit.encoder.layer.0.output.dense"), ("out", "vit.encoder.layer.0.intermediate.dense"))]
+        mlp = (
+            [(("in", "vit.layers.0.mlp.fc2"), ("out", "vit.layers.0.mlp.fc1"))]
+            if hasattr(model.vit, "layers")
+            else [(("in", "vit.encoder.layer.0.output.dense"), ("out", "vit.encoder.layer.0.intermediate.dense"))]
+        )
         tokens = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     else:
         raise ValueError(kind)
@@ -103,8 +116,12 @@ def test_capture_computes_the_model_and_returns_its_output_structure(kind):
         torch.testing.assert_close(logits(traced(x3)), logits(model(x3)), rtol=0, atol=1e-12)
     graph = get_graph(model, (x,))
     assert graph.method == "fx" and graph.capture == "export" and graph.fx_error is not None
-    assert not any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-                   and n.target.overloadpacket in ATEN_TO_TORCH for n in graph.traced.graph.nodes)
+    assert not any(
+        n.op == "call_function"
+        and isinstance(n.target, torch._ops.OpOverload)
+        and n.target.overloadpacket in ATEN_TO_TORCH
+        for n in graph.traced.graph.nodes
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -142,12 +159,15 @@ def test_mlp_channels_prune_like_the_zeroed_twin_and_keep_training(kind):
     assert [g.num_units for g in regrouped] == [g.num_units - 4 for g in groups]
 
 
-@pytest.mark.parametrize("kind, read_at", [
-    # a single GELU op after the layer: the unit is read (and zeroed) after it, like torch.nn.GELU
-    ("bert", "bert.encoder.layer.0.intermediate.intermediate_act_fn"),
-    # GPT-2's tanh-GELU is several ops: the unit is read at the layer's output
-    ("gpt2", "transformer.h.0.mlp.c_fc"),
-])
+@pytest.mark.parametrize(
+    "kind, read_at",
+    [
+        # a single GELU op after the layer: the unit is read (and zeroed) after it, like torch.nn.GELU
+        ("bert", "bert.encoder.layer.0.intermediate.intermediate_act_fn"),
+        # GPT-2's tanh-GELU is several ops: the unit is read at the layer's output
+        ("gpt2", "transformer.h.0.mlp.c_fc"),
+    ],
+)
 def test_taylor_on_the_captured_graph_is_the_derivative_of_scaling_the_unit(kind, read_at):
     """Signed Taylor of an MLP unit = -dℓₙ/dm at m = 1 for the unit scaled by m where the group
     reads it, on the real model (a forward hook, no graph), by autograd."""
@@ -156,7 +176,7 @@ def test_taylor_on_the_captured_graph_is_the_derivative_of_scaling_the_unit(kind
 
     def criterion(output, target, reduction="mean"):
         out = output.logits
-        if out.dim() == 3:   # per-token language modelling loss, summed over the tokens
+        if out.dim() == 3:  # per-token language modelling loss, summed over the tokens
             loss = F.cross_entropy(out.transpose(1, 2), target, reduction="none").sum(1)
             return loss if reduction == "none" else loss.mean()
         return F.cross_entropy(out, target, reduction=reduction)
@@ -221,7 +241,7 @@ def test_export_failure_falls_back_to_hooks_and_says_why():
 
         def forward(self, pair):
             a, b = pair
-            if a.sum() > 0:      # fx cannot trace the branch
+            if a.sum() > 0:  # fx cannot trace the branch
                 return self.fc(a) + b
             return self.fc(b)
 
@@ -248,8 +268,9 @@ def test_a_subclass_of_a_torch_layer_that_computes_otherwise_is_not_taken_for_it
     from torchpruner.schedule import prune_groups
 
     torch.manual_seed(0)
-    model = tf.ConvNextForImageClassification(tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
-                                                                   num_labels=3))
+    model = tf.ConvNextForImageClassification(
+        tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3)
+    )
     model = model.double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     before = sum(p.numel() for p in model.parameters())

@@ -27,8 +27,11 @@ def _bfs_labels(n, a, b):
 
 
 @settings(max_examples=60)
-@given(st.integers(1, 60).flatmap(lambda n: st.tuples(
-    st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=80))))
+@given(
+    st.integers(1, 60).flatmap(
+        lambda n: st.tuples(st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=80))
+    )
+)
 def test_matches_breadth_first_search(case):
     n, edges = case
     a = np.array([u for u, _ in edges], dtype=np.int64)

@@ -17,8 +17,17 @@ from torchpruner.graph import get_graph
 from torchpruner.graph.dependency import DependencyError, get_dependency_graph
 from torchpruner.pruner import Pruner
 
-from oracles import (assert_prune_equals_zeroed_twin, assert_state_matches, assert_unchanged, kept,
-                     masked_at_mask_points, rebuilt, snapshot, train, twin_of)
+from oracles import (
+    assert_prune_equals_zeroed_twin,
+    assert_state_matches,
+    assert_unchanged,
+    kept,
+    masked_at_mask_points,
+    rebuilt,
+    snapshot,
+    train,
+    twin_of,
+)
 
 torch.set_num_threads(1)
 
@@ -26,6 +35,7 @@ torch.set_num_threads(1)
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """float64, eval mode, non-trivial BatchNorm statistics and affine terms (f(0) != 0)."""
@@ -48,9 +58,13 @@ def check_zeroed_twin(model: nn.Module, x: torch.Tensor, module_name: str, indic
     model = randomize(model)
     params_before = sum(p.numel() for p in model.parameters())
     plan = assert_prune_equals_zeroed_twin(
-        model, lambda: Pruner(model, example_inputs=x).prune_model(model.get_submodule(module_name), indices),
-        lambda twin: masked_at_mask_points(twin, (x,), (twin.get_submodule(module_name), indices)), x,
-        rtol=0, atol=atol)
+        model,
+        lambda: Pruner(model, example_inputs=x).prune_model(model.get_submodule(module_name), indices),
+        lambda twin: masked_at_mask_points(twin, (x,), (twin.get_submodule(module_name), indices)),
+        x,
+        rtol=0,
+        atol=atol,
+    )
     assert sum(p.numel() for p in model.parameters()) < params_before
     # a second forward/backward after the prune works
     model.train()
@@ -61,6 +75,7 @@ def check_zeroed_twin(model: nn.Module, x: torch.Tensor, module_name: str, indic
 # --------------------------------------------------------------------------------------------
 # Architectures
 # --------------------------------------------------------------------------------------------
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride=1):
@@ -86,9 +101,9 @@ class ResNetTiny(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1)
         self.bn = nn.BatchNorm2d(width)
-        self.block1 = BasicBlock(width, width)          # identity shortcut
-        self.block2 = BasicBlock(width, width)          # identity shortcut
-        self.block3 = BasicBlock(width, 2 * width, 2)   # downsample shortcut
+        self.block1 = BasicBlock(width, width)  # identity shortcut
+        self.block2 = BasicBlock(width, width)  # identity shortcut
+        self.block3 = BasicBlock(width, 2 * width, 2)  # downsample shortcut
         self.fc = nn.Linear(2 * width, classes)
 
     def forward(self, x):
@@ -120,7 +135,7 @@ class DepthwiseSeparable(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 1)
         self.bn1 = nn.BatchNorm2d(6)
-        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)   # channel multiplier 2
+        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)  # channel multiplier 2
         self.bn2 = nn.BatchNorm2d(12)
         self.pw = nn.Conv2d(12, 5, 1)
         self.fc = nn.Linear(5, 2)
@@ -208,26 +223,42 @@ class MixerBlock(nn.Module):
 # Zeroed twin
 # --------------------------------------------------------------------------------------------
 
+
 def image(c=3, hw=8, seed=1):
     return torch.randn(2, c, hw, hw, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("module_name, indices", [
-    ("stem", [0, 3]),                 # residual stream through two identity shortcuts
-    ("block1.conv2", [1, 4, 5]),      # same stream, named through another source
-    ("block1.conv1", [0, 2]),         # inside a block
-    ("block3.conv2", [0, 7, 11]),     # downsample shortcut stream into the classifier
-    ("block3.downsample.0", [3]),
-])
+@pytest.mark.parametrize(
+    "module_name, indices",
+    [
+        ("stem", [0, 3]),  # residual stream through two identity shortcuts
+        ("block1.conv2", [1, 4, 5]),  # same stream, named through another source
+        ("block1.conv1", [0, 2]),  # inside a block
+        ("block3.conv2", [0, 7, 11]),  # downsample shortcut stream into the classifier
+        ("block3.downsample.0", [3]),
+    ],
+)
 def test_zeroed_twin_residual(module_name, indices):
     model, plan = check_zeroed_twin(ResNetTiny(), image(), module_name, indices)
     if module_name in ("stem", "block1.conv2"):
         # the whole stream: every source and every consumer
         text = str(plan)
-        for name in ("stem.weight", "bn.weight", "block1.conv2.weight", "block2.conv2.weight",
-                     "block1.conv1.weight", "block3.conv1.weight", "block3.downsample.0.weight"):
+        for name in (
+            "stem.weight",
+            "bn.weight",
+            "block1.conv2.weight",
+            "block2.conv2.weight",
+            "block1.conv1.weight",
+            "block3.conv1.weight",
+            "block3.downsample.0.weight",
+        ):
             assert name in text
-        assert model.stem.out_channels == model.block1.conv2.out_channels == model.block2.conv2.out_channels == 6 - len(indices)
+        assert (
+            model.stem.out_channels
+            == model.block1.conv2.out_channels
+            == model.block2.conv2.out_channels
+            == 6 - len(indices)
+        )
 
 
 def test_zeroed_twin_concat_offset_and_flatten():
@@ -236,7 +267,7 @@ def test_zeroed_twin_concat_offset_and_flatten():
     model, _ = check_zeroed_twin(ConcatNet(), image(), "a", [1])
     assert model.b.out_channels == 5
     model, _ = check_zeroed_twin(ConcatNet(), image(), "conv", [2])
-    assert model.fc.in_features == 3 * 16   # channel -> its H*W flattened inputs
+    assert model.fc.in_features == 3 * 16  # channel -> its H*W flattened inputs
 
 
 def test_zeroed_twin_depthwise_separable():
@@ -255,7 +286,7 @@ def test_zeroed_twin_conv1d_dropout():
 
 
 def test_zeroed_twin_grouped_conv_equal_per_group():
-    model, _ = check_zeroed_twin(GroupedNet(), image(), "conv1", [1, 5])   # local unit 1 of both groups
+    model, _ = check_zeroed_twin(GroupedNet(), image(), "conv1", [1, 5])  # local unit 1 of both groups
     assert model.grouped.in_channels == 6 and model.grouped.groups == 2
     model, _ = check_zeroed_twin(GroupedNet(), image(), "grouped", [0, 3])
     assert model.conv3.in_channels == 4
@@ -295,11 +326,30 @@ def test_layernorm_stream_against_rebuilt_model():
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     remove = [1, 6]
     keep = [i for i in range(8) if i not in remove]
-    stream = {name: kept(keep) for name in ("embed.weight", "embed.bias", "ln1.weight", "ln1.bias", "ln2.weight",
-                                            "ln2.bias", "fc2.weight", "fc2.bias")}
-    small = rebuilt(MixerBlock(d=len(keep)), model, {**stream, "cls": kept(None, None, keep),
-                                                     "pos": kept(None, None, keep), "fc1.weight": kept(None, keep),
-                                                     "head.weight": kept(None, keep)})
+    stream = {
+        name: kept(keep)
+        for name in (
+            "embed.weight",
+            "embed.bias",
+            "ln1.weight",
+            "ln1.bias",
+            "ln2.weight",
+            "ln2.bias",
+            "fc2.weight",
+            "fc2.bias",
+        )
+    }
+    small = rebuilt(
+        MixerBlock(d=len(keep)),
+        model,
+        {
+            **stream,
+            "cls": kept(None, None, keep),
+            "pos": kept(None, None, keep),
+            "fc1.weight": kept(None, keep),
+            "head.weight": kept(None, keep),
+        },
+    )
     with torch.no_grad():
         expected = small(x)
     plan = Pruner(model, example_inputs=x).prune_model(model.embed, remove)
@@ -312,6 +362,7 @@ def test_layernorm_stream_against_rebuilt_model():
 # --------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------
+
 
 class HardCodedView(nn.Module):
     def __init__(self):
@@ -340,14 +391,17 @@ class LiteralChannelShuffle(ChannelShuffle):
     def forward(self, x):
         y = self.conv(x)
         n, _, h, w = y.shape
-        y = y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)   # sizes written in the code
+        y = y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)  # sizes written in the code
         return self.conv2(y)
 
 
-@pytest.mark.parametrize("model_cls, layer, match", [
-    (HardCodedView, "conv", r"'conv'.*hard-coded shape in view at call site 'view'"),
-    (LiteralChannelShuffle, "conv", r"'conv'.*view at call site 'view' spreads the units over several axes"),
-])
+@pytest.mark.parametrize(
+    "model_cls, layer, match",
+    [
+        (HardCodedView, "conv", r"'conv'.*hard-coded shape in view at call site 'view'"),
+        (LiteralChannelShuffle, "conv", r"'conv'.*view at call site 'view' spreads the units over several axes"),
+    ],
+)
 def test_unfollowable_ops_are_refused_before_any_change(model_cls, layer, match):
     model = randomize(model_cls())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -362,6 +416,7 @@ def test_flatten_with_batch_derived_view_is_followed():
         def forward(self, x):
             y = F.relu(self.conv(x))
             return self.fc(y.view(y.size(0), -1))
+
     model, _ = check_zeroed_twin(SizeView(), image(hw=8), "conv", [2, 9])
     assert model.fc.in_features == 14 * 16
 
@@ -375,13 +430,14 @@ def test_classifier_outputs_excluded_from_groups_unless_asked():
     assert any(model.fc in g.source_modules for g in dep.groups(include_outputs=True))
     stream = dep.group_of(model.stem)
     assert stream in groups and model.block2.conv2 in stream.source_modules
-    assert sum(1 for g in groups if g is stream) == 1           # each group once
+    assert sum(1 for g in groups if g is stream) == 1  # each group once
     assert stream not in dep.groups(ignored_layers=[model.block1.conv2])
 
 
 # --------------------------------------------------------------------------------------------
 # Hypothesis: random residual widths and indices
 # --------------------------------------------------------------------------------------------
+
 
 @settings(max_examples=8)
 @given(width=st.integers(2, 6), data=st.data())
@@ -397,6 +453,7 @@ def test_zeroed_twin_random_residual(width, data):
 # --------------------------------------------------------------------------------------------
 # Masked trajectory: residual net, Adam, live optimizer
 # --------------------------------------------------------------------------------------------
+
 
 def test_masked_trajectory_residual_adam():
     torch.manual_seed(0)
@@ -433,6 +490,7 @@ def test_masked_trajectory_residual_adam():
 # Transformer block with nn.MultiheadAttention (embed-dim pruning) vs a rebuilt smaller model
 # --------------------------------------------------------------------------------------------
 
+
 class AttentionBlock(nn.Module):
     def __init__(self, d_in=5, d=8, heads=2, hidden=6, classes=3):
         super().__init__()
@@ -452,22 +510,36 @@ class AttentionBlock(nn.Module):
         return self.head(h.mean(1))
 
 
-
 def rebuilt_attention_block(model, keep, keep3):
     """An explicitly rebuilt smaller AttentionBlock holding ``model``'s kept embedding dims."""
     rows, cols = kept(keep), kept(None, keep)
-    return rebuilt(AttentionBlock(d=len(keep)), model, {
-        "embed.weight": rows, "embed.bias": rows, "ln1.weight": rows, "ln1.bias": rows, "ln2.weight": rows,
-        "ln2.bias": rows, "attn.in_proj_weight": kept(keep3, keep), "attn.in_proj_bias": kept(keep3),
-        "attn.out_proj.weight": kept(keep, keep), "attn.out_proj.bias": rows, "fc1.weight": cols,
-        "fc2.weight": rows, "fc2.bias": rows, "head.weight": cols})
+    return rebuilt(
+        AttentionBlock(d=len(keep)),
+        model,
+        {
+            "embed.weight": rows,
+            "embed.bias": rows,
+            "ln1.weight": rows,
+            "ln1.bias": rows,
+            "ln2.weight": rows,
+            "ln2.bias": rows,
+            "attn.in_proj_weight": kept(keep3, keep),
+            "attn.in_proj_bias": kept(keep3),
+            "attn.out_proj.weight": kept(keep, keep),
+            "attn.out_proj.bias": rows,
+            "fc1.weight": cols,
+            "fc2.weight": rows,
+            "fc2.bias": rows,
+            "head.weight": cols,
+        },
+    )
 
 
 def test_attention_embed_dim_against_rebuilt_model():
     torch.manual_seed(0)
     model = AttentionBlock().double().eval()
     x = torch.randn(2, 4, 5, dtype=torch.float64)
-    remove = [1, 5]                      # local dim 1 of both heads (head_dim 4)
+    remove = [1, 5]  # local dim 1 of both heads (head_dim 4)
     keep = torch.tensor([i for i in range(8) if i not in remove])
     keep3 = torch.cat([keep, keep + 8, keep + 16])
     expected = rebuilt_attention_block(model, keep, keep3)(x)
@@ -495,6 +567,7 @@ def test_attention_embed_dim_against_rebuilt_model():
 # --------------------------------------------------------------------------------------------
 # Group numbers
 # --------------------------------------------------------------------------------------------
+
 
 class ShuffledStem(nn.Module):
     """A refused group (channel_shuffle) and the model input come before the prunable groups in

@@ -41,7 +41,7 @@ class TwoPaths(nn.Module):
             xs, xb = y.chunk(2, dim=1)
         elif self.how == "shape":
             xs, xb = y.split(y.size(1) // 2, dim=1)
-        elif self.how == "attribute":   # Res2Net: torch.split(out, self.width, 1)
+        elif self.how == "attribute":  # Res2Net: torch.split(out, self.width, 1)
             xs, xb = torch.split(y, self.width, 1)
         else:
             xs, xb = y.split(4, dim=1)
@@ -69,8 +69,12 @@ def test_glu_pairs_the_halves_and_equals_the_zeroed_twin():
     (group,) = pruner.groups()
     assert group.num_units == 6 and {str(m) for m in group.members} >= {"out   fc (Linear, 12 units, 2 per unit)"}
     x = torch.randn(3, 4, dtype=torch.float64)
-    plan = assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc, [1, 7]),
-                                           lambda twin: masked_units(twin.out, [1], axis=1, on="input"), x)
+    plan = assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.fc, [1, 7]),
+        lambda twin: masked_units(twin.out, [1], axis=1, on="input"),
+        x,
+    )
     assert model.fc.out_features == 10 and model.out.in_features == 5
     assert "fc" in plan.touched_modules
 
@@ -93,8 +97,9 @@ def test_equal_pieces_lose_the_same_positions_and_equal_the_zeroed_twin(how):
     assert stem.source_modules == [model.conv] and stem.num_units == 4
     assert "out   conv (Conv2d, 8 units, 2 per unit)" in [str(m) for m in stem.members]
     assert block.source_modules == [model.block]
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.conv, [1, 5]),
-                                    lambda twin: masked_units(twin.conv, [1, 5]), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.conv, [1, 5]), lambda twin: masked_units(twin.conv, [1, 5]), x
+    )
     assert model.conv.out_channels == 6 and model.block.in_channels == 3 and model.head.in_channels == 7
     if how == "attribute":
         assert model.width == 3
@@ -106,8 +111,11 @@ def test_literal_split_sizes_pin_the_stem_and_name_the_op():
     model = TwoPaths("literal")
     pruner = Pruner(model, input_size=(3, 5, 5))
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"item 0 of split at call site 'split' takes units 0..3 of 8 at positions "
-                                         r"written in the code"):
+    with pytest.raises(
+        ValueError,
+        match=r"item 0 of split at call site 'split' takes units 0..3 of 8 at positions "
+        r"written in the code",
+    ):
         pruner.prune_model(model.conv, [0])
     assert_unchanged(before, model)
     assert [g.source_modules for g in pruner.groups()] == [[model.block]]
@@ -120,8 +128,9 @@ def test_literal_prefix_leaves_the_units_after_it_free():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="removing any unit up to 4 would shift it"):
         pruner.prune_model(model.conv, [2])
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.conv, [5, 7]),
-                                    lambda twin: masked_units(twin.b, [5, 7], on="input"), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.conv, [5, 7]), lambda twin: masked_units(twin.b, [5, 7], on="input"), x
+    )
     assert model.conv.out_channels == 6 and model.a.in_channels == 5 and model.b.in_channels == 6
     model(x)
 
@@ -136,12 +145,12 @@ def test_pieces_recombined_shifted_pair_their_units():
         def forward(self, x):
             h = self.fc(x)
             a, b = h.chunk(2, dim=-1)
-            return self.out(h + torch.cat([b, a], dim=-1))   # unit i of a meets unit i of b
+            return self.out(h + torch.cat([b, a], dim=-1))  # unit i of a meets unit i of b
 
     model = Stacked()
     pruner = Pruner(model, input_size=(3,))
     (group,) = pruner.groups()
-    assert group.num_units == 4   # each unit is a pair (i, i + 4)
+    assert group.num_units == 4  # each unit is a pair (i, i + 4)
     pruner.prune_group(group, [0])
     assert model.fc.out_features == 6
 
@@ -167,8 +176,9 @@ def test_pad_of_other_axes_is_followed_and_padding_the_units_refused():
     model = ChannelsLastPad().double().eval()
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64)
     pruner = Pruner(model, example_inputs=x)
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc1, [0, 4]),
-                                    lambda twin: masked_units(twin.fc1, [0, 4], axis=3), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.fc1, [0, 4]), lambda twin: masked_units(twin.fc1, [0, 4], axis=3), x
+    )
     assert model.fc2.in_features == 4
     refused = Pruner(ChannelsLastPad(pad_units=True), example_inputs=x.float())
     with pytest.raises(ValueError, match="pads the unit axis 3"):

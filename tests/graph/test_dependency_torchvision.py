@@ -1,7 +1,6 @@
 """Coupled groups on real architectures, and the group helpers (fraction, ratios, global ranking,
 iterative schedule). torchvision models are built with ``weights=None`` (no download)."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -73,8 +72,9 @@ def test_shufflenet_channel_shuffle_is_followed_and_pruning_through_it_is_the_ze
     (group,) = get_dependency_graph(pruner.graph()).groups_of(model.stage2[0].branch2[5])
     assert group.prunable()
     plan = pruner.plan_groups({group: [1]}, "one unit through the shuffle")
-    assert_prune_equals_zeroed_twin(model, lambda: plan.apply(model, None),
-                                    lambda twin: masked_at_mask_points(twin, (x,), {group.index: [1]}), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: plan.apply(model, None), lambda twin: masked_at_mask_points(twin, (x,), {group.index: [1]}), x
+    )
     assert model.stage2[0].branch2[5].out_channels == 16
 
 
@@ -88,7 +88,7 @@ def test_vit_stream_prunes_with_hidden_dim_updated():
     assert len(groups) == 13 and sum(g.num_units == 3072 for g in groups) == 12
     dep = get_dependency_graph(pruner.graph())
     stream = dep.group_of(model.encoder.layers[0].mlp[3])
-    assert stream.prunable() and stream.num_units == 64   # dim d of every one of the 12 heads
+    assert stream.prunable() and stream.num_units == 64  # dim d of every one of the 12 heads
     assert any(m.parameter == "class_token" for m in stream.members)
     assert any(m.parameter == "pos_embedding" for m in stream.members)
     pruner.plan_groups({stream: [0]}, "one stream unit").apply(model, None)
@@ -99,6 +99,7 @@ def test_vit_stream_prunes_with_hidden_dim_updated():
 # --------------------------------------------------------------------------------------------
 # groups() and the helpers on a small residual net
 # --------------------------------------------------------------------------------------------
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -156,6 +157,7 @@ def test_global_ranking_with_per_group_normalisation():
     model = Net()
     pruner = Pruner(model, input_size=(3, 8, 8))
     groups = pruner.groups()
+
     # custom scores: group 0 all equal; group 1 with four clearly weak units
     def scores(group):
         if group.num_units == 8:
@@ -163,6 +165,7 @@ def test_global_ranking_with_per_group_normalisation():
         values = np.ones(12)
         values[[0, 1, 2, 3]] = 0.01
         return values
+
     selection = select_units(groups, fraction=0.2, scores=scores, global_ranking=True)
     assert list(selection) == [groups[1]] and selection[groups[1]] == [0, 1, 2, 3]
 

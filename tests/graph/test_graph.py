@@ -60,8 +60,16 @@ class Residual(nn.Module):
 
 
 def test_sequential_evaluation_points_and_unit_axis():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2),
-                          nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.Tanh(), nn.Linear(5, 2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        nn.Tanh(),
+        nn.Linear(5, 2),
+    )
     graph = _graph(model, (1, 8, 8))
     assert graph.method == "fx"
     assert graph.evaluation_point(model[0]).module is model[0]
@@ -222,8 +230,11 @@ def test_cache_is_shared_and_rebuilt_after_a_shape_change():
 
 
 @settings(max_examples=15)
-@given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
-       act=st.sampled_from([nn.ReLU, nn.Sigmoid, nn.GELU]), bn=st.booleans())
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    act=st.sampled_from([nn.ReLU, nn.Sigmoid, nn.GELU]),
+    bn=st.booleans(),
+)
 def test_random_mlps_every_linear_has_its_width(widths, act, bn):
     layers, prev = [], 3
     for width in widths:

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracles import (assert_prune_equals_zeroed_twin, assert_unchanged, masked_at_mask_points, masked_units,
-                     snapshot)
+from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_at_mask_points, masked_units, snapshot
 from torchpruner import Pruner
 from torchpruner.graph import get_graph
 from torchpruner.pruner import Plan
@@ -95,8 +94,12 @@ def test_batchnorm_subclass_is_sliced_once_and_equals_the_zeroed_twin():
     pruner = Pruner(model, input_size=(3, 6, 6))
     (group,) = [g for g in pruner.groups() if model.conv in g.source_modules]
     assert [m.parameter for m in group.members if m.module is model.bn] == [None]
-    plan = assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.conv, [1, 4, 6]),
-                                           lambda twin: masked_units(twin.fc1, [1, 4, 6], on="input"), x)
+    plan = assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.conv, [1, 4, 6]),
+        lambda twin: masked_units(twin.fc1, [1, 4, 6], on="input"),
+        x,
+    )
     names = [e.qualified_name for e in plan.edits if isinstance(e, TensorSlice)]
     assert len(names) == len(set((e.qualified_name, e.axis) for e in plan.edits if isinstance(e, TensorSlice)))
     assert model.bn.running_mean.shape == (5,) and model.bn.num_features == 5
@@ -108,8 +111,9 @@ def test_plain_linear_subclass_prunes_by_discovery():
     model = _randomize(ConvBNAct())
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     pruner = Pruner(model, input_size=(3, 6, 6))
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc1, [0, 5]),
-                                    lambda twin: masked_units(twin.fc1, [0, 5]), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.fc1, [0, 5]), lambda twin: masked_units(twin.fc1, [0, 5]), x
+    )
     assert model.fc1.out_features == 4 and model.fc2.in_features == 4 and model.fc1.bias.shape == (4,)
 
 
@@ -138,7 +142,7 @@ def test_literal_groups_in_a_conv_subclass_are_refused_naming_the_layer():
     with pytest.raises(ValueError, match=r"'dw' \(LiteralGroupsConv, conv2d\) passes groups=8 as a constant"):
         pruner.prune_model(model.conv, [0])
     assert_unchanged(before, model)
-    assert [g for g in pruner.groups() if model.fc1 in g.source_modules]   # the other group still prunes
+    assert [g for g in pruner.groups() if model.fc1 in g.source_modules]  # the other group still prunes
 
 
 def test_tied_weight_read_outside_its_layer_is_refused():
@@ -150,7 +154,7 @@ def test_tied_weight_read_outside_its_layer_is_refused():
 
         def forward(self, x):
             h = self.fc(x)
-            return self.out(h * self.fc.bias)   # the bias read again outside fc's call
+            return self.out(h * self.fc.bias)  # the bias read again outside fc's call
 
     model = Tied()
     pruner = Pruner(model, input_size=(4,))
@@ -173,7 +177,7 @@ def test_group_norm_subclass_is_followed_as_group_norm():
 
     model = Net()
     pruner = Pruner(model, input_size=(3, 5, 5))
-    pruner.prune_model(model.conv, [0, 1])   # one whole group of two channels
+    pruner.prune_model(model.conv, [0, 1])  # one whole group of two channels
     assert model.norm.num_groups == 3 and model.norm.weight.shape == (6,) and model.head.in_channels == 6
     with pytest.raises(ValueError, match="whole groups|coupled"):
         pruner.prune_model(model.conv, [0])
@@ -181,11 +185,13 @@ def test_group_norm_subclass_is_followed_as_group_norm():
 
 # -- one slice per tensor axis -------------------------------------------------------------------
 
+
 def test_two_slices_of_one_tensor_along_one_axis_are_refused_before_any_change():
     model = nn.Sequential(nn.Linear(4, 6))
     before = snapshot(model)
-    edits = slice_tensor(model[0], "bias", 0, torch.tensor([0, 1, 2, 3, 4])) + \
-        slice_tensor(model[0], "bias", 0, torch.tensor([1, 2, 3, 4, 5]))
+    edits = slice_tensor(model[0], "bias", 0, torch.tensor([0, 1, 2, 3, 4])) + slice_tensor(
+        model[0], "bias", 0, torch.tensor([1, 2, 3, 4, 5])
+    )
     for edit in edits:
         edit.module_name = "0"
     with pytest.raises(ValueError, match=r"slices '0.bias' twice along axis 0"):
@@ -200,8 +206,11 @@ def test_same_slice_reached_twice_is_merged_and_other_axes_stay():
 
     model = nn.Sequential(nn.Linear(4, 4))
     keep = torch.tensor([0, 2, 3])
-    edits = (slice_tensor(model[0], "weight", 0, keep) + slice_tensor(model[0], "weight", 0, keep)
-             + slice_tensor(model[0], "weight", 1, torch.tensor([1, 2])))
+    edits = (
+        slice_tensor(model[0], "weight", 0, keep)
+        + slice_tensor(model[0], "weight", 0, keep)
+        + slice_tensor(model[0], "weight", 1, torch.tensor([1, 2]))
+    )
     plan = finish_plan(model, None, "merge", edits)
     assert [(e.tensor_name, e.axis) for e in plan.edits] == [("weight", 0), ("weight", 1)]
     assert plan.removed_parameters == 16 - 6
@@ -209,11 +218,17 @@ def test_same_slice_reached_twice_is_merged_and_other_axes_stay():
     plan.apply(model)
     assert torch.equal(model[0].weight.detach(), reference)
     with pytest.raises(ValueError, match="twice along axis 0"):
-        finish_plan(model, None, "differ", slice_tensor(model[0], "weight", 0, torch.tensor([0, 1]))
-                    + slice_tensor(model[0], "weight", 0, torch.tensor([1, 2])))
+        finish_plan(
+            model,
+            None,
+            "differ",
+            slice_tensor(model[0], "weight", 0, torch.tensor([0, 1]))
+            + slice_tensor(model[0], "weight", 0, torch.tensor([1, 2])),
+        )
 
 
 # -- a refusal stays in its group ------------------------------------------------------------------
+
 
 class Attention(nn.Module):
     """A residual stream around an attention whose head reshape cannot be followed."""
@@ -222,7 +237,7 @@ class Attention(nn.Module):
         super().__init__()
         self.inp = nn.Linear(4, 8)
         self.qkv = nn.Linear(8, 24)
-        self.norm = nn.Identity()   # timm's attention norm: after the refused reshape, before proj
+        self.norm = nn.Identity()  # timm's attention norm: after the refused reshape, before proj
         self.proj = nn.Linear(8, 8)
         self.out = nn.Linear(8, 2)
 
@@ -246,9 +261,12 @@ def test_a_refused_attention_does_not_refuse_the_stream_around_it():
     assert refused.source_modules == [model.qkv] and refused.refusal_site.name == "reshape"
     assert "reshape at call site 'reshape'" in refused.refusal
     x = torch.randn(2, 3, 4, dtype=torch.float64)
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_group(stream, [2, 5]),
-                                    lambda twin: masked_at_mask_points(twin, (x,), {stream.index: [2, 5]}, min_sites=2),
-                                    x)
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_group(stream, [2, 5]),
+        lambda twin: masked_at_mask_points(twin, (x,), {stream.index: [2, 5]}, min_sites=2),
+        x,
+    )
     assert model.proj.out_features == 6 and model.qkv.in_features == 6
 
 
@@ -258,12 +276,13 @@ def test_groups_warns_once_per_trace_and_prune_groups_reports_it():
     with pytest.warns(UserWarning, match="refused_groups"):
         prune_groups(pruner, fraction=0.25)
     assert model.inp.out_features == 6
-    with pytest.warns(UserWarning, match="cannot be pruned"):   # a new trace after the prune: said again
+    with pytest.warns(UserWarning, match="cannot be pruned"):  # a new trace after the prune: said again
         pruner.groups()
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pruner.groups()   # the same trace: said once
+        pruner.groups()  # the same trace: said once
 
 
 class TokenMixing(nn.Module):
@@ -276,8 +295,8 @@ class TokenMixing(nn.Module):
         self.head = nn.Linear(6, 2)
 
     def forward(self, x):
-        h = self.embed(x)                                        # [N, L, C]
-        h = h + self.tokens(h.transpose(1, 2)).transpose(1, 2)   # mix the tokens, channel by channel
+        h = self.embed(x)  # [N, L, C]
+        h = h + self.tokens(h.transpose(1, 2)).transpose(1, 2)  # mix the tokens, channel by channel
         return self.head(h.mean(1))
 
 
@@ -288,13 +307,18 @@ def test_a_linear_over_another_axis_passes_the_units_through():
     pruner = Pruner(model, example_inputs=x)
     (group,) = pruner.groups()
     assert model.tokens not in group and group.source_modules == [model.embed]
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.embed, [0, 3]),
-                                    lambda twin: masked_units(twin.head, [0, 3], axis=1, on="input"), x)
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.embed, [0, 3]),
+        lambda twin: masked_units(twin.head, [0, 3], axis=1, on="input"),
+        x,
+    )
     assert model.head.in_features == 4 and model.tokens.weight.shape == (5, 5)
 
 
 def test_addcmul_affine_is_element_wise_and_slices_its_parameters():
     """ResMLP's Affine: ``torch.addcmul(self.beta, self.alpha, x)``, per channel."""
+
     class Affine(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -310,14 +334,16 @@ def test_addcmul_affine_is_element_wise_and_slices_its_parameters():
     model = Affine().double().eval()
     x = torch.randn(4, 3, dtype=torch.float64)
     pruner = Pruner(model, example_inputs=x)
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc, [1, 2]),
-                                    lambda twin: masked_units(twin.head, [1, 2], on="input"), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.fc, [1, 2]), lambda twin: masked_units(twin.head, [1, 2], on="input"), x
+    )
     assert model.alpha.shape == model.beta.shape == (4,)
 
 
 def test_a_shape_read_from_the_stream_for_another_tensor_refuses_the_stream():
     """PVT-v2: ``B, N, C = x.shape`` of the stream, then the attention output ``.reshape(B, N, C)``:
     pruning the stream would change C under a tensor that keeps its width."""
+
     class ReusedWidth(Attention):
         def forward(self, x):
             h = self.inp(x)
@@ -329,7 +355,10 @@ def test_a_shape_read_from_the_stream_for_another_tensor_refuses_the_stream():
     model = ReusedWidth()
     pruner = Pruner(model, example_inputs=torch.randn(2, 3, 4))
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"reshape at call site 'reshape_1' computes an argument from the number of "
-                                         r"units of 'inp'"):
+    with pytest.raises(
+        ValueError,
+        match=r"reshape at call site 'reshape_1' computes an argument from the number of "
+        r"units of 'inp'",
+    ):
         pruner.prune_model(model.inp, [0])
     assert_unchanged(before, model)

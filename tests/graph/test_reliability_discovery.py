@@ -67,8 +67,9 @@ def test_shared_parameter_free_module_does_not_couple_its_call_sites(kind, path)
     pruner = Pruner(model, input_size=(6,))
     x = torch.randn(5, 6, dtype=torch.float64)
     cascade = None if path == "discovered" else [model.fc2]
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc1, [0, 1], cascade),
-                                    lambda twin: masked_units(twin.fc1, [0, 1]), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.fc1, [0, 1], cascade), lambda twin: masked_units(twin.fc1, [0, 1]), x
+    )
     assert (model.fc1.out_features, model.fc2.in_features) == (6, 6)
     assert model.fc2.out_features == 8 and model.fc3.in_features == 8, "fc2 keeps all its outputs"
 
@@ -89,8 +90,12 @@ def test_shared_dropout_p_follows_when_every_call_site_loses_the_same_fraction()
     plan.apply(model)
     assert model.shared.p == pytest.approx(0.5 * (1 - 2 / 8))
     assert sum(1 for e in plan.edits if getattr(e, "attribute", None) == "p") == 1
-    assert (model.fc1.out_features, model.fc2.in_features, model.fc2.out_features, model.fc3.in_features) == \
-        (6, 6, 6, 6)
+    assert (model.fc1.out_features, model.fc2.in_features, model.fc2.out_features, model.fc3.in_features) == (
+        6,
+        6,
+        6,
+        6,
+    )
     model(torch.randn(2, 6))
 
 
@@ -117,6 +122,7 @@ def test_dropout_called_twice_on_the_same_units_is_rescaled_once():
 # --------------------------------------------------------------------------------------------
 # 8. Attribute reads: .values / .indices, .mT, .T, .real, .data
 # --------------------------------------------------------------------------------------------
+
 
 def _reads(form: str, h: torch.Tensor) -> torch.Tensor:
     """``h`` is [N, 8, 4, 4] (units on axis 1); the result is [N, 8] or [N, L, 8] (units last)."""
@@ -165,9 +171,25 @@ def _reads(form: str, h: torch.Tensor) -> torch.Tensor:
     raise AssertionError(form)
 
 
-FOLLOWED_READS = ["max.values", "max[0]", "torch.max.values", "max.indices", "max[1]", "min.values.keepdim",
-                  "topk.values", "topk.indices", "sort.values", "kthvalue.values", "median.values", "cummax.values",
-                  "mT", "mH", "T.T", "real", "data"]
+FOLLOWED_READS = [
+    "max.values",
+    "max[0]",
+    "torch.max.values",
+    "max.indices",
+    "max[1]",
+    "min.values.keepdim",
+    "topk.values",
+    "topk.indices",
+    "sort.values",
+    "kthvalue.values",
+    "median.values",
+    "cummax.values",
+    "mT",
+    "mH",
+    "T.T",
+    "real",
+    "data",
+]
 REFUSED_READS = ["max over the units", "frexp.mantissa", "._base"]
 
 
@@ -193,8 +215,12 @@ def test_tensor_attribute_reads_are_followed(form):
     assert pruner.graph().method == "fx"
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
     axis = -1
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.conv, [1, 5]),
-                                    lambda twin: masked_units(twin.fc, [1, 5], axis=axis, on="input"), x)
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.conv, [1, 5]),
+        lambda twin: masked_units(twin.fc, [1, 5], axis=axis, on="input"),
+        x,
+    )
     assert model.conv.out_channels == 6 and model.fc.in_features == 6
 
 
@@ -210,6 +236,7 @@ def test_unknown_or_unit_mixing_reads_are_refused(form):
 
 def test_shape_attribute_reads_stay_shape_queries():
     """``x.shape`` / ``x.ndim`` carry no units: the prune goes through them."""
+
     class Reshaped(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -224,14 +251,16 @@ def test_shape_attribute_reads_stay_shape_queries():
     model = Reshaped().double().eval()
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     pruner = Pruner(model, input_size=(3, 4, 4))
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.conv, [0, 7]),
-                                    lambda twin: masked_units(twin.conv, [0, 7]), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.conv, [0, 7]), lambda twin: masked_units(twin.conv, [0, 7]), x
+    )
     assert model.fc.in_features == 6 * 16
 
 
 # --------------------------------------------------------------------------------------------
 # 9. A functional LayerNorm reading its normalized_shape from the module
 # --------------------------------------------------------------------------------------------
+
 
 class ConvNeXtLayerNorm(nn.Module):
     """ConvNeXt's LayerNorm: channels_last through F.layer_norm, channels_first by hand."""
@@ -332,7 +361,7 @@ def test_functional_layer_norm_against_rebuilt_model(norm):
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
     attribute = "shape" if norm is NoAffineLayerNorm else "normalized_shape"
-    if norm is InputShapedLayerNorm:   # the call does not read the attribute: it adapts by itself
+    if norm is InputShapedLayerNorm:  # the call does not read the attribute: it adapts by itself
         assert not any(getattr(e, "attribute", None) == attribute for e in plan.edits)
     else:
         assert getattr(model.norm, attribute) == (6,)
@@ -358,8 +387,9 @@ def test_layer_norm_over_other_dims_than_the_units_is_followed():
     model = SpatialLayerNorm().double().eval()
     pruner = Pruner(model, input_size=(3, 6, 6))
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.a, [1]),
-                                    lambda twin: masked_units(twin.a, [1]), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.a, [1]), lambda twin: masked_units(twin.a, [1]), x
+    )
     assert model.b.in_channels == 3
 
 
@@ -375,8 +405,12 @@ def test_traced_through_layer_norm_subclass_against_rebuilt_model(affine):
     for p in model.norm.parameters():
         nn.init.normal_(p)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    slices = {"conv.weight": kept(KEEP), "conv.bias": kept(KEEP), "head.weight": kept(None, KEEP),
-              "pw.weight": kept(None, KEEP)}
+    slices = {
+        "conv.weight": kept(KEEP),
+        "conv.bias": kept(KEEP),
+        "head.weight": kept(None, KEEP),
+        "pw.weight": kept(None, KEEP),
+    }
     if affine:
         slices.update({"norm.weight": kept(KEEP), "norm.bias": kept(KEEP)})
     expected = rebuilt(ChannelsFirstStem(6, norm), model, slices)(x)
@@ -386,11 +420,14 @@ def test_traced_through_layer_norm_subclass_against_rebuilt_model(affine):
         torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("model_fn, match", [
-    (lambda: ConvNeXtStem(8, LiteralLayerNorm), r"layer_norm.*normalized_shape \(8,\) as a constant"),
-    (lambda: ConvNeXtStem(8, LiteralOnlyLayerNorm), r"layer_norm.*normalized_shape \(8,\) as a constant"),
-    (lambda: ChannelsFirstStem(8), "reduces over the unit axis"),
-])
+@pytest.mark.parametrize(
+    "model_fn, match",
+    [
+        (lambda: ConvNeXtStem(8, LiteralLayerNorm), r"layer_norm.*normalized_shape \(8,\) as a constant"),
+        (lambda: ConvNeXtStem(8, LiteralOnlyLayerNorm), r"layer_norm.*normalized_shape \(8,\) as a constant"),
+        (lambda: ChannelsFirstStem(8), "reduces over the unit axis"),
+    ],
+)
 def test_layer_norm_that_cannot_follow_is_refused(model_fn, match):
     model = model_fn()
     pruner = Pruner(model, input_size=(3, 5, 5))
@@ -403,6 +440,7 @@ def test_layer_norm_that_cannot_follow_is_refused(model_fn, match):
 # --------------------------------------------------------------------------------------------
 # 10. Contractions with a bare parameter whose sizes coincide
 # --------------------------------------------------------------------------------------------
+
 
 class BareContraction(nn.Module):
     def __init__(self, form: str) -> None:

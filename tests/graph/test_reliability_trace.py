@@ -95,6 +95,7 @@ def _fresh_scores(model: nn.Module, name: str, data: DataLoader, **kwargs) -> np
 # A replaced submodule, parameter or attribute gives a new trace
 # --------------------------------------------------------------------------------------------
 
+
 def test_replaced_submodule_scores_at_a_functional_point_are_those_of_the_new_module():
     torch.manual_seed(0)
     model, data = HeadNet().double(), _data()
@@ -112,8 +113,7 @@ def test_replaced_submodule_can_itself_be_scored():
     model, data = HeadNet().double(), _data()
     _taylor(model, model.fc, data)
     model.head = nn.Linear(6, 3).double()
-    np.testing.assert_allclose(_taylor(model, model.head, data), _fresh_scores(model, "head", data),
-                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(_taylor(model, model.head, data), _fresh_scores(model, "head", data), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("which", ["existing", "new"])
@@ -126,8 +126,9 @@ def test_replaced_submodule_is_pruned_by_an_existing_or_a_new_pruner(which):
     if which == "new":
         pruner = Pruner(model, input_size=(4,))
     x = torch.randn(5, 4, dtype=torch.float64)
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc, [1, 4]),
-                                    lambda twin: masked_units(twin.fc, [1, 4]), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.fc, [1, 4]), lambda twin: masked_units(twin.fc, [1, 4]), x
+    )
     assert model.head.in_features == 4 and model.head.weight.shape == (3, 4)
 
 
@@ -152,8 +153,9 @@ def test_replacing_the_consumer_with_another_shape_is_followed_too():
     pruner.groups()
     model.head = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
     x = torch.randn(5, 4, dtype=torch.float64)
-    assert_prune_equals_zeroed_twin(model, lambda: pruner.prune_model(model.fc, [0]),
-                                    lambda twin: masked_units(twin.fc, [0]), x)
+    assert_prune_equals_zeroed_twin(
+        model, lambda: pruner.prune_model(model.fc, [0]), lambda twin: masked_units(twin.fc, [0]), x
+    )
 
 
 def test_replaced_parameter_read_in_forward_gives_fresh_scores():
@@ -163,8 +165,9 @@ def test_replaced_parameter_read_in_forward_gives_fresh_scores():
     attr.run(model.fc, find_best_evaluation_module=True)
     model.scale = nn.Parameter(torch.linspace(0.1, 3.0, 6, dtype=torch.float64))
     after = attr.run(model.fc, find_best_evaluation_module=True)
-    np.testing.assert_allclose(after, _fresh_scores(model, "fc", data, find_best_evaluation_module=True),
-                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        after, _fresh_scores(model, "fc", data, find_best_evaluation_module=True), rtol=1e-12, atol=0
+    )
 
 
 def test_replaced_layer_parameter_gives_a_new_graph():
@@ -183,8 +186,9 @@ def test_swapped_activation_attribute_gives_fresh_scores():
     attr.run(model.fc, find_best_evaluation_module=True)
     model.act = torch.tanh
     after = attr.run(model.fc, find_best_evaluation_module=True)
-    np.testing.assert_allclose(after, _fresh_scores(model, "fc", data, find_best_evaluation_module=True),
-                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        after, _fresh_scores(model, "fc", data, find_best_evaluation_module=True), rtol=1e-12, atol=0
+    )
 
 
 def test_flipped_flag_read_in_forward_gives_fresh_scores():
@@ -194,8 +198,9 @@ def test_flipped_flag_read_in_forward_gives_fresh_scores():
     attr.run(model.fc, find_best_evaluation_module=True)
     model.double_it = True
     after = attr.run(model.fc, find_best_evaluation_module=True)
-    np.testing.assert_allclose(after, _fresh_scores(model, "fc", data, find_best_evaluation_module=True),
-                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        after, _fresh_scores(model, "fc", data, find_best_evaluation_module=True), rtol=1e-12, atol=0
+    )
 
 
 def test_scoring_and_training_mode_do_not_retrace():
@@ -223,6 +228,7 @@ def test_the_cache_does_not_keep_a_replaced_module_alive():
 # --------------------------------------------------------------------------------------------
 # Generated source is released
 # --------------------------------------------------------------------------------------------
+
 
 class Block(nn.Module):
     def __init__(self, channels: int, hidden: int) -> None:
@@ -299,6 +305,7 @@ def test_a_replaced_trace_releases_its_source():
 # The fx failure names the module that failed
 # --------------------------------------------------------------------------------------------
 
+
 class GatedConv(nn.Conv2d):
     """A Conv subclass outside torch.nn, traced through, with data-dependent control flow."""
 
@@ -357,7 +364,7 @@ def test_an_fx_trace_that_does_not_run_falls_back_silently_with_the_model_error(
             return self.conv(x)
 
     graph = get_graph(TensorCheck(), (torch.randn(2, 3, 8, 8),))
-    assert graph.capture in ("export", "hooks")   # fx's graph does not run: the next capture takes over
+    assert graph.capture in ("export", "hooks")  # fx's graph does not run: the next capture takes over
     assert isinstance(graph.fx_error, RuntimeError) and "conv2d" in str(graph.fx_error)
     assert "meta=" not in graph.fx_failure
     captured = capfd.readouterr()

@@ -36,8 +36,11 @@ def mlp() -> nn.Sequential:
 
 
 def state_rows(optimizer: torch.optim.Optimizer, parameter: nn.Parameter) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in optimizer.state[parameter].items()
-            if isinstance(value, torch.Tensor) and value.shape == parameter.shape}
+    return {
+        key: value.detach().clone()
+        for key, value in optimizer.state[parameter].items()
+        if isinstance(value, torch.Tensor) and value.shape == parameter.shape
+    }
 
 
 class Watch:
@@ -64,7 +67,7 @@ def assert_state_sliced(watch: Watch, optimizer: torch.optim.Optimizer) -> None:
     """One event, with ``optimizer`` (the Trainer's, still in use after training): each
     per-element state tensor of the layer's weight became the kept rows of its value just before."""
     assert len(watch.optimizers) == 1 and watch.optimizers[0] is optimizer
-    (before, after, kept), = watch.states
+    ((before, after, kept),) = watch.states
     assert before, "the optimizer had state before the event"
     assert after.keys() == before.keys()
     for key, old in before.items():
@@ -116,13 +119,16 @@ def test_schedule_event_slices_the_live_optimizer_state():
     assert record.widths == {"0": 24, "2": 18}
     assert not schedule.due_at_step(3)  # fires once
     with pytest.raises(ValueError, match="build the metric on the module that is pruned"):
-        ScheduledPruning(0.25, metric=TaylorAttributionMetric(mlp(), [(x, y)], F.cross_entropy), epochs=[0],
-                         input_size=(64,)).prune(model, adam, epoch=0, step=0, at_step=False)
+        ScheduledPruning(
+            0.25, metric=TaylorAttributionMetric(mlp(), [(x, y)], F.cross_entropy), epochs=[0], input_size=(64,)
+        ).prune(model, adam, epoch=0, step=0, at_step=False)
 
 
 def test_importing_torchpruner_imports_no_framework():
-    code = ("import sys, torchpruner, torchpruner.integrations; from torchpruner import Pruner; "
-            "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers') for m in sys.modules))")
+    code = (
+        "import sys, torchpruner, torchpruner.integrations; from torchpruner import Pruner; "
+        "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -188,9 +194,16 @@ def test_lightning_callback_prunes_with_the_trainers_optimizer(when):
     watch = Watch(callback.schedule, lit.net[0])
     memory = MemoryLogger()
     parameters = count_parameters(lit)
-    trainer = lightning.Trainer(max_epochs=4, accelerator="cpu", logger=memory, callbacks=[callback],
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                log_every_n_steps=1)
+    trainer = lightning.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=memory,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     trainer.fit(lit, loader)
 
@@ -213,8 +226,15 @@ def test_lightning_callback_prunes_the_lightning_module_itself():
     x, y = digits()
     lit = LitDigits()
     callback = PruningCallback(0.5, steps=[2], input_size=(64,), count_flops=False)
-    trainer = lightning.Trainer(max_steps=4, accelerator="cpu", logger=False, callbacks=[callback],
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(lit, DataLoader(TensorDataset(x[:512], y[:512]), batch_size=128))
     assert lit.net[0].out_features == 16 and callback.records[0].flops is None
     assert trainer.global_step == 4
@@ -238,14 +258,23 @@ def test_lightning_callback_refuses_several_optimizers():
                 optimizer.step()
 
         def configure_optimizers(self):
-            return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2:].parameters(), lr=0.1)]
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[2:].parameters(), lr=0.1),
+            ]
 
     x, y = digits()
     lit = TwoOptimizers()
     before = copy.deepcopy(lit.net.state_dict())
-    trainer = lightning.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                callbacks=[PruningCallback(0.5, steps=[1, 2], input_size=(64,), model=lit.net)])
+    trainer = lightning.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PruningCallback(0.5, steps=[1, 2], input_size=(64,), model=lit.net)],
+    )
     with pytest.raises(ValueError, match="follows one optimizer; this Trainer has 2"):
         trainer.fit(lit, DataLoader(TensorDataset(x[:256], y[:256]), batch_size=128))
     assert all(lit.net.state_dict()[k].shape == v.shape for k, v in before.items())
@@ -283,10 +312,19 @@ def hf_trainer(model: nn.Module, callback, tmp_path, epochs: int = 4):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     x, y = digits()
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=epochs,
-                                          per_device_train_batch_size=128, learning_rate=1e-2, report_to=[],
-                                          use_cpu=True, save_strategy="no", logging_steps=1000,
-                                          disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=128,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     return transformers.Trainer(model=model, args=args, train_dataset=DigitsDataset(x, y), callbacks=[callback])
 
 

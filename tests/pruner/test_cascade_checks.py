@@ -45,8 +45,9 @@ def test_channel_major_flatten_is_verified_and_pruned():
         pruner.prune_model(model.conv, [1, 2], cascading_modules=[model.bn, model.fc])
 
     # the relu is functional: set the units to -1e6 before it (relu(-big) = 0)
-    assert_prune_equals_zeroed_twin(model, prune, lambda twin: masked_units(twin.bn, [1, 2], value=-1e6), x,
-                                    rtol=1e-12, atol=1e-12)
+    assert_prune_equals_zeroed_twin(
+        model, prune, lambda twin: masked_units(twin.bn, [1, 2], value=-1e6), x, rtol=1e-12, atol=1e-12
+    )
     assert model.fc.in_features == 18
 
 

@@ -26,7 +26,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         h = F.relu(self.bn(self.stem(x)))
-        h = h + F.relu(self.block(h))             # residual: stem and block are coupled
+        h = h + F.relu(self.block(h))  # residual: stem and block are coupled
         h = F.relu(self.conv(self.dw(h)))
         h = F.adaptive_avg_pool2d(h, 4).flatten(1)
         return self.fc(self.drop(h))
@@ -37,7 +37,7 @@ def _pruned_net():
     net = Net().double()
     net.bn.running_mean.uniform_(-1, 1)
     pruner = Pruner(net, input_size=(3, 8, 8))
-    pruner.prune_model(net.stem, [1, 6])                       # whole residual group, dw passes through
+    pruner.prune_model(net.stem, [1, 6])  # whole residual group, dw passes through
     pruner.prune_model(net.conv, [0, 3, 4, 11], cascading_modules=[net.drop, net.fc])
     return net.eval()
 
@@ -117,7 +117,7 @@ def test_a_functional_layer_norms_size_attribute_is_replayed(tmp_path):
 
     fresh = LayerNormStem()
     load_pruned(fresh, tmp_path / "ln.pt")
-    assert fresh.norm.normalized_shape == (6,)              # the type the module uses, a tuple
+    assert fresh.norm.normalized_shape == (6,)  # the type the module uses, a tuple
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
 

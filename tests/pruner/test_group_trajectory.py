@@ -46,12 +46,21 @@ def kept_slices(model: CoupledNet) -> dict:
     pointwise = model.pointwise._torchpruner_kept_units["out"]
     merge_in = model.merge._torchpruner_kept_units["in"]
     assert merge_in == branch + [6 + unit for unit in pointwise]
-    return {"stem.weight": kept(stream), "stem.bias": kept(stream), "gain": kept(stream),
-            "branch.weight": kept(branch, stream), "branch.bias": kept(branch),
-            "depthwise.weight": kept(stream), "depthwise.bias": kept(stream),
-            "pointwise.weight": kept(pointwise, stream), "pointwise.bias": kept(pointwise),
-            "merge.weight": kept(stream, merge_in), "merge.bias": kept(stream), "fc.weight": kept(None, stream),
-            **{f"bn.{t}": kept(stream) for t in ("weight", "bias", "running_mean", "running_var")}}
+    return {
+        "stem.weight": kept(stream),
+        "stem.bias": kept(stream),
+        "gain": kept(stream),
+        "branch.weight": kept(branch, stream),
+        "branch.bias": kept(branch),
+        "depthwise.weight": kept(stream),
+        "depthwise.bias": kept(stream),
+        "pointwise.weight": kept(pointwise, stream),
+        "pointwise.bias": kept(pointwise),
+        "merge.weight": kept(stream, merge_in),
+        "merge.bias": kept(stream),
+        "fc.weight": kept(None, stream),
+        **{f"bn.{t}": kept(stream) for t in ("weight", "bias", "running_mean", "running_var")},
+    }
 
 
 def _scores(group):
@@ -88,8 +97,9 @@ def test_group_prune_mid_training_equals_masked_twin(name):
     assert model.stem.out_channels == 6 and model.gain.shape == (6,)
 
     # at least: relu (stream), depthwise output, cat, the pooled stream
-    with masked_at_mask_points(twin, make_example_inputs(twin, (3, 6, 6))[0], units_by_group,
-                               min_sites=4) as masked_twin:
+    with masked_at_mask_points(
+        twin, make_example_inputs(twin, (3, 6, 6))[0], units_by_group, min_sites=4
+    ) as masked_twin:
         model.train(), twin.train()
         train(model, optimizer, data[3:])
         train(masked_twin, twin_optimizer, data[3:])
@@ -98,8 +108,9 @@ def test_group_prune_mid_training_equals_masked_twin(name):
         torch.testing.assert_close(model(probe), masked_twin(probe), rtol=1e-9, atol=1e-10)
 
     # Every tensor and its optimizer state, sliced where the kept ids say.
-    assert_state_matches(model, twin, kept_slices(model), optimizer=optimizer, reference_optimizer=twin_optimizer,
-                         rtol=1e-9, atol=1e-12)
+    assert_state_matches(
+        model, twin, kept_slices(model), optimizer=optimizer, reference_optimizer=twin_optimizer, rtol=1e-9, atol=1e-12
+    )
     for param in (model.stem.weight, model.merge.weight, model.gain):
         state = optimizer.state[param]
         for key, value in state.items():

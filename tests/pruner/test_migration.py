@@ -16,8 +16,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchpruner
 from oracles import assert_unchanged, snapshot
 from torchpruner import Pruner
-from torchpruner.attributions import (APoZAttributionMetric, RandomAttributionMetric, SensitivityAttributionMetric,
-                                      ShapleyAttributionMetric, TaylorAttributionMetric, WeightNormAttributionMetric)
+from torchpruner.attributions import (
+    APoZAttributionMetric,
+    RandomAttributionMetric,
+    SensitivityAttributionMetric,
+    ShapleyAttributionMetric,
+    TaylorAttributionMetric,
+    WeightNormAttributionMetric,
+)
 from torchpruner.graph import CallSite
 from torchpruner.utils import find_best_module_for_attributions
 
@@ -113,8 +119,8 @@ def test_functional_activation_and_reused_module_give_the_call_site():
     attr = TaylorAttributionMetric(model, loader(3), F.mse_loss, "cpu")
     after_fc1 = attr.find_evaluation_module(model.fc1, True)
     assert isinstance(after_fc1, CallSite) and after_fc1.kind == "function" and after_fc1.num_units == 5
-    assert attr.find_evaluation_module(model.fc2, True) is model.relu          # first call of the ReLU
-    after_fc3 = attr.find_evaluation_module(model.fc3, True)                  # its second call
+    assert attr.find_evaluation_module(model.fc2, True) is model.relu  # first call of the ReLU
+    after_fc3 = attr.find_evaluation_module(model.fc3, True)  # its second call
     assert isinstance(after_fc3, CallSite) and after_fc3.module is model.relu and after_fc3.call_index == 1
 
 
@@ -128,8 +134,9 @@ def test_stops_at_a_merge():
 
 
 @pytest.mark.parametrize("model_fn", [linear_bn_relu, FunctionalAndReused], ids=["sequential", "functional"])
-@pytest.mark.parametrize("metric", [TaylorAttributionMetric, SensitivityAttributionMetric, APoZAttributionMetric],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "metric", [TaylorAttributionMetric, SensitivityAttributionMetric, APoZAttributionMetric], ids=lambda m: m.__name__
+)
 def test_scoring_the_returned_point_is_scoring_with_find_best(model_fn, metric):
     """What find_evaluation_module returns, passed to run, scores exactly where
     run(layer, find_best_evaluation_module=True) does."""
@@ -179,6 +186,7 @@ def test_bad_arguments_are_refused_by_name():
 # --------------------------------------------------------------------------------------------
 def test_helper_is_importable_where_it_was_in_2020():
     from torchpruner.attributions import find_best_module_for_attributions as from_attributions
+
     assert from_attributions is find_best_module_for_attributions is torchpruner.find_best_module_for_attributions
 
 

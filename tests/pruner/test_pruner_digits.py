@@ -30,8 +30,9 @@ def digits() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 def train(prune: bool, seed: int = 0) -> Tuple[List[float], float, nn.Module, Pruner | None]:
     x_train, y_train, x_test, y_test = digits()
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Dropout(0.2), nn.Linear(HIDDEN, 64), nn.ReLU(),
-                          nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Linear(64, HIDDEN), nn.ReLU(), nn.Dropout(0.2), nn.Linear(HIDDEN, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
     pruner = Pruner(model, input_size=(64,), optimizer=optimizer) if prune else None
@@ -46,7 +47,7 @@ def train(prune: bool, seed: int = 0) -> Tuple[List[float], float, nn.Module, Pr
         epoch_loss = 0.0
         permutation = torch.randperm(len(x_train), generator=generator)
         for start in range(0, len(x_train), 32):
-            batch = permutation[start:start + 32]
+            batch = permutation[start : start + 32]
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
             loss.backward()
@@ -76,7 +77,8 @@ def test_prune_mid_training_on_digits():
         assert after[-1] < 0.5 * after[0], f"training loss must keep falling after the prune: {losses}"
         # the prune does not set training back: every epoch from the prune on stays within 25% of the
         # unpruned run's loss (same seed, same batches; SGD noise alone moves epoch losses ~15%)
-        assert all(p < 1.25 * f for p, f in zip(after, full_losses[PRUNE_EPOCH:])), \
+        assert all(p < 1.25 * f for p, f in zip(after, full_losses[PRUNE_EPOCH:])), (
             f"loss jumped after the prune: {losses} (unpruned: {full_losses})"
+        )
     assert np.mean(accuracies) >= np.mean(full_accuracies) - 0.01, (accuracies, full_accuracies)
     assert min(accuracies) > 0.95

@@ -62,8 +62,7 @@ BAD_INPUTS = {
     "cascade-not-in-model": (lambda m: (m.fc1, [1], [m.bn, nn.Linear(6, 6)]), ValueError, "not part of the model"),
     "no-slicing-rule": (lambda m: (m.fc1, [1], good_cascade(m) + [m.soft]), TypeError, "'soft'.*no slicing rule"),
     "pass-through-source": (lambda m: (m.bn, [1], [m.fc2]), ValueError, "'bn'.*passes"),
-    "input-does-not-depend": (lambda m: (m.fc1, [1], good_cascade(m) + [m.fc3]), ValueError,
-                              "'fc3'.*does not depend"),
+    "input-does-not-depend": (lambda m: (m.fc1, [1], good_cascade(m) + [m.fc3]), ValueError, "'fc3'.*does not depend"),
     "consumer-missing": (lambda m: (m.fc1, [1], [m.bn, m.drop]), ValueError, "'fc2'.*not in cascading_modules"),
     "bn-missing": (lambda m: (m.fc1, [1], [m.fc2]), ValueError, "'bn'.*not in cascading_modules"),
     "into-softmax-over-units": (lambda m: (m.fc3, [1], []), ValueError, "'soft'.*mixes the units"),
@@ -80,7 +79,6 @@ def test_bad_input_changes_nothing(case):
     with pytest.raises(error, match=match):
         pruner.prune_model(*make_args(model))
     assert_unchanged(before, model, optimizer)
-
 
 
 def test_tied_weights_refused():
@@ -129,7 +127,13 @@ class Reshaping(nn.Module):
         return self.fc(h)
 
 
-@pytest.mark.parametrize("mode,match", [("hard-coded", "'conv'.*hard-coded"), ("merge", "'conv2'.*shares the pruned units of 'conv'.*not in cascading_modules")])
+@pytest.mark.parametrize(
+    "mode,match",
+    [
+        ("hard-coded", "'conv'.*hard-coded"),
+        ("merge", "'conv2'.*shares the pruned units of 'conv'.*not in cascading_modules"),
+    ],
+)
 def test_data_flow_refusals(mode, match):
     model = Reshaping(mode)
     pruner = Pruner(model, input_size=(1, 4, 4))

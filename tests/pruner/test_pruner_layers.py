@@ -18,8 +18,15 @@ import torch.nn.functional as F
 
 from torchpruner.pruner import Pruner, SlicingRule, kept_units, register_slicing_rule, set_attribute, slice_tensor
 
-from oracles import (assert_prune_equals_zeroed_twin, assert_unchanged, counterpart, kept, masked_units, rebuilt,
-                     snapshot)
+from oracles import (
+    assert_prune_equals_zeroed_twin,
+    assert_unchanged,
+    counterpart,
+    kept,
+    masked_units,
+    rebuilt,
+    snapshot,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +38,17 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def zeroed_twin_check(model: nn.Module, source: nn.Module, indices, cascade, mask_module: nn.Module,
-                      x: torch.Tensor, mask_indices=None, axis: int = 1, **pruner_kwargs) -> Pruner:
+def zeroed_twin_check(
+    model: nn.Module,
+    source: nn.Module,
+    indices,
+    cascade,
+    mask_module: nn.Module,
+    x: torch.Tensor,
+    mask_indices=None,
+    axis: int = 1,
+    **pruner_kwargs,
+) -> Pruner:
     model = model.double().eval()
     x = x.double() if x.is_floating_point() else x
 
@@ -113,14 +129,27 @@ def test_conv_transpose(dims):
 def test_depthwise_passes_channels_through(multiplier):
     seeded()
     c = 6
-    model = nn.Sequential(nn.Conv2d(3, c, 1), nn.BatchNorm2d(c), nn.ReLU(),
-                          nn.Conv2d(c, c * multiplier, 3, padding=1, groups=c), nn.BatchNorm2d(c * multiplier),
-                          nn.Hardswish(), nn.Conv2d(c * multiplier, 4, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, c, 1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.Conv2d(c, c * multiplier, 3, padding=1, groups=c),
+        nn.BatchNorm2d(c * multiplier),
+        nn.Hardswish(),
+        nn.Conv2d(c * multiplier, 4, 1),
+    )
     randomize_bn(model)
     pruned = [1, 4]
     dw_out = [p * multiplier + j for p in pruned for j in range(multiplier)]
-    zeroed_twin_check(model, model[0], pruned, [model[6], model[4], model[3], model[1]], model[5],
-                      torch.randn(2, 3, 5, 5), mask_indices=dw_out)
+    zeroed_twin_check(
+        model,
+        model[0],
+        pruned,
+        [model[6], model[4], model[3], model[1]],
+        model[5],
+        torch.randn(2, 3, 5, 5),
+        mask_indices=dw_out,
+    )
     assert model[3].groups == 4 and model[3].in_channels == 4 and model[3].out_channels == 4 * multiplier
     assert kept_units(model[3], "out") == [p for p in range(c * multiplier) if p not in dw_out]
 
@@ -141,17 +170,23 @@ def test_grouped_conv_consumer_loses_whole_input_groups_on_both_paths(cascade, g
     removed inputs and the consumer's removed outputs zeroed where they are read."""
     seeded(groups + removed_group)
     per_in, per_out = 8 // 2, 2
-    model = nn.Sequential(nn.Conv2d(2, per_in * groups, 1), nn.ReLU(),
-                          nn.Conv2d(per_in * groups, per_out * groups, 3, groups=groups), nn.ReLU(),
-                          nn.Conv2d(per_out * groups, 3, 1))
+    model = nn.Sequential(
+        nn.Conv2d(2, per_in * groups, 1),
+        nn.ReLU(),
+        nn.Conv2d(per_in * groups, per_out * groups, 3, groups=groups),
+        nn.ReLU(),
+        nn.Conv2d(per_out * groups, 3, 1),
+    )
     inputs = list(range(removed_group * per_in, (removed_group + 1) * per_in))
     outputs = list(range(removed_group * per_out, (removed_group + 1) * per_out))
     listed = [model[2], model[4]] if cascade == "explicit" else None
 
     @contextlib.contextmanager
     def mask(twin):
-        with masked_units(counterpart(twin, model, model[1]), inputs), \
-                masked_units(counterpart(twin, model, model[3]), outputs):
+        with (
+            masked_units(counterpart(twin, model, model[1]), inputs),
+            masked_units(counterpart(twin, model, model[3]), outputs),
+        ):
             yield None
 
     def prune():
@@ -242,8 +277,9 @@ def test_conv_flatten_linear_functional(flatten):
     keep_cols = [c * 4 + j for c in (0, 3) for j in range(4)]
     small = FunctionalNet(flatten)
     small.conv, small.fc = nn.Conv2d(2, 2, 3), nn.Linear(8, 3)
-    ref = rebuilt(small, model, {"conv.weight": kept([0, 3]), "conv.bias": kept([0, 3]),
-                                 "fc.weight": kept(None, keep_cols)})
+    ref = rebuilt(
+        small, model, {"conv.weight": kept([0, 3]), "conv.bias": kept([0, 3]), "fc.weight": kept(None, keep_cols)}
+    )
     pruner = Pruner(model, input_size=(2, 6, 6))
     plan = pruner.plan(model.conv, [1, 2], [model.fc])
     assert "fc.weight" in str(plan) and "[3, 16] -> [3, 8]" in str(plan)
@@ -254,8 +290,16 @@ def test_conv_flatten_linear_functional(flatten):
 
 def test_conv_pool_flatten_linear_sequential():
     seeded()
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 2))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+        nn.ReLU(),
+        nn.Linear(5, 2),
+    )
     randomize_bn(model)
     zeroed_twin_check(model, model[0], [0, 3], [model[5], model[1]], model[3], torch.randn(2, 2, 6, 6))
     assert model[5].in_features == 8
@@ -268,17 +312,26 @@ def test_layernorm_matches_rebuilt_model():
         model[1].weight.uniform_(0.5, 1.5)
         model[1].bias.uniform_(-0.5, 0.5)
     keep = [0, 2, 3, 5]
-    ref = rebuilt(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 3)), model,
-                  {"0.weight": kept(keep), "0.bias": kept(keep), "1.weight": kept(keep), "1.bias": kept(keep),
-                   "3.weight": kept(None, keep)})
+    ref = rebuilt(
+        nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 3)),
+        model,
+        {
+            "0.weight": kept(keep),
+            "0.bias": kept(keep),
+            "1.weight": kept(keep),
+            "1.bias": kept(keep),
+            "3.weight": kept(None, keep),
+        },
+    )
     x = torch.randn(3, 5)
     Pruner(model, input_size=(5,)).prune_model(model[0], [1, 4], [model[3], model[1]])
     assert model[1].normalized_shape == (4,)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("policy,expected", [("linear", 0.5 * (1 - 2 / 8)), ("sqrt", 0.5 * math.sqrt(6 / 8)),
-                                             ("keep", 0.5)])
+@pytest.mark.parametrize(
+    "policy,expected", [("linear", 0.5 * (1 - 2 / 8)), ("sqrt", 0.5 * math.sqrt(6 / 8)), ("keep", 0.5)]
+)
 def test_dropout_policies(policy, expected):
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
     Pruner(model, input_size=(3,), dropout_policy=policy).prune_model(model[0], [0, 1], [model[2], model[3]])
@@ -330,8 +383,14 @@ def test_plan_is_a_dry_run_and_applies_to_an_averaged_copy():
     before = snapshot(model)
     plan = pruner.plan(model[0], [1], [model[1], model[4]])
     text = str(plan)
-    for expected in ["0.weight", "[4, 2, 3, 3] -> [3, 2, 3, 3]", "1.running_var", "4.in_features", "36 -> 27",
-                     "4.weight"]:
+    for expected in [
+        "0.weight",
+        "[4, 2, 3, 3] -> [3, 2, 3, 3]",
+        "1.running_var",
+        "4.in_features",
+        "36 -> 27",
+        "4.weight",
+    ]:
         assert expected in text
     assert_unchanged(before, model)
     plan.apply(model)
@@ -423,7 +482,9 @@ class ScaleRule(SlicingRule):
     in_units = out_units
 
     def prune_in(self, module, selection):
-        return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(module, "channels", len(selection.keep))
+        return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(
+            module, "channels", len(selection.keep)
+        )
 
     prune_out = prune_in
 
@@ -437,8 +498,9 @@ def test_user_registered_rule():
 
 def test_instance_norm_with_affine_and_stats():
     seeded()
-    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.InstanceNorm2d(6, affine=True, track_running_stats=True), nn.ReLU(),
-                          nn.Conv2d(6, 2, 1))
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3), nn.InstanceNorm2d(6, affine=True, track_running_stats=True), nn.ReLU(), nn.Conv2d(6, 2, 1)
+    )
     randomize_bn(model)
     zeroed_twin_check(model, model[0], [0, 5], [model[1], model[3]], model[2], torch.randn(2, 2, 6, 6))
     assert model[1].num_features == 4 and model[1].running_mean.shape == (4,)
@@ -466,9 +528,17 @@ def test_layernorm_on_tokens():
         model[1].bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, 3, 5)
     keep = [0, 1, 3, 4]
-    ref = rebuilt(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 2)), model,
-                  {"0.weight": kept(keep), "0.bias": kept(keep), "1.weight": kept(keep), "1.bias": kept(keep),
-                   "2.weight": kept(None, keep)})
+    ref = rebuilt(
+        nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 2)),
+        model,
+        {
+            "0.weight": kept(keep),
+            "0.bias": kept(keep),
+            "1.weight": kept(keep),
+            "1.bias": kept(keep),
+            "2.weight": kept(None, keep),
+        },
+    )
     expected = ref(x)
     Pruner(model, example_inputs=x).prune_model(model[0], [2, 5], [model[2], model[1]])
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
@@ -510,15 +580,17 @@ def test_untraceable_model_uses_hooks_trace():
 def test_parameter_free_modules_may_be_listed():
     seeded()
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 2))
-    zeroed_twin_check(model, model[0], [1, 2], [model[3], model[1], model[4], model[2]], model[1],
-                      torch.randn(2, 2, 6, 6))
+    zeroed_twin_check(
+        model, model[0], [1, 2], [model[3], model[1], model[4], model[2]], model[1], torch.randn(2, 2, 6, 6)
+    )
     assert model[4].in_features == 8
 
 
 def test_depthwise_conv_transpose_in_cascade():
     seeded()
-    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 3, groups=4), nn.ReLU(),
-                          nn.Conv2d(4, 2, 1))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 3, groups=4), nn.ReLU(), nn.Conv2d(4, 2, 1)
+    )
     zeroed_twin_check(model, model[0], [0, 3], [model[2], model[4]], model[3], torch.randn(2, 2, 4, 4))
     assert model[2].groups == 2 and model[2].weight.shape == (2, 1, 3, 3)
 
@@ -531,7 +603,7 @@ def test_group_selection_with_whole_input_groups_of_a_grouped_consumer_equals_pr
     first = pruner.groups()[0]
     assert first.members[0].module is model[0]
     plan = pruner.prune_group(first, first.units_for(model[0], [0, 1, 2, 3]))
-    assert "units of group 1" in plan.description   # the grouped conv's outputs of that conv group
+    assert "units of group 1" in plan.description  # the grouped conv's outputs of that conv group
     Pruner(twin, input_size=(2, 5, 5)).prune_model(twin[0], [0, 1, 2, 3])
     assert model.state_dict().keys() == twin.state_dict().keys()
     for key, value in model.state_dict().items():

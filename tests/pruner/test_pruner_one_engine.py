@@ -47,8 +47,17 @@ def test_ops_that_mix_the_unit_axis_are_refused_on_both_paths(op, path):
 
 
 def slices(plan) -> list[tuple[str, str, int, list]]:
-    return [(e.module_name, e.tensor_name, e.axis, e.keep.tolist(), None if e.group_keep is None else
-             [k.tolist() for k in e.group_keep]) for e in plan.edits if isinstance(e, TensorSlice)]
+    return [
+        (
+            e.module_name,
+            e.tensor_name,
+            e.axis,
+            e.keep.tolist(),
+            None if e.group_keep is None else [k.tolist() for k in e.group_keep],
+        )
+        for e in plan.edits
+        if isinstance(e, TensorSlice)
+    ]
 
 
 def test_grouped_conv_outputs_need_equal_counts_not_equal_positions():
@@ -62,8 +71,9 @@ def test_grouped_conv_outputs_need_equal_counts_not_equal_positions():
     discovered = Pruner(twin, input_size=(4, 5, 5)).plan(twin[0], [1, 6])
     assert slices(explicit) == slices(discovered)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
-    assert_prune_equals_zeroed_twin(model.eval(), lambda: explicit.apply(model),
-                                    lambda twin: masked_units(twin[1], [1, 6]), x)
+    assert_prune_equals_zeroed_twin(
+        model.eval(), lambda: explicit.apply(model), lambda twin: masked_units(twin[1], [1, 6]), x
+    )
     assert model[0].groups == 2 and model[0].out_channels == 6 and model[2].in_channels == 6
 
 
@@ -82,8 +92,7 @@ def test_prune_groups_removes_the_same_count_from_every_conv_group():
     from torchpruner import prune_groups
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4), nn.ReLU(),
-                          nn.Conv2d(8, 2, 1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4), nn.ReLU(), nn.Conv2d(8, 2, 1))
     pruner = Pruner(model, input_size=(3, 9, 9))
     scores = {0: torch.arange(8.0).flip(0).numpy()}  # lowest: channels 7, 6, 5, ... (the last conv group)
     group = next(g for g in pruner.groups() if model[0] in g.source_modules)

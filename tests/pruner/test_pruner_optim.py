@@ -45,13 +45,20 @@ def make_model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     # no bias before BatchNorm: its gradient would be zero up to rounding noise, which Rprop's sign
     # and centered RMSprop's ratio amplify
-    return nn.Sequential(nn.Linear(5, 8, bias=False), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(),
-                         nn.Linear(6, 3)).to(DTYPE)
+    return nn.Sequential(
+        nn.Linear(5, 8, bias=False), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)
+    ).to(DTYPE)
 
 
 # how each parameter / buffer of the pruned model maps onto the twin's
-SLICES = {"0.weight": kept(KEEP), "1.weight": kept(KEEP), "1.bias": kept(KEEP), "1.running_mean": kept(KEEP),
-          "1.running_var": kept(KEEP), "3.weight": kept(None, KEEP)}
+SLICES = {
+    "0.weight": kept(KEEP),
+    "1.weight": kept(KEEP),
+    "1.bias": kept(KEEP),
+    "1.running_mean": kept(KEEP),
+    "1.running_var": kept(KEEP),
+    "3.weight": kept(None, KEEP),
+}
 
 
 def batches(n: int, seed: int = 1):
@@ -60,8 +67,9 @@ def batches(n: int, seed: int = 1):
 
 
 def assert_matches_twin(model, twin, optimizer, twin_optimizer):
-    assert_state_matches(model, twin, SLICES, optimizer=optimizer, reference_optimizer=twin_optimizer,
-                         rtol=1e-9, atol=1e-12)
+    assert_state_matches(
+        model, twin, SLICES, optimizer=optimizer, reference_optimizer=twin_optimizer, rtol=1e-9, atol=1e-12
+    )
 
 
 def trained_with_twin(name, steps=3, n_batches=7):
@@ -118,8 +126,10 @@ def test_two_param_groups_and_scheduler(name):
     cls, kwargs = OPTIMIZERS[name]
 
     def build(m):
-        groups = [{"params": list(m[0].parameters()) + list(m[1].parameters()), "lr": kwargs["lr"] * 0.5},
-                  {"params": list(m[3].parameters()) + list(m[5].parameters()), "weight_decay": 0.05}]
+        groups = [
+            {"params": list(m[0].parameters()) + list(m[1].parameters()), "lr": kwargs["lr"] * 0.5},
+            {"params": list(m[3].parameters()) + list(m[5].parameters()), "weight_decay": 0.05},
+        ]
         return cls(groups, **kwargs)
 
     def schedule(opt):

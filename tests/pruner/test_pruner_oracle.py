@@ -20,9 +20,14 @@ from torchpruner.pruner import Pruner
 from oracles import assert_prune_equals_zeroed_twin, counterpart, masked_units
 
 ACTIVATIONS = {
-    "relu": lambda w: nn.ReLU(), "sigmoid": lambda w: nn.Sigmoid(), "softplus": lambda w: nn.Softplus(),
-    "tanh": lambda w: nn.Tanh(), "gelu": lambda w: nn.GELU(), "elu": lambda w: nn.ELU(),
-    "silu": lambda w: nn.SiLU(), "prelu": lambda w: nn.PReLU(w, init=0.3),
+    "relu": lambda w: nn.ReLU(),
+    "sigmoid": lambda w: nn.Sigmoid(),
+    "softplus": lambda w: nn.Softplus(),
+    "tanh": lambda w: nn.Tanh(),
+    "gelu": lambda w: nn.GELU(),
+    "elu": lambda w: nn.ELU(),
+    "silu": lambda w: nn.SiLU(),
+    "prelu": lambda w: nn.PReLU(w, init=0.3),
 }
 NORMS = [None, "affine", "not-affine", "no-running-stats"]
 
@@ -30,8 +35,15 @@ NORMS = [None, "affine", "not-affine", "no-running-stats"]
 @st.composite
 def blocks(draw, max_blocks: int):
     n = draw(st.integers(1, max_blocks))
-    return [(draw(st.integers(2, 6)), draw(st.sampled_from(NORMS)), draw(st.sampled_from(sorted(ACTIVATIONS))),
-             draw(st.booleans())) for _ in range(n)]
+    return [
+        (
+            draw(st.integers(2, 6)),
+            draw(st.sampled_from(NORMS)),
+            draw(st.sampled_from(sorted(ACTIVATIONS))),
+            draw(st.booleans()),
+        )
+        for _ in range(n)
+    ]
 
 
 @st.composite
@@ -111,8 +123,14 @@ def test_pruned_equals_zeroed_twin(arch):
     random.Random(seed).shuffle(cascade)
     x = torch.randn((3,) + input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     assert_prune_equals_zeroed_twin(
-        model, lambda: Pruner(model, input_size=input_shape).prune_model(layer, indices, cascade),
-        lambda twin: masked_units(counterpart(twin, model, mask_module), indices), x)
-    kept = [i for i in range(len(indices) + (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels))
-            if i not in indices]
+        model,
+        lambda: Pruner(model, input_size=input_shape).prune_model(layer, indices, cascade),
+        lambda twin: masked_units(counterpart(twin, model, mask_module), indices),
+        x,
+    )
+    kept = [
+        i
+        for i in range(len(indices) + (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels))
+        if i not in indices
+    ]
     assert layer._torchpruner_kept_units["out"] == kept

@@ -40,9 +40,18 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 
 def make_model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(5, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(5, 3),
+    )
 
 
 def batch(seed: int = 1, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +116,7 @@ def setup_for(kind: str) -> Setup:
 # Fault injection at every edit of the plan
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Position:
     """Where a fault strikes: the ``index``-th edit of the plan (``part``: which tensor of it),
@@ -156,8 +166,11 @@ def fault_at(setup: Setup, position: Position, exception: type[BaseException]) -
         state_slice = setup.plan.optimizer_slices[position.index]
         parameter = setup.model.get_parameter(state_slice.parameter_name)
         # the n-th slice of that state tensor (a tensor sliced on two axes has two)
-        occurrence = [s for s in setup.plan.optimizer_slices[:position.index + 1]
-                      if (s.parameter_name, s.key) == (state_slice.parameter_name, state_slice.key)]
+        occurrence = [
+            s
+            for s in setup.plan.optimizer_slices[: position.index + 1]
+            if (s.parameter_name, s.key) == (state_slice.parameter_name, state_slice.key)
+        ]
     else:
         edit = setup.plan.edits[position.index]
         module = modules[edit.module_name]
@@ -196,8 +209,9 @@ def fault_at(setup: Setup, position: Position, exception: type[BaseException]) -
         yield fired
 
 
-def assert_same_state(model: nn.Module, optimizer: torch.optim.Optimizer, reference: nn.Module,
-                      reference_optimizer: torch.optim.Optimizer) -> None:
+def assert_same_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, reference: nn.Module, reference_optimizer: torch.optim.Optimizer
+) -> None:
     """Two models (and optimizers) hold the same tensors, gradients, attributes and state, bit for bit."""
     got, want = snapshot(model, optimizer), snapshot(reference, reference_optimizer)
     assert got.repr == want.repr
@@ -212,8 +226,9 @@ def assert_same_state(model: nn.Module, optimizer: torch.optim.Optimizer, refere
     assert_same_structure(got.optimizer, want.optimizer)
 
 
-def assert_retry_equals_clean_prune(setup: Setup, before: Snapshot, clean: tuple[nn.Module, torch.optim.Optimizer]
-                                    ) -> None:
+def assert_retry_equals_clean_prune(
+    setup: Setup, before: Snapshot, clean: tuple[nn.Module, torch.optim.Optimizer]
+) -> None:
     """The same plan applies to the rolled-back model, which then equals a clean prune and trains on."""
     setup.plan.apply(setup.model, setup.optimizer)
     clean_model, clean_optimizer = clean
@@ -228,8 +243,9 @@ def assert_retry_equals_clean_prune(setup: Setup, before: Snapshot, clean: tuple
 
 
 @pytest.mark.parametrize("exception", [KeyboardInterrupt, MemoryError])
-@pytest.mark.parametrize(("kind", "position"), FAULTS,
-                         ids=[f"{kind}-{p.part}-{p.index}-{p.label}" for kind, p in FAULTS])
+@pytest.mark.parametrize(
+    ("kind", "position"), FAULTS, ids=[f"{kind}-{p.part}-{p.index}-{p.label}" for kind, p in FAULTS]
+)
 def test_a_fault_at_any_edit_undoes_every_edit_already_made(kind, position, exception):
     setup = setup_for(kind)
     clean = copy_of(setup.model, setup.optimizer, kind)
@@ -254,12 +270,12 @@ class _LineFault:
     """A tracer that raises KeyboardInterrupt at the ``at``-th line executed in the apply's own files
     (as Ctrl-C would between two lines), or only counts lines (``at=None``)."""
 
-    FILES = tuple(os.path.abspath(m.__file__) for m in (plan_module, optimizer_module,
-                                                         sys.modules[TensorSlice.__module__]))
+    FILES = tuple(
+        os.path.abspath(m.__file__) for m in (plan_module, optimizer_module, sys.modules[TensorSlice.__module__])
+    )
 
     # checks that run before anything changes (a fault there trivially changes nothing)
-    CHECKS = frozenset({"_bind", "plan_optimizer_surgery", "check_optimizer", "check_graphs_released",
-                        "resolve_model"})
+    CHECKS = frozenset({"_bind", "plan_optimizer_surgery", "check_optimizer", "check_graphs_released", "resolve_model"})
 
     def __init__(self, at: int | None) -> None:
         self.at, self.count, self.fired = at, 0, False
@@ -309,7 +325,9 @@ def test_an_interrupt_at_any_line_of_apply_leaves_the_model_unchanged_or_fully_p
             assert_unchanged(before, setup.model, setup.optimizer)
             outcomes["unchanged"] += 1
             if at % 20 == 0:
-                assert_retry_equals_clean_prune(setup, before, copy_of(_SETUPS[kind].model, _SETUPS[kind].optimizer, kind))
+                assert_retry_equals_clean_prune(
+                    setup, before, copy_of(_SETUPS[kind].model, _SETUPS[kind].optimizer, kind)
+                )
         else:  # something changed: then everything
             assert_same_state(setup.model, setup.optimizer, clean_model, clean_optimizer)
             outcomes["pruned"] += 1
@@ -319,6 +337,7 @@ def test_an_interrupt_at_any_line_of_apply_leaves_the_model_unchanged_or_fully_p
 # --------------------------------------------------------------------------------------------
 # A graph from before the prune that is still alive
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("graph", ["kept-output", "retain-graph"])
 def test_a_live_graph_from_before_the_prune_does_not_break_the_next_step(graph):
@@ -373,6 +392,7 @@ def test_without_renewal_a_live_graph_is_refused_before_anything_changes(monkeyp
 # --------------------------------------------------------------------------------------------
 # Memory format
 # --------------------------------------------------------------------------------------------
+
 
 def _to_contiguous(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     with torch.no_grad():

@@ -40,7 +40,7 @@ def chain() -> tuple[nn.Module, torch.optim.Optimizer]:
 # One index check for every entry point
 # --------------------------------------------------------------------------------------------
 
-MASK = [i in (7, 12) for i in range(16)]   # a boolean mask of units 7 and 12
+MASK = [i in (7, 12) for i in range(16)]  # a boolean mask of units 7 and 12
 
 BAD_INDICES = {
     "bool-list-mask": (MASK, TypeError, "boolean mask"),
@@ -61,9 +61,11 @@ BAD_INDICES = {
 
 def _entry_points(model, pruner):
     """Each public way to remove units of ``model[0]``'s output (16 units), with its argument name."""
+
     def group():
         (first,) = [g for g in pruner.groups() if model[0] in g.source_modules]
         return first
+
     return {
         "prune_model": (lambda idx: pruner.prune_model(model[0], idx), "indices"),
         "prune_model-cascade": (lambda idx: pruner.prune_model(model[0], idx, [model[1], model[2]]), "indices"),
@@ -93,8 +95,11 @@ def test_bad_indices_are_refused_the_same_way_everywhere(entry, case):
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("empty", [[], torch.tensor([]), np.array([]), torch.tensor([], dtype=torch.long)],
-                         ids=["list", "float-tensor", "float-numpy", "long-tensor"])
+@pytest.mark.parametrize(
+    "empty",
+    [[], torch.tensor([]), np.array([]), torch.tensor([], dtype=torch.long)],
+    ids=["list", "float-tensor", "float-numpy", "long-tensor"],
+)
 def test_empty_indices_are_a_no_op_everywhere(entry, empty):
     model, optimizer = chain()
     pruner = Pruner(model, input_size=(4,), optimizer=optimizer)
@@ -119,10 +124,17 @@ def test_bool_mask_never_prunes_units_0_and_1():
 # Other arguments
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("axis, error, match", [
-    (0.0, TypeError, "axis.*float"), ("0", TypeError, "axis.*str"), (True, TypeError, "axis.*bool"),
-    (2, ValueError, "axis 2 is out of range"), (-3, ValueError, "axis -3 is out of range"),
-])
+
+@pytest.mark.parametrize(
+    "axis, error, match",
+    [
+        (0.0, TypeError, "axis.*float"),
+        ("0", TypeError, "axis.*str"),
+        (True, TypeError, "axis.*bool"),
+        (2, ValueError, "axis 2 is out of range"),
+        (-3, ValueError, "axis -3 is out of range"),
+    ],
+)
 def test_prune_parameter_checks_the_axis(axis, error, match):
     model, optimizer = chain()
     pruner = Pruner(model, input_size=(4,), optimizer=optimizer)
@@ -138,10 +150,15 @@ def test_prune_parameter_accepts_numpy_integer_axis():
     assert model[0].weight.shape == (16, 3)
 
 
-@pytest.mark.parametrize("input_size, error, match", [
-    ((3.9, 8, 8), TypeError, "input_size.*3.9"), ((3, True, 8), TypeError, "input_size.*True"),
-    (4, TypeError, "input_size.*sequence"), ((3, 0, 8), ValueError, "input_size.*positive"),
-])
+@pytest.mark.parametrize(
+    "input_size, error, match",
+    [
+        ((3.9, 8, 8), TypeError, "input_size.*3.9"),
+        ((3, True, 8), TypeError, "input_size.*True"),
+        (4, TypeError, "input_size.*sequence"),
+        ((3, 0, 8), ValueError, "input_size.*positive"),
+    ],
+)
 def test_input_size_must_hold_positive_integers(input_size, error, match):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
     before = snapshot(model)
@@ -182,6 +199,7 @@ def test_prune_group_refuses_a_group_of_another_model():
 # --------------------------------------------------------------------------------------------
 # Output units of the model need an opt-in
 # --------------------------------------------------------------------------------------------
+
 
 class Untraceable(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it, the Pruner follows forward hooks."""
@@ -224,6 +242,7 @@ def test_hidden_layers_need_no_opt_in():
 # --------------------------------------------------------------------------------------------
 # Subclasses of registered layers with tensors of their own
 # --------------------------------------------------------------------------------------------
+
 
 class GatedLinear(nn.Linear):
     """A Linear with a learned per-output gate the Linear rule does not know about."""
@@ -299,7 +318,7 @@ def test_a_rule_registered_for_the_subclass_takes_precedence():
 
 
 def test_subclass_without_tensors_of_its_own_keeps_the_base_rule():
-    class PlainLinear(nn.Linear):     # timm-like: a forward override, no tensors of its own
+    class PlainLinear(nn.Linear):  # timm-like: a forward override, no tensors of its own
         def forward(self, x):
             return super().forward(x)
 
@@ -311,6 +330,7 @@ def test_subclass_without_tensors_of_its_own_keeps_the_base_rule():
 # --------------------------------------------------------------------------------------------
 # A plan that cannot be verified is refused
 # --------------------------------------------------------------------------------------------
+
 
 class UntraceableResidual(nn.Module):
     """fx cannot trace it (data-dependent branch); ``h + fc2(h)`` is a merge the hooks trace
@@ -352,6 +372,7 @@ def test_a_plan_that_can_be_checked_on_a_copy_still_applies():
 # --------------------------------------------------------------------------------------------
 # Messages that say what happens
 # --------------------------------------------------------------------------------------------
+
 
 class GLU(nn.Module):
     """A gated unit: the halves of fc1's output are multiplied, coupling unit i with unit i + 4."""

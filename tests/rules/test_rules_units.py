@@ -22,15 +22,18 @@ LAYERS = {
 @pytest.mark.parametrize("kind", LAYERS)
 def test_each_block_entry_links_exactly_its_output_and_input_channel(kind):
     module = LAYERS[kind]().double()
-    groups, out_per_group, in_per_group = module.groups, module.out_channels // module.groups, \
-        module.in_channels // module.groups
+    groups, out_per_group, in_per_group = (
+        module.groups,
+        module.out_channels // module.groups,
+        module.in_channels // module.groups,
+    )
     spatial = (5,) * (module.weight.dim() - 2)
     for g in range(groups):
         for j in range(out_per_group):
             for i in range(in_per_group):
                 with torch.no_grad():
                     module.weight.zero_()
-                    conv_weight_blocks(module)[g, j, i] = 1.0   # a view: writes the weight
+                    conv_weight_blocks(module)[g, j, i] = 1.0  # a view: writes the weight
                 out, read = g * out_per_group + j, g * in_per_group + i
                 for channel in range(module.in_channels):
                     x = torch.zeros((1, module.in_channels) + spatial, dtype=torch.float64)

@@ -34,15 +34,22 @@ class ChannelScaleRule(SlicingRule):
         return module.channels
 
     def prune_out(self, module, selection):
-        return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(module, "channels", len(selection.keep))
+        return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(
+            module, "channels", len(selection.keep)
+        )
 
     prune_in = prune_out
 
 
 def _net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 6, 3), ChannelScale(6), nn.Sigmoid(), nn.Conv2d(6, 3, 3),
-                         nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 6, 3), ChannelScale(6), nn.Sigmoid(), nn.Conv2d(6, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)
+        )
+        .double()
+        .eval()
+    )
 
 
 def test_registered_user_layer_is_a_leaf_call_site():
@@ -59,7 +66,12 @@ def test_automatic_discovery_prunes_through_a_user_layer():
     model = _net()
     removed = [1, 4]
     x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
-    assert_prune_equals_zeroed_twin(model, lambda: Pruner(model, input_size=(2, 6, 6)).prune_model(model[0], removed),
-                                    lambda twin: masked_units(twin[2], removed), x,  # zero after the activation
-                                    rtol=1e-12, atol=1e-12)
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: Pruner(model, input_size=(2, 6, 6)).prune_model(model[0], removed),
+        lambda twin: masked_units(twin[2], removed),
+        x,  # zero after the activation
+        rtol=1e-12,
+        atol=1e-12,
+    )
     assert model[1].weight.shape == (4,) and model[3].in_channels == 4

@@ -12,10 +12,17 @@ from .base import AttributionMetric, BatchStatisticsWarning, default_batch_fn, p
 from .captum_adapter import CaptumAttributionMetric
 from .collectives import DistributedScoringError
 from .groups import CoupledGroupWarning
-from .methods import (APoZAttributionMetric, FPGMAttributionMetric, LeaveOneOutAttributionMetric,
-                      RandomAttributionMetric,
-                      SensitivityAttributionMetric, ShapleyAttributionMetric,
-                      TaylorAttributionMetric, ThiNetAttributionMetric, WeightNormAttributionMetric)
+from .methods import (
+    APoZAttributionMetric,
+    FPGMAttributionMetric,
+    LeaveOneOutAttributionMetric,
+    RandomAttributionMetric,
+    SensitivityAttributionMetric,
+    ShapleyAttributionMetric,
+    TaylorAttributionMetric,
+    ThiNetAttributionMetric,
+    WeightNormAttributionMetric,
+)
 from .methods.bn_scale import BNScaleAttributionMetric
 from .reductions import MeanPlusStd
 

@@ -34,9 +34,22 @@ from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state
 from torchpruner.graph.dependency import Group, get_dependency_graph
 from torchpruner.graph.evaluation import evaluation_module
 
-from .data import (INPUT_KEYS, TARGET_KEYS, Batch, BatchFn, default_batch_fn, first_tensor, make_batch,
-                   per_example_loss, scoring_iterator, sum_positions, to_device, unit_mask_shape,
-                   units_view, wide)
+from .data import (
+    INPUT_KEYS,
+    TARGET_KEYS,
+    Batch,
+    BatchFn,
+    default_batch_fn,
+    first_tensor,
+    make_batch,
+    per_example_loss,
+    scoring_iterator,
+    sum_positions,
+    to_device,
+    unit_mask_shape,
+    units_view,
+    wide,
+)
 from .collectives import Shards, scoring_model
 from .groups import check_group, group_label, group_runner, warn_if_coupled
 from .reductions import MeanPlusStd, Moments
@@ -48,9 +61,27 @@ Reduction = str | Callable[[np.ndarray], np.ndarray]
 Target = nn.Module | CallSite | Group
 
 __all__ = [  # data.py and runner.py names stay importable from here, as before the split
-    "AttributionMetric", "Batch", "BatchFn", "BatchStatisticsWarning", "INPUT_KEYS", "MaskPoint", "Reduction",
-    "Runner", "Scored", "TARGET_KEYS", "default_batch_fn", "first_tensor", "left_as_found", "make_batch",
-    "per_example_loss", "reduce_scores", "sum_positions", "to_device", "unit_mask_shape", "units_view", "wide",
+    "AttributionMetric",
+    "Batch",
+    "BatchFn",
+    "BatchStatisticsWarning",
+    "INPUT_KEYS",
+    "MaskPoint",
+    "Reduction",
+    "Runner",
+    "Scored",
+    "TARGET_KEYS",
+    "default_batch_fn",
+    "first_tensor",
+    "left_as_found",
+    "make_batch",
+    "per_example_loss",
+    "reduce_scores",
+    "sum_positions",
+    "to_device",
+    "unit_mask_shape",
+    "units_view",
+    "wide",
 ]
 
 
@@ -98,9 +129,11 @@ class BatchStatisticsWarning(UserWarning):
 def batch_statistics_modules(model: nn.Module) -> list[str]:
     """Names of the BatchNorm layers of ``model`` that keep no running statistics, so that
     they normalise with the batch's own statistics even in eval mode."""
-    return [name or type(model).__name__ for name, module in model.named_modules()
-            if isinstance(module, BATCHNORM_MODULES)
-            and module.running_mean is None and module.running_var is None]
+    return [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, BATCHNORM_MODULES) and module.running_mean is None and module.running_var is None
+    ]
 
 
 def warn_if_batch_statistics(model: nn.Module, metric: str, stacklevel: int) -> None:
@@ -113,7 +146,9 @@ def warn_if_batch_statistics(model: nn.Module, metric: str, stacklevel: int) -> 
             "no running statistics (track_running_stats=False), so even in eval mode they normalise "
             "each example with the statistics of its batch; score with the batch size and "
             "composition you train with, or give the layers running statistics",
-            BatchStatisticsWarning, stacklevel=stacklevel + 1)
+            BatchStatisticsWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,15 +254,19 @@ def _module_name(model: nn.Module, module: nn.Module) -> str | None:
 def _check_scored_module(model: nn.Module, module: Any) -> None:
     """``module`` is a submodule or a call site of ``model`` (not a group): TypeError/ValueError."""
     if isinstance(module, Group):
-        raise TypeError("a coupled group is scored at its read and entry points, not at one evaluation point; "
-                        "pass a module of the model (or a CallSite)")
+        raise TypeError(
+            "a coupled group is scored at its read and entry points, not at one evaluation point; "
+            "pass a module of the model (or a CallSite)"
+        )
     if isinstance(module, CallSite):
         return
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module or a CallSite, got {type(module).__name__}")
     if _module_name(model, module) is None:
-        raise ValueError(f"{type(module).__name__} module is not part of the model {type(model).__name__} "
-                         "(scoring needs a submodule of the model)")
+        raise ValueError(
+            f"{type(module).__name__} module is not part of the model {type(model).__name__} "
+            "(scoring needs a submodule of the model)"
+        )
 
 
 class Scored:
@@ -342,9 +381,7 @@ class AttributionMetric:
         unknown = sorted(set(options) - set(self.default_options))
         if unknown:
             valid = ", ".join(sorted(self.default_options)) or "none"
-            raise TypeError(
-                f"{type(self).__name__} got unknown option(s) {unknown}; valid options: {valid}"
-            )
+            raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; valid options: {valid}")
         return dict(options)
 
     def options(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -402,8 +439,9 @@ class AttributionMetric:
                     def count_units() -> int:
                         with contextlib.closing(self._batches(model)) as batches:
                             first = self._first_batch(batches)
-                        return self._evaluation_point(model, module, first, find_best_evaluation_module,
-                                                      call_index, stacklevel=7)[0].num_units
+                        return self._evaluation_point(
+                            model, module, first, find_best_evaluation_module, call_index, stacklevel=7
+                        )[0].num_units
 
                     return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
                 warn_if_batch_statistics(model, self.name, stacklevel=2)
@@ -546,8 +584,9 @@ class AttributionMetric:
         try:
             given = list(targets)
         except TypeError:
-            raise TypeError(f"targets must be a list of modules, call sites or groups, got "
-                            f"{type(targets).__name__}") from None
+            raise TypeError(
+                f"targets must be a list of modules, call sites or groups, got {type(targets).__name__}"
+            ) from None
         for target in given:
             if not isinstance(target, (nn.Module, CallSite, Group)):
                 raise TypeError(f"targets must hold modules, call sites or groups, got a {type(target).__name__}")
@@ -580,8 +619,10 @@ class AttributionMetric:
                 f"computed for {type(graph.model).__name__} ({error}); pass targets= (a list of its layers)"
             ) from error
         if not groups:
-            raise ValueError(f"the model {type(graph.model).__name__} has no prunable coupled group; "
-                             "pass targets= (a list of its layers)")
+            raise ValueError(
+                f"the model {type(graph.model).__name__} has no prunable coupled group; "
+                "pass targets= (a list of its layers)"
+            )
         return groups
 
     def _default_targets(self) -> list[Group]:
@@ -591,8 +632,9 @@ class AttributionMetric:
             first = self._first_batch(batches)
             return self._groups_of(get_graph(model, first.args, first.kwargs or None))
 
-    def _shared_runners(self, model: nn.Module, graph: ModelGraph, targets: list[Target], first: Batch,
-                        find_best: bool) -> dict[str, Runner]:
+    def _shared_runners(
+        self, model: nn.Module, graph: ModelGraph, targets: list[Target], first: Batch, find_best: bool
+    ) -> dict[str, Runner]:
         """``{key: runner}`` of ``run_all``'s targets, each runner as ``run`` builds it."""
         runners: dict[str, Runner] = {}
         for key, target in zip(self._target_keys(targets), targets):
@@ -645,8 +687,14 @@ class AttributionMetric:
         return total
 
     def _evaluation_point(
-        self, model: nn.Module, module: nn.Module | CallSite, batch: Batch, find_best: bool, call_index: int,
-        stacklevel: int = 4, graph: ModelGraph | None = None,
+        self,
+        model: nn.Module,
+        module: nn.Module | CallSite,
+        batch: Batch,
+        find_best: bool,
+        call_index: int,
+        stacklevel: int = 4,
+        graph: ModelGraph | None = None,
     ) -> tuple[CallSite, ModelGraph]:
         if graph is None:
             graph = get_graph(model, batch.args, batch.kwargs or None)
@@ -671,7 +719,9 @@ class AttributionMetric:
                 f"{tuple(site.shape) if site.shape is not None else None}); score a layer whose "
                 "output is a tensor with a unit axis (Linear, Conv, BatchNorm, activation)"
             )
-        logger.debug("%s: evaluation point %s (unit axis %d, %d units)", self.name, site.name, site.unit_axis, site.num_units)
+        logger.debug(
+            "%s: evaluation point %s (unit axis %d, %d units)", self.name, site.name, site.unit_axis, site.num_units
+        )
         if isinstance(module, nn.Module):
             warn_if_coupled(graph, module, call_index, stacklevel=stacklevel)
         return site, graph
@@ -689,11 +739,18 @@ class AttributionMetric:
                     raise ValueError(f"the data generator yielded no batches; {type(self).__name__} needs data")
                 graph = get_graph(model, first.args, first.kwargs or None)
                 runner = group_runner(graph, group, self.criterion)
-                logger.debug("%s: %s read at %s, entering at %s", self.name, runner.label,
-                             [p.site.name for p in runner.read_points], [p.site.name for p in runner.entry_points])
+                logger.debug(
+                    "%s: %s read at %s, entering at %s",
+                    self.name,
+                    runner.label,
+                    [p.site.name for p in runner.read_points],
+                    [p.site.name for p in runner.entry_points],
+                )
                 return self._score(graph, runner, itertools.chain([first], batches), options)
 
-    def _score(self, graph: ModelGraph, runner: Runner, batches: Iterable[Batch], options: dict[str, Any]) -> np.ndarray:
+    def _score(
+        self, graph: ModelGraph, runner: Runner, batches: Iterable[Batch], options: dict[str, Any]
+    ) -> np.ndarray:
         """The one data loop: intercept the runner's points for the whole run, score every batch
         (``[N, units]``), reduce over examples."""
         runner.description = f"{self.name} {runner.label}"
@@ -732,8 +789,9 @@ class AttributionMetric:
                 accumulator.merge(partial)
         return accumulator.result()
 
-    def _score_shared(self, graph: ModelGraph, runners: dict[str, Runner], batches: Iterable[Batch],
-                      options: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _score_shared(
+        self, graph: ModelGraph, runners: dict[str, Runner], batches: Iterable[Batch], options: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
         """The data loop of ``run_all``: one :class:`SharedPass` per batch serves every runner."""
         for runner in runners.values():
             runner.description = f"{self.name} {runner.label}"
@@ -741,8 +799,13 @@ class AttributionMetric:
             self.prepare(runner, options)
         shared = SharedPass(list(runners.values()), self.criterion)
         accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
-        bar = tqdm_auto.tqdm(total=self._total_batches(), desc=f"{self.name} {len(runners)} targets", unit="batch",
-                             disable=not progress_enabled(self.progress), leave=False)
+        bar = tqdm_auto.tqdm(
+            total=self._total_batches(),
+            desc=f"{self.name} {len(runners)} targets",
+            unit="batch",
+            disable=not progress_enabled(self.progress),
+            leave=False,
+        )
         try:
             with graph.intercept(shared.functions()) as forward:
                 shared.forward = forward
@@ -752,7 +815,8 @@ class AttributionMetric:
                         if scores.shape != (batch.size, runner.num_units):
                             raise RuntimeError(
                                 f"{type(self).__name__} scored a batch of {runner.label} with shape "
-                                f"{tuple(scores.shape)}, expected {(batch.size, runner.num_units)}")
+                                f"{tuple(scores.shape)}, expected {(batch.size, runner.num_units)}"
+                            )
                         accumulators[key].add(scores)
                     bar.update(1)
         finally:

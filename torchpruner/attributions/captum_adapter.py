@@ -67,7 +67,10 @@ class CaptumAttributionMetric(AttributionMetric):
 
     name: ClassVar[str] = "Captum"
     default_options: ClassVar[dict[str, Any]] = {
-        "method": None, "init_kwargs": None, "attribute_kwargs": None, "absolute": False,
+        "method": None,
+        "init_kwargs": None,
+        "attribute_kwargs": None,
+        "absolute": False,
     }
 
     def __init__(
@@ -87,9 +90,19 @@ class CaptumAttributionMetric(AttributionMetric):
         **more_attribute_kwargs: Any,
     ) -> None:
         super().__init__(
-            model, data_generator, criterion, device, reduction, max_batches, batch_fn, progress,
-            method=method, init_kwargs=init_kwargs, attribute_kwargs=attribute_kwargs,
-            absolute=absolute, **more_attribute_kwargs,
+            model,
+            data_generator,
+            criterion,
+            device,
+            reduction,
+            max_batches,
+            batch_fn,
+            progress,
+            method=method,
+            init_kwargs=init_kwargs,
+            attribute_kwargs=attribute_kwargs,
+            absolute=absolute,
+            **more_attribute_kwargs,
         )
 
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +169,7 @@ class CaptumAttributionMetric(AttributionMetric):
         attributor = method_cls(forward_func, probe, **(options["init_kwargs"] or {}))
         inputs = batch.args[0] if len(batch.args) == 1 else batch.args
         with torch.enable_grad(), runner.transformed(through_probe):
-            attribution = attributor.attribute(
-                inputs, additional_forward_args=(batch.target,), **attribute_kwargs
-            )
+            attribution = attributor.attribute(inputs, additional_forward_args=(batch.target,), **attribute_kwargs)
         if isinstance(attribution, (tuple, list)):
             attribution = attribution[0]
         if not isinstance(attribution, torch.Tensor) or attribution.shape[0] != batch.size:

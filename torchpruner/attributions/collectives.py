@@ -40,11 +40,14 @@ class DistributedScoringError(RuntimeError):
 
 def _check_group(process_group: Any) -> dist.ProcessGroup:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("process_group= needs an initialized torch.distributed job "
-                           "(torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "process_group= needs an initialized torch.distributed job (torch.distributed.init_process_group)"
+        )
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
-                        f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+        )
     if dist.get_rank(process_group) < 0:
         raise ValueError("this rank is not a member of process_group")
     return process_group
@@ -119,4 +122,5 @@ class Shards:
         details = "; ".join(f"rank {rank}: {message}" for rank, message in failed)
         raise DistributedScoringError(
             f"{self._what} failed on rank(s) {[rank for rank, _ in failed]} of "
-            f"{self.world_size} ({details}); every rank raises this error and nothing was scored") from error
+            f"{self.world_size} ({details}); every rank raises this error and nothing was scored"
+        ) from error

@@ -110,8 +110,12 @@ def make_batch(raw: Any, batch_fn: BatchFn | None, device: torch.device | None) 
 def _has_shared_iterator(data_generator: Any) -> bool:
     """A DataLoader with persistent workers whose one shared iterator exists (a loop may be
     iterating it: ``iter(loader)`` would reset it)."""
-    return (isinstance(data_generator, DataLoader) and data_generator.persistent_workers
-            and data_generator.num_workers > 0 and getattr(data_generator, "_iterator", None) is not None)
+    return (
+        isinstance(data_generator, DataLoader)
+        and data_generator.persistent_workers
+        and data_generator.num_workers > 0
+        and getattr(data_generator, "_iterator", None) is not None
+    )
 
 
 @contextlib.contextmanager
@@ -144,9 +148,7 @@ def scoring_iterator(data_generator: Iterable) -> Iterator[Iterator[Any]]:
 def _criterion_name(criterion: Any) -> str:
     if isinstance(criterion, nn.Module):
         return f"{type(criterion).__name__}()"
-    return getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", None) or repr(
-        criterion
-    )
+    return getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", None) or repr(criterion)
 
 
 def _accepts_reduction(fn: Callable) -> bool | None:
@@ -158,9 +160,7 @@ def _accepts_reduction(fn: Callable) -> bool | None:
     return any(p.name == "reduction" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def per_example_loss(
-    criterion: Callable, output: Any, target: Any, batch_size: int | None = None
-) -> torch.Tensor:
+def per_example_loss(criterion: Callable, output: Any, target: Any, batch_size: int | None = None) -> torch.Tensor:
     """Loss of every example of a batch, shape ``[N]``.
 
     ``criterion`` is called as ``criterion(output, target, reduction="none")`` (the
@@ -199,8 +199,7 @@ def per_example_loss(
         except TypeError as error:
             if accepts is None and "reduction" in str(error):
                 raise TypeError(
-                    f"criterion {name} does not accept reduction='none', so it cannot give "
-                    "per-example losses"
+                    f"criterion {name} does not accept reduction='none', so it cannot give per-example losses"
                 ) from error
             raise
     if not isinstance(loss, torch.Tensor):

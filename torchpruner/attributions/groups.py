@@ -94,8 +94,9 @@ def check_group(model: nn.Module, group: Group) -> None:
         )
 
 
-def unit_index(positions_fn: Callable[[Sequence[int]], tuple[int, np.ndarray]], size: int,
-               num_units: int) -> tuple[int, np.ndarray]:
+def unit_index(
+    positions_fn: Callable[[Sequence[int]], tuple[int, np.ndarray]], size: int, num_units: int
+) -> tuple[int, np.ndarray]:
     """``(axis, index)``: the group unit of every position along ``axis`` (-1: another group's).
 
     Asks ``positions_fn`` about ``1 + log2(units)`` sets of units instead of once per unit: a
@@ -141,8 +142,17 @@ def member_slices(group: Group) -> list[MemberSlice]:
     slices = []
     for role, unit_of in group.member_units():
         positions = np.nonzero(unit_of >= 0)[0].astype(np.int64)
-        slices.append(MemberSlice(role.module, role.module_name, role.direction, role.parameter,
-                                  getattr(role, "axis", None), positions, unit_of[positions].astype(np.int64)))
+        slices.append(
+            MemberSlice(
+                role.module,
+                role.module_name,
+                role.direction,
+                role.parameter,
+                getattr(role, "axis", None),
+                positions,
+                unit_of[positions].astype(np.int64),
+            )
+        )
     return slices
 
 
@@ -152,8 +162,9 @@ def member_slices(group: Group) -> list[MemberSlice]:
 PositionsFn = Callable[[Sequence[int]], tuple[int, np.ndarray]]
 
 
-def _points(graph: ModelGraph, group: Group, traced: list[tuple[Any, PositionsFn]],
-            known: dict[str, MaskPoint]) -> list[MaskPoint]:
+def _points(
+    graph: ModelGraph, group: Group, traced: list[tuple[Any, PositionsFn]], known: dict[str, MaskPoint]
+) -> list[MaskPoint]:
     """Points of ``group`` as call sites of ``graph`` (the graph of the current model); a site
     already in ``known`` (by name) is reused, so a tensor that is both a read and an entry point
     is intercepted once.
@@ -175,8 +186,13 @@ def _points(graph: ModelGraph, group: Group, traced: list[tuple[Any, PositionsFn
         if traced_shape is None or not 0 <= axis < len(traced_shape) or (axis == 0 and site.kind != "attr"):
             raise ValueError(f"{group_label(group)}: call site '{site.label}' has no units on axis {axis}")
         axis, index = unit_index(positions_fn, int(traced_shape[axis]), group.num_units)
-        if (current is None or current.kind != site.kind or current.shape is None
-                or len(current.shape) != len(traced_shape) or current.shape[axis] != traced_shape[axis]):
+        if (
+            current is None
+            or current.kind != site.kind
+            or current.shape is None
+            or len(current.shape) != len(traced_shape)
+            or current.shape[axis] != traced_shape[axis]
+        ):
             now = None if current is None or current.shape is None else tuple(current.shape)
             raise ValueError(
                 f"{group_label(group)} does not match the model any more: call site '{site.label}' had "
@@ -184,9 +200,13 @@ def _points(graph: ModelGraph, group: Group, traced: list[tuple[Any, PositionsFn
                 "again (pruner.groups()) after pruning"
             )
         inside = np.nonzero(index >= 0)[0]
-        point = MaskPoint(site=current, axis=axis, size=int(current.shape[axis]),
-                          positions=torch.as_tensor(inside, dtype=torch.long),
-                          units=torch.as_tensor(index[inside], dtype=torch.long))
+        point = MaskPoint(
+            site=current,
+            axis=axis,
+            size=int(current.shape[axis]),
+            positions=torch.as_tensor(inside, dtype=torch.long),
+            units=torch.as_tensor(index[inside], dtype=torch.long),
+        )
         known[site.name] = point
         points.append(point)
     return points
@@ -197,8 +217,10 @@ def group_runner(graph: ModelGraph, group: Group, criterion: Callable) -> Runner
     known: dict[str, MaskPoint] = {}
     read = _points(graph, group, group.mask_points(), known)
     if not read:
-        raise ValueError(f"{group_label(group)} has no tensor read by another layer (its units only reach "
-                         "the model output): nothing to zero")
+        raise ValueError(
+            f"{group_label(group)} has no tensor read by another layer (its units only reach "
+            "the model output): nothing to zero"
+        )
     entry = _points(graph, group, group.entry_points(), known)
     if not entry:
         raise ValueError(f"{group_label(group)} has no tensor where its units enter the model")

@@ -44,7 +44,7 @@ class Moments:
         count = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / count)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / count)
         return Moments(count=count, mean=mean, m2=m2)
 
 

@@ -69,7 +69,8 @@ class MaskPoint:
     @property
     def is_identity(self) -> bool:
         return len(self.positions) == self.size and bool(
-            (self.positions == torch.arange(self.size)).all() and (self.units == self.positions).all())
+            (self.positions == torch.arange(self.size)).all() and (self.units == self.positions).all()
+        )
 
     def keep_mask(self, keep: torch.Tensor) -> torch.Tensor:
         """Bool ``[size]``: False where the unit is not in the coalition ``keep`` (bool ``[units]``)."""
@@ -118,8 +119,15 @@ class Runner:
         description: the progress bar's text at the start (a metric's ``prepare`` may change it).
     """
 
-    def __init__(self, read_points: list[MaskPoint], entry_points: list[MaskPoint], num_units: int,
-                 criterion: Callable, label: str, group: Any = None) -> None:
+    def __init__(
+        self,
+        read_points: list[MaskPoint],
+        entry_points: list[MaskPoint],
+        num_units: int,
+        criterion: Callable,
+        label: str,
+        group: Any = None,
+    ) -> None:
         self.read_points = read_points
         self.entry_points = entry_points
         self.points = list({id(p): p for p in read_points + entry_points}.values())
@@ -165,8 +173,10 @@ class Runner:
 
     def _run(self, batch: Batch, transform: Transform) -> Any:
         if self.shared is not None:
-            raise RuntimeError(f"{self.label} shares its forward pass with other runners: only "
-                               "activations() and activations_and_gradients() are available")
+            raise RuntimeError(
+                f"{self.label} shares its forward pass with other runners: only "
+                "activations() and activations_and_gradients() are available"
+            )
         with self.transformed(transform):
             return self.forward(*batch.args, **batch.kwargs)
 
@@ -220,8 +230,10 @@ class Runner:
             pairs = self._reached(self.entry_points, captured)
             losses = per_example_loss(self.criterion, output, batch.target, batch.size)
             grads = torch.autograd.grad(wide(losses).sum(), [zero for _, zero in pairs], allow_unused=True)
-        return [(point, z.expand_as(zero), torch.zeros_like(zero) if g is None else g)
-                for point, (z, zero), g in zip(self.entry_points, pairs, grads)]
+        return [
+            (point, z.expand_as(zero), torch.zeros_like(zero) if g is None else g)
+            for point, (z, zero), g in zip(self.entry_points, pairs, grads)
+        ]
 
     def losses(self, batch: Batch, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example losses ``[N]`` (float64) with the units where ``keep`` (bool ``[units]``)
@@ -253,8 +265,9 @@ class Runner:
         for point, t in pairs:
             per_position = units_view(t, point.axis).to(torch.float64).sum(dim=2)  # [N, size]
             if total is None:
-                total = torch.zeros(per_position.shape[0], self.num_units, dtype=torch.float64,
-                                    device=per_position.device)
+                total = torch.zeros(
+                    per_position.shape[0], self.num_units, dtype=torch.float64, device=per_position.device
+                )
             positions, units = point.positions.to(per_position.device), point.units.to(per_position.device)
             total.index_add_(1, units, per_position.index_select(1, positions))
         if total is None:
@@ -343,8 +356,9 @@ class SharedPass:
             self._captured = captured
         return list(zip(runner.read_points, self._reached(runner, runner.read_points, self._captured)))
 
-    def activations_and_gradients(self, runner: Runner,
-                                  batch: Batch) -> list[tuple[MaskPoint, torch.Tensor, torch.Tensor]]:
+    def activations_and_gradients(
+        self, runner: Runner, batch: Batch
+    ) -> list[tuple[MaskPoint, torch.Tensor, torch.Tensor]]:
         """What ``runner.activations_and_gradients(batch)`` returns alone."""
         self._on(batch)
         if self._derivatives is None:
@@ -361,10 +375,12 @@ class SharedPass:
                 output = self._run(batch, perturb)
                 names = list(captured)
                 losses = per_example_loss(self.criterion, output, batch.target, batch.size)
-                grads = torch.autograd.grad(wide(losses).sum(), [captured[name][1] for name in names],
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    wide(losses).sum(), [captured[name][1] for name in names], allow_unused=True
+                )
             self._derivatives = {
                 name: (z.expand_as(zero), zero, torch.zeros_like(zero) if g is None else g)
-                for name, (z, zero), g in zip(names, (captured[name] for name in names), grads)}
+                for name, (z, zero), g in zip(names, (captured[name] for name in names), grads)
+            }
         found = self._reached(runner, runner.entry_points, self._derivatives)
         return [(point, z, g) for point, (z, _, g) in zip(runner.entry_points, found)]

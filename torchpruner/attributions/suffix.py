@@ -35,9 +35,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from torchpruner._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTIONS,
-                              DROPOUT_MODULES, SHAPE_QUERY_ATTRIBUTES, SHAPE_QUERY_FUNCTIONS,
-                              SHAPE_QUERY_METHODS)
+from torchpruner._ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    DROPOUT_FUNCTIONS,
+    DROPOUT_MODULES,
+    SHAPE_QUERY_ATTRIBUTES,
+    SHAPE_QUERY_FUNCTIONS,
+    SHAPE_QUERY_METHODS,
+)
 from torchpruner.graph import CallSite, ModelGraph
 
 from .data import Batch, per_example_loss
@@ -46,16 +53,37 @@ from .runner import MaskPoint
 #: Default memory budget: the largest stacked activation holds at most this many elements.
 #: (8 MiB of float32: large enough that per-call overhead is small, small enough to stay near the
 #: CPU caches; 2**20 to 2**22 were equally fast on the digits CNN, 2**23 slower, 2**18 much slower.)
-DEFAULT_MAX_BATCH_ELEMENTS = 2 ** 21
+DEFAULT_MAX_BATCH_ELEMENTS = 2**21
 
-_POOL_MODULES: tuple[type, ...] = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                                   nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
-_CHAIN_MODULES: tuple[type, ...] = tuple(ACTIVATION_MODULES) + tuple(DROPOUT_MODULES) + _POOL_MODULES + (
-    nn.Flatten, nn.Identity)
-_CHAIN_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | set(DROPOUT_FUNCTIONS) | {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.flatten, torch.reshape}
+_POOL_MODULES: tuple[type, ...] = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+_CHAIN_MODULES: tuple[type, ...] = (
+    tuple(ACTIVATION_MODULES) + tuple(DROPOUT_MODULES) + _POOL_MODULES + (nn.Flatten, nn.Identity)
+)
+_CHAIN_FUNCTIONS = (
+    set(ACTIVATION_FUNCTIONS)
+    | set(DROPOUT_FUNCTIONS)
+    | {
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d,
+        torch.flatten,
+        torch.reshape,
+    }
+)
 _CHAIN_METHODS = set(ACTIVATION_METHODS) | {"view", "reshape", "flatten", "contiguous", "clone"}
 _LINEAR_CONSUMERS: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -130,12 +158,19 @@ class _Program:
                 frontier_pending.extend(node.all_input_nodes)
         self.given = given
         self.nodes = sorted(computed, key=order.__getitem__)
-        self.frontier = sorted({n for node in self.nodes for n in node.all_input_nodes
-                                if n not in computed and n not in given}, key=order.__getitem__)
+        self.frontier = sorted(
+            {n for node in self.nodes for n in node.all_input_nodes if n not in computed and n not in given},
+            key=order.__getitem__,
+        )
         self.output = output
         self.elements_per_example = max(
-            [1] + [math.prod(site.shape[1:]) for node in self.nodes + given
-                   if (site := suffix.site_of.get(node)) is not None and site.shape is not None and len(site.shape)])
+            [1]
+            + [
+                math.prod(site.shape[1:])
+                for node in self.nodes + given
+                if (site := suffix.site_of.get(node)) is not None and site.shape is not None and len(site.shape)
+            ]
+        )
 
 
 class Suffix:
@@ -149,8 +184,13 @@ class Suffix:
             holds at most this many elements (at least one coalition is always evaluated).
     """
 
-    def __init__(self, graph: ModelGraph, read_points: list[MaskPoint], criterion: Callable,
-                 max_batch_elements: int = DEFAULT_MAX_BATCH_ELEMENTS) -> None:
+    def __init__(
+        self,
+        graph: ModelGraph,
+        read_points: list[MaskPoint],
+        criterion: Callable,
+        max_batch_elements: int = DEFAULT_MAX_BATCH_ELEMENTS,
+    ) -> None:
         if graph.method != "fx" or graph.traced is None:
             raise SuffixUnavailable("the model was traced with forward hooks only")
         self.traced = graph.traced
@@ -213,8 +253,9 @@ class Suffix:
                 raise SuffixUnavailable(f"no value for the model input {name!r}")
         return values
 
-    def prefix(self, batch: Batch, extra: Iterable[fx.Node] = (),
-               known: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any]:
+    def prefix(
+        self, batch: Batch, extra: Iterable[fx.Node] = (), known: dict[fx.Node, Any] | None = None
+    ) -> dict[fx.Node, Any]:
         """The values of the prefix nodes for ``batch`` (nothing zeroed); ``extra``: more nodes
         wanted (and their ancestors); ``known``: a prefix of this same batch whose values are
         reused (only the nodes it lacks are computed)."""
@@ -235,8 +276,16 @@ class Suffix:
         return env
 
     # ---------------------------------------------------------------- stacked evaluation
-    def evaluate(self, program: _Program, env: dict[fx.Node, Any], batch: Batch, rows: slice, repeats: int,
-                 given: dict[fx.Node, Any], masks: dict[fx.Node, torch.Tensor] | None = None) -> Any:
+    def evaluate(
+        self,
+        program: _Program,
+        env: dict[fx.Node, Any],
+        batch: Batch,
+        rows: slice,
+        repeats: int,
+        given: dict[fx.Node, Any],
+        masks: dict[fx.Node, torch.Tensor] | None = None,
+    ) -> Any:
         """Run ``program`` on ``repeats`` stacked copies of the examples ``rows`` of the batch:
         ``given`` supplies the stacked values of the program's starting nodes, ``masks`` the
         bool keep masks ``[repeats · n, size]`` applied at masked nodes. Returns the value of the
@@ -278,8 +327,16 @@ class Suffix:
         shape[point.axis] = point.size
         return torch.where(keep.reshape(shape), value, torch.zeros((), dtype=value.dtype, device=value.device))
 
-    def losses(self, program: _Program, env: dict[fx.Node, Any], batch: Batch, rows: slice, repeats: int,
-               given: dict[fx.Node, Any], masks: dict[fx.Node, torch.Tensor] | None = None) -> torch.Tensor:
+    def losses(
+        self,
+        program: _Program,
+        env: dict[fx.Node, Any],
+        batch: Batch,
+        rows: slice,
+        repeats: int,
+        given: dict[fx.Node, Any],
+        masks: dict[fx.Node, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Per-example losses ``[repeats, n]`` (float64) of :meth:`evaluate`."""
         output = self.evaluate(program, env, batch, rows, repeats, given, masks)
         n = len(range(batch.size)[rows])
@@ -290,8 +347,9 @@ class Suffix:
     def coalitions_per_call(self, program: _Program, n: int) -> int:
         return max(1, self.max_batch_elements // max(1, n * program.elements_per_example))
 
-    def coalition_losses(self, env: dict[fx.Node, Any], batch: Batch, keeps: torch.Tensor,
-                         done: Callable[[int], None] | None = None) -> torch.Tensor:
+    def coalition_losses(
+        self, env: dict[fx.Node, Any], batch: Batch, keeps: torch.Tensor, done: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         """Losses ``[K, N]`` of the coalitions ``keeps`` (bool ``[K, units]``), zeroing the units
         outside each at every read point; stacked within the memory budget. ``done(k)`` is called
         after each stacked evaluation with the number of coalitions evaluated so far."""
@@ -300,9 +358,11 @@ class Suffix:
         everything = slice(0, batch.size)
         out = []
         for start in range(0, keeps.shape[0], per_call):
-            chunk = keeps[start:start + per_call]
-            masks = {node: point_keep(point, chunk).repeat_interleave(batch.size, 0)
-                     for node, point in self.masked_at.items()}
+            chunk = keeps[start : start + per_call]
+            masks = {
+                node: point_keep(point, chunk).repeat_interleave(batch.size, 0)
+                for node, point in self.masked_at.items()
+            }
             given = {node: repeat_rows(env[node], everything, chunk.shape[0], batch.size) for node in self.first}
             out.append(self.losses(program, env, batch, everything, chunk.shape[0], given, masks))
             if done is not None:
@@ -372,21 +432,25 @@ class Incremental:
             if len(users) != 1:
                 raise SuffixUnavailable(f"{node.name} has {len(users)} consumers")
             (user,) = users
-            tensor_inputs = [n for n in user.all_input_nodes
-                             if (s := suffix.site_of.get(n)) is not None and s.shape is not None]
+            tensor_inputs = [
+                n for n in user.all_input_nodes if (s := suffix.site_of.get(n)) is not None and s.shape is not None
+            ]
             if tensor_inputs != [node] or not user.args or user.args[0] is not node:
                 raise SuffixUnavailable(f"{user.name} reads other tensors")
             if user.op == "call_module":
                 module = suffix.traced.get_submodule(user.target)
                 if type(module) in _LINEAR_CONSUMERS and len(user.args) == 1 and not user.kwargs:
                     if isinstance(module, nn.modules.conv._ConvNd) and (
-                            module.groups != 1 or module.padding_mode != "zeros"):
+                        module.groups != 1 or module.padding_mode != "zeros"
+                    ):
                         raise SuffixUnavailable(f"{user.name} is a grouped or padded convolution")
                     return chain, user
                 if not isinstance(module, _CHAIN_MODULES):
                     raise SuffixUnavailable(f"{user.name} ({type(module).__name__}) is not per-channel")
-            elif not ((user.op == "call_function" and user.target in _CHAIN_FUNCTIONS)
-                      or (user.op == "call_method" and user.target in _CHAIN_METHODS)):
+            elif not (
+                (user.op == "call_function" and user.target in _CHAIN_FUNCTIONS)
+                or (user.op == "call_method" and user.target in _CHAIN_METHODS)
+            ):
                 raise SuffixUnavailable(f"{user.name} is not per-channel")
             chain.append(user)
             node = user
@@ -445,16 +509,16 @@ class Incremental:
                 contributions = torch.einsum("...ck,ock->c...o", gathered, weight)
             else:
                 channel_shape = [1, -1] + [1] * (u.dim() - 2)
-                empty = module._conv_forward(u * rest.to(u.dtype).reshape(channel_shape), module.weight,
-                                             module.bias)
+                empty = module._conv_forward(u * rest.to(u.dtype).reshape(channel_shape), module.weight, module.bias)
                 units, k = index.shape
                 selected = u[:, index.reshape(-1)]  # [n, units*k, *spatial]
                 weight = module.weight[:, index.reshape(-1)]  # [out, units*k, *kernel]
                 out_channels = weight.shape[0]
                 per_input = weight.transpose(0, 1).reshape(units * k * out_channels, 1, *weight.shape[2:])
                 conv = _CONV_FUNCTIONS[u.dim() - 2]
-                each = conv(selected, per_input, None, module.stride, module.padding, module.dilation,
-                            units * k)  # [n, units*k*out, *spatial']
+                each = conv(
+                    selected, per_input, None, module.stride, module.padding, module.dilation, units * k
+                )  # [n, units*k*out, *spatial']
                 each = each.reshape(u.shape[0], units, k, out_channels, *each.shape[2:])
                 each = each[:, :, 0] if k == 1 else each.sum(2)
                 contributions = each.movedim(1, 0)

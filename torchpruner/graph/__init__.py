@@ -10,5 +10,13 @@ from torchpruner._state import make_example_inputs, preserved_state, unwrap_mode
 
 from .trace import CallSite, ModelGraph, get_graph, invalidate_graph
 
-__all__ = ["CallSite", "ModelGraph", "get_graph", "invalidate_graph", "make_example_inputs",
-           "preserved_state", "register_leaf_module", "unwrap_model"]
+__all__ = [
+    "CallSite",
+    "ModelGraph",
+    "get_graph",
+    "invalidate_graph",
+    "make_example_inputs",
+    "preserved_state",
+    "register_leaf_module",
+    "unwrap_model",
+]

@@ -62,6 +62,7 @@ class CaptureError(RuntimeError):
 # The table: ATen op -> torch-level call
 # --------------------------------------------------------------------------------------------
 
+
 def _same(*_names: str) -> Callable[[tuple, dict], tuple[tuple, dict]]:
     """Arguments passed as they are."""
     return lambda args, kwargs: (args, kwargs)
@@ -94,7 +95,7 @@ def _slice(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     start = args[2] if len(args) > 2 else None
     end = args[3] if len(args) > 3 else None
     step = args[4] if len(args) > 4 else 1
-    if isinstance(end, int) and end >= 2 ** 62:
+    if isinstance(end, int) and end >= 2**62:
         end = None
     if start == 0:
         start = None
@@ -127,8 +128,9 @@ def _binary(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def _sdpa(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     names = ("attn_mask", "dropout_p", "is_causal")
     extra = {name: value for name, value in zip(names, args[3:])}
-    extra.update({k: v for k, v in kwargs.items() if k in ("attn_mask", "dropout_p", "is_causal", "scale",
-                                                           "enable_gqa")})
+    extra.update(
+        {k: v for k, v in kwargs.items() if k in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")}
+    )
     if extra.get("attn_mask") is None:
         extra.pop("attn_mask", None)
     return args[:3], extra
@@ -249,8 +251,7 @@ ATEN_TO_TORCH: dict[Any, tuple[str, Any, Callable[[tuple, dict], tuple[tuple, di
 }
 
 #: ATen ops that only check or annotate at export time: left out of the graph.
-_DROPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
-            aten._assert_async}
+_DROPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size, aten._assert_async}
 #: ATen ops that return their input (views kept as the same tensor).
 _IDENTITY = {aten.alias, aten.lift_fresh_copy}
 
@@ -262,6 +263,7 @@ def _packet(target: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Output structure
 # --------------------------------------------------------------------------------------------
+
 
 class _OutputTree(_PyTreeCodeGen):
     """Generated forward takes the placeholders as plain arguments and returns the model's
@@ -277,6 +279,7 @@ class _OutputTree(_PyTreeCodeGen):
 # --------------------------------------------------------------------------------------------
 # Capture
 # --------------------------------------------------------------------------------------------
+
 
 def _collapsible(module: nn.Module) -> bool:
     """Modules shown as one call site: the torch.nn layers fx keeps as leaves, registered leaf
@@ -296,8 +299,11 @@ def _collapsible(module: nn.Module) -> bool:
 
 def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     try:
-        parameters = [p for p in inspect.signature(model.forward).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        parameters = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         parameters = []
     names = [parameters[i].name if i < len(parameters) else f"input_{i}" for i in range(len(args))]
@@ -306,22 +312,32 @@ def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
 
 def _dynamic_batch(names: list[str], values: list[Any]) -> dict[str, Any]:
     """Dim 0 of every tensor input dynamic (``Dim.AUTO``: kept static where the model needs it)."""
-    return {name: ({0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None)
-            for name, value in zip(names, values)}
+    return {
+        name: ({0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None)
+        for name, value in zip(names, values)
+    }
 
 
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """``torch.export.export`` in non-strict mode, the batch dimension dynamic where possible."""
     for name, value in list(zip(range(len(args)), args)) + list(kwargs.items()):
-        if isinstance(value, (tuple, list, dict)) and any(isinstance(v, torch.Tensor)
-                                                          for v in pytree.tree_leaves(value)):
-            raise CaptureError(f"the model input {name!r} is a nested structure of tensors; only tensors and "
-                               f"constants can be model inputs of a captured graph")
+        if isinstance(value, (tuple, list, dict)) and any(
+            isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value)
+        ):
+            raise CaptureError(
+                f"the model input {name!r} is a nested structure of tensors; only tensors and "
+                f"constants can be model inputs of a captured graph"
+            )
     with preserved_state(model), torch.no_grad():
         try:
             names = _input_names(model, args, kwargs)
-            return torch.export.export(model, tuple(args), dict(kwargs), strict=False,
-                                       dynamic_shapes=_dynamic_batch(names, list(args) + list(kwargs.values())))
+            return torch.export.export(
+                model,
+                tuple(args),
+                dict(kwargs),
+                strict=False,
+                dynamic_shapes=_dynamic_batch(names, list(args) + list(kwargs.values())),
+            )
         except Exception as exc:  # a batch size the model needs fixed: export it as it is
             _raise_for_output(model, exc)
             logger.info("torch.export with a dynamic batch failed (%s); exporting with fixed shapes", exc)
@@ -335,9 +351,11 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Ex
 def _raise_for_output(model: nn.Module, error: BaseException) -> None:
     """An output torch.export cannot flatten (a Hugging Face key/value cache) gets its fix named."""
     if "in output, which is not a known type" in str(error):
-        raise CaptureError(f"{type(model).__name__} returns an object torch.export cannot take apart (a key/value "
-                           f"cache...): make the forward return tensors only (Hugging Face models: add "
-                           f"use_cache=False to the example inputs); {error}") from error
+        raise CaptureError(
+            f"{type(model).__name__} returns an object torch.export cannot take apart (a key/value "
+            f"cache...): make the forward return tensors only (Hugging Face models: add "
+            f"use_cache=False to the example inputs); {error}"
+        ) from error
 
 
 def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> fx.GraphModule:
@@ -360,16 +378,23 @@ def _check_same_outputs(model: nn.Module, module: fx.GraphModule, args: tuple, k
         expected = pytree.tree_leaves(model(*args, **kwargs))
         got = pytree.tree_leaves(module(*args, **kwargs))
     same = len(expected) == len(got) and all(
-        type(e) is type(g) if not isinstance(e, torch.Tensor) else
-        isinstance(g, torch.Tensor) and e.shape == g.shape and torch.allclose(e, g, rtol=1e-4, atol=1e-5, equal_nan=True)
-        for e, g in zip(expected, got))
+        type(e) is type(g)
+        if not isinstance(e, torch.Tensor)
+        else isinstance(g, torch.Tensor)
+        and e.shape == g.shape
+        and torch.allclose(e, g, rtol=1e-4, atol=1e-5, equal_nan=True)
+        for e, g in zip(expected, got)
+    )
     if not same:
-        raise CaptureError(f"the graph captured from {type(model).__name__} with torch.export does not compute "
-                           f"what the model computes on the example inputs")
+        raise CaptureError(
+            f"the graph captured from {type(model).__name__} with torch.export does not compute "
+            f"what the model computes on the example inputs"
+        )
 
 
-def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, input_names: list[str],
-                  example_values: list[Any]) -> fx.GraphModule:
+def from_exported(
+    model: nn.Module, ep: torch.export.ExportedProgram, input_names: list[str], example_values: list[Any]
+) -> fx.GraphModule:
     """Translate the exported program ``ep`` of ``model`` (see the module docstring)."""
     signature = ep.graph_signature
     graph = fx.Graph()
@@ -382,10 +407,14 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, input_name
     user_input_of = {spec.arg.name: name for spec, name in zip(user_specs, input_names)}
     by_name = {}
     for name, value in zip(input_names, example_values):
-        by_name[name] = (graph.placeholder(name) if isinstance(value, torch.Tensor)
-                         else graph.placeholder(name, default_value=value))
-    state_names = {spec.arg.name: spec.target for spec in signature.input_specs
-                   if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT}
+        by_name[name] = (
+            graph.placeholder(name) if isinstance(value, torch.Tensor) else graph.placeholder(name, default_value=value)
+        )
+    state_names = {
+        spec.arg.name: spec.target
+        for spec in signature.input_specs
+        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT
+    }
     for node in placeholders:
         if node.name in user_input_of:
             env[node] = by_name[user_input_of[node.name]]
@@ -414,8 +443,7 @@ def from_exported(model: nn.Module, ep: torch.export.ExportedProgram, input_name
         env[node] = _translate(graph, node, env)
     output = next(n for n in ep.graph.nodes if n.op == "output")
     flat = [fx.node.map_arg(a, lambda n: env[n]) for a in output.args[0]]
-    user_out = [s for s in signature.output_specs
-                if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    user_out = [s for s in signature.output_specs if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
     if len(user_out) != len(flat):
         raise CaptureError("the exported program returns more than the model's outputs (mutated buffers)")
     graph.output(tuple(flat))
@@ -446,8 +474,11 @@ def _translate(graph: fx.Graph, node: fx.Node, env: dict) -> Any:
         except _Untranslated:
             entry = None
         else:
-            new = (graph.call_function(target, new_args, new_kwargs) if kind == "function"
-                   else graph.call_method(target, new_args, new_kwargs))
+            new = (
+                graph.call_function(target, new_args, new_kwargs)
+                if kind == "function"
+                else graph.call_method(target, new_args, new_kwargs)
+            )
     if entry is None:
         new = graph.create_node(node.op, node.target, tuple(args), kwargs)
     new.meta.update(meta)
@@ -481,9 +512,12 @@ def _leaf_regions(model: nn.Module, graph: fx.Graph, state_names: dict[str, str]
         for node in nodes:
             for arg in node.all_input_nodes:
                 if arg in inside or arg in inputs or not isinstance(arg.meta.get("val"), torch.Tensor):
-                    continue   # sizes read from outside (SymInts): the module computes its own
-                if arg.op == "placeholder" and arg.name in state_names \
-                        and id(_model_tensor(model, state_names[arg.name])) in own:
+                    continue  # sizes read from outside (SymInts): the module computes its own
+                if (
+                    arg.op == "placeholder"
+                    and arg.name in state_names
+                    and id(_model_tensor(model, state_names[arg.name])) in own
+                ):
                     continue
                 inputs.append(arg)
         leaving = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -491,7 +525,6 @@ def _leaf_regions(model: nn.Module, graph: fx.Graph, state_names: dict[str, str]
             continue
         regions.append({"path": path, "module": module, "nodes": nodes, "input": inputs[0], "last": nodes[-1]})
     return regions
-
 
 
 def _model_tensor(model: nn.Module, target: str) -> Any:

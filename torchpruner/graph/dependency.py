@@ -70,20 +70,52 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner._ops import (ATTENTION_FUNCTIONS, MATMUL_FUNCTIONS, MATMUL_METHODS, DIM_WISE_FUNCTIONS, DIM_WISE_METHODS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
-                              MOVEMENT_FUNCTIONS, MOVEMENT_METHODS, MOVEMENT_MODULES, PASS_THROUGH_MODULES,
-                              REDUCTION_FUNCTIONS, REDUCTION_METHODS, SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS,
-                              SPATIAL_FUNCTIONS, SPATIAL_MODULES)
+from torchpruner._ops import (
+    ATTENTION_FUNCTIONS,
+    MATMUL_FUNCTIONS,
+    MATMUL_METHODS,
+    DIM_WISE_FUNCTIONS,
+    DIM_WISE_METHODS,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    MOVEMENT_FUNCTIONS,
+    MOVEMENT_METHODS,
+    MOVEMENT_MODULES,
+    PASS_THROUGH_MODULES,
+    REDUCTION_FUNCTIONS,
+    REDUCTION_METHODS,
+    SHAPE_QUERY_FUNCTIONS,
+    SHAPE_QUERY_METHODS,
+    SPATIAL_FUNCTIONS,
+    SPATIAL_MODULES,
+)
 from torchpruner.rules import AttributeChange
 
 from .trace import CallSite, ModelGraph
 from .flow_layers import LayerFlow
-from .spaces import (DependencyError, Member, RefusedGroupsWarning, _CannotFollow, _Role, _ShapeAttribute, _Space,
-                     _flatten_nodes, connected_components, pd_unique)
+from .spaces import (
+    DependencyError,
+    Member,
+    RefusedGroupsWarning,
+    _CannotFollow,
+    _Role,
+    _ShapeAttribute,
+    _Space,
+    _flatten_nodes,
+    connected_components,
+    pd_unique,
+)
 
-__all__ = ["DependencyGraph", "Group", "Member", "DependencyError", "RefusedGroupsWarning", "get_dependency_graph",
-           "zeroing_functions", "connected_components"]
-
+__all__ = [
+    "DependencyGraph",
+    "Group",
+    "Member",
+    "DependencyError",
+    "RefusedGroupsWarning",
+    "get_dependency_graph",
+    "zeroing_functions",
+    "connected_components",
+]
 
 
 class Group:
@@ -104,7 +136,7 @@ class Group:
     def __init__(self, dep: "DependencyGraph", index: int, unit_labels: np.ndarray) -> None:
         self._dep = dep
         self.index = index
-        self._unit_labels = unit_labels      # global unit label of group unit u
+        self._unit_labels = unit_labels  # global unit label of group unit u
         self._spaces: List[_Space] = []
         self._roles: List[_Role] = []
         self.refusal: Optional[str] = None
@@ -141,8 +173,12 @@ class Group:
         return [r.module for r in self._roles if r.direction == "out"]
 
     def prunable(self, include_outputs: bool = False) -> bool:
-        return (self.refusal is None and (include_outputs or self.output_reason is None)
-                and bool(self.source_roles) and self.num_units > 1)
+        return (
+            self.refusal is None
+            and (include_outputs or self.output_reason is None)
+            and bool(self.source_roles)
+            and self.num_units > 1
+        )
 
     def why_not_prunable(self, include_outputs: bool = False) -> Optional[str]:
         if self.refusal is not None:
@@ -172,7 +208,7 @@ class Group:
 
     def _unit_of(self, space: _Space) -> np.ndarray:
         """Group-unit index of every slot of ``space`` (-1 for slots of other groups)."""
-        labels = self._dep._labels[space.start:space.start + space.size]
+        labels = self._dep._labels[space.start : space.start + space.size]
         return np.where(self._dep._group_of_label[labels] == self.index, self._dep._unit_index[labels], -1)
 
     def positions(self, space: _Space, units: Iterable[int]) -> np.ndarray:
@@ -280,29 +316,44 @@ class Group:
 
         def is_merge(node: fx.Node) -> bool:
             inputs = carrying_inputs(node)
-            if (node.op == "call_function" and node.target in (torch.cat, torch.concat)) or \
-                    (node.op == "call_method" and node.target == "cat"):
+            if (node.op == "call_function" and node.target in (torch.cat, torch.concat)) or (
+                node.op == "call_method" and node.target == "cat"
+            ):
                 return bool(inputs)
-            if (node.op == "call_function" and node.target in additive) or \
-                    (node.op == "call_method" and node.target in additive_methods):
+            if (node.op == "call_function" and node.target in additive) or (
+                node.op == "call_method" and node.target in additive_methods
+            ):
                 # a position embedding added to the stream enters it; a per-channel shift does not
                 return len([n for n in inputs if n.op != "get_attr" or token_like(n)]) >= 2
             return len([n for n in inputs if n.op != "get_attr"]) >= 2
 
         def per_unit(node: fx.Node) -> bool:
             """``node`` reads these units from one tensor and keeps them unit by unit."""
-            if not carries(node) or is_merge(node) or len([n for n in carrying_inputs(node) if n.op != "get_attr"]) != 1:
+            if (
+                not carries(node)
+                or is_merge(node)
+                or len([n for n in carrying_inputs(node) if n.op != "get_attr"]) != 1
+            ):
                 return False
             if node.op == "call_module":
                 module = dep._traced_modules[node.target]
                 if isinstance(module, nn.modules.conv._ConvNd):
                     return module.groups == module.in_channels and module.groups > 1
-                return isinstance(module, (nn.modules.batchnorm._NormBase, nn.PReLU, nn.modules.dropout._DropoutNd)
-                                  + PASS_THROUGH_MODULES + SPATIAL_MODULES + MOVEMENT_MODULES)
-            functions = ELEMENTWISE_FUNCTIONS | SPATIAL_FUNCTIONS | MOVEMENT_FUNCTIONS | REDUCTION_FUNCTIONS | {F.batch_norm}
+                return isinstance(
+                    module,
+                    (nn.modules.batchnorm._NormBase, nn.PReLU, nn.modules.dropout._DropoutNd)
+                    + PASS_THROUGH_MODULES
+                    + SPATIAL_MODULES
+                    + MOVEMENT_MODULES,
+                )
+            functions = (
+                ELEMENTWISE_FUNCTIONS | SPATIAL_FUNCTIONS | MOVEMENT_FUNCTIONS | REDUCTION_FUNCTIONS | {F.batch_norm}
+            )
             if node.op == "call_function":
                 return node.target in functions
-            return node.op == "call_method" and node.target in ELEMENTWISE_METHODS | MOVEMENT_METHODS | REDUCTION_METHODS
+            return (
+                node.op == "call_method" and node.target in ELEMENTWISE_METHODS | MOVEMENT_METHODS | REDUCTION_METHODS
+            )
 
         def real_users(node: fx.Node) -> List[fx.Node]:
             return [u for u in node.users if not dep._is_shape_query(u)]
@@ -338,8 +389,12 @@ class Group:
             # be scaled by (1 - t) once per operand: keep one scaled operand, drop the entries that
             # only feed the product (zeroing the other operand already removes the unit there)
             product = space.node
-            if not (product.op == "call_function" and product.target in multiplicative
-                    or product.op == "call_method" and product.target in multiplicative_methods):
+            if not (
+                product.op == "call_function"
+                and product.target in multiplicative
+                or product.op == "call_method"
+                and product.target in multiplicative_methods
+            ):
                 continue
             operands = [n for n in carrying_inputs(product) if n.op != "get_attr" or token_like(n)]
             if len(operands) < 2:
@@ -374,7 +429,8 @@ class Group:
                 f"cannot prune units {indices.tolist()[:20]} of '{name}' alone: they are coupled with its units "
                 f"{extra[:20]}{'...' if len(extra) > 20 else ''} (grouped convolution / GroupNorm / attention heads / "
                 f"pieces of a split or chunk that meet again require equal pruning in every group); add them to the "
-                f"indices")
+                f"indices"
+            )
         return units
 
     def unit_channels(self, module: nn.Module, call_index: int = 0) -> List[np.ndarray]:
@@ -408,7 +464,10 @@ class Group:
 # The analysis
 # --------------------------------------------------------------------------------------------
 
-def zeroing_functions(selection: Mapping["Group", Sequence[int]]) -> Dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
+
+def zeroing_functions(
+    selection: Mapping["Group", Sequence[int]],
+) -> Dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
     """``{call_site: fn}`` that zeroes the selected units of each group at its mask points.
 
     For ``graph.intercept(...)`` on the graph the groups were computed on: the forward it yields
@@ -431,6 +490,7 @@ def zeroing_functions(selection: Mapping["Group", Sequence[int]]) -> Dict[CallSi
                 index[axis] = positions.to(z.device)
                 z[tuple(index)] = 0
             return z
+
         return fn
 
     return {site: zero(cuts) for site, cuts in entries.items()}
@@ -444,41 +504,43 @@ class DependencyGraph(LayerFlow):
         graph: the traced model (must be in fx mode: the hooks fallback cannot see merges).
     """
 
-
     def __init__(self, graph: ModelGraph) -> None:
         if graph.method != "fx" or graph.traced is None:
             raise DependencyError(
                 f"automatic dependency discovery needs torch.fx tracing, which failed on {graph.fx_failure}; "
-                f"pass cascading_modules explicitly")
+                f"pass cascading_modules explicitly"
+            )
         self.graph = graph
         self.model = graph.model
-        self.tensor_shapes = tensor_shapes(self.model)   # a prune makes these groups stale
+        self.tensor_shapes = tensor_shapes(self.model)  # a prune makes these groups stale
         self._site_by_node: Dict[fx.Node, CallSite] = graph._site_by_node
         self._spaces: Dict[fx.Node, _Space] = {}
         self._space_list: List[_Space] = []
         self._num_slots = 0
         self._edges: List[Tuple[np.ndarray, np.ndarray]] = []
-        self._blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]] = {}   # id(space) -> (reason, hard, op)
+        self._blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]] = {}  # id(space) -> (reason, hard, op)
         self._visiting: Optional[fx.Node] = None
         self._warned = False
-        self._guessed: set[int] = set()   # spaces whose unit axis is a guess (after an op that could not be followed)
+        self._guessed: set[int] = set()  # spaces whose unit axis is a guess (after an op that could not be followed)
         self._roles: List[_Role] = []
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
-        self._count_constraints: List[Tuple[_Space, int]] = []   # (space, conv groups): equal counts per block
-        self._equal_pieces: list[_Space] = []   # tensors split into equal pieces (positions linked across pieces)
+        self._count_constraints: List[Tuple[_Space, int]] = []  # (space, conv groups): equal counts per block
+        self._equal_pieces: list[_Space] = []  # tensors split into equal pieces (positions linked across pieces)
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
         for node in graph.traced.graph.nodes:
-            self._visiting = node   # the op a refusal is recorded at
+            self._visiting = node  # the op a refusal is recorded at
             try:
                 self._visit(node)
             except _CannotFollow as exc:
                 self._block_node(node, str(exc))
             except Exception as exc:  # arguments the analysis cannot read (a traced shape as an argument...)
-                self._block_node(node, f"cannot follow the units through {self._label(node)} "
-                                       f"({type(exc).__name__}: {str(exc)[:120]})")
+                self._block_node(
+                    node,
+                    f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {str(exc)[:120]})",
+                )
         self._visiting = None
         self._build_groups()
 
@@ -489,8 +551,10 @@ class DependencyGraph(LayerFlow):
             shape, dtype = self._shape(node), self._dtype(node)
             if shape is not None and len(shape) >= 2 and dtype is not None and dtype.is_floating_point:
                 site = self._site_by_node.get(node)
-                self._block(self._alloc(node, site.unit_axis if site.unit_axis is not None else 1),
-                            f"the units come from the model input '{node.target}'")
+                self._block(
+                    self._alloc(node, site.unit_axis if site.unit_axis is not None else 1),
+                    f"the units come from the model input '{node.target}'",
+                )
             return
         if node.op == "get_attr":
             return  # slots on first use
@@ -520,18 +584,24 @@ class DependencyGraph(LayerFlow):
         if (is_fn and target in SHAPE_QUERY_FUNCTIONS) or (is_method and target in SHAPE_QUERY_METHODS):
             return
         if shape is None and self._tuple_op(node) is not None:
-            self._check_pair_users(node)   # followed at the items that are read
+            self._check_pair_users(node)  # followed at the items that are read
             return
         if shape is None:
             # tuples of split/chunk are followed at their getitem; any other op that takes the units
             # and returns no tensor (torch.sort's (values, indices)...) cannot be followed
             movement = (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS)
             if not movement and [n for n in slotted if n.op != "get_attr"] and not self._returns_none(node):
-                raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it does not return "
-                                    f"one tensor")
+                raise _CannotFollow(
+                    f"cannot follow the units through {self._label(node)}: it does not return one tensor"
+                )
             return
-        if is_fn and target is operator.getitem and isinstance(node.args[0], fx.Node) \
-                and node.args[0].op == "call_module" and self._shape(node.args[0]) is None:
+        if (
+            is_fn
+            and target is operator.getitem
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].op == "call_module"
+            and self._shape(node.args[0]) is None
+        ):
             self._visit_module_item(node)
             return
         if is_fn and target is operator.getitem and self._tuple_op(node.args[0]) is not None:
@@ -542,8 +612,9 @@ class DependencyGraph(LayerFlow):
                 # a tensor created without any tensor input (torch.zeros(...)): fixed size
                 site = self._site_by_node.get(node)
                 if site is not None and site.unit_axis is not None:
-                    self._block(self._alloc(node, site.unit_axis),
-                                f"tensor of fixed size created by {self._label(node)}")
+                    self._block(
+                        self._alloc(node, site.unit_axis), f"tensor of fixed size created by {self._label(node)}"
+                    )
                 return
         if (is_fn and target in ELEMENTWISE_FUNCTIONS) or (is_method and target in ELEMENTWISE_METHODS):
             self._elementwise(node)
@@ -566,14 +637,13 @@ class DependencyGraph(LayerFlow):
         elif (is_fn and target in MOVEMENT_FUNCTIONS) or (is_method and target in MOVEMENT_METHODS):
             self._movement(node)
         elif not self._identity_call(node):
-            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: "
-                                f"unsupported op")
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: unsupported op")
 
     # -- groups -------------------------------------------------------------------------------
 
     def _build_groups(self) -> None:
         n = self._num_slots
-        for space in self._space_list:          # bare parameters: roles for their owners
+        for space in self._space_list:  # bare parameters: roles for their owners
             if space.node.op == "get_attr":
                 self._attr_role(space)
         if self._edges:
@@ -581,7 +651,7 @@ class DependencyGraph(LayerFlow):
             b = np.concatenate([e[1] for e in self._edges])
         else:
             a = b = np.zeros(0, dtype=np.int64)
-        labels = connected_components(n, a, b)   # one label per unit
+        labels = connected_components(n, a, b)  # one label per unit
         self._labels = labels
         num_labels = int(labels.max()) + 1 if n else 0
         # units held by exactly the same tensors form a group (a residual stream; one branch of a
@@ -599,18 +669,18 @@ class DependencyGraph(LayerFlow):
         anchor: Dict[int, _Space] = {}
         for role in self._roles:
             if role.direction in ("out", "param"):
-                for raw in np.unique(raw_group[labels[role.space.start:role.space.start + role.space.size]]):
+                for raw in np.unique(raw_group[labels[role.space.start : role.space.start + role.space.size]]):
                     anchor.setdefault(int(raw), role.space)
         self._group_of_label = np.full(num_labels, -1, dtype=np.int64)
         self._unit_index = np.full(num_labels, -1, dtype=np.int64)
         groups: List[Group] = []
         for space in self._space_list:
-            lab = labels[space.start:space.start + space.size]
+            lab = labels[space.start : space.start + space.size]
             for raw in pd_unique(raw_group[lab]):
                 if self._group_of_label[lab[raw_group[lab] == raw][0]] >= 0:
                     continue
                 first = anchor.get(int(raw), space)
-                first_lab = labels[first.start:first.start + first.size]
+                first_lab = labels[first.start : first.start + first.size]
                 first_lab = pd_unique(first_lab[raw_group[first_lab] == raw])
                 group = Group(self, len(groups), first_lab)
                 self._group_of_label[first_lab] = group.index
@@ -640,8 +710,16 @@ class DependencyGraph(LayerFlow):
                     continue
                 seen.add(key)
                 mine = int((group._unit_of(role.space) >= 0).sum())
-                group.members.append(Member(role.module_name, role.module, role.direction, role.parameter,
-                                            role.space.size, max(1, mine // max(1, group.num_units))))
+                group.members.append(
+                    Member(
+                        role.module_name,
+                        role.module,
+                        role.direction,
+                        role.parameter,
+                        role.space.size,
+                        max(1, mine // max(1, group.num_units)),
+                    )
+                )
         self._groups = self._number_groups(groups)
 
     def _number_groups(self, groups: List[Group]) -> List[Group]:
@@ -650,12 +728,14 @@ class DependencyGraph(LayerFlow):
         (``groups(include_outputs=True)``), then the other groups with members
         (``groups(prunable_only=False)``), each part in data-flow order; groups without members
         (model inputs) last."""
+
         def part(group: Group) -> int:
             if not group.members:
                 return 3
             if group.prunable():
                 return 0
             return 1 if group.prunable(include_outputs=True) else 2
+
         ordered = sorted(groups, key=lambda g: (part(g), g.index))  # sorted() is stable
         renumber = np.full(len(groups) + 1, -1, dtype=np.int64)  # entry -1 keeps "no group"
         for new_index, group in enumerate(ordered):
@@ -682,8 +762,9 @@ class DependencyGraph(LayerFlow):
                 order.append(key)
         return [merged[k] for k in order if len(merged[k][1])]
 
-    def call_site_removals(self, module: nn.Module,
-                           selection: Mapping[Group, Sequence[int]]) -> list[tuple[_Role, np.ndarray]]:
+    def call_site_removals(
+        self, module: nn.Module, selection: Mapping[Group, Sequence[int]]
+    ) -> list[tuple[_Role, np.ndarray]]:
         """For a parameter-free module with a role per call site (Dropout): ``[(role, removed
         positions)]`` for *every* call site of ``module`` (empty positions where nothing goes)."""
         result = []
@@ -725,8 +806,9 @@ class DependencyGraph(LayerFlow):
             raise DependencyError(f"module '{site.label}' ({type(module).__name__}) has no output units to prune")
         return space
 
-    def groups(self, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False,
-               prunable_only: bool = True) -> List[Group]:
+    def groups(
+        self, ignored_layers: Sequence[nn.Module] = (), include_outputs: bool = False, prunable_only: bool = True
+    ) -> List[Group]:
         """The coupled groups (each once), in data-flow order.
 
         Args:
@@ -752,9 +834,14 @@ class DependencyGraph(LayerFlow):
         followed (``group.refusal`` says why, ``group.refusal_site`` where); groups that only
         reach the model output or hold a single unit are not refusals."""
         ignored = {id(m) for m in ignored_layers}
-        return [group for group in self._groups
-                if group.members and group.refusal is not None and group.source_roles
-                and not any(id(m) in ignored for m in group.source_modules)]
+        return [
+            group
+            for group in self._groups
+            if group.members
+            and group.refusal is not None
+            and group.source_roles
+            and not any(id(m) in ignored for m in group.source_modules)
+        ]
 
     def warn_refused(self, ignored_layers: Sequence[nn.Module] = ()) -> None:
         """Warn (:class:`RefusedGroupsWarning`, once per analysis) when groups are refused: their
@@ -767,10 +854,14 @@ class DependencyGraph(LayerFlow):
             return
         shown = "; ".join(f"group {g.index} ({g.members[0].module_name}): {g.refusal}" for g in refused[:3])
         more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
-        warnings.warn(RefusedGroupsWarning(
-            f"{len(refused)} of {len(self.all_groups)} groups of {type(self.model).__name__} hold units of a layer but "
-            f"cannot be pruned, and are left out: {shown}{more} (pruner.refused_groups() lists each with its call "
-            f"site)"), stacklevel=3)
+        warnings.warn(
+            RefusedGroupsWarning(
+                f"{len(refused)} of {len(self.all_groups)} groups of {type(self.model).__name__} hold units of a layer but "
+                f"cannot be pruned, and are left out: {shown}{more} (pruner.refused_groups() lists each with its call "
+                f"site)"
+            ),
+            stacklevel=3,
+        )
 
     @property
     def all_groups(self) -> List[Group]:
@@ -779,15 +870,17 @@ class DependencyGraph(LayerFlow):
     def groups_of(self, module: nn.Module, call_index: int = 0) -> List[Group]:
         """The groups holding ``module``'s output units (usually one)."""
         space = self._output_space(module, call_index)
-        gids = self._group_of_label[self._labels[space.start:space.start + space.size]]
+        gids = self._group_of_label[self._labels[space.start : space.start + space.size]]
         return [self._groups[g] for g in pd_unique(gids)]
 
     def group_of(self, module: nn.Module, call_index: int = 0) -> Group:
         """The group holding ``module``'s output units (DependencyError if they span several)."""
         groups = self.groups_of(module, call_index)
         if len(groups) != 1:
-            raise DependencyError(f"the output units of '{self.graph.module_name(module)}' belong to "
-                                  f"{len(groups)} groups; use groups_of()")
+            raise DependencyError(
+                f"the output units of '{self.graph.module_name(module)}' belong to "
+                f"{len(groups)} groups; use groups_of()"
+            )
         return groups[0]
 
     def select(self, module: nn.Module, indices: Sequence[int], call_index: int = 0) -> Dict[Group, List[int]]:

@@ -34,8 +34,14 @@ def evaluation_module(site: CallSite) -> nn.Module | CallSite:
     return site
 
 
-def find_best_module_for_attributions(model: nn.Module, module: nn.Module, input_size: Sequence[int] | None = None,
-                                      *, example_inputs: Any = None, call_index: int = 0) -> nn.Module | CallSite:
+def find_best_module_for_attributions(
+    model: nn.Module,
+    module: nn.Module,
+    input_size: Sequence[int] | None = None,
+    *,
+    example_inputs: Any = None,
+    call_index: int = 0,
+) -> nn.Module | CallSite:
     """Where attributions of ``module`` are best computed: after the BatchNorm, activation and
     Dropout that follow it in the data flow (stopping at a merge such as add or cat).
 
@@ -65,14 +71,18 @@ def find_best_module_for_attributions(model: nn.Module, module: nn.Module, input
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module of the model, got {type(module).__name__}")
     if input_size is None and example_inputs is None:
-        raise ValueError("find_best_module_for_attributions follows the traced data flow of the model, so it "
-                         "needs the model's input: pass input_size=(...) (the shape without the batch dim) or "
-                         "example_inputs=..., as for Pruner; or call attr.find_evaluation_module(module, "
-                         "find_best_evaluation_module=True) on a metric, which traces with its first batch")
+        raise ValueError(
+            "find_best_module_for_attributions follows the traced data flow of the model, so it "
+            "needs the model's input: pass input_size=(...) (the shape without the batch dim) or "
+            "example_inputs=..., as for Pruner; or call attr.find_evaluation_module(module, "
+            "find_best_evaluation_module=True) on a metric, which traces with its first batch"
+        )
     args, kwargs = make_example_inputs(model, input_size, example_inputs)
     graph = get_graph(model, args, kwargs)
     graph.module_name(module)  # not a submodule: ValueError naming it
     if not graph.has_sites(module) and any(True for _ in module.children()):
-        raise ValueError(f"module '{graph.module_name(module)}' ({type(module).__name__}) is a container: it has "
-                         "no units of its own; pass one of its layers")
+        raise ValueError(
+            f"module '{graph.module_name(module)}' ({type(module).__name__}) is a container: it has "
+            "no units of its own; pass one of its layers"
+        )
     return evaluation_module(graph.evaluation_point(module, find_best=True, call_index=call_index))

@@ -49,8 +49,9 @@ class HeadFlow(SlotFlow):
     def _shape_list(self, node: fx.Node) -> tuple[list[Any], int, bool] | None:
         """The target shape of a reshape/view ``node`` as a list, where it sits in ``node.args``
         (start index) and whether it is one tuple argument; None for any other op."""
-        is_reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or \
-            (node.op == "call_function" and node.target is torch.reshape)
+        is_reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
+            node.op == "call_function" and node.target is torch.reshape
+        )
         if not is_reshape:
             return None
         if "shape" in node.kwargs or "size" in node.kwargs:
@@ -93,8 +94,11 @@ class HeadFlow(SlotFlow):
         owner = self._modules.get(owner_name) if owner_name is not None else None
         if owner is None:
             return None
-        same = [n for n in node.graph.nodes if n.op == node.op and n.target == node.target
-                and self._calling_module(n) == owner_name]
+        same = [
+            n
+            for n in node.graph.nodes
+            if n.op == node.op and n.target == node.target and self._calling_module(n) == owner_name
+        ]
         if node not in same:
             return None
         order = same.index(node)
@@ -109,8 +113,11 @@ class HeadFlow(SlotFlow):
                 continue
             finally:
                 setattr(owner, attribute, value)
-            calls = [n for n in traced.nodes if n.op == node.op and n.target == node.target
-                     and not n.meta.get("nn_module_stack")]
+            calls = [
+                n
+                for n in traced.nodes
+                if n.op == node.op and n.target == node.target and not n.meta.get("nn_module_stack")
+            ]
             if len(calls) != len(same):
                 continue
             found = self._shape_list(calls[order])
@@ -118,8 +125,15 @@ class HeadFlow(SlotFlow):
                 return owner, owner_name or "(model)", attribute
         return None
 
-    def _sized_result(self, node: fx.Node, env: dict[fx.Node, torch.Tensor], axis: int, new_size: int,
-                      module: nn.Module | None, sized_by: tuple[nn.Module, str, str] | None) -> Any:
+    def _sized_result(
+        self,
+        node: fx.Node,
+        env: dict[fx.Node, torch.Tensor],
+        axis: int,
+        new_size: int,
+        module: nn.Module | None,
+        sized_by: tuple[nn.Module, str, str] | None,
+    ) -> Any:
         """``node`` run on ``env``; when entry ``axis`` of its target shape comes from a module
         attribute, with that entry set to ``new_size`` (the value the prune writes there)."""
         if sized_by is None:
@@ -131,7 +145,7 @@ class HeadFlow(SlotFlow):
         size computed from a tensor, or a module attribute: then also the attribute)."""
         shape = self._shape_list(node)
         if shape is None:
-            return True, None   # not a reshape: the probes decide
+            return True, None  # not a reshape: the probes decide
         entries = shape[0]
         if len(entries) != len(self._shape(node) or ()):
             return False, None
@@ -170,8 +184,17 @@ class HeadFlow(SlotFlow):
         """``tensor`` is upstream of an operand along movement ops with the same unit count."""
         return any(tensor in self._shape_upstream(operand, 1) for operand in operands)
 
-    def _probe_movement(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, out_axis: int,
-                        line: np.ndarray, module: nn.Module | None, probes: list[np.ndarray]) -> _ShapeAttribute | None:
+    def _probe_movement(
+        self,
+        node: fx.Node,
+        x: fx.Node,
+        space: _Space,
+        y: torch.Tensor,
+        out_axis: int,
+        line: np.ndarray,
+        module: nn.Module | None,
+        probes: list[np.ndarray],
+    ) -> _ShapeAttribute | None:
         """Check that ``node`` gives ``y`` with the slots of every probe removed, else raise. When
         the output size along ``out_axis`` is a literal read from a module attribute (timm's
         ``reshape(B, N, self.attn_dim)``), run it with the size the prune writes there and return
@@ -186,14 +209,21 @@ class HeadFlow(SlotFlow):
                 try:
                     y_small = self._sized_result(node, env, out_axis, len(kept), module, sized_by)
                 except Exception as exc:  # noqa: BLE001 - the model's own code fails on fewer units
-                    failure = (f"hard-coded shape in {self._label(node)}: it fails once units are removed "
-                               f"({type(exc).__name__}: {str(exc)[:120]})")
+                    failure = (
+                        f"hard-coded shape in {self._label(node)}: it fails once units are removed "
+                        f"({type(exc).__name__}: {str(exc)[:120]})"
+                    )
                     break
                 expected = y.index_select(out_axis, torch.as_tensor(kept))
-                if not isinstance(y_small, torch.Tensor) or y_small.shape != expected.shape \
-                        or not torch.equal(y_small, expected):
-                    failure = (f"hard-coded shape in {self._label(node)}: its result is wrong once units are "
-                               f"removed (e.g. x.view(-1, C*H*W) with a literal size)")
+                if (
+                    not isinstance(y_small, torch.Tensor)
+                    or y_small.shape != expected.shape
+                    or not torch.equal(y_small, expected)
+                ):
+                    failure = (
+                        f"hard-coded shape in {self._label(node)}: its result is wrong once units are "
+                        f"removed (e.g. x.view(-1, C*H*W) with a literal size)"
+                    )
                     break
             if failure is None:
                 return None if sized_by is None else _ShapeAttribute(space, *sized_by, None)
@@ -206,8 +236,7 @@ class HeadFlow(SlotFlow):
 
     # -- heads --------------------------------------------------------------------------
 
-    def _split_heads(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor,
-                     module: nn.Module | None) -> bool:
+    def _split_heads(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, module: nn.Module | None) -> bool:
         """``node`` splits the unit axis of ``x`` into several axes (heads): link each position of
         the outermost split axis whose size can change to the source units it holds. False when
         ``y`` (``node`` run on slot ids) is not such a split."""
@@ -220,11 +249,11 @@ class HeadFlow(SlotFlow):
                 varying.append(axis)
         if len(varying) < 2:
             return False
-        for axis in varying:   # outermost first
+        for axis in varying:  # outermost first
             size = y.shape[axis]
             held = [np.unique(y.select(axis, h).numpy()) for h in range(size)]
             if sum(len(h) for h in held) != space.size or len(np.unique(np.concatenate(held))) != space.size:
-                continue   # the positions along this axis share source units: not a partition
+                continue  # the positions along this axis share source units: not a partition
             changeable, sized_by = self._size_source(node, axis)
             if not changeable:
                 continue
@@ -242,8 +271,11 @@ class HeadFlow(SlotFlow):
                     ok = False
                     break
                 expected = y.index_select(axis, torch.as_tensor(keep_heads))
-                if not isinstance(y_small, torch.Tensor) or y_small.shape != expected.shape \
-                        or not torch.equal(y_small, expected):
+                if (
+                    not isinstance(y_small, torch.Tensor)
+                    or y_small.shape != expected.shape
+                    or not torch.equal(y_small, expected)
+                ):
                     ok = False
                     break
             if not ok:
@@ -267,7 +299,7 @@ class HeadFlow(SlotFlow):
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it multiplies vectors")
         spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (a, b)]
         nd = len(out_shape)
-        mapped: list[tuple[_Space, int]] = []   # (operand space, output axis)
+        mapped: list[tuple[_Space, int]] = []  # (operand space, output axis)
         contracted: list[_Space] = []
         for k, (space, shape) in enumerate(zip(spaces, shapes)):
             if space is None:
@@ -282,9 +314,11 @@ class HeadFlow(SlotFlow):
         if contracted:
             # the dims of each head (q @ k^T over head_dim): zeroing them is not a consumer's read,
             # and the attention scale of a fused kernel follows head_dim; only whole heads go through
-            raise _CannotFollow(f"{self._label(node)} contracts the units (the dims of each head, when the head "
-                                f"count is a literal in the reshape before it); read the head count from a "
-                                f"module attribute (self.num_heads) or use -1 so that whole heads are pruned")
+            raise _CannotFollow(
+                f"{self._label(node)} contracts the units (the dims of each head, when the head "
+                f"count is a literal in the reshape before it); read the head count from a "
+                f"module attribute (self.num_heads) or use -1 so that whole heads are pruned"
+            )
         axes = {axis for _, axis in mapped}
         if len(axes) != 1:
             raise _CannotFollow(f"{self._label(node)} puts the units of its operands on different axes")
@@ -297,8 +331,10 @@ class HeadFlow(SlotFlow):
         for k, (space, shape) in enumerate(zip(spaces, shapes)):
             position = axis - (nd - len(shape))
             if space is None and 0 <= position < len(shape) - 2 and shape[position] != 1:
-                self._block(out, f"{self._label(node)} combines the units with a tensor of fixed size "
-                                 f"({self._label((a, b)[k])})")
+                self._block(
+                    out,
+                    f"{self._label(node)} combines the units with a tensor of fixed size ({self._label((a, b)[k])})",
+                )
 
     def _sdpa(self, node: fx.Node) -> None:
         """``F.scaled_dot_product_attention(q, k, v, attn_mask, ..., enable_gqa)`` on ``[B, H, L, E]``:
@@ -309,12 +345,16 @@ class HeadFlow(SlotFlow):
         label = self._label(node)
         spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
         if any(s is None for s in spaces):
-            raise _CannotFollow(f"{label}: the query, key and value must all carry units on their head axis "
-                                f"(cross-attention with fixed keys cannot lose heads)")
+            raise _CannotFollow(
+                f"{label}: the query, key and value must all carry units on their head axis "
+                f"(cross-attention with fixed keys cannot lose heads)"
+            )
         for space, what in zip(spaces, ("query", "key", "value")):
             if space.ndim < 3 or space.axis != space.ndim - 3:
-                raise _CannotFollow(f"{label}: the {what} carries units on axis {space.axis}, not on its head "
-                                    f"axis {space.ndim - 3} (only whole heads can be pruned through it)")
+                raise _CannotFollow(
+                    f"{label}: the {what} carries units on axis {space.axis}, not on its head "
+                    f"axis {space.ndim - 3} (only whole heads can be pruned through it)"
+                )
         sq, sk, sv = spaces
         out = self._alloc(node, len(self._shape(node)) - 3)
         self._link_same(sq, out)
@@ -333,7 +373,6 @@ class HeadFlow(SlotFlow):
             if ms.axis != ms.ndim - 3 or ms.size != sq.size:
                 raise _CannotFollow(f"{label}: the attention mask carries units off the head axis")
             self._link_same(ms, sq)
-
 
     # -- helper functions that fx keeps as calls (timm's maybe_add_mask) ----------------------
 
@@ -357,8 +396,9 @@ class HeadFlow(SlotFlow):
         x, space = inputs[0], self._spaces[inputs[0]]
         if self._shape(node) != space.shape:
             return False
-        for keep in [np.arange(space.size)] + [np.setdiff1d(np.arange(space.size), r) for r in
-                                               ([0], [space.size - 1]) if space.size >= 2]:
+        for keep in [np.arange(space.size)] + [
+            np.setdiff1d(np.arange(space.size), r) for r in ([0], [space.size - 1]) if space.size >= 2
+        ]:
             ids = _slot_ids(space.shape, space.axis, keep)
             try:
                 result = self._evaluate(node, {x: ids})

@@ -10,15 +10,19 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner._ops import DIM_WISE_MODULES, FUNCTIONAL_LAYERS, MOVEMENT_MODULES, PASS_THROUGH_MODULES, SPATIAL_MODULES
+from torchpruner._ops import (
+    DIM_WISE_MODULES,
+    FUNCTIONAL_LAYERS,
+    MOVEMENT_MODULES,
+    PASS_THROUGH_MODULES,
+    SPATIAL_MODULES,
+)
 from torchpruner.rules import get_slicing_rule
 
 from .flow_ops import TensorOpFlow
 from .slots import _layer_norm_reads, _reads_attribute, _same_shape_value, _slot_ids
 from .spaces import _CannotFollow, _Role, _ShapeAttribute, _Space, _flatten_nodes, _is_torchvision
 from .trace import CallSite
-
-
 
 
 class LayerFlow(TensorOpFlow):
@@ -74,35 +78,48 @@ class LayerFlow(TensorOpFlow):
             try:
                 after = self._evaluate_value(normalized, {x: small})
             except Exception as exc:  # noqa: BLE001 - any error of the model's own shape code
-                raise _CannotFollow(f"{label}: its normalized_shape cannot be recomputed once units are removed "
-                                    f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                raise _CannotFollow(
+                    f"{label}: its normalized_shape cannot be recomputed once units are removed "
+                    f"({type(exc).__name__}: {str(exc)[:120]})"
+                ) from None
             after = [after] if isinstance(after, int) else list(after)
             if not after or after[-1] != space.size - 1:
-                raise _CannotFollow(f"{label} computes a normalized_shape that does not follow its input "
-                                    f"once units are removed")
+                raise _CannotFollow(
+                    f"{label} computes a normalized_shape that does not follow its input once units are removed"
+                )
             return
         owner_name = self._calling_module(node)
         owner = self._modules.get(owner_name) if owner_name is not None else None
         shown = normalized if isinstance(normalized, int) else tuple(normalized)
         if owner is None:
-            raise _CannotFollow(f"{label} reads normalized_shape {shown} as a constant of no known module; "
-                                f"use nn.LayerNorm or keep the shape in a module attribute")
+            raise _CannotFollow(
+                f"{label} reads normalized_shape {shown} as a constant of no known module; "
+                f"use nn.LayerNorm or keep the shape in a module attribute"
+            )
         rule = get_slicing_rule(owner)
-        if rule is not None and rule.passes_units_through and \
-                _same_shape_value(getattr(owner, "normalized_shape", None), normalized):
-            self._add_role(space, "in", owner, owner_name)   # an nn.LayerNorm subclass: its rule updates it
+        if (
+            rule is not None
+            and rule.passes_units_through
+            and _same_shape_value(getattr(owner, "normalized_shape", None), normalized)
+        ):
+            self._add_role(space, "in", owner, owner_name)  # an nn.LayerNorm subclass: its rule updates it
             return
-        candidates = [attr for attr, value in vars(owner).items()
-                      if not attr.startswith("_") and _same_shape_value(value, normalized)]
+        candidates = [
+            attr
+            for attr, value in vars(owner).items()
+            if not attr.startswith("_") and _same_shape_value(value, normalized)
+        ]
         if "normalized_shape" in candidates:
             candidates = ["normalized_shape"]
         if len(candidates) == 1 and not _layer_norm_reads(owner, candidates[0], normalized):
-            candidates = []   # the value is also written as a literal in the code
+            candidates = []  # the value is also written as a literal in the code
         if len(candidates) != 1:
             found = "no attribute" if not candidates else f"several attributes ({', '.join(candidates)})"
-            raise _CannotFollow(f"{label} reads normalized_shape {shown} as a constant, and '{owner_name}' "
-                                f"({type(owner).__name__}) has {found} holding it, so a prune cannot update "
-                                f"it; keep it in one module attribute (self.normalized_shape) or use nn.LayerNorm")
+            raise _CannotFollow(
+                f"{label} reads normalized_shape {shown} as a constant, and '{owner_name}' "
+                f"({type(owner).__name__}) has {found} holding it, so a prune cannot update "
+                f"it; keep it in one module attribute (self.normalized_shape) or use nn.LayerNorm"
+            )
         index = None if isinstance(normalized, int) else len(normalized) - 1
         self._shape_attributes.append(_ShapeAttribute(space, owner, owner_name or "(model)", candidates[0], index))
 
@@ -119,11 +136,13 @@ class LayerFlow(TensorOpFlow):
         for position, keyword, attribute in settings:
             value = getattr(module, attribute)
             if attribute in ("groups", "num_groups") and value == 1:
-                continue   # a prune never changes a single group
+                continue  # a prune never changes a single group
             if not _reads_attribute(module, attribute, node.target, position, keyword):
-                raise _CannotFollow(f"{self._label(node)} passes {keyword}={value!r} as a constant that does not "
-                                    f"come from '{site.module_name}.{attribute}', so a prune cannot update it; read "
-                                    f"it from self.{attribute} in the forward")
+                raise _CannotFollow(
+                    f"{self._label(node)} passes {keyword}={value!r} as a constant that does not "
+                    f"come from '{site.module_name}.{attribute}', so a prune cannot update it; read "
+                    f"it from self.{attribute} in the forward"
+                )
         data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
         self._visit_module(node, module, data)
 
@@ -157,20 +176,31 @@ class LayerFlow(TensorOpFlow):
         rule = get_slicing_rule(module)
         if isinstance(module, nn.modules.conv._ConvNd):
             self._conv(node, module, name, space)
-        elif isinstance(module, nn.Linear) or (rule is not None and getattr(rule, "input_unit_axis", None) == -1
-                                               and not getattr(rule, "passes_units_through", False)):
+        elif isinstance(module, nn.Linear) or (
+            rule is not None
+            and getattr(rule, "input_unit_axis", None) == -1
+            and not getattr(rule, "passes_units_through", False)
+        ):
             if space.axis != space.ndim - 1:
                 # the layer maps the last axis; units on another axis (MLP-Mixer's token mixing on
                 # [N, C, L]) pass through it unit by unit, and its own features are not units here
                 # (after an op that could not be followed the axis is a guess: then it only blocks, so
                 # the refusal stays in its group)
-                if x.op != "placeholder" and id(space) not in self._blocked and id(space) not in self._guessed \
-                        and len(shape) == space.ndim and shape[space.axis] == space.size:
+                if (
+                    x.op != "placeholder"
+                    and id(space) not in self._blocked
+                    and id(space) not in self._guessed
+                    and len(shape) == space.ndim
+                    and shape[space.axis] == space.size
+                ):
                     self._link_same(space, self._alloc(node, space.axis))
                     return
                 if x.op != "placeholder":
-                    self._block(space, f"{self._label(node)} reads its input units on the last axis but the "
-                                       f"units are on axis {space.axis} of a {space.ndim}-d tensor")
+                    self._block(
+                        space,
+                        f"{self._label(node)} reads its input units on the last axis but the "
+                        f"units are on axis {space.axis} of a {space.ndim}-d tensor",
+                    )
             else:
                 self._add_role(space, "in", module, name)
             self._add_role(self._alloc(node, len(shape) - 1), "out", module, name)
@@ -227,8 +257,10 @@ class LayerFlow(TensorOpFlow):
             self._add_role(space, "in", module, name)
             self._add_role(self._alloc(node, axis % len(shape)), "out", module, name)
         else:
-            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: no slicing rule for "
-                                f"{type(module).__name__} (register one with torchpruner.register_slicing_rule)")
+            raise _CannotFollow(
+                f"cannot follow the units through {self._label(node)}: no slicing rule for "
+                f"{type(module).__name__} (register one with torchpruner.register_slicing_rule)"
+            )
 
     def _require_axis(self, node: fx.Node, space: _Space, axis: int) -> None:
         if space.axis != axis:
@@ -286,7 +318,7 @@ class LayerFlow(TensorOpFlow):
         self._link_same(space, out)
         head_dim = module.embed_dim // module.num_heads
         slots = np.arange(space.size)
-        self._link(space, slots, space, slots % head_dim)   # embed dim i is head dim i % head_dim: all heads alike
+        self._link(space, slots, space, slots % head_dim)  # embed dim i is head dim i % head_dim: all heads alike
         self._add_role(space, "in", module, name)
 
     def _add_role(self, space: _Space, direction: str, module: nn.Module, name: str, per_call: bool = False) -> None:
@@ -327,12 +359,21 @@ class LayerFlow(TensorOpFlow):
             # the layer's rule slices this tensor with the layer's units: a second, bare use of it
             # (a tied weight, a scale read by another op) cannot be kept consistent with that slice
             users = ", ".join(self._label(u) for u in space.node.users)
-            self._block(space, f"'{path}' is read outside the call of its layer '{owner_path}' "
-                               f"({type(owner).__name__}) by {users}; pruning the layer would slice it for both")
+            self._block(
+                space,
+                f"'{path}' is read outside the call of its layer '{owner_path}' "
+                f"({type(owner).__name__}) by {users}; pruning the layer would slice it for both",
+            )
             return
         if sliced_by_rule and getattr(rule, "passes_units_through", False):
             role = _Role(space=space, direction="in", module=owner, module_name=owner_path)
         else:
-            role = _Role(space=space, direction="param", module=owner, module_name=owner_path or "(model)",
-                         parameter=attr, axis=space.axis)
+            role = _Role(
+                space=space,
+                direction="param",
+                module=owner,
+                module_name=owner_path or "(model)",
+                parameter=attr,
+                axis=space.axis,
+            )
         self._roles.append(role)

@@ -19,8 +19,6 @@ from .flow_heads import HeadFlow
 from .slots import _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
 
 
-
-
 class TensorOpFlow(HeadFlow):
     """How tensor ops move units: element-wise ops and merges, concatenation and stacking,
     reductions and dim-wise ops, pooling-like spatial ops, movement ops (reshape, permute,
@@ -41,7 +39,7 @@ class TensorOpFlow(HeadFlow):
                 continue
             seen.add(arg)
             if self._shape(arg) is not None:
-                continue   # a tensor operand, not shape arithmetic
+                continue  # a tensor operand, not shape arithmetic
             if self._is_shape_query(arg) or (arg.op == "call_function" and arg.target is getattr):
                 tensor = arg.args[0]
                 if isinstance(tensor, fx.Node) and self._shape(tensor) is not None:
@@ -52,7 +50,7 @@ class TensorOpFlow(HeadFlow):
         operands = {n for n in node.all_input_nodes if self._shape(n) is not None}
         for tensor in dict.fromkeys(sources):
             if tensor in operands or self._same_units_upstream(tensor, operands):
-                continue   # the op's own input: followed (and checked) with the op itself
+                continue  # the op's own input: followed (and checked) with the op itself
             space = self._spaces.get(tensor)
             if space is None or space.size < 3:
                 continue
@@ -63,9 +61,12 @@ class TensorOpFlow(HeadFlow):
             except Exception:  # noqa: BLE001 - the shape code fails on fewer units: it depends on them
                 before, after = None, ()
             if _shape_values(before) != _shape_values(after):
-                self._block(space, f"{self._label(node)} computes an argument from the number of units of "
-                                   f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
-                                   f"would change it")
+                self._block(
+                    space,
+                    f"{self._label(node)} computes an argument from the number of units of "
+                    f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
+                    f"would change it",
+                )
 
     def _check_pair_users(self, node: fx.Node) -> None:
         """A pair is followed at its items; refuse it when it is read any other way."""
@@ -76,8 +77,10 @@ class TensorOpFlow(HeadFlow):
             if user.op == "call_function" and user.target is getattr and user.args[1] in fields:
                 continue
             if [n for n in self._slotted_inputs(node) if n.op != "get_attr"]:
-                raise _CannotFollow(f"cannot follow the units through {self._label(node)}: its result is read "
-                                    f"as a whole by {self._label(user)}")
+                raise _CannotFollow(
+                    f"cannot follow the units through {self._label(node)}: its result is read "
+                    f"as a whole by {self._label(user)}"
+                )
 
     def _pair_item(self, node: fx.Node, index: Any) -> None:
         """Item ``index`` (``[0]``/``.values``, ``[1]``/``.indices``) of a pair-returning op along one
@@ -93,8 +96,10 @@ class TensorOpFlow(HeadFlow):
             raise _CannotFollow(f"cannot read the dim of {self._label(source)}")
         dim %= space.ndim
         if dim == space.axis:
-            raise _CannotFollow(f"{self._label(source)} runs along the unit axis {space.axis} (dim={dim}): "
-                                f"its {fields[index % 2]} mix the units")
+            raise _CannotFollow(
+                f"{self._label(source)} runs along the unit axis {space.axis} (dim={dim}): "
+                f"its {fields[index % 2]} mix the units"
+            )
         out_shape = self._shape(node)
         if len(out_shape) == space.ndim:
             axis = space.axis
@@ -166,8 +171,9 @@ class TensorOpFlow(HeadFlow):
                     self._block(existing, f"its units are broadcast against another axis in {self._label(node)}")
                 continue
             if existing is None and n.op != "get_attr":
-                self._block(out, f"{self._label(node)} combines the units with a tensor of fixed size "
-                                 f"({self._label(n)})")
+                self._block(
+                    out, f"{self._label(node)} combines the units with a tensor of fixed size ({self._label(n)})"
+                )
                 continue
             space = self._space_of(n, axis=b)
             if space is None or space.axis != b or space.size != out.size:
@@ -265,8 +271,11 @@ class TensorOpFlow(HeadFlow):
         if spatial_dims is None:
             name = getattr(node.target, "__name__", "")
             spatial_dims = int(name[-2]) if name[-2:-1].isdigit() and name.endswith("d") else space.ndim - 2
-        if space.axis >= space.ndim - spatial_dims or len(out_shape) != space.ndim \
-                or out_shape[space.axis] != space.size:
+        if (
+            space.axis >= space.ndim - spatial_dims
+            or len(out_shape) != space.ndim
+            or out_shape[space.axis] != space.size
+        ):
             raise _CannotFollow(f"{self._label(node)} acts on the unit axis {space.axis}")
         self._link_same(space, self._alloc(node, space.axis))
 
@@ -288,7 +297,8 @@ class TensorOpFlow(HeadFlow):
             raise
         except Exception as exc:
             raise _CannotFollow(
-                f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {exc})") from exc
+                f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {exc})"
+            ) from exc
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(out_shape):
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}")
         out_axis, line = _unit_line(y)
@@ -297,21 +307,33 @@ class TensorOpFlow(HeadFlow):
                 return
             raise _CannotFollow(
                 f"{self._label(node)} spreads the units over several axes (a channel shuffle, or a split into "
-                f"heads whose sizes are literals in the code); it cannot be pruned")
+                f"heads whose sizes are literals in the code); it cannot be pruned"
+            )
         present = set(np.unique(line).tolist())
         if present != set(range(space.size)):
             self._piece(node, x, space, y, out_axis, line, module)
             return
-        sized_by = self._probe_movement(node, x, space, y, out_axis, line, module, _probe_removals(space.size)) \
-            if space.size >= 2 else None
+        sized_by = (
+            self._probe_movement(node, x, space, y, out_axis, line, module, _probe_removals(space.size))
+            if space.size >= 2
+            else None
+        )
         out = self._alloc(node, out_axis)
         self._link(space, line, out, np.arange(out.size))
         if sized_by is not None:
             sized_by.space = out
             self._shape_attributes.append(sized_by)
 
-    def _piece(self, node: fx.Node, x: fx.Node, space: _Space, y: torch.Tensor, out_axis: int, line: np.ndarray,
-               module: Optional[nn.Module]) -> None:
+    def _piece(
+        self,
+        node: fx.Node,
+        x: fx.Node,
+        space: _Space,
+        y: torch.Tensor,
+        out_axis: int,
+        line: np.ndarray,
+        module: Optional[nn.Module],
+    ) -> None:
         """``node`` keeps a part of the unit axis (a piece of ``split``/``chunk``, ``x[:, a:b]``): each
         unit of the piece maps back to its source unit. Two kinds are followed, each checked by
         running the op on slot ids with units removed:
@@ -327,7 +349,7 @@ class TensorOpFlow(HeadFlow):
         """
         label = op = self._label(node)
         source = node.args[0] if node.target is operator.getitem else None
-        if isinstance(source, fx.Node) and self._shape(source) is None:   # an item of split/chunk's tuple
+        if isinstance(source, fx.Node) and self._shape(source) is None:  # an item of split/chunk's tuple
             op = self._label(source)
             label = f"item {node.args[1]!r} of {op}"
         size = space.size
@@ -348,15 +370,19 @@ class TensorOpFlow(HeadFlow):
         contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
         blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
         sized_by = self._split_size_attribute(source, length) if blocks >= 2 and source is not None else None
-        if blocks >= 2 and (sized_by is not None or all(
+        if blocks >= 2 and (
+            sized_by is not None
+            or all(
                 equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
-                for r in sorted({0, length // 2, length - 1}))):
+                for r in sorted({0, length // 2, length - 1})
+            )
+        ):
             out = self._alloc(node, out_axis)
             self._link(space, line, out, np.arange(out.size))
             if space not in self._equal_pieces:
                 self._equal_pieces.append(space)
                 slots = np.arange(size)
-                self._link(space, slots, space, slots % length)   # position j of every piece goes together
+                self._link(space, slots, space, slots % length)  # position j of every piece goes together
             if sized_by is not None:
                 owner, owner_name, attribute = sized_by
                 self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name, attribute, None))
@@ -366,21 +392,27 @@ class TensorOpFlow(HeadFlow):
         probes = [free[[0]], free[[-1]], free[[len(free) // 2]]] if len(free) else []
         results = [result_without(p) for p in probes]
         if any(r is None or r.shape != y.shape or not torch.equal(r, y) for r in results):
-            raise _CannotFollow(f"{label} selects units of the unit axis that do not follow once units are "
-                                f"removed (hard-coded indexing)")
+            raise _CannotFollow(
+                f"{label} selects units of the unit axis that do not follow once units are "
+                f"removed (hard-coded indexing)"
+            )
         out = self._alloc(node, out_axis)
         self._link(space, line, out, np.arange(out.size))
-        self._pin(space, np.arange(end + 1),
-                  f"{label} takes units {first}..{end} of {size} at positions written in the code (a split or "
-                  f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
-                  f"from the tensor (x.size(1) // 2, chunk) to prune them")
+        self._pin(
+            space,
+            np.arange(end + 1),
+            f"{label} takes units {first}..{end} of {size} at positions written in the code (a split or "
+            f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
+            f"from the tensor (x.size(1) // 2, chunk) to prune them",
+        )
 
     def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
         """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an
         int attribute of the module that calls it (``torch.split(x, self.width, 1)``, checked by
         tracing the module again with the attribute changed), else None."""
-        is_split = (source.op == "call_function" and source.target is torch.split) or \
-            (source.op == "call_method" and source.target == "split")
+        is_split = (source.op == "call_function" and source.target is torch.split) or (
+            source.op == "call_method" and source.target == "split"
+        )
         size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
         if not is_split or type(size) is not int or size != length:
             return None
@@ -388,8 +420,11 @@ class TensorOpFlow(HeadFlow):
         owner = self._modules.get(owner_name) if owner_name is not None else None
         if owner is None:
             return None
-        candidates = [attr for attr, value in vars(owner).items() if not attr.startswith("_") and type(value) is int
-                      and value == length]
+        candidates = [
+            attr
+            for attr, value in vars(owner).items()
+            if not attr.startswith("_") and type(value) is int and value == length
+        ]
         function: Any = torch.split if source.op == "call_function" else "split"
         keyword = "split_size_or_sections" if source.op == "call_function" else "split_size"
         found = [attr for attr in candidates if _reads_attribute(owner, attr, function, 1, keyword)]

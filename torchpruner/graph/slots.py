@@ -12,13 +12,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner._ops import (SHAPE_QUERY_ATTRIBUTES, SHAPE_QUERY_FUNCTIONS, SHAPE_QUERY_METHODS, TUPLE_DIM_FUNCTIONS,
-                              TUPLE_DIM_OPS)
+from torchpruner._ops import (
+    SHAPE_QUERY_ATTRIBUTES,
+    SHAPE_QUERY_FUNCTIONS,
+    SHAPE_QUERY_METHODS,
+    TUPLE_DIM_FUNCTIONS,
+    TUPLE_DIM_OPS,
+)
 
 from .spaces import _CannotFollow, _Role, _ShapeAttribute, _Space
 from .trace import CallSite, ModelGraph, _LeafTracer
-
-
 
 
 def _slot_ids(shape: Sequence[int], axis: int, ids: np.ndarray) -> torch.Tensor:
@@ -78,6 +81,7 @@ def _same_shape_value(value: Any, literal: Any) -> bool:
         return tuple(value) == tuple(literal)
     return False
 
+
 def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
     """Every ``F.layer_norm`` call in ``owner``'s forward whose normalized_shape is ``literal`` reads
     it from ``owner.<attribute>``: traced again with the attribute set to another value (restored
@@ -85,8 +89,9 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
     return _reads_attribute(owner, attribute, F.layer_norm, 1, "normalized_shape", literal)
 
 
-def _reads_attribute(owner: nn.Module, attribute: str, function: Callable | str, position: int, keyword: str,
-                     literal: Any = None) -> bool:
+def _reads_attribute(
+    owner: nn.Module, attribute: str, function: Callable | str, position: int, keyword: str, literal: Any = None
+) -> bool:
     """The calls of ``function`` (a tensor method: its name) in ``owner``'s forward take argument ``keyword`` from
     ``owner.<attribute>``: traced again with the attribute set to another value (restored
     afterwards), one of them shows that value and none still shows ``literal`` (by default the
@@ -106,10 +111,14 @@ def _reads_attribute(owner: nn.Module, attribute: str, function: Callable | str,
     finally:
         setattr(owner, attribute, old)
     op = "call_method" if isinstance(function, str) else "call_function"
-    values = [n.kwargs.get(keyword, n.args[position] if len(n.args) > position else None)
-              for n in graph.nodes if n.op == op and (n.target == function if op == "call_method" else n.target is function)]
-    return any(_same_shape_value(sentinel, value) for value in values) and \
-        not any(_same_shape_value(value, literal) for value in values)
+    values = [
+        n.kwargs.get(keyword, n.args[position] if len(n.args) > position else None)
+        for n in graph.nodes
+        if n.op == op and (n.target == function if op == "call_method" else n.target is function)
+    ]
+    return any(_same_shape_value(sentinel, value) for value in values) and not any(
+        _same_shape_value(value, literal) for value in values
+    )
 
 
 class SlotFlow:
@@ -127,16 +136,16 @@ class SlotFlow:
     _space_list: List[_Space]
     _num_slots: int
     _edges: List[Tuple[np.ndarray, np.ndarray]]
-    _blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]]   # id(space) -> (reason, hard, op)
+    _blocked: Dict[int, Tuple[str, bool, Optional[fx.Node]]]  # id(space) -> (reason, hard, op)
     _visiting: Optional[fx.Node]
     _warned: bool
-    _guessed: set[int]   # spaces whose unit axis is a guess (after an op that could not be followed)
+    _guessed: set[int]  # spaces whose unit axis is a guess (after an op that could not be followed)
     _roles: List[_Role]
     _pending_attr_blocks: Dict[fx.Node, str]
     _first_role_space: Dict[Tuple[int, str], _Space]
     _shape_attributes: list[_ShapeAttribute]
-    _count_constraints: List[Tuple[_Space, int]]   # (space, conv groups): equal counts per block
-    _equal_pieces: list[_Space]   # tensors split into equal pieces (positions linked across pieces)
+    _count_constraints: List[Tuple[_Space, int]]  # (space, conv groups): equal counts per block
+    _equal_pieces: list[_Space]  # tensors split into equal pieces (positions linked across pieces)
     _modules: Dict[str, nn.Module]
     _traced_modules: Dict[str, nn.Module]
 
@@ -154,8 +163,14 @@ class SlotFlow:
         shape = shape if shape is not None else self._shape(node)
         assert shape is not None
         axis = axis % len(shape)
-        space = _Space(node=node, site=self._site_by_node.get(node), start=self._num_slots,
-                       size=int(shape[axis]), axis=axis, shape=tuple(shape))
+        space = _Space(
+            node=node,
+            site=self._site_by_node.get(node),
+            start=self._num_slots,
+            size=int(shape[axis]),
+            axis=axis,
+            shape=tuple(shape),
+        )
         self._num_slots += space.size
         self._spaces[node] = space
         self._space_list.append(space)
@@ -165,7 +180,7 @@ class SlotFlow:
 
     def _link(self, a: _Space, a_pos: np.ndarray, b: _Space, b_pos: np.ndarray) -> None:
         if id(a) in self._guessed:
-            self._guessed.add(id(b))   # its unit axis follows a guess
+            self._guessed.add(id(b))  # its unit axis follows a guess
         self._edges.append((a.start + np.asarray(a_pos, dtype=np.int64), b.start + np.asarray(b_pos, dtype=np.int64)))
 
     def _link_same(self, a: _Space, b: _Space) -> None:
@@ -182,7 +197,7 @@ class SlotFlow:
         site = self._site_by_node.get(node)
         if site is not None and site.kind == "module":
             return f"'{site.label}' ({type(site.module).__name__})"
-        if site is not None and site.module is not None:   # a functional call standing for its layer
+        if site is not None and site.module is not None:  # a functional call standing for its layer
             call = f", call {site.call_index}" if site.call_index else ""
             return f"'{site.module_name}' ({type(site.module).__name__}, {node.target.__name__}{call})"
         target = node.target
@@ -201,8 +216,12 @@ class SlotFlow:
             # the blocked output still needs a sensible unit axis, so it does not poison its users
             site = self._site_by_node.get(node)
             axis = site.unit_axis if site is not None and site.unit_axis is not None else len(shape) - 1
-            if node.op == "call_function" and node.target is operator.getitem \
-                    and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module":
+            if (
+                node.op == "call_function"
+                and node.target is operator.getitem
+                and isinstance(node.args[0], fx.Node)
+                and node.args[0].op == "call_module"
+            ):
                 source = self._slotted_inputs(node)
                 module = self._traced_modules.get(node.args[0].target)
                 if isinstance(module, nn.MultiheadAttention) or not source:
@@ -224,8 +243,11 @@ class SlotFlow:
         for arg in node.all_input_nodes:
             if arg in self._spaces or (attrs and arg.op == "get_attr" and self._attr_units(arg)):
                 found.append(arg)
-            elif self._shape(arg) is None and arg.op in ("call_function", "call_method", "call_module") \
-                    and not self._is_shape_query(arg):   # x.size(0), x.ndim: no units
+            elif (
+                self._shape(arg) is None
+                and arg.op in ("call_function", "call_method", "call_module")
+                and not self._is_shape_query(arg)
+            ):  # x.size(0), x.ndim: no units
                 for inner in arg.all_input_nodes:
                     if inner in self._spaces or (attrs and inner.op == "get_attr" and self._attr_units(inner)):
                         found.append(inner)
@@ -246,7 +268,7 @@ class SlotFlow:
         if node.op == "get_attr":
             shape = self._shape(node)
             if shape is None or len(shape) == 0 or not self._attr_units(node):
-                return None   # integer buffers (position ids) hold indices, not units
+                return None  # integer buffers (position ids) hold indices, not units
             return self._alloc(node, len(shape) - 1 if axis is None else axis)
         return None
 
@@ -263,8 +285,9 @@ class SlotFlow:
             return node.args[position]
         return default
 
-    def _evaluate(self, node: fx.Node, env: Dict[fx.Node, torch.Tensor], module: Optional[nn.Module] = None,
-                  depth: int = 0) -> Any:
+    def _evaluate(
+        self, node: fx.Node, env: Dict[fx.Node, torch.Tensor], module: Optional[nn.Module] = None, depth: int = 0
+    ) -> Any:
         """Run ``node`` with ``env`` substituted; the shape arithmetic feeding it is re-run too
         (``x.size(0)``, ``h // p``), other tensors are stand-ins of their recorded shape."""
         if node in env:
@@ -292,7 +315,7 @@ class SlotFlow:
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "placeholder" and node.args and self._shape(node) is None:
-            return node.args[0]   # a forward argument left at its default (attn_mask=None)
+            return node.args[0]  # a forward argument left at its default (attn_mask=None)
         if node.op == "call_module" and depth == 0:
             mod = module if module is not None else self._traced_modules[node.target]
             return mod(*args, **kwargs)
@@ -305,8 +328,9 @@ class SlotFlow:
     def _pin(self, space: _Space, positions: np.ndarray, reason: str) -> None:
         """Refuse the groups of the given slots of ``space`` (not its other slots): a blocked
         stand-in tensor is linked to them."""
-        pin = _Space(node=space.node, site=None, start=self._num_slots, size=len(positions), axis=0,
-                     shape=(len(positions),))
+        pin = _Space(
+            node=space.node, site=None, start=self._num_slots, size=len(positions), axis=0, shape=(len(positions),)
+        )
         self._num_slots += pin.size
         self._space_list.append(pin)
         self._link(space, positions, pin, np.arange(pin.size))
@@ -320,7 +344,7 @@ class SlotFlow:
             path = value[0] if isinstance(value, (tuple, list)) and isinstance(value[0], str) else key
             if path in self._modules:
                 return path
-        for arg in node.all_input_nodes:   # its weight: "<owner>.weight"
+        for arg in node.all_input_nodes:  # its weight: "<owner>.weight"
             if arg.op == "get_attr" and arg.target.rpartition(".")[0] in self._modules:
                 return arg.target.rpartition(".")[0]
         return "" if not stack else None
@@ -329,8 +353,9 @@ class SlotFlow:
         """``node`` reads a size or a property of a tensor, not its values (``x.size(0)``, ``x.shape``)."""
         if node.op == "call_function" and node.target is getattr:
             return self._shape(node) is None and node.args[1] in SHAPE_QUERY_ATTRIBUTES
-        return (node.op == "call_function" and node.target in SHAPE_QUERY_FUNCTIONS) or \
-            (node.op == "call_method" and node.target in SHAPE_QUERY_METHODS)
+        return (node.op == "call_function" and node.target in SHAPE_QUERY_FUNCTIONS) or (
+            node.op == "call_method" and node.target in SHAPE_QUERY_METHODS
+        )
 
     # -- attribute reads and (values, indices) pairs ----------------------------------------
 

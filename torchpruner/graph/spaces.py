@@ -15,8 +15,6 @@ import torch.nn as nn
 from .trace import CallSite
 
 
-
-
 class DependencyError(ValueError):
     """A prune that the traced graph cannot support (names the op and the call site)."""
 
@@ -37,6 +35,7 @@ class _CannotFollow(Exception):
 # --------------------------------------------------------------------------------------------
 # Slots
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class _Space:
@@ -63,12 +62,12 @@ class _Role:
     """A module (or a bare parameter) whose tensors are sliced when units of ``space`` go."""
 
     space: _Space
-    direction: str                     # "out", "in" or "param"
+    direction: str  # "out", "in" or "param"
     module: nn.Module
     module_name: str
-    parameter: Optional[str] = None    # for "param": the tensor's attribute name on ``module``
-    axis: Optional[int] = None         # for "param": the sliced axis
-    per_call: bool = False             # a parameter-free module (Dropout): each call site is its own op
+    parameter: Optional[str] = None  # for "param": the tensor's attribute name on ``module``
+    axis: Optional[int] = None  # for "param": the sliced axis
+    per_call: bool = False  # a parameter-free module (Dropout): each call site is its own op
 
 
 @dataclass(eq=False)
@@ -80,7 +79,7 @@ class _ShapeAttribute:
     module: nn.Module
     module_name: str
     attribute: str
-    index: int | None                  # position in the tuple; None for a plain int
+    index: int | None  # position in the tuple; None for a plain int
 
 
 @dataclass

@@ -53,10 +53,25 @@ import torch.fx as fx
 import torch.fx.graph_module as fx_graph_module
 import torch.nn as nn
 
-from torchpruner._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, BATCHNORM_FUNCTIONS,
-                              BATCHNORM_MODULES, CHANNEL_AXIS_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES,
-                              FUNCTIONAL_LAYERS, LAST_AXIS_MODULES, MERGE_FUNCTIONS, MERGE_METHODS, RELU_LIKE_FUNCTIONS,
-                              RELU_LIKE_METHODS, RELU_LIKE_MODULES, leaf_version, user_leaf_types)
+from torchpruner._ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    BATCHNORM_FUNCTIONS,
+    BATCHNORM_MODULES,
+    CHANNEL_AXIS_MODULES,
+    DROPOUT_FUNCTIONS,
+    DROPOUT_MODULES,
+    FUNCTIONAL_LAYERS,
+    LAST_AXIS_MODULES,
+    MERGE_FUNCTIONS,
+    MERGE_METHODS,
+    RELU_LIKE_FUNCTIONS,
+    RELU_LIKE_METHODS,
+    RELU_LIKE_MODULES,
+    leaf_version,
+    user_leaf_types,
+)
 from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
 from torchpruner.graph.capture import capture as export_capture
 
@@ -75,6 +90,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Call sites
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class CallSite:
@@ -212,6 +228,7 @@ def _map_axis_through_permute(site: CallSite, axis: int, in_ndim: int) -> Option
 # Generated source: every fx graph module registers its forward's source with linecache
 # --------------------------------------------------------------------------------------------
 
+
 def _forget_source(key: str) -> None:
     """Drop the generated source registered under ``key`` (linecache and torch.fx's loader)."""
     linecache.cache.pop(key, None)
@@ -241,6 +258,7 @@ def _source_release(module: fx.GraphModule) -> Callable[[], None]:
 # --------------------------------------------------------------------------------------------
 # fx tracing
 # --------------------------------------------------------------------------------------------
+
 
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every torch.nn module, childless torchvision ops modules and
@@ -316,7 +334,7 @@ def layer_of_call(node: fx.Node, root: nn.Module) -> str | None:
     stack = node.meta.get("nn_module_stack") or {}
     calling = list(stack.values())[-1][0] if stack else ""
     if calling != owner_path:
-        return None   # another module's forward reads the layer's weight (tied weights): not its call
+        return None  # another module's forward reads the layer's weight (tied weights): not its call
     try:
         owner = root.get_submodule(owner_path)
     except AttributeError:
@@ -377,6 +395,7 @@ class _Probe(nn.Module):
 # The graph
 # --------------------------------------------------------------------------------------------
 
+
 class ModelGraph:
     """Call sites of ``model`` for one example input. See the module docstring.
 
@@ -393,8 +412,7 @@ class ModelGraph:
         export_error: why torch.export failed, when it was tried and failed (else None).
     """
 
-    def __init__(self, model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None,
-                 method: str = "auto") -> None:
+    def __init__(self, model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None, method: str = "auto") -> None:
         if method not in ("auto", "fx", "export", "hooks"):
             raise ValueError(f"method must be 'auto', 'fx', 'export' or 'hooks', got {method!r}")
         self.model = unwrap_model(model)
@@ -430,8 +448,12 @@ class ModelGraph:
                 self.export_error = exc
                 if method == "export":
                     raise
-                logger.info("torch.export could not capture %s (%s: %s); using forward hooks",
-                            type(self.model).__name__, type(exc).__name__, exc)
+                logger.info(
+                    "torch.export could not capture %s (%s: %s); using forward hooks",
+                    type(self.model).__name__,
+                    type(exc).__name__,
+                    exc,
+                )
                 self.sites = []
         if self.method == "hooks":
             self._build_hooks(args, kwargs)
@@ -449,8 +471,10 @@ class ModelGraph:
         """Why torch.fx could not trace the model: the module whose code failed and the fx error
         (None when fx traced it)."""
         if self.fx_error is not None and self.export_error is not None:
-            return (f"{self._symbolic_failure()}; torch.export failed too "
-                    f"({type(self.export_error).__name__}: {str(self.export_error)[:300]})")
+            return (
+                f"{self._symbolic_failure()}; torch.export failed too "
+                f"({type(self.export_error).__name__}: {str(self.export_error)[:300]})"
+            )
         return self._symbolic_failure()
 
     def _symbolic_failure(self) -> str | None:
@@ -461,8 +485,10 @@ class ModelGraph:
         if self._fx_failed_in is None:
             return f"the forward of the model {model_name} ({error})"
         name, module_type = self._fx_failed_in
-        return (f"module '{name}' ({module_type.__name__}) of the model {model_name} ({error}); "
-                f"torchpruner.graph.register_leaf_module({module_type.__name__}) traces it as one layer")
+        return (
+            f"module '{name}' ({module_type.__name__}) of the model {model_name} ({error}); "
+            f"torchpruner.graph.register_leaf_module({module_type.__name__}) traces it as one layer"
+        )
 
     def _build_fx(self, args: tuple, kwargs: dict, exported: bool = False) -> None:
         tracer = _LeafTracer()
@@ -479,7 +505,7 @@ class ModelGraph:
                 release = _source_release(traced)
                 placeholders = [n for n in graph.nodes if n.op == "placeholder"]
                 flat_args = list(args)
-                for node in placeholders[len(args):]:
+                for node in placeholders[len(args) :]:
                     name = node.target.lstrip("*")
                     if name in kwargs:
                         flat_args.append(kwargs[name])
@@ -503,11 +529,18 @@ class ModelGraph:
         for node in graph.nodes:
             if node.op == "output":
                 continue
-            kind = {"placeholder": "input", "get_attr": "attr", "call_module": "module",
-                    "call_function": "function", "call_method": "method"}[node.op]
+            kind = {
+                "placeholder": "input",
+                "get_attr": "attr",
+                "call_module": "module",
+                "call_function": "function",
+                "call_method": "method",
+            }[node.op]
             module = module_name = None
             call_index = 0
-            layer_path = node.target if kind == "module" else layer_of_call(node, self.model) if kind == "function" else None
+            layer_path = (
+                node.target if kind == "module" else layer_of_call(node, self.model) if kind == "function" else None
+            )
             if layer_path is not None:
                 # a traced-through layer is not a submodule of the graph module: take the model's
                 module = traced.get_submodule(layer_path) if kind == "module" else self.model.get_submodule(layer_path)
@@ -515,9 +548,18 @@ class ModelGraph:
                 call_index = calls.get(id(module), 0)
                 calls[id(module)] = call_index + 1
             shape, dtype = recorder.meta.get(node, (None, None))
-            site = CallSite(index=len(self.sites), name=node.name, kind=kind, target=module if kind == "module" else node.target,
-                            module=module, module_name=module_name, call_index=call_index,
-                            shape=shape, dtype=dtype, node=node)
+            site = CallSite(
+                index=len(self.sites),
+                name=node.name,
+                kind=kind,
+                target=module if kind == "module" else node.target,
+                module=module,
+                module_name=module_name,
+                call_index=call_index,
+                shape=shape,
+                dtype=dtype,
+                node=node,
+            )
             producers: List[CallSite] = []
             for arg in node.all_input_nodes:
                 if arg in by_node and by_node[arg].shape is not None:
@@ -548,10 +590,17 @@ class ModelGraph:
             calls[id(module)] = call_index + 1
             name = self._names.get(id(module), type(module).__name__)
             out = output if isinstance(output, torch.Tensor) else None
-            site = CallSite(index=len(self.sites), name=f"{name}#{call_index}", kind="module",
-                            target=module, module=module, module_name=name, call_index=call_index,
-                            shape=out.shape if out is not None else None,
-                            dtype=out.dtype if out is not None else None)
+            site = CallSite(
+                index=len(self.sites),
+                name=f"{name}#{call_index}",
+                kind="module",
+                target=module,
+                module=module,
+                module_name=name,
+                call_index=call_index,
+                shape=out.shape if out is not None else None,
+                dtype=out.dtype if out is not None else None,
+            )
             for tensor in tensors(inputs):
                 producer = producer_of.get(id(tensor))
                 if producer is not None and producer not in site.inputs:
@@ -562,8 +611,11 @@ class ModelGraph:
                 keep_alive.append(tensor)
             self.sites.append(site)
 
-        handles = [m.register_forward_hook(hook) for m in self.model.modules()
-                   if not any(True for _ in m.children()) and m is not self.model]
+        handles = [
+            m.register_forward_hook(hook)
+            for m in self.model.modules()
+            if not any(True for _ in m.children()) and m is not self.model
+        ]
         if not any(True for _ in self.model.children()):
             handles.append(self.model.register_forward_hook(hook))
         try:
@@ -580,16 +632,20 @@ class ModelGraph:
         try:
             return self._names[id(module)]
         except KeyError:
-            raise ValueError(f"{type(module).__name__} module {module!r:.80} is not a submodule of "
-                             f"the model {type(self.model).__name__}") from None
+            raise ValueError(
+                f"{type(module).__name__} module {module!r:.80} is not a submodule of "
+                f"the model {type(self.model).__name__}"
+            ) from None
 
     def sites_of(self, module: nn.Module) -> List[CallSite]:
         """All call sites of ``module``, in execution order."""
         name = self.module_name(module)
         sites = self._by_module.get(id(module), [])
         if not sites:
-            raise ValueError(f"module '{name}' ({type(module).__name__}) is never called in the "
-                             f"forward pass of {type(self.model).__name__}, so it has no units to score or prune")
+            raise ValueError(
+                f"module '{name}' ({type(module).__name__}) is never called in the "
+                f"forward pass of {type(self.model).__name__}, so it has no units to score or prune"
+            )
         return sites
 
     def has_sites(self, module: nn.Module) -> bool:
@@ -600,8 +656,10 @@ class ModelGraph:
         """The ``call_index``-th call site of ``module``."""
         sites = self.sites_of(module)
         if not 0 <= call_index < len(sites):
-            raise ValueError(f"module '{sites[0].module_name}' is called {len(sites)} time(s); "
-                             f"call_index {call_index} does not exist")
+            raise ValueError(
+                f"module '{sites[0].module_name}' is called {len(sites)} time(s); "
+                f"call_index {call_index} does not exist"
+            )
         return sites[call_index]
 
     def evaluation_point(self, module: nn.Module, find_best: bool = False, call_index: int = 0) -> CallSite:
@@ -677,6 +735,7 @@ class ModelGraph:
                 counters[module_id] = call + 1
                 fn = by_module[module_id].get(call)
                 return fn(output) if fn is not None else None
+
             return hook
 
         handles = [self.model.register_forward_pre_hook(reset)]
@@ -706,7 +765,7 @@ class ModelGraph:
                 probe.fn = fn_by_node[node]
                 root[probe_name] = probe
                 env[node] = new_graph.call_module(probe_name, (new_node,))
-        new_graph._codegen = old_graph._codegen   # the model's output structure (a captured ModelOutput)
+        new_graph._codegen = old_graph._codegen  # the model's output structure (a captured ModelOutput)
         return fx.GraphModule(root, new_graph, "ProbedModel")
 
     def is_current(self) -> bool:
@@ -796,9 +855,11 @@ class _ModelState:
                 elif callable(value) and not isinstance(value, nn.Module):
                     attributes.append((attr, identity(value)))
             modules.append((name, type(module), identity(module), tuple(attributes)))
-        tensors = tuple((name, identity(t), tuple(t.shape), t.dtype) for name, t in
-                        list(model.named_parameters(remove_duplicate=False))
-                        + list(model.named_buffers(remove_duplicate=False)))
+        tensors = tuple(
+            (name, identity(t), tuple(t.shape), t.dtype)
+            for name, t in list(model.named_parameters(remove_duplicate=False))
+            + list(model.named_buffers(remove_duplicate=False))
+        )
         self.key = (tensors, tuple(modules), leaf_version())
         self.refs = tuple(refs)
 

@@ -127,22 +127,37 @@ class ScheduledPruning:
         TypeError / ValueError: naming the argument, when the policy is built.
     """
 
-    def __init__(self, fraction: float = 0.3, *, metric: Scores | None = None, epochs: Iterable[int] | None = None,
-                 steps: Iterable[int] | None = None, input_size: Sequence[int] | None = None,
-                 example_inputs: Any = None, model: nn.Module | None = None,
-                 ignored_layers: Sequence[nn.Module] = (), global_ranking: bool = False, min_units: int = 1,
-                 round_to: int = 1, dropout_policy: str = "linear", count_flops: bool = True) -> None:
+    def __init__(
+        self,
+        fraction: float = 0.3,
+        *,
+        metric: Scores | None = None,
+        epochs: Iterable[int] | None = None,
+        steps: Iterable[int] | None = None,
+        input_size: Sequence[int] | None = None,
+        example_inputs: Any = None,
+        model: nn.Module | None = None,
+        ignored_layers: Sequence[nn.Module] = (),
+        global_ranking: bool = False,
+        min_units: int = 1,
+        round_to: int = 1,
+        dropout_policy: str = "linear",
+        count_flops: bool = True,
+    ) -> None:
         self.fraction = _check_fraction("fraction", fraction)
         self.epochs = _check_moments("epochs", epochs)
         self.steps = _check_moments("steps", steps)
         if not self.epochs and not self.steps:
             raise ValueError("give epochs=[...] or steps=[...] (when to prune); both are empty")
         if metric is not None and not callable(metric) and not isinstance(metric, AttributionMetric):
-            raise TypeError(f"metric must be an attribution metric, a function group -> scores or None, "
-                            f"got {type(metric).__name__}")
+            raise TypeError(
+                f"metric must be an attribution metric, a function group -> scores or None, got {type(metric).__name__}"
+            )
         if input_size is None and example_inputs is None:
-            raise ValueError("give input_size= (the input shape without the batch dim) or example_inputs=, "
-                             "so that the model can be traced to find its coupled groups")
+            raise ValueError(
+                "give input_size= (the input shape without the batch dim) or example_inputs=, "
+                "so that the model can be traced to find its coupled groups"
+            )
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the module to prune) or None, got {type(model).__name__}")
         if dropout_policy not in DROPOUT_POLICIES:
@@ -177,8 +192,7 @@ class ScheduledPruning:
         """The module that is pruned: ``model`` if given, else the trained module."""
         return unwrap_model(self.model if self.model is not None else trained)
 
-    def prune(self, trained: nn.Module, optimizer: Any, *, epoch: int, step: int,
-              at_step: bool) -> PruningRecord:
+    def prune(self, trained: nn.Module, optimizer: Any, *, epoch: int, step: int, at_step: bool) -> PruningRecord:
         """Score and prune now, with ``optimizer`` (a wrapper is unwrapped) kept live.
 
         Raises:
@@ -187,26 +201,54 @@ class ScheduledPruning:
         """
         model = self.target(trained)
         if self.model is not None and all(m is not model for m in unwrap_model(trained).modules()):
-            raise ValueError(f"model= ({type(model).__name__}) is not part of the module being trained "
-                             f"({type(trained).__name__}); pass one of its submodules")
+            raise ValueError(
+                f"model= ({type(model).__name__}) is not part of the module being trained "
+                f"({type(trained).__name__}); pass one of its submodules"
+            )
         optimizer = unwrap_optimizer(optimizer)
         scores = self._scores(model)
-        pruner = Pruner(model, self.input_size, optimizer=optimizer, example_inputs=self.example_inputs,
-                        dropout_policy=self.dropout_policy)
+        pruner = Pruner(
+            model,
+            self.input_size,
+            optimizer=optimizer,
+            example_inputs=self.example_inputs,
+            dropout_policy=self.dropout_policy,
+        )
         parameters_before = count_parameters(model)
         flops_before = self._flops(model)
         widths_before = group_widths(pruner.groups(self.ignored_layers))
-        plan = prune_groups(pruner, self.fraction, scores=scores, global_ranking=self.global_ranking,
-                            min_units=self.min_units, round_to=self.round_to, ignored_layers=self.ignored_layers)
+        plan = prune_groups(
+            pruner,
+            self.fraction,
+            scores=scores,
+            global_ranking=self.global_ranking,
+            min_units=self.min_units,
+            round_to=self.round_to,
+            ignored_layers=self.ignored_layers,
+        )
         (self._done_steps if at_step else self._done_epochs).add(step if at_step else epoch)
         widths = group_widths(pruner.groups(self.ignored_layers))
         removed = sum(width - widths.get(name, 0) for name, width in widths_before.items())
-        record = PruningRecord(epoch=epoch, step=step, plan=plan, parameters_before=parameters_before,
-                               parameters=count_parameters(model), flops_before=flops_before,
-                               flops=self._flops(model), removed_units=removed, widths=widths)
+        record = PruningRecord(
+            epoch=epoch,
+            step=step,
+            plan=plan,
+            parameters_before=parameters_before,
+            parameters=count_parameters(model),
+            flops_before=flops_before,
+            flops=self._flops(model),
+            removed_units=removed,
+            widths=widths,
+        )
         self.records.append(record)
-        logger.info("pruned at epoch %d, step %d: %s; parameters %d -> %d", epoch, step, plan.description,
-                    parameters_before, record.parameters)
+        logger.info(
+            "pruned at epoch %d, step %d: %s; parameters %d -> %d",
+            epoch,
+            step,
+            plan.description,
+            parameters_before,
+            record.parameters,
+        )
         logger.debug("%s", plan)
         return record
 
@@ -214,9 +256,11 @@ class ScheduledPruning:
         if isinstance(self.metric, AttributionMetric):
             scored = unwrap_model(self.metric.model)
             if scored is not model:
-                raise ValueError(f"the metric scores {type(scored).__name__}, but the module pruned is "
-                                 f"{type(model).__name__}: build the metric on the module that is pruned "
-                                 "(or pass that module as model=)")
+                raise ValueError(
+                    f"the metric scores {type(scored).__name__}, but the module pruned is "
+                    f"{type(model).__name__}: build the metric on the module that is pruned "
+                    "(or pass that module as model=)"
+                )
             return self.metric.run
         return self.metric
 
@@ -233,7 +277,10 @@ def group_widths(groups: Sequence[Group]) -> dict[str, int]:
     widths: dict[str, int] = {}
     for group in groups:
         sources = [m for m in group.members if m.direction in ("out", "param")]
-        name = (sources[0].module_name + ("." + sources[0].parameter if sources[0].parameter else "")
-                if sources else f"group {group.index}")
+        name = (
+            sources[0].module_name + ("." + sources[0].parameter if sources[0].parameter else "")
+            if sources
+            else f"group {group.index}"
+        )
         widths[name] = group.num_units
     return widths

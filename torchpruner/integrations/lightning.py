@@ -33,10 +33,14 @@ try:
 except ImportError:  # the standalone package
     try:
         from pytorch_lightning import (  # type: ignore[assignment, unused-ignore]  # the same classes
-            Callback, LightningModule, Trainer)
+            Callback,
+            LightningModule,
+            Trainer,
+        )
     except ImportError as error:
-        raise ImportError("torchpruner.integrations.lightning needs Lightning: "
-                          "pip install 'torchpruner-onthefly[lightning]'") from error
+        raise ImportError(
+            "torchpruner.integrations.lightning needs Lightning: pip install 'torchpruner-onthefly[lightning]'"
+        ) from error
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +67,30 @@ class PruningCallback(Callback):
         records: one :class:`~torchpruner.integrations.PruningRecord` per event (the plan, counts, widths).
     """
 
-    def __init__(self, fraction: float = 0.3, *, metric: Scores | None = None, epochs: Iterable[int] | None = None,
-                 steps: Iterable[int] | None = None, input_size: Sequence[int] | None = None,
-                 example_inputs: Any = None, model: nn.Module | None = None, log_prefix: str = "pruning/",
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        fraction: float = 0.3,
+        *,
+        metric: Scores | None = None,
+        epochs: Iterable[int] | None = None,
+        steps: Iterable[int] | None = None,
+        input_size: Sequence[int] | None = None,
+        example_inputs: Any = None,
+        model: nn.Module | None = None,
+        log_prefix: str = "pruning/",
+        **options: Any,
+    ) -> None:
         super().__init__()
-        self.schedule = ScheduledPruning(fraction, metric=metric, epochs=epochs, steps=steps, input_size=input_size,
-                                         example_inputs=example_inputs, model=model, **options)
+        self.schedule = ScheduledPruning(
+            fraction,
+            metric=metric,
+            epochs=epochs,
+            steps=steps,
+            input_size=input_size,
+            example_inputs=example_inputs,
+            model=model,
+            **options,
+        )
         self.log_prefix = log_prefix
 
     @property
@@ -80,12 +101,15 @@ class PruningCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size > 1:
-            raise RuntimeError(f"PruningCallback runs in one process; this Trainer has {trainer.world_size}: the "
-                               "distributed wrapper keeps the old parameter shapes. Prune in a single-process run "
-                               "(or between runs with Pruner) and wrap again")
+            raise RuntimeError(
+                f"PruningCallback runs in one process; this Trainer has {trainer.world_size}: the "
+                "distributed wrapper keeps the old parameter shapes. Prune in a single-process run "
+                "(or between runs with Pruner) and wrap again"
+            )
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.schedule.due_at_step(trainer.global_step):
             self._prune(trainer, pl_module, at_step=True)
 
@@ -98,10 +122,17 @@ class PruningCallback(Callback):
     def _prune(self, trainer: Trainer, pl_module: LightningModule, at_step: bool) -> PruningRecord:
         optimizers = list(trainer.optimizers)
         if len(optimizers) > 1:
-            raise ValueError(f"PruningCallback follows one optimizer; this Trainer has {len(optimizers)}. Prune "
-                             "with torchpruner.Pruner in your LightningModule to choose which one follows")
-        record = self.schedule.prune(pl_module, optimizers[0] if optimizers else None, epoch=trainer.current_epoch,
-                                     step=trainer.global_step, at_step=at_step)
+            raise ValueError(
+                f"PruningCallback follows one optimizer; this Trainer has {len(optimizers)}. Prune "
+                "with torchpruner.Pruner in your LightningModule to choose which one follows"
+            )
+        record = self.schedule.prune(
+            pl_module,
+            optimizers[0] if optimizers else None,
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            at_step=at_step,
+        )
         metrics = record.metrics(self.log_prefix)
         for lightning_logger in trainer.loggers:
             lightning_logger.log_metrics(metrics, step=trainer.global_step)

@@ -33,8 +33,9 @@ from .events import PruningRecord, Scores, ScheduledPruning
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 except ImportError as error:
-    raise ImportError("torchpruner.integrations.transformers needs transformers: "
-                      "pip install 'torchpruner-onthefly[transformers]'") from error
+    raise ImportError(
+        "torchpruner.integrations.transformers needs transformers: pip install 'torchpruner-onthefly[transformers]'"
+    ) from error
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,30 @@ class PruningCallback(TrainerCallback):
         records: one :class:`~torchpruner.integrations.PruningRecord` per event (the plan, counts, widths).
     """
 
-    def __init__(self, fraction: float = 0.3, *, metric: Scores | None = None, epochs: Iterable[int] | None = None,
-                 steps: Iterable[int] | None = None, input_size: Sequence[int] | None = None,
-                 example_inputs: Any = None, model: nn.Module | None = None, trainer: Any = None,
-                 log_prefix: str = "pruning/", **options: Any) -> None:
-        self.schedule = ScheduledPruning(fraction, metric=metric, epochs=epochs, steps=steps, input_size=input_size,
-                                         example_inputs=example_inputs, model=model, **options)
+    def __init__(
+        self,
+        fraction: float = 0.3,
+        *,
+        metric: Scores | None = None,
+        epochs: Iterable[int] | None = None,
+        steps: Iterable[int] | None = None,
+        input_size: Sequence[int] | None = None,
+        example_inputs: Any = None,
+        model: nn.Module | None = None,
+        trainer: Any = None,
+        log_prefix: str = "pruning/",
+        **options: Any,
+    ) -> None:
+        self.schedule = ScheduledPruning(
+            fraction,
+            metric=metric,
+            epochs=epochs,
+            steps=steps,
+            input_size=input_size,
+            example_inputs=example_inputs,
+            model=model,
+            **options,
+        )
         self.trainer = trainer
         self.log_prefix = log_prefix
 
@@ -78,35 +97,40 @@ class PruningCallback(TrainerCallback):
 
     # -- Trainer events --------------------------------------------------------------------
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if args.world_size > 1:
-            raise RuntimeError(f"PruningCallback runs in one process; these TrainingArguments use {args.world_size}: "
-                               "the distributed wrapper keeps the old parameter shapes. Prune in a single-process "
-                               "run (or between runs with Pruner) and wrap again")
+            raise RuntimeError(
+                f"PruningCallback runs in one process; these TrainingArguments use {args.world_size}: "
+                "the distributed wrapper keeps the old parameter shapes. Prune in a single-process "
+                "run (or between runs with Pruner) and wrap again"
+            )
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.schedule.due_at_step(state.global_step):
             self._prune(state, kwargs, at_step=True)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         epoch = max(0, int(round(state.epoch or 0.0)) - 1)  # state.epoch counts finished epochs here
         if self.schedule.due_at_epoch(epoch):
             self._prune(state, kwargs, at_step=False, epoch=epoch)
 
     # -- the event -------------------------------------------------------------------------
 
-    def _prune(self, state: TrainerState, kwargs: dict[str, Any], at_step: bool,
-               epoch: int | None = None) -> PruningRecord:
+    def _prune(
+        self, state: TrainerState, kwargs: dict[str, Any], at_step: bool, epoch: int | None = None
+    ) -> PruningRecord:
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
             raise ValueError("the Trainer passed no model to the callback; PruningCallback needs the trained model")
         if epoch is None:
             epoch = int(state.epoch or 0.0)
-        record = self.schedule.prune(model, kwargs.get("optimizer"), epoch=epoch, step=state.global_step,
-                                     at_step=at_step)
+        record = self.schedule.prune(
+            model, kwargs.get("optimizer"), epoch=epoch, step=state.global_step, at_step=at_step
+        )
         metrics = record.metrics(self.log_prefix)
         if self.trainer is not None:
             self.trainer.log(metrics)

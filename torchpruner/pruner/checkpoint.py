@@ -62,8 +62,13 @@ def pruning_manifest(model: nn.Module) -> dict[str, Any]:
         if sizes:
             size_attributes[name] = dict(sizes)
     shapes = {key: list(value.shape) for key, value in model.state_dict().items()}
-    manifest = {"version": MANIFEST_VERSION, "kept_units": layers, "dropout_p": dropout, "conv_groups": groups,
-                "shapes": shapes}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "kept_units": layers,
+        "dropout_p": dropout,
+        "conv_groups": groups,
+        "shapes": shapes,
+    }
     if size_attributes:
         manifest["size_attributes"] = size_attributes
     return manifest
@@ -72,6 +77,7 @@ def pruning_manifest(model: nn.Module) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # The manifest's format, checked before any model is touched
 # --------------------------------------------------------------------------------------------
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -93,21 +99,28 @@ def _section(manifest: dict[str, Any], name: str) -> dict[str, Any]:
 def _check_manifest(manifest: Any) -> None:
     """Refuse a manifest whose format is wrong (names the entry); looks at no model."""
     if not isinstance(manifest, dict):
-        raise TypeError(f"the manifest must be a JSON object (as written by save_pruned / pruning_manifest), "
-                        f"got {type(manifest).__name__}")
+        raise TypeError(
+            f"the manifest must be a JSON object (as written by save_pruned / pruning_manifest), "
+            f"got {type(manifest).__name__}"
+        )
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"unsupported manifest version {manifest.get('version')!r}")
     for name, record in _section(manifest, "kept_units").items():
         if not isinstance(record, dict):
-            raise ValueError(f"the manifest's record of '{name}' must map 'in' / 'out' / 'param:<parameter>:<axis>' "
-                             f"to unit ids, got {type(record).__name__}")
+            raise ValueError(
+                f"the manifest's record of '{name}' must map 'in' / 'out' / 'param:<parameter>:<axis>' "
+                f"to unit ids, got {type(record).__name__}"
+            )
         for key, ids in record.items():
             if key not in ("in", "out") and _parse_param_key(key) is None:
-                raise ValueError(f"the manifest's record of '{name}' has a key '{key}' that is neither 'in', 'out' "
-                                 f"nor 'param:<parameter>:<axis>'")
+                raise ValueError(
+                    f"the manifest's record of '{name}' has a key '{key}' that is neither 'in', 'out' "
+                    f"nor 'param:<parameter>:<axis>'"
+                )
             if not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids):
-                raise ValueError(f"the manifest keeps {ids!r} as '{name}' {key} ids; expected a list of "
-                                 f"non-negative integers")
+                raise ValueError(
+                    f"the manifest keeps {ids!r} as '{name}' {key} ids; expected a list of non-negative integers"
+                )
             if len(set(ids)) != len(ids):
                 raise ValueError(f"the manifest keeps '{name}' {key} ids with repeats: {ids[:10]}")
     for name, p in _section(manifest, "dropout_p").items():
@@ -118,21 +131,27 @@ def _check_manifest(manifest: Any) -> None:
             raise ValueError(f"the manifest sets '{name}'.groups to {groups!r}; expected a positive integer")
     for name, sizes in _section(manifest, "size_attributes").items():
         if not isinstance(sizes, dict) or not all(
-                isinstance(attribute, str) and attribute.isidentifier() and not attribute.startswith("_")
-                and (_is_int(size) and size >= 0
-                     or isinstance(size, list) and all(_is_int(n) and n >= 0 for n in size))
-                for attribute, size in sizes.items()):
-            raise ValueError(f"the manifest's size attributes of '{name}' must map public attribute names to a "
-                             f"non-negative integer or a list of them, got {sizes!r}")
+            isinstance(attribute, str)
+            and attribute.isidentifier()
+            and not attribute.startswith("_")
+            and (_is_int(size) and size >= 0 or isinstance(size, list) and all(_is_int(n) and n >= 0 for n in size))
+            for attribute, size in sizes.items()
+        ):
+            raise ValueError(
+                f"the manifest's size attributes of '{name}' must map public attribute names to a "
+                f"non-negative integer or a list of them, got {sizes!r}"
+            )
     for key, shape in _section(manifest, "shapes").items():
         if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-            raise ValueError(f"the manifest records the shape of '{key}' as {shape!r}; expected a list of "
-                             f"non-negative integers")
+            raise ValueError(
+                f"the manifest records the shape of '{key}' as {shape!r}; expected a list of non-negative integers"
+            )
 
 
 # --------------------------------------------------------------------------------------------
 # Replaying the removals
 # --------------------------------------------------------------------------------------------
+
 
 def _resize(model: nn.Module, manifest: dict[str, Any]) -> None:
     modules = dict(model.named_modules())
@@ -155,13 +174,19 @@ def _resize(model: nn.Module, manifest: dict[str, Any]) -> None:
                 raise ValueError(f"'{name}' has no {direction}put units, but the manifest records some")
             remove = _positions_to_remove(current, record[direction], f"'{name}'", f"{direction}put units")
             if remove:
-                pruner.prune_module(module, remove, direction=direction,
-                                    original_len=len(current) if isinstance(module, nn.modules.dropout._DropoutNd) else None)
+                pruner.prune_module(
+                    module,
+                    remove,
+                    direction=direction,
+                    original_len=len(current) if isinstance(module, nn.modules.dropout._DropoutNd) else None,
+                )
     for name, p in manifest.get("dropout_p", {}).items():
         module = modules.get(name)
         if not isinstance(module, nn.modules.dropout._DropoutNd):
-            raise ValueError(f"the manifest sets the Dropout p of '{name}', which is not a Dropout layer of this "
-                             f"model (another architecture?)")
+            raise ValueError(
+                f"the manifest sets the Dropout p of '{name}', which is not a Dropout layer of this "
+                f"model (another architecture?)"
+            )
         module.p = float(p)
     for name, sizes in manifest.get("size_attributes", {}).items():
         _set_size_attributes(modules.get(name), name, sizes)
@@ -179,8 +204,10 @@ def _resize(model: nn.Module, manifest: dict[str, Any]) -> None:
         elif list(state[key].shape) != list(shape):
             mismatched.append(f"{key}: {list(state[key].shape)} != saved {list(shape)}")
     if mismatched:
-        raise ValueError("the model cannot take the saved shapes (tensors pruned outside a recorded layer, or "
-                         "another architecture): " + "; ".join(mismatched[:8]))
+        raise ValueError(
+            "the model cannot take the saved shapes (tensors pruned outside a recorded layer, or "
+            "another architecture): " + "; ".join(mismatched[:8])
+        )
 
 
 def _set_size_attributes(module: nn.Module | None, name: str, sizes: dict[str, Any]) -> None:
@@ -195,8 +222,10 @@ def _set_size_attributes(module: nn.Module | None, name: str, sizes: dict[str, A
         elif isinstance(size, list) and isinstance(current, (tuple, list, torch.Size)) and len(current) == len(size):
             value = torch.Size(size) if isinstance(current, torch.Size) else type(current)(size)
         else:
-            raise ValueError(f"the manifest sets '{name}'.{attribute} to {size!r}, but this model's '{name}' holds "
-                             f"{current!r} there (another architecture?)")
+            raise ValueError(
+                f"the manifest sets '{name}'.{attribute} to {size!r}, but this model's '{name}' holds "
+                f"{current!r} there (another architecture?)"
+            )
         setattr(module, attribute, value)
     setattr(module, SHAPE_ATTRIBUTES_ATTRIBUTE, dict(sizes))
 
@@ -206,8 +235,10 @@ def _positions_to_remove(current: list[int], wanted_ids: list[int], label: str, 
     wanted = set(wanted_ids)
     missing = wanted - set(current)
     if missing:
-        raise ValueError(f"{label}: the manifest keeps {what} {sorted(missing)[:5]} that this model does not have "
-                         f"(different architecture?)")
+        raise ValueError(
+            f"{label}: the manifest keeps {what} {sorted(missing)[:5]} that this model does not have "
+            f"(different architecture?)"
+        )
     return [position for position, unit in enumerate(current) if unit not in wanted]
 
 
@@ -241,24 +272,31 @@ def _resized_copy(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
 def _check_state_fits(resized: nn.Module, state: Any, path: Path) -> None:
     """``state`` has exactly the keys and tensor shapes of the ``resized`` model's state dict."""
     if not isinstance(state, Mapping) or not all(isinstance(key, str) for key in state):
-        raise TypeError(f"{path} does not hold a state dict (a mapping of names to tensors), got "
-                        f"{type(state).__name__}; save it with save_pruned")
+        raise TypeError(
+            f"{path} does not hold a state dict (a mapping of names to tensors), got "
+            f"{type(state).__name__}; save it with save_pruned"
+        )
     expected = resized.state_dict()
     problems = [f"unexpected key '{key}'" for key in state if key not in expected]
     problems += [f"missing key '{key}'" for key in expected if key not in state]
     for key, tensor in state.items():
         target = expected.get(key)
         if isinstance(tensor, torch.Tensor) and isinstance(target, torch.Tensor) and tensor.shape != target.shape:
-            problems.append(f"{key}: the checkpoint holds {list(tensor.shape)}, the model resized by the manifest "
-                            f"takes {list(target.shape)}")
+            problems.append(
+                f"{key}: the checkpoint holds {list(tensor.shape)}, the model resized by the manifest "
+                f"takes {list(target.shape)}"
+            )
     if problems:
-        raise ValueError(f"the checkpoint {path} does not fit the model its manifest describes (weights and manifest "
-                         f"from different saves, or an edited file): " + "; ".join(problems[:8]))
+        raise ValueError(
+            f"the checkpoint {path} does not fit the model its manifest describes (weights and manifest "
+            f"from different saves, or an edited file): " + "; ".join(problems[:8])
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
+
 
 def resize_to_manifest(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
     """Prune a freshly built ``model`` in place so its shapes match ``manifest``.
@@ -288,8 +326,9 @@ def _read_manifest(manifest_path: Path) -> Any:
     try:
         return json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{manifest_path} is not valid JSON ({error}); it should be the manifest save_pruned "
-                         f"wrote") from None
+        raise ValueError(
+            f"{manifest_path} is not valid JSON ({error}); it should be the manifest save_pruned wrote"
+        ) from None
 
 
 def load_pruned(model: nn.Module, path: str | os.PathLike[str], map_location: Any | None = None) -> nn.Module:

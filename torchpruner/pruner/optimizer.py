@@ -28,12 +28,19 @@ from torchpruner.rules import TensorSlice, apply_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PER_ELEMENT_OPTIMIZERS", "REFUSED_OPTIMIZERS", "OptimizerStateSlice", "apply_optimizer_surgery",
-           "check_optimizer", "plan_optimizer_surgery", "register_per_element_optimizer"]
+__all__ = [
+    "PER_ELEMENT_OPTIMIZERS",
+    "REFUSED_OPTIMIZERS",
+    "OptimizerStateSlice",
+    "apply_optimizer_surgery",
+    "check_optimizer",
+    "plan_optimizer_surgery",
+    "register_per_element_optimizer",
+]
 
 PER_ELEMENT_OPTIMIZERS: set[type[torch.optim.Optimizer]] = {
-    getattr(torch.optim, name) for name in
-    ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
+    getattr(torch.optim, name)
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
     if hasattr(torch.optim, name)
 }
 
@@ -56,8 +63,10 @@ class OptimizerStateSlice:
     new_shape: tuple[int, ...]
 
     def describe(self) -> str:
-        return (f"optim  state[{self.parameter_name}][{self.key!r}]".ljust(48)
-                + f" {list(self.old_shape)} -> {list(self.new_shape)} axis {self.axis}")
+        return (
+            f"optim  state[{self.parameter_name}][{self.key!r}]".ljust(48)
+            + f" {list(self.old_shape)} -> {list(self.new_shape)} axis {self.axis}"
+        )
 
 
 def register_per_element_optimizer(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -84,12 +93,16 @@ def check_optimizer(optimizer: Any) -> None:
         return
     reason = REFUSED_OPTIMIZERS.get(klass.__name__)
     if reason is not None:
-        raise TypeError(f"optimizer {klass.__name__} cannot follow a prune: {reason}. Prune without it "
-                        f"(optimizer=None) and build a new optimizer afterwards")
-    raise TypeError(f"unknown optimizer type {klass.__module__}.{klass.__name__}: the pruner only slices the state "
-                    f"of optimizers known to keep per-element state. If every state tensor of "
-                    f"{klass.__name__} shaped like its parameter is per element, call "
-                    f"torchpruner.pruner.register_per_element_optimizer({klass.__name__})")
+        raise TypeError(
+            f"optimizer {klass.__name__} cannot follow a prune: {reason}. Prune without it "
+            f"(optimizer=None) and build a new optimizer afterwards"
+        )
+    raise TypeError(
+        f"unknown optimizer type {klass.__module__}.{klass.__name__}: the pruner only slices the state "
+        f"of optimizers known to keep per-element state. If every state tensor of "
+        f"{klass.__name__} shaped like its parameter is per element, call "
+        f"torchpruner.pruner.register_per_element_optimizer({klass.__name__})"
+    )
 
 
 @dataclass(eq=False)
@@ -99,9 +112,11 @@ class _StateEdit:
     edit: TensorSlice
 
 
-def plan_optimizer_surgery(optimizer: torch.optim.Optimizer | None,
-                           parameter_slices: Sequence[tuple[TensorSlice, nn.Parameter]],
-                           model: nn.Module | None = None) -> list[_StateEdit]:
+def plan_optimizer_surgery(
+    optimizer: torch.optim.Optimizer | None,
+    parameter_slices: Sequence[tuple[TensorSlice, nn.Parameter]],
+    model: nn.Module | None = None,
+) -> list[_StateEdit]:
     """Check the optimizer and list the state tensors to slice; changes nothing.
 
     Args:
@@ -127,15 +142,25 @@ def plan_optimizer_surgery(optimizer: torch.optim.Optimizer | None,
             if tuple(value.shape) == tuple(edit.old_shape):
                 edits.append(_StateEdit(state, key, edit))
             else:
-                raise ValueError(f"{type(optimizer).__name__} state[{edit.qualified_name!r}][{key!r}] has shape "
-                                 f"{list(value.shape)}, neither scalar nor the parameter's {list(edit.old_shape)}; "
-                                 f"cannot slice it")
+                raise ValueError(
+                    f"{type(optimizer).__name__} state[{edit.qualified_name!r}][{key!r}] has shape "
+                    f"{list(value.shape)}, neither scalar nor the parameter's {list(edit.old_shape)}; "
+                    f"cannot slice it"
+                )
     return edits
 
 
 def describe_optimizer_surgery(edits: Sequence[_StateEdit]) -> list[OptimizerStateSlice]:
-    return [OptimizerStateSlice(parameter_name=e.edit.qualified_name, key=e.key, axis=e.edit.axis,
-                                old_shape=tuple(e.edit.old_shape), new_shape=tuple(e.edit.new_shape)) for e in edits]
+    return [
+        OptimizerStateSlice(
+            parameter_name=e.edit.qualified_name,
+            key=e.key,
+            axis=e.edit.axis,
+            old_shape=tuple(e.edit.old_shape),
+            new_shape=tuple(e.edit.new_shape),
+        )
+        for e in edits
+    ]
 
 
 def apply_optimizer_surgery(edits: Sequence[_StateEdit], undo: list[Callable[[], None]] | None = None) -> None:

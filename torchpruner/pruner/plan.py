@@ -55,6 +55,7 @@ def resolve_model(model: nn.Module) -> nn.Module:
 
 # -- one edit per tensor axis ----------------------------------------------------------------------
 
+
 def merge_edits(edits: list[Edit], merge: bool = True) -> list[Edit]:
     """The edits with each tensor sliced at most once per axis and each attribute set once.
 
@@ -81,12 +82,18 @@ def merge_edits(edits: list[Edit], merge: bool = True) -> list[Edit]:
                 slices[key] = edit
                 result.append(edit)
                 continue
-            same = (merge and tuple(first.old_shape) == tuple(edit.old_shape) and torch.equal(first.keep, edit.keep)
-                    and _same_group_keep(first.group_keep, edit.group_keep))
+            same = (
+                merge
+                and tuple(first.old_shape) == tuple(edit.old_shape)
+                and torch.equal(first.keep, edit.keep)
+                and _same_group_keep(first.group_keep, edit.group_keep)
+            )
             if not same:
-                raise ValueError(f"the plan slices '{edit.qualified_name}' twice along axis {edit.axis} "
-                                 f"(keeping {len(first.keep)} and {len(edit.keep)} of {edit.old_shape[edit.axis]}); "
-                                 f"one prune may slice a tensor once per axis")
+                raise ValueError(
+                    f"the plan slices '{edit.qualified_name}' twice along axis {edit.axis} "
+                    f"(keeping {len(first.keep)} and {len(edit.keep)} of {edit.old_shape[edit.axis]}); "
+                    f"one prune may slice a tensor once per axis"
+                )
             continue
         if isinstance(edit, AttributeChange) and edit.attribute not in RECORD_ATTRIBUTES:
             key2 = (edit.module_name, edit.attribute)
@@ -96,8 +103,10 @@ def merge_edits(edits: list[Edit], merge: bool = True) -> list[Edit]:
                 result.append(edit)
                 continue
             if not (merge and _same_value(first_change.new, edit.new)):
-                raise ValueError(f"the plan sets '{edit.module_name}.{edit.attribute}' twice "
-                                 f"({first_change.new!r} and {edit.new!r}); one prune may set an attribute once")
+                raise ValueError(
+                    f"the plan sets '{edit.module_name}.{edit.attribute}' twice "
+                    f"({first_change.new!r} and {edit.new!r}); one prune may set an attribute once"
+                )
             continue
         result.append(edit)
     return result
@@ -117,6 +126,7 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 # -- a parameter's gradient accumulator ---------------------------------------------------------
+
 
 def _other_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float32 else torch.float32
@@ -165,8 +175,10 @@ def parameter_slices(bound: list[tuple[Edit, nn.Module]]) -> list[tuple[TensorSl
         if isinstance(edit, TensorSlice) and edit.is_parameter:
             parameter = module._parameters.get(edit.tensor_name)
             if parameter is None:
-                raise ValueError(f"'{edit.qualified_name}' is not a parameter of {type(module).__name__}; the plan "
-                                 "slices it as one (plan again on the model as it is)")
+                raise ValueError(
+                    f"'{edit.qualified_name}' is not a parameter of {type(module).__name__}; the plan "
+                    "slices it as one (plan again on the model as it is)"
+                )
             slices.append((edit, parameter))
     return slices
 
@@ -179,13 +191,16 @@ def check_graphs_released(parameters: list[tuple[str, nn.Parameter]]) -> None:
     for name, parameter in parameters:
         use_count = getattr(parameter, "_use_count", None)
         if parameter.requires_grad and use_count is not None and use_count() > 1:
-            raise ValueError(f"'{name}' is still held by a graph from a forward pass before the prune (a kept "
-                             f"output or loss, or backward(retain_graph=True)); its next backward() would fail. "
-                             f"Drop the references to that graph first (e.g. `del loss, outputs`), or run "
-                             f"validation forwards under torch.no_grad()")
+            raise ValueError(
+                f"'{name}' is still held by a graph from a forward pass before the prune (a kept "
+                f"output or loss, or backward(retain_graph=True)); its next backward() would fail. "
+                f"Drop the references to that graph first (e.g. `del loss, outputs`), or run "
+                f"validation forwards under torch.no_grad()"
+            )
 
 
 # -- the journal ------------------------------------------------------------------------------
+
 
 def _restore_tensor(tensor: torch.Tensor, data: torch.Tensor, grad: torch.Tensor | None, is_parameter: bool) -> None:
     tensor.data = data
@@ -222,8 +237,9 @@ class _Journal:
         # attributes live in the instance dict (or behind a property); one that only came from the
         # class (or did not exist) is removed again on undo
         existed = attribute in vars(module) or hasattr(getattr(type(module), attribute, None), "__set__")
-        self.undo.append(functools.partial(_restore_attribute, module, attribute, getattr(module, attribute, None),
-                                           existed))
+        self.undo.append(
+            functools.partial(_restore_attribute, module, attribute, getattr(module, attribute, None), existed)
+        )
         setattr(module, attribute, value)
 
     def commit(self) -> None:
@@ -293,8 +309,10 @@ class Plan:
         lines = [f"Plan: {self.description}"]
         lines += ["  " + edit.describe() for edit in self.edits]
         lines += ["  " + s.describe() for s in self.optimizer_slices]
-        lines.append(f"  total: -{self.removed_parameters} parameters in {len(self.touched_modules)} module(s), "
-                     f"{len(self.optimizer_slices)} optimizer state tensor(s)")
+        lines.append(
+            f"  total: -{self.removed_parameters} parameters in {len(self.touched_modules)} module(s), "
+            f"{len(self.optimizer_slices)} optimizer state tensor(s)"
+        )
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -304,25 +322,30 @@ class Plan:
     def _bind(self, model: nn.Module) -> list[tuple[Edit, nn.Module]]:
         """Find each edit's module in ``model`` and check it is in the expected state (no change)."""
         modules = dict(model.named_modules(remove_duplicate=False))
-        merge_edits(self.edits, merge=False)   # each tensor axis and attribute changed once
+        merge_edits(self.edits, merge=False)  # each tensor axis and attribute changed once
         bound = []
         for edit in self.edits:
             module = modules.get(edit.module_name)
             if module is None:
-                raise ValueError(f"cannot apply the plan: {type(model).__name__} has no module named "
-                                 f"'{edit.module_name}'")
+                raise ValueError(
+                    f"cannot apply the plan: {type(model).__name__} has no module named '{edit.module_name}'"
+                )
             if isinstance(edit, TensorSlice):
                 tensor = getattr(module, edit.tensor_name, None)
                 if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(edit.old_shape):
                     found = None if not isinstance(tensor, torch.Tensor) else list(tensor.shape)
-                    raise ValueError(f"cannot apply the plan: '{edit.qualified_name}' has shape {found}, "
-                                     f"the plan expects {list(edit.old_shape)}")
+                    raise ValueError(
+                        f"cannot apply the plan: '{edit.qualified_name}' has shape {found}, "
+                        f"the plan expects {list(edit.old_shape)}"
+                    )
                 if edit.is_parameter and tensor.grad is not None and tensor.grad.shape != tensor.shape:
                     raise ValueError(f"'{edit.qualified_name}' has a gradient of shape {list(tensor.grad.shape)}")
             else:
                 if edit.attribute not in RECORD_ATTRIBUTES and getattr(module, edit.attribute, None) != edit.old:
-                    raise ValueError(f"cannot apply the plan: '{edit.module_name}.{edit.attribute}' is "
-                                     f"{getattr(module, edit.attribute, None)!r}, the plan expects {edit.old!r}")
+                    raise ValueError(
+                        f"cannot apply the plan: '{edit.module_name}.{edit.attribute}' is "
+                        f"{getattr(module, edit.attribute, None)!r}, the plan expects {edit.old!r}"
+                    )
             bound.append((edit, module))
         return bound
 

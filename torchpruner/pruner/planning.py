@@ -24,18 +24,41 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
 from torchpruner.graph.dependency import DependencyError, DependencyGraph, Group, tensor_shapes
-from torchpruner.rules import (KEPT_UNITS_ATTRIBUTE, AttributeChange, Edit, GroupedSliceError, SlicingRule,
-                               TensorSlice, UnitSelection, complement, get_slicing_rule, kept_units_edit, param_record_key,
-                               shape_attributes_edit, slice_tensor,
-                               unaccounted_tensors_message)
+from torchpruner.rules import (
+    KEPT_UNITS_ATTRIBUTE,
+    AttributeChange,
+    Edit,
+    GroupedSliceError,
+    SlicingRule,
+    TensorSlice,
+    UnitSelection,
+    complement,
+    get_slicing_rule,
+    kept_units_edit,
+    param_record_key,
+    shape_attributes_edit,
+    slice_tensor,
+    unaccounted_tensors_message,
+)
 
 from .optimizer import describe_optimizer_surgery, plan_optimizer_surgery
 from .plan import Plan, merge_edits, parameter_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["rule_edits", "removed_out", "group_edits", "module_selection", "with_whole_conv_groups", "output_units_refusal", "check_group_selection",
-           "check_listed_cascade", "check_rule_fits", "describe_selection", "finish_plan"]
+__all__ = [
+    "rule_edits",
+    "removed_out",
+    "group_edits",
+    "module_selection",
+    "with_whole_conv_groups",
+    "output_units_refusal",
+    "check_group_selection",
+    "check_listed_cascade",
+    "check_rule_fits",
+    "describe_selection",
+    "finish_plan",
+]
 
 Selection = Mapping[Group, Sequence[int]]
 
@@ -74,9 +97,9 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
     if dep is None:
         return []
     edits: list[Edit] = []
-    kept: dict[int, list[Any]] = {}   # module id -> [module, rule, out_keep, in_keep]
+    kept: dict[int, list[Any]] = {}  # module id -> [module, rule, out_keep, in_keep]
     param_kept: dict[int, tuple[nn.Module, dict[str, list[int]]]] = {}  # bare parameters' kept ids
-    per_call: dict[int, nn.Module] = {}   # parameter-free modules with one role per call site (Dropout)
+    per_call: dict[int, nn.Module] = {}  # parameter-free modules with one role per call site (Dropout)
     removals = dep.removals(selection)
     covered = _outputs_cut_with_inputs(removals, dropout_policy)
     for role, positions in removals:
@@ -98,12 +121,13 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
         rule = get_slicing_rule(module)
         if rule is None:
             raise DependencyError(f"'{role.module_name}' ({type(module).__name__}) has no slicing rule")
-        unit_selection = UnitSelection.from_remove(remove, space.size, axis=space.axis, ndim=space.ndim,
-                                                   dropout_policy=dropout_policy)
+        unit_selection = UnitSelection.from_remove(
+            remove, space.size, axis=space.axis, ndim=space.ndim, dropout_policy=dropout_policy
+        )
         record = kept.setdefault(id(module), [module, rule, None, None])
         cut = covered.get(id(module))
         if role.direction == "out" and cut is not None and torch.equal(cut, remove):
-            record[2] = unit_selection.keep   # the input side's edits (whole conv groups) remove them
+            record[2] = unit_selection.keep  # the input side's edits (whole conv groups) remove them
             continue
         edits += rule_edits(rule, module, role.module_name, unit_selection, role.direction)
         if role.direction == "out":
@@ -121,18 +145,25 @@ def group_edits(selection: Selection, dropout_policy: str) -> list[Edit]:
     for module, rule, out_keep, in_keep in kept.values():
         edits += kept_units_edit(module, rule, out_keep, in_keep)
     for module, records in param_kept.values():
-        record_edit = next((e for e in edits if isinstance(e, AttributeChange) and e.module is module
-                            and e.attribute == KEPT_UNITS_ATTRIBUTE), None)
+        record_edit = next(
+            (
+                e
+                for e in edits
+                if isinstance(e, AttributeChange) and e.module is module and e.attribute == KEPT_UNITS_ATTRIBUTE
+            ),
+            None,
+        )
         if record_edit is not None:
             record_edit.new = {**record_edit.new, **records}
         else:
             old = getattr(module, KEPT_UNITS_ATTRIBUTE, None)
-            edits.append(AttributeChange(module=module, attribute=KEPT_UNITS_ATTRIBUTE, old=old,
-                                         new={**(old or {}), **records}))
+            edits.append(
+                AttributeChange(module=module, attribute=KEPT_UNITS_ATTRIBUTE, old=old, new={**(old or {}), **records})
+            )
     return edits
 
 
-def _outputs_cut_with_inputs(removals: list, dropout_policy: str) -> dict[int, torch.Tensor]:
+def _outputs_cut_with_inputs(removals: list[tuple[Any, Any]], dropout_policy: str) -> dict[int, torch.Tensor]:
     """``{module id: output units}`` that layers drop because whole groups of their input go (a
     grouped convolution losing whole conv groups: its ``groups`` shrinks)."""
     cut: dict[int, torch.Tensor] = {}
@@ -143,8 +174,13 @@ def _outputs_cut_with_inputs(removals: list, dropout_policy: str) -> dict[int, t
         if rule is None:
             continue
         space = role.space
-        unit_selection = UnitSelection.from_remove(torch.as_tensor(positions, dtype=torch.long), space.size,
-                                                   axis=space.axis, ndim=space.ndim, dropout_policy=dropout_policy)
+        unit_selection = UnitSelection.from_remove(
+            torch.as_tensor(positions, dtype=torch.long),
+            space.size,
+            axis=space.axis,
+            ndim=space.ndim,
+            dropout_policy=dropout_policy,
+        )
         out_removed = removed_out(rule, role.module, role.module_name, unit_selection)
         if out_removed is not None:
             cut[id(role.module)] = torch.as_tensor(out_removed, dtype=torch.long).sort().values
@@ -161,13 +197,21 @@ def with_whole_conv_groups(dep: DependencyGraph, selection: Selection) -> dict[G
         added = False
         for role, positions in dep.removals(result):
             module = role.module
-            if role.direction != "in" or role.per_call or not isinstance(module, nn.modules.conv._ConvNd) \
-                    or module.groups in (1, module.in_channels) or len(dep.graph.sites_of(module)) != 1:
+            if (
+                role.direction != "in"
+                or role.per_call
+                or not isinstance(module, nn.modules.conv._ConvNd)
+                or module.groups in (1, module.in_channels)
+                or len(dep.graph.sites_of(module)) != 1
+            ):
                 continue
             rule = get_slicing_rule(module)
+            if rule is None:
+                continue
             space = role.space
-            unit_selection = UnitSelection.from_remove(torch.as_tensor(positions, dtype=torch.long), space.size,
-                                                       axis=space.axis, ndim=space.ndim)
+            unit_selection = UnitSelection.from_remove(
+                torch.as_tensor(positions, dtype=torch.long), space.size, axis=space.axis, ndim=space.ndim
+            )
             out_removed = removed_out(rule, module, role.module_name, unit_selection)
             if out_removed is None:
                 continue
@@ -180,8 +224,7 @@ def with_whole_conv_groups(dep: DependencyGraph, selection: Selection) -> dict[G
             return result
 
 
-def _call_site_fractions(dep: DependencyGraph, selection: Selection,
-                         module: nn.Module) -> list[tuple[int, int]]:
+def _call_site_fractions(dep: DependencyGraph, selection: Selection, module: nn.Module) -> list[tuple[int, int]]:
     """``(removed, units)`` at every call site of a parameter-free module such as a shared Dropout."""
     return [(len(positions), role.space.size) for role, positions in dep.call_site_removals(module, selection)]
 
@@ -198,14 +241,19 @@ def _per_call_edits(dep: DependencyGraph, selection: Selection, module: nn.Modul
     rule = get_slicing_rule(module)
     if rule is None:
         raise DependencyError(f"'{name}' ({type(module).__name__}) has no slicing rule")
-    unit_selection = UnitSelection.from_remove(torch.as_tensor(positions, dtype=torch.long), role.space.size,
-                                               axis=role.space.axis, ndim=role.space.ndim,
-                                               dropout_policy=dropout_policy)
+    unit_selection = UnitSelection.from_remove(
+        torch.as_tensor(positions, dtype=torch.long),
+        role.space.size,
+        axis=role.space.axis,
+        ndim=role.space.ndim,
+        dropout_policy=dropout_policy,
+    )
     return rule_edits(rule, module, name, unit_selection, "in")
 
 
-def _check_output_follows(dep: DependencyGraph, selection: Selection, module: nn.Module, name: str,
-                          out_keep: torch.Tensor) -> None:
+def _check_output_follows(
+    dep: DependencyGraph, selection: Selection, module: nn.Module, name: str, out_keep: torch.Tensor
+) -> None:
     """A layer that loses output units because its input lost some (a depthwise convolution, or
     whole input groups of a grouped one) is only safe when the analysis removes exactly those output
     units downstream too (they are linked in the group)."""
@@ -215,9 +263,11 @@ def _check_output_follows(dep: DependencyGraph, selection: Selection, module: nn
         removed |= set(group.positions(space, units).tolist())
     expected = set(range(space.size)) - set(out_keep.tolist())
     if removed != expected:
-        raise DependencyError(f"'{name}' ({type(module).__name__}, groups={getattr(module, 'groups', 1)}) would lose "
-                              f"whole conv groups, and with them output channels {sorted(expected)[:10]} that the "
-                              f"layers after it still read; prune the same number of units in every conv group")
+        raise DependencyError(
+            f"'{name}' ({type(module).__name__}, groups={getattr(module, 'groups', 1)}) would lose "
+            f"whole conv groups, and with them output channels {sorted(expected)[:10]} that the "
+            f"layers after it still read; prune the same number of units in every conv group"
+        )
 
 
 def describe_selection(selection: Selection) -> str:
@@ -229,18 +279,21 @@ def describe_selection(selection: Selection) -> str:
         for role in group._roles:
             if role.per_call:
                 shared.setdefault(id(role.module), role.module)
-    for module in shared.values():   # say why a shared Dropout keeps its p
+    for module in shared.values():  # say why a shared Dropout keeps its p
         dep = next(iter(selection))._dep
         fractions = _call_site_fractions(dep, selection, module)
         if len({Fraction(k, n) for k, n in fractions}) > 1:
             shown = ", ".join(f"{k}/{n}" for k, n in fractions)
-            parts.append(f"'{dep.graph.module_name(module)}' keeps p={module.p:g}: its {len(fractions)} call sites "
-                         f"lose different fractions of their units ({shown})")
+            parts.append(
+                f"'{dep.graph.module_name(module)}' keeps p={module.p:g}: its {len(fractions)} call sites "
+                f"lose different fractions of their units ({shown})"
+            )
     return "; ".join(parts)
 
 
-def module_selection(dep: DependencyGraph, module: nn.Module, remove: torch.Tensor,
-                     call_index: int = 0, include_outputs: bool = False) -> dict[Group, list[int]]:
+def module_selection(
+    dep: DependencyGraph, module: nn.Module, remove: torch.Tensor, call_index: int = 0, include_outputs: bool = False
+) -> dict[Group, list[int]]:
     """The group units removed with output units ``remove`` of ``module``; refuses (DependencyError)
     a group the analysis cannot prune and a removal that would empty a group, and (ValueError)
     units that are outputs of the model unless ``include_outputs``."""
@@ -258,20 +311,26 @@ def module_selection(dep: DependencyGraph, module: nn.Module, remove: torch.Tens
 
 def output_units_refusal(name: str, module: nn.Module, why: str) -> str:
     """The message refusing to remove units that are outputs of the model itself."""
-    return (f"the output units of '{name}' ({type(module).__name__}) are outputs of the model ({why}): removing "
-            f"them renumbers the model's outputs (the classes of a classifier), and the targets no longer match; "
-            f"pass include_outputs=True to prune them anyway")
+    return (
+        f"the output units of '{name}' ({type(module).__name__}) are outputs of the model ({why}): removing "
+        f"them renumbers the model's outputs (the classes of a classifier), and the targets no longer match; "
+        f"pass include_outputs=True to prune them anyway"
+    )
 
 
 def check_group_selection(model: nn.Module, selection: Selection) -> None:
     """Refuse groups of another model, stale groups (the model was pruned since) and bad units."""
     dep = next(iter(selection))._dep
     if dep.model is not model:
-        raise ValueError(f"the group belongs to another model ({type(dep.model).__name__} object at "
-                         f"{id(dep.model):#x}); compute the groups on this model with pruner.groups()")
+        raise ValueError(
+            f"the group belongs to another model ({type(dep.model).__name__} object at "
+            f"{id(dep.model):#x}); compute the groups on this model with pruner.groups()"
+        )
     if tensor_shapes(dep.model) != dep.tensor_shapes or not dep.graph.is_current():
-        raise ValueError("the group is stale: the model was pruned or a layer of it replaced since it was "
-                         "computed; compute the groups again with pruner.groups()")
+        raise ValueError(
+            "the group is stale: the model was pruned or a layer of it replaced since it was "
+            "computed; compute the groups again with pruner.groups()"
+        )
     for group, units in selection.items():
         if group._dep is not dep:
             raise ValueError("the groups come from different analyses; compute the groups again with pruner.groups()")
@@ -279,8 +338,9 @@ def check_group_selection(model: nn.Module, selection: Selection) -> None:
             raise ValueError(f"cannot remove every unit of group {group.index}")
 
 
-def check_listed_cascade(selection: Selection, source: nn.Module, cascade: Sequence[nn.Module],
-                         name_of: Callable[[nn.Module], str]) -> list[nn.Module]:
+def check_listed_cascade(
+    selection: Selection, source: nn.Module, cascade: Sequence[nn.Module], name_of: Callable[[nn.Module], str]
+) -> list[nn.Module]:
     """Check an explicit ``cascading_modules`` list against the groups the analysis found.
 
     Every listed module must be sliced by the prune, and every member with per-unit tensors must
@@ -297,26 +357,32 @@ def check_listed_cascade(selection: Selection, source: nn.Module, cascade: Seque
     unreached = [m for m in cascade if id(m) not in members and not any(g.reads(m) for g in selection)]
     if unreached:
         names = ", ".join(f"'{name_of(m)}'" for m in unreached)
-        raise ValueError(f"{names} in cascading_modules: its input does not depend on the pruned units of "
-                         f"'{name_of(source)}' (not reached from it in the data flow)")
+        raise ValueError(
+            f"{names} in cascading_modules: its input does not depend on the pruned units of "
+            f"'{name_of(source)}' (not reached from it in the data flow)"
+        )
     left_alone = []
     for module in members.values():
         if id(module) in listed:
             continue
         rule = get_slicing_rule(module)
         if rule is not None and rule.passes_units_through and not rule.has_unit_state:
-            logger.info("'%s' follows the pruned units of '%s' but is not in cascading_modules; it is left as it is",
-                        name_of(module), name_of(source))
+            logger.info(
+                "'%s' follows the pruned units of '%s' but is not in cascading_modules; it is left as it is",
+                name_of(module),
+                name_of(source),
+            )
             left_alone.append(module)
             continue
-        raise ValueError(f"'{name_of(module)}' ({type(module).__name__}) shares the pruned units of "
-                         f"'{name_of(source)}' but is not in cascading_modules; list it, or let the pruner find "
-                         f"the cascade (cascading_modules=None)")
+        raise ValueError(
+            f"'{name_of(module)}' ({type(module).__name__}) shares the pruned units of "
+            f"'{name_of(source)}' but is not in cascading_modules; list it, or let the pruner find "
+            f"the cascade (cascading_modules=None)"
+        )
     return left_alone
 
 
-def finish_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, description: str,
-                edits: list[Edit]) -> Plan:
+def finish_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, description: str, edits: list[Edit]) -> Plan:
     """Name every edit, validate the plan against the model and the optimizer."""
     names = {id(m): n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     owners: dict[int, set[int]] = {}
@@ -340,10 +406,12 @@ def finish_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, descr
             param = module._parameters[edit.tensor_name]
             if len(owners.get(id(param), ())) > 1:
                 others = [n for n in param_names[id(param)] if n != edit.qualified_name]
-                raise ValueError(f"'{edit.qualified_name}' is tied to {others} (the same Parameter in several "
-                                 f"modules); pruning tied weights is not supported")
+                raise ValueError(
+                    f"'{edit.qualified_name}' is tied to {others} (the same Parameter in several "
+                    f"modules); pruning tied weights is not supported"
+                )
     plan = Plan(description=description, edits=merge_edits(edits))
-    module_of = {id(edit): module for edit, module in bound}   # merging keeps a subset of the same edits
+    module_of = {id(edit): module for edit, module in bound}  # merging keeps a subset of the same edits
     merged = [(edit, module_of[id(edit)]) for edit in plan.edits]
     plan.optimizer_slices = describe_optimizer_surgery(plan_optimizer_surgery(optimizer, parameter_slices(merged)))
     logger.debug("%s", plan)
@@ -362,17 +430,25 @@ def check_rule_fits(rule: SlicingRule, module: nn.Module, name: str) -> None:
 def check_not_parametrized(module: nn.Module, name: str) -> None:
     """Refuse weights computed by parametrizations, weight_norm/spectral_norm or pruning masks."""
     if parametrize.is_parametrized(module):
-        raise ValueError(f"'{name}' ({type(module).__name__}) has parametrized tensors "
-                         f"({sorted(cast(nn.ModuleDict, module.parametrizations).keys())}); remove the parametrizations first "
-                         f"(torch.nn.utils.parametrize.remove_parametrizations)")
+        raise ValueError(
+            f"'{name}' ({type(module).__name__}) has parametrized tensors "
+            f"({sorted(cast(nn.ModuleDict, module.parametrizations).keys())}); remove the parametrizations first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations)"
+        )
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, BasePruningMethod):
-            raise ValueError(f"'{name}' ({type(module).__name__}) carries a torch.nn.utils.prune mask "
-                             f"({hook._tensor_name}_orig / {hook._tensor_name}_mask); call "
-                             f"torch.nn.utils.prune.remove(module, {hook._tensor_name!r}) first")
+            raise ValueError(
+                f"'{name}' ({type(module).__name__}) carries a torch.nn.utils.prune mask "
+                f"({hook._tensor_name}_orig / {hook._tensor_name}_mask); call "
+                f"torch.nn.utils.prune.remove(module, {hook._tensor_name!r}) first"
+            )
         if type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
-            raise ValueError(f"'{name}' ({type(module).__name__}) uses {type(hook).__name__} "
-                             f"(weight computed from {getattr(hook, 'name', 'weight')}_*); remove it first")
+            raise ValueError(
+                f"'{name}' ({type(module).__name__}) uses {type(hook).__name__} "
+                f"(weight computed from {getattr(hook, 'name', 'weight')}_*); remove it first"
+            )
     if any(p.endswith("_orig") for p in module._parameters):
-        raise ValueError(f"'{name}' ({type(module).__name__}) has a masked parameter "
-                         f"({[p for p in module._parameters if p.endswith('_orig')]}); remove the mask first")
+        raise ValueError(
+            f"'{name}' ({type(module).__name__}) has a masked parameter "
+            f"({[p for p in module._parameters if p.endswith('_orig')]}); remove the mask first"
+        )

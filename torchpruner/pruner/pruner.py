@@ -31,14 +31,34 @@ import torch.nn as nn
 from torchpruner._state import input_shape, make_example_inputs, preserved_state, unwrap_model
 from torchpruner.graph import CallSite, ModelGraph, get_graph
 from torchpruner.graph.dependency import Group, get_dependency_graph
-from torchpruner.rules import (DROPOUT_POLICIES, SlicingRule, UnitSelection, complement, get_slicing_rule,
-                               kept_units, kept_units_edit, normalize_indices, slice_tensor)
+from torchpruner.rules import (
+    DROPOUT_POLICIES,
+    SlicingRule,
+    UnitSelection,
+    complement,
+    get_slicing_rule,
+    kept_units,
+    kept_units_edit,
+    normalize_indices,
+    slice_tensor,
+)
 
 from .optimizer import check_optimizer
 from .plan import Plan
-from .planning import (check_group_selection, check_listed_cascade, check_rule_fits, describe_selection, finish_plan,
-                       group_edits, module_selection, out_keep_after_in, output_units_refusal, removed_out,
-                       rule_edits, with_whole_conv_groups)
+from .planning import (
+    check_group_selection,
+    check_listed_cascade,
+    check_rule_fits,
+    describe_selection,
+    finish_plan,
+    group_edits,
+    module_selection,
+    out_keep_after_in,
+    output_units_refusal,
+    removed_out,
+    rule_edits,
+    with_whole_conv_groups,
+)
 from .walk import Flow, follow_modules
 
 logger = logging.getLogger(__name__)
@@ -63,9 +83,16 @@ class Pruner:
             (``p * sqrt((n - k)/n)``, Han et al. 2015) or ``"keep"``.
     """
 
-    def __init__(self, model: nn.Module, input_size: Sequence[int] | None = None,
-                 device: torch.device | str | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 *, example_inputs: Any = None, dropout_policy: str = "linear") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example_inputs: Any = None,
+        dropout_policy: str = "linear",
+    ) -> None:
         self.model = unwrap_model(model)
         check_optimizer(optimizer)
         if dropout_policy not in DROPOUT_POLICIES:
@@ -84,8 +111,14 @@ class Pruner:
             raise ValueError("the Pruner needs input_size= or example_inputs= to follow the data flow of the model")
         return get_graph(self.model, *self._example_inputs())
 
-    def plan(self, module: nn.Module, indices: Any, cascading_modules: Sequence[nn.Module] | None = None, *,
-             include_outputs: bool = False) -> Plan:
+    def plan(
+        self,
+        module: nn.Module,
+        indices: Any,
+        cascading_modules: Sequence[nn.Module] | None = None,
+        *,
+        include_outputs: bool = False,
+    ) -> Plan:
         """Plan the removal of output units ``indices`` of ``module`` and their consumers; changes nothing.
 
         Args:
@@ -106,8 +139,10 @@ class Pruner:
         name = self._name_of(module)
         rule = self._rule_of(module, name)
         if rule.passes_units_through:
-            raise ValueError(f"'{name}' ({type(module).__name__}) passes its input units through; prune the "
-                             f"layer that produces them and list '{name}' in cascading_modules")
+            raise ValueError(
+                f"'{name}' ({type(module).__name__}) passes its input units through; prune the "
+                f"layer that produces them and list '{name}' in cascading_modules"
+            )
         num_units = rule.out_units(module)
         if num_units is None:
             raise TypeError(f"'{name}' ({type(module).__name__}) has no output units to prune")
@@ -121,8 +156,9 @@ class Pruner:
         if cascade is not None:
             graph = self._graph_with_sites(graph, [module] + cascade)
         if graph.method == "hooks" and cascade is not None:
-            return self._plan_on_hooks_trace(graph, module, name, rule, remove, num_units, cascade, description,
-                                             include_outputs)
+            return self._plan_on_hooks_trace(
+                graph, module, name, rule, remove, num_units, cascade, description, include_outputs
+            )
         selection = module_selection(get_dependency_graph(graph), module, remove, include_outputs=include_outputs)
         edits = group_edits(selection, self.dropout_policy)
         if cascade is not None:  # an explicit list is checked against the group; unlisted Dropouts keep their p
@@ -130,8 +166,14 @@ class Pruner:
             edits = [edit for edit in edits if id(edit.module) not in left_alone]
         return finish_plan(self.model, self.optimizer, f"{description}: {describe_selection(selection)}", edits)
 
-    def prune_model(self, module: nn.Module, indices: Any,
-                    cascading_modules: Sequence[nn.Module] | None = None, *, include_outputs: bool = False) -> Plan:
+    def prune_model(
+        self,
+        module: nn.Module,
+        indices: Any,
+        cascading_modules: Sequence[nn.Module] | None = None,
+        *,
+        include_outputs: bool = False,
+    ) -> Plan:
         """Remove output units ``indices`` of ``module``, slice the cascading modules, fix the optimizer.
 
         Same arguments as :meth:`plan`; returns the applied plan.
@@ -140,8 +182,9 @@ class Pruner:
         plan.apply(self.model, self.optimizer)
         return plan
 
-    def prune_module(self, module: nn.Module, indices: Any, direction: str = "out",
-                     original_len: int | None = None) -> Plan:
+    def prune_module(
+        self, module: nn.Module, indices: Any, direction: str = "out", original_len: int | None = None
+    ) -> Plan:
         """Slice one module's parameters for units ``indices`` of its output or input (no cascade).
 
         Args:
@@ -223,13 +266,14 @@ class Pruner:
     def plan_groups(self, selection: dict[Group, Any], description: str | None = None) -> Plan:
         """Plan the removal of ``{group: units}`` (units index ``range(group.num_units)``); changes nothing."""
         if not isinstance(selection, Mapping):
-            raise TypeError(f"selection must be a dict {{group: units}} of groups from pruner.groups(), got a "
-                            f"{type(selection).__name__}")
+            raise TypeError(
+                f"selection must be a dict {{group: units}} of groups from pruner.groups(), got a "
+                f"{type(selection).__name__}"
+            )
         checked: dict[Group, list[int]] = {}
         for group, units in selection.items():
             _check_is_group(group)
-            remove = normalize_indices(units, group.num_units, f"group {group.index}", allow_all=True,
-                                       argument="units")
+            remove = normalize_indices(units, group.num_units, f"group {group.index}", allow_all=True, argument="units")
             if len(remove):
                 checked[group] = remove.tolist()
         if not checked:
@@ -239,8 +283,9 @@ class Pruner:
         check_group_selection(self.model, checked)
         text = describe_selection(checked)
         edits = group_edits(checked, self.dropout_policy)
-        return finish_plan(self.model, self.optimizer, f"{description}: {text}" if description else f"remove {text}",
-                           edits)
+        return finish_plan(
+            self.model, self.optimizer, f"{description}: {text}" if description else f"remove {text}", edits
+        )
 
     def prune_group(self, group: Group, units: Any) -> Plan:
         """Remove ``units`` (indices into ``range(group.num_units)``) of a group from ``groups()``."""
@@ -270,11 +315,27 @@ class Pruner:
         args, kwargs = self._example_inputs()
         return ModelGraph(self.model, args, kwargs, method="hooks")
 
-    def _plan_on_hooks_trace(self, graph: ModelGraph, module: nn.Module, name: str, rule: SlicingRule,
-                             remove: torch.Tensor, num_units: int, cascade: list[nn.Module], description: str,
-                             include_outputs: bool) -> Plan:
-        consumers = follow_modules(graph, module, remove, num_units, cascade, self.dropout_policy,
-                                   lambda site, flow, guessed: self._verify_flatten(module, site, flow, guessed))
+    def _plan_on_hooks_trace(
+        self,
+        graph: ModelGraph,
+        module: nn.Module,
+        name: str,
+        rule: SlicingRule,
+        remove: torch.Tensor,
+        num_units: int,
+        cascade: list[nn.Module],
+        description: str,
+        include_outputs: bool,
+    ) -> Plan:
+        consumers = follow_modules(
+            graph,
+            module,
+            remove,
+            num_units,
+            cascade,
+            self.dropout_policy,
+            lambda site, flow, guessed: self._verify_flatten(module, site, flow, guessed),
+        )
         source_selection = UnitSelection.from_remove(remove, num_units, dropout_policy=self.dropout_policy)
         edits = rule_edits(rule, module, name, source_selection, "out")
         edits += kept_units_edit(module, rule, source_selection.keep, None)
@@ -282,8 +343,12 @@ class Pruner:
             consumer_name = self._name_of(consumer)
             consumer_rule = self._rule_of(consumer, consumer_name)
             edits += rule_edits(consumer_rule, consumer, consumer_name, selection, "in")
-            edits += kept_units_edit(consumer, consumer_rule,
-                                     out_keep_after_in(consumer_rule, consumer, consumer_name, selection), selection.keep)
+            edits += kept_units_edit(
+                consumer,
+                consumer_rule,
+                out_keep_after_in(consumer_rule, consumer, consumer_name, selection),
+                selection.keep,
+            )
         listed = ", ".join(f"'{self._name_of(m)}'" for m, _ in consumers)
         if listed:
             description += f"; slice {listed}"
@@ -295,8 +360,9 @@ class Pruner:
         self._check_reaches_only_listed(module, name, source_flow, consumers)
         return plan
 
-    def _verify_flatten(self, source: nn.Module, site: CallSite, source_flow: Flow,
-                        guessed: torch.Tensor | None) -> None:
+    def _verify_flatten(
+        self, source: nn.Module, site: CallSite, source_flow: Flow, guessed: torch.Tensor | None
+    ) -> None:
         """Check a guessed mapping of the pruned units into ``site``'s input on the model.
 
         The pruned units are perturbed at ``source``'s output: the consumer's inputs that change
@@ -307,30 +373,37 @@ class Pruner:
         consumer reads the pruned units at all.
         """
         source_name, consumer = self._name_of(source), site.module_name
-        hidden = (f"torch.fx could not trace the model, and '{site.label}' reads the units of '{source_name}' "
-                  f"through operations the fallback trace cannot see")
+        hidden = (
+            f"torch.fx could not trace the model, and '{site.label}' reads the units of '{source_name}' "
+            f"through operations the fallback trace cannot see"
+        )
         changed = self._inputs_changed_by(source, site, source_flow)
         if changed is None:
             raise ValueError(f"{hidden}; the mapping cannot be verified, so the prune is refused")
         if not changed.any():
-            raise ValueError(f"'{consumer}' in cascading_modules: its input does not depend on the pruned units of "
-                             f"'{source_name}' (not reached from it in the data flow)")
+            raise ValueError(
+                f"'{consumer}' in cascading_modules: its input does not depend on the pruned units of "
+                f"'{source_name}' (not reached from it in the data flow)"
+            )
         if guessed is None:
             raise ValueError(
                 f"'{consumer}' reads the pruned units of '{source_name}' (changing them changes its input), but "
                 f"through operations torch.fx could not trace that combine units: its {changed.numel()} inputs do "
                 f"not follow from the {source_flow.num_units} units of '{source_name}' one by one (a chunk or "
                 f"split whose parts are combined, as in a GLU, couples unit i with another unit); make the model "
-                f"traceable by torch.fx, or prune a layer whose units reach '{consumer}' unit by unit")
+                f"traceable by torch.fx, or prune a layer whose units reach '{consumer}' unit by unit"
+            )
         per_unit = len(guessed) // max(len(source_flow.remove), 1)
         if changed.numel() != source_flow.num_units * per_unit:
             raise ValueError(f"{hidden}; the mapping cannot be verified, so the prune is refused")
         allowed = torch.zeros_like(changed)
         allowed[guessed] = True
         if (changed & ~allowed).any():
-            raise ValueError(f"{hidden}, and they are not a channel-major flatten of the pruned units (e.g. a permute "
-                             f"before the flatten, or a chunk whose parts are combined); pass a model torch.fx can "
-                             f"trace, or prune it in a way that keeps the unit order")
+            raise ValueError(
+                f"{hidden}, and they are not a channel-major flatten of the pruned units (e.g. a permute "
+                f"before the flatten, or a chunk whose parts are combined); pass a model torch.fx can "
+                f"trace, or prune it in a way that keeps the unit order"
+            )
 
     def _inputs_changed_by(self, source: nn.Module, site: CallSite, source_flow: Flow) -> torch.Tensor | None:
         """Which (flattened, per example) inputs of ``site``'s module change when the pruned units of
@@ -339,8 +412,9 @@ class Pruner:
             return None
         return self._probe(source, source_flow, [site.module]).get(id(site.module))
 
-    def _probe(self, source: nn.Module, flow: Flow, watched: Sequence[nn.Module],
-               frozen: Sequence[nn.Module] = ()) -> dict[int, torch.Tensor]:
+    def _probe(
+        self, source: nn.Module, flow: Flow, watched: Sequence[nn.Module], frozen: Sequence[nn.Module] = ()
+    ) -> dict[int, torch.Tensor]:
         """Run the model three times on the example input: as it is, then with the pruned units of
         ``source`` pushed up, then down (an activation can hide one direction, not both), with the
         outputs of ``frozen`` modules held at their first-run values. Returns, per watched module
@@ -392,21 +466,25 @@ class Pruner:
             if calls == 0 or len(tensors) != 3 * calls or any(t.shape != tensors[0].shape for t in tensors):
                 continue
             changed = torch.zeros(tensors[0].shape[1], dtype=torch.bool)
-            for perturbed in (tensors[calls:2 * calls], tensors[2 * calls:]):
+            for perturbed in (tensors[calls : 2 * calls], tensors[2 * calls :]):
                 for before, after in zip(tensors[:calls], perturbed):
                     changed |= (before != after).any(dim=0).cpu()
             changes[key] = changed
         return changes
 
-    def _check_reaches_only_listed(self, source: nn.Module, source_name: str, flow: Flow,
-                                   consumers: list[tuple[nn.Module, UnitSelection]]) -> None:
+    def _check_reaches_only_listed(
+        self, source: nn.Module, source_name: str, flow: Flow, consumers: list[tuple[nn.Module, UnitSelection]]
+    ) -> None:
         """The hooks trace cannot see code between modules: check on the model that the pruned
         units reach no module with tensors other than the listed ones. The listed consumers' outputs
         are held fixed (they absorb the units); any other module holding parameters or buffers whose
         input then changes with the pruned units reads them unseen, and the plan is refused."""
         sliced = {id(m) for owner in [source] + [m for m, _ in consumers] for m in owner.modules()}
-        frozen = [m for m, selection in consumers
-                  if removed_out(self._rule_of(m, self._name_of(m)), m, self._name_of(m), selection) is None]
+        frozen = [
+            m
+            for m, selection in consumers
+            if removed_out(self._rule_of(m, self._name_of(m)), m, self._name_of(m), selection) is None
+        ]
         watched = []
         for module in self.model.modules():
             if id(module) in sliced or any(True for _ in module.children()):
@@ -419,10 +497,12 @@ class Pruner:
             changed = changes.get(id(module))
             if changed is not None and changed.any():
                 name = self._name_of(module)
-                raise ValueError(f"'{name}' ({type(module).__name__}) reads the pruned units of '{source_name}' "
-                                 f"through operations the forward-hook trace cannot see (torch.fx could not trace "
-                                 f"{type(self.model).__name__}), and it is not in cascading_modules; list it if it "
-                                 f"reads them unit by unit, or make the model traceable by torch.fx")
+                raise ValueError(
+                    f"'{name}' ({type(module).__name__}) reads the pruned units of '{source_name}' "
+                    f"through operations the forward-hook trace cannot see (torch.fx could not trace "
+                    f"{type(self.model).__name__}), and it is not in cascading_modules; list it if it "
+                    f"reads them unit by unit, or make the model traceable by torch.fx"
+                )
 
     def _check_runs_after(self, plan: Plan, source: nn.Module, source_name: str, include_outputs: bool) -> None:
         """A forward-hook trace cannot see merges (``x + f(x)``, ``torch.cat``) or reshapes, so the
@@ -439,7 +519,8 @@ class Pruner:
                 f"the data flow comes from forward hooks, which do not see merges (x + f(x), torch.cat) or reshapes; "
                 f"such a plan is checked on a copy of the model, and {model_type} cannot be deep-copied "
                 f"({type(exc).__name__}: {exc}). Make the model traceable by torch.fx, or deep-copyable (keep open "
-                f"files, locks and other resources outside the module, or give it a __deepcopy__)") from None
+                f"files, locks and other resources outside the module, or give it a __deepcopy__)"
+            ) from None
         args, kwargs = make_example_inputs(trial, self.input_size, self.example_inputs, self.device)
         with preserved_state(trial), torch.no_grad():
             shapes_before = _output_shapes(trial(*args, **kwargs))
@@ -452,10 +533,14 @@ class Pruner:
                 f"pruning '{source_name}' as planned breaks the model: {type(exc).__name__}: {exc}. torch.fx "
                 f"could not trace {model_type}, and the forward-hook trace does not see merges "
                 f"(x + f(x), torch.cat) or reshapes that the pruned units flow into; prune a layer whose units "
-                f"reach only the listed modules, or make the model traceable by torch.fx") from None
+                f"reach only the listed modules, or make the model traceable by torch.fx"
+            ) from None
         if shapes_after != shapes_before and not include_outputs:
-            raise ValueError(output_units_refusal(source_name, source, f"the output shape goes from {shapes_before} "
-                                                                       f"to {shapes_after}"))
+            raise ValueError(
+                output_units_refusal(
+                    source_name, source, f"the output shape goes from {shapes_before} to {shapes_after}"
+                )
+            )
 
     def _name_of(self, module: nn.Module) -> str:
         if not isinstance(module, nn.Module):
@@ -464,14 +549,17 @@ class Pruner:
         for name, candidate in named:
             if candidate is module:
                 return name
-        raise ValueError(f"{type(module).__name__} module {_short_repr(module)} is not part of the model "
-                         f"{type(self.model).__name__}")
+        raise ValueError(
+            f"{type(module).__name__} module {_short_repr(module)} is not part of the model {type(self.model).__name__}"
+        )
 
     def _rule_of(self, module: nn.Module, name: str) -> SlicingRule:
         rule = get_slicing_rule(module)
         if rule is None:
-            raise TypeError(f"'{name}' ({type(module).__name__}) has no slicing rule; register one with "
-                            f"torchpruner.register_slicing_rule({type(module).__name__})")
+            raise TypeError(
+                f"'{name}' ({type(module).__name__}) has no slicing rule; register one with "
+                f"torchpruner.register_slicing_rule({type(module).__name__})"
+            )
         return rule
 
     def _check_cascade(self, cascading_modules: Any, source: nn.Module, source_name: str) -> list[nn.Module]:
@@ -501,8 +589,9 @@ def _output_shapes(output: Any) -> list[tuple[int, ...]]:
 
 def _check_is_group(group: Any) -> None:
     if not isinstance(group, Group):
-        raise TypeError(f"group must be a Group from pruner.groups(), got {_short_value(group)} "
-                        f"({type(group).__name__})")
+        raise TypeError(
+            f"group must be a Group from pruner.groups(), got {_short_value(group)} ({type(group).__name__})"
+        )
 
 
 def _short_value(value: Any) -> str:

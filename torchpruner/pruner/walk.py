@@ -46,17 +46,25 @@ class Flow:
 Verify = Callable[[CallSite, Flow, torch.Tensor | None], None]
 
 
-def follow_modules(graph: ModelGraph, source: nn.Module, remove: torch.Tensor, num_units: int,
-                   cascade: Sequence[nn.Module], dropout_policy: str,
-                   verify: Verify) -> list[tuple[nn.Module, UnitSelection]]:
+def follow_modules(
+    graph: ModelGraph,
+    source: nn.Module,
+    remove: torch.Tensor,
+    num_units: int,
+    cascade: Sequence[nn.Module],
+    dropout_policy: str,
+    verify: Verify,
+) -> list[tuple[nn.Module, UnitSelection]]:
     """Each listed module with the input units it loses, in data-flow order (hooks trace only)."""
     source_name = graph.module_name(source)
     source_sites = graph.sites_of(source)
     flows: dict[int, Flow] = {}
     for site in source_sites:
         if site.shape is None or site.unit_axis is None or site.shape[site.unit_axis] != num_units:
-            raise ValueError(f"'{source_name}' output shape {site.shape} does not hold its {num_units} units "
-                             f"on the expected axis {site.unit_axis}")
+            raise ValueError(
+                f"'{source_name}' output shape {site.shape} does not hold its {num_units} units "
+                f"on the expected axis {site.unit_axis}"
+            )
         flows[id(site)] = Flow(remove, num_units, site.unit_axis, tuple(site.shape))
     source_flow = flows[id(source_sites[0])]
     listed_ids = {id(m) for m in cascade}
@@ -74,21 +82,26 @@ def follow_modules(graph: ModelGraph, source: nn.Module, remove: torch.Tensor, n
         else:
             foreign = [s for s in site.inputs if s.kind != "attr" and id(s) not in flows]
             if foreign or len(incoming) > 1:
-                raise ValueError(f"the pruned units of '{source_name}' flow into '{site.label}', which merges them "
-                                 f"with other tensors; prune the coupled layers together (cascading_modules=None "
-                                 f"with a model torch.fx can trace)")
+                raise ValueError(
+                    f"the pruned units of '{source_name}' flow into '{site.label}', which merges them "
+                    f"with other tensors; prune the coupled layers together (cascading_modules=None "
+                    f"with a model torch.fx can trace)"
+                )
             flow = flows[id(incoming[0])]
         if site.module is source:
-            raise ValueError(f"'{source_name}' reads its own pruned units (a module applied twice in a chain); "
-                             f"not supported")
+            raise ValueError(
+                f"'{source_name}' reads its own pruned units (a module applied twice in a chain); not supported"
+            )
         out = _through_module(site, flow, source_name, listed, selections, dropout_policy)
         if out is not None:
             flows[id(site)] = out
     missing = [m for m in cascade if id(m) not in selections]
     if missing:
         names = ", ".join(f"'{graph.module_name(m)}'" for m in missing)
-        raise ValueError(f"{names} in cascading_modules: its input does not depend on the pruned units of "
-                         f"'{source_name}' (not reached from it in the data flow)")
+        raise ValueError(
+            f"{names} in cascading_modules: its input does not depend on the pruned units of "
+            f"'{source_name}' (not reached from it in the data flow)"
+        )
     order = {id(m): min(s.index for s in graph.sites_of(m)) for m, _ in selections.values()}
     return sorted(selections.values(), key=lambda item: order[id(item[0])])
 
@@ -106,40 +119,57 @@ def _invisible_input(site: CallSite, source_flow: Flow, verify: Verify) -> Flow:
         guessed = flow.remove
     else:
         verify(site, source_flow, None)  # explains whether the consumer reads the pruned units at all
-        raise ValueError(f"'{site.label}' reads {in_units} units, which do not follow from the "
-                         f"{source_flow.num_units} pruned-layer units")
+        raise ValueError(
+            f"'{site.label}' reads {in_units} units, which do not follow from the "
+            f"{source_flow.num_units} pruned-layer units"
+        )
     verify(site, source_flow, guessed)
     return flow
 
 
-def _through_module(site: CallSite, flow: Flow, source_name: str, listed: bool,
-                    selections: dict[int, tuple[nn.Module, UnitSelection]], dropout_policy: str) -> Flow | None:
+def _through_module(
+    site: CallSite,
+    flow: Flow,
+    source_name: str,
+    listed: bool,
+    selections: dict[int, tuple[nn.Module, UnitSelection]],
+    dropout_policy: str,
+) -> Flow | None:
     module, name = site.module, site.module_name
     rule = get_slicing_rule(module)
     if rule is None:
-        raise ValueError(f"the pruned units of '{source_name}' flow into '{name}' ({type(module).__name__}), "
-                         f"which has no slicing rule; register one with register_slicing_rule")
+        raise ValueError(
+            f"the pruned units of '{source_name}' flow into '{name}' ({type(module).__name__}), "
+            f"which has no slicing rule; register one with register_slicing_rule"
+        )
     if not listed:
         if rule.passes_units_through and not rule.has_unit_state:
             unaccounted = unaccounted_tensors_message(rule, module, name)
             if unaccounted is not None:
                 raise ValueError(unaccounted)
             return _same_units(flow, site, source_name)
-        raise ValueError(f"'{name}' ({type(module).__name__}) shares the pruned units of '{source_name}' "
-                         f"but is not in cascading_modules; list it, or let the pruner find the cascade "
-                         f"(cascading_modules=None)")
+        raise ValueError(
+            f"'{name}' ({type(module).__name__}) shares the pruned units of '{source_name}' "
+            f"but is not in cascading_modules; list it, or let the pruner find the cascade "
+            f"(cascading_modules=None)"
+        )
     ndim = len(flow.shape)
     if rule.input_unit_axis is not None and rule.input_unit_axis % ndim != flow.axis:
-        raise ValueError(f"'{name}' ({type(module).__name__}) reads its units on axis "
-                         f"{rule.input_unit_axis % ndim} of its {ndim}-d input, but the pruned units of "
-                         f"'{source_name}' are on axis {flow.axis}: its input does not depend on them unit by unit")
+        raise ValueError(
+            f"'{name}' ({type(module).__name__}) reads its units on axis "
+            f"{rule.input_unit_axis % ndim} of its {ndim}-d input, but the pruned units of "
+            f"'{source_name}' are on axis {flow.axis}: its input does not depend on them unit by unit"
+        )
     in_units = rule.in_units(module)
     if in_units is not None and in_units != flow.num_units:
-        raise ValueError(f"'{name}' ({type(module).__name__}) reads {in_units} units but {flow.num_units} "
-                         f"arrive from '{source_name}' ({list(flow.shape)}, axis {flow.axis}): its input does not "
-                         f"depend on the pruned units")
-    selection = UnitSelection.from_remove(flow.remove, flow.num_units, axis=flow.axis, ndim=ndim,
-                                          dropout_policy=dropout_policy)
+        raise ValueError(
+            f"'{name}' ({type(module).__name__}) reads {in_units} units but {flow.num_units} "
+            f"arrive from '{source_name}' ({list(flow.shape)}, axis {flow.axis}): its input does not "
+            f"depend on the pruned units"
+        )
+    selection = UnitSelection.from_remove(
+        flow.remove, flow.num_units, axis=flow.axis, ndim=ndim, dropout_policy=dropout_policy
+    )
     previous = selections.get(id(module))
     if previous is not None and not torch.equal(previous[1].remove, selection.remove):
         raise ValueError(f"'{name}' is called more than once with different pruned units")
@@ -164,15 +194,17 @@ def _same_units(flow: Flow, site: CallSite, source_name: str) -> Flow | None:
     if site.shape is None:
         return None
     in_shape, out_shape, a = tuple(flow.shape), tuple(site.shape), flow.axis
-    if len(out_shape) > a and out_shape[:a + 1] == in_shape[:a + 1]:
+    if len(out_shape) > a and out_shape[: a + 1] == in_shape[: a + 1]:
         return Flow(flow.remove, flow.num_units, a, out_shape)  # element-wise, pooling
     if isinstance(site.module, MOVEMENT_MODULES) and len(out_shape) > a and out_shape[:a] == in_shape[:a]:
         product = 1
         for m in range(a, len(in_shape)):
             product *= in_shape[m]
-            if product == out_shape[a] and out_shape[a + 1:] == in_shape[m + 1:]:
+            if product == out_shape[a] and out_shape[a + 1 :] == in_shape[m + 1 :]:
                 return flow.flattened(product // in_shape[a], out_shape)
             if product > out_shape[a]:
                 break
-    raise ValueError(f"the pruned units of '{source_name}' flow into '{site.label}' ({type(site.module).__name__}, "
-                     f"shape {list(in_shape)} -> {list(out_shape)}), which the pruner cannot follow unit by unit")
+    raise ValueError(
+        f"the pruned units of '{source_name}' flow into '{site.label}' ({type(site.module).__name__}, "
+        f"shape {list(in_shape)} -> {list(out_shape)}), which the pruner cannot follow unit by unit"
+    )

@@ -19,8 +19,9 @@ class MultiheadAttentionRule(SlicingRule):
 
     passes_units_through = True
     input_unit_axis = -1
-    tensors = frozenset({"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                         "bias_k", "bias_v"})
+    tensors = frozenset(
+        {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"}
+    )
 
     def out_units(self, module: nn.MultiheadAttention) -> int:
         return module.embed_dim

@@ -13,8 +13,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["TensorSlice", "AttributeChange", "Edit", "KEPT_UNITS_ATTRIBUTE", "RECORD_ATTRIBUTES",
-           "SHAPE_ATTRIBUTES_ATTRIBUTE", "apply_slice", "slice_tensor", "set_attribute"]
+__all__ = [
+    "TensorSlice",
+    "AttributeChange",
+    "Edit",
+    "KEPT_UNITS_ATTRIBUTE",
+    "RECORD_ATTRIBUTES",
+    "SHAPE_ATTRIBUTES_ATTRIBUTE",
+    "apply_slice",
+    "slice_tensor",
+    "set_attribute",
+]
 
 #: Module attribute holding ``{"out": [...], "in": [...]}``: original unit ids a layer still holds.
 KEPT_UNITS_ATTRIBUTE = "_torchpruner_kept_units"
@@ -25,8 +34,9 @@ SHAPE_ATTRIBUTES_ATTRIBUTE = "_torchpruner_shape_attributes"
 RECORD_ATTRIBUTES = (KEPT_UNITS_ATTRIBUTE, SHAPE_ATTRIBUTES_ATTRIBUTE)
 
 
-def apply_slice(tensor: torch.Tensor, axis: int, keep: torch.Tensor,
-                group_keep: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+def apply_slice(
+    tensor: torch.Tensor, axis: int, keep: torch.Tensor, group_keep: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Keep ``keep`` along ``axis`` (per block of dim 0 with ``group_keep``); returns a new tensor.
 
     The result has the layout of ``tensor``: a ``channels_last`` weight (or gradient, or Adam
@@ -41,8 +51,9 @@ def apply_slice(tensor: torch.Tensor, axis: int, keep: torch.Tensor,
     return sliced.permute([order.index(d) for d in range(tensor.dim())])
 
 
-def _index(tensor: torch.Tensor, axis: int, keep: torch.Tensor, group_keep: Sequence[torch.Tensor] | None,
-           block_dim: int) -> torch.Tensor:
+def _index(
+    tensor: torch.Tensor, axis: int, keep: torch.Tensor, group_keep: Sequence[torch.Tensor] | None, block_dim: int
+) -> torch.Tensor:
     if group_keep is None:
         return tensor.index_select(axis, keep.to(tensor.device))
     blocks = tensor.chunk(len(group_keep), dim=block_dim)
@@ -110,8 +121,10 @@ class TensorSlice:
     def describe(self) -> str:
         kind = "param " if self.is_parameter else "buffer"
         grouped = " (per group)" if self.group_keep is not None else ""
-        return (f"{kind} {self.qualified_name:<40} {list(self.old_shape)} -> {list(self.new_shape)} "
-                f"axis {self.axis}{grouped}  (-{self.removed_elements} elements)")
+        return (
+            f"{kind} {self.qualified_name:<40} {list(self.old_shape)} -> {list(self.new_shape)} "
+            f"axis {self.axis}{grouped}  (-{self.removed_elements} elements)"
+        )
 
 
 @dataclass(eq=False)
@@ -139,8 +152,9 @@ class AttributeChange:
 Edit = TensorSlice | AttributeChange
 
 
-def slice_tensor(module: nn.Module, tensor_name: str, axis: int, keep: torch.Tensor,
-                 group_keep: Sequence[torch.Tensor] | None = None) -> list[Edit]:
+def slice_tensor(
+    module: nn.Module, tensor_name: str, axis: int, keep: torch.Tensor, group_keep: Sequence[torch.Tensor] | None = None
+) -> list[Edit]:
     """An edit that keeps ``keep`` along ``axis`` of a parameter or buffer of ``module``.
 
     Returns an empty list when the tensor is None (``bias=False``, untracked BatchNorm stats).
@@ -168,8 +182,17 @@ def slice_tensor(module: nn.Module, tensor_name: str, axis: int, keep: torch.Ten
         if axis == 0:
             raise ValueError("group_keep slices within blocks of dim 0; axis must not be 0")
         groups = tuple(torch.as_tensor(k, dtype=torch.long).cpu() for k in group_keep)
-    return [TensorSlice(module=module, tensor_name=tensor_name, axis=axis, keep=keep,
-                        old_shape=tuple(tensor.shape), is_parameter=is_parameter, group_keep=groups)]
+    return [
+        TensorSlice(
+            module=module,
+            tensor_name=tensor_name,
+            axis=axis,
+            keep=keep,
+            old_shape=tuple(tensor.shape),
+            is_parameter=is_parameter,
+            group_keep=groups,
+        )
+    ]
 
 
 def set_attribute(module: nn.Module, attribute: str, value) -> list[Edit]:
@@ -178,4 +201,3 @@ def set_attribute(module: nn.Module, attribute: str, value) -> list[Edit]:
     if old == value:
         return []
     return [AttributeChange(module=module, attribute=attribute, old=old, new=value)]
-

@@ -10,8 +10,14 @@ import torch.nn as nn
 from torchpruner._ops import PARAMETER_FREE_PASS_THROUGH_MODULES
 
 from .edits import Edit, set_attribute, slice_tensor
-from .registry import (DROPOUT_POLICIES, GroupedSliceError, SlicingRule, UnitSelection, register_slicing_rule,
-                       register_slicing_rule_by_path)
+from .registry import (
+    DROPOUT_POLICIES,
+    GroupedSliceError,
+    SlicingRule,
+    UnitSelection,
+    register_slicing_rule,
+    register_slicing_rule_by_path,
+)
 from .units import conv_blocked_side
 
 
@@ -29,11 +35,16 @@ class LinearRule(SlicingRule):
         return module.in_features
 
     def prune_out(self, module: nn.Linear, selection: UnitSelection) -> List[Edit]:
-        return (slice_tensor(module, "weight", 0, selection.keep) + slice_tensor(module, "bias", 0, selection.keep)
-                + set_attribute(module, "out_features", len(selection.keep)))
+        return (
+            slice_tensor(module, "weight", 0, selection.keep)
+            + slice_tensor(module, "bias", 0, selection.keep)
+            + set_attribute(module, "out_features", len(selection.keep))
+        )
 
     def prune_in(self, module: nn.Linear, selection: UnitSelection) -> List[Edit]:
-        return slice_tensor(module, "weight", 1, selection.keep) + set_attribute(module, "in_features", len(selection.keep))
+        return slice_tensor(module, "weight", 1, selection.keep) + set_attribute(
+            module, "in_features", len(selection.keep)
+        )
 
 
 @register_slicing_rule_by_path("transformers.pytorch_utils.Conv1D")
@@ -51,8 +62,11 @@ class TransposedLinearRule(SlicingRule):
         return int(module.weight.shape[0])
 
     def prune_out(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
-        return (slice_tensor(module, "weight", 1, selection.keep) + slice_tensor(module, "bias", 0, selection.keep)
-                + set_attribute(module, "nf", len(selection.keep)))
+        return (
+            slice_tensor(module, "weight", 1, selection.keep)
+            + slice_tensor(module, "bias", 0, selection.keep)
+            + set_attribute(module, "nf", len(selection.keep))
+        )
 
     def prune_in(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
         edits = slice_tensor(module, "weight", 0, selection.keep)
@@ -69,8 +83,11 @@ class BilinearRule(SlicingRule):
         return module.out_features
 
     def prune_out(self, module: nn.Bilinear, selection: UnitSelection) -> List[Edit]:
-        return (slice_tensor(module, "weight", 0, selection.keep) + slice_tensor(module, "bias", 0, selection.keep)
-                + set_attribute(module, "out_features", len(selection.keep)))
+        return (
+            slice_tensor(module, "weight", 0, selection.keep)
+            + slice_tensor(module, "bias", 0, selection.keep)
+            + set_attribute(module, "out_features", len(selection.keep))
+        )
 
 
 @register_slicing_rule(nn.Embedding)
@@ -83,7 +100,9 @@ class EmbeddingRule(SlicingRule):
         return module.embedding_dim
 
     def prune_out(self, module: nn.Embedding, selection: UnitSelection) -> List[Edit]:
-        return slice_tensor(module, "weight", 1, selection.keep) + set_attribute(module, "embedding_dim", len(selection.keep))
+        return slice_tensor(module, "weight", 1, selection.keep) + set_attribute(
+            module, "embedding_dim", len(selection.keep)
+        )
 
 
 def _per_group_removal(remove: torch.Tensor, num_units: int, groups: int) -> List[torch.Tensor]:
@@ -123,7 +142,8 @@ class ConvRule(SlicingRule):
             return "whole"
         raise GroupedSliceError(
             f"grouped {type(module).__name__} (groups={groups}, {per_group} units per group) would lose "
-            f"{counts} units per group: prune the same number of units in every group, or whole groups")
+            f"{counts} units per group: prune the same number of units in every group, or whole groups"
+        )
 
     def prune_out(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> List[Edit]:
         return self._prune(module, selection, "out")
@@ -152,16 +172,31 @@ class ConvRule(SlicingRule):
             if direction == "out":
                 raise GroupedSliceError(
                     f"removing whole output groups of grouped {type(module).__name__} would leave its input "
-                    f"channels of those groups unused; prune the same number of units in every group instead")
+                    f"channels of those groups unused; prune the same number of units in every group instead"
+                )
             # whole input groups: the output channels of those groups go too
             removed_groups = set(self._removed_groups(module, selection))
             groups_left = module.groups - len(removed_groups)
             out_per_group = module.out_channels // module.groups
             in_per_group = module.in_channels // module.groups
-            keep_out = torch.tensor([g * out_per_group + j for g in range(module.groups) if g not in removed_groups
-                                     for j in range(out_per_group)], dtype=torch.long)
-            keep_in_rows = torch.tensor([g * in_per_group + j for g in range(module.groups) if g not in removed_groups
-                                         for j in range(in_per_group)], dtype=torch.long)
+            keep_out = torch.tensor(
+                [
+                    g * out_per_group + j
+                    for g in range(module.groups)
+                    if g not in removed_groups
+                    for j in range(out_per_group)
+                ],
+                dtype=torch.long,
+            )
+            keep_in_rows = torch.tensor(
+                [
+                    g * in_per_group + j
+                    for g in range(module.groups)
+                    if g not in removed_groups
+                    for j in range(in_per_group)
+                ],
+                dtype=torch.long,
+            )
             keep_dim0 = keep_out if conv_blocked_side(module) == "out" else keep_in_rows
             edits += slice_tensor(module, "weight", 0, keep_dim0)
             edits += slice_tensor(module, "bias", 0, keep_out)
@@ -236,12 +271,18 @@ class GroupNormRule(SlicingRule):
         per_group = module.num_channels // module.num_groups
         counts = [len(r) for r in _per_group_removal(selection.remove, selection.num_units, module.num_groups)]
         if not all(c in (0, per_group) for c in counts):
-            raise GroupedSliceError(f"GroupNorm ({module.num_groups} groups of {per_group} channels) can only lose "
-                                    f"whole groups; these indices remove {counts} channels per group")
+            raise GroupedSliceError(
+                f"GroupNorm ({module.num_groups} groups of {per_group} channels) can only lose "
+                f"whole groups; these indices remove {counts} channels per group"
+            )
         keep = selection.keep
         groups_left = sum(1 for c in counts if c == 0)
-        return (slice_tensor(module, "weight", 0, keep) + slice_tensor(module, "bias", 0, keep)
-                + set_attribute(module, "num_channels", len(keep)) + set_attribute(module, "num_groups", groups_left))
+        return (
+            slice_tensor(module, "weight", 0, keep)
+            + slice_tensor(module, "bias", 0, keep)
+            + set_attribute(module, "num_channels", len(keep))
+            + set_attribute(module, "num_groups", groups_left)
+        )
 
     prune_out = prune_in
 
@@ -263,11 +304,15 @@ class LayerNormRule(SlicingRule):
             return dims - 1
         axis = selection.axis - (selection.ndim - dims)
         if not 0 <= axis < dims:
-            raise ValueError(f"{type(module).__name__} normalises the last {dims} dim(s) but the pruned units "
-                             f"are on axis {selection.axis} of a {selection.ndim}-d input")
+            raise ValueError(
+                f"{type(module).__name__} normalises the last {dims} dim(s) but the pruned units "
+                f"are on axis {selection.axis} of a {selection.ndim}-d input"
+            )
         if module.normalized_shape[axis] != selection.num_units:
-            raise ValueError(f"{type(module).__name__} normalized_shape {tuple(module.normalized_shape)} has "
-                             f"{module.normalized_shape[axis]} entries on the pruned axis, not {selection.num_units}")
+            raise ValueError(
+                f"{type(module).__name__} normalized_shape {tuple(module.normalized_shape)} has "
+                f"{module.normalized_shape[axis]} entries on the pruned axis, not {selection.num_units}"
+            )
         return axis
 
     def out_units(self, module: nn.Module) -> int:
@@ -304,7 +349,9 @@ class PReLURule(SlicingRule):
     def prune_in(self, module: nn.PReLU, selection: UnitSelection) -> List[Edit]:
         if module.num_parameters == 1:
             return []
-        return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(module, "num_parameters", len(selection.keep))
+        return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(
+            module, "num_parameters", len(selection.keep)
+        )
 
     prune_out = prune_in
 
@@ -337,4 +384,3 @@ class ParameterFreeRule(SlicingRule):
         return []
 
     prune_out = prune_in
-

@@ -64,8 +64,16 @@ from torchpruner._ops import register_leaf_module
 
 from .edits import Edit
 
-__all__ = ["UnitSelection", "SlicingRule", "register_slicing_rule", "get_slicing_rule", "GroupedSliceError",
-           "DROPOUT_POLICIES", "unaccounted_tensors", "unaccounted_tensors_message"]
+__all__ = [
+    "UnitSelection",
+    "SlicingRule",
+    "register_slicing_rule",
+    "get_slicing_rule",
+    "GroupedSliceError",
+    "DROPOUT_POLICIES",
+    "unaccounted_tensors",
+    "unaccounted_tensors_message",
+]
 
 #: How a Dropout after a pruned layer changes its rate ``p`` when ``k`` of ``n`` units go.
 DROPOUT_POLICIES: dict[str, Callable[[float, int, int], float]] = {
@@ -212,7 +220,7 @@ def get_slicing_rule(module: nn.Module) -> SlicingRule | None:
 def has_own_slicing_rule(module: nn.Module) -> bool:
     """True when a rule is registered for ``type(module)`` itself (not only for a base class whose
     forward the subclass may have replaced, as Hugging Face's channels-first LayerNorm does)."""
-    get_slicing_rule(module)   # registers a rule named by class path
+    get_slicing_rule(module)  # registers a rule named by class path
     return type(module) in _RULES
 
 
@@ -221,8 +229,9 @@ def unaccounted_tensors(rule: SlicingRule, module: nn.Module) -> list[str]:
     :attr:`SlicingRule.tensors`); empty when the rule makes no claim."""
     if rule.tensors is None:
         return []
-    own = [name for name, tensor in list(module._parameters.items()) + list(module._buffers.items())
-           if tensor is not None]
+    own = [
+        name for name, tensor in list(module._parameters.items()) + list(module._buffers.items()) if tensor is not None
+    ]
     return [name for name in own if name not in rule.tensors]
 
 
@@ -234,12 +243,12 @@ def unaccounted_tensors_message(rule: SlicingRule, module: nn.Module, name: str)
     kind = type(module).__name__
     owner = next((k.__name__ for k in type(module).__mro__ if _RULES.get(k) is rule), type(rule).__name__)
     listed = ", ".join(f"'{t}' ({'parameter' if t in module._parameters else 'buffer'})" for t in unknown)
-    return (f"'{name}' ({kind}) holds {listed}, which the slicing rule of {owner} does not account for: "
-            f"pruning it with that rule would leave {', '.join(unknown)} as it is; register a slicing rule "
-            f"for {kind} (register_slicing_rule({kind}); e.g. a subclass of {type(rule).__name__} that also "
-            f"slices them, with tensors = {type(rule).__name__}.tensors | {set(unknown)!r})")
-
-
+    return (
+        f"'{name}' ({kind}) holds {listed}, which the slicing rule of {owner} does not account for: "
+        f"pruning it with that rule would leave {', '.join(unknown)} as it is; register a slicing rule "
+        f"for {kind} (register_slicing_rule({kind}); e.g. a subclass of {type(rule).__name__} that also "
+        f"slices them, with tensors = {type(rule).__name__}.tensors | {set(unknown)!r})"
+    )
 
 
 class GroupedSliceError(ValueError):

@@ -12,12 +12,21 @@ import torch.nn as nn
 from .edits import KEPT_UNITS_ATTRIBUTE, SHAPE_ATTRIBUTES_ATTRIBUTE, AttributeChange, Edit
 from .registry import SlicingRule, get_slicing_rule
 
-__all__ = ["normalize_indices", "complement", "kept_units", "kept_units_edit", "param_record_key",
-           "shape_attributes_edit", "conv_blocked_side", "conv_weight_blocks"]
+__all__ = [
+    "normalize_indices",
+    "complement",
+    "kept_units",
+    "kept_units_edit",
+    "param_record_key",
+    "shape_attributes_edit",
+    "conv_blocked_side",
+    "conv_weight_blocks",
+]
 
 
-def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all: bool = False,
-                      argument: str = "indices") -> torch.Tensor:
+def normalize_indices(
+    indices: Any, num_units: int, module_name: str, allow_all: bool = False, argument: str = "indices"
+) -> torch.Tensor:
     """Check user indices and return them as a sorted CPU int64 tensor: the one index check of
     every entry point (``prune_model``, ``prune_module``, ``prune_parameter``, ``prune_group``...).
 
@@ -37,12 +46,15 @@ def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all:
         ValueError: negative, out-of-range or duplicated indices; every unit (unless ``allow_all``).
     """
     where = f"{argument} for '{module_name}'"
-    mask_hint = (f"{where} must be integers (unit indices), got a boolean mask; pass the indices of the units to "
-                 f"remove (mask.nonzero())")
+    mask_hint = (
+        f"{where} must be integers (unit indices), got a boolean mask; pass the indices of the units to "
+        f"remove (mask.nonzero())"
+    )
     if isinstance(indices, torch.Tensor):
         if indices.is_meta:
-            raise TypeError(f"{where} are a tensor on the meta device, which holds no values; pass the "
-                            f"indices on the CPU")
+            raise TypeError(
+                f"{where} are a tensor on the meta device, which holds no values; pass the indices on the CPU"
+            )
         if indices.dim() > 1:
             raise TypeError(f"{where} must be one-dimensional, got shape {list(indices.shape)}")
         if indices.numel() == 0:
@@ -65,8 +77,10 @@ def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all:
         else:
             values = [int(v) for v in indices.reshape(-1).tolist()]
     elif isinstance(indices, Mapping):
-        raise TypeError(f"{where} must be a sequence of integers, got a {type(indices).__name__} "
-                        f"(its keys are not unit indices); pass a list")
+        raise TypeError(
+            f"{where} must be a sequence of integers, got a {type(indices).__name__} "
+            f"(its keys are not unit indices); pass a list"
+        )
     elif isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
         if not _is_integer(indices):
             raise TypeError(f"{where} must be a sequence of integers, got {indices!r} ({type(indices).__name__})")
@@ -82,8 +96,10 @@ def normalize_indices(indices: Any, num_units: int, module_name: str, allow_all:
             values.append(int(value))
     bad = [v for v in values if v < 0 or v >= num_units]
     if bad:
-        raise ValueError(f"{where} out of range: {bad[:10]} (there are {num_units} units; "
-                         f"indices must be in 0..{num_units - 1}, negative indices are not accepted)")
+        raise ValueError(
+            f"{where} out of range: {bad[:10]} (there are {num_units} units; "
+            f"indices must be in 0..{num_units - 1}, negative indices are not accepted)"
+        )
     if len(set(values)) != len(values):
         duplicates = sorted({v for v in values if values.count(v) > 1})
         raise ValueError(f"{where} contain duplicates: {duplicates[:10]}")
@@ -120,8 +136,10 @@ def kept_units(module: nn.Module, direction: str = "out") -> Optional[List[int]]
     count = rule.out_units(module) if direction == "out" else rule.in_units(module)
     return list(range(count)) if count is not None else None
 
-def kept_units_edit(module: nn.Module, rule: SlicingRule, out_keep: Optional[torch.Tensor],
-                     in_keep: Optional[torch.Tensor]) -> List[Edit]:
+
+def kept_units_edit(
+    module: nn.Module, rule: SlicingRule, out_keep: Optional[torch.Tensor], in_keep: Optional[torch.Tensor]
+) -> List[Edit]:
     old = getattr(module, KEPT_UNITS_ATTRIBUTE, None)
     new = dict(old or {})
     changed = False
@@ -167,7 +185,6 @@ def complement(remove: torch.Tensor, num_units: int) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
-
 def param_record_key(parameter: str, axis: int) -> str:
     """Key of a bare parameter's kept ids in a module's kept-units record (``"param:pos:2"``)."""
     return f"param:{parameter}:{axis}"
@@ -185,6 +202,7 @@ def shape_attributes_edit(changes: list[AttributeChange]) -> list[AttributeChang
     edits = []
     for module, record in per_module.values():
         old = getattr(module, SHAPE_ATTRIBUTES_ATTRIBUTE, None)
-        edits.append(AttributeChange(module=module, attribute=SHAPE_ATTRIBUTES_ATTRIBUTE, old=old,
-                                     new={**(old or {}), **record}))
+        edits.append(
+            AttributeChange(module=module, attribute=SHAPE_ATTRIBUTES_ATTRIBUTE, old=old, new={**(old or {}), **record})
+        )
     return edits

@@ -24,22 +24,43 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 @overload
-def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
-                batch_size: int = 1, by_module: Literal[False] = False) -> int: ...
+def count_flops(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    batch_size: int = 1,
+    by_module: Literal[False] = False,
+) -> int: ...
 
 
 @overload
-def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
-                batch_size: int = 1, *, by_module: Literal[True]) -> dict[str, int]: ...
+def count_flops(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    batch_size: int = 1,
+    *,
+    by_module: Literal[True],
+) -> dict[str, int]: ...
 
 
 @overload
-def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
-                batch_size: int = 1, by_module: bool = False) -> int | dict[str, int]: ...
+def count_flops(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    batch_size: int = 1,
+    by_module: bool = False,
+) -> int | dict[str, int]: ...
 
 
-def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
-                batch_size: int = 1, by_module: bool = False) -> int | dict[str, int]:
+def count_flops(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    batch_size: int = 1,
+    by_module: bool = False,
+) -> int | dict[str, int]:
     """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
     Counts matrix multiplications and convolutions (a multiply-add is 2 FLOPs), as PyTorch does.
@@ -62,9 +83,15 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, examp
     return int(counter.get_total_flops())
 
 
-def measure_latency(model: nn.Module, input_size: Sequence[int] | None = None, example_inputs: Any = None,
-                    batch_size: int = 1, warmup: int = 3, repeats: int = 10,
-                    threads: int | None = None) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    batch_size: int = 1,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+) -> dict[str, float]:
     """Wall-clock latency of a forward pass in eval mode under ``no_grad``.
 
     Args:

@@ -9,8 +9,15 @@ from .sensitivity import SensitivityAttributionMetric
 from .shapley import ShapleyAttributionMetric, draw_permutations
 from .taylor import TaylorAttributionMetric
 from .thinet import ThiNetAttributionMetric
-from .weight_norm import (WeightNormAttributionMetric, group_member_slices, group_weight_norms,
-                          input_weight_norms, input_weight_slices, unit_weight_norms, unit_weight_slices)
+from .weight_norm import (
+    WeightNormAttributionMetric,
+    group_member_slices,
+    group_weight_norms,
+    input_weight_norms,
+    input_weight_slices,
+    unit_weight_norms,
+    unit_weight_slices,
+)
 
 __all__ = [
     "APoZAttributionMetric",

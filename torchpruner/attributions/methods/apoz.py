@@ -20,9 +20,16 @@ def _after_relu(site: CallSite) -> bool:
     while site is not None and seen < 16:
         if site.is_relu_like:
             return True
-        passthrough = site.is_dropout or _is_flatten(site) or (
-            site.kind == "module" and (isinstance(site.module, torch.nn.Identity)
-                                       or type(site.module).__name__.startswith(("MaxPool", "AdaptiveMaxPool")))
+        passthrough = (
+            site.is_dropout
+            or _is_flatten(site)
+            or (
+                site.kind == "module"
+                and (
+                    isinstance(site.module, torch.nn.Identity)
+                    or type(site.module).__name__.startswith(("MaxPool", "AdaptiveMaxPool"))
+                )
+            )
         )
         if not passthrough or len(site.inputs) != 1:
             return False
@@ -61,14 +68,18 @@ class APoZAttributionMetric(AttributionMetric):
         if not others:
             return
         if runner.group is None:
-            message = (f"APoZ evaluated at {others[0].label} ({_describe(others[0])}), which is not a "
-                       "ReLU-like activation: the fraction of positive outputs is only meaningful after "
-                       "ReLU (try find_best_evaluation_module=True)")
+            message = (
+                f"APoZ evaluated at {others[0].label} ({_describe(others[0])}), which is not a "
+                "ReLU-like activation: the fraction of positive outputs is only meaningful after "
+                "ReLU (try find_best_evaluation_module=True)"
+            )
         else:
-            message = (f"APoZ of {runner.label}: the consumers read "
-                       + ", ".join(f"{site.label} ({_describe(site)})" for site in others[:3])
-                       + ", which is not a ReLU-like activation: the fraction of positive values is only "
-                       "meaningful after ReLU")
+            message = (
+                f"APoZ of {runner.label}: the consumers read "
+                + ", ".join(f"{site.label} ({_describe(site)})" for site in others[:3])
+                + ", which is not a ReLU-like activation: the fraction of positive values is only "
+                "meaningful after ReLU"
+            )
         warnings.warn(message, UserWarning, stacklevel=4 if runner.group is None else 5)  # the caller of run
 
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:

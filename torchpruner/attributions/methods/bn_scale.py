@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 BATCHNORM_LAYERS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 
-_NO_BATCHNORM_FIX = ("score it with another metric (WeightNormAttributionMetric), or leave it out of a global "
-                     "pruning (prune_groups(..., ignored_layers=[layer]))")
+_NO_BATCHNORM_FIX = (
+    "score it with another metric (WeightNormAttributionMetric), or leave it out of a global "
+    "pruning (prune_groups(..., ignored_layers=[layer]))"
+)
 
 
 def _label(name: str, module: nn.Module) -> str:
@@ -58,8 +60,10 @@ def batchnorm_scales(module: nn.Module, name: str = "") -> torch.Tensor:
     if not isinstance(module, BATCHNORM_LAYERS):
         raise TypeError(f"{label} is not a BatchNorm; BN scale reads the γ of a BatchNorm")
     if module.weight is None:
-        raise ValueError(f"{label} has no scale γ (affine=False): BNScaleAttributionMetric cannot score it; "
-                         "build it with affine=True or use another metric")
+        raise ValueError(
+            f"{label} has no scale γ (affine=False): BNScaleAttributionMetric cannot score it; "
+            "build it with affine=True or use another metric"
+        )
     return unit_weight_norms(module)
 
 
@@ -95,13 +99,16 @@ def group_batchnorm_scales(group: Group) -> torch.Tensor:
         if len(member.positions) and int(member.positions.max()) >= len(scales):
             raise ValueError(
                 f"{group_label(group)} does not match {_label(member.module_name, member.module)} any more "
-                f"(it has {len(scales)} channels); compute the groups again (pruner.groups()) after pruning")
+                f"(it has {len(scales)} channels); compute the groups again (pruner.groups()) after pruning"
+            )
         total.index_add_(0, torch.as_tensor(member.units), scales[torch.as_tensor(member.positions)])
         counted += 1
     if not counted:
         layers = ", ".join(dict.fromkeys(m.module_name for m in group.members))
-        raise ValueError(f"{group_label(group)} holds no BatchNorm with a scale γ (layers: {layers}), so "
-                         f"BNScaleAttributionMetric cannot score it; {_NO_BATCHNORM_FIX}")
+        raise ValueError(
+            f"{group_label(group)} holds no BatchNorm with a scale γ (layers: {layers}), so "
+            f"BNScaleAttributionMetric cannot score it; {_NO_BATCHNORM_FIX}"
+        )
     return total
 
 
@@ -127,8 +134,9 @@ class BNScaleAttributionMetric(AttributionMetric):
             return group_batchnorm_scales(scored.group)
         module = scored.module
         if module is None:
-            raise ValueError("BNScaleAttributionMetric scores a layer, a BatchNorm or a group; got a call site of a "
-                             "function")
+            raise ValueError(
+                "BNScaleAttributionMetric scores a layer, a BatchNorm or a group; got a call site of a function"
+            )
         if isinstance(module, BATCHNORM_LAYERS):
             return batchnorm_scales(module, self._name_of(module))
         return batchnorm_scales(*self._batchnorm_after(module))
@@ -141,9 +149,11 @@ class BNScaleAttributionMetric(AttributionMetric):
         """The BatchNorm after every call of ``module`` (a trace on the first batch)."""
         label = _label(self._name_of(module), module)
         if self.data_generator is None:
-            raise ValueError(f"BNScaleAttributionMetric needs one batch to find the BatchNorm that follows {label} "
-                             "in the traced model: pass a data generator, or score the BatchNorm itself or the "
-                             "layer's group (pruner.groups()), which need no data")
+            raise ValueError(
+                f"BNScaleAttributionMetric needs one batch to find the BatchNorm that follows {label} "
+                "in the traced model: pass a data generator, or score the BatchNorm itself or the "
+                "layer's group (pruner.groups()), which need no data"
+            )
         model = unwrap_model(self.model)
         first = self._first_batch(self._batches(model))
         graph = get_graph(model, first.args, first.kwargs or None)
@@ -151,15 +161,19 @@ class BNScaleAttributionMetric(AttributionMetric):
         for site in graph.sites_of(module):
             batchnorm = following_batchnorm(graph, site)
             if batchnorm is None:
-                raise ValueError(f"no BatchNorm follows {label} (call {site.call_index}) in the model, so "
-                                 f"BNScaleAttributionMetric has no γ to read; {_NO_BATCHNORM_FIX}")
+                raise ValueError(
+                    f"no BatchNorm follows {label} (call {site.call_index}) in the model, so "
+                    f"BNScaleAttributionMetric has no γ to read; {_NO_BATCHNORM_FIX}"
+                )
             found[id(batchnorm.module)] = (batchnorm.module, batchnorm.module_name)
         if not found:
             raise ValueError(f"{label} is not called in the traced forward pass of the model")
         if len(found) > 1:
             names = ", ".join(name for _, name in found.values())
-            raise ValueError(f"the calls of {label} are followed by different BatchNorms ({names}); score one of "
-                             "those BatchNorms directly")
+            raise ValueError(
+                f"the calls of {label} are followed by different BatchNorms ({names}); score one of "
+                "those BatchNorms directly"
+            )
         batchnorm, name = next(iter(found.values()))
         logger.debug("BNScale of %s: the γ of %s", label, name)
         return batchnorm, name

@@ -27,7 +27,10 @@ class LeaveOneOutAttributionMetric(AttributionMetric):
 
     name: ClassVar[str] = "LeaveOneOut"
     default_options: ClassVar[dict[str, Any]] = {
-        "algorithm": "fast", "max_batch_elements": DEFAULT_MAX_BATCH_ELEMENTS, "incremental": True}
+        "algorithm": "fast",
+        "max_batch_elements": DEFAULT_MAX_BATCH_ELEMENTS,
+        "incremental": True,
+    }
 
     def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
         if options["algorithm"] not in ALGORITHMS:
@@ -55,7 +58,7 @@ class LeaveOneOutAttributionMetric(AttributionMetric):
                 self._first = False
         if values is None:
             self.last_path = "reference"
-            values = torch.stack([-runner.losses(batch, keep).cpu() for keep in keeps[:units + 1]])
+            values = torch.stack([-runner.losses(batch, keep).cpu() for keep in keeps[: units + 1]])
         else:
             self.last_path = fast.path  # type: ignore[union-attr]
         return (values[units][None, :] - values[:units]).T  # [N, units]: ℓ(all but c) − ℓ(all)

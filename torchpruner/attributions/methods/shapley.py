@@ -135,8 +135,12 @@ def batch_rows(batch: Batch, count: int) -> Batch:
     if count >= batch.size:
         return batch
     rows = slice(0, count)
-    return Batch(args=repeat_rows(batch.args, rows, 1, batch.size), kwargs=repeat_rows(batch.kwargs, rows, 1, batch.size),
-                 target=repeat_rows(batch.target, rows, 1, batch.size), size=count)
+    return Batch(
+        args=repeat_rows(batch.args, rows, 1, batch.size),
+        kwargs=repeat_rows(batch.kwargs, rows, 1, batch.size),
+        target=repeat_rows(batch.target, rows, 1, batch.size),
+        size=count,
+    )
 
 
 class FastEvaluator:
@@ -205,8 +209,10 @@ class FastEvaluator:
                     return False
             got = got[:count].cpu()
             if not torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * (1 + float(expected.abs().max()))):
-                self.refuse("evaluating the part of the model after the evaluation point gave other "
-                            "losses than running the whole model")
+                self.refuse(
+                    "evaluating the part of the model after the evaluation point gave other "
+                    "losses than running the whole model"
+                )
                 return False
         return True
 
@@ -214,13 +220,20 @@ class FastEvaluator:
         warnings.warn(
             f"{self.metric} {self.runner.label}: {why} (the model may depend on the batch size in a way "
             "the traced graph does not show); using whole-model evaluation (algorithm='reference')",
-            RuntimeWarning, stacklevel=2)
+            RuntimeWarning,
+            stacklevel=2,
+        )
         self._fallback(why)
 
     # ---------------------------------------------------------------- coalition values
-    def ordering_values(self, env: dict, batch: Batch, orders: torch.Tensor,
-                        progress: Callable[[int], None] = lambda done: None,
-                        truncation: float | None = None) -> torch.Tensor:
+    def ordering_values(
+        self,
+        env: dict,
+        batch: Batch,
+        orders: torch.Tensor,
+        progress: Callable[[int], None] = lambda done: None,
+        truncation: float | None = None,
+    ) -> torch.Tensor:
         """Values ``[P, units + 1, N]`` (float64) of the coalitions along each ordering;
         ``progress(k)`` is told when the first ``k`` orderings are done. With ``truncation``,
         the incremental walk skips the rest of an ordering once every example has reached the
@@ -229,8 +242,9 @@ class FastEvaluator:
             return self._walk_values(env, batch, orders, progress, truncation)
         assert self.suffix is not None
         num, units = orders.shape
-        keeps = torch.cat([torch.zeros(1, units, dtype=torch.bool), torch.ones(1, units, dtype=torch.bool),
-                           prefix_coalitions(orders)])
+        keeps = torch.cat(
+            [torch.zeros(1, units, dtype=torch.bool), torch.ones(1, units, dtype=torch.bool), prefix_coalitions(orders)]
+        )
         rows_done = lambda rows: progress(num if units < 2 else min(num, max(0, rows - 2) // (units - 1)))
         values = -self.suffix.coalition_losses(env, batch, keeps, rows_done).cpu()  # [rows, N]
         out = torch.empty(num, units + 1, batch.size, dtype=torch.float64)
@@ -238,8 +252,9 @@ class FastEvaluator:
         out[:, 1:units] = values[2:].reshape(num, units - 1, batch.size)
         return out
 
-    def _walk_values(self, env: dict, batch: Batch, orders: torch.Tensor,
-                     progress: Callable[[int], None], truncation: float | None) -> torch.Tensor:
+    def _walk_values(
+        self, env: dict, batch: Batch, orders: torch.Tensor, progress: Callable[[int], None], truncation: float | None
+    ) -> torch.Tensor:
         walk = self.walk
         assert walk is not None and self.suffix is not None
         num, units = orders.shape
@@ -260,7 +275,7 @@ class FastEvaluator:
                 (only steps already evaluated are looked at)."""
                 if full is None or t == 0:
                     return False
-                return bool(reached_full(out[p, 1:t + 1, rows], full, truncation).any(0).all())
+                return bool(reached_full(out[p, 1 : t + 1, rows], full, truncation).any(0).all())
 
             per_call = min(self.suffix.coalitions_per_call(walk.program, n), num * units)
             # the walk's states, written in place: each adds the next unit's contribution to the
@@ -273,7 +288,7 @@ class FastEvaluator:
                 losses = walk.rest_losses(env, batch, rows, buffer[:filled].reshape(-1, *empty.shape[1:])).cpu()
                 offset = 0
                 for p, t0, k in pending:
-                    out[p, t0 + 1:t0 + 1 + k, rows] = -losses[offset:offset + k]
+                    out[p, t0 + 1 : t0 + 1 + k, rows] = -losses[offset : offset + k]
                     offset += k
                 last, t_last, k_last = pending[-1]
                 if rows.stop == batch.size:
@@ -286,10 +301,10 @@ class FastEvaluator:
                 t0 = 0
                 while t0 < units:
                     if pending == [] and finished(p, t0):  # the steps so far are evaluated: skip the rest
-                        out[p, t0 + 1:, rows] = out[p, t0, rows]
+                        out[p, t0 + 1 :, rows] = out[p, t0, rows]
                         break
                     k = min(per_call - filled, units - t0)
-                    for j, unit in enumerate(order[t0:t0 + k].tolist()):
+                    for j, unit in enumerate(order[t0 : t0 + k].tolist()):
                         state = torch.add(state, contributions[unit], out=buffer[filled + j])
                     pending.append((p, t0, k))
                     filled += k
@@ -320,10 +335,10 @@ class FastEvaluator:
             weights = keeps.to(contributions.device, torch.float64)
             flat = contributions.to(torch.float64).reshape(contributions.shape[0], -1)
             for k0 in range(0, keeps.shape[0], per_call):
-                chosen = weights[k0:k0 + per_call]
+                chosen = weights[k0 : k0 + per_call]
                 block = empty.to(torch.float64)[None] + (chosen @ flat).reshape(chosen.shape[0], *empty.shape)
                 stacked = block.to(empty.dtype).reshape(-1, *empty.shape[1:])
-                out[k0:k0 + chosen.shape[0], rows] = -walk.rest_losses(env, batch, rows, stacked).cpu()
+                out[k0 : k0 + chosen.shape[0], rows] = -walk.rest_losses(env, batch, rows, stacked).cpu()
         return out
 
 
@@ -377,9 +392,15 @@ class ShapleyAttributionMetric(AttributionMetric):
 
     name: ClassVar[str] = "Shapley"
     default_options: ClassVar[dict[str, Any]] = {
-        "sv_samples": 5, "seed": None, "algorithm": "fast", "antithetic": False,
-        "max_batch_elements": DEFAULT_MAX_BATCH_ELEMENTS, "incremental": True,
-        "tolerance": None, "max_samples": 1000, "truncation_tolerance": None,
+        "sv_samples": 5,
+        "seed": None,
+        "algorithm": "fast",
+        "antithetic": False,
+        "max_batch_elements": DEFAULT_MAX_BATCH_ELEMENTS,
+        "incremental": True,
+        "tolerance": None,
+        "max_samples": 1000,
+        "truncation_tolerance": None,
     }
 
     #: After a run: ``"incremental"``, ``"suffix"`` or ``"reference"`` (how coalitions were evaluated).
@@ -387,8 +408,15 @@ class ShapleyAttributionMetric(AttributionMetric):
     #: After a run: how many orderings were sampled.
     last_samples: int = 0
 
-    def run(self, module: nn.Module | CallSite | Group, find_best_evaluation_module: bool = False, *,
-            call_index: int = 0, return_stderr: bool = False, **kwargs: Any) -> Any:
+    def run(
+        self,
+        module: nn.Module | CallSite | Group,
+        find_best_evaluation_module: bool = False,
+        *,
+        call_index: int = 0,
+        return_stderr: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """Score the units of ``module`` (see :meth:`AttributionMetric.run`); with
         ``return_stderr=True`` return ``(scores, stderr)``."""
         options = self.options(kwargs)
@@ -404,13 +432,17 @@ class ShapleyAttributionMetric(AttributionMetric):
             raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
         check_truncation_tolerance(options["truncation_tolerance"])
         if (return_stderr or tolerance is not None) and callable(self.reduction):
-            raise ValueError("the standard error (return_stderr=True, tolerance=) is defined for "
-                             "reduction 'mean', 'sum' or 'none', not for a callable reduction")
+            raise ValueError(
+                "the standard error (return_stderr=True, tolerance=) is defined for "
+                "reduction 'mean', 'sum' or 'none', not for a callable reduction"
+            )
         _, shards = scoring_model(self.model, self.process_group)
         if shards is not None and (return_stderr or tolerance is not None):
-            raise ValueError("return_stderr=True and tolerance= are not available in a distributed run yet "
-                             "(each rank would stop after its own number of orderings); score with a fixed "
-                             "sv_samples")
+            raise ValueError(
+                "return_stderr=True and tolerance= are not available in a distributed run yet "
+                "(each rank would stop after its own number of orderings); score with a fixed "
+                "sv_samples"
+            )
         # the orderings are drawn in prepare(), from the seed the run settled on (rank 0's in a
         # distributed run), and kept over the adaptive rounds of this run
         self._orderings: Orderings | None = None
@@ -419,8 +451,15 @@ class ShapleyAttributionMetric(AttributionMetric):
         with _warnings_for_the_caller():
             return self._rounds(module, find_best_evaluation_module, call_index, return_stderr, options, kwargs)
 
-    def _rounds(self, module: nn.Module | CallSite | Group, find_best_evaluation_module: bool, call_index: int,
-                return_stderr: bool, options: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    def _rounds(
+        self,
+        module: nn.Module | CallSite | Group,
+        find_best_evaluation_module: bool,
+        call_index: int,
+        return_stderr: bool,
+        options: dict[str, Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
         tolerance = options["tolerance"]
         scores = super().run(module, find_best_evaluation_module, call_index=call_index, **kwargs)
         while tolerance is not None and self._stats.samples < options["max_samples"]:
@@ -549,8 +588,9 @@ def _reemit(caught: list[warnings.WarningMessage], here: str) -> None:
         if record.filename == here:
             warnings.warn(record.message, record.category, stacklevel=5)
         else:
-            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno,
-                                   source=record.source)
+            warnings.warn_explicit(
+                record.message, record.category, record.filename, record.lineno, source=record.source
+            )
 
 
 class _SampleStats:
@@ -590,7 +630,7 @@ class _SampleStats:
             self.orderings += samples.shape[0] * (2 if self.antithetic else 1)
         self.count += n
         if self.reduction == "none":
-            total, squares = samples.sum(0), (samples ** 2).sum(0)
+            total, squares = samples.sum(0), (samples**2).sum(0)
             if self.row < len(self.rows):
                 old_total, old_squares = self.rows[self.row]
                 self.rows[self.row] = (old_total + total, old_squares + squares)
@@ -618,7 +658,7 @@ class _SampleStats:
             squares = np.concatenate([q for _, q in self.rows], axis=0)
             if s < 2:
                 return np.full_like(total, np.nan)
-            variance = np.maximum(squares - total ** 2 / s, 0.0) / (s - 1)
+            variance = np.maximum(squares - total**2 / s, 0.0) / (s - 1)
             return np.sqrt(variance / s)
         totals = self._totals()
         if s < 2:

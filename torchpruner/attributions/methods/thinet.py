@@ -28,12 +28,19 @@ from ..base import AttributionMetric, left_as_found
 from ..groups import check_group, group_label, group_runner
 
 #: layers whose weights read the units: the candidates for "the next layer"
-WEIGHT_LAYERS: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention,
-                                   nn.RNNBase, nn.Embedding)
+WEIGHT_LAYERS: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Bilinear,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+    nn.Embedding,
+)
 
 
-def channel_contributions(consumer: nn.Module, x: torch.Tensor, samples: int | None,
-                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_contributions(
+    consumer: nn.Module, x: torch.Tensor, samples: int | None, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What each input channel of ``consumer`` contributes to sampled entries of its output.
 
     Args:
@@ -55,14 +62,14 @@ def channel_contributions(consumer: nn.Module, x: torch.Tensor, samples: int | N
     x = x.detach().to(torch.float64)
     n = x.shape[0]
     if isinstance(consumer, nn.Linear):
-        rows = x.reshape(n, -1, x.shape[-1])                                  # [N, L, F]
+        rows = x.reshape(n, -1, x.shape[-1])  # [N, L, F]
         out_channels, positions = weight.shape[0], rows.shape[1]
     else:
         if consumer.padding_mode == "zeros":
             x = F.pad(x, consumer._reversed_padding_repeated_twice)
         else:
             x = F.pad(x, consumer._reversed_padding_repeated_twice, mode=consumer.padding_mode)
-        if x.dim() == 3:                                                       # Conv1d as a Conv2d of height 1
+        if x.dim() == 3:  # Conv1d as a Conv2d of height 1
             x, weight = x.unsqueeze(2), weight.unsqueeze(2)
             stride, dilation = (1,) + tuple(consumer.stride), (1,) + tuple(consumer.dilation)
         else:
@@ -75,14 +82,18 @@ def channel_contributions(consumer: nn.Module, x: torch.Tensor, samples: int | N
         index = torch.arange(total)
     else:
         index = torch.randint(total, (samples,), generator=generator)
-    example, channel, position = index // (out_channels * positions), index // positions % out_channels, index % positions
+    example, channel, position = (
+        index // (out_channels * positions),
+        index // positions % out_channels,
+        index % positions,
+    )
     example, channel, position = (t.to(x.device) for t in (example, channel, position))
     if isinstance(consumer, nn.Linear):
         contributions = rows[example, position] * weight[channel]
     else:
         rows_at = (position // width * stride[0])[:, None] + torch.arange(kernel[0], device=x.device) * dilation[0]
         cols_at = (position % width * stride[1])[:, None] + torch.arange(kernel[1], device=x.device) * dilation[1]
-        patches = x[example[:, None, None], :, rows_at[:, :, None], cols_at[:, None, :]]   # [m, kh, kw, C]
+        patches = x[example[:, None, None], :, rows_at[:, :, None], cols_at[:, None, :]]  # [m, kh, kw, C]
         contributions = torch.einsum("mhwc,mchw->mc", patches, weight[channel])
     return contributions, index
 
@@ -111,8 +122,10 @@ def _check_samples(value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"samples_per_batch must be a positive int or None (every output entry), got {value!r} "
-                        f"({type(value).__name__})")
+        raise TypeError(
+            f"samples_per_batch must be a positive int or None (every output entry), got {value!r} "
+            f"({type(value).__name__})"
+        )
     if value < 1:
         raise ValueError(f"samples_per_batch must be a positive int or None (every output entry), got {value!r}")
 
@@ -163,8 +176,14 @@ class ThiNetAttributionMetric(AttributionMetric):
             _check_seed(options["seed"])
         return options
 
-    def run(self, module: nn.Module | CallSite | Group, find_best_evaluation_module: bool = False, *,
-            call_index: int = 0, **kwargs: Any) -> np.ndarray:
+    def run(
+        self,
+        module: nn.Module | CallSite | Group,
+        find_best_evaluation_module: bool = False,
+        *,
+        call_index: int = 0,
+        **kwargs: Any,
+    ) -> np.ndarray:
         """Score the units of ``module`` (a layer of the model, or a coupled group from
         ``pruner.groups()``) by ThiNet's greedy order; see the class docstring."""
         options = self.options(kwargs)
@@ -172,10 +191,14 @@ class ThiNetAttributionMetric(AttributionMetric):
         if isinstance(module, Group):
             check_group(model, module)
         elif not isinstance(module, nn.Module):
-            raise TypeError(f"ThiNetAttributionMetric scores a layer (nn.Module) or a group, got {type(module).__name__}")
+            raise TypeError(
+                f"ThiNetAttributionMetric scores a layer (nn.Module) or a group, got {type(module).__name__}"
+            )
         elif all(module is not m for m in model.modules()):
-            raise ValueError(f"{type(module).__name__} module is not part of the model {type(model).__name__} "
-                             "(scoring needs a submodule of the model)")
+            raise ValueError(
+                f"{type(module).__name__} module is not part of the model {type(model).__name__} "
+                "(scoring needs a submodule of the model)"
+            )
         with left_as_found(model, self.data_generator):
             batches = self._batches(model)
             first = self._first_batch(batches)
@@ -191,8 +214,9 @@ class ThiNetAttributionMetric(AttributionMetric):
                 for batch in itertools.chain([first], batches):
                     ((point, z),) = runner.activations(batch)
                     contributions, _ = channel_contributions(consumer, z, options["samples_per_batch"], generator)
-                    per_unit = torch.zeros(contributions.shape[0], group.num_units, dtype=torch.float64,
-                                           device=contributions.device)
+                    per_unit = torch.zeros(
+                        contributions.shape[0], group.num_units, dtype=torch.float64, device=contributions.device
+                    )
                     positions, units = point.positions.to(per_unit.device), point.units.to(per_unit.device)
                     collected.append(per_unit.index_add_(1, units, contributions.index_select(1, positions)))
             order = greedy_removal_order(torch.cat(collected))
@@ -210,12 +234,16 @@ class ThiNetAttributionMetric(AttributionMetric):
     def _group_of(graph: ModelGraph, module: nn.Module, call_index: int) -> Group:
         label = f"'{graph.module_name(module)}' ({type(module).__name__})"
         if getattr(graph, "method", None) != "fx":
-            raise ValueError(f"ThiNet finds the layer that reads the units of {label} in the data flow, which needs a "
-                             "model torch.fx can trace")
+            raise ValueError(
+                f"ThiNet finds the layer that reads the units of {label} in the data flow, which needs a "
+                "model torch.fx can trace"
+            )
         groups = get_dependency_graph(graph).groups_of(module, call_index)
         if len(groups) != 1:
-            raise ValueError(f"ThiNet scores a layer whose output units form exactly one coupled group; those of "
-                             f"{label} form {len(groups)}")
+            raise ValueError(
+                f"ThiNet scores a layer whose output units form exactly one coupled group; those of "
+                f"{label} form {len(groups)}"
+            )
         return groups[0]
 
     @staticmethod
@@ -224,22 +252,30 @@ class ThiNetAttributionMetric(AttributionMetric):
         label = group_label(group)
         readers = [m for m in group.modules if isinstance(m, WEIGHT_LAYERS) and group.reads(m)]
         if not readers:
-            raise ValueError(f"ThiNet scores units by how the next layer reads them, but the units of {label} feed no "
-                             "Conv/Linear consumer (they reach the model output); score them with another metric")
+            raise ValueError(
+                f"ThiNet scores units by how the next layer reads them, but the units of {label} feed no "
+                "Conv/Linear consumer (they reach the model output); score them with another metric"
+            )
         if len(readers) != 1:
             names = ", ".join(f"'{graph.module_name(m)}'" for m in readers[:4])
-            raise ValueError(f"ThiNet needs the units of {label} to feed exactly one Conv/Linear layer; they feed "
-                             f"{len(readers)} ({names}{', ...' if len(readers) > 4 else ''}): score the group "
-                             "with another metric (FPGM, WeightNorm, Taylor)")
+            raise ValueError(
+                f"ThiNet needs the units of {label} to feed exactly one Conv/Linear layer; they feed "
+                f"{len(readers)} ({names}{', ...' if len(readers) > 4 else ''}): score the group "
+                "with another metric (FPGM, WeightNorm, Taylor)"
+            )
         (consumer,) = readers
         name = f"'{graph.module_name(consumer)}' ({type(consumer).__name__})"
         if isinstance(consumer, (nn.Conv1d, nn.Conv2d)):
             if consumer.groups != 1:
-                raise ValueError(f"ThiNet reads the units of {label} through {name}, which has groups="
-                                 f"{consumer.groups}; only convolutions with groups=1 are supported")
+                raise ValueError(
+                    f"ThiNet reads the units of {label} through {name}, which has groups="
+                    f"{consumer.groups}; only convolutions with groups=1 are supported"
+                )
         elif not isinstance(consumer, nn.Linear):
-            raise TypeError(f"ThiNet reads the units of {label} through {name}; supported consumers: Linear, "
-                            "Conv1d and Conv2d (groups=1)")
+            raise TypeError(
+                f"ThiNet reads the units of {label} through {name}; supported consumers: Linear, "
+                "Conv1d and Conv2d (groups=1)"
+            )
         if len(group.mask_points()) != 1 or not group.reads(consumer):
             raise ValueError(f"ThiNet needs the units of {label} to reach {name} as one tensor")
         return consumer

@@ -61,7 +61,7 @@ def unit_weight_slices(module: nn.Module) -> torch.Tensor:
         )
     w = weight.detach().to(torch.float64)
     if isinstance(module, nn.modules.conv._ConvNd):
-        blocks = conv_weight_blocks(module, w)                 # [groups, out/groups, in/groups, k]
+        blocks = conv_weight_blocks(module, w)  # [groups, out/groups, in/groups, k]
         return blocks.reshape(module.out_channels, -1)
     if isinstance(module, (nn.Linear, nn.Bilinear)):
         return w.reshape(w.shape[0], -1)
@@ -114,8 +114,8 @@ def _attention_embed_slices(module: nn.MultiheadAttention) -> torch.Tensor:
     if not module._qkv_same_embed_dim:
         raise TypeError("MultiheadAttention with kdim/vdim != embed_dim has no single embed-dim layout")
     embed = module.embed_dim
-    w_in = module.in_proj_weight.detach().to(torch.float64)          # [3E, E]
-    w_out = module.out_proj.weight.detach().to(torch.float64)        # [E, E]
+    w_in = module.in_proj_weight.detach().to(torch.float64)  # [3E, E]
+    w_out = module.out_proj.weight.detach().to(torch.float64)  # [E, E]
     rows = w_in.reshape(3, embed, embed).transpose(0, 1).reshape(embed, -1)
     return torch.cat([w_in.transpose(0, 1), rows, w_out, w_out.transpose(0, 1)], dim=1)
 
@@ -123,8 +123,9 @@ def _attention_embed_slices(module: nn.MultiheadAttention) -> torch.Tensor:
 def check_p(p: Any) -> float:
     """``p`` of an L_p norm: a real number >= 1 (``math.inf`` allowed), else an error naming p."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p must be a number >= 1 (1: L1 FilterNorm, 2: L2, math.inf: max), got {p!r} "
-                        f"({type(p).__name__})")
+        raise TypeError(
+            f"p must be a number >= 1 (1: L1 FilterNorm, 2: L2, math.inf: max), got {p!r} ({type(p).__name__})"
+        )
     if math.isnan(p) or p < 1:
         raise ValueError(f"p must be a number >= 1 (1: L1 FilterNorm, 2: L2, math.inf: max), got {p!r}")
     return float(p)
