@@ -195,7 +195,7 @@ def test_taylor_on_the_captured_graph_is_the_derivative_of_scaling_the_unit(kind
 
 
 def test_refused_groups_name_the_op_and_call_site():
-    model, x, _ = tiny("bert")
+    model, x, _ = tiny("gpt2")  # its qkv split and head views have literal sizes once exported
     pruner = Pruner(model, example_inputs=(x,))
     refused = pruner.refused_groups()
     assert refused
@@ -279,3 +279,34 @@ def test_a_subclass_of_a_torch_layer_that_computes_otherwise_is_not_taken_for_it
     assert sum(p.numel() for p in model.parameters()) < before
     with torch.no_grad():
         assert model(x).logits.shape == (2, 3)
+
+
+#: the tiny models whose attention heads prune under torch.export, and their head counts
+HEADS = {"bert": 4, "distilbert": 4, "vit": 4}
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_attention_heads_of_a_captured_model_prune_like_the_zeroed_twin(kind):
+    """Under torch.export the head count reaches the graph as ``-1`` in ``view(B, L, -1, head_dim)``
+    (the module attribute is gone), so whole heads are units; a padding mask built from positions
+    carries no head units and does not stop them. (Llama's heads stay refused there: its
+    ``repeat_kv`` expand has literal sizes in an exported graph.)"""
+    model, x, _ = tiny(kind)
+    name, query = next(
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.endswith(("query", "q_lin", "q_proj"))
+    )
+    pruner = Pruner(model, example_inputs=(x,))
+    found = [g for g in pruner.groups() if query in g.source_modules]
+    assert len(found) == 1 and found[0].num_units == HEADS[kind], [str(g) for g in pruner.refused_groups()]
+    group = found[0]
+    twin = copy.deepcopy(model)
+    with masked_at_mask_points(twin, (x,), {group.index: [1]}) as forward, torch.no_grad():
+        expected = logits(forward(x))
+    width = query.out_features
+    pruner.plan_groups({group: [1]}).apply(model)
+    assert query.out_features == width - width // HEADS[kind], name
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model(x)), expected, rtol=1e-9, atol=1e-9)
+        assert logits(model(torch.cat([x, x[:1]]))).shape[0] == 3

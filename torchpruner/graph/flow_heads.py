@@ -370,9 +370,12 @@ class HeadFlow(SlotFlow):
         self._link_same(sk, sv)
         if isinstance(mask, fx.Node) and mask in self._spaces:
             ms = self._spaces[mask]
-            if ms.axis != ms.ndim - 3 or ms.size != sq.size:
-                raise _CannotFollow(f"{label}: the attention mask carries units off the head axis")
-            self._link_same(ms, sq)
+            if ms.axis == ms.ndim - 3 and ms.size == sq.size:
+                self._link_same(ms, sq)
+            else:
+                # the mask's units (a sequence axis of a mask built from positions, say) are not the
+                # heads: the heads stay free, and whatever group the mask's units belong to is refused
+                self._block(ms, f"{label}: the attention mask carries units off the head axis")
 
     # -- helper functions that fx keeps as calls (timm's maybe_add_mask) ----------------------
 
