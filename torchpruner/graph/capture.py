@@ -99,13 +99,35 @@ def _slice(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         end = None
     if start == 0:
         start = None
-    return (x, (slice(None),) * dim + (slice(start, end, None if step == 1 else step),)), {}
+    return (x, _index_at(dim, slice(start, end, None if step == 1 else step))), {}
 
 
 def _select(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``aten.select(x, dim, i)`` -> ``x[:, ..., i]``."""
     x, dim, index = args
-    return (x, (slice(None),) * dim + (index,)), {}
+    return (x, _index_at(dim, index)), {}
+
+
+def _true_division(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``aten.div(x, y)`` -> ``x / y``; a floor or trunc ``rounding_mode`` is not translated."""
+    if kwargs.get("rounding_mode") is not None:
+        raise _Untranslated(f"div with rounding_mode={kwargs['rounding_mode']!r}")
+    return tuple(args[:2]), {}
+
+
+def _avg_pool2d(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``aten.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)``."""
+    override = args[6] if len(args) > 6 else kwargs.get("divisor_override")
+    if override is not None:
+        raise _Untranslated(f"avg_pool2d with divisor_override={override!r}")
+    return tuple(args[:6]), {}
+
+
+def _index_at(dim: int, index: Any) -> tuple:
+    """The subscript that applies ``index`` at ``dim`` (negative: counted from the end)."""
+    if dim >= 0:
+        return (slice(None),) * dim + (index,)
+    return (Ellipsis, index) + (slice(None),) * (-dim - 1)
 
 
 def _to(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -174,7 +196,7 @@ ATEN_TO_TORCH: dict[Any, tuple[str, Any, Callable[[tuple, dict], tuple[tuple, di
     aten.add: ("function", operator.add, _binary),
     aten.sub: ("function", operator.sub, _binary),
     aten.mul: ("function", operator.mul, _first(2)),
-    aten.div: ("function", operator.truediv, _first(2)),
+    aten.div: ("function", operator.truediv, _true_division),
     aten.neg: ("function", operator.neg, _first(1)),
     aten.pow: ("function", torch.pow, _first(2)),
     aten.exp: ("function", torch.exp, _first(1)),
@@ -226,7 +248,7 @@ ATEN_TO_TORCH: dict[Any, tuple[str, Any, Callable[[tuple, dict], tuple[tuple, di
     aten.adaptive_avg_pool1d: ("function", F.adaptive_avg_pool1d, _first(2)),
     aten.adaptive_avg_pool2d: ("function", F.adaptive_avg_pool2d, _first(2)),
     aten.max_pool2d: ("function", F.max_pool2d, _first(6)),
-    aten.avg_pool2d: ("function", F.avg_pool2d, _first(6)),
+    aten.avg_pool2d: ("function", F.avg_pool2d, _avg_pool2d),
     aten.constant_pad_nd: ("function", F.pad, _pad),
     # movement
     aten.view: ("method", "view", _spread),

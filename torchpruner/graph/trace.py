@@ -73,6 +73,7 @@ from torchpruner._ops import (
     user_leaf_types,
 )
 from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
+from torchpruner.rules import get_slicing_rule
 from torchpruner.graph.capture import capture as export_capture
 
 logger = logging.getLogger(__name__)
@@ -416,6 +417,10 @@ class ModelGraph:
         if method not in ("auto", "fx", "export", "hooks"):
             raise ValueError(f"method must be 'auto', 'fx', 'export' or 'hooks', got {method!r}")
         self.model = unwrap_model(model)
+        for module in self.model.modules():
+            # a rule registered by class path (Hugging Face's Conv1D) makes its class a leaf: resolve
+            # it before tracing, so the first trace is the same as every later one
+            get_slicing_rule(module)
         self._state = _ModelState(self.model)
         kwargs = dict(kwargs or {})
         self._names: Dict[int, str] = {}

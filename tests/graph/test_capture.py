@@ -1,0 +1,64 @@
+"""The ATen-to-torch translation of torch.export capture (graph/capture.py), on ops whose
+arguments the torch-level form must keep: negative dims of slice/select, division rounding modes,
+and avg_pool2d's divisor override. The captured graph must compute what the model computes. And a
+class whose rule is registered by class path (Hugging Face's Conv1D) is a leaf from the first
+trace on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchpruner.graph import get_graph, invalidate_graph
+from torchpruner.graph.capture import capture
+from torchpruner.rules import register_slicing_rule_by_path
+from torchpruner.rules.layers import TransposedLinearRule
+
+
+class Ops(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        a = h.narrow(-1, 1, 3)  # aten.slice on dim -1
+        b = h.select(-2, 2).unsqueeze(-2)  # aten.select on dim -2
+        c = torch.div(h, 3.0, rounding_mode="floor")  # not a true division
+        d = F.avg_pool2d(h, 2, divisor_override=3)  # not a mean
+        return a.sum((-1, -2)) + b.sum((-1, -2)) + c.sum((-1, -2)) + d.sum((-1, -2))
+
+
+def test_captured_graph_keeps_negative_dims_rounding_modes_and_divisor_overrides():
+    torch.manual_seed(0)
+    model = Ops().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    graph = capture(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-12)
+        x3 = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+        torch.testing.assert_close(graph(x3), model(x3), rtol=0, atol=1e-12)
+
+
+def test_a_rule_registered_by_class_path_makes_the_class_a_leaf_from_the_first_trace():
+    """A class known by path only (as Hugging Face's Conv1D is) is a leaf in the very first trace
+    of a model, so every later trace is the same graph."""
+
+    class PathConv1D(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3))  # [in, out], y = x @ W + b
+            self.bias = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(self.bias, x, self.weight)
+
+    PathConv1D.__module__, PathConv1D.__qualname__ = "a_library_not_imported", "PathConv1D"
+    register_slicing_rule_by_path("a_library_not_imported.PathConv1D")(TransposedLinearRule)
+    model = nn.Sequential(PathConv1D(), nn.ReLU(), nn.Linear(3, 2))
+    first = get_graph(model, (torch.randn(2, 4),))
+    first_ops = [site.kind for site in first.sites]
+    invalidate_graph(model)
+    second = get_graph(model, (torch.randn(2, 4),))
+    assert first.has_sites(model[0]) and [site.kind for site in second.sites] == first_ops
