@@ -33,9 +33,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .slots import SlotFlow, _slot_ids
+from .slots import SlotFlow, _slot_ids, _traced_with
 from .spaces import _CannotFollow, _ShapeAttribute, _Space
-from .trace import _LeafTracer
 
 _RESHAPE_METHODS = ("reshape", "view")
 
@@ -106,13 +105,9 @@ class HeadFlow(SlotFlow):
             if attribute.startswith("_") or type(value) is not int or value != literal:
                 continue
             sentinel = value + 7919
-            try:
-                setattr(owner, attribute, sentinel)
-                traced = _LeafTracer().trace(owner)
-            except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
+            traced = _traced_with(owner, attribute, sentinel)
+            if traced is None:
                 continue
-            finally:
-                setattr(owner, attribute, value)
             calls = [
                 n
                 for n in traced.nodes

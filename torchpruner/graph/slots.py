@@ -89,6 +89,20 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
     return _reads_attribute(owner, attribute, F.layer_norm, 1, "normalized_shape", literal)
 
 
+def _traced_with(owner: nn.Module, attribute: str, value: Any) -> fx.Graph | None:
+    """``owner``'s forward traced alone with ``owner.<attribute>`` set to ``value`` (restored
+    afterwards), or None when it cannot be traced alone (then where a value comes from stays
+    unknown)."""
+    old = getattr(owner, attribute)
+    try:
+        setattr(owner, attribute, value)
+        return _LeafTracer().trace(owner)
+    except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
+        return None
+    finally:
+        setattr(owner, attribute, old)
+
+
 def _reads_attribute(
     owner: nn.Module, attribute: str, function: Callable | str, position: int, keyword: str, literal: Any = None
 ) -> bool:
@@ -103,13 +117,9 @@ def _reads_attribute(
     else:
         values = [int(v) + 7919 for v in old]
         sentinel = torch.Size(values) if isinstance(old, torch.Size) else type(old)(values)
-    try:
-        setattr(owner, attribute, sentinel)
-        graph = _LeafTracer().trace(owner)
-    except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
+    graph = _traced_with(owner, attribute, sentinel)
+    if graph is None:
         return False
-    finally:
-        setattr(owner, attribute, old)
     op = "call_method" if isinstance(function, str) else "call_function"
     values = [
         n.kwargs.get(keyword, n.args[position] if len(n.args) > position else None)

@@ -170,21 +170,27 @@ def _outputs_cut_with_inputs(removals: list[tuple[Any, Any]], dropout_policy: st
     for role, positions in removals:
         if role.direction != "in" or role.per_call:
             continue
-        rule = get_slicing_rule(role.module)
-        if rule is None:
-            continue
-        space = role.space
-        unit_selection = UnitSelection.from_remove(
-            torch.as_tensor(positions, dtype=torch.long),
-            space.size,
-            axis=space.axis,
-            ndim=space.ndim,
-            dropout_policy=dropout_policy,
-        )
-        out_removed = removed_out(rule, role.module, role.module_name, unit_selection)
+        out_removed = _outputs_removed_with_inputs(role, positions, dropout_policy)
         if out_removed is not None:
             cut[id(role.module)] = torch.as_tensor(out_removed, dtype=torch.long).sort().values
     return cut
+
+
+def _outputs_removed_with_inputs(role: Any, positions: Any, dropout_policy: str = "linear") -> Any:
+    """The output units ``role.module``'s rule removes when its input loses ``positions`` (a
+    grouped convolution losing whole conv groups), or None."""
+    rule = get_slicing_rule(role.module)
+    if rule is None:
+        return None
+    space = role.space
+    unit_selection = UnitSelection.from_remove(
+        torch.as_tensor(positions, dtype=torch.long),
+        space.size,
+        axis=space.axis,
+        ndim=space.ndim,
+        dropout_policy=dropout_policy,
+    )
+    return removed_out(rule, role.module, role.module_name, unit_selection)
 
 
 def with_whole_conv_groups(dep: DependencyGraph, selection: Selection) -> dict[Group, list[int]]:
@@ -205,14 +211,7 @@ def with_whole_conv_groups(dep: DependencyGraph, selection: Selection) -> dict[G
                 or len(dep.graph.sites_of(module)) != 1
             ):
                 continue
-            rule = get_slicing_rule(module)
-            if rule is None:
-                continue
-            space = role.space
-            unit_selection = UnitSelection.from_remove(
-                torch.as_tensor(positions, dtype=torch.long), space.size, axis=space.axis, ndim=space.ndim
-            )
-            out_removed = removed_out(rule, module, role.module_name, unit_selection)
+            out_removed = _outputs_removed_with_inputs(role, positions)
             if out_removed is None:
                 continue
             for group, units in dep.select(module, out_removed.tolist()).items():
