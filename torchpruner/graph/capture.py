@@ -383,9 +383,11 @@ def _raise_for_output(model: nn.Module, error: BaseException) -> None:
 def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> fx.GraphModule:
     """An fx graph module of ``model`` built from ``torch.export`` (see the module docstring).
 
-    Runs the model once on fake tensors in eval mode; the model, its buffers and the RNG are left
+    Runs the model once on fake tensors in eval mode, then the model and the captured graph once
+    each on the real example to check that they agree; the model, its buffers and the RNG are left
     as they were. Raises whatever torch.export raises when it cannot export the model, and
-    :class:`CaptureError` for inputs a captured graph cannot take.
+    :class:`CaptureError` for inputs a captured graph cannot take or a graph that computes
+    something else.
     """
     kwargs = dict(kwargs or {})
     ep = export_model(model, args, kwargs)
