@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .slots import SlotFlow, _slot_ids, _traced_with
+from .slots import SlotFlow, _is_kept_part, _slot_ids, _traced_with
 from .spaces import _CannotFollow, _ShapeAttribute, _Space
 
 _RESHAPE_METHODS = ("reshape", "view")
@@ -209,12 +209,7 @@ class HeadFlow(SlotFlow):
                         f"({type(exc).__name__}: {str(exc)[:120]})"
                     )
                     break
-                expected = y.index_select(out_axis, torch.as_tensor(kept))
-                if (
-                    not isinstance(y_small, torch.Tensor)
-                    or y_small.shape != expected.shape
-                    or not torch.equal(y_small, expected)
-                ):
+                if not _is_kept_part(y_small, y, out_axis, kept):
                     failure = (
                         f"hard-coded shape in {self._label(node)}: its result is wrong once units are "
                         f"removed (e.g. x.view(-1, C*H*W) with a literal size)"
@@ -265,12 +260,7 @@ class HeadFlow(SlotFlow):
                 except Exception:  # noqa: BLE001 - the code fails with fewer heads: a literal size
                     ok = False
                     break
-                expected = y.index_select(axis, torch.as_tensor(keep_heads))
-                if (
-                    not isinstance(y_small, torch.Tensor)
-                    or y_small.shape != expected.shape
-                    or not torch.equal(y_small, expected)
-                ):
+                if not _is_kept_part(y_small, y, axis, keep_heads):
                     ok = False
                     break
             if not ok:

@@ -16,7 +16,7 @@ from torchpruner._ops import SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUP
 
 from .spaces import _CannotFollow, _ShapeAttribute, _Space, _flatten_nodes
 from .flow_heads import HeadFlow
-from .slots import _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
+from .slots import _is_kept_part, _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
 
 
 class TensorOpFlow(HeadFlow):
@@ -363,8 +363,7 @@ class TensorOpFlow(HeadFlow):
             return value if isinstance(value, torch.Tensor) else None
 
         def equals(value: torch.Tensor | None, removed: np.ndarray) -> bool:
-            expected = y.index_select(out_axis, torch.as_tensor(np.nonzero(~np.isin(line, removed))[0]))
-            return value is not None and value.shape == expected.shape and torch.equal(value, expected)
+            return _is_kept_part(value, y, out_axis, np.nonzero(~np.isin(line, removed))[0])
 
         length, first = len(line), int(line[0])
         contiguous = bool(np.array_equal(line, np.arange(first, first + length)))

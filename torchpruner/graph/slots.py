@@ -89,6 +89,13 @@ def _layer_norm_reads(owner: nn.Module, attribute: str, literal: Any) -> bool:
     return _reads_attribute(owner, attribute, F.layer_norm, 1, "normalized_shape", literal)
 
 
+def _is_kept_part(value: Any, full: torch.Tensor, axis: int, kept: Any) -> bool:
+    """``value`` is ``full`` with only the positions ``kept`` along ``axis`` (what an op run on
+    fewer units must give when it follows them)."""
+    expected = full.index_select(axis, torch.as_tensor(kept))
+    return isinstance(value, torch.Tensor) and value.shape == expected.shape and torch.equal(value, expected)
+
+
 def _traced_with(owner: nn.Module, attribute: str, value: Any) -> fx.Graph | None:
     """``owner``'s forward traced alone with ``owner.<attribute>`` set to ``value`` (restored
     afterwards), or None when it cannot be traced alone (then where a value comes from stays
