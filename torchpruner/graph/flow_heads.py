@@ -59,24 +59,31 @@ class HeadFlow(SlotFlow):
             return list(node.args[1]), 1, True
         return list(node.args[1:]), 1, False
 
-    def _with_shape(self, node: fx.Node, position: int, value: int) -> tuple[tuple, dict]:
+    def _with_shape(self, node: fx.Node, position: int, value: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``node``'s (args, kwargs) with entry ``position`` of its target shape replaced."""
-        shape, start, packed = self._shape_list(node)  # type: ignore[misc]
+        found = self._shape_list(node)
+        assert found is not None, "only called on a reshape whose shape entry comes from an attribute"
+        shape, start, packed = found
         shape = list(shape)
         shape[position] = value
         args = list(node.args)
         if packed:
-            args[start] = type(node.args[start])(shape)
+            packed_shape = node.args[start]
+            assert isinstance(packed_shape, (list, tuple))  # what _shape_list found there
+            args[start] = type(packed_shape)(shape)
         else:
             args[start:] = shape
         return tuple(args), dict(node.kwargs)
 
-    def _run_with(self, node: fx.Node, env: dict[fx.Node, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    def _run_with(
+        self, node: fx.Node, env: dict[fx.Node, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """Run ``node``'s op on (args, kwargs) with their nodes evaluated against ``env``."""
         args, kwargs = self._evaluate_value((args, kwargs), env)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
+        target = node.target
+        if isinstance(target, str):  # call_method: the name of a tensor method
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return target(*args, **kwargs)
 
     def _shape_attribute_at(self, node: fx.Node, position: int) -> tuple[nn.Module, str, str] | None:
         """``(module, name, attribute)`` when entry ``position`` of ``node``'s target shape is a
@@ -278,11 +285,14 @@ class HeadFlow(SlotFlow):
     def _matmul(self, node: fx.Node) -> None:
         """A batched matrix product ``a @ b`` (``[..., n, k] @ [..., k, m]``)."""
         a, b = node.args[0], node.args[1]
-        out_shape = self._shape(node)
-        shapes = [self._shape(a), self._shape(b)]
-        if out_shape is None or any(s is None or len(s) < 2 for s in shapes):
-            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it multiplies vectors")
-        spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (a, b)]
+        vectors = f"cannot follow the units through {self._label(node)}: it multiplies vectors"
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            raise _CannotFollow(vectors)  # a constant operand: no recorded shape
+        out_shape, shape_a, shape_b = self._shape(node), self._shape(a), self._shape(b)
+        if out_shape is None or shape_a is None or shape_b is None or len(shape_a) < 2 or len(shape_b) < 2:
+            raise _CannotFollow(vectors)
+        shapes = [shape_a, shape_b]
+        spaces = [self._spaces.get(a), self._spaces.get(b)]
         nd = len(out_shape)
         mapped: list[tuple[_Space, int]] = []  # (operand space, output axis)
         contracted: list[_Space] = []
@@ -328,20 +338,21 @@ class HeadFlow(SlotFlow):
         names = ("query", "key", "value", "attn_mask")
         q, k, v, mask = (node.kwargs.get(n, node.args[i] if len(node.args) > i else None) for i, n in enumerate(names))
         label = self._label(node)
-        spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
-        if any(s is None for s in spaces):
+        sq, sk, sv = (self._spaces.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v))
+        if sq is None or sk is None or sv is None:
             raise _CannotFollow(
                 f"{label}: the query, key and value must all carry units on their head axis "
                 f"(cross-attention with fixed keys cannot lose heads)"
             )
-        for space, what in zip(spaces, ("query", "key", "value")):
+        for space, what in zip((sq, sk, sv), ("query", "key", "value")):
             if space.ndim < 3 or space.axis != space.ndim - 3:
                 raise _CannotFollow(
                     f"{label}: the {what} carries units on axis {space.axis}, not on its head "
                     f"axis {space.ndim - 3} (only whole heads can be pruned through it)"
                 )
-        sq, sk, sv = spaces
-        out = self._alloc(node, len(self._shape(node)) - 3)
+        out_shape = self._shape(node)
+        assert out_shape is not None  # the analysis visits an attention op only when it returns a tensor
+        out = self._alloc(node, len(out_shape) - 3)
         self._link_same(sq, out)
         if sk.size != sv.size:
             raise _CannotFollow(f"{label}: the key and value have different head counts")
