@@ -385,7 +385,11 @@ PASS_THROUGH_MODULES: tuple[type, ...] = tuple(m for m in ACTIVATION_MODULES if 
     nn.FeatureAlphaDropout,
 )
 MOVEMENT_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten)
-DIM_WISE_MODULES: tuple[type, ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+DIM_WISE_MODULES: tuple[type[nn.Softmax] | type[nn.LogSoftmax] | type[nn.Softmin], ...] = (
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Softmin,
+)
 
 
 #: Functional forms of the torch.nn layers. A call whose tensors are all parameters/buffers of one

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import torch.fx as fx
@@ -91,7 +91,7 @@ class LayerFlow(TensorOpFlow):
         owner_name = self._calling_module(node)
         owner = self._modules.get(owner_name) if owner_name is not None else None
         shown = normalized if isinstance(normalized, int) else tuple(normalized)
-        if owner is None:
+        if owner is None or owner_name is None:
             raise _CannotFollow(
                 f"{label} reads normalized_shape {shown} as a constant of no known module; "
                 f"use nn.LayerNorm or keep the shape in a module attribute"
@@ -132,6 +132,7 @@ class LayerFlow(TensorOpFlow):
         changes (``groups`` of a grouped convolution, ``num_groups``, ``normalized_shape``) must
         come from the layer's attributes, not from literals in its code."""
         module = site.module
+        assert module is not None  # the analysis calls this only for a call site with its layer
         _, _, settings = FUNCTIONAL_LAYERS[node.target]
         for position, keyword, attribute in settings:
             value = getattr(module, attribute)
@@ -146,7 +147,7 @@ class LayerFlow(TensorOpFlow):
         data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
         self._visit_module(node, module, data)
 
-    def _visit_module(self, node: fx.Node, module: nn.Module, slotted: List[fx.Node]) -> None:
+    def _visit_module(self, node: fx.Node, module: nn.Module, slotted: list[fx.Node]) -> None:
         name = self._site_by_node[node].module_name or str(node.target)
         shape = self._shape(node)
         if isinstance(module, nn.MultiheadAttention):
@@ -293,8 +294,11 @@ class LayerFlow(TensorOpFlow):
     def _visit_module_item(self, node: fx.Node) -> None:
         """``getitem`` on a module returning a tuple: ``nn.MultiheadAttention``'s output."""
         source = node.args[0]
-        module = self._traced_modules[source.target]
-        name = self._site_by_node[source].module_name or source.target
+        # the analysis calls this only for a getitem on a call_module node (its target: the module's path)
+        assert isinstance(source, fx.Node) and isinstance(source.target, str)
+        path = source.target
+        module = self._traced_modules[path]
+        name = self._site_by_node[source].module_name or path
         if isinstance(module, nn.MultiheadAttention) and node.args[1] == 0:
             self._attention(source, node, module, name)
             return
@@ -307,14 +311,16 @@ class LayerFlow(TensorOpFlow):
         key = source.kwargs.get("key", source.args[1] if len(source.args) > 1 else None)
         value = source.kwargs.get("value", source.args[2] if len(source.args) > 2 else None)
         label = self._label(source)
-        space = self._spaces.get(query)
+        space = self._spaces.get(query) if isinstance(query, fx.Node) else None
         if space is None:
             raise _CannotFollow(f"{label}: query without units")
         if not (query is key is value) or not module._qkv_same_embed_dim:
             raise _CannotFollow(f"{label}: only self-attention (query is key is value) can be pruned")
         if space.axis != space.ndim - 1:
             raise _CannotFollow(f"{label}: units must be on the last axis")
-        out = self._alloc(node, len(self._shape(node)) - 1)
+        out_shape = self._shape(node)
+        assert out_shape is not None  # the analysis visits a getitem only when it returns a tensor
+        out = self._alloc(node, len(out_shape) - 1)
         self._link_same(space, out)
         head_dim = module.embed_dim // module.num_heads
         slots = np.arange(space.size)
@@ -348,6 +354,7 @@ class LayerFlow(TensorOpFlow):
 
     def _attr_role(self, space: _Space) -> None:
         path = space.node.target
+        assert isinstance(path, str)  # called for get_attr nodes: the target is the tensor's path
         owner_path, _, attr = path.rpartition(".")
         owner = self._modules.get(owner_path)
         if owner is None:
