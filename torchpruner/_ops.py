@@ -89,7 +89,7 @@ DROPOUT_MODULES: tuple[type, ...] = (
     nn.FeatureAlphaDropout,
 )
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-BATCHNORM_MODULES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+BATCHNORM_MODULES: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (nn.modules.batchnorm._BatchNorm,)
 BATCHNORM_FUNCTIONS = {F.batch_norm}
 
 #: Functions/methods that merge several tensors: an evaluation point never moves past them.

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import auto as tqdm_auto
 
 from torchpruner._ops import BATCHNORM_MODULES
+from torchpruner._state import to_device
 from torchpruner.graph import CallSite, ModelGraph, get_graph, preserved_state
 from torchpruner.graph.dependency import Group, get_dependency_graph
 from torchpruner.graph.evaluation import evaluation_module
@@ -45,7 +46,6 @@ from .data import (
     per_example_loss,
     scoring_iterator,
     sum_positions,
-    to_device,
     unit_mask_shape,
     units_view,
     wide,
@@ -182,9 +182,12 @@ def reduce_scores(per_example: np.ndarray, reduction: Reduction) -> np.ndarray:
     if reduction == "none":
         return per_example
     if reduction == "mean":
-        return per_example.mean(axis=0)
+        mean: np.ndarray = per_example.mean(axis=0)
+        return mean
     if reduction == "sum":
-        return per_example.sum(axis=0)
+        total: np.ndarray = per_example.sum(axis=0)
+        return total
+    assert callable(reduction)  # check_reduction accepts no other string
     scores = np.asarray(reduction(per_example))
     if scores.shape != per_example.shape[1:]:
         raise ValueError(
@@ -232,11 +235,13 @@ class _ScoreAccumulator:
         self.rows += partial["rows"]
 
     def result(self) -> np.ndarray:
-        if self.reduction == "mean":
-            return self.total / self.count
-        if self.reduction == "sum":
-            return self.total
+        if self.reduction in ("mean", "sum"):
+            if self.total is None:
+                raise ValueError("no scores were accumulated")
+            return self.total / self.count if self.reduction == "mean" else self.total
         if isinstance(self.reduction, MeanPlusStd):
+            if self.moments is None:
+                raise ValueError("no scores were accumulated")
             return self.reduction.from_moments(self.moments)
         return reduce_scores(np.concatenate(self.rows, axis=0), self.reduction)
 
@@ -348,8 +353,8 @@ class AttributionMetric:
     def __init__(
         self,
         model: nn.Module,
-        data_generator: Iterable,
-        criterion: Callable,
+        data_generator: Iterable[Any],
+        criterion: Callable[..., Any],
         device: torch.device | str | None = None,
         reduction: Reduction = "mean",
         max_batches: int | None = None,
@@ -439,9 +444,10 @@ class AttributionMetric:
                     def count_units() -> int:
                         with contextlib.closing(self._batches(model)) as batches:
                             first = self._first_batch(batches)
-                        return self._evaluation_point(
+                        site, _ = self._evaluation_point(
                             model, module, first, find_best_evaluation_module, call_index, stacklevel=7
-                        )[0].num_units
+                        )
+                        return MaskPoint.of_site(site).size
 
                     return self._finish(self.score_without_data(Scored(site_module, None, count_units), options))
                 warn_if_batch_statistics(model, self.name, stacklevel=2)
@@ -449,7 +455,7 @@ class AttributionMetric:
                     first = self._first_batch(batches)
                     site, graph = self._evaluation_point(model, module, first, find_best_evaluation_module, call_index)
                     point = MaskPoint.of_site(site)
-                    runner = Runner([point], [point], site.num_units, self.criterion, site.label)
+                    runner = Runner([point], [point], point.size, self.criterion, site.label)
                     return self._score(graph, runner, itertools.chain([first], batches), options)
 
     def run_all(
@@ -644,7 +650,7 @@ class AttributionMetric:
             else:
                 site, _ = self._evaluation_point(model, target, first, find_best, 0, stacklevel=5, graph=graph)
                 point = MaskPoint.of_site(site)
-                runners[key] = Runner([point], [point], site.num_units, self.criterion, site.label)
+                runners[key] = Runner([point], [point], point.size, self.criterion, site.label)
         return runners
 
     def _without_data(self) -> bool:
@@ -656,7 +662,7 @@ class AttributionMetric:
         first = next(itertools.chain(model.parameters(), model.buffers()), None)
         return first.device if first is not None else None
 
-    def _batches(self, model: nn.Module) -> Iterator[Batch]:
+    def _batches(self, model: nn.Module) -> Generator[Batch, None, None]:
         """The data generator's batches (at most ``max_batches``) as :class:`Batch` on the device.
 
         A generator: close it (``contextlib.closing``) so that a private DataLoader iterator

@@ -76,8 +76,8 @@ class CaptumAttributionMetric(AttributionMetric):
     def __init__(
         self,
         model: nn.Module,
-        data_generator: Iterable,
-        criterion: Callable,
+        data_generator: Iterable[Any],
+        criterion: Callable[..., Any],
         device: torch.device | str | None = None,
         method: type | None = None,
         reduction: Reduction = "mean",
@@ -112,7 +112,7 @@ class CaptumAttributionMetric(AttributionMetric):
     def _method_class(options: dict[str, Any]) -> type:
         method = options["method"]
         if method is None:
-            from captum.attr import LayerConductance
+            from captum.attr import LayerConductance  # type: ignore[import-untyped]  # captum ships no types
 
             method = LayerConductance
         if not isinstance(method, type) or not hasattr(method, "attribute"):
@@ -151,11 +151,13 @@ class CaptumAttributionMetric(AttributionMetric):
                 "inputs; for integer inputs (token ids) use LayerIntegratedGradients (it "
                 "interpolates the layer) or LayerGradientXActivation"
             )
-        criterion, kwargs = self.criterion, batch.kwargs
+        criterion, kwargs, forward = self.criterion, batch.kwargs, runner.forward
+        if forward is None:
+            raise RuntimeError(f"{runner.label} is scored outside the data loop")
 
         def forward_func(*inputs_and_target: Any) -> torch.Tensor:
             *inputs, target = inputs_and_target
-            output = runner.forward(*inputs, **kwargs)
+            output = forward(*inputs, **kwargs)
             first = first_tensor(inputs)
             return -per_example_loss(criterion, output, target, None if first is None else first.shape[0])
 
@@ -164,7 +166,8 @@ class CaptumAttributionMetric(AttributionMetric):
         def through_probe(point: MaskPoint, z: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled() and not z.requires_grad:
                 z = z.detach().requires_grad_(True)
-            return probe(z).clone()  # a new tensor: downstream in-place ops leave captum's copy alone
+            probed: torch.Tensor = probe(z)
+            return probed.clone()  # a new tensor: downstream in-place ops leave captum's copy alone
 
         attributor = method_cls(forward_func, probe, **(options["init_kwargs"] or {}))
         inputs = batch.args[0] if len(batch.args) == 1 else batch.args

@@ -10,7 +10,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -41,8 +41,8 @@ class Batch:
         size: number of examples (dim 0 of the first tensor input).
     """
 
-    args: tuple
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
     target: Any = None
     size: int = 0
 
@@ -94,6 +94,8 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
 def make_batch(raw: Any, batch_fn: BatchFn | None, device: torch.device | None) -> Batch:
     """Turn one item of the data generator into a :class:`Batch` on ``device``."""
     inputs, target = (batch_fn or default_batch_fn)(raw)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if isinstance(inputs, Mapping):
         args, kwargs = (), dict(inputs)
     elif isinstance(inputs, (tuple, list)):
@@ -107,7 +109,7 @@ def make_batch(raw: Any, batch_fn: BatchFn | None, device: torch.device | None) 
     return Batch(args=args, kwargs=kwargs, target=target, size=int(first.shape[0]))
 
 
-def _has_shared_iterator(data_generator: Any) -> bool:
+def _has_shared_iterator(data_generator: Any) -> TypeGuard[DataLoader[Any]]:
     """A DataLoader with persistent workers whose one shared iterator exists (a loop may be
     iterating it: ``iter(loader)`` would reset it)."""
     return (
@@ -119,7 +121,7 @@ def _has_shared_iterator(data_generator: Any) -> bool:
 
 
 @contextlib.contextmanager
-def scoring_iterator(data_generator: Iterable) -> Iterator[Iterator[Any]]:
+def scoring_iterator(data_generator: Iterable[Any]) -> Iterator[Iterator[Any]]:
     """An iterator over ``data_generator`` that leaves a training loop's own iteration alone.
 
     A ``DataLoader`` with ``persistent_workers=True`` keeps one shared iterator and resets it on
@@ -151,7 +153,7 @@ def _criterion_name(criterion: Any) -> str:
     return getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", None) or repr(criterion)
 
 
-def _accepts_reduction(fn: Callable) -> bool | None:
+def _accepts_reduction(fn: Callable[..., Any]) -> bool | None:
     """True/False when the signature says so, None when it cannot be inspected."""
     try:
         params = inspect.signature(fn).parameters.values()
@@ -160,7 +162,9 @@ def _accepts_reduction(fn: Callable) -> bool | None:
     return any(p.name == "reduction" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def per_example_loss(criterion: Callable, output: Any, target: Any, batch_size: int | None = None) -> torch.Tensor:
+def per_example_loss(
+    criterion: Callable[..., Any], output: Any, target: Any, batch_size: int | None = None
+) -> torch.Tensor:
     """Loss of every example of a batch, shape ``[N]``.
 
     ``criterion`` is called as ``criterion(output, target, reduction="none")`` (the
@@ -181,7 +185,7 @@ def per_example_loss(criterion: Callable, output: Any, target: Any, batch_size: 
     name = _criterion_name(criterion)
     if isinstance(criterion, nn.Module) and isinstance(getattr(criterion, "reduction", None), str):
         previous = criterion.reduction
-        criterion.reduction = "none"
+        criterion.reduction = "none"  # type: ignore[assignment]  # __setattr__ is typed for tensors/modules
         try:
             loss = criterion(output, target)
         finally:

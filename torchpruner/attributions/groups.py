@@ -212,7 +212,7 @@ def _points(
     return points
 
 
-def group_runner(graph: ModelGraph, group: Group, criterion: Callable) -> Runner:
+def group_runner(graph: ModelGraph, group: Group, criterion: Callable[..., Any]) -> Runner:
     """The runner of ``run(group)``: the group's read and entry points in ``graph``."""
     known: dict[str, MaskPoint] = {}
     read = _points(graph, group, group.mask_points(), known)

@@ -48,6 +48,16 @@ class Moments:
         return Moments(count=count, mean=mean, m2=m2)
 
 
+def _is_real(value: object) -> bool:
+    """A real number (numpy scalars included) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integral(value: object) -> bool:
+    """An integer (numpy scalars included) that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class MeanPlusStd:
     """The reduction ``mean + k · std`` over examples, per unit.
 
@@ -62,9 +72,9 @@ class MeanPlusStd:
     """
 
     def __init__(self, k: float = 2.0, ddof: int = 0) -> None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not np.isfinite(k):
+        if not _is_real(k) or not np.isfinite(k):
             raise TypeError(f"k must be a finite real number, got {k!r}")
-        if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral) or ddof < 0:
+        if not _is_integral(ddof) or ddof < 0:
             raise ValueError(f"ddof must be a non-negative int, got {ddof!r}")
         self.k = float(k)
         self.ddof = int(ddof)

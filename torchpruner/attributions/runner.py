@@ -29,6 +29,7 @@ sees exactly what it would see alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from torchpruner.graph import CallSite, ModelGraph
+from torchpruner.graph.dependency import Group
 
 from .data import Batch, per_example_loss, unit_mask_shape, units_view, wide
 
@@ -63,8 +65,11 @@ class MaskPoint:
     @classmethod
     def of_site(cls, site: CallSite) -> MaskPoint:
         """A layer's evaluation point: position c is unit c."""
-        identity = torch.arange(site.num_units, dtype=torch.long)
-        return cls(site=site, axis=site.unit_axis, size=site.num_units, positions=identity, units=identity)
+        num_units, axis = site.num_units, site.unit_axis
+        if num_units is None or axis is None:
+            raise ValueError(f"the call site {site.label} has no unit axis: it cannot be an evaluation point")
+        identity = torch.arange(num_units, dtype=torch.long)
+        return cls(site=site, axis=axis, size=num_units, positions=identity, units=identity)
 
     @property
     def is_identity(self) -> bool:
@@ -124,9 +129,9 @@ class Runner:
         read_points: list[MaskPoint],
         entry_points: list[MaskPoint],
         num_units: int,
-        criterion: Callable,
+        criterion: Callable[..., Any],
         label: str,
-        group: Any = None,
+        group: Group | None = None,
     ) -> None:
         self.read_points = read_points
         self.entry_points = entry_points
@@ -151,7 +156,7 @@ class Runner:
 
     def functions(self) -> dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
         """``{site: fn}`` for ``graph.intercept``; each fn delegates to the current transform."""
-        return {point.site: (lambda z, point=point: self._apply(point, z)) for point in self.points}
+        return {point.site: functools.partial(self._apply, point) for point in self.points}
 
     def set_progress(self, text: str) -> None:
         """Show ``text`` on the progress bar (a no-op without one)."""
@@ -177,6 +182,8 @@ class Runner:
                 f"{self.label} shares its forward pass with other runners: only "
                 "activations() and activations_and_gradients() are available"
             )
+        if self.forward is None:
+            raise RuntimeError(f"{self.label} is run outside the data loop")
         with self.transformed(transform):
             return self.forward(*batch.args, **batch.kwargs)
 
@@ -292,7 +299,7 @@ class SharedPass:
         forward: runs the intercepted model (set by the data loop for the whole run).
     """
 
-    def __init__(self, runners: list[Runner], criterion: Callable) -> None:
+    def __init__(self, runners: list[Runner], criterion: Callable[..., Any]) -> None:
         self.runners = runners
         self.criterion = criterion
         self.forward: Callable[..., Any] | None = None
@@ -314,7 +321,7 @@ class SharedPass:
 
     def functions(self) -> dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
         """``{site: fn}`` for ``graph.intercept``: each site once, whichever runners hold it."""
-        return {site: (lambda z, name=name: self._apply(name, z)) for name, site in self._sites.items()}
+        return {site: functools.partial(self._apply, name) for name, site in self._sites.items()}
 
     def _apply(self, name: str, z: torch.Tensor) -> torch.Tensor:
         for point in self._points[name]:

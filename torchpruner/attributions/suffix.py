@@ -85,7 +85,8 @@ _CHAIN_FUNCTIONS = (
     }
 )
 _CHAIN_METHODS = set(ACTIVATION_METHODS) | {"view", "reshape", "flatten", "contiguous", "clone"}
-_LINEAR_CONSUMERS: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LINEAR_CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LinearConsumer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -101,6 +102,13 @@ def _is_shape_query(node: fx.Node) -> bool:
             return len(node.args) > 1 and node.args[1] in SHAPE_QUERY_ATTRIBUTES
         return node.target in SHAPE_QUERY_FUNCTIONS
     return False
+
+
+def _target_name(node: fx.Node) -> str:
+    """The target of a ``get_attr``, ``call_method`` or ``call_module`` node (a name in fx)."""
+    if not isinstance(node.target, str):
+        raise SuffixUnavailable(f"the node {node.name} ({node.op}) has a target that is not a name")
+    return node.target
 
 
 def _closure(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
@@ -188,7 +196,7 @@ class Suffix:
         self,
         graph: ModelGraph,
         read_points: list[MaskPoint],
-        criterion: Callable,
+        criterion: Callable[..., Any],
         max_batch_elements: int = DEFAULT_MAX_BATCH_ELEMENTS,
     ) -> None:
         if graph.method != "fx" or graph.traced is None:
@@ -227,16 +235,16 @@ class Suffix:
         if node.op == "placeholder":
             return inputs[node]
         if node.op == "get_attr":
-            return operator.attrgetter(node.target)(self.traced)
+            return operator.attrgetter(_target_name(node))(self.traced)
         args = fx.node.map_arg(node.args, fetch)
         kwargs = fx.node.map_arg(node.kwargs, fetch)
-        if node.op == "call_function":
+        if node.op == "call_function" and callable(node.target):
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)
+            return getattr(self_obj, _target_name(node))(*rest, **kwargs)
         if node.op == "call_module":
-            return self.traced.get_submodule(node.target)(*args, **kwargs)
+            return self.traced.get_submodule(_target_name(node))(*args, **kwargs)
         raise SuffixUnavailable(f"cannot evaluate the node {node.name} ({node.op})")
 
     def _inputs(self, batch: Batch) -> dict[fx.Node, Any]:
@@ -377,7 +385,9 @@ class Suffix:
         return Incremental(self, example, batch)
 
 
-_INPUTS = object()  # key of the model inputs in a prefix environment
+#: The key of the model inputs in a prefix environment: not a node, hence the ``type: ignore[index]``
+#: where an environment is indexed with it.
+_INPUTS = object()
 
 
 def point_keep(point: MaskPoint, keeps: torch.Tensor) -> torch.Tensor:
@@ -411,7 +421,10 @@ class Incremental:
         start = suffix.node_of[id(point)]
         chain, consumer = self._walk(suffix, start)
         self.suffix, self.point, self.start, self.chain, self.consumer = suffix, point, start, chain, consumer
-        self.module = suffix.traced.get_submodule(consumer.target)
+        module = suffix.traced.get_submodule(_target_name(consumer))
+        if not isinstance(module, _LINEAR_CONSUMERS):  # _walk returns only these
+            raise SuffixUnavailable(f"{consumer.name} is not a linear layer")
+        self.module: _LinearConsumer = module
         self.program = _Program(suffix, [consumer], None)
         touched = {start, *chain}
         leaking = [n for n in self.program.frontier if n in touched]
@@ -438,7 +451,7 @@ class Incremental:
             if tensor_inputs != [node] or not user.args or user.args[0] is not node:
                 raise SuffixUnavailable(f"{user.name} reads other tensors")
             if user.op == "call_module":
-                module = suffix.traced.get_submodule(user.target)
+                module = suffix.traced.get_submodule(_target_name(user))
                 if type(module) in _LINEAR_CONSUMERS and len(user.args) == 1 and not user.kwargs:
                     if isinstance(module, nn.modules.conv._ConvNd) and (
                         module.groups != 1 or module.padding_mode != "zeros"
@@ -471,7 +484,10 @@ class Incremental:
         indicators = (owner == torch.arange(units, device=z.device).reshape(indicator_shape)).to(z.dtype)
         indicators = indicators.expand(units, *z.shape[1:]).contiguous()
         zeros = torch.zeros_like(z[one])
-        run = lambda value, k: suffix.evaluate(self.chain_program, env, batch, one, k, {self.start: value})
+
+        def run(value: torch.Tensor, k: int) -> Any:
+            return suffix.evaluate(self.chain_program, env, batch, one, k, {self.start: value})
+
         if bool((run(zeros, 1) != 0).any()):
             raise SuffixUnavailable("the ops before the linear layer do not keep zero at zero")
         owned = run(indicators, units) != 0  # [units, *input shape of the consumer]
