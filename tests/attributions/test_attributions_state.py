@@ -420,6 +420,41 @@ def test_per_example_loss_reduces_extra_dims():
         per_example_loss(lambda o, t, reduction: o.sum(0), out, target, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_example_cross_entropy_fast_path_equals_the_criterion(dtype):
+    """Plain cross-entropy outside autograd is computed as logsumexp minus the target's logit:
+    the criterion's values, for the function and the module; anything else goes to the criterion."""
+    g = torch.Generator().manual_seed(0)
+    out = (torch.randn(300, 7, generator=g) * 30).to(dtype)  # large logits: the shift must be stable
+    target = torch.randint(0, 7, (300,), generator=g)
+    expected = F.cross_entropy(out, target, reduction="none")
+    for criterion in (F.cross_entropy, nn.CrossEntropyLoss()):
+        got = per_example_loss(criterion, out, target, 300)
+        assert got.dtype == dtype
+        # to the rounding of logits of magnitude ~100
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    # ignored targets, class weights, label smoothing, gradients: the criterion's own result
+    ignored = target.clone()
+    ignored[:5] = -100
+    assert torch.equal(
+        per_example_loss(F.cross_entropy, out, ignored, 300), F.cross_entropy(out, ignored, reduction="none")
+    )
+    assert float(per_example_loss(F.cross_entropy, out, ignored, 300)[:5].abs().max()) == 0.0
+    weight = torch.rand(7, generator=g, dtype=dtype)
+    for module in (nn.CrossEntropyLoss(weight=weight), nn.CrossEntropyLoss(label_smoothing=0.1)):
+        module.reduction = "none"
+        expected_module = module(out, target)
+        module.reduction = "mean"
+        assert torch.equal(per_example_loss(module, out, target, 300), expected_module)
+        assert module.reduction == "mean"
+    leaf = out.clone().requires_grad_()
+    per_example_loss(F.cross_entropy, leaf, target, 300).sum().backward()
+    assert leaf.grad is not None
+    with pytest.raises(IndexError):  # an invalid class index is the criterion's error, as before
+        per_example_loss(F.cross_entropy, out, torch.full((300,), 7), 300)
+
+
 def test_options_constructor_then_run_override():
     model = make_model()
     data = loader(shuffle=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -162,6 +163,31 @@ def _accepts_reduction(fn: Callable[..., Any]) -> bool | None:
     return any(p.name == "reduction" or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def _plain_cross_entropy(criterion: Any, output: Any, target: Any) -> torch.Tensor | None:
+    """Per-example cross-entropy as ``logsumexp(output) - output[target]`` when ``criterion`` is
+    plain cross-entropy (``F.cross_entropy`` or an ``nn.CrossEntropyLoss()`` with no class
+    weights, label smoothing or ignored targets in the batch) on logits ``[N, C]`` and class
+    indices ``[N]`` outside autograd; None otherwise. The same values as the criterion (to float
+    rounding), several times faster on the CPU for the tall stacked batches of coalition
+    evaluations (``log_softmax`` over a short last dim is slow there)."""
+    if criterion is F.cross_entropy:
+        pass
+    elif type(criterion) is nn.CrossEntropyLoss:
+        if criterion.weight is not None or criterion.label_smoothing != 0.0 or criterion.ignore_index >= 0:
+            return None
+    else:
+        return None
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return None
+    if output.dim() != 2 or target.dim() != 1 or target.dtype != torch.long or len(target) != len(output):
+        return None
+    if output.dtype not in (torch.float32, torch.float64) or output.requires_grad or len(target) == 0:
+        return None
+    if bool(target.min() < 0) or bool(target.max() >= output.shape[1]):  # ignored or invalid: the criterion decides
+        return None
+    return torch.logsumexp(output, 1) - output.gather(1, target[:, None]).squeeze(1)
+
+
 def per_example_loss(
     criterion: Callable[..., Any], output: Any, target: Any, batch_size: int | None = None
 ) -> torch.Tensor:
@@ -182,6 +208,9 @@ def per_example_loss(
         TypeError: the criterion does not accept ``reduction``.
         ValueError: the criterion returned a scalar or a tensor whose first dim is not the batch.
     """
+    fast = _plain_cross_entropy(criterion, output, target)
+    if fast is not None:
+        return fast
     name = _criterion_name(criterion)
     if isinstance(criterion, nn.Module) and isinstance(getattr(criterion, "reduction", None), str):
         previous = criterion.reduction

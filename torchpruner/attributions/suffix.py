@@ -171,6 +171,7 @@ class _Program:
             key=order.__getitem__,
         )
         self.output = output
+        self._plan_rewrites(suffix)
         self.elements_per_example = max(
             [1]
             + [
@@ -179,6 +180,114 @@ class _Program:
                 if (site := suffix.site_of.get(node)) is not None and site.shape is not None and len(site.shape)
             ]
         )
+
+    def _plan_rewrites(self, suffix: Suffix) -> None:
+        """Two rewrites of the per-coalition program that give the same values with less work:
+        a ReLU whose only reader is a max-pool runs after it, on the pooled tensor
+        (``maxpool(relu(x)) == relu(maxpool(x))``: ReLU is non-decreasing), and a ReLU whose
+        input is the fresh output of a linear, convolution or BatchNorm layer read by nothing
+        else runs in place. Masked nodes, the program's output and its given nodes are left
+        alone."""
+        masked = set(suffix.masked_at)
+        inside = set(self.nodes)
+        keep_out = masked | set(self.given) | ({self.output} if self.output is not None else set())
+        #: max-pool node -> the ReLU it now runs before
+        self.pool_first: dict[fx.Node, fx.Node] = {}
+        #: ReLU nodes whose input is overwritten
+        self.in_place: set[fx.Node] = set()
+        for node in self.nodes:
+            if node in keep_out or not _is_plain_relu(suffix, node):
+                continue
+            (source,) = node.all_input_nodes
+            users = list(node.users)
+            if len(users) == 1 and users[0] in inside and users[0] not in keep_out and _is_max_pool(suffix, users[0]):
+                if users[0].args and users[0].args[0] is node:
+                    self.pool_first[users[0]] = node
+                    continue
+            if (
+                source in inside
+                and source not in keep_out
+                and list(source.users) == [node]
+                and source.op == "call_module"
+                and isinstance(suffix.traced.get_submodule(str(source.target)), _FRESH_OUTPUT_MODULES)
+            ):
+                self.in_place.add(node)
+        #: linear node -> the flatten it reads (a channels-last input is read without a copy)
+        self.flat_linear: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            if node in keep_out or not _is_flatten_from_1(suffix, node):
+                continue
+            users = list(node.users)
+            if len(users) != 1 or users[0] not in inside or users[0] in keep_out:
+                continue
+            (linear,) = users
+            if (
+                linear.op == "call_module"
+                and type(suffix.traced.get_submodule(str(linear.target))) is nn.Linear
+                and linear.args == (node,)
+                and not linear.kwargs
+            ):
+                self.flat_linear[linear] = node
+        self.deferred = set(self.pool_first.values()) | set(self.flat_linear.values())
+
+
+_FRESH_OUTPUT_MODULES: tuple[type, ...] = _LINEAR_CONSUMERS + (nn.modules.batchnorm._BatchNorm,)
+
+
+def _is_plain_relu(suffix: Suffix, node: fx.Node) -> bool:
+    """``node`` is a ReLU of one tensor (module, function or method), nothing else."""
+    if len(node.all_input_nodes) != 1 or not node.args or node.args[0] is not node.all_input_nodes[0]:
+        return False
+    if node.op == "call_module":
+        return type(suffix.traced.get_submodule(str(node.target))) is nn.ReLU and len(node.args) == 1
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and len(node.args) == 1 and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs
+
+
+def _is_flatten_from_1(suffix: Suffix, node: fx.Node) -> bool:
+    """``node`` flattens every dim after the batch dim of one tensor."""
+    if len(node.all_input_nodes) != 1 or not node.args or node.args[0] is not node.all_input_nodes[0]:
+        return False
+    if node.op == "call_module":
+        module = suffix.traced.get_submodule(str(node.target))
+        return type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1 and len(node.args) == 1
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    ):
+        return tuple(node.args[1:]) == (1,) and not node.kwargs
+    return False
+
+
+class _ChannelsLastWeights:
+    """A linear layer's weight with its input features in channels-last order, cached while the
+    weight is unchanged: ``flatten(x) @ W.T == x.permute(0, 2, 3, 1).reshape(n, -1) @ W_cl.T``."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
+
+    def get(self, module: nn.Linear, shape: torch.Size) -> torch.Tensor:
+        weight = module.weight
+        key = (weight.data_ptr(), weight._version, tuple(shape), weight.dtype, weight.device)
+        hit = self._cache.get(id(module))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        c, h, w = shape
+        permuted = weight.detach().reshape(-1, c, h, w).permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+        self._cache[id(module)] = (key, permuted)
+        return permuted
+
+
+def _is_max_pool(suffix: Suffix, node: fx.Node) -> bool:
+    """``node`` is a max-pool that returns the pooled tensor only (no indices)."""
+    if node.op == "call_module":
+        module = suffix.traced.get_submodule(str(node.target))
+        return isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)) and (
+            not module.return_indices
+        )
+    if node.op == "call_function" and node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
+        return len(node.args) <= 6 and not node.kwargs.get("return_indices", False)
+    return False
 
 
 class Suffix:
@@ -222,6 +331,7 @@ class Suffix:
         later = _descendants(masked_nodes)
         self.first = sorted(masked_nodes - later, key=self.order.__getitem__)
         self.masked_at = {self.node_of[id(p)]: p for p in read_points}
+        self._channels_last_weights = _ChannelsLastWeights()
         self.program = _Program(self, self.first, None)
         self.prefix_nodes = self._prefix_for(self.program, self.first)
 
@@ -318,12 +428,34 @@ class Suffix:
             for node, value in given.items():
                 local[node] = self._mask(node, value, masks)
             for node in program.nodes:
-                if node.op == "output":
+                if node.op == "output" or node in program.deferred:
                     continue
-                local[node] = self._mask(node, self._run_node(node, fetch, inputs), masks)
+                relu = program.pool_first.get(node)
+                if relu is not None:  # the max-pool of the ReLU's input, then the ReLU in place
+                    source = relu.all_input_nodes[0]
+                    value = torch.relu_(self._run_node(node, lambda n: fetch(source if n is relu else n), inputs))
+                elif node in program.in_place:
+                    value = torch.relu_(fetch(node.all_input_nodes[0]))
+                elif node in program.flat_linear:
+                    value = self._flat_linear(node, fetch(program.flat_linear[node].all_input_nodes[0]))
+                else:
+                    value = self._run_node(node, fetch, inputs)
+                local[node] = self._mask(node, value, masks)
             if program.output is not None:
                 return fetch(program.output)
             return fx.node.map_arg(self.output_node.args[0], fetch)
+
+    def _flat_linear(self, node: fx.Node, x: torch.Tensor) -> torch.Tensor:
+        """The linear layer ``node`` on ``flatten(x, 1)``; a channels-last ``x`` is read as it is
+        laid out, against the weight's columns in the same order (no copy of ``x``)."""
+        module = self.traced.get_submodule(str(node.target))
+        assert isinstance(module, nn.Linear)
+        hooked = module._forward_hooks or module._forward_pre_hooks  # hooks see the module's own call
+        if x.dim() == 4 and not hooked and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            weight = self._channels_last_weights.get(module, x.shape[1:])
+            return F.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), weight, module.bias)
+        out: torch.Tensor = module(torch.flatten(x, 1))
+        return out
 
     def _mask(self, node: fx.Node, value: Any, masks: dict[fx.Node, torch.Tensor] | None) -> Any:
         if masks is None or node not in masks:
