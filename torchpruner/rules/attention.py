@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .edits import set_attribute, slice_tensor
+from .edits import Edit, set_attribute, slice_tensor
 from .registry import SlicingRule, UnitSelection, register_slicing_rule
 
 
 @register_slicing_rule(nn.MultiheadAttention)
-class MultiheadAttentionRule(SlicingRule):
+class MultiheadAttentionRule(SlicingRule[nn.MultiheadAttention]):
     """Self-attention ``nn.MultiheadAttention`` (kdim == vdim == embed_dim): torch ties the q, k,
     v and output dims to ``embed_dim``, so embed dim ``i`` goes from the input (in_proj columns),
     from q, k and v (in_proj rows ``i``, ``E+i``, ``2E+i``) and from the output (out_proj rows and
@@ -24,11 +24,12 @@ class MultiheadAttentionRule(SlicingRule):
     )
 
     def out_units(self, module: nn.MultiheadAttention) -> int:
-        return module.embed_dim
+        embed_dim: int = module.embed_dim  # an untyped constructor argument in torch
+        return embed_dim
 
     in_units = out_units
 
-    def prune_in(self, module: nn.MultiheadAttention, selection: UnitSelection) -> list:
+    def prune_in(self, module: nn.MultiheadAttention, selection: UnitSelection) -> list[Edit]:
         if not module._qkv_same_embed_dim:
             raise ValueError("only MultiheadAttention with kdim == vdim == embed_dim can be pruned")
         embed, heads = module.embed_dim, module.num_heads

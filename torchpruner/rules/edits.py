@@ -65,7 +65,8 @@ def _dense_dim_order(tensor: torch.Tensor) -> list[int] | None:
     and not simply contiguous (``channels_last``, transposed); None otherwise."""
     if tensor.dim() < 2 or tensor.is_contiguous():
         return None
-    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+    strides = tensor.stride()
+    order = sorted(range(tensor.dim()), key=lambda d: -strides[d])
     return order if tensor.permute(order).is_contiguous() else None
 
 
@@ -167,6 +168,7 @@ def slice_tensor(
         group_keep: for grouped layers: the tensor is cut into ``len(group_keep)`` equal blocks
             along dim 0 and block ``j`` keeps ``group_keep[j]`` along ``axis`` (which must not be 0).
     """
+    tensor: torch.Tensor | None
     if tensor_name in module._parameters:
         tensor, is_parameter = module._parameters[tensor_name], True
     elif tensor_name in module._buffers:
@@ -195,7 +197,7 @@ def slice_tensor(
     ]
 
 
-def set_attribute(module: nn.Module, attribute: str, value) -> list[Edit]:
+def set_attribute(module: nn.Module, attribute: str, value: object) -> list[Edit]:
     """An edit that sets ``module.<attribute> = value`` (skipped when already equal)."""
     old = getattr(module, attribute)
     if old == value:

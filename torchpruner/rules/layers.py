@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 import torch.nn as nn
 
@@ -22,7 +20,7 @@ from .units import conv_blocked_side
 
 
 @register_slicing_rule(nn.Linear)
-class LinearRule(SlicingRule):
+class LinearRule(SlicingRule[nn.Linear]):
     """``weight [out, in]``; units on the last axis of input and output."""
 
     input_unit_axis = -1
@@ -34,47 +32,53 @@ class LinearRule(SlicingRule):
     def in_units(self, module: nn.Linear) -> int:
         return module.in_features
 
-    def prune_out(self, module: nn.Linear, selection: UnitSelection) -> List[Edit]:
+    def prune_out(self, module: nn.Linear, selection: UnitSelection) -> list[Edit]:
         return (
             slice_tensor(module, "weight", 0, selection.keep)
             + slice_tensor(module, "bias", 0, selection.keep)
             + set_attribute(module, "out_features", len(selection.keep))
         )
 
-    def prune_in(self, module: nn.Linear, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.Linear, selection: UnitSelection) -> list[Edit]:
         return slice_tensor(module, "weight", 1, selection.keep) + set_attribute(
             module, "in_features", len(selection.keep)
         )
 
 
 @register_slicing_rule_by_path("transformers.pytorch_utils.Conv1D")
-class TransposedLinearRule(SlicingRule):
+class TransposedLinearRule(SlicingRule[nn.Module]):
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x @ weight + bias`` with ``weight [in, out]``,
     ``nx`` inputs and ``nf`` outputs; units on the last axis of input and output."""
 
     input_unit_axis = -1
     tensors = frozenset({"weight", "bias"})
 
+    @staticmethod
+    def _weight_shape(module: nn.Module) -> torch.Size:
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)  # a Parameter on every Conv1D
+        return weight.shape
+
     def out_units(self, module: nn.Module) -> int:
-        return int(module.weight.shape[1])
+        return int(self._weight_shape(module)[1])
 
     def in_units(self, module: nn.Module) -> int:
-        return int(module.weight.shape[0])
+        return int(self._weight_shape(module)[0])
 
-    def prune_out(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
+    def prune_out(self, module: nn.Module, selection: UnitSelection) -> list[Edit]:
         return (
             slice_tensor(module, "weight", 1, selection.keep)
             + slice_tensor(module, "bias", 0, selection.keep)
             + set_attribute(module, "nf", len(selection.keep))
         )
 
-    def prune_in(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.Module, selection: UnitSelection) -> list[Edit]:
         edits = slice_tensor(module, "weight", 0, selection.keep)
         return edits + set_attribute(module, "nx", len(selection.keep)) if hasattr(module, "nx") else edits
 
 
 @register_slicing_rule(nn.Bilinear)
-class BilinearRule(SlicingRule):
+class BilinearRule(SlicingRule[nn.Bilinear]):
     """``weight [out, in1, in2]``: output units only (its two inputs are ambiguous)."""
 
     tensors = frozenset({"weight", "bias"})
@@ -82,7 +86,7 @@ class BilinearRule(SlicingRule):
     def out_units(self, module: nn.Bilinear) -> int:
         return module.out_features
 
-    def prune_out(self, module: nn.Bilinear, selection: UnitSelection) -> List[Edit]:
+    def prune_out(self, module: nn.Bilinear, selection: UnitSelection) -> list[Edit]:
         return (
             slice_tensor(module, "weight", 0, selection.keep)
             + slice_tensor(module, "bias", 0, selection.keep)
@@ -91,7 +95,7 @@ class BilinearRule(SlicingRule):
 
 
 @register_slicing_rule(nn.Embedding)
-class EmbeddingRule(SlicingRule):
+class EmbeddingRule(SlicingRule[nn.Embedding]):
     """``weight [num_embeddings, embedding_dim]``: the embedding dims are its units."""
 
     tensors = frozenset({"weight"})
@@ -99,19 +103,19 @@ class EmbeddingRule(SlicingRule):
     def out_units(self, module: nn.Embedding) -> int:
         return module.embedding_dim
 
-    def prune_out(self, module: nn.Embedding, selection: UnitSelection) -> List[Edit]:
+    def prune_out(self, module: nn.Embedding, selection: UnitSelection) -> list[Edit]:
         return slice_tensor(module, "weight", 1, selection.keep) + set_attribute(
             module, "embedding_dim", len(selection.keep)
         )
 
 
-def _per_group_removal(remove: torch.Tensor, num_units: int, groups: int) -> List[torch.Tensor]:
+def _per_group_removal(remove: torch.Tensor, num_units: int, groups: int) -> list[torch.Tensor]:
     per_group = num_units // groups
     return [remove[(remove >= g * per_group) & (remove < (g + 1) * per_group)] - g * per_group for g in range(groups)]
 
 
 @register_slicing_rule(nn.modules.conv._ConvNd)
-class ConvRule(SlicingRule):
+class ConvRule(SlicingRule[nn.modules.conv._ConvNd]):
     """Conv1d/2d/3d (``weight [out, in/groups, k...]``) and ConvTranspose1d/2d/3d
     (``weight [in, out/groups, k...]``), with groups.
 
@@ -145,29 +149,29 @@ class ConvRule(SlicingRule):
             f"{counts} units per group: prune the same number of units in every group, or whole groups"
         )
 
-    def prune_out(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> List[Edit]:
+    def prune_out(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> list[Edit]:
         return self._prune(module, selection, "out")
 
-    def prune_in(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> list[Edit]:
         return self._prune(module, selection, "in")
 
-    def removed_out_after_in(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> Optional[torch.Tensor]:
+    def removed_out_after_in(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> torch.Tensor | None:
         if self._classify(module, selection) != "whole":
             return None
         removed_groups = self._removed_groups(module, selection)
         out_per_group = module.out_channels // module.groups
         return torch.cat([torch.arange(g * out_per_group, (g + 1) * out_per_group) for g in removed_groups]).long()
 
-    def _removed_groups(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> List[int]:
+    def _removed_groups(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> list[int]:
         per_group = selection.num_units // module.groups
         return sorted({int(i) // per_group for i in selection.remove})
 
-    def _prune(self, module: nn.modules.conv._ConvNd, selection: UnitSelection, direction: str) -> List[Edit]:
+    def _prune(self, module: nn.modules.conv._ConvNd, selection: UnitSelection, direction: str) -> list[Edit]:
         kind = self._classify(module, selection)
         blocked = conv_blocked_side(module) == direction  # this side's units sit on weight dim 0
         count_attr = "out_channels" if direction == "out" else "in_channels"
         new_count = len(selection.keep)
-        edits: List[Edit] = []
+        edits: list[Edit] = []
         if kind == "whole":
             if direction == "out":
                 raise GroupedSliceError(
@@ -228,7 +232,7 @@ class ConvRule(SlicingRule):
 
 
 @register_slicing_rule(nn.modules.batchnorm._NormBase)
-class ChannelNormRule(SlicingRule):
+class ChannelNormRule(SlicingRule[nn.modules.batchnorm._NormBase]):
     """BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm: per-channel affine and running stats.
 
     ``num_batches_tracked`` is a scalar and stays as it is.
@@ -243,9 +247,9 @@ class ChannelNormRule(SlicingRule):
 
     in_units = out_units
 
-    def prune_in(self, module: nn.modules.batchnorm._NormBase, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.modules.batchnorm._NormBase, selection: UnitSelection) -> list[Edit]:
         keep = selection.keep
-        edits: List[Edit] = []
+        edits: list[Edit] = []
         for name in ("weight", "bias", "running_mean", "running_var"):
             if name in module._parameters or name in module._buffers:
                 edits += slice_tensor(module, name, 0, keep)
@@ -255,7 +259,7 @@ class ChannelNormRule(SlicingRule):
 
 
 @register_slicing_rule(nn.GroupNorm)
-class GroupNormRule(SlicingRule):
+class GroupNormRule(SlicingRule[nn.GroupNorm]):
     """GroupNorm: whole groups only (removing part of a group changes the statistics of the rest)."""
 
     passes_units_through = True
@@ -267,7 +271,7 @@ class GroupNormRule(SlicingRule):
 
     in_units = out_units
 
-    def prune_in(self, module: nn.GroupNorm, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.GroupNorm, selection: UnitSelection) -> list[Edit]:
         per_group = module.num_channels // module.num_groups
         counts = [len(r) for r in _per_group_removal(selection.remove, selection.num_units, module.num_groups)]
         if not all(c in (0, per_group) for c in counts):
@@ -288,7 +292,7 @@ class GroupNormRule(SlicingRule):
 
 
 @register_slicing_rule(nn.LayerNorm, nn.RMSNorm)
-class LayerNormRule(SlicingRule):
+class LayerNormRule(SlicingRule[nn.LayerNorm | nn.RMSNorm]):
     """LayerNorm / RMSNorm over the last ``len(normalized_shape)`` dims.
 
     The pruned units may sit on any of the normalised dims (the last one by default). The
@@ -298,7 +302,7 @@ class LayerNormRule(SlicingRule):
     passes_units_through = True
     tensors = frozenset({"weight", "bias"})
 
-    def _param_axis(self, module: nn.Module, selection: UnitSelection) -> int:
+    def _param_axis(self, module: nn.LayerNorm | nn.RMSNorm, selection: UnitSelection) -> int:
         dims = len(module.normalized_shape)
         if selection.axis is None or selection.ndim is None:
             return dims - 1
@@ -315,16 +319,16 @@ class LayerNormRule(SlicingRule):
             )
         return axis
 
-    def out_units(self, module: nn.Module) -> int:
+    def out_units(self, module: nn.LayerNorm | nn.RMSNorm) -> int:
         return int(module.normalized_shape[-1])
 
     in_units = out_units
 
-    def prune_in(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.LayerNorm | nn.RMSNorm, selection: UnitSelection) -> list[Edit]:
         axis = self._param_axis(module, selection)
         shape = list(module.normalized_shape)
         shape[axis] = len(selection.keep)
-        edits: List[Edit] = []
+        edits: list[Edit] = []
         for name in ("weight", "bias"):
             if name in module._parameters:
                 edits += slice_tensor(module, name, axis, selection.keep)
@@ -334,19 +338,19 @@ class LayerNormRule(SlicingRule):
 
 
 @register_slicing_rule(nn.PReLU)
-class PReLURule(SlicingRule):
+class PReLURule(SlicingRule[nn.PReLU]):
     """PReLU: one slope per channel (dim 1), or a single shared slope (nothing to slice)."""
 
     passes_units_through = True
     input_unit_axis = 1
     tensors = frozenset({"weight"})
 
-    def out_units(self, module: nn.PReLU) -> Optional[int]:
+    def out_units(self, module: nn.PReLU) -> int | None:
         return module.num_parameters if module.num_parameters > 1 else None
 
     in_units = out_units
 
-    def prune_in(self, module: nn.PReLU, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.PReLU, selection: UnitSelection) -> list[Edit]:
         if module.num_parameters == 1:
             return []
         return slice_tensor(module, "weight", 0, selection.keep) + set_attribute(
@@ -357,14 +361,14 @@ class PReLURule(SlicingRule):
 
 
 @register_slicing_rule(nn.modules.dropout._DropoutNd)
-class DropoutRule(SlicingRule):
+class DropoutRule(SlicingRule[nn.modules.dropout._DropoutNd]):
     """The Dropout family: no tensors; ``p`` follows the pruner's ``dropout_policy``."""
 
     passes_units_through = True
     has_unit_state = False
     tensors: frozenset[str] = frozenset()
 
-    def prune_in(self, module: nn.modules.dropout._DropoutNd, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.modules.dropout._DropoutNd, selection: UnitSelection) -> list[Edit]:
         policy = DROPOUT_POLICIES[selection.dropout_policy]
         new_p = float(policy(module.p, selection.num_units, len(selection.remove)))
         return set_attribute(module, "p", new_p)
@@ -373,14 +377,14 @@ class DropoutRule(SlicingRule):
 
 
 @register_slicing_rule(*PARAMETER_FREE_PASS_THROUGH_MODULES)
-class ParameterFreeRule(SlicingRule):
+class ParameterFreeRule(SlicingRule[nn.Module]):
     """Element-wise activations, pooling, Identity, Flatten: nothing to slice, units pass through."""
 
     passes_units_through = True
     has_unit_state = False
     tensors: frozenset[str] = frozenset()
 
-    def prune_in(self, module: nn.Module, selection: UnitSelection) -> List[Edit]:
+    def prune_in(self, module: nn.Module, selection: UnitSelection) -> list[Edit]:
         return []
 
     prune_out = prune_in

@@ -33,7 +33,7 @@ registered base class; one holding parameters or buffers that rule does not decl
 ...     def forward(self, x):
 ...         return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
 >>> @register_slicing_rule(Scale)
-... class ScaleRule(SlicingRule):
+... class ScaleRule(SlicingRule[Scale]):   # its verbs take a Scale
 ...     passes_units_through = True         # channel c in -> channel c out
 ...     input_unit_axis = 1
 ...     tensors = frozenset({"weight"})     # the tensors of Scale this rule accounts for
@@ -55,10 +55,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Generic
 
 import torch
 import torch.nn as nn
+
+from typing_extensions import TypeVar
 
 from torchpruner._ops import register_leaf_module
 
@@ -107,15 +109,23 @@ class UnitSelection:
     dropout_policy: str = "linear"
 
     @classmethod
-    def from_remove(cls, remove: torch.Tensor, num_units: int, **kwargs) -> "UnitSelection":
-        remove = torch.as_tensor(remove, dtype=torch.long).flatten().unique(sorted=True)
+    def from_remove(cls, remove: torch.Tensor, num_units: int, **kwargs: Any) -> UnitSelection:
+        remove = torch.unique(torch.as_tensor(remove, dtype=torch.long).flatten(), sorted=True)
         mask = torch.ones(num_units, dtype=torch.bool)
         mask[remove] = False
         return cls(remove=remove, keep=mask.nonzero().flatten(), num_units=num_units, **kwargs)
 
 
-class SlicingRule:
+#: The module type a rule slices (a rule for ``nn.Linear`` is a ``SlicingRule[nn.Linear]``); a bare
+#: ``SlicingRule`` takes any module. Contravariant: a rule for every module serves a Linear too.
+ModuleT = TypeVar("ModuleT", bound=nn.Module, default=nn.Module, contravariant=True)
+
+
+class SlicingRule(Generic[ModuleT]):
     """Base class of slicing rules; see the module docstring for the four verbs.
+
+    Parametrised by the module type it slices (``class LinearRule(SlicingRule[nn.Linear])``), so
+    the verbs of a subclass take that type; a bare ``SlicingRule`` subclass takes any module.
 
     Class attributes:
         passes_units_through: True when input unit ``c`` is output unit ``c`` (after ``prune_in``
@@ -136,19 +146,19 @@ class SlicingRule:
     has_unit_state: bool = True
     tensors: frozenset[str] | None = None
 
-    def out_units(self, module: nn.Module) -> int | None:
+    def out_units(self, module: ModuleT) -> int | None:
         return None
 
-    def in_units(self, module: nn.Module) -> int | None:
+    def in_units(self, module: ModuleT) -> int | None:
         return None
 
-    def prune_out(self, module: nn.Module, selection: UnitSelection) -> list[Edit]:
+    def prune_out(self, module: ModuleT, selection: UnitSelection) -> list[Edit]:
         raise TypeError(f"{type(module).__name__} cannot be pruned on its output units")
 
-    def prune_in(self, module: nn.Module, selection: UnitSelection) -> list[Edit]:
+    def prune_in(self, module: ModuleT, selection: UnitSelection) -> list[Edit]:
         raise TypeError(f"{type(module).__name__} cannot consume pruned units")
 
-    def removed_out_after_in(self, module: nn.Module, selection: UnitSelection) -> torch.Tensor | None:
+    def removed_out_after_in(self, module: ModuleT, selection: UnitSelection) -> torch.Tensor | None:
         """Output units that disappear when ``selection`` is removed from the input.
 
         None for consumers (their output keeps its size). The default follows
@@ -157,8 +167,11 @@ class SlicingRule:
         return selection.remove if self.passes_units_through else None
 
 
-_RULES: dict[type, SlicingRule] = {}
-R = TypeVar("R", bound=type[SlicingRule])
+#: One rule instance per registered module type. Each rule takes modules of the type it is
+#: registered for, which the value type cannot say per key: hence ``SlicingRule[Any]`` here, and
+#: :func:`get_slicing_rule` hands out the rule of ``type(module)`` as one that takes ``module``.
+_RULES: dict[type, SlicingRule[Any]] = {}
+R = TypeVar("R", bound=type[SlicingRule[Any]])
 
 
 def register_slicing_rule(*module_types: type) -> Callable[[R], R]:
@@ -187,7 +200,7 @@ def register_slicing_rule(*module_types: type) -> Callable[[R], R]:
 #: Rules for classes of optional libraries, by ``"<module path>.<class name>"``: registered for the
 #: class the first time a module of it (or of a subclass) is looked up, so the library is never
 #: imported by torchpruner (Hugging Face's ``transformers.pytorch_utils.Conv1D``).
-_RULES_BY_CLASS_PATH: dict[str, type[SlicingRule]] = {}
+_RULES_BY_CLASS_PATH: dict[str, type[SlicingRule[Any]]] = {}
 
 
 def register_slicing_rule_by_path(*class_paths: str) -> Callable[[R], R]:
@@ -204,7 +217,7 @@ def register_slicing_rule_by_path(*class_paths: str) -> Callable[[R], R]:
     return decorator
 
 
-def get_slicing_rule(module: nn.Module) -> SlicingRule | None:
+def get_slicing_rule(module: nn.Module) -> SlicingRule[nn.Module] | None:
     """The rule registered for ``type(module)`` or its nearest registered base class."""
     for klass in type(module).__mro__:
         rule = _RULES.get(klass)
@@ -224,7 +237,7 @@ def has_own_slicing_rule(module: nn.Module) -> bool:
     return type(module) in _RULES
 
 
-def unaccounted_tensors(rule: SlicingRule, module: nn.Module) -> list[str]:
+def unaccounted_tensors(rule: SlicingRule[Any], module: nn.Module) -> list[str]:
     """The module's own parameters and buffers that ``rule`` does not account for (see
     :attr:`SlicingRule.tensors`); empty when the rule makes no claim."""
     if rule.tensors is None:
@@ -235,7 +248,7 @@ def unaccounted_tensors(rule: SlicingRule, module: nn.Module) -> list[str]:
     return [name for name in own if name not in rule.tensors]
 
 
-def unaccounted_tensors_message(rule: SlicingRule, module: nn.Module, name: str) -> str | None:
+def unaccounted_tensors_message(rule: SlicingRule[Any], module: nn.Module, name: str) -> str | None:
     """The refusal for a module holding tensors its rule does not account for (None: it holds none)."""
     unknown = unaccounted_tensors(rule, module)
     if not unknown:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ def _is_integer(value: Any) -> bool:
     return False
 
 
-def kept_units(module: nn.Module, direction: str = "out") -> Optional[List[int]]:
+def kept_units(module: nn.Module, direction: str = "out") -> list[int] | None:
     """Original ids of the units ``module`` still holds (``direction`` "out" or "in").
 
     Stored on the module as ``module._torchpruner_kept_units = {"out": [...], "in": [...]}``
@@ -138,8 +138,8 @@ def kept_units(module: nn.Module, direction: str = "out") -> Optional[List[int]]
 
 
 def kept_units_edit(
-    module: nn.Module, rule: SlicingRule, out_keep: Optional[torch.Tensor], in_keep: Optional[torch.Tensor]
-) -> List[Edit]:
+    module: nn.Module, rule: SlicingRule, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None
+) -> list[Edit]:
     old = getattr(module, KEPT_UNITS_ATTRIBUTE, None)
     new = dict(old or {})
     changed = False
@@ -193,7 +193,7 @@ def param_record_key(parameter: str, axis: int) -> str:
 def shape_attributes_edit(changes: list[AttributeChange]) -> list[AttributeChange]:
     """Record each module's changed size attributes (``normalized_shape``) on the module, as JSON
     values (an int or a list of ints), for :func:`torchpruner.save_pruned`; one edit per module."""
-    per_module: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+    per_module: dict[int, tuple[nn.Module | None, dict[str, Any]]] = {}
     for change in changes:
         new = change.new
         value = int(new) if isinstance(new, int) else [int(n) for n in new]

@@ -157,15 +157,17 @@ class BNScaleAttributionMetric(AttributionMetric):
         model = unwrap_model(self.model)
         first = self._first_batch(self._batches(model))
         graph = get_graph(model, first.args, first.kwargs or None)
-        found = {}
+        found: dict[int, tuple[nn.Module, str]] = {}
         for site in graph.sites_of(module):
-            batchnorm = following_batchnorm(graph, site)
-            if batchnorm is None:
+            following = following_batchnorm(graph, site)
+            if following is None:
                 raise ValueError(
                     f"no BatchNorm follows {label} (call {site.call_index}) in the model, so "
                     f"BNScaleAttributionMetric has no γ to read; {_NO_BATCHNORM_FIX}"
                 )
-            found[id(batchnorm.module)] = (batchnorm.module, batchnorm.module_name)
+            # a module call site: the trace sets its module and its name
+            assert following.module is not None and following.module_name is not None
+            found[id(following.module)] = (following.module, following.module_name)
         if not found:
             raise ValueError(f"{label} is not called in the traced forward pass of the model")
         if len(found) > 1:

@@ -60,5 +60,6 @@ class LeaveOneOutAttributionMetric(AttributionMetric):
             self.last_path = "reference"
             values = torch.stack([-runner.losses(batch, keep).cpu() for keep in keeps[: units + 1]])
         else:
-            self.last_path = fast.path  # type: ignore[union-attr]
+            assert fast is not None  # the values came from the fast evaluator
+            self.last_path = fast.path
         return (values[units][None, :] - values[:units]).T  # [N, units]: ℓ(all but c) − ℓ(all)

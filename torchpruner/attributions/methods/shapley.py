@@ -25,16 +25,16 @@ import math
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from torchpruner.graph import CallSite
 from torchpruner.graph.dependency import Group
 
-from ..base import AttributionMetric, batch_statistics_modules
+from ..base import AttributionMetric, Reduction, batch_statistics_modules
 from ..collectives import scoring_model
 from ..data import Batch
 from ..runner import Runner
@@ -158,7 +158,7 @@ class FastEvaluator:
         self.suffix: Suffix | None = None
         self.walk: Incremental | None = None
 
-    def setup(self, batch: Batch) -> dict | None:
+    def setup(self, batch: Batch) -> dict[fx.Node, Any] | None:
         """Build on the first batch; returns the prefix environment (None: use the reference)."""
         runner = self.runner
         try:
@@ -185,7 +185,7 @@ class FastEvaluator:
         self.path, self.reason = "reference", reason
         logger.info("%s %s: evaluating whole model per coalition (%s)", self.metric, self.runner.label, reason)
 
-    def prefix(self, batch: Batch, known: dict | None = None) -> dict:
+    def prefix(self, batch: Batch, known: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any]:
         """The prefix environment of ``batch`` (reusing ``known``, a prefix of the same batch)."""
         assert self.suffix is not None
         extra = self.walk.prefix_nodes if self.walk is not None else ()
@@ -228,7 +228,7 @@ class FastEvaluator:
     # ---------------------------------------------------------------- coalition values
     def ordering_values(
         self,
-        env: dict,
+        env: dict[fx.Node, Any],
         batch: Batch,
         orders: torch.Tensor,
         progress: Callable[[int], None] = lambda done: None,
@@ -253,7 +253,12 @@ class FastEvaluator:
         return out
 
     def _walk_values(
-        self, env: dict, batch: Batch, orders: torch.Tensor, progress: Callable[[int], None], truncation: float | None
+        self,
+        env: dict[fx.Node, Any],
+        batch: Batch,
+        orders: torch.Tensor,
+        progress: Callable[[int], None],
+        truncation: float | None,
     ) -> torch.Tensor:
         walk = self.walk
         assert walk is not None and self.suffix is not None
@@ -273,7 +278,7 @@ class FastEvaluator:
             def finished(p: int, t: int) -> bool:
                 """Every example of ``rows`` reached the full value by step ``t`` of ordering ``p``
                 (only steps already evaluated are looked at)."""
-                if full is None or t == 0:
+                if full is None or truncation is None or t == 0:  # full is known only with a truncation
                     return False
                 return bool(reached_full(out[p, 1 : t + 1, rows], full, truncation).any(0).all())
 
@@ -319,19 +324,20 @@ class FastEvaluator:
                 out[:, units, rows] = full
         return out
 
-    def single_values(self, env: dict, batch: Batch, keeps: torch.Tensor) -> torch.Tensor:
+    def single_values(self, env: dict[fx.Node, Any], batch: Batch, keeps: torch.Tensor) -> torch.Tensor:
         """Values ``[K, N]`` of arbitrary coalitions ``keeps`` (bool ``[K, units]``)."""
         if self.walk is None:
             assert self.suffix is not None
             return -self.suffix.coalition_losses(env, batch, keeps).cpu()
-        walk = self.walk
+        walk, suffix = self.walk, self.suffix
+        assert suffix is not None  # the walk is built on the suffix
         out = torch.empty(keeps.shape[0], batch.size, dtype=torch.float64)
         chunk = max(1, min(batch.size, self.budget // max(1, walk.elements_per_example())))
         for start in range(0, batch.size, chunk):
             rows = slice(start, min(batch.size, start + chunk))
             n = rows.stop - rows.start
             empty, contributions = walk.contributions(env, rows)
-            per_call = self.suffix.coalitions_per_call(walk.program, n)  # type: ignore[union-attr]
+            per_call = suffix.coalitions_per_call(walk.program, n)
             weights = keeps.to(contributions.device, torch.float64)
             flat = contributions.to(torch.float64).reshape(contributions.shape[0], -1)
             for k0 in range(0, keeps.shape[0], per_call):
@@ -408,6 +414,39 @@ class ShapleyAttributionMetric(AttributionMetric):
     #: After a run: how many orderings were sampled.
     last_samples: int = 0
 
+    @overload
+    def run(
+        self,
+        module: nn.Module | CallSite | Group,
+        find_best_evaluation_module: bool = False,
+        *,
+        call_index: int = 0,
+        return_stderr: Literal[False] = False,
+        **kwargs: Any,
+    ) -> np.ndarray: ...
+
+    @overload
+    def run(
+        self,
+        module: nn.Module | CallSite | Group,
+        find_best_evaluation_module: bool = False,
+        *,
+        call_index: int = 0,
+        return_stderr: Literal[True],
+        **kwargs: Any,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @overload
+    def run(
+        self,
+        module: nn.Module | CallSite | Group,
+        find_best_evaluation_module: bool = False,
+        *,
+        call_index: int = 0,
+        return_stderr: bool,
+        **kwargs: Any,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+
     def run(
         self,
         module: nn.Module | CallSite | Group,
@@ -416,7 +455,7 @@ class ShapleyAttributionMetric(AttributionMetric):
         call_index: int = 0,
         return_stderr: bool = False,
         **kwargs: Any,
-    ) -> Any:
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Score the units of ``module`` (see :meth:`AttributionMetric.run`); with
         ``return_stderr=True`` return ``(scores, stderr)``."""
         options = self.options(kwargs)
@@ -459,7 +498,7 @@ class ShapleyAttributionMetric(AttributionMetric):
         return_stderr: bool,
         options: dict[str, Any],
         kwargs: dict[str, Any],
-    ) -> Any:
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         tolerance = options["tolerance"]
         scores = super().run(module, find_best_evaluation_module, call_index=call_index, **kwargs)
         while tolerance is not None and self._stats.samples < options["max_samples"]:
@@ -550,7 +589,7 @@ class ShapleyAttributionMetric(AttributionMetric):
             values[k, 0] = -runner.losses(batch, keep).cpu()
             reached.zero_()
             for t, unit in enumerate(permutation.tolist(), start=1):
-                if full is not None:
+                if full is not None and truncation is not None:  # full is known only with a truncation
                     reached |= reached_full(values[k, t - 1], full, truncation)
                     if bool(reached.all()):  # the rest of this ordering is truncated for every example
                         values[k, t:] = values[k, t - 1]
@@ -600,7 +639,7 @@ class _SampleStats:
     ``"sum"`` each sample's total over the examples is kept (``[samples, units]``); for ``"none"``
     each example's sum and sum of squares over the samples."""
 
-    def __init__(self, reduction: Any, antithetic: bool) -> None:
+    def __init__(self, reduction: Reduction, antithetic: bool) -> None:
         self.reduction = reduction
         self.antithetic = antithetic
         self.rounds: list[np.ndarray] = []
@@ -649,7 +688,8 @@ class _SampleStats:
     def mean(self) -> np.ndarray:
         if self.reduction == "none":
             return np.concatenate([total for total, _ in self.rows], axis=0) / self.samples
-        return self._totals().mean(0)
+        means: np.ndarray = self._totals().mean(0)
+        return means
 
     def stderr(self) -> np.ndarray:
         s = self.samples
@@ -663,4 +703,5 @@ class _SampleStats:
         totals = self._totals()
         if s < 2:
             return np.full(totals.shape[1:], np.nan)
-        return totals.std(axis=0, ddof=1) / math.sqrt(s)
+        spread: np.ndarray = totals.std(axis=0, ddof=1) / math.sqrt(s)
+        return spread

@@ -39,7 +39,7 @@ WEIGHT_LAYERS: tuple[type, ...] = (
 
 
 def channel_contributions(
-    consumer: nn.Module, x: torch.Tensor, samples: int | None, generator: torch.Generator
+    consumer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor, samples: int | None, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What each input channel of ``consumer`` contributes to sampled entries of its output.
 
@@ -225,8 +225,8 @@ class ThiNetAttributionMetric(AttributionMetric):
             if not isinstance(module, Group):
                 channels = group.unit_channels(module, call_index)
                 per_channel = torch.empty(sum(len(c) for c in channels), dtype=torch.float64)
-                for unit, positions in enumerate(channels):
-                    per_channel[torch.as_tensor(positions, dtype=torch.long)] = scores[unit]
+                for unit, unit_positions in enumerate(channels):
+                    per_channel[torch.as_tensor(unit_positions, dtype=torch.long)] = scores[unit]
                 scores = per_channel
             return self._finish(scores)
 
@@ -247,7 +247,7 @@ class ThiNetAttributionMetric(AttributionMetric):
         return groups[0]
 
     @staticmethod
-    def _consumer(graph: ModelGraph, group: Group) -> nn.Module:
+    def _consumer(graph: ModelGraph, group: Group) -> nn.Linear | nn.Conv1d | nn.Conv2d:
         """The one Conv/Linear layer that reads the group's units, checked to be supported."""
         label = group_label(group)
         readers = [m for m in group.modules if isinstance(m, WEIGHT_LAYERS) and group.reads(m)]

@@ -134,7 +134,8 @@ def check_p(p: Any) -> float:
 def _norms(rows: torch.Tensor, p: float) -> torch.Tensor:
     if p == 1:
         return rows.abs().sum(dim=1)
-    return torch.linalg.vector_norm(rows, ord=p, dim=1)
+    norms: torch.Tensor = torch.linalg.vector_norm(rows, ord=p, dim=1)
+    return norms
 
 
 def unit_weight_norms(module: nn.Module, p: float = 1) -> torch.Tensor:
@@ -172,6 +173,8 @@ def group_member_slices(group: Group, what: str = "WeightNorm") -> list[tuple[st
             elif member.direction == "in":
                 rows = input_weight_slices(module)
             else:
+                # a bare parameter: the member names it and its sliced axis
+                assert member.parameter is not None and member.axis is not None
                 tensor = getattr(module, member.parameter).detach().to(torch.float64)
                 rows = tensor.movedim(member.axis, 0).reshape(tensor.shape[member.axis], -1)
         except TypeError as error:
