@@ -19,7 +19,8 @@ once.
 ``limit``: the cost limit of the fast algorithm: the same number of coalition evaluations
 (``sv_samples · units`` per example) at the cost of the incremental step alone (the part of the
 model after the first linear layer that follows the evaluation point, run on stacked batches of
-the size the fast algorithm uses), without the prefix pass or the contributions. ``limit`` runs
+the size the fast algorithm uses, the loss computed as the library computes it), without the
+prefix pass or the contributions. ``limit`` runs
 the model's layers on its own (contiguous) layout; ``limit CL`` the same in channels-last layout,
 which is how the fast algorithm walks a 2-d convolution's output (the same for layers whose
 first linear layer is a ``Linear``).
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpruner.attributions import ShapleyAttributionMetric
+from torchpruner.attributions import ShapleyAttributionMetric, per_example_loss
 from torchpruner.attributions import suffix
 from torchpruner.attributions.suffix import DEFAULT_MAX_BATCH_ELEMENTS
 
@@ -180,9 +181,9 @@ def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int
         with torch.no_grad():
             start = time.perf_counter()
             for _ in range(calls):
-                F.cross_entropy(rest(stacked), target, reduction="none")
+                per_example_loss(F.cross_entropy, rest(stacked), target)
             if last:
-                F.cross_entropy(rest(stacked[: last * len(xb)]), target[: last * len(xb)], reduction="none")
+                per_example_loss(F.cross_entropy, rest(stacked[: last * len(xb)]), target[: last * len(xb)])
             seconds += time.perf_counter() - start
     return seconds
 
