@@ -104,10 +104,9 @@ def group_scores(name: str, model: nn.Module, loader, device, seed: int, sv_samp
     from torchpruner import Pruner
 
     metric = make_metric(name, model, loader, device, seed=seed, sv_samples=sv_samples)
-    return {
-        group.index: np.asarray(metric.run(group), dtype=np.float64)
-        for group in Pruner(model, input_size=input_size, device=device).groups()
-    }
+    groups = Pruner(model, input_size=input_size, device=device).groups()
+    scored = metric.run_all(groups)  # one pass over the data for every group (Taylor, APoZ, ...)
+    return {group.index: np.asarray(values, dtype=np.float64) for group, values in zip(groups, scored.values())}
 
 
 def prune_to(model: nn.Module, scores: dict, keep: float, input_size, device) -> nn.Module:

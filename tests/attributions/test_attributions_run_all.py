@@ -224,3 +224,28 @@ def test_without_targets_a_model_without_groups_is_refused_naming_targets():
         attr.run_all()
     got = attr.run_all([model.fc1])  # explicit layers still work (hooks)
     np.testing.assert_allclose(got["fc1"], attr.run(model.fc1), rtol=1e-12)
+
+
+def test_prune_groups_with_a_metrics_run_scores_every_group_in_one_pass():
+    """``prune_groups(pruner, scores=metric.run)`` calls ``run_all`` once: one forward per batch for
+    all the groups (not one pass per group), and the same units removed as scoring group by group."""
+    from torchpruner import Pruner
+    from torchpruner.schedule import prune_groups
+
+    built = {}
+    for how in ("run", "group by group"):
+        model, input_size = build("residual", seed=6)
+        x, y = data(input_size, n=9)
+        loader = batches(x, y, 4)  # 3 batches
+        attr = TaylorAttributionMetric(model, loader, F.cross_entropy)
+        pruner = Pruner(model, input_size=input_size)
+        groups = pruner.groups()
+        assert len(groups) > 1
+        attr.run(groups[0])  # traced once (cached), so the count below is of scoring passes only
+        calls = count_forwards(model)
+        scores = attr.run if how == "run" else (lambda group, attr=attr: attr.run(group))
+        prune_groups(pruner, fraction=0.5, scores=scores)
+        built[how] = (len(calls), [pruner.kept_units(m) for m in (model.stem, model.blocks[0].conv1)])
+    assert built["run"][0] == len(loader)
+    assert built["group by group"][0] == len(groups) * len(loader)
+    assert built["run"][1] == built["group by group"][1]
