@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
@@ -42,6 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+
+if TYPE_CHECKING:  # the signature of CodeGen.process_inputs (typing_extensions comes with torch)
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Inputs = TypeVarTuple("_Inputs")
 
 from torchpruner._ops import user_leaf_types
 from torchpruner._state import preserved_state
@@ -294,7 +299,7 @@ class _OutputTree(_PyTreeCodeGen):
     def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
         return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
 
-    def process_inputs(self, *inputs: Any) -> Any:
+    def process_inputs(self, *inputs: Unpack[_Inputs]) -> tuple[Unpack[_Inputs]]:
         return inputs
 
 
@@ -483,7 +488,7 @@ def _translate(graph: fx.Graph, node: fx.Node, env: dict) -> Any:
         return fx.node.map_arg(value, lambda n: env[n])
 
     args, kwargs = mapped(node.args), mapped(dict(node.kwargs))
-    meta = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta}
+    meta: dict[str, Any] = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta}
     packet = _packet(node.target)
     if node.op == "call_function" and packet in _IDENTITY:
         return args[0]

@@ -46,6 +46,7 @@ import linecache
 import logging
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Container
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -138,11 +139,13 @@ class CallSite:
     @property
     def label(self) -> str:
         """Human-readable name: the module name (with call index when reused) or the op."""
-        if self.kind == "module":
+        if self.kind == "module" and self.module_name is not None:
             return self.module_name if self.call_index == 0 else f"{self.module_name} (call {self.call_index})"
         return self.name
 
-    def is_op(self, functions: set, methods: set = frozenset(), modules: Tuple[type, ...] = ()) -> bool:
+    def is_op(
+        self, functions: Container[object], methods: Container[object] = frozenset(), modules: Tuple[type, ...] = ()
+    ) -> bool:
         if self.kind == "function":
             return self.target in functions
         if self.kind == "method":
@@ -210,8 +213,9 @@ def _unit_axis_for(site: CallSite) -> Optional[int]:
 def _map_axis_through_permute(site: CallSite, axis: int, in_ndim: int) -> Optional[int]:
     """Follow the unit axis through ``permute``/``transpose``/``movedim`` (e.g. ViT's [N,D,L]->[N,L,D])."""
     node = site.node
+    assert node is not None  # only called for sites of an fx graph
     target = site.target
-    args = list(node.args[1:]) if node.args else []
+    args: list[Any] = list(node.args[1:]) if node.args else []  # read as ints below; TypeError: not followed
     try:
         if target in ("permute",) or target is torch.permute:
             dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
@@ -324,7 +328,7 @@ def layer_of_call(node: fx.Node, root: nn.Module) -> str | None:
         value = argument(position, keyword)
         if value is None:
             continue
-        if not isinstance(value, fx.Node) or value.op != "get_attr":
+        if not isinstance(value, fx.Node) or value.op != "get_attr" or not isinstance(value.target, str):
             return None
         path, _, name = value.target.rpartition(".")
         if name != attribute or (owner_path is not None and path != owner_path):
@@ -729,7 +733,7 @@ class ModelGraph:
         by_module: Dict[int, Dict[int, Callable]] = {}
         for site, fn in fns.items():
             by_module.setdefault(id(site.module), {})[site.call_index] = fn
-        modules = {id(site.module): site.module for site in fns}
+        modules = {id(site.module): site.module for site in fns if site.module is not None}
 
         def reset(_module: nn.Module, _args: tuple) -> None:
             counters.clear()
@@ -849,7 +853,7 @@ class _ModelState:
 
         modules = []
         for name, module in model.named_modules(remove_duplicate=False):
-            attributes = []
+            attributes: list[tuple[Any, ...]] = []
             for attr, value in module.__dict__.items():
                 if attr.startswith("_") or attr == "training":
                     continue
