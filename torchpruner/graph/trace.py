@@ -277,7 +277,9 @@ class _LeafTracer(fx.Tracer):
         super().__init__()
         self.failure: tuple[BaseException, str, type] | None = None
 
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
@@ -417,7 +419,13 @@ class ModelGraph:
         export_error: why torch.export failed, when it was tried and failed (else None).
     """
 
-    def __init__(self, model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None, method: str = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: tuple[Any, ...] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+        method: str = "auto",
+    ) -> None:
         if method not in ("auto", "fx", "export", "hooks"):
             raise ValueError(f"method must be 'auto', 'fx', 'export' or 'hooks', got {method!r}")
         self.model = unwrap_model(model)
@@ -499,7 +507,7 @@ class ModelGraph:
             f"torchpruner.graph.register_leaf_module({module_type.__name__}) traces it as one layer"
         )
 
-    def _build_fx(self, args: tuple, kwargs: dict, exported: bool = False) -> None:
+    def _build_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any], exported: bool = False) -> None:
         tracer = _LeafTracer()
         traced: fx.GraphModule | None = None
         release: Callable[[], None] = lambda: None
@@ -580,7 +588,7 @@ class ModelGraph:
             self.sites.append(site)
         self._site_by_node = by_node
 
-    def _build_hooks(self, args: tuple, kwargs: dict) -> None:
+    def _build_hooks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         producer_of: Dict[int, CallSite] = {}
         keep_alive: List[torch.Tensor] = []
         calls: Dict[int, int] = {}
@@ -594,7 +602,7 @@ class ModelGraph:
                 return [t for v in value.values() for t in tensors(v)]
             return []
 
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             call_index = calls.get(id(module), 0)
             calls[id(module)] = call_index + 1
             name = self._names.get(id(module), type(module).__name__)
@@ -728,18 +736,20 @@ class ModelGraph:
                 release()  # one probed module per scoring run: leave no generated source behind
 
     @contextlib.contextmanager
-    def _intercept_with_hooks(self, fns: Dict[CallSite, Callable]) -> Iterator[Callable[..., Any]]:
+    def _intercept_with_hooks(
+        self, fns: Dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]
+    ) -> Iterator[Callable[..., Any]]:
         counters: Dict[int, int] = {}
-        by_module: Dict[int, Dict[int, Callable]] = {}
+        by_module: Dict[int, Dict[int, Callable[[torch.Tensor], torch.Tensor]]] = {}
         for site, fn in fns.items():
             by_module.setdefault(id(site.module), {})[site.call_index] = fn
         modules = {id(site.module): site.module for site in fns if site.module is not None}
 
-        def reset(_module: nn.Module, _args: tuple) -> None:
+        def reset(_module: nn.Module, _args: tuple[Any, ...]) -> None:
             counters.clear()
 
-        def make_hook(module_id: int) -> Callable:
-            def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        def make_hook(module_id: int) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
+            def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
                 call = counters.get(module_id, 0)
                 counters[module_id] = call + 1
                 fn = by_module[module_id].get(call)
@@ -756,7 +766,7 @@ class ModelGraph:
             for handle in handles:
                 handle.remove()
 
-    def _probed_module(self, fns: Dict[CallSite, Callable]) -> fx.GraphModule:
+    def _probed_module(self, fns: Dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]) -> fx.GraphModule:
         assert self.traced is not None
         old_graph = self.traced.graph
         new_graph = fx.Graph()
@@ -793,7 +803,7 @@ class ModelGraph:
 
 def _in_chain(cause: BaseException, error: BaseException) -> bool:
     """True when ``cause`` is ``error`` or one of the exceptions it was raised from."""
-    seen: set = set()
+    seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         if current is cause:
@@ -908,14 +918,14 @@ class _GraphSlot:
         self.inputs: Any = None
         self.graph: Optional[ModelGraph] = None
 
-    def __deepcopy__(self, memo: dict) -> "_GraphSlot":
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_GraphSlot":
         return _GraphSlot()
 
-    def __reduce__(self) -> Tuple[type, tuple]:
+    def __reduce__(self) -> Tuple[type, tuple[()]]:
         return (_GraphSlot, ())
 
 
-def get_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> ModelGraph:
+def get_graph(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None) -> ModelGraph:
     """The cached :class:`ModelGraph` of ``model`` for inputs like ``args``/``kwargs``.
 
     The cache lives on the model object; an entry is reused while the model holds the same module,
