@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
@@ -42,6 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+
+if TYPE_CHECKING:  # the signature of CodeGen.process_inputs (typing_extensions comes with torch)
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Inputs = TypeVarTuple("_Inputs")
 
 from torchpruner._ops import user_leaf_types
 from torchpruner._state import preserved_state
@@ -54,6 +59,12 @@ __all__ = ["ATEN_TO_TORCH", "capture", "CaptureError"]
 aten = torch.ops.aten
 
 
+#: positional and keyword arguments of a call, and a mapper from the ATen form to the torch form
+_Args = tuple[Any, ...]
+_Kwargs = dict[str, Any]
+_Mapper = Callable[[_Args, _Kwargs], tuple[_Args, _Kwargs]]
+
+
 class CaptureError(RuntimeError):
     """torch.export gave a graph that cannot be turned into a model graph (named inputs...)."""
 
@@ -63,33 +74,33 @@ class CaptureError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def _same(*_names: str) -> Callable[[tuple, dict], tuple[tuple, dict]]:
+def _same(*_names: str) -> _Mapper:
     """Arguments passed as they are."""
     return lambda args, kwargs: (args, kwargs)
 
 
-def _first(count: int) -> Callable[[tuple, dict], tuple[tuple, dict]]:
+def _first(count: int) -> _Mapper:
     """Only the first ``count`` positional arguments (drops ATen-only flags such as ``cudnn_enable``)."""
     return lambda args, kwargs: (args[:count], {})
 
 
-def _spread(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _spread(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     """``aten.view(x, [a, b])`` -> ``x.view(a, b)`` (the form fx symbolic tracing records)."""
     return (args[0], *args[1]), {}
 
 
-def _embedding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _embedding(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     weight, indices = args[0], args[1]
     padding_idx = args[2] if len(args) > 2 and args[2] != -1 else None
     return (indices, weight), {"padding_idx": padding_idx}
 
 
-def _batch_norm(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _batch_norm(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     x, weight, bias, mean, var, training, momentum, eps = args[:8]
     return (x, mean, var, weight, bias, training, momentum, eps), {}
 
 
-def _slice(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _slice(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     """``aten.slice(x, dim, start, end, step)`` -> ``x[:, ..., start:end:step]``."""
     x, dim = args[0], args[1] if len(args) > 1 else 0
     start = args[2] if len(args) > 2 else None
@@ -102,20 +113,20 @@ def _slice(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return (x, _index_at(dim, slice(start, end, None if step == 1 else step))), {}
 
 
-def _select(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _select(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     """``aten.select(x, dim, i)`` -> ``x[:, ..., i]``."""
     x, dim, index = args
     return (x, _index_at(dim, index)), {}
 
 
-def _true_division(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _true_division(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     """``aten.div(x, y)`` -> ``x / y``; a floor or trunc ``rounding_mode`` is not translated."""
     if kwargs.get("rounding_mode") is not None:
         raise _Untranslated(f"div with rounding_mode={kwargs['rounding_mode']!r}")
     return tuple(args[:2]), {}
 
 
-def _avg_pool2d(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _avg_pool2d(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     """``aten.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)``."""
     override = args[6] if len(args) > 6 else kwargs.get("divisor_override")
     if override is not None:
@@ -123,31 +134,31 @@ def _avg_pool2d(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(args[:6]), {}
 
 
-def _index_at(dim: int, index: Any) -> tuple:
+def _index_at(dim: int, index: Any) -> _Args:
     """The subscript that applies ``index`` at ``dim`` (negative: counted from the end)."""
     if dim >= 0:
         return (slice(None),) * dim + (index,)
     return (Ellipsis, index) + (slice(None),) * (-dim - 1)
 
 
-def _to(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _to(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     """``aten.to.device(x, device, dtype, non_blocking, copy)`` -> ``x.to(device, dtype)``."""
     kept = {k: v for k, v in kwargs.items() if k in ("dtype", "device")}
     return (args[0], *(a for a in args[1:] if not isinstance(a, bool) and a is not None)), kept
 
 
-def _copy_to(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _copy_to(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     kept = {k: v for k, v in kwargs.items() if k in ("dtype", "device")}
     return (args[0],), kept
 
 
-def _binary(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _binary(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     if kwargs.get("alpha", 1) != 1:
         raise _Untranslated
     return args[:2], {}
 
 
-def _sdpa(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _sdpa(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     names = ("attn_mask", "dropout_p", "is_causal")
     extra = {name: value for name, value in zip(names, args[3:])}
     extra.update(
@@ -158,17 +169,17 @@ def _sdpa(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args[:3], extra
 
 
-def _gelu(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _gelu(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
     return (args[0],), ({} if approximate == "none" else {"approximate": approximate})
 
 
-def _pad(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _pad(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     value = args[2] if len(args) > 2 else kwargs.get("value", 0.0)
     return (args[0], list(args[1])), {"value": value}
 
 
-def _softmax(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _softmax(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     if len(args) > 2 and args[2] is not None:
         return args[:2], {"dtype": args[2]}
     return args[:2], {}
@@ -181,7 +192,7 @@ class _Untranslated(Exception):
 #: ATen op (overload packet) -> ("function" or "method", torch-level target, argument mapper).
 #: The one place that says what an exported op is at the torch level; anything else is kept as
 #: the ATen op and refused by the analysis when units flow through it.
-ATEN_TO_TORCH: dict[Any, tuple[str, Any, Callable[[tuple, dict], tuple[tuple, dict]]]] = {
+ATEN_TO_TORCH: dict[Any, tuple[str, Any, _Mapper]] = {
     # layers called functionally (a module's own weights: the analysis treats them as that layer)
     aten.linear: ("function", F.linear, _same()),
     aten.conv1d: ("function", F.conv1d, _same()),
@@ -294,7 +305,7 @@ class _OutputTree(_PyTreeCodeGen):
     def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
         return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
 
-    def process_inputs(self, *inputs: Any) -> Any:
+    def process_inputs(self, *inputs: Unpack[_Inputs]) -> tuple[Unpack[_Inputs]]:
         return inputs
 
 
@@ -319,7 +330,7 @@ def _collapsible(module: nn.Module) -> bool:
     return has_own_slicing_rule(module) and not any(True for _ in module.children())
 
 
-def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+def _input_names(model: nn.Module, args: _Args, kwargs: _Kwargs) -> list[str]:
     try:
         parameters = [
             p
@@ -340,7 +351,7 @@ def _dynamic_batch(names: list[str], values: list[Any]) -> dict[str, Any]:
     }
 
 
-def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+def export_model(model: nn.Module, args: _Args, kwargs: _Kwargs) -> torch.export.ExportedProgram:
     """``torch.export.export`` in non-strict mode, the batch dimension dynamic where possible."""
     for name, value in list(zip(range(len(args)), args)) + list(kwargs.items()):
         if isinstance(value, (tuple, list, dict)) and any(
@@ -380,7 +391,7 @@ def _raise_for_output(model: nn.Module, error: BaseException) -> None:
         ) from error
 
 
-def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> fx.GraphModule:
+def capture(model: nn.Module, args: _Args = (), kwargs: _Kwargs | None = None) -> fx.GraphModule:
     """An fx graph module of ``model`` built from ``torch.export`` (see the module docstring).
 
     Runs the model once on fake tensors in eval mode, then the model and the captured graph once
@@ -396,7 +407,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> f
     return module
 
 
-def _check_same_outputs(model: nn.Module, module: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+def _check_same_outputs(model: nn.Module, module: fx.GraphModule, args: _Args, kwargs: _Kwargs) -> None:
     """The translated graph must compute what the model computes on the example (eval mode)."""
     with preserved_state(model), torch.no_grad():
         expected = pytree.tree_leaves(model(*args, **kwargs))
@@ -478,12 +489,12 @@ def from_exported(
     return module
 
 
-def _translate(graph: fx.Graph, node: fx.Node, env: dict) -> Any:
+def _translate(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     def mapped(value: Any) -> Any:
         return fx.node.map_arg(value, lambda n: env[n])
 
     args, kwargs = mapped(node.args), mapped(dict(node.kwargs))
-    meta = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta}
+    meta: dict[str, Any] = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta}
     packet = _packet(node.target)
     if node.op == "call_function" and packet in _IDENTITY:
         return args[0]

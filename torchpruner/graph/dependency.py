@@ -93,6 +93,7 @@ from torchpruner.rules import AttributeChange
 
 from .trace import CallSite, ModelGraph
 from .flow_layers import LayerFlow
+from .slots import _name_target
 from .spaces import (
     DependencyError,
     Member,
@@ -116,6 +117,9 @@ __all__ = [
     "zeroing_functions",
     "connected_components",
 ]
+
+#: ``positions_fn(units) -> (axis, positions)``: where the given group units sit in one tensor
+PositionsFn = Callable[[Sequence[int]], Tuple[int, np.ndarray]]
 
 
 class Group:
@@ -217,34 +221,38 @@ class Group:
         unit_of = self._unit_of(space)
         return np.nonzero(np.isin(unit_of, units))[0]
 
-    def mask_points(self) -> List[Tuple[CallSite, Callable[[Sequence[int]], Tuple[int, np.ndarray]]]]:
+    def _positions_fn(self, space: _Space) -> PositionsFn:
+        """``units -> (space.axis, positions of those group units in space)``."""
+        return lambda units: (space.axis, self.positions(space, units))
+
+    def mask_points(self) -> List[Tuple[CallSite, PositionsFn]]:
         """Where zeroing is *exactly* pruning: the tensors that the group's consumers read.
 
         Returns ``[(call_site, positions_fn)]``; ``positions_fn(units) -> (axis, positions)``.
         Zeroing those positions at those call sites (eval mode) gives the pruned model's output
         unless the group contains LayerNorm/GroupNorm over the pruned axis (their statistics change).
         """
-        points = []
+        points: List[Tuple[CallSite, PositionsFn]] = []
         seen: Set[int] = set()
         for role in self._roles:
-            if role.direction != "in" or role.space.site is None or id(role.space) in seen:
+            site = role.space.site
+            if role.direction != "in" or site is None or id(role.space) in seen:
                 continue
             if self._dep._passes_through(role):
                 continue
             seen.add(id(role.space))
-            space = role.space
-            points.append((space.site, (lambda units, space=space: (space.axis, self.positions(space, units)))))
+            points.append((site, self._positions_fn(role.space)))
         return points
 
-    def source_points(self) -> List[Tuple[CallSite, Callable[[Sequence[int]], Tuple[int, np.ndarray]]]]:
+    def source_points(self) -> List[Tuple[CallSite, PositionsFn]]:
         """The group's sources (layer outputs feeding the shared units), as
         ``[(call_site, positions_fn)]``; for attribution metrics that score a group unit by
         zeroing it at every source."""
-        points = []
+        points: List[Tuple[CallSite, PositionsFn]] = []
         for role in self._roles:
-            if role.direction in ("out", "param") and role.space.site is not None:
-                space = role.space
-                points.append((space.site, (lambda units, space=space: (space.axis, self.positions(space, units)))))
+            site = role.space.site
+            if role.direction in ("out", "param") and site is not None:
+                points.append((site, self._positions_fn(role.space)))
         return points
 
     def count_cells(self) -> Optional[np.ndarray]:
@@ -276,13 +284,15 @@ class Group:
         if not graph.has_sites(module):
             return False
         for site in graph.sites_of(module):
+            if site.node is None:  # a site of an fx graph always has its node
+                continue
             for node in _flatten_nodes((site.node.args, site.node.kwargs)):
                 space = self._dep._spaces.get(node)
                 if space is not None and (self._unit_of(space) >= 0).any():
                     return True
         return False
 
-    def entry_points(self) -> List[Tuple[CallSite, Callable[[Sequence[int]], Tuple[int, np.ndarray]]]]:
+    def entry_points(self) -> List[Tuple[CallSite, PositionsFn]]:
         """Where the group's units enter the shared stream, in the format of :meth:`mask_points`.
 
         For every source (a layer output, a bare ``[1, ...]`` parameter such as a position
@@ -336,7 +346,7 @@ class Group:
             ):
                 return False
             if node.op == "call_module":
-                module = dep._traced_modules[node.target]
+                module = dep._traced_modules[_name_target(node)]
                 if isinstance(module, nn.modules.conv._ConvNd):
                     return module.groups == module.in_channels and module.groups > 1
                 return isinstance(
@@ -403,11 +413,11 @@ class Group:
             dropped = only_product if len(only_product) < len(operands) else only_product[1:]
             for node in dropped:
                 del entries[node]
-        points = []
+        points: List[Tuple[CallSite, PositionsFn]] = []
         for node in entries:
             site, space = dep._site_by_node.get(node), dep._spaces[node]
             if site is not None:
-                points.append((site, (lambda units, space=space: (space.axis, self.positions(space, units)))))
+                points.append((site, self._positions_fn(space)))
         return points
 
     def units_for(self, module: nn.Module, indices: Sequence[int], call_index: int = 0) -> List[int]:
@@ -419,14 +429,14 @@ class Group:
         """
         space = self._dep._output_space(module, call_index)
         unit_of = self._unit_of(space)
-        indices = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)
-        units = sorted(set(int(u) for u in unit_of[indices]))
+        wanted = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)
+        units = sorted(set(int(u) for u in unit_of[wanted]))
         needed = self.positions(space, units)
-        if len(needed) != len(indices) or not np.array_equal(needed, indices):
-            extra = sorted(set(needed.tolist()) - set(indices.tolist()))
+        if len(needed) != len(wanted) or not np.array_equal(needed, wanted):
+            extra = sorted(set(needed.tolist()) - set(wanted.tolist()))
             name = self._dep.graph.module_name(module)
             raise DependencyError(
-                f"cannot prune units {indices.tolist()[:20]} of '{name}' alone: they are coupled with its units "
+                f"cannot prune units {wanted.tolist()[:20]} of '{name}' alone: they are coupled with its units "
                 f"{extra[:20]}{'...' if len(extra) > 20 else ''} (grouped convolution / GroupNorm / attention heads / "
                 f"pieces of a split or chunk that meet again require equal pruning in every group); add them to the "
                 f"indices"
@@ -552,7 +562,7 @@ class DependencyGraph(LayerFlow):
             if shape is not None and len(shape) >= 2 and dtype is not None and dtype.is_floating_point:
                 site = self._site_by_node.get(node)
                 self._block(
-                    self._alloc(node, site.unit_axis if site.unit_axis is not None else 1),
+                    self._alloc(node, site.unit_axis if site is not None and site.unit_axis is not None else 1),
                     f"the units come from the model input '{node.target}'",
                 )
             return
@@ -569,7 +579,7 @@ class DependencyGraph(LayerFlow):
         if node.op in ("call_function", "call_method") and shape is not None:
             self._check_shape_sources(node)
         if node.op == "call_module":
-            module = self._traced_modules[node.target]
+            module = self._traced_modules[_name_target(node)]
             self._visit_module(node, module, slotted)
             return
         site = self._site_by_node.get(node)
@@ -583,8 +593,9 @@ class DependencyGraph(LayerFlow):
             return
         if (is_fn and target in SHAPE_QUERY_FUNCTIONS) or (is_method and target in SHAPE_QUERY_METHODS):
             return
-        if shape is None and self._tuple_op(node) is not None:
-            self._check_pair_users(node)  # followed at the items that are read
+        pair = self._tuple_op(node) if shape is None else None
+        if pair is not None:
+            self._check_pair_users(node, pair)  # followed at the items that are read
             return
         if shape is None:
             # tuples of split/chunk are followed at their getitem; any other op that takes the units
@@ -695,7 +706,7 @@ class DependencyGraph(LayerFlow):
                 if reason is not None:
                     if reason[1] and group.refusal is None:
                         group.refusal = reason[0]
-                        group.refusal_site = self._site_by_node.get(reason[2])
+                        group.refusal_site = self._site_by_node.get(reason[2]) if reason[2] is not None else None
                     elif not reason[1] and group.output_reason is None:
                         group.output_reason = reason[0]
         space_index = {id(space): k for k, space in enumerate(self._space_list)}
@@ -797,9 +808,11 @@ class DependencyGraph(LayerFlow):
 
     def _output_space(self, module: nn.Module, call_index: int = 0) -> _Space:
         site = self.graph.site(module, call_index)
-        space = self._spaces.get(site.node)
+        node = site.node
+        assert node is not None  # the analysis runs on fx graphs only, whose sites have their node
+        space = self._spaces.get(node)
         if space is None and isinstance(module, nn.MultiheadAttention):
-            for user in site.node.users:
+            for user in node.users:
                 if user.target is operator.getitem and user.args[1] == 0:
                     space = self._spaces.get(user)
         if space is None:
@@ -886,12 +899,12 @@ class DependencyGraph(LayerFlow):
     def select(self, module: nn.Module, indices: Sequence[int], call_index: int = 0) -> Dict[Group, List[int]]:
         """``{group: units}`` removed when output units ``indices`` of ``module`` go."""
         space = self._output_space(module, call_index)
-        indices = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)
-        gids = self._group_of_label[self._labels[space.start + indices]]
+        wanted = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)
+        gids = self._group_of_label[self._labels[space.start + wanted]]
         selection: Dict[Group, List[int]] = {}
         for gi in pd_unique(gids):
             group = self._groups[gi]
-            selection[group] = group.units_for(module, indices[gids == gi], call_index)
+            selection[group] = group.units_for(module, wanted[gids == gi], call_index)
         return selection
 
 
@@ -909,8 +922,8 @@ _DEP_CACHE: Dict[int, Tuple[ModelGraph, DependencyGraph]] = {}
 
 def get_dependency_graph(graph: ModelGraph) -> DependencyGraph:
     """The :class:`DependencyGraph` of ``graph`` (built once per graph object)."""
-    cached = getattr(graph, "_torchpruner_dependencies", None)
-    if cached is None:
+    cached = graph.__dict__.get("_torchpruner_dependencies")  # kept on the graph it describes
+    if not isinstance(cached, DependencyGraph):
         cached = DependencyGraph(graph)
-        graph._torchpruner_dependencies = cached
+        graph.__dict__["_torchpruner_dependencies"] = cached
     return cached

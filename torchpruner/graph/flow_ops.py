@@ -4,7 +4,7 @@ concatenations, reductions and movement ops (part of :mod:`torchpruner.graph.dep
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -68,9 +68,10 @@ class TensorOpFlow(HeadFlow):
                     f"would change it",
                 )
 
-    def _check_pair_users(self, node: fx.Node) -> None:
-        """A pair is followed at its items; refuse it when it is read any other way."""
-        fields = TUPLE_DIM_OPS[self._tuple_op(node)][2]
+    def _check_pair_users(self, node: fx.Node, pair: str) -> None:
+        """A pair (``node`` runs the op ``pair``) is followed at its items; refuse it when it is read
+        any other way."""
+        fields = TUPLE_DIM_OPS[pair][2]
         for user in node.users:
             if user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1, -1, -2):
                 continue
@@ -87,6 +88,7 @@ class TensorOpFlow(HeadFlow):
         dim: the units pass unless the op runs along the unit axis."""
         source = node.args[0]
         name = self._tuple_op(source)
+        assert isinstance(source, fx.Node) and name is not None  # the callers check that source gives a pair
         position, default, fields = TUPLE_DIM_OPS[name]
         if index not in (0, 1, -1, -2):
             raise _CannotFollow(f"cannot follow the units through item {index!r} of {self._label(source)}")
@@ -100,7 +102,7 @@ class TensorOpFlow(HeadFlow):
                 f"{self._label(source)} runs along the unit axis {space.axis} (dim={dim}): "
                 f"its {fields[index % 2]} mix the units"
             )
-        out_shape = self._shape(node)
+        out_shape = self._tensor_shape(node)
         if len(out_shape) == space.ndim:
             axis = space.axis
         elif len(out_shape) == space.ndim - 1:
@@ -117,7 +119,7 @@ class TensorOpFlow(HeadFlow):
         source, name = node.args[0], node.args[1]
         label = f"the attribute '.{name}' at call site '{node.name}'"
         pair = self._tuple_op(source)
-        if pair is not None:
+        if pair is not None and isinstance(source, fx.Node):
             fields = TUPLE_DIM_OPS[pair][2]
             if name not in fields:
                 raise _CannotFollow(f"cannot follow the units through {label} of {self._label(source)}")
@@ -140,11 +142,12 @@ class TensorOpFlow(HeadFlow):
     # -- element-wise, concat, reductions ----------------------------------------------------
 
     def _elementwise(self, node: fx.Node) -> None:
-        shape = self._shape(node)
+        shape = self._tensor_shape(node)
         nd = len(shape)
         operands = [n for n in _flatten_nodes((node.args, node.kwargs)) if self._shape(n) is not None]
         # the output's unit axis: from the first operand with real (non-attr) slots
         out_axis = None
+        space: _Space | None
         for n in operands:
             if n in self._spaces and n.op != "get_attr":
                 space = self._spaces[n]
@@ -162,7 +165,7 @@ class TensorOpFlow(HeadFlow):
             raise _CannotFollow(f"cannot align the units of the operands of {self._label(node)}")
         out = self._alloc(node, out_axis)
         for n in operands:
-            op_shape = self._shape(n)
+            op_shape = self._tensor_shape(n)
             b = out_axis - (nd - len(op_shape))
             existing = self._spaces.get(n)
             if b < 0 or op_shape[b] == 1:
@@ -188,7 +191,7 @@ class TensorOpFlow(HeadFlow):
         dim = self._dim_arg(node, 1, "dim", 0)
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
             raise _CannotFollow(f"cannot read the arguments of {self._label(node)}")
-        shape = self._shape(node)
+        shape = self._tensor_shape(node)
         dim = dim % len(shape)
         spaces = [self._spaces.get(t) if isinstance(t, fx.Node) else None for t in tensors]
         axes = {s.axis for s in spaces if s is not None and s.node.op != "get_attr"}
@@ -199,7 +202,9 @@ class TensorOpFlow(HeadFlow):
         if dim == axis:
             offset = 0
             for t, space in zip(tensors, spaces):
-                size = self._shape(t)[dim]
+                if not isinstance(t, fx.Node):
+                    raise _CannotFollow(f"{self._label(node)} concatenates {t!r:.40}, not a tensor")
+                size = self._tensor_shape(t)[dim]
                 if space is None:
                     space = self._space_of(t, axis=dim)
                 if space is None or space.axis != dim:
@@ -219,11 +224,12 @@ class TensorOpFlow(HeadFlow):
     def _stack(self, node: fx.Node) -> None:
         tensors = self._dim_arg(node, 0, "tensors")
         dim = self._dim_arg(node, 1, "dim", 0)
-        shape = self._shape(node)
+        shape = self._tensor_shape(node)
         dim = dim % len(shape)
-        spaces = [self._space_of(t) for t in tensors]
-        axes = {s.axis for s in spaces if s is not None}
-        if len(axes) != 1 or any(s is None for s in spaces):
+        found = [self._space_of(t) for t in tensors]
+        spaces = [s for s in found if s is not None]
+        axes = {s.axis for s in spaces}
+        if len(axes) != 1 or len(spaces) != len(found):
             raise _CannotFollow(f"the inputs of {self._label(node)} carry units on different axes")
         axis = axes.pop()
         out = self._alloc(node, axis + 1 if dim <= axis else axis)
@@ -255,7 +261,7 @@ class TensorOpFlow(HeadFlow):
 
     def _spatial(self, node: fx.Node, spatial_dims: Optional[int] = None) -> None:
         x, space = self._input_space(node)
-        out_shape = self._shape(node)
+        out_shape = self._tensor_shape(node)
         if spatial_dims is None and node.target is F.pad:
             pad = self._dim_arg(node, 1, "pad")
             if not isinstance(pad, (list, tuple)):
@@ -299,16 +305,17 @@ class TensorOpFlow(HeadFlow):
             raise _CannotFollow(
                 f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {exc})"
             ) from exc
-        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(out_shape):
+        if not isinstance(y, torch.Tensor) or out_shape is None or tuple(y.shape) != out_shape:
             raise _CannotFollow(f"cannot follow the units through {self._label(node)}")
-        out_axis, line = _unit_line(y)
-        if out_axis is None:
+        unit_line = _unit_line(y)
+        if unit_line is None:
             if self._split_heads(node, x, space, y, module):
                 return
             raise _CannotFollow(
                 f"{self._label(node)} spreads the units over several axes (a channel shuffle, or a split into "
                 f"heads whose sizes are literals in the code); it cannot be pruned"
             )
+        out_axis, line = unit_line
         present = set(np.unique(line).tolist())
         if present != set(range(space.size)):
             self._piece(node, x, space, y, out_axis, line, module)
@@ -368,7 +375,7 @@ class TensorOpFlow(HeadFlow):
         length, first = len(line), int(line[0])
         contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
         blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
-        sized_by = self._split_size_attribute(source, length) if blocks >= 2 and source is not None else None
+        sized_by = self._split_size_attribute(source, length) if blocks >= 2 and isinstance(source, fx.Node) else None
         if blocks >= 2 and (
             sized_by is not None
             or all(
@@ -424,7 +431,7 @@ class TensorOpFlow(HeadFlow):
             for attr, value in vars(owner).items()
             if not attr.startswith("_") and type(value) is int and value == length
         ]
-        function: Any = torch.split if source.op == "call_function" else "split"
+        function: Callable[..., Any] | str = torch.split if source.op == "call_function" else "split"
         keyword = "split_size_or_sections" if source.op == "call_function" else "split_size"
         found = [attr for attr in candidates if _reads_attribute(owner, attr, function, 1, keyword)]
         return (owner, owner_name or "(model)", found[0]) if len(found) == 1 else None

@@ -33,13 +33,14 @@ def _slot_ids(shape: Sequence[int], axis: int, ids: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.int64).reshape(view).expand(shape).contiguous()
 
 
-def _unit_line(y: torch.Tensor) -> Tuple[Optional[int], Optional[np.ndarray]]:
-    """The one axis along which slot ids vary (constant along every other axis)."""
+def _unit_line(y: torch.Tensor) -> tuple[int, np.ndarray] | None:
+    """The one axis along which slot ids vary (constant along every other axis) and the ids along
+    it, or None when there is no such axis."""
     if y.dim() == 0:
-        return None, None
+        return None
     candidates = []
     for axis in range(y.dim()):
-        index = [0] * y.dim()
+        index: list[int | slice] = [0] * y.dim()
         index[axis] = slice(None)
         line = y[tuple(index)]
         view = [1] * y.dim()
@@ -54,7 +55,15 @@ def _unit_line(y: torch.Tensor) -> Tuple[Optional[int], Optional[np.ndarray]]:
         for a, ids in reversed(candidates):
             if y.shape[a] >= 1:
                 return a, ids.numpy()
-    return None, None
+    return None
+
+
+def _name_target(node: fx.Node) -> str:
+    """The target of a ``call_module``, ``call_method``, ``get_attr`` or ``placeholder`` node, which
+    fx always writes as a name (only ``call_function`` targets are callables)."""
+    target = node.target
+    assert isinstance(target, str), f"{node.op} node '{node.name}' targets {target!r}, not a name"
+    return target
 
 
 def _probe_removals(size: int) -> List[np.ndarray]:
@@ -111,7 +120,12 @@ def _traced_with(owner: nn.Module, attribute: str, value: Any) -> fx.Graph | Non
 
 
 def _reads_attribute(
-    owner: nn.Module, attribute: str, function: Callable | str, position: int, keyword: str, literal: Any = None
+    owner: nn.Module,
+    attribute: str,
+    function: Callable[..., Any] | str,
+    position: int,
+    keyword: str,
+    literal: Any = None,
 ) -> bool:
     """The calls of ``function`` (a tensor method: its name) in ``owner``'s forward take argument ``keyword`` from
     ``owner.<attribute>``: traced again with the attribute set to another value (restored
@@ -172,6 +186,13 @@ class SlotFlow:
         site = self._site_by_node.get(node) if isinstance(node, fx.Node) else None
         return tuple(site.shape) if site is not None and site.shape is not None else None
 
+    def _tensor_shape(self, node: fx.Node) -> Tuple[int, ...]:
+        """The shape of ``node``'s output, which the op being followed needs to be one tensor."""
+        shape = self._shape(node)
+        if shape is None:
+            raise _CannotFollow(f"cannot follow the units through {self._label(node)}: it does not return one tensor")
+        return shape
+
     def _dtype(self, node: fx.Node) -> Optional[torch.dtype]:
         site = self._site_by_node.get(node)
         return site.dtype if site is not None else None
@@ -214,11 +235,11 @@ class SlotFlow:
         site = self._site_by_node.get(node)
         if site is not None and site.kind == "module":
             return f"'{site.label}' ({type(site.module).__name__})"
-        if site is not None and site.module is not None:  # a functional call standing for its layer
-            call = f", call {site.call_index}" if site.call_index else ""
-            return f"'{site.module_name}' ({type(site.module).__name__}, {node.target.__name__}{call})"
         target = node.target
         op = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+        if site is not None and site.module is not None:  # a functional call standing for its layer
+            call = f", call {site.call_index}" if site.call_index else ""
+            return f"'{site.module_name}' ({type(site.module).__name__}, {op}{call})"
         return f"{op} at call site '{node.name}'"
 
     def _block_node(self, node: fx.Node, reason: str) -> None:
@@ -240,7 +261,7 @@ class SlotFlow:
                 and node.args[0].op == "call_module"
             ):
                 source = self._slotted_inputs(node)
-                module = self._traced_modules.get(node.args[0].target)
+                module = self._traced_modules.get(_name_target(node.args[0]))
                 if isinstance(module, nn.MultiheadAttention) or not source:
                     axis = len(shape) - 1
             for arg in self._slotted_inputs(node):
@@ -311,8 +332,9 @@ class SlotFlow:
             return env[node]
         if depth > 40:
             raise _CannotFollow("argument chain too deep")
-        if depth > 0 and self._shape(node) is not None:
-            return torch.empty(self._shape(node), device="meta", dtype=self._dtype(node) or torch.float32)
+        shape = self._shape(node)
+        if depth > 0 and shape is not None:
+            return torch.empty(shape, device="meta", dtype=self._dtype(node) or torch.float32)
 
         def value(arg: Any) -> Any:
             if isinstance(arg, fx.Node):
@@ -327,14 +349,15 @@ class SlotFlow:
 
         args = value(node.args)
         kwargs = value(dict(node.kwargs))
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
+        target = node.target
+        if node.op == "call_function" and callable(target):
+            return target(*args, **kwargs)
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "placeholder" and node.args and self._shape(node) is None:
+            return getattr(args[0], _name_target(node))(*args[1:], **kwargs)
+        if node.op == "placeholder" and node.args and shape is None:
             return node.args[0]  # a forward argument left at its default (attn_mask=None)
         if node.op == "call_module" and depth == 0:
-            mod = module if module is not None else self._traced_modules[node.target]
+            mod = module if module is not None else self._traced_modules[_name_target(node)]
             return mod(*args, **kwargs)
         raise _CannotFollow(f"cannot evaluate {node.op} '{node.name}' in a shape computation")
 
@@ -362,8 +385,8 @@ class SlotFlow:
             if path in self._modules:
                 return path
         for arg in node.all_input_nodes:  # its weight: "<owner>.weight"
-            if arg.op == "get_attr" and arg.target.rpartition(".")[0] in self._modules:
-                return arg.target.rpartition(".")[0]
+            if arg.op == "get_attr" and _name_target(arg).rpartition(".")[0] in self._modules:
+                return _name_target(arg).rpartition(".")[0]
         return "" if not stack else None
 
     def _is_shape_query(self, node: fx.Node) -> bool:

@@ -46,6 +46,7 @@ import linecache
 import logging
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Container
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -138,11 +139,13 @@ class CallSite:
     @property
     def label(self) -> str:
         """Human-readable name: the module name (with call index when reused) or the op."""
-        if self.kind == "module":
+        if self.kind == "module" and self.module_name is not None:
             return self.module_name if self.call_index == 0 else f"{self.module_name} (call {self.call_index})"
         return self.name
 
-    def is_op(self, functions: set, methods: set = frozenset(), modules: Tuple[type, ...] = ()) -> bool:
+    def is_op(
+        self, functions: Container[object], methods: Container[object] = frozenset(), modules: Tuple[type, ...] = ()
+    ) -> bool:
         if self.kind == "function":
             return self.target in functions
         if self.kind == "method":
@@ -210,8 +213,9 @@ def _unit_axis_for(site: CallSite) -> Optional[int]:
 def _map_axis_through_permute(site: CallSite, axis: int, in_ndim: int) -> Optional[int]:
     """Follow the unit axis through ``permute``/``transpose``/``movedim`` (e.g. ViT's [N,D,L]->[N,L,D])."""
     node = site.node
+    assert node is not None  # only called for sites of an fx graph
     target = site.target
-    args = list(node.args[1:]) if node.args else []
+    args: list[Any] = list(node.args[1:]) if node.args else []  # read as ints below; TypeError: not followed
     try:
         if target in ("permute",) or target is torch.permute:
             dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
@@ -273,7 +277,9 @@ class _LeafTracer(fx.Tracer):
         super().__init__()
         self.failure: tuple[BaseException, str, type] | None = None
 
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
@@ -324,7 +330,7 @@ def layer_of_call(node: fx.Node, root: nn.Module) -> str | None:
         value = argument(position, keyword)
         if value is None:
             continue
-        if not isinstance(value, fx.Node) or value.op != "get_attr":
+        if not isinstance(value, fx.Node) or value.op != "get_attr" or not isinstance(value.target, str):
             return None
         path, _, name = value.target.rpartition(".")
         if name != attribute or (owner_path is not None and path != owner_path):
@@ -413,7 +419,13 @@ class ModelGraph:
         export_error: why torch.export failed, when it was tried and failed (else None).
     """
 
-    def __init__(self, model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None, method: str = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: tuple[Any, ...] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+        method: str = "auto",
+    ) -> None:
         if method not in ("auto", "fx", "export", "hooks"):
             raise ValueError(f"method must be 'auto', 'fx', 'export' or 'hooks', got {method!r}")
         self.model = unwrap_model(model)
@@ -495,7 +507,7 @@ class ModelGraph:
             f"torchpruner.graph.register_leaf_module({module_type.__name__}) traces it as one layer"
         )
 
-    def _build_fx(self, args: tuple, kwargs: dict, exported: bool = False) -> None:
+    def _build_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any], exported: bool = False) -> None:
         tracer = _LeafTracer()
         traced: fx.GraphModule | None = None
         release: Callable[[], None] = lambda: None
@@ -576,7 +588,7 @@ class ModelGraph:
             self.sites.append(site)
         self._site_by_node = by_node
 
-    def _build_hooks(self, args: tuple, kwargs: dict) -> None:
+    def _build_hooks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         producer_of: Dict[int, CallSite] = {}
         keep_alive: List[torch.Tensor] = []
         calls: Dict[int, int] = {}
@@ -590,7 +602,7 @@ class ModelGraph:
                 return [t for v in value.values() for t in tensors(v)]
             return []
 
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             call_index = calls.get(id(module), 0)
             calls[id(module)] = call_index + 1
             name = self._names.get(id(module), type(module).__name__)
@@ -724,18 +736,20 @@ class ModelGraph:
                 release()  # one probed module per scoring run: leave no generated source behind
 
     @contextlib.contextmanager
-    def _intercept_with_hooks(self, fns: Dict[CallSite, Callable]) -> Iterator[Callable[..., Any]]:
+    def _intercept_with_hooks(
+        self, fns: Dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]
+    ) -> Iterator[Callable[..., Any]]:
         counters: Dict[int, int] = {}
-        by_module: Dict[int, Dict[int, Callable]] = {}
+        by_module: Dict[int, Dict[int, Callable[[torch.Tensor], torch.Tensor]]] = {}
         for site, fn in fns.items():
             by_module.setdefault(id(site.module), {})[site.call_index] = fn
-        modules = {id(site.module): site.module for site in fns}
+        modules = {id(site.module): site.module for site in fns if site.module is not None}
 
-        def reset(_module: nn.Module, _args: tuple) -> None:
+        def reset(_module: nn.Module, _args: tuple[Any, ...]) -> None:
             counters.clear()
 
-        def make_hook(module_id: int) -> Callable:
-            def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        def make_hook(module_id: int) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
+            def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
                 call = counters.get(module_id, 0)
                 counters[module_id] = call + 1
                 fn = by_module[module_id].get(call)
@@ -752,7 +766,7 @@ class ModelGraph:
             for handle in handles:
                 handle.remove()
 
-    def _probed_module(self, fns: Dict[CallSite, Callable]) -> fx.GraphModule:
+    def _probed_module(self, fns: Dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]) -> fx.GraphModule:
         assert self.traced is not None
         old_graph = self.traced.graph
         new_graph = fx.Graph()
@@ -789,7 +803,7 @@ class ModelGraph:
 
 def _in_chain(cause: BaseException, error: BaseException) -> bool:
     """True when ``cause`` is ``error`` or one of the exceptions it was raised from."""
-    seen: set = set()
+    seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         if current is cause:
@@ -849,7 +863,7 @@ class _ModelState:
 
         modules = []
         for name, module in model.named_modules(remove_duplicate=False):
-            attributes = []
+            attributes: list[tuple[Any, ...]] = []
             for attr, value in module.__dict__.items():
                 if attr.startswith("_") or attr == "training":
                     continue
@@ -904,14 +918,14 @@ class _GraphSlot:
         self.inputs: Any = None
         self.graph: Optional[ModelGraph] = None
 
-    def __deepcopy__(self, memo: dict) -> "_GraphSlot":
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_GraphSlot":
         return _GraphSlot()
 
-    def __reduce__(self) -> Tuple[type, tuple]:
+    def __reduce__(self) -> Tuple[type, tuple[()]]:
         return (_GraphSlot, ())
 
 
-def get_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> ModelGraph:
+def get_graph(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None) -> ModelGraph:
     """The cached :class:`ModelGraph` of ``model`` for inputs like ``args``/``kwargs``.
 
     The cache lives on the model object; an entry is reused while the model holds the same module,

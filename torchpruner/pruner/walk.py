@@ -109,8 +109,10 @@ def follow_modules(
 def _invisible_input(site: CallSite, source_flow: Flow, verify: Verify) -> Flow:
     """A listed consumer fed by code the hooks trace cannot see: the same units, or a
     channel-major flatten of them verified on the model; anything else is refused."""
-    rule = get_slicing_rule(site.module)
-    in_units = rule.in_units(site.module) if rule is not None else None
+    module = site.module
+    assert module is not None  # a module call site (the walk visits no other kind)
+    rule = get_slicing_rule(module)
+    in_units = rule.in_units(module) if rule is not None else None
     if in_units is None or in_units == source_flow.num_units:
         guessed = source_flow.remove
         flow = source_flow
@@ -136,6 +138,7 @@ def _through_module(
     dropout_policy: str,
 ) -> Flow | None:
     module, name = site.module, site.module_name
+    assert module is not None and name is not None  # a module call site (the walk visits no other kind)
     rule = get_slicing_rule(module)
     if rule is None:
         raise ValueError(
