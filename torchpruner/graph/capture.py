@@ -302,8 +302,9 @@ class _OutputTree(_PyTreeCodeGen):
     """Generated forward takes the placeholders as plain arguments and returns the model's
     output structure (the export's ``out_spec``) rebuilt from the graph's flat outputs."""
 
-    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
-        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, **options: Any) -> str:
+        # ``options``: whatever this torch's CodeGen takes (``expanded_def`` in newer releases)
+        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, **options)
 
     def process_inputs(self, *inputs: Unpack[_Inputs]) -> tuple[Unpack[_Inputs]]:
         return inputs
