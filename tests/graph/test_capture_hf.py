@@ -289,8 +289,8 @@ HEADS = {"bert": 4, "distilbert": 4, "vit": 4}
 def test_attention_heads_of_a_captured_model_prune_like_the_zeroed_twin(kind):
     """Under torch.export the head count reaches the graph as ``-1`` in ``view(B, L, -1, head_dim)``
     (the module attribute is gone), so whole heads are units; a padding mask built from positions
-    carries no head units and does not stop them. (Llama's heads stay refused there: its
-    ``repeat_kv`` expand has literal sizes in an exported graph.)"""
+    carries no head units and does not stop them. (Llama's grouped-query heads, whose ``repeat_kv``
+    sizes are literals in an exported graph: tests/graph/test_capture_hf_heads.py.)"""
     model, x, _ = tiny(kind)
     name, query = next(
         (n, m)

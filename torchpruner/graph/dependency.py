@@ -93,11 +93,13 @@ from torchpruner.rules import AttributeChange
 
 from .trace import CallSite, ModelGraph
 from .flow_layers import LayerFlow
+from .recapture import capture_again, same_ops, temporarily_pruned, trial_edits
 from .spaces import (
     DependencyError,
     Member,
     RefusedGroupsWarning,
     _CannotFollow,
+    _LiteralSize,
     _Role,
     _ShapeAttribute,
     _Space,
@@ -190,6 +192,14 @@ class Group:
         if self.num_units <= 1:
             return "a single unit cannot be pruned"
         return None
+
+    def normalizations(self) -> List[str]:
+        """The modules whose hand-written RMSNorm (``x * rsqrt(x.pow(2).mean(-1, keepdim=True) +
+        eps) * weight``, Hugging Face's Llama and T5) normalises over these units: pruning them
+        changes its statistic, as it changes an ``nn.RMSNorm``'s, so zeroing them is not exactly
+        pruning them (compare with a rebuilt smaller model)."""
+        owners = [owner for space, owner in self._dep._statistics if (self._unit_of(space) >= 0).any()]
+        return list(dict.fromkeys(owners))
 
     def __contains__(self, module: nn.Module) -> bool:
         return any(m.module is module for m in self.members)
@@ -526,6 +536,8 @@ class DependencyGraph(LayerFlow):
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
+        self._literal_sizes: list[_LiteralSize] = []
+        self._statistics: list[tuple[_Space, str]] = []  # hand-written RMSNorms: (input, owner)
         self._count_constraints: List[Tuple[_Space, int]] = []  # (space, conv groups): equal counts per block
         self._equal_pieces: list[_Space] = []  # tensors split into equal pieces (positions linked across pieces)
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
@@ -720,7 +732,63 @@ class DependencyGraph(LayerFlow):
                         max(1, mine // max(1, group.num_units)),
                     )
                 )
+        self._check_literal_sizes(groups)
         self._groups = self._number_groups(groups)
+
+    def _check_literal_sizes(self, groups: List[Group]) -> None:
+        """Refuse the groups whose units reach a literal size of an exported graph that does not
+        follow them (see :mod:`~torchpruner.graph.recapture`): the model captured again with the
+        last unit of each such group removed must run the same ops with the kept count there.
+        One capture checks every group; when it fails, one capture per group finds which."""
+        pending: Dict[int, List[_LiteralSize]] = {}
+        for record in self._literal_sizes:
+            assert record.space is not None  # set where the record is made
+            for group in groups:
+                if group.refusal is None and group.source_roles and (group._unit_of(record.space) >= 0).any():
+                    pending.setdefault(group.index, []).append(record)
+        if not pending:
+            return
+        checked = [groups[index] for index in pending]
+        if self._literals_follow(checked, pending):
+            return
+        for group in checked:
+            if len(checked) > 1 and self._literals_follow([group], pending):
+                continue
+            record = pending[group.index][0]
+            group.refusal = (
+                f"hard-coded shape in {self._label(record.node)}: the size {record.literal} is a literal in the "
+                f"exported graph that does not follow the units (the model captured again with a unit removed "
+                f"does not hold the kept count there)"
+            )
+            group.refusal_site = self._site_by_node.get(record.node)
+
+    def _literals_follow(self, checked: List[Group], pending: Mapping[int, List[_LiteralSize]]) -> bool:
+        """Whether the model, captured again with the last unit of every group in ``checked``
+        removed, runs the same ops and holds the kept count at each of their literal sizes."""
+        if self.graph.export_inputs is None or self.graph.traced is None:
+            return False
+        selection = {group: [group.num_units - 1] for group in checked}
+        edits = trial_edits(self.removals(selection))
+        if edits is None:
+            return False
+        edits += self.shape_attribute_edits(selection)
+        args, kwargs = self.graph.export_inputs
+        try:
+            with temporarily_pruned(edits):
+                again = capture_again(self.model, args, kwargs)
+        except Exception:  # noqa: BLE001 - the model's own code fails with a unit fewer
+            return False
+        matched = same_ops(self.graph.traced.graph, again)
+        if matched is None:
+            return False
+        for group in checked:
+            for record in pending[group.index]:
+                assert record.space is not None
+                removed = sum(len(g.positions(record.space, units)) for g, units in selection.items())
+                shape = self._shape_list(matched[record.node])
+                if shape is None or shape[0][record.axis] != record.literal - removed:
+                    return False
+        return True
 
     def _number_groups(self, groups: List[Group]) -> List[Group]:
         """Renumber the groups so that ``group.index`` is the position users index with: the

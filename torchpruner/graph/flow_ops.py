@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from torchpruner._ops import SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_OPS
 
-from .spaces import _CannotFollow, _ShapeAttribute, _Space, _flatten_nodes
+from .spaces import _CannotFollow, _LiteralSize, _ShapeAttribute, _Space, _flatten_nodes
 from .flow_heads import HeadFlow
 from .slots import _is_kept_part, _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
 
@@ -238,12 +238,83 @@ class TensorOpFlow(HeadFlow):
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % space.ndim for d in dims]
         if space.axis in dims:
-            raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
+            owner = self._rms_statistic(node, x, space, dims)
+            if owner is None:
+                raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
+            # the mean square of a hand-written RMSNorm: a statistic of each row, carrying no units
+            # (pruning changes it, as it changes an nn.RMSNorm's: not exactly masking)
+            self._statistics.append((space, owner))
+            return
         # keepdim from the traced output rank, not from argument positions (std/var put `unbiased` 3rd)
         out_shape = self._shape(node)
         keepdim = out_shape is not None and len(out_shape) == space.ndim
         axis = space.axis if keepdim else space.axis - sum(1 for d in dims if d < space.axis)
         self._link_same(space, self._alloc(node, axis))
+
+    def _rms_statistic(self, node: fx.Node, x: fx.Node, space: _Space, dims: list[int]) -> str | None:
+        """The name of the module whose hand-written RMSNorm ``node`` computes the statistic of,
+        or None when ``node`` is not that. Verified op by op on the graph, as Hugging Face's Llama
+        and T5 write it: ``x.pow(2).mean(-1, keepdim=True)`` over the unit axis only (the last),
+        ``+ eps``, ``rsqrt``, a product with ``x`` itself, then (dtype casts aside) a product with
+        the module's own 1-d weight of one entry per unit."""
+
+        def single_user(n: fx.Node) -> fx.Node | None:
+            users = list(n.users)
+            return users[0] if len(users) == 1 else None
+
+        def is_op(n: Any, functions: tuple, method: str) -> bool:
+            return isinstance(n, fx.Node) and (
+                (n.op == "call_function" and n.target in functions) or (n.op == "call_method" and n.target == method)
+            )
+
+        def uncast(n: Any) -> Any:  # x.to(torch.float32), x.float(): the same units
+            while isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("to", "float", "type"):
+                n = n.args[0]
+            return n
+
+        def cast_of(n: fx.Node) -> fx.Node:  # the last dtype cast after n (each with one user)
+            while True:
+                user = single_user(n)
+                if user is None or not (user.op == "call_method" and user.target in ("to", "float", "type")):
+                    return n
+                n = user
+
+        out_shape = self._shape(node)
+        if (
+            dims != [space.axis]
+            or space.axis != space.ndim - 1
+            or not is_op(node, (torch.mean,), "mean")
+            or out_shape is None
+            or len(out_shape) != space.ndim
+            or out_shape[space.axis] != 1
+        ):
+            return None
+        if not is_op(x, (torch.pow, operator.pow), "pow") or len(x.args) != 2 or x.args[1] != 2:
+            return None
+        source = uncast(x.args[0])
+        add = single_user(node)
+        if not is_op(add, (operator.add, torch.add), "add") or not any(
+            isinstance(a, float) and a > 0 for a in add.args[1:] + tuple(add.args[:1])
+        ):
+            return None
+        rsqrt = single_user(add)
+        if not is_op(rsqrt, (torch.rsqrt,), "rsqrt"):
+            return None
+        product = single_user(rsqrt)
+        multiply = (operator.mul, torch.mul)
+        if not is_op(product, multiply, "mul") or not any(uncast(a) is source for a in product.args if a is not rsqrt):
+            return None
+        scaled = single_user(cast_of(product))
+        if not is_op(scaled, multiply, "mul"):
+            return None
+        weights = [a for a in scaled.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        if len(weights) != 1 or self._shape(weights[0]) != (space.size,):
+            return None
+        owner, _, attribute = str(weights[0].target).rpartition(".")
+        caller = self._calling_module(node)
+        if caller is not None and caller != owner:
+            return None  # the weight of another module: not this norm's
+        return owner or "(model)"
 
     def _dim_wise(self, node: fx.Node, dim: Any) -> None:
         x, space = self._input_space(node)
@@ -322,7 +393,10 @@ class TensorOpFlow(HeadFlow):
         self._link(space, line, out, np.arange(out.size))
         if sized_by is not None:
             sized_by.space = out
-            self._shape_attributes.append(sized_by)
+            if isinstance(sized_by, _LiteralSize):
+                self._literal_sizes.append(sized_by)
+            else:
+                self._shape_attributes.append(sized_by)
 
     def _piece(
         self,
