@@ -195,7 +195,7 @@ def test_taylor_on_the_captured_graph_is_the_derivative_of_scaling_the_unit(kind
 
 
 def test_refused_groups_name_the_op_and_call_site():
-    model, x, _ = tiny("gpt2")  # its qkv split and head views have literal sizes once exported
+    model, x, _ = tiny("llama")  # its rotary embedding's inverse frequencies broadcast against the heads' dims
     pruner = Pruner(model, example_inputs=(x,))
     refused = pruner.refused_groups()
     assert refused

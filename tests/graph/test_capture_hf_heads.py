@@ -275,3 +275,71 @@ def test_a_reduction_over_the_units_that_is_not_an_rmsnorm_is_refused(kind):
     (refused,) = [g for g in pruner.refused_groups() if model.embed in g.source_modules]
     assert "reduces over the unit axis" in refused.refusal and "mean" in refused.refusal
     assert_unchanged(before, model)
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-2: Conv1D c_attn split into q, k, v with split(self.split_size)
+# --------------------------------------------------------------------------------------------
+
+
+def test_gpt2_heads_prune_like_the_zeroed_twin_with_split_size_updated():
+    """GPT-2's ``c_attn(h).split(self.split_size, dim=2)`` is ``split(x, 64, 2)`` once exported: the
+    three pieces are equal, and capturing again finds the size in ``split_size`` (not
+    ``embed_dim``, which holds the same number), which the prune updates."""
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(
+        tf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=97, n_positions=16, use_cache=False)
+    )
+    model = model.double().eval()
+    x = torch.randint(1, 97, (2, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = Pruner(model, optimizer=optimizer, example_inputs=(x,))
+    attention = model.transformer.h[0].attn
+    (group,) = [g for g in pruner.groups() if attention.c_attn in g.source_modules]
+    assert group.num_units == 4 and attention.c_proj in group
+    # head 1: its 16 dims of q, of k and of v
+    assert group.unit_channels(attention.c_attn)[1].tolist() == [
+        c for piece in range(3) for c in range(piece * 64 + 16, piece * 64 + 32)
+    ]
+    twin = copy.deepcopy(model)
+    with masked_at_mask_points(twin, (x,), {group.index: [1]}) as forward, torch.no_grad():
+        expected = forward(x).logits
+    plan = pruner.plan_groups({group: [1]})
+    plan.apply(model, optimizer)
+    assert attention.split_size == 48 and attention.embed_dim == 64 and attention.c_attn.nf == 144
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-9, atol=1e-9)
+    model.train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.zero_grad()
+    model(x).logits.square().mean().backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and not torch.equal(p.detach(), before[name]), f"{name} did not update"
+
+
+# --------------------------------------------------------------------------------------------
+# T5: heads refused while the position bias keeps every head
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_t5() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    config = tf.T5Config(num_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=96, vocab_size=97)
+    return tf.T5EncoderModel(config).double().eval(), torch.randint(1, 97, (2, 8))
+
+
+def test_t5_heads_are_refused_naming_the_position_bias_mask_and_nothing_changes():
+    """T5's attention adds a position bias with one column per head (an embedding made once, in
+    the first block, and reused by every block) through the SDPA mask; the analysis cannot tie it
+    to the heads, so they are refused (a prune used to leave the bias with every head and break
+    the model)."""
+    model, x = tiny_t5()
+    pruner = Pruner(model, example_inputs=(x,))
+    before = snapshot(model)
+    for block in model.encoder.block:
+        attention = block.layer[0].SelfAttention
+        assert not [g for g in pruner.groups(include_outputs=True) if attention.q in g.source_modules]
+        (refused,) = [g for g in pruner.refused_groups() if attention.q in g.source_modules]
+        assert "attention mask" in refused.refusal and "heads" in refused.refusal
+    assert_unchanged(before, model)

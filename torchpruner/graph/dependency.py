@@ -749,10 +749,14 @@ class DependencyGraph(LayerFlow):
         if not pending:
             return
         checked = [groups[index] for index in pending]
-        if self._literals_follow(checked, pending):
+
+        def choices(among: List[Group]) -> range:  # which attribute of each split size to try
+            return range(max([len(r.attributes) for g in among for r in pending[g.index]] + [1]))
+
+        if any(self._literals_follow(checked, pending, choice) for choice in choices(checked)):
             return
         for group in checked:
-            if len(checked) > 1 and self._literals_follow([group], pending):
+            if len(checked) > 1 and any(self._literals_follow([group], pending, c) for c in choices([group])):
                 continue
             record = pending[group.index][0]
             group.refusal = (
@@ -762,9 +766,11 @@ class DependencyGraph(LayerFlow):
             )
             group.refusal_site = self._site_by_node.get(record.node)
 
-    def _literals_follow(self, checked: List[Group], pending: Mapping[int, List[_LiteralSize]]) -> bool:
+    def _literals_follow(self, checked: List[Group], pending: Mapping[int, List[_LiteralSize]], choice: int) -> bool:
         """Whether the model, captured again with the last unit of every group in ``checked``
-        removed, runs the same ops and holds the kept count at each of their literal sizes."""
+        removed (and attribute ``choice`` of each split size's candidates changed with it), runs
+        the same ops and holds the kept count at each of their literal sizes. On success the
+        chosen attributes are recorded for the prune to update."""
         if self.graph.export_inputs is None or self.graph.traced is None:
             return False
         selection = {group: [group.num_units - 1] for group in checked}
@@ -772,6 +778,19 @@ class DependencyGraph(LayerFlow):
         if edits is None:
             return False
         edits += self.shape_attribute_edits(selection)
+        chosen: Dict[Tuple[int, str], _ShapeAttribute] = {}
+        for group in checked:
+            for record in pending[group.index]:
+                assert record.space is not None  # set where the record is made
+                if not record.attributes or record.owner is None:
+                    continue
+                attribute = record.attributes[min(choice, len(record.attributes) - 1)]
+                key = (id(record.owner), attribute)
+                if key not in chosen:
+                    removed = sum(len(g.positions(record.space, units)) for g, units in selection.items())
+                    old = getattr(record.owner, attribute)
+                    edits.append(AttributeChange(record.owner, attribute, old, old - removed))
+                    chosen[key] = _ShapeAttribute(record.space, record.owner, record.owner_name, attribute, None)
         args, kwargs = self.graph.export_inputs
         try:
             with temporarily_pruned(edits):
@@ -785,9 +804,16 @@ class DependencyGraph(LayerFlow):
             for record in pending[group.index]:
                 assert record.space is not None
                 removed = sum(len(g.positions(record.space, units)) for g, units in selection.items())
-                shape = self._shape_list(matched[record.node])
-                if shape is None or shape[0][record.axis] != record.literal - removed:
+                node = matched[record.node]
+                if record.axis is None:
+                    keyword = "split_size_or_sections" if node.op == "call_function" else "split_size"
+                    value = self._dim_arg(node, 1, keyword)
+                else:
+                    shape = self._shape_list(node)
+                    value = None if shape is None else shape[0][record.axis]
+                if value != record.literal - removed:
                     return False
+        self._shape_attributes.extend(chosen.values())
         return True
 
     def _number_groups(self, groups: List[Group]) -> List[Group]:

@@ -372,14 +372,25 @@ class HeadFlow(SlotFlow):
         else:
             raise _CannotFollow(f"{label}: {sq.size} query heads and {sk.size} key heads without enable_gqa")
         self._link_same(sk, sv)
-        if isinstance(mask, fx.Node) and mask in self._spaces:
-            ms = self._spaces[mask]
-            if ms.axis == ms.ndim - 3 and ms.size == sq.size:
-                self._link_same(ms, sq)
-            else:
-                # the mask's units (a sequence axis of a mask built from positions, say) are not the
-                # heads: the heads stay free, and whatever group the mask's units belong to is refused
-                self._block(ms, f"{label}: the attention mask carries units off the head axis")
+        if not isinstance(mask, fx.Node):
+            return
+        ms = self._spaces.get(mask)
+        if ms is not None and ms.axis == ms.ndim - 3 and ms.size == sq.size:
+            self._link_same(ms, sq)
+            return
+        if ms is not None:
+            # the mask's units (a sequence axis of a mask built from positions, say) are not the
+            # heads: whatever group the mask's units belong to is refused
+            self._block(ms, f"{label}: the attention mask carries units off the head axis")
+        mask_shape = self._shape(mask) or ()
+        if len(mask_shape) >= 3 and mask_shape[-3] != 1:
+            # a mask with a head axis of its own (T5's position bias, built from an embedding of
+            # one column per head): pruning the heads would leave it with every head
+            self._block(
+                sq,
+                f"{label}: the attention mask ({self._label(mask)}) has {mask_shape[-3]} heads that do not "
+                f"follow the heads of the query",
+            )
 
     # -- helper functions that fx keeps as calls (timm's maybe_add_mask) ----------------------
 

@@ -443,8 +443,10 @@ class TensorOpFlow(HeadFlow):
         contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
         blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
         sized_by = self._split_size_attribute(source, length) if blocks >= 2 and source is not None else None
+        literal = self._exported_split_size(source, length) if blocks >= 2 and sized_by is None else None
         if blocks >= 2 and (
             sized_by is not None
+            or literal is not None
             or all(
                 equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
                 for r in sorted({0, length // 2, length - 1})
@@ -459,6 +461,9 @@ class TensorOpFlow(HeadFlow):
             if sized_by is not None:
                 owner, owner_name, attribute = sized_by
                 self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name, attribute, None))
+            if literal is not None:
+                literal.space = out
+                self._literal_sizes.append(literal)
             return
         end = int(line.max())
         free = np.arange(end + 1, size)
@@ -478,6 +483,35 @@ class TensorOpFlow(HeadFlow):
             f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
             f"from the tensor (x.size(1) // 2, chunk) to prune them",
         )
+
+    def _exported_split_size(self, source: fx.Node | None, length: int) -> _LiteralSize | None:
+        """In a graph captured with torch.export, ``split(64)`` whose size the code may read from an
+        int attribute of the calling module (GPT-2's ``split(self.split_size, dim=2)``): the pieces
+        are taken as equal, and the attribute (among those equal to ``length``) is found by
+        capturing the model again with it changed (:class:`_LiteralSize`); None otherwise."""
+        if source is None or self.graph.capture != "export":
+            return None
+        is_split = (source.op == "call_function" and source.target is torch.split) or (
+            source.op == "call_method" and source.target == "split"
+        )
+        size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
+        if not is_split or type(size) is not int or size != length:
+            return None
+        owner_name = self._calling_module(source)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        if owner is None:
+            return None
+        attributes = tuple(
+            attr
+            for attr, value in vars(owner).items()
+            if not attr.startswith("_") and type(value) is int and value == length
+        )
+        if not attributes:
+            return None
+        existing = next((r for r in self._literal_sizes if r.node is source), None)
+        if existing is not None:  # another piece of the same split: one record, one attribute
+            return _LiteralSize(source, None, length, None, owner, owner_name or "(model)", existing.attributes)
+        return _LiteralSize(source, None, length, None, owner, owner_name or "(model)", attributes)
 
     def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
         """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an

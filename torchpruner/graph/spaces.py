@@ -91,9 +91,14 @@ class _LiteralSize:
     units removed (the literal must become the kept count) or refused."""
 
     node: fx.Node
-    axis: int
+    axis: Optional[int]  # None: the size argument of ``split`` (each piece's length)
     literal: int
     space: Optional[_Space] = None
+    #: for ``split(64)``: the calling module and its int attributes equal to the literal, one of
+    #: which the code reads it from (``self.split_size``); the check finds which, the prune updates it
+    owner: Optional[nn.Module] = None
+    owner_name: str = ""
+    attributes: Tuple[str, ...] = ()
 
 
 @dataclass
