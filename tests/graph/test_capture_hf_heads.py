@@ -297,6 +297,9 @@ def test_gpt2_heads_prune_like_the_zeroed_twin_with_split_size_updated():
     attention = model.transformer.h[0].attn
     (group,) = [g for g in pruner.groups() if attention.c_attn in g.source_modules]
     assert group.num_units == 4 and attention.c_proj in group
+    # the hidden size would slice wte.weight, which is lm_head.weight: listed as refused, not planned
+    (hidden,) = [g for g in pruner.refused_groups() if model.transformer.wte in g.source_modules]
+    assert "tied" in hidden.refusal and "lm_head.weight" in hidden.refusal
     # head 1: its 16 dims of q, of k and of v
     assert group.unit_channels(attention.c_attn)[1].tolist() == [
         c for piece in range(3) for c in range(piece * 64 + 16, piece * 64 + 32)

@@ -732,8 +732,42 @@ class DependencyGraph(LayerFlow):
                         max(1, mine // max(1, group.num_units)),
                     )
                 )
+        self._refuse_tied(groups)
         self._check_literal_sizes(groups)
         self._groups = self._number_groups(groups)
+
+    def _refuse_tied(self, groups: List[Group]) -> None:
+        """Refuse the groups that would slice a Parameter registered in several modules (GPT-2's
+        ``wte.weight`` is ``lm_head.weight``): the planner refuses tied weights, so such a group is
+        listed with the reason instead of failing the prune of every group with it."""
+        names: Dict[int, List[str]] = {}
+        for module_name, module in self.model.named_modules(remove_duplicate=False):
+            for parameter_name, parameter in module._parameters.items():
+                if parameter is not None:
+                    qualified = f"{module_name}.{parameter_name}" if module_name else parameter_name
+                    names.setdefault(id(parameter), []).append(qualified)
+        for group in groups:
+            if group.refusal is not None:
+                continue
+            for member in group.members:
+                module = member.module
+                if member.direction == "param":
+                    sliced = [member.parameter] if member.parameter else []
+                elif member.direction == "out":
+                    sliced = list(module._parameters)
+                else:
+                    sliced = ["weight"] if "weight" in module._parameters else []
+                for parameter_name in sliced:
+                    parameter = module._parameters.get(parameter_name)
+                    shared = names.get(id(parameter), []) if parameter is not None else []
+                    if len(shared) > 1:
+                        group.refusal = (
+                            f"'{shared[0]}' is tied to {shared[1:]} (the same Parameter in several modules); "
+                            f"pruning tied weights is not supported"
+                        )
+                        break
+                if group.refusal is not None:
+                    break
 
     def _check_literal_sizes(self, groups: List[Group]) -> None:
         """Refuse the groups whose units reach a literal size of an exported graph that does not
