@@ -8,8 +8,9 @@ Hugging Face's ``repeat_kv`` reads ``batch, heads, length, head_dim = hidden.sha
 ``hidden[:, :, None].expand(batch, heads, n_rep, length, head_dim)``, which the exported graph holds
 as ``expand(x, B, 2, 2, 16, 64)``. Whether such a ``2`` follows the key/value heads or is written in
 the code cannot be read from the graph. It is found out the way the model would meet it: the
-model's tensors are sliced as the prune would slice them (and the module attributes the rules
-change are set), the model is captured again, and the two graphs are compared op by op. The
+model's tensors are replaced by tensors of the shapes the prune would give them (uninitialised:
+the capture runs on fake tensors, so only shapes matter) and the module attributes the rules
+change are set, the model is captured again, and the two graphs are compared op by op. The
 literal follows the units when the second graph has the same ops and holds the kept count where
 the first held the full one. Everything is put back in a ``finally`` block (parameters keep their
 identity), whatever the capture raises.
@@ -26,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from torchpruner.rules import AttributeChange, Edit, TensorSlice, UnitSelection, apply_slice, get_slicing_rule
+from torchpruner.rules import AttributeChange, Edit, TensorSlice, UnitSelection, get_slicing_rule
 
 from .capture import _input_names, export_model, from_exported
 from .spaces import _Role
@@ -81,7 +82,10 @@ def temporarily_pruned(edits: Sequence[Edit]) -> Iterator[None]:
                 table = getattr(module, kind)
                 old = table[edit.tensor_name]
                 undo.append((module, kind, edit.tensor_name, old))
-                sliced = apply_slice(old.detach(), edit.axis, edit.keep, edit.group_keep)
+                # only the shape matters to a capture (it runs on fake tensors): no copy of the data
+                shape = list(old.shape)
+                shape[edit.axis] = len(edit.keep)
+                sliced = torch.empty(shape, dtype=old.dtype, device=old.device)
                 table[edit.tensor_name] = (
                     nn.Parameter(sliced, requires_grad=old.requires_grad) if kind == "_parameters" else sliced
                 )
