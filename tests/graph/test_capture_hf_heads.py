@@ -322,27 +322,58 @@ def test_gpt2_heads_prune_like_the_zeroed_twin_with_split_size_updated():
 
 
 # --------------------------------------------------------------------------------------------
-# T5: heads refused while the position bias keeps every head
+# T5: the heads of every block go with the columns of the one position-bias embedding
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_t5() -> tuple[nn.Module, torch.Tensor]:
+def test_t5_heads_of_every_block_go_with_the_position_bias_and_prune_like_the_zeroed_twin():
+    """T5's position bias is an embedding of one column per head, made in the first block and
+    reused by every block through the SDPA mask (``where(mask, bias, -inf)``): head ``h`` of every
+    block and column ``h`` of the embedding are one unit (a prune used to leave the bias with every
+    head and break the model)."""
     torch.manual_seed(0)
     config = tf.T5Config(num_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=96, vocab_size=97)
-    return tf.T5EncoderModel(config).double().eval(), torch.randint(1, 97, (2, 8))
-
-
-def test_t5_heads_are_refused_naming_the_position_bias_mask_and_nothing_changes():
-    """T5's attention adds a position bias with one column per head (an embedding made once, in
-    the first block, and reused by every block) through the SDPA mask; the analysis cannot tie it
-    to the heads, so they are refused (a prune used to leave the bias with every head and break
-    the model)."""
-    model, x = tiny_t5()
+    model, x = tf.T5EncoderModel(config).double().eval(), torch.randint(1, 97, (2, 8))
     pruner = Pruner(model, example_inputs=(x,))
-    before = snapshot(model)
+    first = model.encoder.block[0].layer[0].SelfAttention
+    (group,) = [g for g in pruner.groups() if first.q in g.source_modules]
+    assert group.num_units == 4 and first.relative_attention_bias in group
     for block in model.encoder.block:
         attention = block.layer[0].SelfAttention
-        assert not [g for g in pruner.groups(include_outputs=True) if attention.q in g.source_modules]
-        (refused,) = [g for g in pruner.refused_groups() if attention.q in g.source_modules]
-        assert "attention mask" in refused.refusal and "heads" in refused.refusal
-    assert_unchanged(before, model)
+        assert attention.q in group and attention.k in group and attention.v in group and attention.o in group
+    twin = copy.deepcopy(model)
+    with masked_at_mask_points(twin, (x,), {group.index: [2]}) as forward, torch.no_grad():
+        expected = forward(x).last_hidden_state
+    pruner.plan_groups({group: [2]}).apply(model)
+    assert first.relative_attention_bias.weight.shape[1] == 3
+    assert all(block.layer[0].SelfAttention.o.in_features == 48 for block in model.encoder.block)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, expected, rtol=1e-9, atol=1e-9)
+
+
+class FixedHeadMask(nn.Module):
+    """Attention whose SDPA mask has one slice per head, built in the code (not from the heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.q, self.k, self.v = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.o, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        q, k, v = (layer(h).view(b, n, -1, 4).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        mask = torch.arange(n, dtype=h.dtype).view(1, 1, 1, n).expand(1, 4, n, n)  # a bias per key position
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.head(h + self.o(y.transpose(1, 2).reshape(b, n, -1)))
+
+
+def test_heads_are_refused_when_the_attention_mask_has_heads_of_its_own():
+    model = FixedHeadMask().eval()
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = Pruner(model, example_inputs=(x,))
+    assert not [g for g in pruner.groups() if model.q in g.source_modules]
+    (refused,) = [g for g in pruner.refused_groups() if model.q in g.source_modules]
+    assert "attention mask" in refused.refusal and "4 heads" in refused.refusal

@@ -143,9 +143,14 @@ class TensorOpFlow(HeadFlow):
         shape = self._shape(node)
         nd = len(shape)
         operands = [n for n in _flatten_nodes((node.args, node.kwargs)) if self._shape(n) is not None]
-        # the output's unit axis: from the first operand with real (non-attr) slots
+        # the output's unit axis: from the first operand with real (non-attr) slots; for
+        # ``torch.where(condition, a, b)`` from the values first (a mask built from positions may
+        # carry fixed units on another axis: T5's position bias has its heads on axis 1)
+        candidates = operands
+        if node.op == "call_function" and node.target is torch.where and operands and operands[0] is node.args[0]:
+            candidates = operands[1:] + operands[:1]
         out_axis = None
-        for n in operands:
+        for n in candidates:
             if n in self._spaces and n.op != "get_attr":
                 space = self._spaces[n]
                 out_axis = space.axis + (nd - space.ndim)
