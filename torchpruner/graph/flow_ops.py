@@ -513,6 +513,8 @@ class TensorOpFlow(HeadFlow):
         )
         if not attributes:
             return None
+        # tried in this order by the check (each try is a capture): names that say "split" first
+        attributes = tuple(sorted(attributes, key=lambda attr: "split" not in attr))
         existing = next((r for r in self._literal_sizes if r.node is source), None)
         if existing is not None:  # another piece of the same split: one record, one attribute
             return _LiteralSize(source, None, length, None, owner, owner_name or "(model)", existing.attributes)
