@@ -500,7 +500,8 @@ def render(records: list[dict], tp_version: str | None) -> str:
         "",
         "Zeroed twin: the pruned model (eval mode, float32) against the unpruned copy with the pruned units "
         "zeroed where the consumers read them, relative to the output scale; `LN` = a pruned group holds a "
-        "LayerNorm/GroupNorm over the pruned axis (statistics change: not comparable by construction).",
+        "LayerNorm/GroupNorm/RMSNorm (or an RMSNorm written out) over the pruned axis (statistics change: not "
+        "comparable by construction).",
         "Optimizer: `ok` = the AdamW created before the prune changed every parameter of the pruned model in "
         "the step after it; `STALE` = some were not (new Parameter objects, or state it cannot use).",
         "Time: our trace + prune, Torch-Pruning's graph build + prune (its `MagnitudePruner` construction and "
