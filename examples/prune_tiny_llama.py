@@ -2,9 +2,12 @@
 training it with the AdamW that existed before the prune.
 
 torch.fx cannot trace Hugging Face models, so the Pruner captures this one with torch.export
-(non-strict). Its MLP groups (gate_proj + up_proj + down_proj of each layer, together) are scored
-on a few batches of token ids and half of every group is removed; the other groups are refused
-with the op that stops them (``pruner.refused_groups()``).
+(non-strict). Its groups are the hidden size (the embedding, every projection's inputs, o_proj and
+down_proj outputs, every RMSNorm weight), the attention heads of each layer (a KV head together
+with its two query heads: q_proj rows, k_proj/v_proj rows, o_proj columns) and each MLP
+(gate_proj + up_proj + down_proj). They are scored on a few batches of token ids and half of
+every group is removed. The hidden size is scored by zeroing its units, which is not exactly
+pruning them (the RMSNorm statistics change): the library says so with a warning.
 
     python examples/prune_tiny_llama.py
 """
@@ -46,12 +49,20 @@ with warnings.catch_warnings():
     pruner = Pruner(llama, optimizer=adamw, example_inputs={"input_ids": batches[0][0]})
     groups = pruner.groups()
 print(f"captured by {pruner.graph().capture}: {len(groups)} prunable groups, {len(pruner.refused_groups())} refused")
-print(groups[0])
+heads = next(g for g in groups if llama.model.layers[0].self_attn.k_proj in g.source_modules)
+print(heads)
 taylor = TaylorAttributionMetric(llama, batches, next_token_loss, "cpu")
 prune_groups(pruner, fraction=0.5, scores=taylor.run)  # half of every group, by group Taylor
 after = sum(p.numel() for p in llama.parameters())
+layers = llama.model.layers
 print(
-    f"parameters {before:,} -> {after:,}; mlp widths", [layer.mlp.up_proj.out_features for layer in llama.model.layers]
+    f"parameters {before:,} -> {after:,}; hidden size {config.hidden_size} -> {llama.model.norm.weight.numel()};",
+    "KV heads",
+    [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in layers],
+    "query heads",
+    [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in layers],
+    "mlp widths",
+    [layer.mlp.up_proj.out_features for layer in layers],
 )
 
 start = {name: p.detach().clone() for name, p in llama.named_parameters()}

@@ -195,7 +195,7 @@ def test_taylor_on_the_captured_graph_is_the_derivative_of_scaling_the_unit(kind
 
 
 def test_refused_groups_name_the_op_and_call_site():
-    model, x, _ = tiny("gpt2")  # its qkv split and head views have literal sizes once exported
+    model, x, _ = tiny("llama")  # its rotary embedding's inverse frequencies broadcast against the heads' dims
     pruner = Pruner(model, example_inputs=(x,))
     refused = pruner.refused_groups()
     assert refused
@@ -289,8 +289,8 @@ HEADS = {"bert": 4, "distilbert": 4, "vit": 4}
 def test_attention_heads_of_a_captured_model_prune_like_the_zeroed_twin(kind):
     """Under torch.export the head count reaches the graph as ``-1`` in ``view(B, L, -1, head_dim)``
     (the module attribute is gone), so whole heads are units; a padding mask built from positions
-    carries no head units and does not stop them. (Llama's heads stay refused there: its
-    ``repeat_kv`` expand has literal sizes in an exported graph.)"""
+    carries no head units and does not stop them. (Llama's grouped-query heads, whose ``repeat_kv``
+    sizes are literals in an exported graph: tests/graph/test_capture_hf_heads.py.)"""
     model, x, _ = tiny(kind)
     name, query = next(
         (n, m)

@@ -237,9 +237,9 @@ def group_runner(graph: ModelGraph, group: Group, criterion: Callable[..., Any])
 
 def inexact_members(group: Group) -> list[str]:
     """Why zeroing the group's units is not the same as pruning them (empty when it is): a
-    LayerNorm / RMSNorm over the pruned axis normalises with statistics that include the pruned
-    units, attention mixes every embed dim into its scores (and its scale 1/sqrt(head_dim)
-    changes), and units that reach the model output are removed from it."""
+    LayerNorm / RMSNorm (or an RMSNorm written out) over the pruned axis normalises with
+    statistics that include the pruned units, attention mixes every embed dim into its scores (and
+    its scale 1/sqrt(head_dim) changes), and units that reach the model output are removed from it."""
     reasons = []
     if getattr(group, "output_reason", None):
         reasons.append(f"the model output ({group.output_reason})")
@@ -250,6 +250,8 @@ def inexact_members(group: Group) -> list[str]:
             reasons.append(f"the statistics of '{member.module_name}' ({type(member.module).__name__})")
         elif isinstance(member.module, nn.MultiheadAttention):
             reasons.append(f"the attention of '{member.module_name}' (MultiheadAttention)")
+    for owner in group.normalizations():
+        reasons.append(f"the statistics of '{owner}' (RMSNorm written out)")
     return reasons
 
 

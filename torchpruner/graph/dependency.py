@@ -93,12 +93,14 @@ from torchpruner.rules import AttributeChange
 
 from .trace import CallSite, ModelGraph
 from .flow_layers import LayerFlow
+from .recapture import capture_again, same_ops, temporarily_pruned, trial_edits
 from .slots import _name_target
 from .spaces import (
     DependencyError,
     Member,
     RefusedGroupsWarning,
     _CannotFollow,
+    _LiteralSize,
     _Role,
     _ShapeAttribute,
     _Space,
@@ -194,6 +196,14 @@ class Group:
         if self.num_units <= 1:
             return "a single unit cannot be pruned"
         return None
+
+    def normalizations(self) -> List[str]:
+        """The modules whose hand-written RMSNorm (``x * rsqrt(x.pow(2).mean(-1, keepdim=True) +
+        eps) * weight``, Hugging Face's Llama and T5) normalises over these units: pruning them
+        changes its statistic, as it changes an ``nn.RMSNorm``'s, so zeroing them is not exactly
+        pruning them (compare with a rebuilt smaller model)."""
+        owners = [owner for space, owner in self._dep._statistics if (self._unit_of(space) >= 0).any()]
+        return list(dict.fromkeys(owners))
 
     def __contains__(self, module: nn.Module) -> bool:
         return any(m.module is module for m in self.members)
@@ -536,6 +546,8 @@ class DependencyGraph(LayerFlow):
         self._pending_attr_blocks: Dict[fx.Node, str] = {}
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
+        self._literal_sizes: list[_LiteralSize] = []
+        self._statistics: list[tuple[_Space, str]] = []  # hand-written RMSNorms: (input, owner)
         self._count_constraints: List[Tuple[_Space, int]] = []  # (space, conv groups): equal counts per block
         self._equal_pieces: list[_Space] = []  # tensors split into equal pieces (positions linked across pieces)
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
@@ -731,7 +743,123 @@ class DependencyGraph(LayerFlow):
                         max(1, mine // max(1, group.num_units)),
                     )
                 )
+        self._refuse_tied(groups)
+        self._check_literal_sizes(groups)
         self._groups = self._number_groups(groups)
+
+    def _refuse_tied(self, groups: List[Group]) -> None:
+        """Refuse the groups that would slice a Parameter registered in several modules (GPT-2's
+        ``wte.weight`` is ``lm_head.weight``): the planner refuses tied weights, so such a group is
+        listed with the reason instead of failing the prune of every group with it."""
+        names: Dict[int, List[str]] = {}
+        for module_name, module in self.model.named_modules(remove_duplicate=False):
+            for parameter_name, parameter in module._parameters.items():
+                if parameter is not None:
+                    qualified = f"{module_name}.{parameter_name}" if module_name else parameter_name
+                    names.setdefault(id(parameter), []).append(qualified)
+        for group in groups:
+            if group.refusal is not None:
+                continue
+            for member in group.members:
+                module = member.module
+                if member.direction == "param":
+                    sliced = [member.parameter] if member.parameter else []
+                elif member.direction == "out":
+                    sliced = list(module._parameters)
+                else:
+                    sliced = ["weight"] if "weight" in module._parameters else []
+                for parameter_name in sliced:
+                    parameter = module._parameters.get(parameter_name)
+                    shared = names.get(id(parameter), []) if parameter is not None else []
+                    if len(shared) > 1:
+                        group.refusal = (
+                            f"'{shared[0]}' is tied to {shared[1:]} (the same Parameter in several modules); "
+                            f"pruning tied weights is not supported"
+                        )
+                        break
+                if group.refusal is not None:
+                    break
+
+    def _check_literal_sizes(self, groups: List[Group]) -> None:
+        """Refuse the groups whose units reach a literal size of an exported graph that does not
+        follow them (see :mod:`~torchpruner.graph.recapture`): the model captured again with the
+        last unit of each such group removed must run the same ops with the kept count there.
+        One capture checks every group; when it fails, one capture per group finds which."""
+        pending: Dict[int, List[_LiteralSize]] = {}
+        for record in self._literal_sizes:
+            assert record.space is not None  # set where the record is made
+            for group in groups:
+                if group.refusal is None and group.source_roles and (group._unit_of(record.space) >= 0).any():
+                    pending.setdefault(group.index, []).append(record)
+        if not pending:
+            return
+        checked = [groups[index] for index in pending]
+
+        def choices(among: List[Group]) -> range:  # which attribute of each split size to try
+            return range(max([len(r.attributes) for g in among for r in pending[g.index]] + [1]))
+
+        if any(self._literals_follow(checked, pending, choice) for choice in choices(checked)):
+            return
+        for group in checked:
+            if len(checked) > 1 and any(self._literals_follow([group], pending, c) for c in choices([group])):
+                continue
+            record = pending[group.index][0]
+            group.refusal = (
+                f"hard-coded shape in {self._label(record.node)}: the size {record.literal} is a literal in the "
+                f"exported graph that does not follow the units (the model captured again with a unit removed "
+                f"does not hold the kept count there)"
+            )
+            group.refusal_site = self._site_by_node.get(record.node)
+
+    def _literals_follow(self, checked: List[Group], pending: Mapping[int, List[_LiteralSize]], choice: int) -> bool:
+        """Whether the model, captured again with the last unit of every group in ``checked``
+        removed (and attribute ``choice`` of each split size's candidates changed with it), runs
+        the same ops and holds the kept count at each of their literal sizes. On success the
+        chosen attributes are recorded for the prune to update."""
+        if self.graph.export_inputs is None or self.graph.traced is None:
+            return False
+        selection = {group: [group.num_units - 1] for group in checked}
+        edits = trial_edits(self.removals(selection))
+        if edits is None:
+            return False
+        edits += self.shape_attribute_edits(selection)
+        chosen: Dict[Tuple[int, str], _ShapeAttribute] = {}
+        for group in checked:
+            for record in pending[group.index]:
+                assert record.space is not None  # set where the record is made
+                if not record.attributes or record.owner is None:
+                    continue
+                attribute = record.attributes[min(choice, len(record.attributes) - 1)]
+                key = (id(record.owner), attribute)
+                if key not in chosen:
+                    removed = sum(len(g.positions(record.space, units)) for g, units in selection.items())
+                    old = getattr(record.owner, attribute)
+                    edits.append(AttributeChange(record.owner, attribute, old, old - removed))
+                    chosen[key] = _ShapeAttribute(record.space, record.owner, record.owner_name, attribute, None)
+        args, kwargs = self.graph.export_inputs
+        try:
+            with temporarily_pruned(edits):
+                again = capture_again(self.model, args, kwargs)
+        except Exception:  # noqa: BLE001 - the model's own code fails with a unit fewer
+            return False
+        matched = same_ops(self.graph.traced.graph, again)
+        if matched is None:
+            return False
+        for group in checked:
+            for record in pending[group.index]:
+                assert record.space is not None
+                removed = sum(len(g.positions(record.space, units)) for g, units in selection.items())
+                node = matched[record.node]
+                if record.axis is None:
+                    keyword = "split_size_or_sections" if node.op == "call_function" else "split_size"
+                    value = self._dim_arg(node, 1, keyword)
+                else:
+                    shape = self._shape_list(node)
+                    value = None if shape is None else shape[0][record.axis]
+                if value != record.literal - removed:
+                    return False
+        self._shape_attributes.extend(chosen.values())
+        return True
 
     def _number_groups(self, groups: List[Group]) -> List[Group]:
         """Renumber the groups so that ``group.index`` is the position users index with: the

@@ -21,7 +21,10 @@ so a KV head and its group of query heads go together (as HF's ``repeat_kv`` exp
 Merging the heads back (``transpose(1, 2).reshape(B, N, C)``) is an ordinary movement op.
 
 Every rule is checked on tensors of slot ids with units removed, as reshapes are; a size written as
-a literal that a prune would change refuses the group, naming the op.
+a literal that a prune would change refuses the group, naming the op. In a graph captured with
+torch.export every size is a literal (``repeat_kv``'s ``expand(B, 2, 2, L, D)``): one that holds the
+unit count is followed, and the groups it carries are checked by capturing the model again with a
+unit removed (:mod:`~torchpruner.graph.recapture`), refused when it does not follow them.
 """
 
 from __future__ import annotations
@@ -34,9 +37,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .slots import SlotFlow, _is_kept_part, _slot_ids, _traced_with
-from .spaces import _CannotFollow, _ShapeAttribute, _Space
+from .spaces import _CannotFollow, _LiteralSize, _ShapeAttribute, _Space
 
 _RESHAPE_METHODS = ("reshape", "view")
+#: methods whose target shape is read like a reshape's (``x.expand(B, H, n_rep, L, D)``)
+_SHAPED_METHODS = _RESHAPE_METHODS + ("expand",)
+
+#: where a size that a prune changes comes from: a module attribute ``(module, name, attribute)``,
+#: a literal of an exported graph to check by capturing again, or None (computed, or ``-1``)
+SizeSource = tuple[nn.Module, str, str] | _LiteralSize | None
 
 
 class HeadFlow(SlotFlow):
@@ -46,9 +55,9 @@ class HeadFlow(SlotFlow):
     # -- shape arguments ------------------------------------------------------------------
 
     def _shape_list(self, node: fx.Node) -> tuple[list[Any], int, bool] | None:
-        """The target shape of a reshape/view ``node`` as a list, where it sits in ``node.args``
-        (start index) and whether it is one tuple argument; None for any other op."""
-        is_reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
+        """The target shape of a reshape/view/expand ``node`` as a list, where it sits in
+        ``node.args`` (start index) and whether it is one tuple argument; None for any other op."""
+        is_reshape = (node.op == "call_method" and node.target in _SHAPED_METHODS) or (
             node.op == "call_function" and node.target is torch.reshape
         )
         if not is_reshape:
@@ -134,17 +143,20 @@ class HeadFlow(SlotFlow):
         axis: int,
         new_size: int,
         module: nn.Module | None,
-        sized_by: tuple[nn.Module, str, str] | None,
+        sized_by: SizeSource,
     ) -> Any:
         """``node`` run on ``env``; when entry ``axis`` of its target shape comes from a module
-        attribute, with that entry set to ``new_size`` (the value the prune writes there)."""
+        attribute (or is a literal of an exported graph), with that entry set to ``new_size`` (the
+        value the prune writes there)."""
         if sized_by is None:
             return self._evaluate(node, env, module)
         return self._run_with(node, env, *self._with_shape(node, axis, new_size))
 
-    def _size_source(self, node: fx.Node, axis: int) -> tuple[bool, tuple[nn.Module, str, str] | None]:
+    def _size_source(self, node: fx.Node, axis: int) -> tuple[bool, SizeSource]:
         """Whether the size of output ``axis`` of reshape ``node`` can change with a prune (``-1``, a
-        size computed from a tensor, or a module attribute: then also the attribute)."""
+        size computed from a tensor, or a module attribute: then also the attribute). In a graph
+        captured with torch.export a size the code computed is a literal: it may change, as a
+        :class:`_LiteralSize` that a second capture checks."""
         shape = self._shape_list(node)
         if shape is None:
             return True, None  # not a reshape: the probes decide
@@ -155,6 +167,8 @@ class HeadFlow(SlotFlow):
         if isinstance(entry, fx.Node) or (type(entry) is int and entry == -1):
             return True, None
         sized_by = self._shape_attribute_at(node, axis)
+        if sized_by is None and type(entry) is int and self.graph.capture == "export":
+            return True, _LiteralSize(node, axis, entry)
         return sized_by is not None, sized_by
 
     # -- movement with shape arguments from attributes --------------------------------------
@@ -196,12 +210,12 @@ class HeadFlow(SlotFlow):
         line: np.ndarray,
         module: nn.Module | None,
         probes: list[np.ndarray],
-    ) -> _ShapeAttribute | None:
+    ) -> _ShapeAttribute | _LiteralSize | None:
         """Check that ``node`` gives ``y`` with the slots of every probe removed, else raise. When
         the output size along ``out_axis`` is a literal read from a module attribute (timm's
         ``reshape(B, N, self.attn_dim)``), run it with the size the prune writes there and return
-        the attribute to update."""
-        sized_by = None
+        the attribute to update (a literal of an exported graph: the literal to check)."""
+        sized_by: SizeSource = None
         for attempt in range(2):
             failure = None
             for removed in probes:
@@ -223,7 +237,9 @@ class HeadFlow(SlotFlow):
                     )
                     break
             if failure is None:
-                return None if sized_by is None else _ShapeAttribute(space, *sized_by, None)
+                if sized_by is None or isinstance(sized_by, _LiteralSize):
+                    return sized_by
+                return _ShapeAttribute(space, *sized_by, None)
             if attempt == 0:
                 sized_by = self._size_source(node, out_axis)[1]
                 if sized_by is not None:
@@ -275,7 +291,10 @@ class HeadFlow(SlotFlow):
             out = self._alloc(node, axis)
             for h in range(size):
                 self._link(space, held[h], out, np.full(len(held[h]), h))
-            if sized_by is not None:
+            if isinstance(sized_by, _LiteralSize):
+                sized_by.space = out
+                self._literal_sizes.append(sized_by)
+            elif sized_by is not None:
                 self._shape_attributes.append(_ShapeAttribute(out, *sized_by, None))
             return True
         return False
@@ -364,14 +383,25 @@ class HeadFlow(SlotFlow):
         else:
             raise _CannotFollow(f"{label}: {sq.size} query heads and {sk.size} key heads without enable_gqa")
         self._link_same(sk, sv)
-        if isinstance(mask, fx.Node) and mask in self._spaces:
-            ms = self._spaces[mask]
-            if ms.axis == ms.ndim - 3 and ms.size == sq.size:
-                self._link_same(ms, sq)
-            else:
-                # the mask's units (a sequence axis of a mask built from positions, say) are not the
-                # heads: the heads stay free, and whatever group the mask's units belong to is refused
-                self._block(ms, f"{label}: the attention mask carries units off the head axis")
+        if not isinstance(mask, fx.Node):
+            return
+        ms = self._spaces.get(mask)
+        if ms is not None and ms.axis == ms.ndim - 3 and ms.size == sq.size:
+            self._link_same(ms, sq)
+            return
+        if ms is not None:
+            # the mask's units (a sequence axis of a mask built from positions, say) are not the
+            # heads: whatever group the mask's units belong to is refused
+            self._block(ms, f"{label}: the attention mask carries units off the head axis")
+        mask_shape = self._shape(mask) or ()
+        if len(mask_shape) >= 3 and mask_shape[-3] != 1:
+            # a mask with a head axis of its own (T5's position bias, built from an embedding of
+            # one column per head): pruning the heads would leave it with every head
+            self._block(
+                sq,
+                f"{label}: the attention mask ({self._label(mask)}) has {mask_shape[-3]} heads that do not "
+                f"follow the heads of the query",
+            )
 
     # -- helper functions that fx keeps as calls (timm's maybe_add_mask) ----------------------
 

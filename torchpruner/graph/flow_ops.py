@@ -4,7 +4,7 @@ concatenations, reductions and movement ops (part of :mod:`torchpruner.graph.dep
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeGuard
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from torchpruner._ops import SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_OPS
 
-from .spaces import _CannotFollow, _ShapeAttribute, _Space, _flatten_nodes
+from .spaces import _CannotFollow, _LiteralSize, _ShapeAttribute, _Space, _flatten_nodes
 from .flow_heads import HeadFlow
 from .slots import _is_kept_part, _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
 
@@ -145,10 +145,15 @@ class TensorOpFlow(HeadFlow):
         shape = self._tensor_shape(node)
         nd = len(shape)
         operands = [n for n in _flatten_nodes((node.args, node.kwargs)) if self._shape(n) is not None]
-        # the output's unit axis: from the first operand with real (non-attr) slots
+        # the output's unit axis: from the first operand with real (non-attr) slots; for
+        # ``torch.where(condition, a, b)`` from the values first (a mask built from positions may
+        # carry fixed units on another axis: T5's position bias has its heads on axis 1)
+        candidates = operands
+        if node.op == "call_function" and node.target is torch.where and operands and operands[0] is node.args[0]:
+            candidates = operands[1:] + operands[:1]
         out_axis = None
         space: _Space | None
-        for n in operands:
+        for n in candidates:
             if n in self._spaces and n.op != "get_attr":
                 space = self._spaces[n]
                 out_axis = space.axis + (nd - space.ndim)
@@ -244,12 +249,83 @@ class TensorOpFlow(HeadFlow):
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % space.ndim for d in dims]
         if space.axis in dims:
-            raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
+            owner = self._rms_statistic(node, x, space, dims)
+            if owner is None:
+                raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
+            # the mean square of a hand-written RMSNorm: a statistic of each row, carrying no units
+            # (pruning changes it, as it changes an nn.RMSNorm's: not exactly masking)
+            self._statistics.append((space, owner))
+            return
         # keepdim from the traced output rank, not from argument positions (std/var put `unbiased` 3rd)
         out_shape = self._shape(node)
         keepdim = out_shape is not None and len(out_shape) == space.ndim
         axis = space.axis if keepdim else space.axis - sum(1 for d in dims if d < space.axis)
         self._link_same(space, self._alloc(node, axis))
+
+    def _rms_statistic(self, node: fx.Node, x: fx.Node, space: _Space, dims: list[int]) -> str | None:
+        """The name of the module whose hand-written RMSNorm ``node`` computes the statistic of,
+        or None when ``node`` is not that. Verified op by op on the graph, as Hugging Face's Llama
+        and T5 write it: ``x.pow(2).mean(-1, keepdim=True)`` over the unit axis only (the last),
+        ``+ eps``, ``rsqrt``, a product with ``x`` itself, then (dtype casts aside) a product with
+        the module's own 1-d weight of one entry per unit."""
+
+        def single_user(n: fx.Node) -> fx.Node | None:
+            users = list(n.users)
+            return users[0] if len(users) == 1 else None
+
+        def is_op(n: Any, functions: tuple[Any, ...], method: str) -> TypeGuard[fx.Node]:
+            return isinstance(n, fx.Node) and (
+                (n.op == "call_function" and n.target in functions) or (n.op == "call_method" and n.target == method)
+            )
+
+        def uncast(n: Any) -> Any:  # x.to(torch.float32), x.float(): the same units
+            while isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("to", "float", "type"):
+                n = n.args[0]
+            return n
+
+        def cast_of(n: fx.Node) -> fx.Node:  # the last dtype cast after n (each with one user)
+            while True:
+                user = single_user(n)
+                if user is None or not (user.op == "call_method" and user.target in ("to", "float", "type")):
+                    return n
+                n = user
+
+        out_shape = self._shape(node)
+        if (
+            dims != [space.axis]
+            or space.axis != space.ndim - 1
+            or not is_op(node, (torch.mean,), "mean")
+            or out_shape is None
+            or len(out_shape) != space.ndim
+            or out_shape[space.axis] != 1
+        ):
+            return None
+        if not is_op(x, (torch.pow, operator.pow), "pow") or len(x.args) != 2 or x.args[1] != 2:
+            return None
+        source = uncast(x.args[0])
+        add = single_user(node)
+        if not is_op(add, (operator.add, torch.add), "add") or not any(
+            isinstance(a, float) and a > 0 for a in add.args[1:] + tuple(add.args[:1])
+        ):
+            return None
+        rsqrt = single_user(add)
+        if not is_op(rsqrt, (torch.rsqrt,), "rsqrt"):
+            return None
+        product = single_user(rsqrt)
+        multiply = (operator.mul, torch.mul)
+        if not is_op(product, multiply, "mul") or not any(uncast(a) is source for a in product.args if a is not rsqrt):
+            return None
+        scaled = single_user(cast_of(product))
+        if not is_op(scaled, multiply, "mul"):
+            return None
+        weights = [a for a in scaled.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        if len(weights) != 1 or self._shape(weights[0]) != (space.size,):
+            return None
+        owner, _, attribute = str(weights[0].target).rpartition(".")
+        caller = self._calling_module(node)
+        if caller is not None and caller != owner:
+            return None  # the weight of another module: not this norm's
+        return owner or "(model)"
 
     def _dim_wise(self, node: fx.Node, dim: Any) -> None:
         x, space = self._input_space(node)
@@ -329,7 +405,10 @@ class TensorOpFlow(HeadFlow):
         self._link(space, line, out, np.arange(out.size))
         if sized_by is not None:
             sized_by.space = out
-            self._shape_attributes.append(sized_by)
+            if isinstance(sized_by, _LiteralSize):
+                self._literal_sizes.append(sized_by)
+            else:
+                self._shape_attributes.append(sized_by)
 
     def _piece(
         self,
@@ -376,8 +455,14 @@ class TensorOpFlow(HeadFlow):
         contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
         blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
         sized_by = self._split_size_attribute(source, length) if blocks >= 2 and isinstance(source, fx.Node) else None
+        literal = (
+            self._exported_split_size(source, length)
+            if blocks >= 2 and sized_by is None and isinstance(source, fx.Node)
+            else None
+        )
         if blocks >= 2 and (
             sized_by is not None
+            or literal is not None
             or all(
                 equals(result_without(np.arange(blocks) * length + r), np.arange(blocks) * length + r)
                 for r in sorted({0, length // 2, length - 1})
@@ -392,6 +477,9 @@ class TensorOpFlow(HeadFlow):
             if sized_by is not None:
                 owner, owner_name, attribute = sized_by
                 self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name, attribute, None))
+            if literal is not None:
+                literal.space = out
+                self._literal_sizes.append(literal)
             return
         end = int(line.max())
         free = np.arange(end + 1, size)
@@ -411,6 +499,37 @@ class TensorOpFlow(HeadFlow):
             f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
             f"from the tensor (x.size(1) // 2, chunk) to prune them",
         )
+
+    def _exported_split_size(self, source: fx.Node | None, length: int) -> _LiteralSize | None:
+        """In a graph captured with torch.export, ``split(64)`` whose size the code may read from an
+        int attribute of the calling module (GPT-2's ``split(self.split_size, dim=2)``): the pieces
+        are taken as equal, and the attribute (among those equal to ``length``) is found by
+        capturing the model again with it changed (:class:`_LiteralSize`); None otherwise."""
+        if source is None or self.graph.capture != "export":
+            return None
+        is_split = (source.op == "call_function" and source.target is torch.split) or (
+            source.op == "call_method" and source.target == "split"
+        )
+        size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
+        if not is_split or type(size) is not int or size != length:
+            return None
+        owner_name = self._calling_module(source)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        if owner is None:
+            return None
+        attributes = tuple(
+            attr
+            for attr, value in vars(owner).items()
+            if not attr.startswith("_") and type(value) is int and value == length
+        )
+        if not attributes:
+            return None
+        # tried in this order by the check (each try is a capture): names that say "split" first
+        attributes = tuple(sorted(attributes, key=lambda attr: "split" not in attr))
+        existing = next((r for r in self._literal_sizes if r.node is source), None)
+        if existing is not None:  # another piece of the same split: one record, one attribute
+            return _LiteralSize(source, None, length, None, owner, owner_name or "(model)", existing.attributes)
+        return _LiteralSize(source, None, length, None, owner, owner_name or "(model)", attributes)
 
     def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
         """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an

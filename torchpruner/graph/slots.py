@@ -20,7 +20,7 @@ from torchpruner._ops import (
     TUPLE_DIM_OPS,
 )
 
-from .spaces import _CannotFollow, _Role, _ShapeAttribute, _Space
+from .spaces import _CannotFollow, _LiteralSize, _Role, _ShapeAttribute, _Space
 from .trace import CallSite, ModelGraph, _LeafTracer
 
 
@@ -175,6 +175,8 @@ class SlotFlow:
     _pending_attr_blocks: Dict[fx.Node, str]
     _first_role_space: Dict[Tuple[int, str], _Space]
     _shape_attributes: list[_ShapeAttribute]
+    _literal_sizes: list[_LiteralSize]  # literals of an exported graph, checked by capturing again
+    _statistics: list[tuple[_Space, str]]  # hand-written RMSNorms over the units: (input, owner)
     _count_constraints: List[Tuple[_Space, int]]  # (space, conv groups): equal counts per block
     _equal_pieces: list[_Space]  # tensors split into equal pieces (positions linked across pieces)
     _modules: Dict[str, nn.Module]

@@ -82,6 +82,25 @@ class _ShapeAttribute:
     index: int | None  # position in the tuple; None for a plain int
 
 
+@dataclass(eq=False)
+class _LiteralSize:
+    """A size that an exported graph holds as a literal (torch.export keeps only the number of a size
+    the code read from a tensor: ``repeat_kv``'s ``expand(B, 2, 2, L, D)``): entry ``axis`` of the
+    target shape of ``node``, which holds the unit count of ``space``. It is followed as if it were
+    computed, and the groups whose units reach it are checked by capturing the model again with
+    units removed (the literal must become the kept count) or refused."""
+
+    node: fx.Node
+    axis: Optional[int]  # None: the size argument of ``split`` (each piece's length)
+    literal: int
+    space: Optional[_Space] = None
+    #: for ``split(64)``: the calling module and its int attributes equal to the literal, one of
+    #: which the code reads it from (``self.split_size``); the check finds which, the prune updates it
+    owner: Optional[nn.Module] = None
+    owner_name: str = ""
+    attributes: Tuple[str, ...] = ()
+
+
 @dataclass
 class Member:
     """One module (or bare parameter) of a coupled group, as printed by ``str(group)``.

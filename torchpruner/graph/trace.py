@@ -444,6 +444,7 @@ class ModelGraph:
         self._release_traced: Callable[[], None] = lambda: None
         self.sites: List[CallSite] = []
         self.export_error: Optional[BaseException] = None
+        self.export_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self.method, self.capture = "hooks", "hooks"
         if method in ("auto", "fx"):
             try:
@@ -461,6 +462,8 @@ class ModelGraph:
             try:
                 self._build_fx(args, kwargs, exported=True)
                 self.method, self.capture = "fx", "export"
+                # the dependency analysis captures again with units removed to check literal sizes
+                self.export_inputs = (tuple(args), dict(kwargs))
             except Exception as exc:  # noqa: BLE001  (torch.export raises many kinds of errors)
                 self.export_error = exc
                 if method == "export":
