@@ -297,3 +297,25 @@ def test_a_channel_shuffle_with_computed_sizes_prunes_the_same_position_in_every
     assert group.num_units == 4 and group.unit_channels(model.conv)[1].tolist() == [1, 5]
     _prune_equals_zeroed_twin(pruner, x, group, [1])
     assert model.conv.out_channels == 6 and model.conv2.in_channels == 6
+
+
+def test_an_attention_flag_passed_on_from_forward_is_traced_as_one_call():
+    """A flag that is a forward argument (timm: ``is_causal=is_causal``) reaches
+    F.scaled_dot_product_attention as a traced value, which older torch's argument parser refused
+    (torch 2.6: "argument 'is_causal' must be bool, not Proxy"): the call is recorded as one node
+    of the function itself, computes what the model computes, and the function is put back."""
+    from torchpruner.graph.trace import _LeafTracer
+
+    class Flagged(nn.Module):
+        def forward(self, q, k, v, is_causal: bool = False):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+    original = F.scaled_dot_product_attention
+    graph = _LeafTracer().trace(Flagged())
+    assert F.scaled_dot_product_attention is original
+    (call,) = [n for n in graph.nodes if n.op == "call_function"]
+    assert call.target is original and isinstance(call.kwargs["is_causal"], torch.fx.Node)
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+    module = torch.fx.GraphModule(Flagged(), graph)
+    for flag in (False, True):
+        torch.testing.assert_close(module(q, k, v, flag), Flagged()(q, k, v, flag))

@@ -265,6 +265,28 @@ def _source_release(module: fx.GraphModule) -> Callable[[], None]:
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _sdpa_taking_proxies() -> Iterator[None]:
+    """``F.scaled_dot_product_attention`` recorded as one call while tracing, whatever its
+    arguments: in older torch releases (2.6 among them) its argument parser refused a traced flag
+    (``is_causal=is_causal`` passed on from a forward argument, as in timm's attention), so fx
+    could not trace the model. The recorded node is the one newer torch records."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return original(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", original, args, kwargs)
+
+    functional.scaled_dot_product_attention = recorded
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every torch.nn module, childless torchvision ops modules and
     registered user types (:func:`register_leaf_module`) as leaves.
@@ -290,6 +312,14 @@ class _LeafTracer(fx.Tracer):
                     name = type(m).__name__
                 self.failure = (exc, name, type(m))
             raise
+
+    def trace(
+        self,
+        root: nn.Module | Callable[..., Any],
+        concrete_args: dict[str, Any] | None = None,
+    ) -> fx.Graph:
+        with _sdpa_taking_proxies():
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaves = user_leaf_types()
