@@ -484,3 +484,32 @@ def test_the_per_coalition_rewrites_give_the_reference_scores(monkeypatch, build
     # with indices, the ReLU after conv2 runs in place instead (in the program from the read point)
     assert (pools, in_place) == ((0, 2) if build == "pool with indices" else (1, 1))
     assert flat == 1
+
+
+def test_modules_with_forward_hooks_are_not_rewritten(monkeypatch):
+    """A forward hook on a module of the suffix sees what the model computes there: the ReLU
+    before the max-pool keeps its place (the hook gets its own input, not the pooled one) and the
+    linear after the flatten is called as the module; the scores are the reference's."""
+    from torchpruner.attributions import suffix
+
+    planned: list[tuple[int, int, int]] = []
+    plan = suffix._Program._plan_rewrites
+
+    def spy(self, owner):
+        plan(self, owner)
+        planned.append((len(self.pool_first), len(self.in_place), len(self.flat_linear)))
+
+    monkeypatch.setattr(suffix._Program, "_plan_rewrites", spy)
+    model = cnn()
+    seen: list[tuple[int, ...]] = []
+    model[3].register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[1:])))
+    model[6].register_forward_hook(lambda m, args, out: None)
+    x, y = data((1, 8, 8), n=7)
+    reference, _ = score(model, model[0], x, y, "reference", reduction="none", sv_samples=2, seed=0)
+    planned.clear()
+    seen.clear()
+    fast, used = score(model, model[0], x, y, "fast", reduction="none", sv_samples=2, seed=0)
+    assert used == "incremental"
+    np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
+    assert seen and set(seen) == {(6, 8, 8)}  # the ReLU runs as the module, on its own input (not the pooled one)
+    assert max(p[0] for p in planned) == 0 and max(p[2] for p in planned) == 0

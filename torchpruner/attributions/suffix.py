@@ -182,12 +182,14 @@ class _Program:
         )
 
     def _plan_rewrites(self, suffix: Suffix) -> None:
-        """Two rewrites of the per-coalition program that give the same values with less work:
-        a ReLU whose only reader is a max-pool runs after it, on the pooled tensor
-        (``maxpool(relu(x)) == relu(maxpool(x))``: ReLU is non-decreasing), and a ReLU whose
-        input is the fresh output of a linear, convolution or BatchNorm layer read by nothing
-        else runs in place. Masked nodes, the program's output and its given nodes are left
-        alone."""
+        """Rewrites of the per-coalition program that give the same values with less work: a
+        ReLU whose only reader is a max-pool runs after it, on the pooled tensor
+        (``maxpool(relu(x)) == relu(maxpool(x))``: ReLU is non-decreasing); a ReLU whose input is
+        the fresh output of a linear, convolution or BatchNorm layer read by nothing else runs in
+        place; a linear layer reading a flatten reads a channels-last input as laid out. Masked
+        nodes, the program's output, its given nodes and modules with forward hooks (which must
+        see what the model computes) are left alone; with global module hooks, nothing is
+        rewritten."""
         masked = set(suffix.masked_at)
         inside = set(self.nodes)
         keep_out = masked | set(self.given) | ({self.output} if self.output is not None else set())
@@ -195,6 +197,12 @@ class _Program:
         self.pool_first: dict[fx.Node, fx.Node] = {}
         #: ReLU nodes whose input is overwritten
         self.in_place: set[fx.Node] = set()
+        #: linear node -> the flatten it reads (a channels-last input is read without a copy)
+        self.flat_linear: dict[fx.Node, fx.Node] = {}
+        self.deferred: set[fx.Node] = set()
+        if _global_hooks():  # a hook may read any module's input or output as the model computes it
+            return
+        keep_out |= {n for n in self.nodes if _hooked(suffix, n)}
         for node in self.nodes:
             if node in keep_out or not _is_plain_relu(suffix, node):
                 continue
@@ -212,8 +220,6 @@ class _Program:
                 and isinstance(suffix.traced.get_submodule(str(source.target)), _FRESH_OUTPUT_MODULES)
             ):
                 self.in_place.add(node)
-        #: linear node -> the flatten it reads (a channels-last input is read without a copy)
-        self.flat_linear: dict[fx.Node, fx.Node] = {}
         for node in self.nodes:
             if node in keep_out or not _is_flatten_from_1(suffix, node):
                 continue
@@ -229,6 +235,21 @@ class _Program:
             ):
                 self.flat_linear[linear] = node
         self.deferred = set(self.pool_first.values()) | set(self.flat_linear.values())
+
+
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return bool(
+        module._global_forward_hooks or module._global_forward_pre_hooks or module._global_forward_hooks_always_called
+    )
+
+
+def _hooked(suffix: Suffix, node: fx.Node) -> bool:
+    """``node`` calls a module with forward hooks (which would see rewritten values)."""
+    if node.op != "call_module":
+        return False
+    module = suffix.traced.get_submodule(str(node.target))
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 _FRESH_OUTPUT_MODULES: tuple[type, ...] = _LINEAR_CONSUMERS + (nn.modules.batchnorm._BatchNorm,)
