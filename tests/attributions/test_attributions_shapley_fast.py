@@ -450,22 +450,28 @@ class FunctionalCNN(nn.Module):
         return self.fc2(self.fc1(x).relu())
 
 
-@pytest.mark.parametrize("build", ["modules", "functions", "pool with indices"])
-def test_the_per_coalition_rewrites_give_the_reference_scores(monkeypatch, build):
-    """The suffix runs a ReLU read only by a max-pool after the pool, a ReLU of a fresh layer
-    output in place, and a linear layer reads a channels-last flatten as laid out: the same
-    losses as the whole model (fast equals reference), the prefix left intact (a second run gives
-    the same scores), and no reordering before a max-pool that returns indices."""
+@pytest.fixture
+def planned(monkeypatch):
+    """The rewrites each suffix program plans: ``(max-pools first, ReLUs in place, flat linears)``."""
     from torchpruner.attributions import suffix
 
-    planned: list[tuple[int, int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     plan = suffix._Program._plan_rewrites
 
     def spy(self, owner):
         plan(self, owner)
-        planned.append((len(self.pool_first), len(self.in_place), len(self.flat_linear)))
+        seen.append((len(self.pool_first), len(self.in_place), len(self.flat_linear)))
 
     monkeypatch.setattr(suffix._Program, "_plan_rewrites", spy)
+    return seen
+
+
+@pytest.mark.parametrize("build", ["modules", "functions", "pool with indices"])
+def test_the_per_coalition_rewrites_give_the_reference_scores(planned, build):
+    """The suffix runs a ReLU read only by a max-pool after the pool, a ReLU of a fresh layer
+    output in place, and a linear layer reads a channels-last flatten as laid out: the same
+    losses as the whole model (fast equals reference), the prefix left intact (a second run gives
+    the same scores), and no reordering before a max-pool that returns indices."""
     model = {
         "modules": cnn(),
         "functions": FunctionalCNN().double(),
@@ -486,20 +492,10 @@ def test_the_per_coalition_rewrites_give_the_reference_scores(monkeypatch, build
     assert flat == 1
 
 
-def test_modules_with_forward_hooks_are_not_rewritten(monkeypatch):
+def test_modules_with_forward_hooks_are_not_rewritten(planned):
     """A forward hook on a module of the suffix sees what the model computes there: the ReLU
     before the max-pool keeps its place (the hook gets its own input, not the pooled one) and the
     linear after the flatten is called as the module; the scores are the reference's."""
-    from torchpruner.attributions import suffix
-
-    planned: list[tuple[int, int, int]] = []
-    plan = suffix._Program._plan_rewrites
-
-    def spy(self, owner):
-        plan(self, owner)
-        planned.append((len(self.pool_first), len(self.in_place), len(self.flat_linear)))
-
-    monkeypatch.setattr(suffix._Program, "_plan_rewrites", spy)
     model = cnn()
     seen: list[tuple[int, ...]] = []
     model[3].register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[1:])))

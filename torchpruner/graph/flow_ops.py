@@ -507,16 +507,10 @@ class TensorOpFlow(HeadFlow):
         capturing the model again with it changed (:class:`_LiteralSize`); None otherwise."""
         if source is None or self.graph.capture != "export":
             return None
-        is_split = (source.op == "call_function" and source.target is torch.split) or (
-            source.op == "call_method" and source.target == "split"
-        )
-        size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
-        if not is_split or type(size) is not int or size != length:
+        called = self._split_in_module(source, length)
+        if called is None:
             return None
-        owner_name = self._calling_module(source)
-        owner = self._modules.get(owner_name) if owner_name is not None else None
-        if owner is None:
-            return None
+        owner, owner_name = called
         attributes = tuple(
             attr
             for attr, value in vars(owner).items()
@@ -531,10 +525,9 @@ class TensorOpFlow(HeadFlow):
             return _LiteralSize(source, None, length, None, owner, owner_name or "(model)", existing.attributes)
         return _LiteralSize(source, None, length, None, owner, owner_name or "(model)", attributes)
 
-    def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
-        """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an
-        int attribute of the module that calls it (``torch.split(x, self.width, 1)``, checked by
-        tracing the module again with the attribute changed), else None."""
+    def _split_in_module(self, source: fx.Node, length: int) -> tuple[nn.Module, str] | None:
+        """``(module, name)`` of the module whose code calls ``source`` when ``source`` is
+        ``split(size)`` with ``size == length`` given as an int; None otherwise."""
         is_split = (source.op == "call_function" and source.target is torch.split) or (
             source.op == "call_method" and source.target == "split"
         )
@@ -543,8 +536,18 @@ class TensorOpFlow(HeadFlow):
             return None
         owner_name = self._calling_module(source)
         owner = self._modules.get(owner_name) if owner_name is not None else None
-        if owner is None:
+        if owner is None or owner_name is None:
             return None
+        return owner, owner_name
+
+    def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
+        """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an
+        int attribute of the module that calls it (``torch.split(x, self.width, 1)``, checked by
+        tracing the module again with the attribute changed), else None."""
+        called = self._split_in_module(source, length)
+        if called is None:
+            return None
+        owner, owner_name = called
         candidates = [
             attr
             for attr, value in vars(owner).items()
