@@ -64,6 +64,18 @@ def head_groups(pruner: Pruner, model: nn.Module) -> list:
     return found
 
 
+def assert_every_parameter_steps(model, optimizer, x):
+    """One training step with ``optimizer`` (the one that existed before the prune) moves every
+    parameter of ``model``."""
+    model.train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.zero_grad()
+    model(x).logits.square().mean().backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and not torch.equal(p.detach(), before[name]), f"{name} did not update"
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 def test_a_kv_head_goes_with_its_query_heads_and_prunes_like_the_zeroed_twin(kind):
     model, x = tiny_decoder(kind)
@@ -94,13 +106,7 @@ def test_a_kv_head_goes_with_its_query_heads_and_prunes_like_the_zeroed_twin(kin
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-9, atol=1e-9)
         assert model(torch.cat([x, x[:1]])).logits.shape[0] == 3
     # the optimizer that existed before the prune updates every parameter
-    model.train()
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer.zero_grad()
-    model(x).logits.square().mean().backward()
-    optimizer.step()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and not torch.equal(p.detach(), before[name]), f"{name} did not update"
+    assert_every_parameter_steps(model, optimizer, x)
 
 
 def test_the_model_is_left_as_it_was_by_the_second_capture():
@@ -202,13 +208,7 @@ def test_the_hidden_size_prunes_through_llamas_rmsnorm_like_a_rebuilt_smaller_mo
     assert model.model.norm.weight.shape == (61,) and model.model.layers[1].mlp.down_proj.out_features == 61
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-9, atol=1e-9)
-    model.train()
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer.zero_grad()
-    model(x).logits.square().mean().backward()
-    optimizer.step()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and not torch.equal(p.detach(), before[name]), f"{name} did not update"
+    assert_every_parameter_steps(model, optimizer, x)
 
 
 class WrittenNorm(nn.Module):
@@ -312,13 +312,7 @@ def test_gpt2_heads_prune_like_the_zeroed_twin_with_split_size_updated():
     assert attention.split_size == 48 and attention.embed_dim == 64 and attention.c_attn.nf == 144
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-9, atol=1e-9)
-    model.train()
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer.zero_grad()
-    model(x).logits.square().mean().backward()
-    optimizer.step()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and not torch.equal(p.detach(), before[name]), f"{name} did not update"
+    assert_every_parameter_steps(model, optimizer, x)
 
 
 # --------------------------------------------------------------------------------------------
