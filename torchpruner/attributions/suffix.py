@@ -471,8 +471,7 @@ class Suffix:
         laid out, against the weight's columns in the same order (no copy of ``x``)."""
         module = self.traced.get_submodule(str(node.target))
         assert isinstance(module, nn.Linear)
-        hooked = module._forward_hooks or module._forward_pre_hooks  # hooks see the module's own call
-        if x.dim() == 4 and not hooked and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             weight = self._channels_last_weights.get(module, x.shape[1:])
             return F.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), weight, module.bias)
         out: torch.Tensor = module(torch.flatten(x, 1))
