@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from test_attributions_shapley_fast import cnn
 from torchpruner.attributions import ShapleyAttributionMetric
 from torchpruner.attributions.methods.shapley import draw_permutations
 
@@ -129,21 +130,6 @@ def test_truncation_drops_the_marginals_after_the_loss_first_reaches_the_full_lo
         expected = hand_truncated(weights, cap, scales, target, orders, tolerance)
         np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-12)
     assert not np.allclose(scores, plain)  # the bias is real
-
-
-def cnn(dtype=DTYPE):
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(6 * 16, 8),
-        nn.ReLU(),
-        nn.Linear(8, 3),
-    ).to(dtype)
 
 
 @pytest.mark.parametrize("index", [0, 2, 6])
