@@ -509,3 +509,97 @@ def test_modules_with_forward_hooks_are_not_rewritten(planned):
     np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
     assert seen and set(seen) == {(6, 8, 8)}  # the ReLU runs as the module, on its own input (not the pooled one)
     assert max(p[0] for p in planned) == 0 and max(p[2] for p in planned) == 0
+
+
+class WideCNN(nn.Module):
+    """conv 8 → ReLU → ``second`` → ReLU → max-pool → ``view`` → linear: wide enough (≥ 8
+    channels) that the max-pools run on a channels-last copy, and a ``view`` after the pool that
+    fails unless the pool's output has the layout the model's own pool gives."""
+
+    def __init__(self, second: nn.Module, flat: int) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv1, self.second, self.fc = nn.Conv2d(1, 8, 3, padding=1), second, nn.Linear(flat, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.second(torch.relu(self.conv1(x))))
+        x = F.max_pool2d(x, 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+SECOND_CONVS = {  # name: (the second layer, features after the pool)
+    "3x3 padding 1": (lambda: nn.Conv2d(8, 10, 3, padding=1), 10 * 4 * 4),
+    "stride 2": (lambda: nn.Conv2d(8, 10, 3, stride=2, padding=1), 10 * 2 * 2),
+    "dilation 2": (lambda: nn.Conv2d(8, 10, 3, dilation=2, padding=2), 10 * 4 * 4),
+    "no padding": (lambda: nn.Conv2d(8, 10, 3), 10 * 3 * 3),
+    "3x5 kernel, padding (2, 1)": (lambda: nn.Conv2d(8, 10, (3, 5), padding=(2, 1)), 10 * 5 * 3),
+    "1x1": (lambda: nn.Conv2d(8, 10, 1), 10 * 4 * 4),
+    "padding same": (lambda: nn.Conv2d(8, 10, 4, padding="same"), 10 * 4 * 4),
+    "no bias": (lambda: nn.Conv2d(8, 10, 3, padding=1, bias=False), 10 * 4 * 4),
+}
+
+
+@pytest.mark.parametrize("name", list(SECOND_CONVS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_walk_through_a_convolution_equals_the_reference(name, dtype, monkeypatch):
+    """The walk's contributions of a 2-d convolution (a batched product over the unfolded input;
+    a grouped convolution for string padding) for every stride, dilation, padding and kernel
+    shape, in both state layouts: the reference's scores."""
+    from torchpruner.attributions import suffix
+
+    build, flat = SECOND_CONVS[name]
+    model = WideCNN(build(), flat).to(dtype)
+    x, y = data((1, 8, 8), n=7, dtype=dtype)
+    reference, _ = score(model, model.conv1, x, y, "reference", reduction="none", sv_samples=2, seed=0)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for channels_last in (True, False):
+        monkeypatch.setattr(suffix, "CHANNELS_LAST", channels_last)
+        fast, used = score(model, model.conv1, x, y, "fast", reduction="none", sv_samples=2, seed=0)
+        assert used == "incremental"
+        np.testing.assert_allclose(fast, reference, rtol=tol, atol=tol * np.abs(reference).max())
+
+
+@pytest.mark.parametrize(
+    "where, incremental",
+    [("conv1", False), ("second", True), ("second", False)],  # per coalition; in the chain; in the prefix
+)
+def test_max_pools_run_channels_last_with_the_models_values_and_layout(monkeypatch, where, incremental):
+    """A 2-d max-pool of a contiguous CPU input with ≥ 8 channels runs on a channels-last copy
+    (per coalition, in the walk's chain, in the prefix) and hands on a contiguous result: the
+    ``view`` after it works and the scores are the reference's."""
+    from torchpruner.attributions import suffix
+
+    taken = []
+    check = suffix._pools_faster_channels_last
+    monkeypatch.setattr(suffix, "_pools_faster_channels_last", lambda x: taken.append(check(x)) or taken[-1])
+    model = WideCNN(nn.Conv2d(8, 10, 3, padding=1), 10 * 4 * 4).double()
+    x, y = data((1, 8, 8), n=7)
+    target = getattr(model, where)
+    reference, _ = score(model, target, x, y, "reference", reduction="none", sv_samples=2, seed=0)
+    fast, _ = score(model, target, x, y, "fast", reduction="none", sv_samples=2, seed=0, incremental=incremental)
+    np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
+    assert any(taken)
+
+
+class HookedPoolCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 10, 3, padding=1)
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(10 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_hooked_max_pool_module_sees_the_models_layout():
+    model = HookedPoolCNN().double()
+    layouts: list[bool] = []
+    model.pool.register_forward_hook(lambda m, args, out: layouts.append(args[0].is_contiguous()))
+    x, y = data((1, 8, 8), n=7)
+    reference, _ = score(model, model.conv1, x, y, "reference", reduction="none", sv_samples=2, seed=0)
+    layouts.clear()
+    fast, _ = score(model, model.conv1, x, y, "fast", reduction="none", sv_samples=2, seed=0, incremental=False)
+    np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
+    assert layouts and all(layouts)

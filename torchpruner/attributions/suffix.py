@@ -28,7 +28,7 @@ import builtins
 import math
 import operator
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
@@ -200,6 +200,21 @@ class _Program:
         #: linear node -> the flatten it reads (a channels-last input is read without a copy)
         self.flat_linear: dict[fx.Node, fx.Node] = {}
         self.deferred: set[fx.Node] = set()
+        #: ``view`` nodes run as ``reshape`` (the same values; a channels-last state cannot be
+        #: viewed as the model's contiguous tensor is): only where nothing else reads the input,
+        #: so that no in-place write can go through the view to another reader
+        self.views_as_reshape: set[fx.Node] = {
+            node
+            for node in self.nodes
+            if node not in keep_out
+            and node.op == "call_method"
+            and node.target == "view"
+            and node.args
+            and isinstance(node.args[0], fx.Node)
+            and [u for u in node.args[0].users if not _is_shape_query(u)] == [node]
+            and not node.kwargs
+            and not any(isinstance(a, torch.dtype) for a in node.args[1:])
+        }
         if _global_hooks():  # a hook may read any module's input or output as the model computes it
             return
         keep_out |= {n for n in self.nodes if _hooked(suffix, n)}
@@ -280,6 +295,21 @@ def _is_flatten_from_1(suffix: Suffix, node: fx.Node) -> bool:
     return False
 
 
+def _pools_faster_channels_last(x: Any) -> TypeGuard[torch.Tensor]:
+    """``x`` is a contiguous 4-d CPU tensor with enough channels that a max-pool of it runs faster
+    on a channels-last copy (PyTorch's CPU max-pool is several times slower in NCHW layout; with
+    a few channels, as on an image, the copy costs more than it saves)."""
+    return (
+        isinstance(x, torch.Tensor)
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.shape[1] >= 8
+        and x.shape[2] * x.shape[3] > 1
+        and x.is_contiguous()
+        and x.is_floating_point()
+    )
+
+
 class _ChannelsLastWeights:
     """A linear layer's weight with its input features in channels-last order, cached while the
     weight is unchanged: ``flatten(x) @ W.T == x.permute(0, 2, 3, 1).reshape(n, -1) @ W_cl.T``."""
@@ -353,6 +383,11 @@ class Suffix:
         self.first = sorted(masked_nodes - later, key=self.order.__getitem__)
         self.masked_at = {self.node_of[id(p)]: p for p in read_points}
         self._channels_last_weights = _ChannelsLastWeights()
+        #: 2-d max-pools run on a channels-last copy of a contiguous CPU input (the same values,
+        #: several times faster); modules with hooks (which see what the model computes) excepted
+        self.pools_via_channels_last: set[fx.Node] = (
+            set() if _global_hooks() else {n for n in self.nodes if _is_max_pool(self, n) and not _hooked(self, n)}
+        )
         self.program = _Program(self, self.first, None)
         self.prefix_nodes = self._prefix_for(self.program, self.first)
 
@@ -369,6 +404,11 @@ class Suffix:
             return operator.attrgetter(_target_name(node))(self.traced)
         args = fx.node.map_arg(node.args, fetch)
         kwargs = fx.node.map_arg(node.kwargs, fetch)
+        first = args[0] if args else None
+        if node in self.pools_via_channels_last and _pools_faster_channels_last(first):
+            x = first.contiguous(memory_format=torch.channels_last)
+            pooled = self._run_node(node, lambda n: x if n is node.args[0] else fetch(n), inputs)
+            return pooled.contiguous()  # the layout the model's own max-pool gives
         if node.op == "call_function" and callable(node.target):
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -457,6 +497,13 @@ class Suffix:
                     value = torch.relu_(self._run_node(node, lambda n: fetch(source if n is relu else n), inputs))
                 elif node in program.in_place:
                     value = torch.relu_(fetch(node.all_input_nodes[0]))
+                elif node in program.views_as_reshape:
+                    args = fx.node.map_arg(node.args, fetch)
+                    shape: Any = args[1:]  # sizes (ints, or computed from stacked tensors)
+                    if isinstance(args[0], torch.Tensor):
+                        value = args[0].reshape(*shape)
+                    else:  # a view of something else: as the model calls it
+                        value = self._run_node(node, fetch, inputs)
                 elif node in program.flat_linear:
                     value = self._flat_linear(node, fetch(program.flat_linear[node].all_input_nodes[0]))
                 else:
@@ -553,13 +600,49 @@ def point_keep(point: MaskPoint, keeps: torch.Tensor) -> torch.Tensor:
 CHANNELS_LAST = True
 
 
-def state_buffer(count: int, like: torch.Tensor) -> torch.Tensor:
+def state_buffer(count: int, like: torch.Tensor, storage: torch.Tensor | None = None) -> torch.Tensor:
     """An uninitialised ``[count, *like.shape]`` whose slices ``[k]`` have ``like``'s layout
-    (channels-last for a channels-last 4-d ``like``, contiguous otherwise)."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+    (channels-last for a channels-last 4-d ``like``, contiguous otherwise); with ``storage`` (a
+    flat tensor of ``like``'s dtype and device, at least ``count · like.numel()`` long) a view of
+    it, so one allocation serves every chunk of a run (a fresh one per chunk costs page faults)."""
+    channels_last = (
+        like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    )
+    if channels_last:
         n, c, h, w = like.shape
-        return torch.empty(count, n, h, w, c, dtype=like.dtype, device=like.device).permute(0, 1, 4, 2, 3)
-    return torch.empty((count,) + tuple(like.shape), dtype=like.dtype, device=like.device)
+        shape: tuple[int, ...] = (count, n, h, w, c)
+    else:
+        shape = (count,) + tuple(like.shape)
+    if storage is None:
+        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+    else:
+        buffer = storage[: math.prod(shape)].view(shape)
+    return buffer.permute(0, 1, 4, 2, 3) if channels_last else buffer
+
+
+def empty_and_contributions_2d(
+    module: nn.Conv2d, padding: tuple[int, ...], u: torch.Tensor, index: torch.Tensor, empty: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contributions ``[units, n, out, h', w']`` of a 2-d convolution's input units (``index``:
+    ``[units, k]`` input channels each), as one batched matrix product over the unfolded input:
+    unit c's contribution at an output position is its ``k·kh·kw`` input patch times the matching
+    weights. Several times faster on the CPU than a grouped convolution with one group per input
+    channel, and the product comes out channels-last, the layout the walk uses."""
+    units, k = index.shape
+    n = u.shape[0]
+    out_channels, _, kh, kw = module.weight.shape
+    patches = F.unfold(
+        u[:, index.reshape(-1)], (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride
+    )  # [n, units*k*kh*kw, h'*w']
+    positions = patches.shape[-1]
+    patches = patches.reshape(n, units, k * kh * kw, positions).permute(1, 0, 3, 2).reshape(units, n * positions, -1)
+    weight = module.weight[:, index.reshape(-1)].reshape(out_channels, units, k * kh * kw).permute(1, 2, 0)
+    product = torch.bmm(patches, weight)  # [units, n*h'*w', out]
+    h, w = empty.shape[-2:]
+    contributions = product.reshape(units, n, h, w, out_channels).permute(0, 1, 4, 2, 3)
+    if CHANNELS_LAST:
+        return empty.contiguous(memory_format=torch.channels_last), contributions
+    return empty, contributions.contiguous()
 
 
 class Incremental:
@@ -678,6 +761,9 @@ class Incremental:
             else:
                 channel_shape = [1, -1] + [1] * (u.dim() - 2)
                 empty = module._conv_forward(u * rest.to(u.dtype).reshape(channel_shape), module.weight, module.bias)
+                padding = module.padding
+                if isinstance(module, nn.Conv2d) and not isinstance(padding, str):
+                    return empty_and_contributions_2d(module, padding, u, index, empty)
                 units, k = index.shape
                 selected = u[:, index.reshape(-1)]  # [n, units*k, *spatial]
                 weight = module.weight[:, index.reshape(-1)]  # [out, units*k, *kernel]
@@ -690,9 +776,7 @@ class Incremental:
                 each = each.reshape(u.shape[0], units, k, out_channels, *each.shape[2:])
                 each = each[:, :, 0] if k == 1 else each.sum(2)
                 contributions = each.movedim(1, 0)
-                if CHANNELS_LAST and contributions.dim() == 5:
-                    # the walk's states in channels-last layout: the same values, and the ops after
-                    # a 2-d convolution (pooling above all) run several times faster on the CPU
+                if CHANNELS_LAST and contributions.dim() == 5:  # a 2-d convolution with padding="same"
                     empty = empty.contiguous(memory_format=torch.channels_last)
                     return empty, contributions.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         return empty, contributions.contiguous()  # [units, ...] rows are gathered per ordering

@@ -265,6 +265,7 @@ class FastEvaluator:
         num, units = orders.shape
         out = torch.empty(num, units + 1, batch.size, dtype=torch.float64)
         chunk = max(1, min(batch.size, self.budget // max(1, walk.elements_per_example())))
+        storage: torch.Tensor | None = None  # the walk's states, one allocation for every chunk
         for start in range(0, batch.size, chunk):
             rows = slice(start, min(batch.size, start + chunk))
             n = rows.stop - rows.start
@@ -285,7 +286,9 @@ class FastEvaluator:
             per_call = min(self.suffix.coalitions_per_call(walk.program, n), num * units)
             # the walk's states, written in place: each adds the next unit's contribution to the
             # state before it (in the model's dtype, like the layer itself)
-            buffer = state_buffer(per_call, empty)
+            if storage is None or storage.numel() < per_call * empty.numel():
+                storage = torch.empty(per_call * empty.numel(), dtype=empty.dtype, device=empty.device)
+            buffer = state_buffer(per_call, empty, storage)
             pending: list[tuple[int, int, int]] = []  # (ordering, first step, steps) in the buffer
             filled = 0
 
