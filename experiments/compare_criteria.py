@@ -90,7 +90,6 @@ from experiments.common import (
     run_reproducibly,
     resolve_device,
     results_folder,
-    score_layer,
     write_csv,
     write_json,
 )
@@ -272,12 +271,14 @@ def run(args) -> dict:
             for seed in (seeds if criterion_is_seeded(name) else [model_seed])
         ]
         shapley_cache: dict = {}
+        scored: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         for layer, name, seed in tqdm(jobs, desc=f"model {model_seed}: layers x criteria", disable=not progress):
-            tick = time.perf_counter()
-            scores = _scores(
-                name, model, layer, val_loader, device, seed, args, shapley_cache, target=groups.get(layer.name)
-            )
-            score_seconds[name] += time.perf_counter() - tick
+            if (name, seed) not in scored:  # every layer this criterion scores, in one run_all
+                tick = time.perf_counter()
+                wanted = [other for other, n, s in jobs if (n, s) == (name, seed)]
+                scored[name, seed] = _scores(name, model, wanted, val_loader, device, seed, args, shapley_cache, groups)
+                score_seconds[name] += time.perf_counter() - tick
+            scores = scored[name, seed][layer.name]
             order = removal_order(scores)
             tick = time.perf_counter()
             steps = layer.num_units - 1 if args.max_removed is None else min(args.max_removed, layer.num_units - 1)
@@ -591,14 +592,14 @@ def layer_groups(pruner, layers) -> dict:
     return found
 
 
-def _scores(name, model, layer, loader, device, seed, args, shapley_cache, target=None) -> np.ndarray:
-    """Scores for one criterion of ``target`` (a coupled group; default: the layer, at the
-    evaluation point after its BatchNorm and activation); both Shapley aggregations share one
-    per-example Shapley run."""
-    target = layer.module if target is None else target
+def _scores(name, model, layers, loader, device, seed, args, shapley_cache, groups) -> dict[str, np.ndarray]:
+    """``{layer name: scores}`` for one criterion of every layer in ``layers``, from one
+    ``run_all`` (one pass over the data for the gradient and activation criteria): each layer's
+    coupled group where ``groups`` has one, else the layer at the evaluation point after its
+    BatchNorm and activation; both Shapley aggregations share one per-example Shapley run."""
+    targets = [groups.get(layer.name, layer.module) for layer in layers]
     if name in ("shapley", "shapley_2std"):
-        key = (layer.name, seed)
-        if key not in shapley_cache:
+        if seed not in shapley_cache:
             metric = make_metric(
                 "shapley",
                 model,
@@ -609,13 +610,22 @@ def _scores(name, model, layer, loader, device, seed, args, shapley_cache, targe
                 max_batches=args.score_batches,
                 reduction="none",
             )
-            per_example = metric.run(target, find_best_evaluation_module=True)
-            shapley_cache[key] = np.asarray(per_example, dtype=np.float64)
-        per_example = shapley_cache[key]
-        return per_example.mean(axis=0) if name == "shapley" else mean_plus_2std(per_example)
-    return score_layer(
-        name, model, target, loader, device, seed=seed, sv_samples=args.sv_samples, max_batches=args.score_batches
+            per_example = metric.run_all(targets, find_best_evaluation_module=True).values()
+            shapley_cache[seed] = {
+                layer.name: np.asarray(values, dtype=np.float64) for layer, values in zip(layers, per_example)
+            }
+        aggregate = (lambda s: s.mean(axis=0)) if name == "shapley" else mean_plus_2std
+        return {layer.name: aggregate(shapley_cache[seed][layer.name]) for layer in layers}
+    metric = make_metric(
+        name, model, loader, device, seed=seed, sv_samples=args.sv_samples, max_batches=args.score_batches
     )
+    result = {}
+    for layer, values in zip(layers, metric.run_all(targets, find_best_evaluation_module=True).values()):
+        scores = np.asarray(values, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(scores)):
+            raise FloatingPointError(f"criterion {name} gave non-finite scores for {layer.name}")
+        result[layer.name] = scores
+    return result
 
 
 def _verify_points(steps: int, count: int) -> list[int]:
