@@ -7,19 +7,24 @@ down_proj outputs, every RMSNorm weight), the attention heads of each layer (a K
 with its two query heads: q_proj rows, k_proj/v_proj rows, o_proj columns) and each MLP
 (gate_proj + up_proj + down_proj). They are scored on a few batches of token ids and half of
 every group is removed. The hidden size is scored by zeroing its units, which is not exactly
-pruning them (the RMSNorm statistics change): the library says so with a warning.
+pruning them (the RMSNorm statistics change): the library says so with a warning. At the end
+``update_config`` writes the pruned widths into the model's config, so that ``save_pretrained``
+and ``from_pretrained`` round-trip the smaller model.
 
     python examples/prune_tiny_llama.py
 """
 
+import tempfile
 import warnings
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from torchpruner import Pruner, TaylorAttributionMetric, prune_groups
 from torchpruner.graph.dependency import RefusedGroupsWarning
+from torchpruner.integrations.transformers import update_config
 
 torch.manual_seed(0)
 config = LlamaConfig(
@@ -78,3 +83,18 @@ print("training loss", losses)
 stale = [name for name, p in llama.named_parameters() if torch.equal(start[name], p)]
 print("every parameter updated" if not stale else f"not updated: {stale}")
 assert losses[-1] < losses[0] and not stale
+
+transformers_logging.disable_progress_bar()
+update_config(llama)  # the config (and the attention attributes) now hold the pruned widths
+with tempfile.TemporaryDirectory() as folder:
+    llama.save_pretrained(folder)
+    loaded = LlamaForCausalLM.from_pretrained(folder)
+llama.eval(), loaded.eval()
+with torch.no_grad():
+    same = torch.equal(llama(input_ids=batches[0][0]).logits, loaded(input_ids=batches[0][0]).logits)
+c = loaded.config
+print(
+    f"save_pretrained -> from_pretrained: hidden {c.hidden_size}, heads {c.num_attention_heads}, "
+    f"KV heads {c.num_key_value_heads}, MLP {c.intermediate_size}; same logits: {same}"
+)
+assert same
