@@ -15,6 +15,8 @@ import warnings
 import pytest
 import torch
 
+from test_capture_hf_heads import tiny_decoder
+
 from torchpruner.pruner import Pruner
 from torchpruner.schedule import prune_groups
 
@@ -25,18 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeW
 
 
 def llama():
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_size=64,
-        intermediate_size=96,
-        vocab_size=97,
-        max_position_embeddings=16,
-        use_cache=False,
-    )
-    return tf.LlamaForCausalLM(config).eval(), {"input_ids": torch.randint(1, 97, (2, 8))}
+    model, input_ids = tiny_decoder("llama")  # hidden 64, 4 query heads, 2 KV heads, float64
+    return model, {"input_ids": input_ids}
 
 
 def t5():
