@@ -407,8 +407,12 @@ class Suffix:
         first = args[0] if args else None
         if node in self.pools_via_channels_last and _pools_faster_channels_last(first):
             x = first.contiguous(memory_format=torch.channels_last)
-            pooled = self._run_node(node, lambda n: x if n is node.args[0] else fetch(n), inputs)
+            pooled = self._call(node, (x, *args[1:]), kwargs)
             return pooled.contiguous()  # the layout the model's own max-pool gives
+        return self._call(node, args, kwargs)
+
+    def _call(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call ``node`` makes, on ``args`` and ``kwargs`` (values, not nodes)."""
         if node.op == "call_function" and callable(node.target):
             return node.target(*args, **kwargs)
         if node.op == "call_method":
