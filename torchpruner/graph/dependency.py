@@ -726,9 +726,12 @@ class DependencyGraph(LayerFlow):
                 self._unit_index[first_lab] = np.arange(len(first_lab))
                 groups.append(group)
         group_of_pair = self._group_of_label[pair_label]
+        # pairs are sorted by space: the pairs of space k are one run, found by bisection
+        bounds = np.searchsorted(pair_space, np.arange(len(self._space_list) + 1))
+        groups_in = [np.unique(group_of_pair[bounds[k] : bounds[k + 1]]) for k in range(len(self._space_list))]
         for k, space in enumerate(self._space_list):
             reason = self._blocked.get(id(space))
-            for gi in np.unique(group_of_pair[pair_space == k]):
+            for gi in groups_in[k]:
                 group = groups[gi]
                 group._spaces.append(space)
                 if reason is not None:
@@ -739,7 +742,7 @@ class DependencyGraph(LayerFlow):
                         group.output_reason = reason[0]
         space_index = {id(space): k for k, space in enumerate(self._space_list)}
         for role in self._roles:
-            for gi in np.unique(group_of_pair[pair_space == space_index[id(role.space)]]):
+            for gi in groups_in[space_index[id(role.space)]]:
                 groups[gi]._roles.append(role)
         for group in groups:
             seen = set()
