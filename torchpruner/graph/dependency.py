@@ -124,6 +124,19 @@ __all__ = [
 PositionsFn = Callable[[Sequence[int]], Tuple[int, np.ndarray]]
 
 
+def _as_unit_array(units: Iterable[int]) -> np.ndarray:
+    """``units`` (a list, tuple, range, array, tensor, set or any iterable of ints) as an int64 array."""
+    if not isinstance(units, (set, frozenset)):
+        try:
+            array = np.asarray(units, dtype=np.int64)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if array.ndim == 1:
+                return array
+    return np.asarray([int(u) for u in units], dtype=np.int64)
+
+
 class Group:
     """A coupled group: units that can only be removed together from all of its tensors.
 
@@ -227,9 +240,12 @@ class Group:
 
     def positions(self, space: _Space, units: Iterable[int]) -> np.ndarray:
         """Positions along ``space``'s unit axis removed with the given group units."""
-        units = np.asarray(sorted(set(int(u) for u in units)), dtype=np.int64)
-        unit_of = self._unit_of(space)
-        return np.nonzero(np.isin(unit_of, units))[0]
+        unit_of = self._unit_of(space)  # in [-1, num_units): -1 marks the slots of other groups
+        wanted = _as_unit_array(units)
+        wanted = wanted[(wanted >= -1) & (wanted < self.num_units)]  # no other value can match
+        chosen = np.zeros(self.num_units + 1, dtype=bool)  # chosen[u + 1]: unit u goes
+        chosen[wanted + 1] = True
+        return np.nonzero(chosen[unit_of + 1])[0]
 
     def _positions_fn(self, space: _Space) -> PositionsFn:
         """``units -> (space.axis, positions of those group units in space)``."""
@@ -710,9 +726,12 @@ class DependencyGraph(LayerFlow):
                 self._unit_index[first_lab] = np.arange(len(first_lab))
                 groups.append(group)
         group_of_pair = self._group_of_label[pair_label]
+        # pairs are sorted by space: the pairs of space k are one run, found by bisection
+        bounds = np.searchsorted(pair_space, np.arange(len(self._space_list) + 1))
+        groups_in = [np.unique(group_of_pair[bounds[k] : bounds[k + 1]]) for k in range(len(self._space_list))]
         for k, space in enumerate(self._space_list):
             reason = self._blocked.get(id(space))
-            for gi in np.unique(group_of_pair[pair_space == k]):
+            for gi in groups_in[k]:
                 group = groups[gi]
                 group._spaces.append(space)
                 if reason is not None:
@@ -723,7 +742,7 @@ class DependencyGraph(LayerFlow):
                         group.output_reason = reason[0]
         space_index = {id(space): k for k, space in enumerate(self._space_list)}
         for role in self._roles:
-            for gi in np.unique(group_of_pair[pair_space == space_index[id(role.space)]]):
+            for gi in groups_in[space_index[id(role.space)]]:
                 groups[gi]._roles.append(role)
         for group in groups:
             seen = set()
@@ -900,6 +919,18 @@ class DependencyGraph(LayerFlow):
                 merged[key] = (role, positions)
                 order.append(key)
         return [merged[k] for k in order if len(merged[k][1])]
+
+    def removed_positions(self, space: _Space, selection: Mapping[Group, Sequence[int]]) -> np.ndarray:
+        """The positions of ``space`` that go when the given units of the given groups go (sorted);
+        only the groups that hold a slot of ``space`` are looked at."""
+        labels = self._labels[space.start : space.start + space.size]
+        present = set(np.unique(self._group_of_label[labels]).tolist())
+        parts = [
+            group.positions(space, units)
+            for group, units in selection.items()
+            if group._dep is not self or group.index in present
+        ]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
     def call_site_removals(
         self, module: nn.Module, selection: Mapping[Group, Sequence[int]]

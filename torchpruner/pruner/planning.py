@@ -257,9 +257,7 @@ def _check_output_follows(
     whole input groups of a grouped one) is only safe when the analysis removes exactly those output
     units downstream too (they are linked in the group)."""
     space = dep._output_space(module)
-    removed = set()
-    for group, units in selection.items():
-        removed |= set(group.positions(space, units).tolist())
+    removed = set(dep.removed_positions(space, selection).tolist())
     expected = set(range(space.size)) - set(out_keep.tolist())
     if removed != expected:
         raise DependencyError(

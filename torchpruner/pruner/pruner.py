@@ -279,8 +279,10 @@ class Pruner:
         if not checked:
             return Plan(description=(description or "remove nothing") + " (nothing to do)")
         check_group_selection(self.model, checked)
-        checked = with_whole_conv_groups(next(iter(checked))._dep, checked)  # grouped convs losing whole groups
-        check_group_selection(self.model, checked)
+        expanded = with_whole_conv_groups(next(iter(checked))._dep, checked)  # grouped convs losing whole groups
+        if expanded != checked:  # the same selection needs no second check (the check changes nothing)
+            check_group_selection(self.model, expanded)
+        checked = expanded
         text = describe_selection(checked)
         edits = group_edits(checked, self.dropout_policy)
         return finish_plan(

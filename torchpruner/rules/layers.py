@@ -114,6 +114,15 @@ def _per_group_removal(remove: torch.Tensor, num_units: int, groups: int) -> lis
     return [remove[(remove >= g * per_group) & (remove < (g + 1) * per_group)] - g * per_group for g in range(groups)]
 
 
+def _per_group_counts(remove: torch.Tensor, num_units: int, groups: int) -> list[int]:
+    """How many of ``remove`` fall in each of ``groups`` equal blocks of ``num_units`` (the lengths
+    of :func:`_per_group_removal`, in one pass: a depthwise conv has a group per channel)."""
+    per_group = num_units // groups
+    inside = remove[(remove >= 0) & (remove < groups * per_group)]
+    counts: list[int] = torch.bincount(inside // per_group, minlength=groups).tolist()
+    return counts
+
+
 @register_slicing_rule(nn.modules.conv._ConvNd)
 class ConvRule(SlicingRule[nn.modules.conv._ConvNd]):
     """Conv1d/2d/3d (``weight [out, in/groups, k...]``) and ConvTranspose1d/2d/3d
@@ -138,7 +147,7 @@ class ConvRule(SlicingRule[nn.modules.conv._ConvNd]):
         groups = module.groups
         if groups == 1:
             return "plain"
-        counts = [len(r) for r in _per_group_removal(selection.remove, selection.num_units, groups)]
+        counts = _per_group_counts(selection.remove, selection.num_units, groups)
         per_group = selection.num_units // groups
         if len(set(counts)) == 1 and counts[0] < per_group:
             return "within"
@@ -160,11 +169,13 @@ class ConvRule(SlicingRule[nn.modules.conv._ConvNd]):
             return None
         removed_groups = self._removed_groups(module, selection)
         out_per_group = module.out_channels // module.groups
-        return torch.cat([torch.arange(g * out_per_group, (g + 1) * out_per_group) for g in removed_groups]).long()
+        starts = torch.tensor(removed_groups, dtype=torch.long) * out_per_group
+        return (starts[:, None] + torch.arange(out_per_group)).flatten()
 
     def _removed_groups(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> list[int]:
         per_group = selection.num_units // module.groups
-        return sorted({int(i) // per_group for i in selection.remove})
+        removed: list[int] = torch.unique(selection.remove // per_group, sorted=True).tolist()
+        return removed
 
     def _prune(self, module: nn.modules.conv._ConvNd, selection: UnitSelection, direction: str) -> list[Edit]:
         kind = self._classify(module, selection)
@@ -183,24 +194,9 @@ class ConvRule(SlicingRule[nn.modules.conv._ConvNd]):
             groups_left = module.groups - len(removed_groups)
             out_per_group = module.out_channels // module.groups
             in_per_group = module.in_channels // module.groups
-            keep_out = torch.tensor(
-                [
-                    g * out_per_group + j
-                    for g in range(module.groups)
-                    if g not in removed_groups
-                    for j in range(out_per_group)
-                ],
-                dtype=torch.long,
-            )
-            keep_in_rows = torch.tensor(
-                [
-                    g * in_per_group + j
-                    for g in range(module.groups)
-                    if g not in removed_groups
-                    for j in range(in_per_group)
-                ],
-                dtype=torch.long,
-            )
+            kept_groups = torch.tensor([g for g in range(module.groups) if g not in removed_groups], dtype=torch.long)
+            keep_out = (kept_groups[:, None] * out_per_group + torch.arange(out_per_group)).flatten()
+            keep_in_rows = (kept_groups[:, None] * in_per_group + torch.arange(in_per_group)).flatten()
             keep_dim0 = keep_out if conv_blocked_side(module) == "out" else keep_in_rows
             edits += slice_tensor(module, "weight", 0, keep_dim0)
             edits += slice_tensor(module, "bias", 0, keep_out)
@@ -273,7 +269,7 @@ class GroupNormRule(SlicingRule[nn.GroupNorm]):
 
     def prune_in(self, module: nn.GroupNorm, selection: UnitSelection) -> list[Edit]:
         per_group = module.num_channels // module.num_groups
-        counts = [len(r) for r in _per_group_removal(selection.remove, selection.num_units, module.num_groups)]
+        counts = _per_group_counts(selection.remove, selection.num_units, module.num_groups)
         if not all(c in (0, per_group) for c in counts):
             raise GroupedSliceError(
                 f"GroupNorm ({module.num_groups} groups of {per_group} channels) can only lose "

@@ -15,6 +15,7 @@ import numbers
 import warnings
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,11 @@ def unit_weight_slices(module: nn.Module) -> torch.Tensor:
             activation, a container).
         TypeError: the layer type has no known unit layout.
     """
+    return _unit_weight_rows(module).to(torch.float64)
+
+
+def _unit_weight_rows(module: nn.Module) -> torch.Tensor:
+    """:func:`unit_weight_slices` in the weight's own dtype (a view where the layout allows)."""
     weight = getattr(module, "weight", None)
     kind = type(module).__name__
     if not isinstance(weight, torch.Tensor):
@@ -59,7 +65,7 @@ def unit_weight_slices(module: nn.Module) -> torch.Tensor:
             f"{kind} module has no weight parameter, so its units cannot be scored by their weights "
             "(score the Linear/Conv layer that produces these units instead)"
         )
-    w = weight.detach().to(torch.float64)
+    w = weight.detach()
     if isinstance(module, nn.modules.conv._ConvNd):
         blocks = conv_weight_blocks(module, w)  # [groups, out/groups, in/groups, k]
         return blocks.reshape(module.out_channels, -1)
@@ -92,19 +98,25 @@ def input_weight_slices(module: nn.Module) -> torch.Tensor | None:
     Raises:
         TypeError: the layer type has no known unit layout.
     """
+    rows = _input_weight_rows(module)
+    return None if rows is None else rows.to(torch.float64)
+
+
+def _input_weight_rows(module: nn.Module) -> torch.Tensor | None:
+    """:func:`input_weight_slices` in the weights' own dtype (a view where the layout allows)."""
     if isinstance(module, nn.MultiheadAttention):
         return _attention_embed_slices(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    w = weight.detach().to(torch.float64)
+    w = weight.detach()
     if isinstance(module, nn.modules.conv._ConvNd):
         blocks = conv_weight_blocks(module, w).transpose(1, 2)  # [groups, in/groups, out/groups, k]
         return blocks.reshape(module.in_channels, -1)
     if isinstance(module, nn.Linear):
         return w.transpose(0, 1)
     if isinstance(module, NORM_LAYERS):
-        return unit_weight_slices(module)
+        return _unit_weight_rows(module)
     if isinstance(module, nn.PReLU):
         return w.reshape(-1, 1)
     raise TypeError(f"no known input-unit layout for the weights of a {type(module).__name__}")
@@ -164,21 +176,31 @@ def group_member_slices(group: Group, what: str = "WeightNorm") -> list[tuple[st
     Raises:
         ValueError: the group was computed before the model was pruned.
     """
+    return [
+        (label, rows.cpu()[positions].reshape(group.num_units, -1).to(torch.float64))
+        for label, rows, positions in _group_member_rows(group, what, stacklevel=6)
+    ]
+
+
+def _group_member_rows(group: Group, what: str, stacklevel: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """For every member of the group: ``(label, rows, positions)``, the member's rows in the
+    weights' own dtype and the rows each group unit removes, unit by unit (``rows[positions]``
+    reshaped to ``[units, -1]`` is :func:`group_member_slices`' entry, before its float64 copy)."""
     found = []
     for member in member_slices(group):
         module, label = member.module, f"'{member.module_name}' ({type(member.module).__name__})"
         try:
             if member.direction == "out":
-                rows = unit_weight_slices(module) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+                rows = _unit_weight_rows(module) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
             elif member.direction == "in":
-                rows = input_weight_slices(module)
+                rows = _input_weight_rows(module)
             else:
                 # a bare parameter: the member names it and its sliced axis
                 assert member.parameter is not None and member.axis is not None
-                tensor = getattr(module, member.parameter).detach().to(torch.float64)
+                tensor = getattr(module, member.parameter).detach()
                 rows = tensor.movedim(member.axis, 0).reshape(tensor.shape[member.axis], -1)
         except TypeError as error:
-            warnings.warn(f"{what} of a group: {label} is skipped: {error}", UserWarning, stacklevel=5)
+            warnings.warn(f"{what} of a group: {label} is skipped: {error}", UserWarning, stacklevel=stacklevel)
             continue
         if rows is None:
             continue
@@ -188,13 +210,13 @@ def group_member_slices(group: Group, what: str = "WeightNorm") -> list[tuple[st
                 "pruned side); compute the groups again (pruner.groups()) after pruning"
             )
         # every unit of a group removes the same number of positions from each member
-        order = sorted(range(len(member.positions)), key=lambda k: (member.units[k], member.positions[k]))
+        order = np.lexsort((member.positions, member.units))  # by unit, then position
         positions = torch.as_tensor(member.positions[order])
         per_unit, remainder = divmod(len(order), group.num_units)
         units = torch.as_tensor(member.units[order])
         if remainder or not torch.equal(units, torch.arange(group.num_units).repeat_interleave(per_unit)):
             raise RuntimeError(f"internal: {label} does not hold every unit of the group equally often")
-        found.append((label, rows.cpu()[positions].reshape(group.num_units, -1)))
+        found.append((label, rows, positions))
     return found
 
 
@@ -211,8 +233,16 @@ def group_weight_norms(group: Group, p: float = 1) -> torch.Tensor:
     """
     p = check_p(p)
     total = torch.zeros(group.num_units, dtype=torch.float64)
-    for label, rows in group_member_slices(group):
-        per_unit = _norms(rows, p)
+    for label, rows, positions in _group_member_rows(group, "WeightNorm", stacklevel=5):
+        rows = rows.cpu()
+        if not (
+            rows.is_contiguous() and len(positions) == len(rows) and torch.equal(positions, torch.arange(len(rows)))
+        ):
+            rows = rows[positions]  # else every row, in order: the rows themselves, without a copy
+        rows = rows.reshape(group.num_units, -1)
+        # |w| is exact in the weights' dtype and the sum runs in float64: the same numbers as
+        # converting the rows to float64 first, without the float64 copy
+        per_unit = rows.abs().sum(dim=1, dtype=torch.float64) if p == 1 else _norms(rows.to(torch.float64), p)
         mean = per_unit.mean()
         if mean > 0:
             total += per_unit / mean
