@@ -23,7 +23,9 @@ Several runners can share one pass (:class:`SharedPass`, used by ``run_all``): e
 every runner is intercepted at once, and one forward (one forward and one backward for
 gradients) per batch serves all of them. The derivative at a point is the total derivative of the
 loss there whatever else is intercepted (the other points add a zero or copy), so each runner
-sees exactly what it would see alone.
+sees exactly what it would see alone. Runners that run the model their own way (masked
+evaluations) take turns instead (:class:`TakingTurns`): every point of every runner is
+intercepted for the whole run, and on a forward of one runner only its own points act.
 """
 
 from __future__ import annotations
@@ -391,3 +393,42 @@ class SharedPass:
             }
         found = self._reached(runner, runner.entry_points, self._derivatives)
         return [(point, z, g) for point, (z, _, g) in zip(runner.entry_points, found)]
+
+
+class TakingTurns:
+    """Several runners of one graph that each run the model their own way (``run_all`` for the
+    masked-evaluation metrics: Shapley, leave-one-out), in turn on the same batches.
+
+    Every point of every runner is intercepted once, for the whole run. A forward started by one
+    runner (through its ``forward``, set by :meth:`bind`) applies that runner's transform at its
+    own points; the other runners' points pass their tensor on unchanged (a copy), so each runner
+    sees exactly the model it would see alone.
+    """
+
+    def __init__(self, runners: list[Runner]) -> None:
+        self.runners = runners
+        self._by_site: dict[CallSite, dict[int, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        for runner in runners:
+            for site, fn in runner.functions().items():
+                self._by_site.setdefault(site, {})[id(runner)] = fn
+        self._active: Runner | None = None
+
+    def functions(self) -> dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
+        """``{site: fn}`` for ``graph.intercept``: each site once, whichever runners hold it."""
+        return {site: functools.partial(self._apply, fns) for site, fns in self._by_site.items()}
+
+    def _apply(self, fns: dict[int, Callable[[torch.Tensor], torch.Tensor]], z: torch.Tensor) -> torch.Tensor:
+        fn = fns.get(id(self._active)) if self._active is not None else None
+        return fn(z) if fn is not None else z.clone()
+
+    def bind(self, forward: Callable[..., Any]) -> None:
+        """Give every runner a ``forward`` that runs the intercepted model ``forward`` as its turn."""
+        for runner in self.runners:
+            runner.forward = functools.partial(self._turn, runner, forward)
+
+    def _turn(self, runner: Runner, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        previous, self._active = self._active, runner
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self._active = previous
