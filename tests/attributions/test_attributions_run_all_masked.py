@@ -239,3 +239,26 @@ def test_no_batch_prefix_outlives_its_batch():
     attr = ShapleyAttributionMetric(model, CountingLoader(batches(x, y, 4), before_each), F.cross_entropy, seed=0)
     attr.run_all([model[0], model[6]], sv_samples=1)
     assert attr._prefix_env is None and not attr._targets
+
+
+@pytest.mark.parametrize("find_best", [False, True])
+def test_no_other_targets_hooks_run_inside_a_targets_coalitions(monkeypatch, find_best):
+    """A layer is intercepted with forward hooks on its module; during the evaluation of one
+    target's coalitions no other target's hooks are in place (they would run on every stacked
+    evaluation and stop the per-coalition rewrites of the hooked layers), as in ``run``."""
+    from torchpruner.attributions import suffix
+
+    model = cnn()
+    x, y = data((1, 8, 8), n=8)
+    targets = [model[i] for i in (0, 2, 6)]
+    hooked = []
+    original = suffix.Suffix.evaluate
+
+    def evaluate(*args, **kwargs):
+        hooked.append(sum(1 for module in model.modules() if module._forward_hooks))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(suffix.Suffix, "evaluate", evaluate)
+    attr = ShapleyAttributionMetric(model, batches(x, y, 4), F.cross_entropy, sv_samples=2, seed=0)
+    attr.run_all(targets, find_best)
+    assert hooked and max(hooked) <= 1  # at most the target's own layer, as when it is scored alone

@@ -904,7 +904,7 @@ class AttributionMetric:
             runner.description = f"{self.name} {runner.label}"
             runner.graph = graph
             self.prepare(runner, options_of[key])
-        turns = TakingTurns(list(runners.values()))
+        turns = TakingTurns(graph, list(runners.values()))
         pairs = [(runner, options_of[key]) for key, runner in runners.items()]
         accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
         bar = tqdm_auto.tqdm(
@@ -915,13 +915,13 @@ class AttributionMetric:
             leave=False,
         )
         try:
-            with graph.intercept(turns.functions()) as forward:
-                turns.bind(forward)
+            with turns.whole_run():
                 for batch in batches:
                     try:
                         self.start_batch(pairs, batch)
                         for key, runner in runners.items():
-                            scores = self.score_batch(runner, batch, options_of[key])
+                            with turns.turn(runner):
+                                scores = self.score_batch(runner, batch, options_of[key])
                             if scores.shape != (batch.size, runner.num_units):
                                 raise RuntimeError(
                                     f"{type(self).__name__} scored a batch of {runner.label} with shape "
@@ -933,8 +933,6 @@ class AttributionMetric:
                     bar.update(1)
         finally:
             bar.close()
-            for runner in runners.values():
-                runner.forward = None
         return self._results(accumulators)
 
     def _finish(self, scores: torch.Tensor) -> np.ndarray:

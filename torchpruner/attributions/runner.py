@@ -24,8 +24,8 @@ every runner is intercepted at once, and one forward (one forward and one backwa
 gradients) per batch serves all of them. The derivative at a point is the total derivative of the
 loss there whatever else is intercepted (the other points add a zero or copy), so each runner
 sees exactly what it would see alone. Runners that run the model their own way (masked
-evaluations) take turns instead (:class:`TakingTurns`): every point of every runner is
-intercepted for the whole run, and on a forward of one runner only its own points act.
+evaluations) take turns instead (:class:`TakingTurns`): each runner's points are intercepted
+during its own turn only.
 """
 
 from __future__ import annotations
@@ -397,38 +397,46 @@ class SharedPass:
 
 class TakingTurns:
     """Several runners of one graph that each run the model their own way (``run_all`` for the
-    masked-evaluation metrics: Shapley, leave-one-out), in turn on the same batches.
+    masked-evaluation metrics: Shapley, leave-one-out), in turn on the same batches, each seeing
+    exactly the model it sees alone.
 
-    Every point of every runner is intercepted once, for the whole run. A forward started by one
-    runner (through its ``forward``, set by :meth:`bind`) applies that runner's transform at its
-    own points; the other runners' points pass their tensor on unchanged (a copy), so each runner
-    sees exactly the model it would see alone.
+    A runner whose points are all module calls is intercepted with forward hooks on the model's
+    modules; those are installed for its turn only (:meth:`turn`), so that no other runner's hooks
+    run inside its forwards, nor inside the parts of the traced graph a metric evaluates itself
+    (fast Shapley's suffix, which calls the same modules). A runner with a point after a function
+    call runs a probed copy of the traced graph, which hooks nothing: it is built once for the
+    whole run (:meth:`whole_run`).
     """
 
-    def __init__(self, runners: list[Runner]) -> None:
+    def __init__(self, graph: ModelGraph, runners: list[Runner]) -> None:
+        self.graph = graph
         self.runners = runners
-        self._by_site: dict[CallSite, dict[int, Callable[[torch.Tensor], torch.Tensor]]] = {}
-        for runner in runners:
-            for site, fn in runner.functions().items():
-                self._by_site.setdefault(site, {})[id(runner)] = fn
-        self._active: Runner | None = None
 
-    def functions(self) -> dict[CallSite, Callable[[torch.Tensor], torch.Tensor]]:
-        """``{site: fn}`` for ``graph.intercept``: each site once, whichever runners hold it."""
-        return {site: functools.partial(self._apply, fns) for site, fns in self._by_site.items()}
+    def _hooked(self, runner: Runner) -> bool:
+        return self.graph.hooks_modules(point.site for point in runner.points)
 
-    def _apply(self, fns: dict[int, Callable[[torch.Tensor], torch.Tensor]], z: torch.Tensor) -> torch.Tensor:
-        fn = fns.get(id(self._active)) if self._active is not None else None
-        return fn(z) if fn is not None else z.clone()
-
-    def bind(self, forward: Callable[..., Any]) -> None:
-        """Give every runner a ``forward`` that runs the intercepted model ``forward`` as its turn."""
-        for runner in self.runners:
-            runner.forward = functools.partial(self._turn, runner, forward)
-
-    def _turn(self, runner: Runner, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        previous, self._active = self._active, runner
+    @contextlib.contextmanager
+    def whole_run(self) -> Iterator[None]:
+        """The probed models of the runners that need one, for the whole block."""
         try:
-            return forward(*args, **kwargs)
+            with contextlib.ExitStack() as stack:
+                for runner in self.runners:
+                    if not self._hooked(runner):
+                        runner.forward = stack.enter_context(self.graph.intercept(runner.functions()))
+                yield
         finally:
-            self._active = previous
+            for runner in self.runners:
+                runner.forward = None
+
+    @contextlib.contextmanager
+    def turn(self, runner: Runner) -> Iterator[None]:
+        """``runner``'s turn: its hooks (if it is intercepted with hooks) installed in the block."""
+        if not self._hooked(runner):
+            yield
+            return
+        with self.graph.intercept(runner.functions()) as forward:
+            runner.forward = forward
+            try:
+                yield
+            finally:
+                runner.forward = None
