@@ -508,8 +508,9 @@ class AttributionMetric:
         given = None if targets is None else self._check_targets(targets)
         if given is not None and not given:
             return {}
-        batchwise = not self._shares_pass() and self._declares("shares_batches")
-        if not (self._shares_pass() or batchwise) or self._without_data():  # one run per target, in order
+        shares_pass = self._shares_pass(options)
+        batchwise = not shares_pass and self._declares("shares_batches")
+        if not (shares_pass or batchwise) or self._without_data():  # one run per target, in order
             if given is None:
                 _, shards = scoring_model(self.model, self.process_group)
                 with self._across(shards):
@@ -581,6 +582,12 @@ class AttributionMetric:
         """Called once per run before the first batch (draw permutations, warn, set
         ``runner.description``)."""
 
+    def score_shared_batch(self, shared: SharedPass, batch: Batch, options: dict[str, Any]) -> list[torch.Tensor]:
+        """``run_all`` of a metric that shares its pass: every runner's ``[N, units]`` scores of
+        ``batch``, in the order of ``shared.runners`` (each runner's ``score_batch``, served by
+        the shared pass; a metric that can score them all at once overrides this)."""
+        return [self.score_batch(runner, batch, options) for runner in shared.runners]
+
     def start_batch(self, runners: list[tuple[Runner, dict[str, Any]]], batch: Batch) -> None:
         """``run_all`` of a ``shares_batches`` metric: called with every ``(runner, options)``
         before the targets are scored on ``batch`` in turn (compute what they share here)."""
@@ -617,7 +624,8 @@ class AttributionMetric:
         spawn = torch.Generator().manual_seed(int(options["seed"]))
         return {key: {**options, "seed": int(torch.randint(2**62, (), generator=spawn))} for key in keys}
 
-    def _shares_pass(self) -> bool:
+    def _shares_pass(self, options: dict[str, Any]) -> bool:
+        """``run_all`` serves every target from one pass per batch (:meth:`_score_shared`)."""
         return self._declares("shares_pass")
 
     def _declares(self, flag: str) -> bool:
@@ -860,8 +868,7 @@ class AttributionMetric:
             with graph.intercept(shared.functions()) as forward:
                 shared.forward = forward
                 for batch in batches:
-                    for key, runner in runners.items():
-                        scores = self.score_batch(runner, batch, options)
+                    for (key, runner), scores in zip(runners.items(), self.score_shared_batch(shared, batch, options)):
                         if scores.shape != (batch.size, runner.num_units):
                             raise RuntimeError(
                                 f"{type(self).__name__} scored a batch of {runner.label} with shape "

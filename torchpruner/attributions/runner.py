@@ -331,13 +331,28 @@ class SharedPass:
         return self._transform(name, z)
 
     def _run(self, batch: Batch, transform: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+        return self._forward(transform, batch.args, batch.kwargs)
+
+    def _forward(
+        self, transform: Callable[[str, torch.Tensor], torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         if self.forward is None:
             raise RuntimeError("the shared pass is run outside the data loop")
         self._transform = transform
         try:
-            return self.forward(*batch.args, **batch.kwargs)
+            return self.forward(*args, **kwargs)
         finally:
             self._transform = lambda name, z: z.clone()
+
+    def run_with(self, transform: Callable[[CallSite, torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """One forward of the intercepted model on ``args``/``kwargs`` (not necessarily a batch of
+        the data: captum expands it) with ``transform(site, z)`` at every site of every runner (it
+        must return a new tensor)."""
+        return self._forward(lambda name, z: transform(self._sites[name], z), args, kwargs)
+
+    def points_at(self, site: CallSite) -> list[MaskPoint]:
+        """The points of every runner at ``site`` (in the order of the runners)."""
+        return list(self._points[site.name])
 
     def _on(self, batch: Batch) -> None:
         if self._batch is not batch:  # a new batch: forget the last one's tensors
