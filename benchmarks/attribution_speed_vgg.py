@@ -120,15 +120,15 @@ def main() -> None:
             else f"; reference and 2020 timed on {slow} of {args.samples} orderings and scaled ×{scale:g}"
         )
     )
+    if args.every_layer_only:
+        every_layer(model, data, layers, args.samples, args.repeats)
+        return
     header = (
         f"| layer | units | fast (s) | limit (s) | % of limit | reference (s{mark}) | 2020 (s{mark}) "
         "| captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum | path |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|", flush=True)
-    if args.every_layer_only:
-        every_layer(model, data, layers, args.samples, args.repeats)
-        return
     fast_total = old_total = 0.0
     for name, index in layers.items():
         point = model[index]
