@@ -35,10 +35,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from torchpruner.graph import CallSite
+from torchpruner.graph import CallSite, ModelGraph
 from torchpruner.graph.dependency import Group
-
-from torchpruner.graph import ModelGraph
 
 from ..base import AttributionMetric, Reduction, Target, batch_statistics_modules
 from ..collectives import scoring_model
