@@ -20,7 +20,11 @@ are **timed on the first ``--slow-samples`` orderings (default 1) and the time s
 ``sv_samples``** (their cost is linear in the orderings; the columns say ``×5/1`` when scaled);
 ``--full`` times them on all ``sv_samples``; ``--skip-slow`` leaves them out. The fast and the
 reference algorithm are checked to agree on the same orderings. Last, the time to Shapley-score
-every layer: the fast rows summed, and ``run_all()`` (every prunable group of the model).
+every layer: the fast rows summed, and ``run_all()`` (every prunable group of the model); and
+the row "every layer: run per layer vs run_all": the same layers scored by ``run`` one after the
+other and by one ``run_all(layers)`` (the batch drawn once, the model's prefix run once per batch
+for all of them), back to back in this run, best of ``--repeats`` (``--every-layer-only``: this
+row alone).
 
     python benchmarks/attribution_speed_vgg.py              # 2 threads
     python benchmarks/attribution_speed_vgg.py --full
@@ -86,6 +90,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="time the reference and 2020 peers on all orderings")
     parser.add_argument("--skip-slow", action="store_true", help="leave out the reference and 2020 peers")
     parser.add_argument("--layers", nargs="+", default=None, help="a subset of the layer names")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the run-per-layer vs run_all row")
+    parser.add_argument("--every-layer-only", action="store_true", help="only the run-per-layer vs run_all row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     slow = args.samples if args.full else min(args.slow_samples, args.samples)
@@ -114,6 +120,9 @@ def main() -> None:
             else f"; reference and 2020 timed on {slow} of {args.samples} orderings and scaled ×{scale:g}"
         )
     )
+    if args.every_layer_only:
+        every_layer(model, data, layers, args.samples, args.repeats)
+        return
     header = (
         f"| layer | units | fast (s) | limit (s) | % of limit | reference (s{mark}) | 2020 (s{mark}) "
         "| captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum | path |"
@@ -161,6 +170,27 @@ def main() -> None:
             if args.skip_slow
             else f"; the 2020 algorithm {old_total:.1f} s{mark} ({old_total / fast_total:.0f}× the fast rows)"
         )
+    )
+    every_layer(model, data, layers, args.samples, args.repeats)
+
+
+def every_layer(model: nn.Sequential, data, layers: dict[str, int], samples: int, repeats: int) -> None:
+    """The row "every layer: run per layer vs run_all", both measured here, best of ``repeats``."""
+    metric = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=samples, seed=0)
+    points = [model[index] for index in layers.values()]
+    metric.run_all(points[:1])  # the trace (cached) is not timed
+    per_layer_s = together_s = float("inf")
+    for _ in range(repeats):
+        seconds, per_layer = timed(lambda: [metric.run(point) for point in points])
+        per_layer_s = min(per_layer_s, seconds)
+        seconds, together = timed(lambda: metric.run_all(points))
+        together_s = min(together_s, seconds)
+    for scores, same in zip(per_layer, together.values()):
+        assert np.allclose(same, scores, rtol=1e-5, atol=1e-6 * np.abs(scores).max())
+    print(
+        f"\nevery layer ({len(points)} layers, sv_samples={samples}, best of {repeats}): run per layer "
+        f"{per_layer_s:.2f} s, run_all {together_s:.2f} s ({per_layer_s / together_s:.2f}×)",
+        flush=True,
     )
 
 

@@ -7,8 +7,11 @@ A metric says what it computes for one batch against the one
 point; a coupled group (``run(group)``) a runner with the group's points
 (:mod:`torchpruner.attributions.groups`). ``run_all(targets)`` scores many layers and groups;
 metrics whose ``score_batch`` reads only activations and their gradients (``shares_pass``) serve
-every target from one pass per batch (:class:`~torchpruner.attributions.runner.SharedPass`), the
-others run once per target. Everything else lives here: locating the evaluation
+every target from one pass per batch (:class:`~torchpruner.attributions.runner.SharedPass`);
+metrics that keep their state per runner (``shares_batches``: Shapley, leave-one-out) score
+every target on each batch as it is drawn, in turn
+(:class:`~torchpruner.attributions.runner.TakingTurns`), sharing what they can
+(``start_batch``); the others run once per target. Everything else lives here: locating the evaluation
 point in the traced graph, intercepting the points, the progress bar, reducing over examples,
 and leaving the model exactly as it was found.
 """
@@ -53,7 +56,7 @@ from .data import (
 from .collectives import Shards, scoring_model
 from .groups import check_group, group_label, group_runner, warn_if_coupled
 from .reductions import MeanPlusStd, Moments
-from .runner import MaskPoint, Runner, SharedPass
+from .runner import MaskPoint, Runner, SharedPass, TakingTurns
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +352,12 @@ class AttributionMetric:
     #: so ``run_all`` can serve every target from one pass per batch. Holds for the class that
     #: defines ``score_batch`` only: a subclass that overrides ``score_batch`` must set it again.
     shares_pass: ClassVar[bool] = False
+    #: ``prepare`` and ``score_batch`` keep what they learn per runner (not one run's state on the
+    #: metric), and the model is run only through the runner: ``run_all`` then draws each batch
+    #: once and scores every target on it in turn, after ``start_batch`` (where the metric may
+    #: compute what the targets share, such as fast Shapley's prefix). Like ``shares_pass``, it
+    #: holds for the class that defines ``score_batch`` only.
+    shares_batches: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -469,9 +478,12 @@ class AttributionMetric:
         Metrics that read only activations and their gradients (Taylor, Sensitivity, APoZ) score
         every target in **one pass over the data**: one forward (and one backward) per batch with
         the points of all targets intercepted at once, so the cost is about that of one training
-        step per batch, whatever the number of targets. Every other metric (Shapley,
-        leave-one-out, captum methods, and the data-free ones) calls ``run`` once per target, in
-        order; the result is the same either way.
+        step per batch, whatever the number of targets. The masked-evaluation metrics (Shapley,
+        leave-one-out) also draw each batch once and score every target on it in turn; their fast
+        algorithm computes the part of the model before the targets once per batch for all of
+        them (one forward of the model's prefix per batch, not one per target). Every other
+        metric (captum methods that cannot attribute several layers at once, and the data-free
+        ones) calls ``run`` once per target, in order; the result is the same either way.
 
         Args:
             targets: modules of the model (keyed by their name), call sites (keyed by their
@@ -483,9 +495,10 @@ class AttributionMetric:
             **kwargs: metric options, as in ``run``.
 
         In a distributed run (``process_group=`` or a DDP model), every rank must call
-        ``run_all`` with the same targets: a shared pass exchanges all targets' partial results in
-        one collective; the per-target fallback exchanges once per target, in the order of
-        ``targets``.
+        ``run_all`` with the same targets: a shared pass (or a shared batch stream) exchanges all
+        targets' partial results in one collective; the per-target fallback exchanges once per
+        target, in the order of ``targets``. A ``seed`` is rank 0's for each target, as ``run``
+        settles it (without a seed, rank 0 draws one per target).
 
         Returns:
             ``dict`` from key to the ``np.ndarray`` ``run(target)`` returns, in the order of
@@ -495,7 +508,9 @@ class AttributionMetric:
         given = None if targets is None else self._check_targets(targets)
         if given is not None and not given:
             return {}
-        if not self._shares_pass() or self._without_data():  # one run per target, in order
+        shares_pass = self._shares_pass(options)
+        batchwise = not shares_pass and self._declares("shares_batches")
+        if not (shares_pass or batchwise) or self._without_data():  # one run per target, in order
             if given is None:
                 _, shards = scoring_model(self.model, self.process_group)
                 with self._across(shards):
@@ -505,7 +520,8 @@ class AttributionMetric:
             keys = self._target_keys(given)
             return {key: self.run(target, find_best_evaluation_module, **kwargs) for key, target in zip(keys, given)}
         model, shards = scoring_model(self.model, self.process_group)
-        if shards is not None:
+        asked = options
+        if shards is not None:  # first: the seed, before anything rank-specific has run
             options = shards.shared_options(options)
         with self._across(shards), left_as_found(model, self.data_generator):
             warn_if_batch_statistics(model, self.name, stacklevel=2)
@@ -514,6 +530,9 @@ class AttributionMetric:
                 graph = get_graph(model, first.args, first.kwargs or None)
                 chosen: list[Target] = given if given is not None else list(self._groups_of(graph))
                 runners = self._shared_runners(model, graph, chosen, first, find_best_evaluation_module)
+                if batchwise:
+                    options_of = self._options_of_targets(list(runners), asked, options, shards)
+                    return self._score_batchwise(model, graph, runners, itertools.chain([first], batches), options_of)
                 return self._score_shared(graph, runners, itertools.chain([first], batches), options)
 
     def find_evaluation_module(
@@ -563,6 +582,20 @@ class AttributionMetric:
         """Called once per run before the first batch (draw permutations, warn, set
         ``runner.description``)."""
 
+    def score_shared_batch(self, shared: SharedPass, batch: Batch, options: dict[str, Any]) -> list[torch.Tensor]:
+        """``run_all`` of a metric that shares its pass: every runner's ``[N, units]`` scores of
+        ``batch``, in the order of ``shared.runners`` (each runner's ``score_batch``, served by
+        the shared pass; a metric that can score them all at once overrides this)."""
+        return [self.score_batch(runner, batch, options) for runner in shared.runners]
+
+    def start_batch(self, runners: list[tuple[Runner, dict[str, Any]]], batch: Batch) -> None:
+        """``run_all`` of a ``shares_batches`` metric: called with every ``(runner, options)``
+        before the targets are scored on ``batch`` in turn (compute what they share here)."""
+
+    def end_batch(self) -> None:
+        """Called after every target was scored on a batch (also on error): release what
+        ``start_batch`` kept, so that no batch's tensors outlive it."""
+
     # ---------------------------------------------------------------- internals
     @contextlib.contextmanager
     def _across(self, shards: Shards | None) -> Iterator[None]:
@@ -578,10 +611,29 @@ class AttributionMetric:
         finally:
             self._shards = None
 
-    def _shares_pass(self) -> bool:
+    @staticmethod
+    def _options_of_targets(
+        keys: list[str], given: dict[str, Any], options: dict[str, Any], shards: Shards | None
+    ) -> dict[str, dict[str, Any]]:
+        """Each target's options in ``run_all``: as given (a seed given serves every target, as in
+        ``run``; None draws a fresh seed per target). In a distributed run without a seed, rank 0
+        drew one for the run (``options``): each target's own seed is drawn from it, so that the
+        targets get seeds of their own and every rank the same ones."""
+        if shards is None or given.get("seed", 0) is not None:
+            return {key: options for key in keys}
+        spawn = torch.Generator().manual_seed(int(options["seed"]))
+        return {key: {**options, "seed": int(torch.randint(2**62, (), generator=spawn))} for key in keys}
+
+    def _shares_pass(self, options: dict[str, Any]) -> bool:
+        """``run_all`` serves every target from one pass per batch (:meth:`_score_shared`)."""
+        return self._declares("shares_pass")
+
+    def _declares(self, flag: str) -> bool:
+        """``flag`` as set by the class that defines ``score_batch`` (a subclass that overrides
+        ``score_batch`` must set it again)."""
         for cls in type(self).__mro__:
             if "score_batch" in cls.__dict__:
-                return bool(cls.__dict__.get("shares_pass", False))
+                return bool(cls.__dict__.get(flag, False))
         return False
 
     def _check_targets(self, targets: Iterable[Target]) -> list[Target]:
@@ -816,8 +868,7 @@ class AttributionMetric:
             with graph.intercept(shared.functions()) as forward:
                 shared.forward = forward
                 for batch in batches:
-                    for key, runner in runners.items():
-                        scores = self.score_batch(runner, batch, options)
+                    for (key, runner), scores in zip(runners.items(), self.score_shared_batch(shared, batch, options)):
                         if scores.shape != (batch.size, runner.num_units):
                             raise RuntimeError(
                                 f"{type(self).__name__} scored a batch of {runner.label} with shape "
@@ -829,15 +880,67 @@ class AttributionMetric:
             bar.close()
             for runner in runners.values():
                 runner.shared = None
+        return self._results(accumulators)
+
+    def _results(self, accumulators: dict[str, _ScoreAccumulator]) -> dict[str, np.ndarray]:
+        """Every target's scores, over the union of the shards in a distributed run (one exchange
+        for every target, merged in rank order)."""
         if any(accumulator.count == 0 for accumulator in accumulators.values()):
             raise ValueError(f"the data generator yielded no examples; {type(self).__name__} needs data")
-        if self._shards is not None:  # one exchange for every target, merged in rank order
-            partials = self._shards.exchange([accumulators[key].partial() for key in runners])
-            accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
+        if self._shards is not None:
+            keys = list(accumulators)
+            partials = self._shards.exchange([accumulators[key].partial() for key in keys])
+            accumulators = {key: _ScoreAccumulator(self.reduction) for key in keys}
             for rank_partials in partials:
-                for key, partial in zip(runners, rank_partials):
+                for key, partial in zip(keys, rank_partials):
                     accumulators[key].merge(partial)
         return {key: accumulator.result() for key, accumulator in accumulators.items()}
+
+    def _score_batchwise(
+        self,
+        model: nn.Module,
+        graph: ModelGraph,
+        runners: dict[str, Runner],
+        batches: Iterable[Batch],
+        options_of: dict[str, dict[str, Any]],
+    ) -> dict[str, np.ndarray]:
+        """The data loop of ``run_all`` for a ``shares_batches`` metric: each batch drawn once,
+        ``start_batch``, then every runner scored on it in turn (:class:`TakingTurns`), with the
+        options ``options_of[key]`` (``model``: for metrics that make more passes, see Shapley)."""
+        for key, runner in runners.items():
+            runner.description = f"{self.name} {runner.label}"
+            runner.graph = graph
+            self.prepare(runner, options_of[key])
+        turns = TakingTurns(graph, list(runners.values()))
+        pairs = [(runner, options_of[key]) for key, runner in runners.items()]
+        accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
+        bar = tqdm_auto.tqdm(
+            total=self._total_batches(),
+            desc=f"{self.name} {len(runners)} targets",
+            unit="batch",
+            disable=not progress_enabled(self.progress),
+            leave=False,
+        )
+        try:
+            with turns.whole_run():
+                for batch in batches:
+                    try:
+                        self.start_batch(pairs, batch)
+                        for key, runner in runners.items():
+                            with turns.turn(runner):
+                                scores = self.score_batch(runner, batch, options_of[key])
+                            if scores.shape != (batch.size, runner.num_units):
+                                raise RuntimeError(
+                                    f"{type(self).__name__} scored a batch of {runner.label} with shape "
+                                    f"{tuple(scores.shape)}, expected {(batch.size, runner.num_units)}"
+                                )
+                            accumulators[key].add(scores)
+                    finally:
+                        self.end_batch()
+                    bar.update(1)
+        finally:
+            bar.close()
+        return self._results(accumulators)
 
     def _finish(self, scores: torch.Tensor) -> np.ndarray:
         """Data-free metrics: treat the scores as a single example so ``reduction`` applies (in a

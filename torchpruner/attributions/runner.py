@@ -23,7 +23,9 @@ Several runners can share one pass (:class:`SharedPass`, used by ``run_all``): e
 every runner is intercepted at once, and one forward (one forward and one backward for
 gradients) per batch serves all of them. The derivative at a point is the total derivative of the
 loss there whatever else is intercepted (the other points add a zero or copy), so each runner
-sees exactly what it would see alone.
+sees exactly what it would see alone. Runners that run the model their own way (masked
+evaluations) take turns instead (:class:`TakingTurns`): each runner's points are intercepted
+during its own turn only.
 """
 
 from __future__ import annotations
@@ -329,13 +331,28 @@ class SharedPass:
         return self._transform(name, z)
 
     def _run(self, batch: Batch, transform: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+        return self._forward(transform, batch.args, batch.kwargs)
+
+    def _forward(
+        self, transform: Callable[[str, torch.Tensor], torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         if self.forward is None:
             raise RuntimeError("the shared pass is run outside the data loop")
         self._transform = transform
         try:
-            return self.forward(*batch.args, **batch.kwargs)
+            return self.forward(*args, **kwargs)
         finally:
             self._transform = lambda name, z: z.clone()
+
+    def run_with(self, transform: Callable[[CallSite, torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """One forward of the intercepted model on ``args``/``kwargs`` (not necessarily a batch of
+        the data: captum expands it) with ``transform(site, z)`` at every site of every runner (it
+        must return a new tensor)."""
+        return self._forward(lambda name, z: transform(self._sites[name], z), args, kwargs)
+
+    def points_at(self, site: CallSite) -> list[MaskPoint]:
+        """The points of every runner at ``site`` (in the order of the runners)."""
+        return list(self._points[site.name])
 
     def _on(self, batch: Batch) -> None:
         if self._batch is not batch:  # a new batch: forget the last one's tensors
@@ -391,3 +408,50 @@ class SharedPass:
             }
         found = self._reached(runner, runner.entry_points, self._derivatives)
         return [(point, z, g) for point, (z, _, g) in zip(runner.entry_points, found)]
+
+
+class TakingTurns:
+    """Several runners of one graph that each run the model their own way (``run_all`` for the
+    masked-evaluation metrics: Shapley, leave-one-out), in turn on the same batches, each seeing
+    exactly the model it sees alone.
+
+    A runner whose points are all module calls is intercepted with forward hooks on the model's
+    modules; those are installed for its turn only (:meth:`turn`), so that no other runner's hooks
+    run inside its forwards, nor inside the parts of the traced graph a metric evaluates itself
+    (fast Shapley's suffix, which calls the same modules). A runner with a point after a function
+    call runs a probed copy of the traced graph, which hooks nothing: it is built once for the
+    whole run (:meth:`whole_run`).
+    """
+
+    def __init__(self, graph: ModelGraph, runners: list[Runner]) -> None:
+        self.graph = graph
+        self.runners = runners
+
+    def _hooked(self, runner: Runner) -> bool:
+        return self.graph.hooks_modules(point.site for point in runner.points)
+
+    @contextlib.contextmanager
+    def whole_run(self) -> Iterator[None]:
+        """The probed models of the runners that need one, for the whole block."""
+        try:
+            with contextlib.ExitStack() as stack:
+                for runner in self.runners:
+                    if not self._hooked(runner):
+                        runner.forward = stack.enter_context(self.graph.intercept(runner.functions()))
+                yield
+        finally:
+            for runner in self.runners:
+                runner.forward = None
+
+    @contextlib.contextmanager
+    def turn(self, runner: Runner) -> Iterator[None]:
+        """``runner``'s turn: its hooks (if it is intercepted with hooks) installed in the block."""
+        if not self._hooked(runner):
+            yield
+            return
+        with self.graph.intercept(runner.functions()) as forward:
+            runner.forward = forward
+            try:
+                yield
+            finally:
+                runner.forward = None

@@ -46,7 +46,7 @@ import linecache
 import logging
 import weakref
 from dataclasses import dataclass, field
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -755,7 +755,7 @@ class ModelGraph:
                 raise ValueError(f"call site {site!r} does not belong to this graph")
             if site.shape is None:
                 raise ValueError(f"call site {site.label!r} does not output a single tensor")
-        if all(site.kind == "module" for site in fns):
+        if self.hooks_modules(fns):
             with self._intercept_with_hooks(fns) as forward:
                 yield forward
         else:
@@ -767,6 +767,13 @@ class ModelGraph:
                 yield probed
             finally:
                 release()  # one probed module per scoring run: leave no generated source behind
+
+    @staticmethod
+    def hooks_modules(sites: Iterable[CallSite]) -> bool:
+        """True when :meth:`intercept` of ``sites`` puts forward hooks on the model's own modules
+        (every site is a module call); otherwise it runs a probed copy of the traced graph and
+        leaves the modules alone."""
+        return all(site.kind == "module" for site in sites)
 
     @contextlib.contextmanager
     def _intercept_with_hooks(

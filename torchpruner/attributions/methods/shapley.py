@@ -15,6 +15,10 @@ Two algorithms compute the same estimator on the same orderings (both draw them 
     the reference algorithm. On the first batch the fast algorithm checks the losses of the empty
     and the full coalition against whole-model evaluation and falls back (with a warning) when
     they differ.
+
+``run_all(targets)`` draws each batch once and scores every target on it in turn, each with the
+orderings ``run(target)`` draws; the fast algorithm computes, once per batch, every node of the
+traced graph that any target's prefix needs, and each target evaluates its coalitions from there.
 """
 
 from __future__ import annotations
@@ -24,17 +28,17 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, Literal, overload
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-from torchpruner.graph import CallSite
+from torchpruner.graph import CallSite, ModelGraph
 from torchpruner.graph.dependency import Group
 
-from ..base import AttributionMetric, Reduction, batch_statistics_modules
+from ..base import AttributionMetric, Reduction, Target, batch_statistics_modules
 from ..collectives import scoring_model
 from ..data import Batch
 from ..runner import Runner
@@ -157,9 +161,15 @@ class FastEvaluator:
         self.reason: str | None = None
         self.suffix: Suffix | None = None
         self.walk: Incremental | None = None
+        #: no batch has been evaluated yet (the first one builds the walk and is checked)
+        self.first = True
 
-    def setup(self, batch: Batch) -> dict[fx.Node, Any] | None:
-        """Build on the first batch; returns the prefix environment (None: use the reference)."""
+    def build(self) -> bool:
+        """Build the suffix (once); False when the reference is used (the reason logged)."""
+        if self.path == "reference":
+            return False
+        if self.suffix is not None:
+            return True
         runner = self.runner
         try:
             if runner.graph is None:
@@ -168,7 +178,25 @@ class FastEvaluator:
                 # stacking coalitions along the batch would change the statistics of the batch
                 raise SuffixUnavailable("a BatchNorm normalises with the statistics of each batch")
             self.suffix = Suffix(runner.graph, runner.read_points, runner.criterion, self.budget)
-            env = self.suffix.prefix(batch)
+        except SuffixUnavailable as error:
+            self._fallback(str(error))
+            return False
+        return True
+
+    def prefix_nodes(self) -> list[fx.Node]:
+        """The nodes the prefix environment holds (after :meth:`build`)."""
+        assert self.suffix is not None
+        return self.suffix.prefix_nodes + (self.walk.prefix_nodes if self.walk is not None else [])
+
+    def setup(self, batch: Batch, known: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any] | None:
+        """Build on the first batch; returns the prefix environment (None: use the reference).
+        ``known``: a prefix environment of the same batch whose values are reused."""
+        runner = self.runner
+        if not self.build():
+            return None
+        assert self.suffix is not None
+        try:
+            env = self.suffix.prefix(batch, known=known)
         except SuffixUnavailable as error:
             self._fallback(str(error))
             return None
@@ -180,6 +208,13 @@ class FastEvaluator:
         self.path = "incremental" if self.walk is not None else "suffix"
         logger.debug("%s %s: %s evaluation", self.metric, runner.label, self.path)
         return self.prefix(batch, env)
+
+    def environment(self, batch: Batch, known: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any] | None:
+        """The prefix environment of ``batch`` (built and set up on the first batch), reusing
+        ``known``; None when the reference is used."""
+        if self.path == "reference":
+            return None
+        return self.setup(batch, known) if self.first else self.prefix(batch, known)
 
     def _fallback(self, reason: str) -> None:
         self.path, self.reason = "reference", reason
@@ -351,7 +386,108 @@ class FastEvaluator:
         return out
 
 
-class ShapleyAttributionMetric(AttributionMetric):
+def shared_prefix(evaluators: list[FastEvaluator], batch: Batch) -> dict[fx.Node, Any] | None:
+    """One evaluation, on ``batch``, of every node that the prefix of any of ``evaluators`` (all
+    on one traced graph) needs: the environment each of them then reads its prefix from
+    (``known=``), so that the model's prefix runs once per batch for all of them. None when no
+    evaluator uses the fast algorithm (or the graph cannot be evaluated; each evaluator then meets
+    the same problem on its own, as it would alone)."""
+    live = [evaluator for evaluator in evaluators if evaluator.build()]
+    if not live:
+        return None
+    first = live[0].suffix
+    assert first is not None
+    nodes = {node: None for evaluator in live for node in evaluator.prefix_nodes()}  # ordered, unique
+    try:
+        return first.prefix(batch, extra=list(nodes))
+    except SuffixUnavailable:
+        return None
+
+
+class PrefixSharingMetric(AttributionMetric):
+    """A masked-evaluation metric built on :class:`FastEvaluator` (Shapley, leave-one-out): its
+    state is kept per runner, so ``run_all`` draws each batch once and evaluates, once per batch,
+    the prefix that every target's evaluator needs (:func:`shared_prefix`).
+
+    After ``run_all``, ``last_paths`` says how each target's coalitions were evaluated. A
+    subclass sets ``shares_batches = True`` next to its ``score_batch``."""
+
+    #: After ``run_all``: ``{key: "incremental" | "suffix" | "reference"}`` per target.
+    last_paths: dict[str, str | None] = {}
+    _prefix_batch: Batch | None = None
+    _prefix_env: dict[fx.Node, Any] | None = None
+
+    def evaluator(self, runner: Runner) -> FastEvaluator | None:
+        """The fast evaluator of ``runner`` (None with the reference algorithm)."""
+        raise NotImplementedError
+
+    def path(self, runner: Runner) -> str | None:
+        """How ``runner``'s coalitions were evaluated so far."""
+        raise NotImplementedError
+
+    def start_batch(self, runners: list[tuple[Runner, dict[str, Any]]], batch: Batch) -> None:
+        evaluators = [e for runner, _ in runners if (e := self.evaluator(runner)) is not None]
+        self._prefix_batch, self._prefix_env = batch, shared_prefix(evaluators, batch)
+
+    def end_batch(self) -> None:
+        self._prefix_batch = self._prefix_env = None
+
+    def known_prefix(self, batch: Batch) -> dict[fx.Node, Any] | None:
+        """The shared prefix environment of ``batch`` (``run_all``), else None."""
+        return self._prefix_env if self._prefix_batch is batch else None
+
+    def run_all(
+        self,
+        targets: Iterable[Target] | None = None,
+        find_best_evaluation_module: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray]:
+        self.last_paths = {}
+        return super().run_all(targets, find_best_evaluation_module, **kwargs)
+
+    def _score_batchwise(
+        self,
+        model: nn.Module,
+        graph: ModelGraph,
+        runners: dict[str, Runner],
+        batches: Iterable[Batch],
+        options_of: dict[str, dict[str, Any]],
+    ) -> dict[str, np.ndarray]:
+        try:
+            return super()._score_batchwise(model, graph, runners, batches, options_of)
+        finally:
+            self.last_paths = {**self.last_paths, **{key: self.path(runner) for key, runner in runners.items()}}
+
+
+class _Target:
+    """What a Shapley run keeps for one scored target: its stream of orderings and its sample
+    statistics over every round, and the current round's orderings and fast evaluator."""
+
+    def __init__(self, reduction: Reduction, options: dict[str, Any]) -> None:
+        self.orderings: Orderings | None = None
+        self.stats = _SampleStats(reduction, bool(options["antithetic"]))
+        self.round: int = options["sv_samples"]
+        self.permutations: list[torch.Tensor] = []
+        self.fast: FastEvaluator | None = None
+        self.path: str | None = None
+
+    def converged(self, options: dict[str, Any]) -> bool:
+        """Adaptive mode is done with this target (always, without a ``tolerance``)."""
+        tolerance = options["tolerance"]
+        # max_samples counts orderings (an antithetic pair is one sample but two orderings)
+        if tolerance is None or self.stats.orderings >= options["max_samples"]:
+            return True
+        stderr = self.stats.stderr()
+        estimate = self.stats.mean()
+        spread = float(np.nanmax(estimate) - np.nanmin(estimate)) if estimate.size else 0.0
+        return bool(np.all(np.isfinite(stderr)) and float(stderr.max(initial=0.0)) <= tolerance * spread)
+
+    def next_round(self, options: dict[str, Any]) -> None:
+        self.round = min(options["sv_samples"], options["max_samples"] - self.stats.orderings)
+        self.stats.start_round()
+
+
+class ShapleyAttributionMetric(PrefixSharingMetric):
     """Shapley value of unit c in the game ``v(S) = −ℓₙ(only the units in S active)``.
 
     Units outside S are zeroed at the evaluation point. Estimated by permutation sampling: for each
@@ -400,6 +536,7 @@ class ShapleyAttributionMetric(AttributionMetric):
     """
 
     name: ClassVar[str] = "Shapley"
+    shares_batches: ClassVar[bool] = True
     default_options: ClassVar[dict[str, Any]] = {
         "sv_samples": 5,
         "seed": None,
@@ -416,6 +553,9 @@ class ShapleyAttributionMetric(AttributionMetric):
     last_path: str | None = None
     #: After a run: how many orderings were sampled.
     last_samples: int = 0
+    _single: _Target | None = None
+    _targets: dict[Runner, _Target]
+    _stderrs: dict[str, np.ndarray]
 
     @overload
     def run(
@@ -461,6 +601,76 @@ class ShapleyAttributionMetric(AttributionMetric):
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Score the units of ``module`` (see :meth:`AttributionMetric.run`); with
         ``return_stderr=True`` return ``(scores, stderr)``."""
+        options = self._checked(kwargs, return_stderr)
+        # the orderings are drawn in prepare(), from the seed the run settled on (rank 0's in a
+        # distributed run), and kept over the adaptive rounds of this run
+        self._single = _Target(self.reduction, options)
+        self._targets = {}
+        try:
+            with _warnings_for_the_caller():
+                return self._rounds(module, find_best_evaluation_module, call_index, return_stderr, options, kwargs)
+        finally:
+            self._single, self._targets = None, {}
+
+    @overload
+    def run_all(
+        self,
+        targets: Iterable[Target] | None = None,
+        find_best_evaluation_module: bool = False,
+        *,
+        return_stderr: Literal[False] = False,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray]: ...
+
+    @overload
+    def run_all(
+        self,
+        targets: Iterable[Target] | None = None,
+        find_best_evaluation_module: bool = False,
+        *,
+        return_stderr: Literal[True],
+        **kwargs: Any,
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]: ...
+
+    @overload
+    def run_all(
+        self,
+        targets: Iterable[Target] | None = None,
+        find_best_evaluation_module: bool = False,
+        *,
+        return_stderr: bool,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray] | dict[str, tuple[np.ndarray, np.ndarray]]: ...
+
+    def run_all(
+        self,
+        targets: Iterable[Target] | None = None,
+        find_best_evaluation_module: bool = False,
+        *,
+        return_stderr: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray] | dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Score several layers and groups (see :meth:`AttributionMetric.run_all`): each batch is
+        drawn once and every target scored on it with the orderings ``run(target)`` draws (the
+        same ``seed`` gives every target the orderings it gets alone), the model's prefix computed
+        once per batch for every target the fast algorithm serves. Adaptive mode
+        (``tolerance=``) makes one more pass over the data per round for the targets that have not
+        converged yet. With ``return_stderr=True`` each value is ``(scores, stderr)``, as
+        ``run`` returns it. ``last_paths`` tells each target's path, ``last_path`` and
+        ``last_samples`` are the last target's."""
+        self._checked(kwargs, return_stderr)
+        self._targets, self._stderrs = {}, {}
+        try:
+            with _warnings_for_the_caller():
+                scores = super().run_all(targets, find_best_evaluation_module, **kwargs)
+            if return_stderr:
+                return {key: (value, self._stderrs[key]) for key, value in scores.items()}
+            return scores
+        finally:
+            self._targets, self._stderrs = {}, {}
+
+    def _checked(self, kwargs: dict[str, Any], return_stderr: bool) -> dict[str, Any]:
+        """The run's options; ValueError naming a bad one."""
         options = self.options(kwargs)
         _check_samples(options["sv_samples"], "sv_samples")
         _check_samples(options["max_samples"], "max_samples")
@@ -485,13 +695,7 @@ class ShapleyAttributionMetric(AttributionMetric):
                 "(each rank would stop after its own number of orderings); score with a fixed "
                 "sv_samples"
             )
-        # the orderings are drawn in prepare(), from the seed the run settled on (rank 0's in a
-        # distributed run), and kept over the adaptive rounds of this run
-        self._orderings: Orderings | None = None
-        self._stats = _SampleStats(self.reduction, bool(options["antithetic"]))
-        self._round = options["sv_samples"]
-        with _warnings_for_the_caller():
-            return self._rounds(module, find_best_evaluation_module, call_index, return_stderr, options, kwargs)
+        return options
 
     def _rounds(
         self,
@@ -502,56 +706,101 @@ class ShapleyAttributionMetric(AttributionMetric):
         options: dict[str, Any],
         kwargs: dict[str, Any],
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        tolerance = options["tolerance"]
+        single = self._single
+        assert single is not None
         scores = super().run(module, find_best_evaluation_module, call_index=call_index, **kwargs)
-        while tolerance is not None and self._stats.samples < options["max_samples"]:
-            stderr = self._stats.stderr()
-            estimate = self._stats.mean()
-            spread = float(np.nanmax(estimate) - np.nanmin(estimate)) if estimate.size else 0.0
-            if np.all(np.isfinite(stderr)) and float(stderr.max(initial=0.0)) <= tolerance * spread:
-                break
-            self._round = min(options["sv_samples"], options["max_samples"] - self._stats.orderings)
-            self._stats.start_round()
+        while not single.converged(options):
+            single.next_round(options)
             super().run(module, find_best_evaluation_module, call_index=call_index, **kwargs)
-        if tolerance is not None:
-            scores = self._stats.mean()
-        self.last_samples = self._stats.orderings
+        if options["tolerance"] is not None:
+            scores = single.stats.mean()
+        self.last_samples = single.stats.orderings
         if return_stderr:
-            return scores, self._stats.stderr()
+            return scores, single.stats.stderr()
         return scores
 
+    def _score_batchwise(
+        self,
+        model: nn.Module,
+        graph: ModelGraph,
+        runners: dict[str, Runner],
+        batches: Iterable[Batch],
+        options_of: dict[str, dict[str, Any]],
+    ) -> dict[str, np.ndarray]:
+        """``run_all``'s passes: the first over ``batches``, then one more over the data per
+        adaptive round, for the targets that have not converged (each as ``run`` would)."""
+        for key, runner in runners.items():
+            self._targets[runner] = _Target(self.reduction, options_of[key])
+        scores = super()._score_batchwise(model, graph, runners, batches, options_of)
+        active = {
+            key: runner for key, runner in runners.items() if not self._targets[runner].converged(options_of[key])
+        }
+        while active:
+            for key, runner in active.items():
+                self._targets[runner].next_round(options_of[key])
+            with contextlib.closing(self._batches(model)) as more:
+                super()._score_batchwise(model, graph, active, more, options_of)
+            active = {
+                key: runner for key, runner in active.items() if not self._targets[runner].converged(options_of[key])
+            }
+        for key, runner in runners.items():
+            target = self._targets[runner]
+            if options_of[key]["tolerance"] is not None:
+                scores[key] = target.stats.mean()
+            self._stderrs[key] = target.stats.stderr()
+            self.last_samples = target.stats.orderings
+        return scores
+
+    def _target(self, runner: Runner) -> _Target:
+        targets: dict[Runner, _Target] = self.__dict__.setdefault("_targets", {})
+        target = targets.get(runner)
+        if target is None:
+            # a new round of run() (its runner is new), or scored without run() (a subclass' loop)
+            target = self._single if self._single is not None else _Target(self.reduction, self._prepare_options)
+            targets[runner] = target
+        return target
+
+    def evaluator(self, runner: Runner) -> FastEvaluator | None:
+        return self._target(runner).fast
+
+    def path(self, runner: Runner) -> str | None:
+        return self._target(runner).path
+
     def prepare(self, runner: Runner, options: dict[str, Any]) -> None:
-        if not hasattr(self, "_stats"):  # scored without run() (e.g. by a subclass' own loop)
-            self._stats = _SampleStats(self.reduction, bool(options["antithetic"]))
-            self._round = options["sv_samples"]
-            self._orderings = None
-        if self._orderings is None:
-            self._orderings = Orderings(options["seed"], bool(options["antithetic"]))
-        self._permutations = self._orderings.draw(runner.num_units, self._round)
-        self._fast = FastEvaluator(runner, options, self.name) if options["algorithm"] == "fast" else None
-        self._first = True
-        self.last_path = "reference" if self._fast is None else None
-        runner.description = f"Shapley {runner.label}: 0/{len(self._permutations)} permutations"
+        self._prepare_options = options
+        target = self._target(runner)
+        if target.orderings is None:
+            target.orderings = Orderings(options["seed"], bool(options["antithetic"]))
+        target.permutations = target.orderings.draw(runner.num_units, target.round)
+        target.fast = FastEvaluator(runner, options, self.name) if options["algorithm"] == "fast" else None
+        target.path = self.last_path = "reference" if target.fast is None else None
+        runner.description = f"Shapley {runner.label}: 0/{len(target.permutations)} permutations"
 
     def score_batch(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor:
         """The players are the units (of the layer, or of the group: a coalition then zeroes the
         units outside it at every read point of the group together)."""
+        target = self._target(runner)
         phi = None
-        if self._fast is not None and self._fast.path != "reference":
-            phi = self._fast_marginals(runner, batch, options)
+        if target.fast is not None and target.fast.path != "reference":
+            phi = self._fast_marginals(runner, target, batch, options)
         if phi is None:
-            self.last_path = "reference"
-            phi = self._reference_marginals(runner, batch, options["truncation_tolerance"])
-        self._stats.add(phi)
+            target.path = "reference"
+            phi = self._reference_marginals(runner, target, batch, options["truncation_tolerance"])
+        self.last_path = target.path
+        target.stats.add(phi)
         return phi.sum(0) / phi.shape[0]
 
-    def _fast_marginals(self, runner: Runner, batch: Batch, options: dict[str, Any]) -> torch.Tensor | None:
-        fast = self._fast
+    def _fast_marginals(
+        self, runner: Runner, target: _Target, batch: Batch, options: dict[str, Any]
+    ) -> torch.Tensor | None:
+        fast = target.fast
         assert fast is not None
-        env = fast.setup(batch) if self._first else fast.prefix(batch)
+        first = fast.first
+        env = fast.environment(batch, self.known_prefix(batch))
+        fast.first = False
         if env is None:
             return None
-        orders = torch.stack(self._permutations)
+        orders = torch.stack(target.permutations)
         shown = [-1]
 
         def progress(done: int) -> None:
@@ -561,10 +810,9 @@ class ShapleyAttributionMetric(AttributionMetric):
 
         progress(0)
         truncation = options["truncation_tolerance"]
-        if not self._first:
+        if not first:
             values = fast.ordering_values(env, batch, orders, progress, truncation)
         else:
-            self._first = False
             try:
                 values = fast.ordering_values(env, batch, orders, progress, truncation)
             except Exception as error:  # the stacked suffix did not run: a model fx does not fully describe
@@ -572,16 +820,18 @@ class ShapleyAttributionMetric(AttributionMetric):
                 return None
             if not fast.check(batch, -values[0, 0], -values[0, -1]):
                 return None
-        self.last_path = fast.path
+        target.path = fast.path
         values = truncate_values(values, values[0, -1], options["truncation_tolerance"])
         return marginals_from_values(values, orders)
 
-    def _reference_marginals(self, runner: Runner, batch: Batch, truncation: float | None) -> torch.Tensor:
+    def _reference_marginals(
+        self, runner: Runner, target: _Target, batch: Batch, truncation: float | None
+    ) -> torch.Tensor:
         """Every coalition runs the whole model: ``sv_samples · (units + 1)`` forward passes
         (with ``truncation``, one for the full coalition and, per ordering, only until every
         example of the batch is within the tolerance of it)."""
         num_units = runner.num_units
-        orders = torch.stack(self._permutations)
+        orders = torch.stack(target.permutations)
         values = torch.empty(len(orders), num_units + 1, batch.size, dtype=torch.float64)
         full = -runner.losses(batch, torch.ones(num_units, dtype=torch.bool)).cpu() if truncation is not None else None
         reached = torch.zeros(batch.size, dtype=torch.bool)
