@@ -851,19 +851,10 @@ class AttributionMetric:
         self, graph: ModelGraph, runners: dict[str, Runner], batches: Iterable[Batch], options: dict[str, Any]
     ) -> dict[str, np.ndarray]:
         """The data loop of ``run_all``: one :class:`SharedPass` per batch serves every runner."""
-        for runner in runners.values():
-            runner.description = f"{self.name} {runner.label}"
-            runner.graph = graph
-            self.prepare(runner, options)
+        self._prepare_runners(graph, runners, dict.fromkeys(runners, options))
         shared = SharedPass(list(runners.values()), self.criterion)
         accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
-        bar = tqdm_auto.tqdm(
-            total=self._total_batches(),
-            desc=f"{self.name} {len(runners)} targets",
-            unit="batch",
-            disable=not progress_enabled(self.progress),
-            leave=False,
-        )
+        bar = self._targets_bar(len(runners))
         try:
             with graph.intercept(shared.functions()) as forward:
                 shared.forward = forward
@@ -881,6 +872,25 @@ class AttributionMetric:
             for runner in runners.values():
                 runner.shared = None
         return self._results(accumulators)
+
+    def _prepare_runners(
+        self, graph: ModelGraph, runners: dict[str, Runner], options_of: dict[str, dict[str, Any]]
+    ) -> None:
+        """Each of ``run_all``'s runners labelled, on ``graph`` and prepared with its options."""
+        for key, runner in runners.items():
+            runner.description = f"{self.name} {runner.label}"
+            runner.graph = graph
+            self.prepare(runner, options_of[key])
+
+    def _targets_bar(self, count: int) -> Any:
+        """The progress bar of a ``run_all`` pass over the batches for ``count`` targets."""
+        return tqdm_auto.tqdm(
+            total=self._total_batches(),
+            desc=f"{self.name} {count} targets",
+            unit="batch",
+            disable=not progress_enabled(self.progress),
+            leave=False,
+        )
 
     def _results(self, accumulators: dict[str, _ScoreAccumulator]) -> dict[str, np.ndarray]:
         """Every target's scores, over the union of the shards in a distributed run (one exchange
@@ -907,20 +917,11 @@ class AttributionMetric:
         """The data loop of ``run_all`` for a ``shares_batches`` metric: each batch drawn once,
         ``start_batch``, then every runner scored on it in turn (:class:`TakingTurns`), with the
         options ``options_of[key]`` (``model``: for metrics that make more passes, see Shapley)."""
-        for key, runner in runners.items():
-            runner.description = f"{self.name} {runner.label}"
-            runner.graph = graph
-            self.prepare(runner, options_of[key])
+        self._prepare_runners(graph, runners, options_of)
         turns = TakingTurns(graph, list(runners.values()))
         pairs = [(runner, options_of[key]) for key, runner in runners.items()]
         accumulators = {key: _ScoreAccumulator(self.reduction) for key in runners}
-        bar = tqdm_auto.tqdm(
-            total=self._total_batches(),
-            desc=f"{self.name} {len(runners)} targets",
-            unit="batch",
-            disable=not progress_enabled(self.progress),
-            leave=False,
-        )
+        bar = self._targets_bar(len(runners))
         try:
             with turns.whole_run():
                 for batch in batches:
