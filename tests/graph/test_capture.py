@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from oracles import assert_prune_equals_zeroed_twin, masked_units
+from torchpruner import Pruner
 from torchpruner.graph import get_graph, invalidate_graph
 from torchpruner.graph.capture import capture
 from torchpruner.rules import register_slicing_rule_by_path
@@ -62,3 +64,43 @@ def test_a_rule_registered_by_class_path_makes_the_class_a_leaf_from_the_first_t
     invalidate_graph(model)
     second = get_graph(model, (torch.randn(2, 4),))
     assert first.has_sites(model[0]) and [site.kind for site in second.sites] == first_ops
+
+
+class PaddedSame(nn.Module):
+    """Padding computed from the input size (timm's Conv2dSame): fx cannot trace the branch, the
+    export captures ``aten.pad`` (F.pad with a mode), which pads the spatial axes only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.head = nn.Conv2d(6, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if h.shape[-1] % 2 == 1:  # shape-dependent control flow
+            h = F.pad(h, [1, 1, 1, 1], mode="reflect") + F.pad(h, [1, 1, 1, 1], value=0.5)
+            h = h + F.pad(h[..., 1:-1, 1:-1], [1, 1, 1, 1], mode="replicate")
+        return self.head(h)
+
+
+def test_an_exported_pad_with_a_mode_is_followed_and_prunes_like_the_zeroed_twin():
+    torch.manual_seed(0)
+    model = PaddedSame().double().eval()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    graph = capture(model, (x,))
+    pads = [n for n in graph.graph.nodes if n.target is F.pad]
+    # aten.pad, or the reflection_pad2d / constant_pad_nd older exports decompose it into
+    assert [n.kwargs.get("mode", "constant") for n in pads] == ["reflect", "constant", "replicate"]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-12)
+    pruner = Pruner(model, example_inputs=(x,))
+    assert pruner.graph().capture == "export"
+    assert pruner.refused_groups() == []
+
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.conv, [0, 4]),
+        lambda twin: masked_units(twin.head, [0, 4], on="input"),  # both padded copies of the channels
+        x,
+    )
+    assert model.conv.out_channels == 4 and model.head.in_channels == 4

@@ -179,6 +179,25 @@ def _pad(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     return (args[0], list(args[1])), {"value": value}
 
 
+def _pad_mode(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
+    """``aten.pad(x, pad, mode="constant", value=None)`` (what ``F.pad`` exports to)."""
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value")
+    extra: dict[str, Any] = {"mode": mode}
+    if value is not None:
+        extra["value"] = value
+    return (args[0], list(args[1])), extra
+
+
+def _pad_as(mode: str) -> _Mapper:
+    """``aten.reflection_pad2d(x, padding)`` and its kin: ``F.pad`` with that mode."""
+
+    def mapper(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
+        return (args[0], list(args[1])), {"mode": mode}
+
+    return mapper
+
+
 def _softmax(args: _Args, kwargs: _Kwargs) -> tuple[_Args, _Kwargs]:
     if len(args) > 2 and args[2] is not None:
         return args[:2], {"dtype": args[2]}
@@ -261,6 +280,13 @@ ATEN_TO_TORCH: dict[Any, tuple[str, Any, _Mapper]] = {
     aten.max_pool2d: ("function", F.max_pool2d, _first(6)),
     aten.avg_pool2d: ("function", F.avg_pool2d, _avg_pool2d),
     aten.constant_pad_nd: ("function", F.pad, _pad),
+    aten.pad: ("function", F.pad, _pad_mode),
+    aten.reflection_pad1d: ("function", F.pad, _pad_as("reflect")),
+    aten.reflection_pad2d: ("function", F.pad, _pad_as("reflect")),
+    aten.reflection_pad3d: ("function", F.pad, _pad_as("reflect")),
+    aten.replication_pad1d: ("function", F.pad, _pad_as("replicate")),
+    aten.replication_pad2d: ("function", F.pad, _pad_as("replicate")),
+    aten.replication_pad3d: ("function", F.pad, _pad_as("replicate")),
     # movement
     aten.view: ("method", "view", _spread),
     aten.reshape: ("method", "reshape", _spread),

@@ -210,11 +210,13 @@ class HeadFlow(SlotFlow):
         line: np.ndarray,
         module: nn.Module | None,
         probes: list[np.ndarray],
+        reference: fx.Node | None = None,
     ) -> _ShapeAttribute | _LiteralSize | None:
         """Check that ``node`` gives ``y`` with the slots of every probe removed, else raise. When
         the output size along ``out_axis`` is a literal read from a module attribute (timm's
         ``reshape(B, N, self.attn_dim)``), run it with the size the prune writes there and return
-        the attribute to update (a literal of an exported graph: the literal to check)."""
+        the attribute to update (a literal of an exported graph: the literal to check). A
+        ``reference`` (the ``other`` of ``x.reshape_as(other)``) loses the output's units with it."""
         sized_by: SizeSource = None
         for attempt in range(2):
             failure = None
@@ -222,6 +224,10 @@ class HeadFlow(SlotFlow):
                 keep = np.setdiff1d(np.arange(space.size), removed)
                 env = {x: _slot_ids(space.shape, space.axis, keep), **self._shape_upstream(x, len(keep))}
                 kept = np.nonzero(np.isin(line, keep))[0]
+                if reference is not None:
+                    shape = list(self._shape(reference) or ())
+                    shape[out_axis] = len(kept)
+                    env[reference] = torch.empty(shape, device="meta", dtype=self._dtype(reference) or torch.float32)
                 try:
                     y_small = self._sized_result(node, env, out_axis, len(kept), module, sized_by)
                 except Exception as exc:  # noqa: BLE001 - the model's own code fails on fewer units

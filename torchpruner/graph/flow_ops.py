@@ -365,6 +365,9 @@ class TensorOpFlow(HeadFlow):
 
     def _movement(self, node: fx.Node, module: Optional[nn.Module] = None) -> None:
         inputs = [n for n in self._slotted_inputs(node, attrs=True)]
+        reference = self._shape_reference(node, inputs)
+        if reference is not None:
+            inputs = [n for n in inputs if n is not reference]
         if len(inputs) != 1:
             raise _CannotFollow(f"{self._label(node)} reads {len(inputs)} tensors with units")
         x = inputs[0]
@@ -393,22 +396,50 @@ class TensorOpFlow(HeadFlow):
             )
         out_axis, line = unit_line
         present = set(np.unique(line).tolist())
+        reference_space = None
+        if reference is not None:
+            reference_space = self._space_of(reference, axis=out_axis)
+            if (
+                present != set(range(space.size))
+                or reference_space is None
+                or reference_space.axis != out_axis
+                or reference_space.size != len(line)
+            ):
+                raise _CannotFollow(
+                    f"{self._label(node)} takes its shape from {self._label(reference)}, whose units do not "
+                    f"line up with the units of its result (axis {out_axis})"
+                )
         if present != set(range(space.size)):
             self._piece(node, x, space, y, out_axis, line, module)
             return
         sized_by = (
-            self._probe_movement(node, x, space, y, out_axis, line, module, _probe_removals(space.size))
+            self._probe_movement(
+                node, x, space, y, out_axis, line, module, _probe_removals(space.size), reference=reference
+            )
             if space.size >= 2
             else None
         )
         out = self._alloc(node, out_axis)
         self._link(space, line, out, np.arange(out.size))
+        if reference_space is not None:
+            # the output has the reference's shape: position j of both loses its unit together
+            self._link_same(reference_space, out)
         if sized_by is not None:
             sized_by.space = out
             if isinstance(sized_by, _LiteralSize):
                 self._literal_sizes.append(sized_by)
             else:
                 self._shape_attributes.append(sized_by)
+
+    def _shape_reference(self, node: fx.Node, inputs: list[fx.Node]) -> Optional[fx.Node]:
+        """The tensor ``x.view_as(other)`` / ``reshape_as`` / ``expand_as`` reads only for its shape
+        (``other``) when it carries units too; None otherwise."""
+        if node.op != "call_method" or node.target not in ("view_as", "reshape_as", "expand_as"):
+            return None
+        other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if not isinstance(other, fx.Node) or other is node.args[0] or other not in inputs:
+            return None
+        return other
 
     def _piece(
         self,
