@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_units, snapshot
 from torchpruner import Pruner
@@ -107,3 +108,27 @@ def test_a_shape_taken_from_a_tensor_whose_units_do_not_line_up_is_refused_and_c
     with pytest.raises(Exception, match="cannot prune .conv.*expand_as"):
         pruner.prune_model(model.conv, [0])
     assert_unchanged(before, model)
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation (NF-ResNet's ScaledStdConv2d): the forward computes its weight."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding=1)
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight) * self.gain, self.bias, padding=self.padding)
+
+
+def test_a_layer_computing_its_own_weight_is_refused_naming_the_weight_not_a_later_op():
+    """A conv weight has units on two axes: its computation cannot be followed; the refusal names
+    it and the way out, instead of an op downstream ("reshape_as spreads the units" or "reads 2
+    tensors with units"), and no group holds a guessed (kernel) axis of the weight."""
+    model = nn.Sequential(StandardisedConv(3, 8), nn.ReLU(), StandardisedConv(8, 4)).double().eval()
+    pruner = Pruner(model, input_size=(3, 5, 5))
+    assert pruner.groups() == []
+    refused = pruner.refused_groups()
+    assert refused and all("weight standardisation" in g.refusal and "StandardisedConv" in g.refusal for g in refused)
+    assert all(m.num_units in (8, 4) for g in refused for m in g.members)

@@ -573,7 +573,7 @@ class DependencyGraph(LayerFlow):
             try:
                 self._visit(node)
             except _CannotFollow as exc:
-                self._block_node(node, str(exc))
+                self._block_node(node, self._refusal_upstream(node) or str(exc))
             except Exception as exc:  # arguments the analysis cannot read (a traced shape as an argument...)
                 self._block_node(
                     node,
@@ -581,6 +581,15 @@ class DependencyGraph(LayerFlow):
                 )
         self._visiting = None
         self._build_groups()
+
+    def _refusal_upstream(self, node: fx.Node) -> str | None:
+        """The reason of an input of ``node`` that was refused before (its unit axis is a guess):
+        the op that failed on it is a consequence, the earlier refusal the cause to report."""
+        for arg in self._slotted_inputs(node, attrs=True):
+            space = self._spaces.get(arg)
+            if space is not None and id(space) in self._guessed and id(space) in self._blocked:
+                return self._blocked[id(space)][0]
+        return None
 
     # -- visiting nodes -----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchpruner._ops import SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_OPS
+from torchpruner.rules import get_slicing_rule
 
 from .spaces import _CannotFollow, _LiteralSize, _ShapeAttribute, _Space, _flatten_nodes
 from .flow_heads import HeadFlow
@@ -370,7 +371,28 @@ class TensorOpFlow(HeadFlow):
             inputs = [n for n in inputs if n is not reference]
         if len(inputs) != 1:
             raise _CannotFollow(f"{self._label(node)} reads {len(inputs)} tensors with units")
-        x = inputs[0]
+        layer = self._weight_of_layer(inputs[0])
+        if layer is not None:
+            # a conv/linear weight has units on two axes, a slot space on one: any axis chosen here
+            # would be a guess (a kernel axis), so its computation cannot be followed
+            raise _CannotFollow(
+                f"{self._label(node)} computes with '{inputs[0].target}', the weight of a layer (units on more "
+                f"than one axis), outside the layer's own call (a weight standardisation or reparametrisation "
+                f"in {type(layer).__name__}.forward); register {type(layer).__name__} as a leaf module with a "
+                f"slicing rule that slices all of its parameters"
+            )
+        self._follow_movement(node, inputs[0], reference, module)
+
+    def _weight_of_layer(self, x: fx.Node) -> Optional[nn.Module]:
+        """The layer (a module with a slicing rule) whose own parameter of 2 or more dims ``x`` reads."""
+        if x.op != "get_attr" or len(self._shape(x) or ()) < 2:
+            return None
+        owner = self._modules.get(str(x.target).rpartition(".")[0])
+        return owner if owner is not None and get_slicing_rule(owner) is not None else None
+
+    def _follow_movement(
+        self, node: fx.Node, x: fx.Node, reference: Optional[fx.Node], module: Optional[nn.Module]
+    ) -> None:
         space = self._space_of(x)
         if space is None:
             raise _CannotFollow(f"{self._label(node)}: input without units")
