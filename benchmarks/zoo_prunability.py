@@ -9,7 +9,8 @@ Protocol, per model (CPU, float32):
   scores) -> forward + backward + ``step`` with the same AdamW;
 - record: pruned / refused (reason) / silent no-op (nothing pruned, nothing said) / crash, the
   parameters before and after, the groups (prunable / refused), the zeroed-twin error where masking
-  is exact (``LN``: a pruned group holds a LayerNorm/GroupNorm/RMSNorm over the pruned axis, also one
+  is exact (``WS``: a pruned group holds the input channels of a weight-standardised convolution;
+  ``LN``: a pruned group holds a LayerNorm/GroupNorm/RMSNorm over the pruned axis, also one
   written out, where it is not), whether every parameter was updated by the step after the prune,
   trace and prune time;
 - the same with Torch-Pruning (``MagnitudePruner``, L1, ratio 0.3, the classifier ignored) in the
@@ -247,6 +248,15 @@ def zeroed_twin_error(model: nn.Module, twin: nn.Module, selection: dict, inputs
         getattr(g, "normalizations", lambda: [])() for g in selection
     ):
         return "LN"  # the statistics of a norm over the pruned axis change: not masking
+    from torchpruner.rules import get_slicing_rule
+    from torchpruner.rules.layers import StandardizedConvRule
+
+    if any(
+        m.direction == "in" and isinstance(get_slicing_rule(m.module), StandardizedConvRule)
+        for g in selection
+        for m in g.members
+    ):
+        return "WS"  # a weight-standardised conv's fan-in shrinks: its statistics change, not masking
     graph = get_graph(twin, (), inputs)
     twin_groups = {g.index: g for g in get_dependency_graph(graph).all_groups}
     fns = zeroing_functions({twin_groups[group.index]: units for group, units in selection.items()})
@@ -546,7 +556,9 @@ def render(records: list[dict], tp_version: str | None) -> str:
         "Zeroed twin: the pruned model (eval mode, float32) against the unpruned copy with the pruned units "
         "zeroed where the consumers read them, relative to the output scale; `LN` = a pruned group holds a "
         "LayerNorm/GroupNorm/RMSNorm (or an RMSNorm written out) over the pruned axis (statistics change: not "
-        "comparable by construction).",
+        "comparable by construction); `WS` = a pruned group holds the input channels of a weight-standardised "
+        "convolution (its fan-in statistics change; tests/rules/test_standardized_conv.py compares with a "
+        "rebuilt smaller model).",
         "Optimizer: `ok` = the AdamW created before the prune changed every parameter of the pruned model in "
         "the step after it; `STALE` = some were not (new Parameter objects, or state it cannot use).",
         "Time: our trace + prune, Torch-Pruning's graph build + prune (its `MagnitudePruner` construction and "

@@ -227,6 +227,42 @@ class ConvRule(SlicingRule[nn.modules.conv._ConvNd]):
         return edits
 
 
+@register_slicing_rule_by_path(
+    "timm.layers.std_conv.StdConv2d",
+    "timm.layers.std_conv.StdConv2dSame",
+    "timm.layers.std_conv.ScaledStdConv2d",
+    "timm.layers.std_conv.ScaledStdConv2dSame",
+)
+class StandardizedConvRule(ConvRule):
+    """timm's weight-standardised convolutions (NF-ResNet, BiT): each output channel's weight is
+    standardised over its own fan-in in the forward, then scaled by ``gain [out, 1, 1, 1]``
+    (ScaledStdConv2d) and the constant ``scale``. A leaf: its weight has units on two axes, which
+    the traced computation cannot carry.
+
+    Removing output channels is exact (``gain`` goes with them). Removing input channels
+    standardises the kept weights over the smaller fan-in: like pruning the axis of a LayerNorm,
+    zeroing those inputs is not the same model (compare with a rebuilt smaller model); ``scale``
+    (``gamma / sqrt(fan_in)`` at construction) is kept, so the kept weights keep their size."""
+
+    tensors = frozenset({"weight", "bias", "gain"})
+
+    def prune_out(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> list[Edit]:
+        edits = super().prune_out(module, selection)
+        if isinstance(getattr(module, "gain", None), torch.Tensor):
+            edits += slice_tensor(module, "gain", 0, selection.keep)
+        return edits
+
+    def prune_in(self, module: nn.modules.conv._ConvNd, selection: UnitSelection) -> list[Edit]:
+        edits = super().prune_in(module, selection)
+        if module.groups > 1 and isinstance(getattr(module, "gain", None), torch.Tensor):
+            removed_out = self.removed_out_after_in(module, selection)  # whole groups: their outputs go
+            if removed_out is not None:
+                keep = torch.ones(module.out_channels, dtype=torch.bool)
+                keep[removed_out] = False
+                edits += slice_tensor(module, "gain", 0, keep.nonzero().flatten())
+        return edits
+
+
 @register_slicing_rule(nn.modules.batchnorm._NormBase)
 class ChannelNormRule(SlicingRule[nn.modules.batchnorm._NormBase]):
     """BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm: per-channel affine and running stats.
