@@ -4,6 +4,8 @@ that layer, and is pruned once, by its rule; a plan never slices a tensor twice 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -361,4 +363,57 @@ def test_a_shape_read_from_the_stream_for_another_tensor_refuses_the_stream():
         r"units of 'inp'",
     ):
         pruner.prune_model(model.inp, [0])
+    assert_unchanged(before, model)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> int:
+    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+
+class SamePaddedConv(nn.Conv2d):
+    """timm's Conv2dSame: the padding is computed in Python from the input size (math.ceil on a
+    traced size fails in fx), so the model is captured by torch.export, which keeps ``groups`` as
+    a literal: where it comes from is found by running the layer."""
+
+    literal_groups: int | None = None
+
+    def forward(self, x):
+        ph = _same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        pw = _same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        groups = self.groups if self.literal_groups is None else self.literal_groups
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, groups)
+
+
+class LiteralSamePaddedConv(SamePaddedConv):
+    literal_groups = 8
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_groups_of_a_layer_fx_cannot_trace_alone_are_found_by_running_it(training):
+    model = _randomize(ConvBNAct(SamePaddedConv)).train(training)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
+    pruner = Pruner(model, input_size=(3, 6, 6))
+    assert pruner.graph().capture == "export"
+    (group,) = [g for g in pruner.groups() if model.conv in g.source_modules]
+    assert model.dw in group
+    assert_unchanged(before, model)  # the run that reads the attribute changed no statistic nor mode
+    model.eval()
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.conv, [0, 5]),
+        lambda twin: masked_units(twin.fc1, [0, 5], on="input"),
+        x,
+    )
+    assert model.dw.groups == 6 and model.dw.weight.shape == (6, 1, 3, 3)
+
+
+def test_literal_groups_in_a_layer_fx_cannot_trace_alone_are_refused():
+    model = _randomize(ConvBNAct(LiteralSamePaddedConv))
+    pruner = Pruner(model, input_size=(3, 6, 6))
+    assert pruner.graph().capture == "export"
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'dw' \(LiteralSamePaddedConv, conv2d\) passes groups=8 as a constant"):
+        pruner.prune_model(model.conv, [0])
     assert_unchanged(before, model)

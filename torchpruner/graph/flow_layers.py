@@ -17,10 +17,11 @@ from torchpruner._ops import (
     PASS_THROUGH_MODULES,
     SPATIAL_MODULES,
 )
+from torchpruner._state import preserved_state
 from torchpruner.rules import get_slicing_rule
 
 from .flow_ops import TensorOpFlow
-from .slots import _layer_norm_reads, _reads_attribute, _same_shape_value, _slot_ids
+from .slots import _layer_norm_reads, _reads_attribute, _reads_attribute_running, _same_shape_value, _slot_ids
 from .spaces import _CannotFollow, _Role, _ShapeAttribute, _Space, _flatten_nodes, _is_torchvision
 from .trace import CallSite
 
@@ -138,7 +139,9 @@ class LayerFlow(TensorOpFlow):
             value = getattr(module, attribute)
             if attribute in ("groups", "num_groups") and value == 1:
                 continue  # a prune never changes a single group
-            if not _reads_attribute(module, attribute, node.target, position, keyword):
+            if not _reads_attribute(module, attribute, node.target, position, keyword) and not (
+                self._runs_with_attribute(module, attribute, node.target, position, keyword)
+            ):
                 raise _CannotFollow(
                     f"{self._label(node)} passes {keyword}={value!r} as a constant that does not "
                     f"come from '{site.module_name}.{attribute}', so a prune cannot update it; read "
@@ -146,6 +149,19 @@ class LayerFlow(TensorOpFlow):
                 )
         data = [n for n in self._slotted_inputs(node) if n.op != "get_attr"]
         self._visit_module(node, module, data)
+
+    def _runs_with_attribute(
+        self, module: nn.Module, attribute: str, function: Any, position: int, keyword: str
+    ) -> bool:
+        """Where fx cannot trace ``module`` alone, whether running it (on the inputs it gets from
+        the example inputs of an exported graph) passes ``module.<attribute>`` to ``function``."""
+        if self.graph.export_inputs is None:
+            return False
+        args, kwargs = self.graph.export_inputs
+        with preserved_state(self.model):  # as the capture ran it: eval mode, buffers and RNG kept
+            return _reads_attribute_running(
+                module, attribute, function, position, keyword, lambda: self.model(*args, **kwargs)
+            )
 
     def _visit_module(self, node: fx.Node, module: nn.Module, slotted: list[fx.Node]) -> None:
         name = self._site_by_node[node].module_name or str(node.target)

@@ -152,6 +152,88 @@ def _reads_attribute(
     )
 
 
+class _InputsRecorded(Exception):
+    """Stops the model's forward once the module of interest has its inputs."""
+
+
+def _swap_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyword: str, sentinel: Any, real: Any
+) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """``(args, kwargs, value)``: the call's argument ``keyword`` (or at ``position``) put back to
+    ``real`` where it is ``sentinel``, and the value the call was given."""
+    if keyword in kwargs:
+        value = kwargs[keyword]
+        if _same_shape_value(value, sentinel):
+            kwargs = {**kwargs, keyword: real}
+        return args, kwargs, value
+    if len(args) > position:
+        value = args[position]
+        if _same_shape_value(value, sentinel):
+            args = args[:position] + (real,) + args[position + 1 :]
+        return args, kwargs, value
+    return args, kwargs, None
+
+
+def _reads_attribute_running(
+    owner: nn.Module,
+    attribute: str,
+    function: Callable[..., Any],
+    position: int,
+    keyword: str,
+    run_model: Callable[[], Any],
+) -> bool:
+    """:func:`_reads_attribute` for a forward that fx cannot trace alone (shape arithmetic in
+    Python: timm's ``Conv2dSame`` computes its padding with ``math.ceil``): ``owner``'s inputs are
+    recorded while ``run_model()`` runs the example inputs, then its forward runs again on them
+    with ``owner.<attribute>`` set to another value, every call of ``function`` intercepted (a
+    ``TorchFunctionMode``) to read the argument and put the real value back before the call. True
+    when the calls see the new value and never the old one; everything is restored."""
+    recorded: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        recorded.append((args, kwargs))
+        raise _InputsRecorded
+
+    handle = owner.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run_model()
+    except _InputsRecorded:
+        pass
+    except Exception:  # noqa: BLE001 - the model does not run its example inputs: origin unknown
+        return False
+    finally:
+        handle.remove()
+    if not recorded:
+        return False
+    old = getattr(owner, attribute)
+    if not isinstance(old, int):
+        return False
+    sentinel = old + 7919
+    seen: list[Any] = []
+
+    class Intercept(torch.overrides.TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            if func is function:
+                args, kwargs, value = _swap_argument(tuple(args), dict(kwargs), position, keyword, sentinel, old)
+                seen.append(value)
+            return func(*args, **kwargs)
+
+    args, kwargs = recorded[0]
+    try:
+        setattr(owner, attribute, sentinel)
+        with torch.no_grad(), Intercept():
+            owner(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - its code uses the attribute elsewhere: the origin stays unknown
+        return False
+    finally:
+        setattr(owner, attribute, old)
+    return any(_same_shape_value(sentinel, v) for v in seen) and not any(_same_shape_value(v, old) for v in seen)
+
+
 class SlotFlow:
     """Slot bookkeeping of the analysis: every tensor that carries units gets slots (one per
     position on its unit axis); ops link slots, refusals block them. The op and layer visitors
