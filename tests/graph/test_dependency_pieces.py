@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_units, snapshot
+from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_at_mask_points, masked_units, snapshot
 from torchpruner import Pruner
 
 
@@ -183,3 +183,85 @@ def test_pad_of_other_axes_is_followed_and_padding_the_units_refused():
     refused = Pruner(ChannelsLastPad(pad_units=True), example_inputs=x.float())
     with pytest.raises(ValueError, match="pads the unit axis 3"):
         refused.prune_model(refused.model.fc1, [0])
+
+
+class DualPath(nn.Module):
+    """DPN's block: both convs are cut at ``self.residual`` (an attribute the prune updates): the
+    first parts are a residual sum, the rest a dense concatenation."""
+
+    def __init__(self, suffix_only: bool = False) -> None:
+        super().__init__()
+        self.suffix_only = suffix_only
+        self.residual = 4
+        self.stem = nn.Conv2d(3, 7, 1)  # 4 residual + 3 dense
+        self.body = nn.Conv2d(7, 6, 3, padding=1)  # 4 residual + 2 dense
+        self.head = nn.Conv2d(9, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        if self.suffix_only:  # the first part is not sliced by the attribute: nothing updates it
+            return self.head(torch.cat([s, s[:, self.residual :], torch.zeros_like(s[:, :2]) + 1.0], dim=1)[:, :9])
+        b = torch.relu(self.body(s))
+        return self.head(
+            torch.cat([s[:, : self.residual] + b[:, : self.residual], s[:, self.residual :], b[:, self.residual :]], 1)
+        )
+
+
+class PartialShortcut(nn.Module):
+    """ReXNet: the shortcut is added to the first ``self.in_channels`` of a wider tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.in_channels = 4
+        self.expand = nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.expand(torch.relu(s))
+        return self.head(torch.cat([y[:, 0 : self.in_channels] + s, y[:, self.in_channels :]], dim=1))
+
+
+def test_slices_at_an_attribute_follow_and_equal_the_zeroed_twin():
+    torch.manual_seed(0)
+    model = DualPath().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruner = Pruner(model, input_size=(3, 4, 4))
+    assert pruner.refused_groups() == []
+    residual = [g for g in pruner.groups() if model.stem in g.source_modules and model.body in g.source_modules]
+    assert len(residual) == 1 and residual[0].num_units == 4
+    # stem units: 1 of the residual part, 5 of its dense part
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.stem, [1, 5]),
+        lambda twin: masked_at_mask_points(twin, (x,), (twin.stem, [1, 5])),
+        x,
+    )
+    assert model.residual == 3 and model.stem.out_channels == 5 and model.body.out_channels == 5
+    assert model.head.in_channels == 7
+    model(x)
+
+
+def test_a_shortcut_into_the_first_channels_at_an_attribute_follows():
+    torch.manual_seed(0)
+    model = PartialShortcut().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruner = Pruner(model, input_size=(3, 4, 4))
+    assert pruner.refused_groups() == []
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.stem, [2]),
+        lambda twin: masked_at_mask_points(twin, (x,), (twin.stem, [2])),
+        x,
+    )
+    assert model.in_channels == 3 and model.expand.out_channels == 5 and model.head.in_channels == 5
+
+
+def test_a_suffix_at_an_attribute_without_its_prefix_pins_the_units_before_it():
+    model = DualPath(suffix_only=True).double().eval()
+    pruner = Pruner(model, input_size=(3, 4, 4))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="positions written in the code"):
+        pruner.prune_model(model.stem, [0])
+    assert_unchanged(before, model)

@@ -566,6 +566,8 @@ class DependencyGraph(LayerFlow):
         self._statistics: list[tuple[_Space, str]] = []  # hand-written RMSNorms: (input, owner)
         self._count_constraints: List[Tuple[_Space, int]] = []  # (space, conv groups): equal counts per block
         self._equal_pieces: list[_Space] = []  # tensors split into equal pieces (positions linked across pieces)
+        # x[:, :self.a] pieces: (module id, attribute) -> {source space id: the piece's space}
+        self._bounded_prefixes: Dict[Tuple[int, str], Dict[int, _Space]] = {}
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
         for node in graph.traced.graph.nodes:

@@ -17,7 +17,15 @@ from torchpruner.rules import get_slicing_rule
 
 from .spaces import _CannotFollow, _LiteralSize, _ShapeAttribute, _Space, _flatten_nodes
 from .flow_heads import HeadFlow
-from .slots import _is_kept_part, _probe_removals, _reads_attribute, _shape_values, _slot_ids, _unit_line
+from .slots import (
+    _is_kept_part,
+    _probe_removals,
+    _reads_attribute,
+    _shape_values,
+    _slices_at_attribute,
+    _slot_ids,
+    _unit_line,
+)
 
 
 class TensorOpFlow(HeadFlow):
@@ -535,6 +543,8 @@ class TensorOpFlow(HeadFlow):
                 self._literal_sizes.append(literal)
             return
         end = int(line.max())
+        if contiguous and self._bounded_piece(node, x, space, out_axis, line, first, end):
+            return
         free = np.arange(end + 1, size)
         probes = [free[[0]], free[[-1]], free[[len(free) // 2]]] if len(free) else []
         results = [result_without(p) for p in probes]
@@ -552,6 +562,51 @@ class TensorOpFlow(HeadFlow):
             f"slice with literal sizes): removing any unit up to {end} would shift it; compute the sizes "
             f"from the tensor (x.size(1) // 2, chunk) to prune them",
         )
+
+    def _bounded_piece(
+        self, node: fx.Node, x: fx.Node, space: _Space, out_axis: int, line: np.ndarray, first: int, end: int
+    ) -> bool:
+        """``x[:, :self.a]`` and ``x[:, self.a:]`` (DPN, ReXNet): the boundary is an int attribute of
+        the calling module (checked by tracing it again with the attribute changed), which the
+        prune sets to the number of units kept before it. The prefix piece records the attribute;
+        every prefix read with the same attribute loses the same units (their positions are linked:
+        one attribute holds their common length). A suffix piece follows once its source's prefix
+        piece was seen (else the units before it are pinned, as for a literal). False when
+        ``node`` is no such piece."""
+        size = space.size
+        prefix = first == 0 and end + 1 < size
+        suffix = first > 0 and end == size - 1
+        if node.target is not operator.getitem or not (prefix or suffix):
+            return False
+        owner_name = self._calling_module(node)
+        owner = self._modules.get(owner_name) if owner_name is not None else None
+        if owner is None or owner_name is None:
+            return False
+        boundary = end + 1 if prefix else first
+        candidates = [
+            attr
+            for attr, value in vars(owner).items()
+            if not attr.startswith("_") and type(value) is int and value == boundary
+        ]
+        found = [attr for attr in candidates if _slices_at_attribute(owner, attr, "stop" if prefix else "start")]
+        if len(found) != 1:
+            return False
+        key = (id(owner), found[0])
+        prefixes = self._bounded_prefixes.setdefault(key, {})
+        if suffix and id(space) not in prefixes:
+            return False  # nothing records the attribute for this source's units before the boundary
+        out = self._alloc(node, out_axis)
+        self._link(space, line, out, np.arange(out.size))
+        if prefix:
+            anchor = next(iter(prefixes.values()), None)
+            prefixes.setdefault(id(space), out)
+            if anchor is None:
+                self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name or "(model)", found[0], None))
+            elif anchor.size == out.size:
+                self._link_same(anchor, out)
+            else:
+                raise _CannotFollow(f"{self._label(node)} and another slice read '{found[0]}' for different sizes")
+        return True
 
     def _exported_split_size(self, source: fx.Node | None, length: int) -> _LiteralSize | None:
         """In a graph captured with torch.export, ``split(64)`` whose size the code may read from an

@@ -152,6 +152,24 @@ def _reads_attribute(
     )
 
 
+def _slices_at_attribute(owner: nn.Module, attribute: str, end: str) -> bool:
+    """``owner``'s forward slices a tensor (``x[:, :self.a]``) with ``end`` (``"start"`` or
+    ``"stop"``) of a slice read from ``owner.<attribute>``: traced again with the attribute changed
+    (restored afterwards), some ``getitem`` shows the new value there."""
+    old = getattr(owner, attribute)
+    sentinel = old + 7919
+    graph = _traced_with(owner, attribute, sentinel)
+    if graph is None:
+        return False
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not operator.getitem or len(node.args) < 2:
+            continue
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(isinstance(item, slice) and getattr(item, end) == sentinel for item in index):
+            return True
+    return False
+
+
 class _InputsRecorded(Exception):
     """Stops the model's forward once the module of interest has its inputs."""
 
@@ -261,6 +279,7 @@ class SlotFlow:
     _statistics: list[tuple[_Space, str]]  # hand-written RMSNorms over the units: (input, owner)
     _count_constraints: List[Tuple[_Space, int]]  # (space, conv groups): equal counts per block
     _equal_pieces: list[_Space]  # tensors split into equal pieces (positions linked across pieces)
+    _bounded_prefixes: Dict[Tuple[int, str], Dict[int, _Space]]  # x[:, :self.a] pieces by attribute, source
     _modules: Dict[str, nn.Module]
     _traced_modules: Dict[str, nn.Module]
 
