@@ -31,6 +31,7 @@ class TwoPaths(nn.Module):
         super().__init__()
         self.how = how
         self.width = 4
+        self.expand_chs = 8
         self.conv = nn.Conv2d(3, 8, 1)
         self.block = nn.Conv2d(4, 4, 3, padding=1)
         self.head = nn.Conv2d(8, 2, 1)
@@ -43,6 +44,8 @@ class TwoPaths(nn.Module):
             xs, xb = y.split(y.size(1) // 2, dim=1)
         elif self.how == "attribute":  # Res2Net: torch.split(out, self.width, 1)
             xs, xb = torch.split(y, self.width, 1)
+        elif self.how == "whole":  # CSPNet: x.split(self.expand_chs // 2, dim=1)
+            xs, xb = y.split(self.expand_chs // 2, dim=1)
         else:
             xs, xb = y.split(4, dim=1)
         return self.head(torch.cat([xs, self.block(xb)], dim=1))
@@ -87,7 +90,7 @@ def test_glu_half_alone_is_refused_before_any_change():
     assert_unchanged(before, model)
 
 
-@pytest.mark.parametrize("how", ["chunk", "shape", "attribute"])
+@pytest.mark.parametrize("how", ["chunk", "shape", "attribute", "whole"])
 def test_equal_pieces_lose_the_same_positions_and_equal_the_zeroed_twin(how):
     torch.manual_seed(0)
     model = TwoPaths(how).double().eval()
@@ -103,6 +106,7 @@ def test_equal_pieces_lose_the_same_positions_and_equal_the_zeroed_twin(how):
     assert model.conv.out_channels == 6 and model.block.in_channels == 3 and model.head.in_channels == 7
     if how == "attribute":
         assert model.width == 3
+    assert model.expand_chs == (6 if how == "whole" else 8)  # the whole width the code halves
     with pytest.raises(ValueError, match="coupled with its units"):
         pruner.prune_model(model.conv, [0])
 

@@ -132,3 +132,45 @@ def test_a_layer_computing_its_own_weight_is_refused_naming_the_weight_not_a_lat
     refused = pruner.refused_groups()
     assert refused and all("weight standardisation" in g.refusal and "StandardisedConv" in g.refusal for g in refused)
     assert all(m.num_units in (8, 4) for g in refused for m in g.members)
+
+
+class Scale(nn.Module):
+    """timm's MetaFormer ``Scale``: ``x * self.scale.view(self.shape)``, the whole view shape one tuple
+    attribute (fx writes its value into the graph)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+class ScaledResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.scale = Scale(6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h + self.scale(torch.relu(h)))
+
+
+def test_a_view_shape_held_by_a_tuple_attribute_follows_and_the_prune_updates_it():
+    torch.manual_seed(0)
+    model = ScaledResidual().double().eval()
+    pruner = Pruner(model, input_size=(3, 4, 4))
+    assert pruner.refused_groups() == []
+    (group,) = pruner.groups()
+    assert {m.module_name for m in group.members} == {"conv", "scale", "head"}
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_model(model.conv, [0, 4]),
+        lambda twin: masked_units(twin.conv, [0, 4]),
+        torch.randn(2, 3, 4, 4, dtype=torch.float64),
+    )
+    assert model.scale.shape == (4, 1, 1) and type(model.scale.shape) is tuple
+    assert model.scale.scale.shape == (4,)

@@ -45,7 +45,9 @@ _SHAPED_METHODS = _RESHAPE_METHODS + ("expand",)
 
 #: where a size that a prune changes comes from: a module attribute ``(module, name, attribute)``,
 #: a literal of an exported graph to check by capturing again, or None (computed, or ``-1``)
-SizeSource = tuple[nn.Module, str, str] | _LiteralSize | None
+#: where a reshape's literal size comes from: ``(module, name, attribute, index in a tuple attribute
+#: or None)``, a literal of an exported graph, or nothing
+SizeSource = tuple[nn.Module, str, str, int | None] | _LiteralSize | None
 
 
 class HeadFlow(SlotFlow):
@@ -94,11 +96,12 @@ class HeadFlow(SlotFlow):
             return getattr(args[0], target)(*args[1:], **kwargs)
         return target(*args, **kwargs)
 
-    def _shape_attribute_at(self, node: fx.Node, position: int) -> tuple[nn.Module, str, str] | None:
-        """``(module, name, attribute)`` when entry ``position`` of ``node``'s target shape is a
-        literal that fx read from an int attribute of the module whose forward makes the call
-        (``self.num_heads``): checked by tracing that module again with the attribute changed and
-        finding the change at that entry of the same call."""
+    def _shape_attribute_at(self, node: fx.Node, position: int) -> tuple[nn.Module, str, str, int | None] | None:
+        """``(module, name, attribute, index)`` when entry ``position`` of ``node``'s target shape is
+        a literal that fx read from an int attribute of the module whose forward makes the call
+        (``self.num_heads``; index None), or from entry ``index`` of a tuple attribute that is the
+        whole shape (timm's ``x * self.scale.view(self.shape)``): checked by tracing that module
+        again with the attribute changed and finding the change at that entry of the same call."""
         shape = self._shape_list(node)
         if shape is None or not (0 <= position < len(shape[0])):
             return None
@@ -118,9 +121,24 @@ class HeadFlow(SlotFlow):
             return None
         order = same.index(node)
         for attribute, value in list(vars(owner).items()):
-            if attribute.startswith("_") or type(value) is not int or value != literal:
+            if attribute.startswith("_"):
                 continue
-            sentinel = value + 7919
+            index: int | None = None
+            if type(value) is int and value == literal:
+                sentinel: Any = value + 7919
+            elif (
+                isinstance(value, (tuple, list, torch.Size))
+                and shape[2]
+                and len(value) == len(shape[0])
+                and all(type(v) is int for v in value)
+                and list(value) == shape[0]
+            ):
+                index = position
+                entries = list(value)
+                entries[position] += 7919
+                sentinel = torch.Size(entries) if isinstance(value, torch.Size) else type(value)(entries)
+            else:
+                continue
             traced = _traced_with(owner, attribute, sentinel)
             if traced is None:
                 continue
@@ -132,8 +150,8 @@ class HeadFlow(SlotFlow):
             if len(calls) != len(same):
                 continue
             found = self._shape_list(calls[order])
-            if found is not None and len(found[0]) == len(shape[0]) and found[0][position] == sentinel:
-                return owner, owner_name or "(model)", attribute
+            if found is not None and len(found[0]) == len(shape[0]) and found[0][position] == literal + 7919:
+                return owner, owner_name or "(model)", attribute, index
         return None
 
     def _sized_result(
@@ -245,7 +263,7 @@ class HeadFlow(SlotFlow):
             if failure is None:
                 if sized_by is None or isinstance(sized_by, _LiteralSize):
                     return sized_by
-                return _ShapeAttribute(space, *sized_by, None)
+                return _ShapeAttribute(space, *sized_by)
             if attempt == 0:
                 sized_by = self._size_source(node, out_axis)[1]
                 if sized_by is not None:
@@ -301,7 +319,7 @@ class HeadFlow(SlotFlow):
                 sized_by.space = out
                 self._literal_sizes.append(sized_by)
             elif sized_by is not None:
-                self._shape_attributes.append(_ShapeAttribute(out, *sized_by, None))
+                self._shape_attributes.append(_ShapeAttribute(out, *sized_by))
             return True
         return False
 

@@ -515,7 +515,9 @@ class TensorOpFlow(HeadFlow):
         length, first = len(line), int(line[0])
         contiguous = bool(np.array_equal(line, np.arange(first, first + length)))
         blocks = size // length if contiguous and size % length == 0 and first % length == 0 else 0
-        sized_by = self._split_size_attribute(source, length) if blocks >= 2 and isinstance(source, fx.Node) else None
+        sized_by = (
+            self._split_size_attribute(source, length, blocks) if blocks >= 2 and isinstance(source, fx.Node) else None
+        )
         literal = (
             self._exported_split_size(source, length)
             if blocks >= 2 and sized_by is None and isinstance(source, fx.Node)
@@ -536,8 +538,11 @@ class TensorOpFlow(HeadFlow):
                 slots = np.arange(size)
                 self._link(space, slots, space, slots % length)  # position j of every piece goes together
             if sized_by is not None:
-                owner, owner_name, attribute = sized_by
-                self._shape_attributes.append(_ShapeAttribute(out, owner, owner_name, attribute, None))
+                owner, owner_name, attribute, total = sized_by
+                # the attribute is one piece's length, or the whole width that the code divides
+                self._shape_attributes.append(
+                    _ShapeAttribute(space if total else out, owner, owner_name, attribute, None)
+                )
             if literal is not None:
                 literal.space = out
                 self._literal_sizes.append(literal)
@@ -648,20 +653,37 @@ class TensorOpFlow(HeadFlow):
             return None
         return owner, owner_name
 
-    def _split_size_attribute(self, source: fx.Node, length: int) -> tuple[nn.Module, str, str] | None:
-        """``(module, name, attribute)`` when ``source`` is ``split(size)`` with ``size`` read from an
-        int attribute of the module that calls it (``torch.split(x, self.width, 1)``, checked by
-        tracing the module again with the attribute changed), else None."""
+    def _split_size_attribute(
+        self, source: fx.Node, length: int, blocks: int
+    ) -> tuple[nn.Module, str, str, bool] | None:
+        """``(module, name, attribute, whole)`` when ``source`` is ``split(size)`` with ``size`` read
+        from an int attribute of the module that calls it: the piece's length
+        (``torch.split(x, self.width, 1)``; ``whole`` False) or the whole width divided by the
+        number of pieces (CSPNet's ``x.split(self.expand_chs // 2)``; ``whole`` True). Checked by
+        tracing the module again with the attribute changed; None otherwise."""
         called = self._split_in_module(source, length)
         if called is None:
             return None
         owner, owner_name = called
-        candidates = [
-            attr
-            for attr, value in vars(owner).items()
-            if not attr.startswith("_") and type(value) is int and value == length
-        ]
         function: Callable[..., Any] | str = torch.split if source.op == "call_function" else "split"
         keyword = "split_size_or_sections" if source.op == "call_function" else "split_size"
-        found = [attr for attr in candidates if _reads_attribute(owner, attr, function, 1, keyword)]
-        return (owner, owner_name or "(model)", found[0]) if len(found) == 1 else None
+        found = []
+        for attr, value in vars(owner).items():
+            if attr.startswith("_") or type(value) is not int:
+                continue
+            if value == length and _reads_attribute(owner, attr, function, 1, keyword):
+                found.append((attr, False))
+            elif value == length * blocks and _reads_attribute(
+                owner,
+                attr,
+                function,
+                1,
+                keyword,
+                literal=length,
+                sentinel=value + blocks * 7919,
+                expected=length + 7919,
+            ):
+                found.append((attr, True))
+        if len(found) != 1:
+            return None
+        return owner, owner_name or "(model)", found[0][0], found[0][1]

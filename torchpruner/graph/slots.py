@@ -126,18 +126,22 @@ def _reads_attribute(
     position: int,
     keyword: str,
     literal: Any = None,
+    sentinel: Any = None,
+    expected: Any = None,
 ) -> bool:
     """The calls of ``function`` (a tensor method: its name) in ``owner``'s forward take argument ``keyword`` from
-    ``owner.<attribute>``: traced again with the attribute set to another value (restored
-    afterwards), one of them shows that value and none still shows ``literal`` (by default the
-    attribute's value)."""
+    ``owner.<attribute>``: traced again with the attribute set to ``sentinel`` (by default another
+    value; restored afterwards), one of them shows ``expected`` (by default the sentinel: a value
+    the code computes from the attribute, such as ``self.width // 2``, where given) and none
+    still shows ``literal`` (by default the attribute's value)."""
     old = getattr(owner, attribute)
     literal = old if literal is None else literal
-    if isinstance(old, int):
-        sentinel: Any = old + 7919
-    else:
+    if sentinel is None and isinstance(old, int):
+        sentinel = old + 7919
+    elif sentinel is None:
         values = [int(v) + 7919 for v in old]
         sentinel = torch.Size(values) if isinstance(old, torch.Size) else type(old)(values)
+    expected = sentinel if expected is None else expected
     graph = _traced_with(owner, attribute, sentinel)
     if graph is None:
         return False
@@ -147,7 +151,7 @@ def _reads_attribute(
         for n in graph.nodes
         if n.op == op and (n.target == function if op == "call_method" else n.target is function)
     ]
-    return any(_same_shape_value(sentinel, value) for value in values) and not any(
+    return any(_same_shape_value(expected, value) for value in values) and not any(
         _same_shape_value(value, literal) for value in values
     )
 
