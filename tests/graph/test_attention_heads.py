@@ -319,3 +319,61 @@ def test_an_attention_flag_passed_on_from_forward_is_traced_as_one_call():
     module = torch.fx.GraphModule(Flagged(), graph)
     for flag in (False, True):
         torch.testing.assert_close(module(q, k, v, flag), Flagged()(q, k, v, flag))
+
+
+def _tiny_swin(timm):
+    return timm.models.swin_transformer.SwinTransformer(
+        img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4), num_classes=4
+    )
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul"])
+def test_timm_swin_prunes_heads_with_their_relative_position_bias(fused):
+    """Swin's window attention: the bias table [positions, heads] gathered by an index buffer joins
+    the head group (its column goes with the head), and ``attn(x)`` without a mask is checked as
+    called (traced alone, the mask would be a traced value and add a branch)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _tiny_swin(timm).double().eval()
+    attn = model.layers[0].blocks[0].attn
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    nn.init.normal_(attn.relative_position_bias_table)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    group = _head_group(pruner, attn.qkv)
+    assert group.num_units == 2 and attn.proj in group
+    assert [m.parameter for m in group.members if m.module is attn] == ["relative_position_bias_table"]
+    _prune_equals_zeroed_twin(pruner, x, group, [1])
+    assert attn.num_heads == 1 and attn.relative_position_bias_table.shape[1] == 1 and attn.qkv.out_features == 36
+
+
+def test_timm_swin_stream_through_windows_equals_the_zeroed_twin_without_its_layer_norms():
+    """Every group of Swin prunes: the window partition and reverse read the channel count of the
+    block input (``B, H, W, C = x.shape``) for other tensors, which lose the same channels. With its
+    LayerNorms removed (they make pruning differ from masking) the whole prune equals the zeroed twin."""
+    timm = pytest.importorskip("timm")
+    from torchpruner.schedule import select_units
+
+    torch.manual_seed(0)
+    model = _tiny_swin(timm).double().eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, nn.Identity())
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    assert pruner.refused_groups(ignored_layers=[model.head.fc]) == []
+    groups = pruner.groups(ignored_layers=[model.head.fc])
+    assert any(model.patch_embed.proj in g.source_modules for g in groups)  # the stream of stage 1
+    selection = select_units(groups, fraction=0.3)
+    plan = pruner.plan_groups(selection, "every group")
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: plan.apply(model, None),
+        lambda twin: masked_at_mask_points(twin, (x,), {g.index: u for g, u in selection.items()}),
+        x,
+    )
+    assert model.patch_embed.proj.out_channels < 24

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_units, snapshot
+from oracles import assert_prune_equals_zeroed_twin, assert_unchanged, masked_at_mask_points, masked_units, snapshot
 from torchpruner import Pruner
 
 
@@ -174,3 +174,39 @@ def test_a_view_shape_held_by_a_tuple_attribute_follows_and_the_prune_updates_it
     )
     assert model.scale.shape == (4, 1, 1) and type(model.scale.shape) is tuple
     assert model.scale.scale.shape == (4,)
+
+
+class CountReused(nn.Module):
+    """``B, H, W, C = h.shape`` reused for another tensor (Swin's window reverse): ``w.view(B, H, W, C)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        b, height, width, c = h.shape
+        w = self.fc2(torch.relu(h).view(b, height * width, c))
+        return self.head(torch.relu(w.view(b, height, width, c))).mean((1, 2))
+
+
+def test_a_unit_count_reused_for_another_tensors_reshape_links_the_two_and_prunes():
+    """The reshape's units take their count from ``h``: both lose the same positions (one group), so
+    the count it reads stays right (it used to refuse ``h``'s units: 'computes an argument from the
+    number of units of fc1')."""
+    torch.manual_seed(0)
+    model = CountReused().double().eval()
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    pruner = Pruner(model, example_inputs=x)
+    assert pruner.refused_groups() == []
+    (group,) = pruner.groups()
+    assert set(group.source_modules) == {model.fc1, model.fc2}
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_group(group, [1, 4]),
+        lambda twin: masked_at_mask_points(twin, (x,), {group.index: [1, 4]}),
+        x,
+    )
+    assert model.fc1.out_features == 4 and model.fc2.weight.shape == (4, 4) and model.head.in_features == 4

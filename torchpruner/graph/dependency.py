@@ -566,6 +566,7 @@ class DependencyGraph(LayerFlow):
         self._statistics: list[tuple[_Space, str]] = []  # hand-written RMSNorms: (input, owner)
         self._count_constraints: List[Tuple[_Space, int]] = []  # (space, conv groups): equal counts per block
         self._equal_pieces: list[_Space] = []  # tensors split into equal pieces (positions linked across pieces)
+        self._count_sources: list[tuple[_Space, fx.Node, str]] = []  # (counted units, the op, refusal)
         # x[:, :self.a] pieces: (module id, attribute) -> {source space id: the piece's space}
         self._bounded_prefixes: Dict[Tuple[int, str], Dict[int, _Space]] = {}
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
@@ -692,6 +693,7 @@ class DependencyGraph(LayerFlow):
     # -- groups -------------------------------------------------------------------------------
 
     def _build_groups(self) -> None:
+        self._resolve_count_sources()
         n = self._num_slots
         for space in self._space_list:  # bare parameters: roles for their owners
             if space.node.op == "get_attr":

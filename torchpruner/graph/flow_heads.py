@@ -139,19 +139,23 @@ class HeadFlow(SlotFlow):
                 sentinel = torch.Size(entries) if isinstance(value, torch.Size) else type(value)(entries)
             else:
                 continue
-            traced = _traced_with(owner, attribute, sentinel)
-            if traced is None:
-                continue
-            calls = [
-                n
-                for n in traced.nodes
-                if n.op == node.op and n.target == node.target and not n.meta.get("nn_module_stack")
-            ]
-            if len(calls) != len(same):
-                continue
-            found = self._shape_list(calls[order])
-            if found is not None and len(found[0]) == len(shape[0]) and found[0][position] == literal + 7919:
-                return owner, owner_name or "(model)", attribute, index
+            # traced alone, a forward argument that the call left at None is a traced value, and a
+            # branch on it (Swin's `if mask is not None`) adds calls: then traced with it None
+            for defaults in (False, True):
+                traced = _traced_with(owner, attribute, sentinel, defaults)
+                if traced is None:
+                    continue
+                calls = [
+                    n
+                    for n in traced.nodes
+                    if n.op == node.op and n.target == node.target and not n.meta.get("nn_module_stack")
+                ]
+                if len(calls) != len(same):
+                    continue
+                found = self._shape_list(calls[order])
+                if found is not None and len(found[0]) == len(shape[0]) and found[0][position] == literal + 7919:
+                    return owner, owner_name or "(model)", attribute, index
+                break
         return None
 
     def _sized_result(
@@ -214,6 +218,32 @@ class HeadFlow(SlotFlow):
             node, space = inputs[0], upstream
         return found
 
+    def _counted_tensors(self, node: fx.Node) -> list[fx.Node]:
+        """The tensors other than ``node``'s operands (and what they move from) whose sizes its
+        arguments are computed from (``C`` of ``B, N, C = x.shape``)."""
+        sources: list[fx.Node] = []
+        stack = list(node.all_input_nodes)
+        seen: set[fx.Node] = set()
+        while stack:
+            arg = stack.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if self._shape(arg) is not None:
+                continue  # a tensor operand, not shape arithmetic
+            if self._is_shape_query(arg) or (arg.op == "call_function" and arg.target is getattr):
+                tensor = arg.args[0]
+                if isinstance(tensor, fx.Node) and self._shape(tensor) is not None:
+                    sources.append(tensor)
+                continue
+            stack.extend(arg.all_input_nodes)
+        operands = {n for n in node.all_input_nodes if self._shape(n) is not None}
+        return [
+            tensor
+            for tensor in dict.fromkeys(sources)
+            if tensor not in operands and not self._same_units_upstream(tensor, operands)
+        ]
+
     def _same_units_upstream(self, tensor: fx.Node, operands: set[fx.Node]) -> bool:
         """``tensor`` is upstream of an operand along movement ops with the same unit count."""
         return any(tensor in self._shape_upstream(operand, 1) for operand in operands)
@@ -246,6 +276,14 @@ class HeadFlow(SlotFlow):
                     shape = list(self._shape(reference) or ())
                     shape[out_axis] = len(kept)
                     env[reference] = torch.empty(shape, device="meta", dtype=self._dtype(reference) or torch.float32)
+                for counted in self._counted_tensors(node):
+                    # a size read from another tensor with as many units (Swin's window_reverse reads C
+                    # of the block input): taken to lose them too, which linking the two makes true
+                    other = self._spaces.get(counted)
+                    if other is not None and other.size == space.size and counted not in env:
+                        shape = list(other.shape)
+                        shape[other.axis] = len(keep)
+                        env[counted] = torch.empty(shape, device="meta", dtype=self._dtype(counted) or torch.float32)
                 try:
                     y_small = self._sized_result(node, env, out_axis, len(kept), module, sized_by)
                 except Exception as exc:  # noqa: BLE001 - the model's own code fails on fewer units

@@ -39,27 +39,8 @@ class TensorOpFlow(HeadFlow):
         ``attn_out.reshape(B, N, C)``): when that size is the unit count of a tensor with units, a
         prune changes the argument (checked by computing it with two units of that tensor removed),
         so that tensor's units are refused here, naming the op."""
-        sources: list[fx.Node] = []
-        stack = list(node.all_input_nodes)
-        seen: set[fx.Node] = set()
-        while stack:
-            arg = stack.pop()
-            if arg in seen:
-                continue
-            seen.add(arg)
-            if self._shape(arg) is not None:
-                continue  # a tensor operand, not shape arithmetic
-            if self._is_shape_query(arg) or (arg.op == "call_function" and arg.target is getattr):
-                tensor = arg.args[0]
-                if isinstance(tensor, fx.Node) and self._shape(tensor) is not None:
-                    sources.append(tensor)
-                continue
-            stack.extend(arg.all_input_nodes)
         args = (node.args, dict(node.kwargs))
-        operands = {n for n in node.all_input_nodes if self._shape(n) is not None}
-        for tensor in dict.fromkeys(sources):
-            if tensor in operands or self._same_units_upstream(tensor, operands):
-                continue  # the op's own input: followed (and checked) with the op itself
+        for tensor in self._counted_tensors(node):
             space = self._spaces.get(tensor)
             if space is None or space.size < 3:
                 continue
@@ -70,12 +51,36 @@ class TensorOpFlow(HeadFlow):
             except Exception:  # noqa: BLE001 - the shape code fails on fewer units: it depends on them
                 before, after = None, ()
             if _shape_values(before) != _shape_values(after):
-                self._block(
-                    space,
-                    f"{self._label(node)} computes an argument from the number of units of "
-                    f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
-                    f"would change it",
+                # decided once every op is visited: a reshape whose units take that count keeps it
+                self._count_sources.append(
+                    (
+                        space,
+                        node,
+                        f"{self._label(node)} computes an argument from the number of units of "
+                        f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
+                        f"would change it",
+                    )
                 )
+
+    def _resolve_count_sources(self) -> None:
+        """A reshape that takes the size of its unit axis from another tensor's unit count
+        (``B, H, W, C = x.shape`` then ``windows.view(-1, N, C)``, Swin): both lose the same
+        positions (linked), so the count it reads stays its own. Any other use of a unit count
+        (a tensor created with it, a size on another axis) refuses the counted units, naming the op."""
+        for space, node, reason in self._count_sources:
+            out = self._spaces.get(node)
+            shape = self._shape_list(node)
+            if (
+                out is not None
+                and out.size == space.size
+                and id(out) not in self._blocked
+                and shape is not None
+                and len(shape[0]) == out.ndim
+                and isinstance(shape[0][out.axis], fx.Node)
+            ):
+                self._link_same(space, out)
+            else:
+                self._block(space, reason)
 
     def _check_pair_users(self, node: fx.Node, pair: str) -> None:
         """A pair (``node`` runs the op ``pair``) is followed at its items; refuse it when it is read

@@ -3,6 +3,7 @@ the dependency analysis in :mod:`torchpruner.graph.dependency`)."""
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -105,14 +106,21 @@ def _is_kept_part(value: Any, full: torch.Tensor, axis: int, kept: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == expected.shape and torch.equal(value, expected)
 
 
-def _traced_with(owner: nn.Module, attribute: str, value: Any) -> fx.Graph | None:
+def _traced_with(owner: nn.Module, attribute: str, value: Any, defaults: bool = False) -> fx.Graph | None:
     """``owner``'s forward traced alone with ``owner.<attribute>`` set to ``value`` (restored
     afterwards), or None when it cannot be traced alone (then where a value comes from stays
-    unknown)."""
+    unknown). ``defaults``: the arguments that default to None are None (as in a call that does not
+    pass them: Swin's ``attn(x)`` without a mask), not traced values."""
     old = getattr(owner, attribute)
+    concrete = None
+    if defaults:
+        parameters = inspect.signature(owner.forward).parameters.values()
+        concrete = {p.name: None for p in parameters if p.default is None}
+        if not concrete:
+            return None
     try:
         setattr(owner, attribute, value)
-        return _LeafTracer().trace(owner)
+        return _LeafTracer().trace(owner, concrete_args=concrete)
     except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
         return None
     finally:
@@ -283,6 +291,7 @@ class SlotFlow:
     _statistics: list[tuple[_Space, str]]  # hand-written RMSNorms over the units: (input, owner)
     _count_constraints: List[Tuple[_Space, int]]  # (space, conv groups): equal counts per block
     _equal_pieces: list[_Space]  # tensors split into equal pieces (positions linked across pieces)
+    _count_sources: list[tuple[_Space, fx.Node, str]]  # ops reading another tensor's unit count
     _bounded_prefixes: Dict[Tuple[int, str], Dict[int, _Space]]  # x[:, :self.a] pieces by attribute, source
     _modules: Dict[str, nn.Module]
     _traced_modules: Dict[str, nn.Module]
@@ -440,6 +449,10 @@ class SlotFlow:
         if depth > 40:
             raise _CannotFollow("argument chain too deep")
         shape = self._shape(node)
+        if depth > 0 and node.op == "get_attr" and not self._attr_units(node):
+            constant = self._constant(node)  # an index buffer (Swin's relative_position_index): its values
+            if constant is not None:
+                return constant
         if depth > 0 and shape is not None:
             return torch.empty(shape, device="meta", dtype=self._dtype(node) or torch.float32)
 
@@ -467,6 +480,16 @@ class SlotFlow:
             mod = module if module is not None else self._traced_modules[_name_target(node)]
             return mod(*args, **kwargs)
         raise _CannotFollow(f"cannot evaluate {node.op} '{node.name}' in a shape computation")
+
+    def _constant(self, node: fx.Node) -> torch.Tensor | None:
+        """The value of an integer tensor the graph reads with ``get_attr`` (not a stand-in)."""
+        owner: Any = self.graph.traced
+        try:
+            for part in str(node.target).split("."):
+                owner = getattr(owner, part)
+        except AttributeError:
+            return None
+        return owner if isinstance(owner, torch.Tensor) else None
 
     def _evaluate_value(self, value: Any, env: dict[fx.Node, torch.Tensor]) -> Any:
         """A (nested) argument with its nodes evaluated as in :meth:`_evaluate`."""
