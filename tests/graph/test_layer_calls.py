@@ -146,25 +146,30 @@ def test_literal_groups_in_a_conv_subclass_are_refused_naming_the_layer():
 
 
 class SwitchedGroupsConv(nn.Conv2d):
-    """Reads ``groups`` from its attribute, or writes it as a literal when ``literal`` is set."""
+    """Reads ``groups`` from its attribute, or writes it as a literal when ``literal`` is set (a
+    plain attribute, or a buffer whose value the forward reads)."""
 
-    def __init__(self, channels: int, literal: bool) -> None:
+    def __init__(self, channels: int, literal: bool, as_buffer: bool) -> None:
         super().__init__(channels, channels, 3, padding=1, groups=4)
-        self.literal = literal
+        if as_buffer:
+            self.register_buffer("literal", torch.tensor(literal))
+        else:
+            self.literal = literal
 
     def forward(self, x):
-        groups = 4 if self.literal else self.groups
+        groups = 4 if bool(self.literal) else self.groups
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)
 
 
-def test_two_layers_of_one_class_that_differ_in_a_flag_are_checked_each_on_its_own():
+@pytest.mark.parametrize("as_buffer", [False, True])
+def test_two_layers_of_one_class_that_differ_in_a_flag_are_checked_each_on_its_own(as_buffer):
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv1 = nn.Conv2d(3, 8, 1)
-            self.reads = SwitchedGroupsConv(8, literal=False)
+            self.reads = SwitchedGroupsConv(8, literal=False, as_buffer=as_buffer)
             self.conv2 = nn.Conv2d(3, 8, 1)
-            self.writes = SwitchedGroupsConv(8, literal=True)
+            self.writes = SwitchedGroupsConv(8, literal=True, as_buffer=as_buffer)
 
         def forward(self, x):
             return self.reads(self.conv1(x)) + self.writes(self.conv2(x))

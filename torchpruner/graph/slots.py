@@ -130,7 +130,8 @@ def shared_traces() -> Iterator[None]:
 def _structure_key(owner: nn.Module) -> tuple[Any, ...] | None:
     """Everything ``owner``'s forward traced alone can depend on, comparable across modules: per
     submodule its name, class, which earlier submodule it is (a shared one), its plain attributes
-    (training flag included) and functions, its parameters' and buffers' names, shapes and dtypes.
+    (training flag included) and functions, its parameters' names, shapes and dtypes, its
+    buffers' too and their values (fx passes buffers to the forward as tensors, not proxies).
     None when a submodule holds anything else (a tensor attribute, a hook, an object), whose
     effect on the trace is unknown: then it is traced on its own."""
     seen: dict[int, int] = {}
@@ -141,14 +142,26 @@ def _structure_key(owner: nn.Module) -> tuple[Any, ...] | None:
         for attr, value in vars(module).items():
             if attr == "_modules":
                 attributes.append((attr, tuple(value)))
-            elif attr in ("_parameters", "_buffers"):
+            elif attr == "_parameters":  # read as proxies while tracing: their values do not matter
                 tensors = tuple(
-                    (key, None)
-                    if t is None
-                    else (key, type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad, t.layout)
+                    (key, None) if t is None else (key, type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad)
                     for key, t in value.items()
                 )
                 attributes.append((attr, tensors))
+            elif attr == "_buffers":  # read as tensors (a value can decide a branch): their bits too
+                buffers: list[tuple[Any, ...]] = []
+                for key, t in value.items():
+                    if t is None:
+                        buffers.append((key, None))
+                        continue
+                    try:
+                        if t.layout != torch.strided or t.is_meta or t.is_quantized:
+                            return None
+                        bits = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+                    except (RuntimeError, ValueError, TypeError):  # a lazy buffer, a dtype without bytes
+                        return None
+                    buffers.append((key, type(t), tuple(t.shape), t.dtype, t.device, bits))
+                attributes.append((attr, tuple(buffers)))
             elif attr == "_non_persistent_buffers_set":
                 attributes.append((attr, tuple(sorted(value))))
             elif "hook" in attr and isinstance(value, dict):
