@@ -159,12 +159,13 @@ def _lowest(group: Group, values: np.ndarray, count: int) -> list[int]:
         return sorted(int(u) for u in order[:count])
     num_cells = int(cells.max()) + 1
     per_cell = count // num_cells
+    cell_in_order = cells[order]
     chosen: list[int] = []
     for cell in range(num_cells):
-        members = [int(u) for u in order if cells[u] == cell]
+        members = order[cell_in_order == cell]  # the cell's units, lowest score first
         if per_cell >= len(members):
             return []  # a cell would be emptied: the grouped layout cannot lose this many
-        chosen += members[:per_cell]
+        chosen += members[:per_cell].tolist()
     return sorted(chosen)
 
 

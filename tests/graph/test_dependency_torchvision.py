@@ -153,6 +153,20 @@ def test_weight_norm_scores_pick_the_weakest_units():
     assert selection[groups[1]] == [2, 7]
 
 
+def test_a_grouped_consumer_loses_the_lowest_scored_units_of_each_conv_group():
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 6, 3, groups=3))
+    pruner = Pruner(model, input_size=(3, 8, 8))
+    (group,) = [g for g in pruner.groups() if model[0] in g.source_modules]
+    assert group.count_cells().tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    values = np.array([5.0, 1.0, 3.0, 0.5, 9.0, 8.0, 0.1, 0.2, 4.0, 4.0, 4.0, 0.0])
+
+    selection = select_units([group], fraction=0.5, scores=lambda g: values)
+    # two units from each conv group: its two lowest scores (the earlier unit on a tie)
+    assert selection[group] == [1, 3, 6, 7, 8, 11]
+    selection = select_units([group], fraction=0.25, scores=lambda g: values)
+    assert selection[group] == [3, 6, 11]  # three units: one from each conv group
+
+
 def test_global_ranking_with_per_group_normalisation():
     model = Net()
     pruner = Pruner(model, input_size=(3, 8, 8))

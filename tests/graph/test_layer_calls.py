@@ -147,6 +147,43 @@ def test_literal_groups_in_a_conv_subclass_are_refused_naming_the_layer():
     assert [g for g in pruner.groups() if model.fc1 in g.source_modules]  # the other group still prunes
 
 
+class SwitchedGroupsConv(nn.Conv2d):
+    """Reads ``groups`` from its attribute, or writes it as a literal when ``literal`` is set (a
+    plain attribute, or a buffer whose value the forward reads)."""
+
+    def __init__(self, channels: int, literal: bool, as_buffer: bool) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=4)
+        if as_buffer:
+            self.register_buffer("literal", torch.tensor(literal))
+        else:
+            self.literal = literal
+
+    def forward(self, x):
+        groups = 4 if bool(self.literal) else self.groups
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)
+
+
+@pytest.mark.parametrize("as_buffer", [False, True])
+def test_two_layers_of_one_class_that_differ_in_a_flag_are_checked_each_on_its_own(as_buffer):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 1)
+            self.reads = SwitchedGroupsConv(8, literal=False, as_buffer=as_buffer)
+            self.conv2 = nn.Conv2d(3, 8, 1)
+            self.writes = SwitchedGroupsConv(8, literal=True, as_buffer=as_buffer)
+
+        def forward(self, x):
+            return self.reads(self.conv1(x)) + self.writes(self.conv2(x))
+
+    model = Net()
+    pruner = Pruner(model, input_size=(3, 6, 6))
+    prunable = [g for g in pruner.groups() if model.conv1 in g.source_modules]
+    assert prunable and prunable[0].count_cells() is not None
+    (refused,) = [g for g in pruner.refused_groups() if model.conv2 in g.source_modules]
+    assert "'writes' (SwitchedGroupsConv, conv2d) passes groups=4 as a constant" in refused.refusal
+
+
 def test_tied_weight_read_outside_its_layer_is_refused():
     class Tied(nn.Module):
         def __init__(self) -> None:

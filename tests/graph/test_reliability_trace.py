@@ -8,6 +8,8 @@
   scoring run at a functional evaluation point) is released from ``linecache`` and torch.fx's
   loader, so periodic pruning inside a training run holds constant memory.
 - When torch.fx fails, the message names the module whose code it could not trace.
+- The tracer names each parameter and buffer a traced forward reads as torch.fx's own search
+  does (the first name of a shared tensor, a buffer replaced while tracing by its new object).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from oracles import (
     masked_units,
     snapshot,
 )
+import torch.fx as fx
 from torch.fx import graph_module as fx_graph_module
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchpruner import APoZAttributionMetric, Pruner, TaylorAttributionMetric
 from torchpruner.graph import get_graph
 from torchpruner.graph.dependency import DependencyError
+from torchpruner.graph.trace import _LeafTracer
 
 
 class HeadNet(nn.Module):
@@ -369,3 +373,52 @@ def test_an_fx_trace_that_does_not_run_falls_back_silently_with_the_model_error(
     assert "meta=" not in graph.fx_failure
     captured = capfd.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
+
+
+class _SearchingTracer(_LeafTracer):
+    """The same tracer with torch.fx's own name search for parameters and buffers."""
+
+    getattr = fx.Tracer.getattr
+    create_arg = fx.Tracer.create_arg
+
+
+class _Norm(nn.BatchNorm2d):
+    """A BatchNorm subclass traced into: reads its parameters and its running statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+class _SharedNet(nn.Module):
+    """A parameter and a buffer held under two names each, and a buffer replaced while tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = _Norm(4)
+        self.second = _Norm(4)
+        self.second.weight = self.first.weight  # the first name is "first.weight"
+        self.second.register_buffer("running_mean", self.first.running_mean)
+        self.register_buffer("scale", torch.ones(4, 1, 1))
+        self.scale_old: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.second(self.first(x)) * self.scale
+        self.scale_old = self.scale
+        self.scale = torch.full((4, 1, 1), 2.0)  # a new buffer object under the old name
+        # the old object, no longer a buffer, is a constant as fx makes it
+        return x * self.scale * self.scale_old + self.second.weight.sum()
+
+
+def test_the_tracer_names_parameters_and_buffers_as_fx_searches_them():
+    graphs = []
+    for tracer in (_LeafTracer(), _SearchingTracer()):
+        model = _SharedNet()
+        graphs.append(tracer.trace(model))
+    ours, searched = ([(n.name, n.op, n.target, repr(n.args)) for n in graph.nodes] for graph in graphs)
+    assert ours == searched
+    targets = [target for _, op, target, _ in ours if op == "get_attr"]
+    assert "first.weight" in targets and "second.weight" not in targets
+    assert "first.running_mean" in targets and "second.running_var" in targets
+    assert targets.count("scale") == 2  # the replaced buffer is found under its name again
+    assert "_tensor_constant0" in targets

@@ -94,7 +94,7 @@ from torchpruner.rules import AttributeChange
 from .trace import CallSite, ModelGraph
 from .flow_layers import LayerFlow
 from .recapture import capture_again, same_ops, temporarily_pruned, trial_edits
-from .slots import _name_target
+from .slots import _name_target, shared_traces
 from .spaces import (
     DependencyError,
     Member,
@@ -571,17 +571,18 @@ class DependencyGraph(LayerFlow):
         self._bounded_prefixes: Dict[Tuple[int, str], Dict[int, _Space]] = {}
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
         self._traced_modules = dict(graph.traced.named_modules())
-        for node in graph.traced.graph.nodes:
-            self._visiting = node  # the op a refusal is recorded at
-            try:
-                self._visit(node)
-            except _CannotFollow as exc:
-                self._block_node(node, self._refusal_upstream(node) or str(exc))
-            except Exception as exc:  # arguments the analysis cannot read (a traced shape as an argument...)
-                self._block_node(
-                    node,
-                    f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {str(exc)[:120]})",
-                )
+        with shared_traces():  # a module traced again alone is traced once per structure
+            for node in graph.traced.graph.nodes:
+                self._visiting = node  # the op a refusal is recorded at
+                try:
+                    self._visit(node)
+                except _CannotFollow as exc:
+                    self._block_node(node, self._refusal_upstream(node) or str(exc))
+                except Exception as exc:  # arguments the analysis cannot read (a traced shape as an argument...)
+                    self._block_node(
+                        node,
+                        f"cannot follow the units through {self._label(node)} ({type(exc).__name__}: {str(exc)[:120]})",
+                    )
         self._visiting = None
         self._build_groups()
 

@@ -3,9 +3,11 @@ the dependency analysis in :mod:`torchpruner.graph.dependency`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import operator
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchpruner._ops import (
+    leaf_version,
     SHAPE_QUERY_ATTRIBUTES,
     SHAPE_QUERY_FUNCTIONS,
     SHAPE_QUERY_METHODS,
@@ -22,7 +25,7 @@ from torchpruner._ops import (
 )
 
 from .spaces import _CannotFollow, _LiteralSize, _Role, _ShapeAttribute, _Space
-from .trace import CallSite, ModelGraph, _LeafTracer
+from .trace import CallSite, ModelGraph, _LeafTracer, _PLAIN_TYPES, _is_plain
 
 
 def _slot_ids(shape: Sequence[int], axis: int, ids: np.ndarray) -> torch.Tensor:
@@ -106,25 +109,111 @@ def _is_kept_part(value: Any, full: torch.Tensor, axis: int, kept: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == expected.shape and torch.equal(value, expected)
 
 
+#: the traces of :func:`_traced_with` shared within one analysis (None outside one)
+_SHARED_TRACES: contextvars.ContextVar[dict[Any, fx.Graph | None] | None] = contextvars.ContextVar(
+    "_SHARED_TRACES", default=None
+)
+
+
+@contextlib.contextmanager
+def shared_traces() -> Iterator[None]:
+    """Within the block, :func:`_traced_with` traces each module structure once: the layers of
+    a model are mostly copies of a few (every LayerNorm2d of a ConvNeXt, every block's attention),
+    and each trace costs milliseconds. The block is one analysis of one model, so nothing that
+    a trace depends on changes in between."""
+    token = _SHARED_TRACES.set({})
+    try:
+        yield
+    finally:
+        _SHARED_TRACES.reset(token)
+
+
+def _structure_key(owner: nn.Module) -> tuple[Any, ...] | None:
+    """Everything ``owner``'s forward traced alone can depend on, comparable across modules: per
+    submodule its name, class, which earlier submodule it is (a shared one), its plain attributes
+    (training flag included) and functions, its parameters' names, shapes and dtypes, its
+    buffers' too and their values (fx passes buffers to the forward as tensors, not proxies).
+    None when a submodule holds anything else (a tensor attribute, a hook, an object), whose
+    effect on the trace is unknown: then it is traced on its own."""
+    seen: dict[int, int] = {}
+    parts: list[Any] = [leaf_version()]
+    for name, module in owner.named_modules(remove_duplicate=False):
+        first = seen.setdefault(id(module), len(seen))
+        attributes: list[Any] = []
+        for attr, value in vars(module).items():
+            if attr == "_modules":
+                attributes.append((attr, tuple(value)))
+            elif attr == "_parameters":  # read as proxies while tracing: their values do not matter
+                tensors = tuple(
+                    (key, None) if t is None else (key, type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad)
+                    for key, t in value.items()
+                )
+                attributes.append((attr, tensors))
+            elif attr == "_buffers":  # read as tensors (a value can decide a branch): their bits too
+                buffers: list[tuple[Any, ...]] = []
+                for key, t in value.items():
+                    if t is None:
+                        buffers.append((key, None))
+                        continue
+                    try:
+                        if t.layout != torch.strided or t.is_meta or t.is_quantized:
+                            return None
+                        bits = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+                    except (RuntimeError, ValueError, TypeError):  # a lazy buffer, a dtype without bytes
+                        return None
+                    buffers.append((key, type(t), tuple(t.shape), t.dtype, t.device, bits))
+                attributes.append((attr, tuple(buffers)))
+            elif attr == "_non_persistent_buffers_set":
+                attributes.append((attr, tuple(sorted(value))))
+            elif "hook" in attr and isinstance(value, dict):
+                if value:
+                    return None
+            elif isinstance(value, _PLAIN_TYPES) or (_is_plain(value) and isinstance(value, tuple)):
+                attributes.append((attr, type(value), value))
+            elif _is_plain(value):  # a list
+                attributes.append((attr, type(value), tuple(value)))
+            elif callable(value) and not isinstance(value, (nn.Module, torch.Tensor)) and hasattr(value, "__code__"):
+                attributes.append((attr, value))  # a function: itself (held by the module)
+            else:
+                return None
+        parts.append((name, type(module), first, tuple(attributes)))
+    return tuple(parts)
+
+
 def _traced_with(owner: nn.Module, attribute: str, value: Any, defaults: bool = False) -> fx.Graph | None:
     """``owner``'s forward traced alone with ``owner.<attribute>`` set to ``value`` (restored
     afterwards), or None when it cannot be traced alone (then where a value comes from stays
     unknown). ``defaults``: the arguments that default to None are None (as in a call that does not
-    pass them: Swin's ``attn(x)`` without a mask), not traced values."""
-    old = getattr(owner, attribute)
+    pass them: Swin's ``attn(x)`` without a mask), not traced values. Within
+    :func:`shared_traces`, a module of the same structure as one already traced with the same
+    change reuses that trace (the callers read only its structure)."""
     concrete = None
     if defaults:
         parameters = inspect.signature(owner.forward).parameters.values()
         concrete = {p.name: None for p in parameters if p.default is None}
         if not concrete:
             return None
+    shared = _SHARED_TRACES.get()
+    key = None
+    if shared is not None and type(value) in (int, tuple, list, torch.Size):
+        structure = _structure_key(owner)
+        if structure is not None:
+            key = (structure, attribute, type(value), tuple(value) if not isinstance(value, int) else value, defaults)
+            if key in shared:
+                return shared[key]
+    attributes_before = set(vars(owner))
+    old = getattr(owner, attribute)
+    graph: fx.Graph | None
     try:
         setattr(owner, attribute, value)
-        return _LeafTracer().trace(owner, concrete_args=concrete)
+        graph = _LeafTracer().trace(owner, concrete_args=concrete)
     except Exception:  # noqa: BLE001 - its forward cannot be traced alone: the origin stays unknown
-        return None
+        graph = None
     finally:
         setattr(owner, attribute, old)
+    if shared is not None and key is not None and set(vars(owner)) == attributes_before:
+        shared[key] = graph  # (a trace that stored constants on the module is not shared)
+    return graph
 
 
 def _reads_attribute(

@@ -287,6 +287,43 @@ def _sdpa_taking_proxies() -> Iterator[None]:
         functional.scaled_dot_product_attention = original
 
 
+class _TensorNames:
+    """The qualified name of each parameter and buffer of ``root``, as ``named_parameters()`` and
+    ``named_buffers()`` give it (the first name of a shared tensor), found in a map built once.
+
+    A name is given only while it still holds that very tensor (a module may replace a buffer
+    while being traced; the map holds each tensor, so an id is not reused meanwhile); else None,
+    and the caller searches as fx does.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self._root = root
+        self._parameters: Dict[int, Tuple[str, torch.Tensor]] = {}
+        self._buffers: Dict[int, Tuple[str, torch.Tensor]] = {}
+        for name, parameter in root.named_parameters():
+            self._parameters.setdefault(id(parameter), (name, parameter))
+        for name, buffer in root.named_buffers():
+            self._buffers.setdefault(id(buffer), (name, buffer))
+
+    def parameter(self, tensor: torch.Tensor) -> str | None:
+        return self._held(self._parameters.get(id(tensor)), tensor, "_parameters")
+
+    def buffer(self, tensor: torch.Tensor) -> str | None:
+        return self._held(self._buffers.get(id(tensor)), tensor, "_buffers")
+
+    def _held(self, entry: Tuple[str, torch.Tensor] | None, tensor: torch.Tensor, kind: str) -> str | None:
+        if entry is None or entry[1] is not tensor:
+            return None
+        name = entry[0]
+        path, _, attribute = name.rpartition(".")
+        module: nn.Module | None = self._root
+        for atom in path.split(".") if path else ():
+            module = module._modules.get(atom) if module is not None else None
+        if module is None or getattr(module, kind).get(attribute) is not tensor:
+            return None
+        return name
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every torch.nn module, childless torchvision ops modules and
     registered user types (:func:`register_leaf_module`) as leaves.
@@ -298,6 +335,7 @@ class _LeafTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.failure: tuple[BaseException, str, type] | None = None
+        self._tensor_names: _TensorNames | None = None
 
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -318,8 +356,40 @@ class _LeafTracer(fx.Tracer):
         root: nn.Module | Callable[..., Any],
         concrete_args: dict[str, Any] | None = None,
     ) -> fx.Graph:
-        with _sdpa_taking_proxies():
-            return super().trace(root, concrete_args)
+        self._tensor_names = None
+        try:
+            with _sdpa_taking_proxies():
+                return super().trace(root, concrete_args)
+        finally:
+            self._tensor_names = None
+
+    def _names(self) -> _TensorNames:
+        if self._tensor_names is None:
+            self._tensor_names = _TensorNames(self.root)
+        return self._tensor_names
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        # fx finds the name of a parameter a traced forward reads by scanning named_parameters()
+        # at every read: quadratic in the parameter count (seconds on timm's BatchNormAct2d
+        # models). The same name from a map built once; anything else is left to fx.
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            name = self._names().parameter(attr_val)
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=None)
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        # fx emits a buffer or parameter met as a plain tensor argument (BatchNorm's running
+        # statistics) as a get_attr of its name, found by scanning named_buffers() or
+        # named_parameters() each time: the same name from the map built once
+        if isinstance(a, torch.Tensor):
+            names = self._names()
+            name = names.parameter(a) if isinstance(a, nn.Parameter) else names.buffer(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaves = user_leaf_types()
