@@ -603,3 +603,31 @@ def test_a_hooked_max_pool_module_sees_the_models_layout():
     fast, _ = score(model, model.conv1, x, y, "fast", reduction="none", sv_samples=2, seed=0, incremental=False)
     np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
     assert layouts and all(layouts)
+
+
+@pytest.mark.parametrize("index", [2, 6])  # a flattened conv output -> linear; a hidden linear -> linear
+@pytest.mark.parametrize("options", [{}, {"truncation_tolerance": 0.05}, {"max_batch_elements": 60}])
+def test_walking_orderings_side_by_side_gives_the_scores_of_walking_them_one_by_one(monkeypatch, index, options):
+    """Small states are walked several orderings at a time (the contributions gathered in order,
+    each step adding the state before it): the same float additions, so the same scores to the
+    last bit as the walk one state at a time, in float32 too, also when an ordering is truncated
+    or does not fit in one stacked evaluation."""
+    from torchpruner.attributions.methods import shapley
+
+    model = cnn(torch.float32)
+    x, y = data((1, 8, 8), n=7, dtype=torch.float32)
+    walked: list[int] = []
+    side_by_side = shapley.walk_side_by_side
+
+    def counted(states, orders, contributions, empty):
+        walked.append(len(orders))
+        side_by_side(states, orders, contributions, empty)
+
+    monkeypatch.setattr(shapley, "walk_side_by_side", counted)
+    together, used = score(model, model[index], x, y, "fast", reduction="none", sv_samples=4, seed=1, **options)
+    assert used == "incremental" and walked and (max(walked) > 1 or "max_batch_elements" in options)
+    walked.clear()
+    monkeypatch.setattr(shapley, "SIDE_BY_SIDE_ELEMENTS", 0)
+    one_by_one, _ = score(model, model[index], x, y, "fast", reduction="none", sv_samples=4, seed=1, **options)
+    assert walked == []
+    np.testing.assert_array_equal(together, one_by_one)
