@@ -631,3 +631,29 @@ def test_walking_orderings_side_by_side_gives_the_scores_of_walking_them_one_by_
     one_by_one, _ = score(model, model[index], x, y, "fast", reduction="none", sv_samples=4, seed=1, **options)
     assert walked == []
     np.testing.assert_array_equal(together, one_by_one)
+
+
+@pytest.mark.parametrize("index", [0, 2, 6])  # channel-major flatten; units of the linear; ReLU output
+def test_a_linear_layer_reads_the_units_it_owns_in_blocks_as_views(monkeypatch, index):
+    """When unit c owns the inputs c·k .. c·k + k − 1 of the linear layer (and every input has an
+    owner), its contributions read the input and the weight as views: the scores are the ones
+    of gathering them, to the last bit (float32)."""
+    from torchpruner.attributions import suffix
+
+    model = mlp(torch.float32) if index == 0 else cnn(torch.float32)
+    x, y = data((4,) if index == 0 else (1, 8, 8), n=7, dtype=torch.float32)
+    blocks: list[bool] = []
+    layout = suffix.Incremental._unit_layout
+
+    def spy(self, env, batch):
+        layout(self, env, batch)
+        blocks.append(self.blocks)
+        self.blocks = self.blocks and not gather
+
+    monkeypatch.setattr(suffix.Incremental, "_unit_layout", spy)
+    gather = False
+    viewed, used = score(model, model[index], x, y, "fast", reduction="none", sv_samples=3, seed=2)
+    assert used == "incremental" and blocks == [True]
+    gather = True
+    gathered, _ = score(model, model[index], x, y, "fast", reduction="none", sv_samples=3, seed=2)
+    np.testing.assert_array_equal(viewed, gathered)

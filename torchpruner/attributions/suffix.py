@@ -748,6 +748,11 @@ class Incremental:
             raise SuffixUnavailable("units own different numbers of inputs of the linear layer")
         self.index = torch.nonzero(per_feature)[:, 1].reshape(units, -1)  # [units, k]
         self.rest = ~per_feature.any(0)  # inputs of no scored unit: always on
+        #: unit c owns the inputs c·k .. c·k + k − 1 and no input is always on (a flattened
+        #: channel-major activation, or the units themselves): the gathers are views
+        self.blocks = per_feature.shape[1] == self.index.numel() and bool(
+            (self.index.reshape(-1) == torch.arange(self.index.numel())).all()
+        )
 
     def contributions(self, env: dict[fx.Node, Any], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y_empty [n, ...], contributions [units, n, ...])`` at the consumer's output for the
@@ -759,8 +764,12 @@ class Incremental:
         with torch.no_grad():
             if isinstance(module, nn.Linear):
                 empty = F.linear(u * rest.to(u.dtype), module.weight, module.bias)
-                gathered = u[..., index]  # [n, ..., units, k]
-                weight = module.weight[:, index]  # [out, units, k]
+                if self.blocks:  # the same values, without copying them
+                    gathered = u.reshape(*u.shape[:-1], *index.shape)
+                    weight = module.weight.reshape(-1, *index.shape)
+                else:
+                    gathered = u[..., index]  # [n, ..., units, k]
+                    weight = module.weight[:, index]  # [out, units, k]
                 contributions = torch.einsum("...ck,ock->c...o", gathered, weight)
             else:
                 channel_shape = [1, -1] + [1] * (u.dim() - 2)
