@@ -657,3 +657,31 @@ def test_a_linear_layer_reads_the_units_it_owns_in_blocks_as_views(monkeypatch, 
     gather = True
     gathered, _ = score(model, model[index], x, y, "fast", reduction="none", sv_samples=3, seed=2)
     np.testing.assert_array_equal(viewed, gathered)
+
+
+@pytest.mark.parametrize("options", [{}, {"truncation_tolerance": 0.05}, {"max_batch_elements": 60}])
+def test_a_relu_after_the_walked_layer_runs_in_place_on_the_walks_states(monkeypatch, options):
+    """The walk's stacked states are scratch once evaluated, so the ReLU after the linear layer
+    overwrites them instead of allocating: the same scores to the last bit (float32), also when
+    an ordering goes on in the next stacked evaluation (its state must survive the ReLU) and the
+    empty coalition's state, which the walk starts from, is never overwritten."""
+    from torchpruner.attributions import suffix
+
+    model = cnn(torch.float32)
+    x, y = data((1, 8, 8), n=7, dtype=torch.float32)
+    plan = suffix._Program._plan_rewrites
+    planned: list[int] = []
+
+    def spy(self, owner):
+        plan(self, owner)
+        planned.append(len(self.in_place_given))
+        if not in_place:
+            self.in_place_given = set()
+
+    monkeypatch.setattr(suffix._Program, "_plan_rewrites", spy)
+    in_place = True
+    overwritten, used = score(model, model[2], x, y, "fast", reduction="none", sv_samples=3, seed=5, **options)
+    assert used == "incremental" and max(planned) == 1
+    in_place = False
+    kept, _ = score(model, model[2], x, y, "fast", reduction="none", sv_samples=3, seed=5, **options)
+    np.testing.assert_array_equal(overwritten, kept)

@@ -350,7 +350,9 @@ class FastEvaluator:
             filled = 0
 
             def flush() -> None:
-                losses = walk.rest_losses(env, batch, rows, buffer[:filled].reshape(-1, *empty.shape[1:])).cpu()
+                # the buffer's states are not read again (a state an ordering goes on from is copied)
+                stacked = buffer[:filled].reshape(-1, *empty.shape[1:])
+                losses = walk.rest_losses(env, batch, rows, stacked, scratch=True).cpu()
                 offset = 0
                 for p, t0, k in pending:
                     out[p, t0 + 1 : t0 + 1 + k, rows] = -losses[offset : offset + k]
