@@ -603,3 +603,85 @@ def test_a_hooked_max_pool_module_sees_the_models_layout():
     fast, _ = score(model, model.conv1, x, y, "fast", reduction="none", sv_samples=2, seed=0, incremental=False)
     np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
     assert layouts and all(layouts)
+
+
+@pytest.mark.parametrize("index", [2, 6])  # a flattened conv output -> linear; a hidden linear -> linear
+@pytest.mark.parametrize("options", [{}, {"truncation_tolerance": 0.05}, {"max_batch_elements": 60}])
+def test_walking_orderings_side_by_side_gives_the_scores_of_walking_them_one_by_one(monkeypatch, index, options):
+    """Small states are walked several orderings at a time (the contributions gathered in order,
+    each step adding the state before it): the same float additions, so the same scores to the
+    last bit as the walk one state at a time, in float32 too, also when an ordering is truncated
+    or does not fit in one stacked evaluation."""
+    from torchpruner.attributions.methods import shapley
+
+    model = cnn(torch.float32)
+    x, y = data((1, 8, 8), n=7, dtype=torch.float32)
+    walked: list[int] = []
+    side_by_side = shapley.walk_side_by_side
+
+    def counted(states, orders, contributions, empty):
+        walked.append(len(orders))
+        side_by_side(states, orders, contributions, empty)
+
+    monkeypatch.setattr(shapley, "walk_side_by_side", counted)
+    together, used = score(model, model[index], x, y, "fast", reduction="none", sv_samples=4, seed=1, **options)
+    assert used == "incremental" and walked and (max(walked) > 1 or "max_batch_elements" in options)
+    walked.clear()
+    monkeypatch.setattr(shapley, "SIDE_BY_SIDE_ELEMENTS", 0)
+    one_by_one, _ = score(model, model[index], x, y, "fast", reduction="none", sv_samples=4, seed=1, **options)
+    assert walked == []
+    np.testing.assert_array_equal(together, one_by_one)
+
+
+@pytest.mark.parametrize("index", [0, 2, 6])  # channel-major flatten; units of the linear; ReLU output
+def test_a_linear_layer_reads_the_units_it_owns_in_blocks_as_views(monkeypatch, index):
+    """When unit c owns the inputs c·k .. c·k + k − 1 of the linear layer (and every input has an
+    owner), its contributions read the input and the weight as views: the scores are the ones
+    of gathering them, to the last bit (float32)."""
+    from torchpruner.attributions import suffix
+
+    model = mlp(torch.float32) if index == 0 else cnn(torch.float32)
+    x, y = data((4,) if index == 0 else (1, 8, 8), n=7, dtype=torch.float32)
+    blocks: list[bool] = []
+    layout = suffix.Incremental._unit_layout
+
+    def spy(self, env, batch):
+        layout(self, env, batch)
+        blocks.append(self.blocks)
+        self.blocks = self.blocks and not gather
+
+    monkeypatch.setattr(suffix.Incremental, "_unit_layout", spy)
+    gather = False
+    viewed, used = score(model, model[index], x, y, "fast", reduction="none", sv_samples=3, seed=2)
+    assert used == "incremental" and blocks == [True]
+    gather = True
+    gathered, _ = score(model, model[index], x, y, "fast", reduction="none", sv_samples=3, seed=2)
+    np.testing.assert_array_equal(viewed, gathered)
+
+
+@pytest.mark.parametrize("options", [{}, {"truncation_tolerance": 0.05}, {"max_batch_elements": 60}])
+def test_a_relu_after_the_walked_layer_runs_in_place_on_the_walks_states(monkeypatch, options):
+    """The walk's stacked states are scratch once evaluated, so the ReLU after the linear layer
+    overwrites them instead of allocating: the same scores to the last bit (float32), also when
+    an ordering goes on in the next stacked evaluation (its state must survive the ReLU) and the
+    empty coalition's state, which the walk starts from, is never overwritten."""
+    from torchpruner.attributions import suffix
+
+    model = cnn(torch.float32)
+    x, y = data((1, 8, 8), n=7, dtype=torch.float32)
+    plan = suffix._Program._plan_rewrites
+    planned: list[int] = []
+
+    def spy(self, owner):
+        plan(self, owner)
+        planned.append(len(self.in_place_given))
+        if not in_place:
+            self.in_place_given = set()
+
+    monkeypatch.setattr(suffix._Program, "_plan_rewrites", spy)
+    in_place = True
+    overwritten, used = score(model, model[2], x, y, "fast", reduction="none", sv_samples=3, seed=5, **options)
+    assert used == "incremental" and max(planned) == 1
+    in_place = False
+    kept, _ = score(model, model[2], x, y, "fast", reduction="none", sv_samples=3, seed=5, **options)
+    np.testing.assert_array_equal(overwritten, kept)

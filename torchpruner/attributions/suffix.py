@@ -197,6 +197,9 @@ class _Program:
         self.pool_first: dict[fx.Node, fx.Node] = {}
         #: ReLU nodes whose input is overwritten
         self.in_place: set[fx.Node] = set()
+        #: ReLU nodes that overwrite the given value they read (its only reader) when the caller
+        #: says the given values are scratch (``evaluate(..., scratch=True)``)
+        self.in_place_given: set[fx.Node] = set()
         #: linear node -> the flatten it reads (a channels-last input is read without a copy)
         self.flat_linear: dict[fx.Node, fx.Node] = {}
         self.deferred: set[fx.Node] = set()
@@ -227,6 +230,9 @@ class _Program:
                 if users[0].args and users[0].args[0] is node:
                     self.pool_first[users[0]] = node
                     continue
+            if source in self.given and [u for u in source.users if not _is_shape_query(u)] == [node]:
+                self.in_place_given.add(node)
+                continue
             if (
                 source in inside
                 and source not in keep_out
@@ -468,11 +474,13 @@ class Suffix:
         repeats: int,
         given: dict[fx.Node, Any],
         masks: dict[fx.Node, torch.Tensor] | None = None,
+        scratch: bool = False,
     ) -> Any:
         """Run ``program`` on ``repeats`` stacked copies of the examples ``rows`` of the batch:
         ``given`` supplies the stacked values of the program's starting nodes, ``masks`` the
-        bool keep masks ``[repeats · n, size]`` applied at masked nodes. Returns the value of the
-        program's output (the model output when it has none)."""
+        bool keep masks ``[repeats · n, size]`` applied at masked nodes; ``scratch=True``: the
+        given values are the caller's scratch, which the program may overwrite. Returns the
+        value of the program's output (the model output when it has none)."""
         inputs = env[_INPUTS]  # type: ignore[index]
         local: dict[fx.Node, Any] = {}
         size = batch.size
@@ -499,7 +507,7 @@ class Suffix:
                 if relu is not None:  # the max-pool of the ReLU's input, then the ReLU in place
                     source = relu.all_input_nodes[0]
                     value = torch.relu_(self._run_node(node, lambda n: fetch(source if n is relu else n), inputs))
-                elif node in program.in_place:
+                elif node in program.in_place or (scratch and node in program.in_place_given):
                     value = torch.relu_(fetch(node.all_input_nodes[0]))
                 elif node in program.views_as_reshape:
                     args = fx.node.map_arg(node.args, fetch)
@@ -547,9 +555,10 @@ class Suffix:
         repeats: int,
         given: dict[fx.Node, Any],
         masks: dict[fx.Node, torch.Tensor] | None = None,
+        scratch: bool = False,
     ) -> torch.Tensor:
         """Per-example losses ``[repeats, n]`` (float64) of :meth:`evaluate`."""
-        output = self.evaluate(program, env, batch, rows, repeats, given, masks)
+        output = self.evaluate(program, env, batch, rows, repeats, given, masks, scratch)
         n = len(range(batch.size)[rows])
         target = repeat_rows(batch.target, rows, repeats, batch.size)
         loss = per_example_loss(self.criterion, output, target, repeats * n)
@@ -748,6 +757,11 @@ class Incremental:
             raise SuffixUnavailable("units own different numbers of inputs of the linear layer")
         self.index = torch.nonzero(per_feature)[:, 1].reshape(units, -1)  # [units, k]
         self.rest = ~per_feature.any(0)  # inputs of no scored unit: always on
+        #: unit c owns the inputs c·k .. c·k + k − 1 and no input is always on (a flattened
+        #: channel-major activation, or the units themselves): the gathers are views
+        self.blocks = per_feature.shape[1] == self.index.numel() and bool(
+            (self.index.reshape(-1) == torch.arange(self.index.numel())).all()
+        )
 
     def contributions(self, env: dict[fx.Node, Any], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y_empty [n, ...], contributions [units, n, ...])`` at the consumer's output for the
@@ -759,8 +773,12 @@ class Incremental:
         with torch.no_grad():
             if isinstance(module, nn.Linear):
                 empty = F.linear(u * rest.to(u.dtype), module.weight, module.bias)
-                gathered = u[..., index]  # [n, ..., units, k]
-                weight = module.weight[:, index]  # [out, units, k]
+                if self.blocks:  # the same values, without copying them
+                    gathered = u.reshape(*u.shape[:-1], *index.shape)
+                    weight = module.weight.reshape(-1, *index.shape)
+                else:
+                    gathered = u[..., index]  # [n, ..., units, k]
+                    weight = module.weight[:, index]  # [out, units, k]
                 contributions = torch.einsum("...ck,ock->c...o", gathered, weight)
             else:
                 channel_shape = [1, -1] + [1] * (u.dim() - 2)
@@ -788,7 +806,12 @@ class Incremental:
     def elements_per_example(self) -> int:
         return self.num_units * max(1, self.program.elements_per_example)
 
-    def rest_losses(self, env: dict[fx.Node, Any], batch: Batch, rows: slice, stacked: torch.Tensor) -> torch.Tensor:
-        """Losses ``[K, n]`` with the consumer's output set to ``stacked`` (``[K · n, ...]``)."""
+    def rest_losses(
+        self, env: dict[fx.Node, Any], batch: Batch, rows: slice, stacked: torch.Tensor, scratch: bool = False
+    ) -> torch.Tensor:
+        """Losses ``[K, n]`` with the consumer's output set to ``stacked`` (``[K · n, ...]``);
+        ``scratch=True``: ``stacked`` is the caller's scratch, which may be overwritten (a ReLU
+        right after the layer then runs in place on it)."""
         n = len(range(batch.size)[rows])
-        return self.suffix.losses(self.program, env, batch, rows, stacked.shape[0] // n, {self.consumer: stacked})
+        given = {self.consumer: stacked}
+        return self.suffix.losses(self.program, env, batch, rows, stacked.shape[0] // n, given, scratch=scratch)

@@ -147,6 +147,28 @@ def batch_rows(batch: Batch, count: int) -> Batch:
     )
 
 
+#: States of at most this many elements are walked side by side, several orderings per step (an
+#: add of fewer elements costs about as much as its dispatch on the CPU); larger ones one by one.
+SIDE_BY_SIDE_ELEMENTS = 8192
+
+
+def walk_side_by_side(
+    states: torch.Tensor, orders: torch.Tensor, contributions: torch.Tensor, empty: torch.Tensor
+) -> None:
+    """Fill ``states`` (contiguous, ``[P · units, *empty.shape]``) with the walk's states along the
+    orderings ``orders`` (``[P, units]``): ``states[p · units + t]`` is ``empty`` plus the
+    contributions of the first ``t + 1`` units of ordering ``p``. The contributions are gathered
+    in order first, then each step adds the state before it in place, for every ordering at once:
+    the same float additions as a walk one state at a time (addition commutes exactly), with one
+    add per step instead of one per step and ordering."""
+    num, units = orders.shape
+    torch.index_select(contributions, 0, orders.reshape(-1), out=states)
+    steps = states.view(num, units, *empty.shape).unbind(1)
+    steps[0].add_(empty)
+    for t in range(1, units):
+        steps[t].add_(steps[t - 1])
+
+
 class FastEvaluator:
     """Values ``−ℓ`` of coalitions for one run: a :class:`Suffix` (and its incremental form when
     the graph allows it), built on the first batch and checked there against whole-model
@@ -328,7 +350,9 @@ class FastEvaluator:
             filled = 0
 
             def flush() -> None:
-                losses = walk.rest_losses(env, batch, rows, buffer[:filled].reshape(-1, *empty.shape[1:])).cpu()
+                # the buffer's states are not read again (a state an ordering goes on from is copied)
+                stacked = buffer[:filled].reshape(-1, *empty.shape[1:])
+                losses = walk.rest_losses(env, batch, rows, stacked, scratch=True).cpu()
                 offset = 0
                 for p, t0, k in pending:
                     out[p, t0 + 1 : t0 + 1 + k, rows] = -losses[offset : offset + k]
@@ -338,24 +362,46 @@ class FastEvaluator:
                     progress(last + 1 if t_last + k_last == units else last)
                 pending.clear()
 
-            for p in range(num):
-                state = empty
-                order = orders[p]
-                t0 = 0
-                while t0 < units:
-                    if pending == [] and finished(p, t0):  # the steps so far are evaluated: skip the rest
-                        out[p, t0 + 1 :, rows] = out[p, t0, rows]
-                        break
+            # one view per state slot and per unit's contribution, taken once (when first walked
+            # one state at a time), not per step
+            slots: tuple[torch.Tensor, ...] = ()
+            parts: tuple[torch.Tensor, ...] = ()
+            side_by_side = (
+                empty.numel() <= SIDE_BY_SIDE_ELEMENTS
+                and buffer.is_contiguous()
+                and contributions.is_contiguous()
+                and contributions.dtype == empty.dtype
+            )
+            p, t0, state = 0, 0, empty
+            while units and p < num:
+                if pending == [] and finished(p, t0):  # the steps so far are evaluated: skip the rest
+                    out[p, t0 + 1 :, rows] = out[p, t0, rows]
+                    p, t0, state = p + 1, 0, empty
+                    continue
+                count = min((per_call - filled) // units, num - p) if t0 == 0 and side_by_side else 0
+                if count:  # whole orderings, walked side by side
+                    walk_side_by_side(
+                        buffer[filled : filled + count * units], orders[p : p + count], contributions, empty
+                    )
+                    pending += [(q, 0, units) for q in range(p, p + count)]
+                    filled += count * units
+                    p += count
+                else:
+                    if not slots:
+                        slots, parts = buffer.unbind(0), contributions.unbind(0)
                     k = min(per_call - filled, units - t0)
-                    for j, unit in enumerate(order[t0 : t0 + k].tolist()):
-                        state = torch.add(state, contributions[unit], out=buffer[filled + j])
+                    for j, unit in enumerate(orders[p, t0 : t0 + k].tolist()):
+                        state = torch.add(state, parts[unit], out=slots[filled + j])
                     pending.append((p, t0, k))
                     filled += k
                     t0 += k
-                    if filled == per_call:
-                        state = state.clone()  # the buffer is reused (and the rest may work in place)
-                        flush()
-                        filled = 0
+                    if t0 == units:
+                        p, t0, state = p + 1, 0, empty
+                if filled == per_call:
+                    if t0:  # an ordering goes on in the next call: its state must outlive the buffer
+                        state = state.clone()
+                    flush()
+                    filled = 0
             if pending:
                 flush()
             if full is not None:  # one full value for every ordering, as in the reference
