@@ -513,7 +513,7 @@ def render(records: list[dict], tp_version: str | None) -> str:
         "# Zoo prunability: timm and Hugging Face",
         "",
         f"Produced by `benchmarks/zoo_prunability.py` (torch {torch.__version__}; CPU, a shared and noisy machine, "
-        f"2 threads). Protocol in the script's docstring: one AdamW step, `prune_groups(fraction=0.3)` (L1), "
+        f"{os.environ.get('OMP_NUM_THREADS', '2')} thread(s) per tool, the two tools side by side). Protocol in the script's docstring: one AdamW step, `prune_groups(fraction=0.3)` (L1), "
         f"forward + backward + step with the same AdamW.",
         "",
         f"**torchpruner: {pruned} / {len(ours)} pruned**, "
