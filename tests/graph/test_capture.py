@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracles import assert_prune_equals_zeroed_twin, masked_units
+from oracles import assert_prune_equals_zeroed_twin, masked_at_mask_points, masked_units
 from torchpruner import Pruner
 from torchpruner.graph import get_graph, invalidate_graph
 from torchpruner.graph.capture import capture
@@ -104,3 +104,42 @@ def test_an_exported_pad_with_a_mode_is_followed_and_prunes_like_the_zeroed_twin
         x,
     )
     assert model.conv.out_channels == 4 and model.head.in_channels == 4
+
+
+class InPlaceResidual(nn.Module):
+    """Hugging Face's ResNet layer: ``hidden += residual``; exported as ``aten.add_``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 1)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.stem(x)
+        hidden = self.conv(torch.relu(residual))
+        if hidden.shape[-1] % 2 == 1:  # shape-dependent control flow: fx fails, torch.export captures
+            hidden += residual
+            hidden *= 0.5
+        return self.head(torch.relu(hidden))
+
+
+def test_an_exported_in_place_residual_add_is_followed_and_prunes_like_the_zeroed_twin():
+    torch.manual_seed(0)
+    model = InPlaceResidual().double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    graph = capture(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-12)
+    pruner = Pruner(model, example_inputs=(x,))
+    assert pruner.graph().capture == "export"
+    assert pruner.refused_groups() == []
+    (stream,) = [g for g in pruner.groups() if model.stem in g.source_modules]
+    assert model.conv in stream.source_modules  # the add couples the two
+    assert_prune_equals_zeroed_twin(
+        model,
+        lambda: pruner.prune_group(stream, [2]),
+        lambda twin: masked_at_mask_points(twin, (x,), {stream.index: [2]}),
+        x,
+    )
+    assert model.stem.out_channels == 5 and model.conv.out_channels == 5 and model.head.in_channels == 5

@@ -226,6 +226,10 @@ ATEN_TO_TORCH: dict[Any, tuple[str, Any, _Mapper]] = {
     aten.add: ("function", operator.add, _binary),
     aten.sub: ("function", operator.sub, _binary),
     aten.mul: ("function", operator.mul, _first(2)),
+    # in place (``hidden += residual`` in Hugging Face's ResNet): the same op on the same tensor
+    aten.add_: ("function", operator.iadd, _binary),
+    aten.sub_: ("function", operator.isub, _binary),
+    aten.mul_: ("function", operator.imul, _first(2)),
     aten.div: ("function", operator.truediv, _true_division),
     aten.neg: ("function", operator.neg, _first(1)),
     aten.pow: ("function", torch.pow, _first(2)),
