@@ -108,10 +108,10 @@ class HeadFlow(SlotFlow):
         literal = shape[0][position]
         if type(literal) is not int:
             return None
-        owner_name = self._calling_module(node)
-        owner = self._modules.get(owner_name) if owner_name is not None else None
-        if owner is None:
+        called = self._calling_owner(node)
+        if called is None:
             return None
+        owner, owner_name = called
         same = [
             n
             for n in node.graph.nodes
@@ -214,7 +214,7 @@ class HeadFlow(SlotFlow):
             count = count * (upstream.size // space.size)
             shape = list(upstream.shape)
             shape[upstream.axis] = count
-            found[inputs[0]] = torch.empty(shape, device="meta", dtype=self._dtype(inputs[0]) or torch.float32)
+            found[inputs[0]] = self._stand_in(inputs[0], shape)
             node, space = inputs[0], upstream
         return found
 
@@ -266,6 +266,13 @@ class HeadFlow(SlotFlow):
         the attribute to update (a literal of an exported graph: the literal to check). A
         ``reference`` (the ``other`` of ``x.reshape_as(other)``) loses the output's units with it."""
         sized_by: SizeSource = None
+        # a size read from another tensor with as many units (Swin's window_reverse reads C of the
+        # block input): taken to lose them too, which linking the two makes true
+        counted = [
+            (tensor, other)
+            for tensor in self._counted_tensors(node)
+            if (other := self._spaces.get(tensor)) is not None and other.size == space.size
+        ]
         for attempt in range(2):
             failure = None
             for removed in probes:
@@ -275,15 +282,12 @@ class HeadFlow(SlotFlow):
                 if reference is not None:
                     shape = list(self._shape(reference) or ())
                     shape[out_axis] = len(kept)
-                    env[reference] = torch.empty(shape, device="meta", dtype=self._dtype(reference) or torch.float32)
-                for counted in self._counted_tensors(node):
-                    # a size read from another tensor with as many units (Swin's window_reverse reads C
-                    # of the block input): taken to lose them too, which linking the two makes true
-                    other = self._spaces.get(counted)
-                    if other is not None and other.size == space.size and counted not in env:
+                    env[reference] = self._stand_in(reference, shape)
+                for tensor, other in counted:
+                    if tensor not in env:
                         shape = list(other.shape)
                         shape[other.axis] = len(keep)
-                        env[counted] = torch.empty(shape, device="meta", dtype=self._dtype(counted) or torch.float32)
+                        env[tensor] = self._stand_in(tensor, shape)
                 try:
                     y_small = self._sized_result(node, env, out_axis, len(kept), module, sized_by)
                 except Exception as exc:  # noqa: BLE001 - the model's own code fails on fewer units

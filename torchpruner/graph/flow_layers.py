@@ -89,14 +89,14 @@ class LayerFlow(TensorOpFlow):
                     f"{label} computes a normalized_shape that does not follow its input once units are removed"
                 )
             return
-        owner_name = self._calling_module(node)
-        owner = self._modules.get(owner_name) if owner_name is not None else None
+        called = self._calling_owner(node)
         shown = normalized if isinstance(normalized, int) else tuple(normalized)
-        if owner is None or owner_name is None:
+        if called is None:
             raise _CannotFollow(
                 f"{label} reads normalized_shape {shown} as a constant of no known module; "
                 f"use nn.LayerNorm or keep the shape in a module attribute"
             )
+        owner, owner_name = called
         rule = get_slicing_rule(owner)
         if (
             rule is not None

@@ -18,6 +18,7 @@ from torchpruner.rules import get_slicing_rule
 from .spaces import _CannotFollow, _LiteralSize, _ShapeAttribute, _Space, _flatten_nodes
 from .flow_heads import HeadFlow
 from .slots import (
+    _int_attributes,
     _is_kept_part,
     _probe_removals,
     _reads_attribute,
@@ -588,17 +589,16 @@ class TensorOpFlow(HeadFlow):
         suffix = first > 0 and end == size - 1
         if node.target is not operator.getitem or not (prefix or suffix):
             return False
-        owner_name = self._calling_module(node)
-        owner = self._modules.get(owner_name) if owner_name is not None else None
-        if owner is None or owner_name is None:
+        called = self._calling_owner(node)
+        if called is None:
             return False
+        owner, owner_name = called
         boundary = end + 1 if prefix else first
-        candidates = [
+        found = [
             attr
-            for attr, value in vars(owner).items()
-            if not attr.startswith("_") and type(value) is int and value == boundary
+            for attr in _int_attributes(owner, boundary)
+            if _slices_at_attribute(owner, attr, "stop" if prefix else "start")
         ]
-        found = [attr for attr in candidates if _slices_at_attribute(owner, attr, "stop" if prefix else "start")]
         if len(found) != 1:
             return False
         key = (id(owner), found[0])
@@ -629,11 +629,7 @@ class TensorOpFlow(HeadFlow):
         if called is None:
             return None
         owner, owner_name = called
-        attributes = tuple(
-            attr
-            for attr, value in vars(owner).items()
-            if not attr.startswith("_") and type(value) is int and value == length
-        )
+        attributes = tuple(_int_attributes(owner, length))
         if not attributes:
             return None
         # tried in this order by the check (each try is a capture): names that say "split" first
@@ -652,11 +648,7 @@ class TensorOpFlow(HeadFlow):
         size = self._dim_arg(source, 1, "split_size_or_sections" if source.op == "call_function" else "split_size")
         if not is_split or type(size) is not int or size != length:
             return None
-        owner_name = self._calling_module(source)
-        owner = self._modules.get(owner_name) if owner_name is not None else None
-        if owner is None or owner_name is None:
-            return None
-        return owner, owner_name
+        return self._calling_owner(source)
 
     def _split_size_attribute(
         self, source: fx.Node, length: int, blocks: int
@@ -672,23 +664,26 @@ class TensorOpFlow(HeadFlow):
         owner, owner_name = called
         function: Callable[..., Any] | str = torch.split if source.op == "call_function" else "split"
         keyword = "split_size_or_sections" if source.op == "call_function" else "split_size"
-        found = []
-        for attr, value in vars(owner).items():
-            if attr.startswith("_") or type(value) is not int:
-                continue
-            if value == length and _reads_attribute(owner, attr, function, 1, keyword):
-                found.append((attr, False))
-            elif value == length * blocks and _reads_attribute(
+        whole = length * blocks
+        found = [
+            (attr, False)
+            for attr in _int_attributes(owner, length)
+            if _reads_attribute(owner, attr, function, 1, keyword)
+        ]
+        found += [
+            (attr, True)
+            for attr in _int_attributes(owner, whole)
+            if _reads_attribute(
                 owner,
                 attr,
                 function,
                 1,
                 keyword,
                 literal=length,
-                sentinel=value + blocks * 7919,
+                sentinel=whole + blocks * 7919,
                 expected=length + 7919,
-            ):
-                found.append((attr, True))
+            )
+        ]
         if len(found) != 1:
             return None
         return owner, owner_name or "(model)", found[0][0], found[0][1]

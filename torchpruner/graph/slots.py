@@ -25,7 +25,7 @@ from torchpruner._ops import (
 )
 
 from .spaces import _CannotFollow, _LiteralSize, _Role, _ShapeAttribute, _Space
-from .trace import CallSite, ModelGraph, _LeafTracer, _PLAIN_TYPES, _is_plain
+from .trace import CallSite, ModelGraph, _LeafTracer, _PLAIN_TYPES, _get_attr_path, _is_plain
 
 
 def _slot_ids(shape: Sequence[int], axis: int, ids: np.ndarray) -> torch.Tensor:
@@ -251,6 +251,13 @@ def _reads_attribute(
     return any(_same_shape_value(expected, value) for value in values) and not any(
         _same_shape_value(value, literal) for value in values
     )
+
+
+def _int_attributes(owner: nn.Module, value: int) -> list[str]:
+    """The public int attributes of ``owner`` equal to ``value`` (where a literal size may come from)."""
+    return [
+        attr for attr, held in vars(owner).items() if not attr.startswith("_") and type(held) is int and held == value
+    ]
 
 
 def _slices_at_attribute(owner: nn.Module, attribute: str, end: str) -> bool:
@@ -543,7 +550,7 @@ class SlotFlow:
             if constant is not None:
                 return constant
         if depth > 0 and shape is not None:
-            return torch.empty(shape, device="meta", dtype=self._dtype(node) or torch.float32)
+            return self._stand_in(node, shape)
 
         def value(arg: Any) -> Any:
             if isinstance(arg, fx.Node):
@@ -572,13 +579,14 @@ class SlotFlow:
 
     def _constant(self, node: fx.Node) -> torch.Tensor | None:
         """The value of an integer tensor the graph reads with ``get_attr`` (not a stand-in)."""
-        owner: Any = self.graph.traced
+        traced = self.graph.traced
+        if traced is None:
+            return None
         try:
-            for part in str(node.target).split("."):
-                owner = getattr(owner, part)
+            value = _get_attr_path(traced, str(node.target))
         except AttributeError:
             return None
-        return owner if isinstance(owner, torch.Tensor) else None
+        return value if isinstance(value, torch.Tensor) else None
 
     def _evaluate_value(self, value: Any, env: dict[fx.Node, torch.Tensor]) -> Any:
         """A (nested) argument with its nodes evaluated as in :meth:`_evaluate`."""
@@ -607,6 +615,17 @@ class SlotFlow:
             if arg.op == "get_attr" and _name_target(arg).rpartition(".")[0] in self._modules:
                 return _name_target(arg).rpartition(".")[0]
         return "" if not stack else None
+
+    def _calling_owner(self, node: fx.Node) -> tuple[nn.Module, str] | None:
+        """The module whose forward made the call ``node`` and its name (``""``: the model itself);
+        None when unknown."""
+        name = self._calling_module(node)
+        owner = self._modules.get(name) if name is not None else None
+        return None if owner is None or name is None else (owner, name)
+
+    def _stand_in(self, node: fx.Node, shape: Sequence[int]) -> torch.Tensor:
+        """A meta tensor of ``shape`` and ``node``'s dtype: a tensor whose values a shape computation never reads."""
+        return torch.empty(tuple(shape), device="meta", dtype=self._dtype(node) or torch.float32)
 
     def _is_shape_query(self, node: fx.Node) -> bool:
         """``node`` reads a size or a property of a tensor, not its values (``x.size(0)``, ``x.shape``)."""
