@@ -56,6 +56,10 @@ sys.path.insert(0, str(os.environ.get("TORCHPRUNER_ROOT", ROOT)))
 
 HERE = Path(__file__).resolve().parent
 
+#: ``prune_groups(rounding=...)``: "floor" (the protocol: never more than 0.3 of a group) unless
+#: ``--rounding`` says otherwise (passed to the workers through the environment).
+ROUNDING = os.environ.get("ZOO_ROUNDING", "floor")
+
 TIMM_MODELS = [
     # family: models (pretrained=False, 64x64)
     "resnet18",
@@ -286,7 +290,7 @@ def group_counts(twin: nn.Module, inputs: dict, heads: set[str]) -> dict:
         "groups": groups,
         "refused": refused,
         "warned": any("cannot be pruned" in str(w.message) for w in caught),
-        "selection": select_units(groups, 0.3) if groups else {},
+        "selection": select_units(groups, 0.3, rounding=ROUNDING) if groups else {},
     }
 
 
@@ -315,7 +319,7 @@ def run_ours(name: str) -> dict:
         record["trace_s"] = round(time.perf_counter() - start, 2)
         record["capture"] = getattr(graph, "capture", graph.method).replace("symbolic_trace", "fx")
         start = time.perf_counter()
-        plan = prune_groups(pruner, fraction=0.3, ignored_layers=ignored)
+        plan = prune_groups(pruner, fraction=0.3, ignored_layers=ignored, rounding=ROUNDING)
         record["prune_s"] = round(time.perf_counter() - start, 2)
     except Exception as exc:  # noqa: BLE001 - a refusal (ValueError) or a crash: recorded below
         failure = exc
@@ -509,11 +513,12 @@ def render(records: list[dict], tp_version: str | None) -> str:
     ours = [r["ours"] for r in records]
     theirs = [r.get("tp") for r in records]
     pruned = sum(r["status"] == "pruned" for r in ours)
+    rounding = "" if ROUNDING == "floor" else f", rounding={ROUNDING!r}"
     lines = [
         "# Zoo prunability: timm and Hugging Face",
         "",
         f"Produced by `benchmarks/zoo_prunability.py` (torch {torch.__version__}; CPU, a shared and noisy machine, "
-        f"{os.environ.get('OMP_NUM_THREADS', '2')} thread(s) per tool, the two tools side by side). Protocol in the script's docstring: one AdamW step, `prune_groups(fraction=0.3)` (L1), "
+        f"{os.environ.get('OMP_NUM_THREADS', '2')} thread(s) per tool, the two tools side by side). Protocol in the script's docstring: one AdamW step, `prune_groups(fraction=0.3{rounding})` (L1), "
         f"forward + backward + step with the same AdamW.",
         "",
         f"**torchpruner: {pruned} / {len(ours)} pruned**, "
@@ -581,6 +586,7 @@ def render(records: list[dict], tp_version: str | None) -> str:
 
 
 def main() -> None:
+    global ROUNDING
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="*")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -591,12 +597,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "zoo_prunability.md"))
     parser.add_argument("--render", action="store_true", help="only write the .md from the .json next to it")
     parser.add_argument(
+        "--rounding",
+        default=ROUNDING,
+        choices=["floor", "nearest", "ceil"],
+        help="prune_groups(rounding=...) for torchpruner (default floor: at most 0.3 of each group)",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="replace only the measured rows in the existing .json (marked as measured again at "
         "the current commit) and keep the others",
     )
     args = parser.parse_args()
+    os.environ["ZOO_ROUNDING"] = ROUNDING = args.rounding  # the workers inherit it
     if args.render:  # from the .json, or from the progress lines of an interrupted run
         import torch_pruning
 

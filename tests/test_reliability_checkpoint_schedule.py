@@ -368,3 +368,12 @@ def test_a_refused_iterative_event_changes_neither_the_model_nor_the_schedule():
     schedule.scores = None
     schedule.step()
     assert (schedule.step_count, schedule.events) == (1, 1) and model[0].out_features == 6
+
+
+@pytest.mark.parametrize("rounding", ["round", "", None, 1, "Floor"])
+def test_an_unknown_rounding_is_refused(rounding):
+    _, pruner = _refused_prune(ValueError, "rounding", fraction=0.5, rounding=rounding)
+    with pytest.raises(ValueError, match="rounding"):
+        select_units(pruner.groups(), fraction=0.5, rounding=rounding)
+    with pytest.raises(ValueError, match="rounding"):
+        IterativePruning(pruner, target=0.5, rounding=rounding)

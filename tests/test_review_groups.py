@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchpruner import IterativePruning, Pruner, load_pruned, save_pruned
-from torchpruner.schedule import select_units
+from torchpruner.schedule import prune_groups, select_units
 
 from oracles import assert_prune_equals_zeroed_twin, assert_state_matches, assert_unchanged, masked_units, snapshot
 
@@ -92,6 +92,49 @@ def test_prune_groups_fraction_is_not_rounded_down_by_float_error(hidden, fracti
     groups = Pruner(model, input_size=(4,)).groups()
     selection = select_units(groups, fraction=fraction, global_ranking=global_ranking)
     assert len(selection[groups[0]]) == round(fraction * hidden)  # 0.29 * 100 is 28.999999999999996
+
+
+@pytest.mark.parametrize(
+    "hidden, fraction, rounding, round_to, removed",
+    [
+        (3, 0.3, "floor", 1, 0),  # 0.9 of a unit: none by default
+        (3, 0.3, "nearest", 1, 1),
+        (3, 0.1, "nearest", 1, 0),  # 0.3 of a unit
+        (3, 0.1, "ceil", 1, 1),
+        (4, 0.125, "nearest", 1, 1),  # a half rounds up
+        (10, 0.7, "ceil", 1, 7),  # 10 * 0.7 is 7.000000000000001: not 8
+        (100, 0.29, "ceil", 1, 29),  # 28.999999999999996: not 28 either way
+        (100, 0.29, "nearest", 1, 29),
+        (40, 0.3, "floor", 8, 8),  # 12 units: one multiple of 8 at most
+        (40, 0.3, "nearest", 8, 16),  # 1.5 multiples of 8: two
+        (40, 0.3, "ceil", 8, 16),
+        (3, 0.9, "ceil", 1, 2),  # capped by min_units=1: a group keeps one unit
+    ],
+)
+def test_rounding_turns_the_fraction_into_a_count(hidden, fraction, rounding, round_to, removed):
+    model = mlp(hidden)
+    pruner = Pruner(model, input_size=(4,))
+    selection = select_units(pruner.groups(), fraction=fraction, rounding=rounding, round_to=round_to)
+    assert sum(len(units) for units in selection.values()) == removed
+    plan = prune_groups(pruner, fraction=fraction, rounding=rounding, round_to=round_to)
+    assert model[0].out_features == hidden - removed, plan
+
+
+@pytest.mark.parametrize("rounding, removed", [("floor", 0), ("nearest", 1), ("ceil", 1)])
+def test_rounding_applies_to_each_event_of_an_iterative_schedule(rounding, removed):
+    model = mlp(3)
+    schedule = IterativePruning(Pruner(model, input_size=(4,)), target=0.3, steps=1, every=1, rounding=rounding)
+    schedule.step()
+    assert model[0].out_features == 3 - removed
+
+
+def test_rounding_with_a_global_ranking_rounds_the_total():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    groups = Pruner(model, input_size=(4,)).groups()  # 5 units: 0.3 of them is 1.5
+    for rounding, removed in (("floor", 1), ("nearest", 2), ("ceil", 2)):
+        selection = select_units(groups, fraction=0.3, global_ranking=True, rounding=rounding)
+        assert sum(len(units) for units in selection.values()) == removed, rounding
 
 
 # --------------------------------------------------------------------------------------------

@@ -120,9 +120,29 @@ def _member_names(groups: Sequence[Group]) -> dict[int, str]:
     return {id(member.module): member.module_name for group in groups for member in group.members}
 
 
-def _units_of(fraction: float, num_units: int) -> int:
-    """``floor(fraction * num_units)``, robust to binary floats (0.29 * 100 is 28.999999999999996)."""
-    return int(math.floor(fraction * num_units + 1e-9))
+ROUNDINGS = ("floor", "nearest", "ceil")
+
+
+def _check_rounding(rounding: Any) -> str:
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(
+            f"rounding must be 'floor' (at most the fraction), 'nearest' or 'ceil' (at least the "
+            f"fraction), got {rounding!r}"
+        )
+    return rounding
+
+
+def _units_of(fraction: float, num_units: int, rounding: str = "floor", multiple: int = 1) -> int:
+    """``fraction * num_units`` rounded to a multiple of ``multiple`` (down, to the nearest, halves
+    up, or up), robust to binary floats (0.29 * 100 is 28.999999999999996)."""
+    exact = fraction * num_units / multiple
+    if rounding == "floor":
+        steps = math.floor(exact + 1e-9)
+    elif rounding == "nearest":
+        steps = math.floor(exact + 0.5 + 1e-9)
+    else:
+        steps = math.ceil(exact - 1e-9)
+    return int(steps) * multiple
 
 
 def _as_scores(group: Group, scores: ScoreFn | None) -> np.ndarray:
@@ -177,6 +197,7 @@ def select_units(
     global_ranking: bool = False,
     min_units: int = 1,
     round_to: int = 1,
+    rounding: str = "floor",
 ) -> dict[Group, list[int]]:
     """Choose the lowest-scored units of each group.
 
@@ -197,10 +218,15 @@ def select_units(
             the scores must be finite (each group is divided by its mean).
         min_units: never leave a group with fewer units (an int >= 0).
         round_to: remove a multiple of this many units per group (hardware-friendly widths; an int >= 1).
+        rounding: how ``fraction * units`` becomes a count (of multiples of ``round_to``):
+            ``"floor"`` (default: never more than the fraction; 0.3 of 3 attention heads is none),
+            ``"nearest"`` (halves up: 0.3 of 3 heads is one) or ``"ceil"`` (at least the fraction).
+            ``min_units`` still caps it. With ``global_ranking`` it rounds the total.
     """
     fraction = _check_fraction("fraction", fraction)
     min_units = _check_count("min_units", min_units, 0)
     round_to = _check_count("round_to", round_to, 1)
+    rounding = _check_rounding(rounding)
     _check_scores(scores)
     if global_ranking and ratios:
         raise ValueError(
@@ -228,7 +254,7 @@ def select_units(
             mean = np.abs(values).mean()
             normalised = values / mean if mean > 0 else values
             entries += [(float(v), group.index, u, group) for u, v in enumerate(normalised)]
-        total = _units_of(fraction, len(entries))
+        total = _units_of(fraction, len(entries), rounding)
         entries.sort(key=lambda e: (e[0], e[1], e[2]))
         counts: dict[Group, int] = {}
         for _value, _, unit, group in entries:
@@ -254,7 +280,7 @@ def select_units(
             if any(module is m for m in group.source_modules):
                 ratio = value
                 break
-        count = limit(group, _units_of(ratio, group.num_units))
+        count = limit(group, _units_of(ratio, group.num_units, rounding, round_to))
         units = _lowest(group, values, count) if count > 0 else []
         if units:
             chosen[group] = units
@@ -272,6 +298,7 @@ def prune_groups(
     ignored_layers: Sequence[nn.Module] = (),
     include_outputs: bool = False,
     dry_run: bool = False,
+    rounding: str = "floor",
 ) -> Plan:
     """Prune ``fraction`` of every prunable group of the pruner's model in one validated plan.
 
@@ -284,6 +311,7 @@ def prune_groups(
     _check_fraction("fraction", fraction)
     _check_count("min_units", min_units, 0)
     _check_count("round_to", round_to, 1)
+    _check_rounding(rounding)
     _check_scores(scores)
     names = {id(module): name for name, module in pruner.model.named_modules()}
     for module in ratios or {}:
@@ -294,7 +322,7 @@ def prune_groups(
             )
     groups = pruner.groups(ignored_layers, include_outputs)
     _check_ratios(ratios, groups, names)  # named by the model: the layer may be in no group
-    selection = select_units(groups, fraction, ratios, scores, global_ranking, min_units, round_to)
+    selection = select_units(groups, fraction, ratios, scores, global_ranking, min_units, round_to, rounding)
     plan = pruner.plan_groups(selection, f"prune {len(selection)} of {len(groups)} groups")
     if not dry_run and selection:
         plan.apply(pruner.model, pruner.optimizer)
@@ -313,7 +341,8 @@ class IterativePruning:
         target: fraction of each group's original units removed in the end, in [0, 1).
         steps: number of pruning events (an int >= 1).
         every: training steps between events (an int >= 1).
-        scores, min_units, round_to, ignored_layers: as in :func:`prune_groups`.
+        scores, min_units, round_to, ignored_layers, rounding: as in :func:`prune_groups` (the
+            rounding applies to each event's count of removed original units).
 
     A refused event (NaN scores, a plan the Pruner refuses) raises from :meth:`step` and leaves the
     model, the optimizer and the schedule's counters as they were.
@@ -329,12 +358,14 @@ class IterativePruning:
         min_units: int = 1,
         round_to: int = 1,
         ignored_layers: Sequence[nn.Module] = (),
+        rounding: str = "floor",
     ) -> None:
         target = _check_fraction("target", target)
         steps = _check_count("steps", steps, 1)
         every = _check_count("every", every, 1)
         min_units = _check_count("min_units", min_units, 0)
         round_to = _check_count("round_to", round_to, 1)
+        self.rounding = _check_rounding(rounding)
         _check_scores(scores)
         self.pruner, self.target, self.steps, self.every = pruner, target, steps, every
         self.scores, self.min_units, self.round_to, self.ignored_layers = scores, min_units, round_to, ignored_layers
@@ -363,7 +394,7 @@ class IterativePruning:
             original = self._original.get(self._key(group))
             if original is None:
                 continue
-            wanted = max(self.min_units, original - _units_of(fraction, original))
+            wanted = max(self.min_units, original - _units_of(fraction, original, self.rounding))
             count = group.num_units - wanted
             count = (count // self.round_to) * self.round_to if count > 0 else 0
             if count <= 0:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from oracles import assert_prune_equals_zeroed_twin, masked_at_mask_points
 from torchpruner import Pruner
 from torchpruner.attributions import LeaveOneOutAttributionMetric
-from torchpruner.schedule import prune_groups
+from torchpruner.schedule import prune_groups, select_units
 
 
 class HFAttention(nn.Module):
@@ -382,3 +382,21 @@ def test_timm_swin_stream_through_windows_equals_the_zeroed_twin_without_its_lay
         x,
     )
     assert model.patch_embed.proj.out_channels < 24
+
+
+def test_timm_vit_loses_one_of_its_three_heads_at_0_3_with_nearest_rounding():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=4, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    pruner = Pruner(model, example_inputs=x)
+    heads = [_head_group(pruner, block.attn.qkv) for block in model.blocks]
+    assert [g.num_units for g in heads] == [3, 3]
+    assert not select_units(heads, fraction=0.3)  # 0.9 of a head: none by default
+    prune_groups(pruner, fraction=0.3, rounding="nearest", ignored_layers=[model.head])
+    assert [b.attn.num_heads for b in model.blocks] == [2, 2]
+    attn = model.blocks[0].attn
+    assert (attn.qkv.out_features, attn.proj.in_features, attn.attn_dim) == (384, 128, 128)
+    assert model.blocks[0].mlp.fc1.out_features == 768 - 230  # 0.3 * 768 = 230.4
+    assert model.patch_embed.proj.out_channels == 192 - 58  # 57.6
+    assert model(x).shape == (2, 4)
