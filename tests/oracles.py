@@ -143,6 +143,23 @@ def assert_unchanged(before: Snapshot, model: nn.Module, optimizer: torch.optim.
         assert after.optimizer_state_params == before.optimizer_state_params
 
 
+def assert_reduction_refused(model: nn.Module, x: torch.Tensor, source: nn.Module) -> None:
+    """The group of ``source``'s output units is refused at a ``mean`` over the unit axis, listed by
+    ``refused_groups()`` and not by ``groups()``, and asking changes nothing."""
+    import warnings
+
+    from torchpruner.pruner import Pruner
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = Pruner(model, example_inputs=(x,))
+    before = snapshot(model)
+    assert not [g for g in pruner.groups() if source in g.source_modules]
+    (refused,) = [g for g in pruner.refused_groups() if source in g.source_modules]
+    assert "reduces over the unit axis" in refused.refusal and "mean" in refused.refusal
+    assert_unchanged(before, model)
+
+
 def assert_same_structure(x: Any, y: Any, where: str = "") -> None:
     """Nested dicts / lists / tensors equal bit for bit (tensors: shape, dtype and values)."""
     if isinstance(x, torch.Tensor):

@@ -299,8 +299,12 @@ REDUCTION_FUNCTIONS = {
     torch.logsumexp,
     torch.nansum,
     torch.nanmean,
+    torch.norm,
+    torch.linalg.vector_norm,
 }
-REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean"}
+REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean", "norm"}
+#: Reductions whose ``dim`` is their third argument (``x.norm(p, dim, keepdim)``), not their second.
+NORM_REDUCTIONS = {torch.norm, torch.linalg.vector_norm, "norm"}
 #: Functions with a ``dim`` argument that act independently on the other dims.
 DIM_WISE_FUNCTIONS = {F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, F.normalize, torch.cumsum}
 DIM_WISE_METHODS = {"softmax", "log_softmax", "cumsum"}

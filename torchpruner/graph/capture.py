@@ -272,6 +272,7 @@ ATEN_TO_TORCH: dict[Any, tuple[str, Any, _Mapper]] = {
     aten.mean: ("function", torch.mean, _same()),
     aten.sum: ("function", torch.sum, _same()),
     aten.amax: ("function", torch.amax, _same()),
+    aten.linalg_vector_norm: ("function", torch.linalg.vector_norm, _same()),
     aten.cat: ("function", torch.cat, _same()),
     aten.stack: ("function", torch.stack, _same()),
     # products

@@ -212,9 +212,11 @@ class Group:
 
     def normalizations(self) -> List[str]:
         """The modules whose hand-written RMSNorm (``x * rsqrt(x.pow(2).mean(-1, keepdim=True) +
-        eps) * weight``, Hugging Face's Llama and T5) normalises over these units: pruning them
-        changes its statistic, as it changes an ``nn.RMSNorm``'s, so zeroing them is not exactly
-        pruning them (compare with a rebuilt smaller model)."""
+        eps) * weight``, Hugging Face's Llama and T5) or global response normalisation (GRN,
+        ConvNeXt-V2: ``x * g / (g.mean(units) + eps)``, ``g`` the spatial norm of each unit)
+        normalises over these units: pruning them changes its statistic, as it changes an
+        ``nn.RMSNorm``'s, so zeroing them is not exactly pruning them (compare with a rebuilt
+        smaller model)."""
         owners = [owner for space, owner in self._dep._statistics if (self._unit_of(space) >= 0).any()]
         return list(dict.fromkeys(owners))
 
@@ -563,7 +565,7 @@ class DependencyGraph(LayerFlow):
         self._first_role_space: Dict[Tuple[int, str], _Space] = {}
         self._shape_attributes: list[_ShapeAttribute] = []
         self._literal_sizes: list[_LiteralSize] = []
-        self._statistics: list[tuple[_Space, str]] = []  # hand-written RMSNorms: (input, owner)
+        self._statistics: list[tuple[_Space, str]] = []  # hand-written RMSNorms, GRNs: (input, owner)
         self._count_constraints: List[Tuple[_Space, int]] = []  # (space, conv groups): equal counts per block
         self._equal_pieces: list[_Space] = []  # tensors split into equal pieces (positions linked across pieces)
         self._count_sources: list[tuple[_Space, fx.Node, str]] = []  # (counted units, the op, refusal)

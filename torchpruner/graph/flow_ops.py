@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchpruner._ops import SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_OPS
+from torchpruner._ops import NORM_REDUCTIONS, SHAPE_QUERY_ATTRIBUTES, TENSOR_VIEW_ATTRIBUTES, TUPLE_DIM_OPS
 from torchpruner.rules import get_slicing_rule
 
 from .spaces import _CannotFollow, _LiteralSize, _ShapeAttribute, _Space, _flatten_nodes
@@ -27,6 +27,38 @@ from .slots import (
     _slot_ids,
     _unit_line,
 )
+
+
+_MULTIPLY = (operator.mul, torch.mul)
+
+
+def _single_user(n: fx.Node | None) -> fx.Node | None:
+    if n is None:
+        return None
+    users = list(n.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_op(n: Any, functions: tuple[Any, ...], method: str) -> TypeGuard[fx.Node]:
+    return isinstance(n, fx.Node) and (
+        (n.op == "call_function" and n.target in functions) or (n.op == "call_method" and n.target == method)
+    )
+
+
+def _uncast(n: Any) -> Any:
+    """``x.to(torch.float32)``, ``x.float()``: the same units, so the tensor they cast."""
+    while isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("to", "float", "type"):
+        n = n.args[0]
+    return n
+
+
+def _cast_of(n: fx.Node) -> fx.Node:
+    """The last dtype cast after ``n`` (each with one user), or ``n``."""
+    while True:
+        user = _single_user(n)
+        if user is None or not (user.op == "call_method" and user.target in ("to", "float", "type")):
+            return n
+        n = user
 
 
 class TensorOpFlow(HeadFlow):
@@ -258,17 +290,18 @@ class TensorOpFlow(HeadFlow):
 
     def _reduction(self, node: fx.Node) -> None:
         x, space = self._input_space(node)
-        dims = self._dim_arg(node, 1, "dim", None)
+        dims = self._dim_arg(node, 2 if node.target in NORM_REDUCTIONS else 1, "dim", None)
         if dims is None or isinstance(dims, bool):  # x.std(False): the bool is `unbiased`, all dims go
             raise _CannotFollow(f"{self._label(node)} reduces over all dims, including the units")
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % space.ndim for d in dims]
         if space.axis in dims:
-            owner = self._rms_statistic(node, x, space, dims)
+            owner = self._rms_statistic(node, x, space, dims) or self._response_statistic(node, x, space, dims)
             if owner is None:
                 raise _CannotFollow(f"{self._label(node)} reduces over the unit axis {space.axis}")
-            # the mean square of a hand-written RMSNorm: a statistic of each row, carrying no units
-            # (pruning changes it, as it changes an nn.RMSNorm's: not exactly masking)
+            # the mean square of a hand-written RMSNorm, the mean response of a GRN: a statistic of
+            # each row, carrying no units (pruning changes it, as it changes an nn.RMSNorm's: not
+            # exactly masking)
             self._statistics.append((space, owner))
             return
         # keepdim from the traced output rank, not from argument positions (std/var put `unbiased` 3rd)
@@ -283,60 +316,83 @@ class TensorOpFlow(HeadFlow):
         and T5 write it: ``x.pow(2).mean(-1, keepdim=True)`` over the unit axis only (the last),
         ``+ eps``, ``rsqrt``, a product with ``x`` itself, then (dtype casts aside) a product with
         the module's own 1-d weight of one entry per unit."""
-
-        def single_user(n: fx.Node) -> fx.Node | None:
-            users = list(n.users)
-            return users[0] if len(users) == 1 else None
-
-        def is_op(n: Any, functions: tuple[Any, ...], method: str) -> TypeGuard[fx.Node]:
-            return isinstance(n, fx.Node) and (
-                (n.op == "call_function" and n.target in functions) or (n.op == "call_method" and n.target == method)
-            )
-
-        def uncast(n: Any) -> Any:  # x.to(torch.float32), x.float(): the same units
-            while isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("to", "float", "type"):
-                n = n.args[0]
-            return n
-
-        def cast_of(n: fx.Node) -> fx.Node:  # the last dtype cast after n (each with one user)
-            while True:
-                user = single_user(n)
-                if user is None or not (user.op == "call_method" and user.target in ("to", "float", "type")):
-                    return n
-                n = user
-
-        out_shape = self._shape(node)
-        if (
-            dims != [space.axis]
-            or space.axis != space.ndim - 1
-            or not is_op(node, (torch.mean,), "mean")
-            or out_shape is None
-            or len(out_shape) != space.ndim
-            or out_shape[space.axis] != 1
+        if space.axis != space.ndim - 1 or not self._keeps_one_unit_axis(node, space, dims):
+            return None
+        if not _is_op(x, (torch.pow, operator.pow), "pow") or len(x.args) != 2 or x.args[1] != 2:
+            return None
+        source = _uncast(x.args[0])
+        rsqrt = _single_user(self._plus_epsilon(node))
+        if not _is_op(rsqrt, (torch.rsqrt,), "rsqrt"):
+            return None
+        product = _single_user(rsqrt)
+        if not _is_op(product, _MULTIPLY, "mul") or not any(
+            _uncast(a) is source for a in product.args if a is not rsqrt
         ):
             return None
-        if not is_op(x, (torch.pow, operator.pow), "pow") or len(x.args) != 2 or x.args[1] != 2:
+        return self._weighted_by_own_weight(node, _single_user(_cast_of(product)), space)
+
+    def _response_statistic(self, node: fx.Node, x: fx.Node, space: _Space, dims: list[int]) -> str | None:
+        """The name of the module whose global response normalisation (ConvNeXt-V2's GRN)
+        ``node`` computes the statistic of, or None when ``node`` is not that. Verified op by op:
+        ``g = x.norm(p, dim=<the other axes>, keepdim=True)`` (one value per unit, so ``g`` carries
+        the units), ``g.mean(<unit axis>, keepdim=True)``, ``+ eps``, ``g / that``, a product with
+        ``x`` itself, then a product with the module's own 1-d weight of one entry per unit
+        (``torch.addcmul(bias, weight, x * n)`` or ``weight * (x * n)``, through views). Pruning
+        changes the mean over the units, as it changes an RMSNorm's: not exactly masking."""
+        if not self._keeps_one_unit_axis(node, space, dims):
             return None
-        source = uncast(x.args[0])
-        add = single_user(node)
-        if not is_op(add, (operator.add, torch.add), "add") or not any(
+        if not _is_op(x, (torch.norm, torch.linalg.vector_norm), "norm"):
+            return None
+        source = _uncast(x.args[0])
+        divide = _single_user(self._plus_epsilon(node))
+        if not _is_op(divide, (operator.truediv, torch.div, torch.true_divide), "div") or divide.args[0] is not x:
+            return None
+        product = _single_user(divide)
+        if not _is_op(product, _MULTIPLY, "mul") or not any(
+            _uncast(a) is source for a in product.args if a is not divide
+        ):
+            return None
+        return self._weighted_by_own_weight(node, _single_user(product), space)
+
+    def _keeps_one_unit_axis(self, node: fx.Node, space: _Space, dims: list[int]) -> bool:
+        """``node`` is a mean over the unit axis alone, with ``keepdim=True``."""
+        out_shape = self._shape(node)
+        return (
+            dims == [space.axis]
+            and _is_op(node, (torch.mean,), "mean")
+            and out_shape is not None
+            and len(out_shape) == space.ndim
+            and out_shape[space.axis] == 1
+        )
+
+    @staticmethod
+    def _plus_epsilon(node: fx.Node) -> fx.Node | None:
+        """The only user of ``node`` when it adds a positive float constant to it, else None."""
+        add = _single_user(node)
+        if not _is_op(add, (operator.add, torch.add), "add") or not any(
             isinstance(a, float) and a > 0 for a in add.args[1:] + tuple(add.args[:1])
         ):
             return None
-        rsqrt = single_user(add)
-        if not is_op(rsqrt, (torch.rsqrt,), "rsqrt"):
+        return add
+
+    def _weighted_by_own_weight(self, node: fx.Node, scaled: fx.Node | None, space: _Space) -> str | None:
+        """The module owning the one 1-d weight of ``space.size`` entries that ``scaled`` (a product
+        or ``torch.addcmul``) multiplies by, when ``node`` is computed inside that module."""
+        if _is_op(scaled, (torch.addcmul,), "addcmul"):
+            factors = list(scaled.args[1:3])
+        elif _is_op(scaled, _MULTIPLY, "mul"):
+            factors = list(scaled.args)
+        else:
             return None
-        product = single_user(rsqrt)
-        multiply = (operator.mul, torch.mul)
-        if not is_op(product, multiply, "mul") or not any(uncast(a) is source for a in product.args if a is not rsqrt):
-            return None
-        scaled = single_user(cast_of(product))
-        if not is_op(scaled, multiply, "mul"):
-            return None
-        weights = [a for a in scaled.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        weights = []
+        for factor in factors:
+            while _is_op(factor, (), "view") or _is_op(factor, (), "reshape"):
+                factor = factor.args[0]
+            if isinstance(factor, fx.Node) and factor.op == "get_attr":
+                weights.append(factor)
         if len(weights) != 1 or self._shape(weights[0]) != (space.size,):
             return None
-        owner, _, attribute = str(weights[0].target).rpartition(".")
+        owner, _, _attribute = str(weights[0].target).rpartition(".")
         caller = self._calling_module(node)
         if caller is not None and caller != owner:
             return None  # the weight of another module: not this norm's

@@ -384,7 +384,7 @@ class SlotFlow:
     _first_role_space: Dict[Tuple[int, str], _Space]
     _shape_attributes: list[_ShapeAttribute]
     _literal_sizes: list[_LiteralSize]  # literals of an exported graph, checked by capturing again
-    _statistics: list[tuple[_Space, str]]  # hand-written RMSNorms over the units: (input, owner)
+    _statistics: list[tuple[_Space, str]]  # hand-written RMSNorms, GRNs over the units: (input, owner)
     _count_constraints: List[Tuple[_Space, int]]  # (space, conv groups): equal counts per block
     _equal_pieces: list[_Space]  # tensors split into equal pieces (positions linked across pieces)
     _count_sources: list[tuple[_Space, fx.Node, str]]  # ops reading another tensor's unit count
