@@ -22,8 +22,10 @@ What is timed is what a user runs, nothing of the benchmark's own bookkeeping: o
 ignored_layers=...)`` (groups, scores, plan, validation, apply, optimizer surgery); the group
 counts, the refusals and the zeroed twin's selection are computed afterwards on the unpruned copy.
 Torch-Pruning's ``prune_s`` = its ``MagnitudePruner(...)`` construction (which traces) + ``step()``.
-Both are one run, in a fresh worker process per tool (the first model of a worker also pays the
-lazy imports of its tool).
+Both are one run by default, in a fresh worker process per tool (the first model of a worker also
+pays the lazy imports of its tool), after ``gc.collect()`` (for both tools: the heap the earlier
+models of the worker left is not collected inside a timed span); ``--repeat N`` reports the median
+of N runs, each on a freshly built model.
 
 Each tool runs in its own worker process (the two side by side), each model with a time limit; a
 worker that dies costs only the model it was on. Usage::
@@ -38,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -59,6 +63,9 @@ HERE = Path(__file__).resolve().parent
 #: ``prune_groups(rounding=...)``: "floor" (the protocol: never more than 0.3 of a group) unless
 #: ``--rounding`` says otherwise (passed to the workers through the environment).
 ROUNDING = os.environ.get("ZOO_ROUNDING", "floor")
+#: ``--repeat``: the timed spans are the median of this many runs, each on a freshly built model
+#: (the first run also gives every other column); only for models whose first run took < 20 s.
+REPEAT = int(os.environ.get("ZOO_REPEAT", "1"))
 
 TIMM_MODELS = [
     # family: models (pretrained=False, 64x64)
@@ -313,6 +320,7 @@ def run_ours(name: str) -> dict:
     ignored = [m for n, m in model.named_modules() if n in heads]
     failure: Exception | None = None
     try:
+        gc.collect()  # the heap the previous models left: collected outside the timed spans
         start = time.perf_counter()
         pruner = Pruner(model, example_inputs=inputs, optimizer=optimizer)
         graph = pruner.graph()
@@ -401,6 +409,7 @@ def run_tp(name: str) -> dict:
     record["params_before"] = num_params(model)
     ignored = [m for n, m in model.named_modules() if n in heads]
     try:
+        gc.collect()  # the heap the previous models left: collected outside the timed span
         start = time.perf_counter()
         example = inputs if len(inputs) > 1 else next(iter(inputs.values()))
         if name.startswith("hf-"):
@@ -450,7 +459,19 @@ def run_tp(name: str) -> dict:
 def run_one(name: str, tool: str) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     warnings.filterwarnings("ignore", category=FutureWarning)
-    return run_ours(name) if tool == "ours" else run_tp(name)
+    run = run_ours if tool == "ours" else run_tp
+    record = run(name)
+    spans = [key for key in ("trace_s", "prune_s") if key in record]
+    if REPEAT > 1 and record.get("status") == "pruned" and sum(record[k] for k in spans) < 20:
+        runs = [{k: record[k] for k in spans}]
+        for _ in range(REPEAT - 1):
+            again = run(name)
+            runs.append({k: again[k] for k in spans})
+        record["first_run"] = runs[0]
+        for key in spans:
+            record[key] = round(statistics.median(r[key] for r in runs), 2)
+        record["runs"] = len(runs)
+    return record
 
 
 class _Timeout(BaseException):  # not caught by the runs' own `except Exception`
@@ -519,7 +540,8 @@ def render(records: list[dict], tp_version: str | None) -> str:
         "",
         f"Produced by `benchmarks/zoo_prunability.py` (torch {torch.__version__}; CPU, a shared and noisy machine, "
         f"{os.environ.get('OMP_NUM_THREADS', '2')} thread(s) per tool, the two tools side by side). Protocol in the script's docstring: one AdamW step, `prune_groups(fraction=0.3{rounding})` (L1), "
-        f"forward + backward + step with the same AdamW.",
+        f"forward + backward + step with the same AdamW."
+        + (f" Times: the median of {REPEAT} runs per model and tool, each on a fresh model." if REPEAT > 1 else ""),
         "",
         f"**torchpruner: {pruned} / {len(ours)} pruned**, "
         f"{sum(r['status'] == 'refused' for r in ours)} refused (with the reason), "
@@ -586,7 +608,7 @@ def render(records: list[dict], tp_version: str | None) -> str:
 
 
 def main() -> None:
-    global ROUNDING
+    global ROUNDING, REPEAT
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="*")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -603,6 +625,12 @@ def main() -> None:
         help="prune_groups(rounding=...) for torchpruner (default floor: at most 0.3 of each group)",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=REPEAT,
+        help="time each model this many times (median; each run on a fresh model), default 1",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="replace only the measured rows in the existing .json (marked as measured again at "
@@ -610,6 +638,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ["ZOO_ROUNDING"] = ROUNDING = args.rounding  # the workers inherit it
+    os.environ["ZOO_REPEAT"] = str(args.repeat)
+    REPEAT = args.repeat
     if args.render:  # from the .json, or from the progress lines of an interrupted run
         import torch_pruning
 

@@ -8,6 +8,7 @@ the checkpoints unwrap ``torch.compile`` wrappers with :func:`unwrap_model`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +27,30 @@ __all__ = [
     "preserved_state",
     "fsdp_modules",
     "fsdp_refusal",
+    "collector_paused",
 ]
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block, then leave it as found.
+
+    Tracing a model and analysing its graph allocate tens of thousands of objects (fx nodes,
+    proxies, index arrays) that live until the block ends, so every young-generation collection
+    meanwhile walks them again for nothing (about a tenth of the time of a trace and prune of
+    timm's mobile nets), and a full collection, when one falls due (after other work left much
+    garbage), walked everything the process holds inside the trace (0.2 s on a 0.3 s prune).
+    Reference counting still frees acyclic garbage, and the collector runs as usual after the
+    block. A collector the caller had disabled stays disabled; nested blocks do not re-enable it
+    early.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def fsdp_modules(model: nn.Module) -> list[str]:

@@ -422,3 +422,54 @@ def test_the_tracer_names_parameters_and_buffers_as_fx_searches_them():
     assert "first.running_mean" in targets and "second.running_var" in targets
     assert targets.count("scale") == 2  # the replaced buffer is found under its name again
     assert "_tensor_constant0" in targets
+
+
+# --------------------------------------------------------------------------------------------
+# The cyclic garbage collector is paused while a graph is built, planned and applied
+# --------------------------------------------------------------------------------------------
+
+
+_COLLECTOR_SEEN: list[bool] = []  # not a model attribute: that would make the model look changed
+
+
+class RecordsCollector(nn.Module):
+    """Records whether the cyclic collector is enabled each time its forward runs (fx runs it to trace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _COLLECTOR_SEEN.append(gc.isenabled())
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_paused_while_tracing_and_left_as_found(enabled):
+    from torchpruner import Pruner
+    from torchpruner.schedule import prune_groups
+
+    model = RecordsCollector()
+    _COLLECTOR_SEEN.clear()
+    previous = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        pruner = Pruner(model, input_size=(4,))
+        pruner.graph()
+        assert _COLLECTOR_SEEN and not any(_COLLECTOR_SEEN)  # paused during the trace
+        assert gc.isenabled() is enabled
+        prune_groups(pruner, fraction=0.5)
+        assert gc.isenabled() is enabled and model.a.out_features == 3
+    finally:
+        gc.enable() if previous else gc.disable()
+
+
+def test_the_collector_is_enabled_again_when_a_trace_fails():
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("forward fails")
+
+    assert gc.isenabled()
+    with pytest.raises(Exception, match="forward fails"):
+        get_graph(Fails(), (torch.randn(2, 4),))
+    assert gc.isenabled()

@@ -70,6 +70,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torchpruner._state import collector_paused
 from torchpruner._ops import (
     ATTENTION_FUNCTIONS,
     MATMUL_FUNCTIONS,
@@ -1099,6 +1100,7 @@ def get_dependency_graph(graph: ModelGraph) -> DependencyGraph:
     """The :class:`DependencyGraph` of ``graph`` (built once per graph object)."""
     cached = graph.__dict__.get("_torchpruner_dependencies")  # kept on the graph it describes
     if not isinstance(cached, DependencyGraph):
-        cached = DependencyGraph(graph)
+        with collector_paused():
+            cached = DependencyGraph(graph)
         graph.__dict__["_torchpruner_dependencies"] = cached
     return cached

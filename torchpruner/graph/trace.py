@@ -73,7 +73,7 @@ from torchpruner._ops import (
     leaf_version,
     user_leaf_types,
 )
-from torchpruner._state import make_example_inputs, preserved_state, unwrap_model
+from torchpruner._state import collector_paused, make_example_inputs, preserved_state, unwrap_model
 from torchpruner.rules import get_slicing_rule
 from torchpruner.graph.capture import capture as export_capture
 
@@ -324,6 +324,46 @@ class _TensorNames:
         return name
 
 
+#: Layers of other libraries (by class path: nothing is imported) that compute exactly the op of
+#: their torch.nn base class on their own parameters: timm's "same"-padded convolution and pools
+#: (the padding is computed from the spatial size, which never carries units) and its BatchNorm
+#: followed by an activation. Traced as one call of that layer (with its rule) instead of through
+#: their code, which fx cannot trace for the same-padded ones (``math.ceil`` of a size) and which
+#: cost more than the rest of a trace for the BatchNorm (timm's efficient and mobile nets). A
+#: BatchNormAct2d qualifies only while its ``drop`` is an ``nn.Identity`` (a Dropout would need
+#: its rate fixed) and its ``act`` an ``nn.Identity`` or a torch.nn activation without parameters.
+_BASE_LAYER_OF = {
+    "timm.layers.conv2d_same.Conv2dSame": nn.Conv2d,
+    "timm.layers.pool2d_same.MaxPool2dSame": nn.MaxPool2d,
+    "timm.layers.pool2d_same.AvgPool2dSame": nn.AvgPool2d,
+    "timm.layers.norm_act.BatchNormAct2d": nn.BatchNorm2d,
+}
+
+
+def _computes_its_base_layer(m: nn.Module) -> bool:
+    """True for a layer of :data:`_BASE_LAYER_OF` (its exact class) in a form that computes its
+    base class's op: no children beyond a BatchNormAct2d's element-wise ``drop`` and ``act``."""
+    cls = type(m)
+    base = _BASE_LAYER_OF.get(f"{cls.__module__}.{cls.__qualname__}")
+    if base is None or not isinstance(m, base):
+        return False
+    children = dict(m.named_children())
+    if base is nn.BatchNorm2d:
+        drop, act = children.pop("drop", None), children.pop("act", None)
+        if type(drop) is not nn.Identity:
+            return False
+        if act is None or (
+            type(act) is not nn.Identity
+            and (
+                type(act) not in ACTIVATION_MODULES
+                or any(True for _ in act.parameters())
+                or any(True for _ in act.buffers())
+            )
+        ):
+            return False
+    return not children
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every torch.nn module, childless torchvision ops modules and
     registered user types (:func:`register_leaf_module`) as leaves.
@@ -394,6 +434,8 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaves = user_leaf_types()
         if leaves and isinstance(m, leaves):
+            return True
+        if _computes_its_base_layer(m):
             return True
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
@@ -1052,7 +1094,8 @@ def get_graph(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Optional[dic
         if slot.inputs == inputs and slot.graph.is_current():
             return slot.graph
         slot.graph.release_source()
-    graph = ModelGraph(model, args, kwargs)
+    with collector_paused():
+        graph = ModelGraph(model, args, kwargs)
     slot = _GraphSlot()
     slot.inputs, slot.graph = inputs, graph
     model.__dict__[_SLOT] = slot  # a shallow copy of the model shares it: the `is model` check above

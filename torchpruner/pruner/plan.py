@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
-from torchpruner._state import unwrap_model
+from torchpruner._state import collector_paused, unwrap_model
 from torchpruner.rules import RECORD_ATTRIBUTES, AttributeChange, Edit, TensorSlice, apply_slice
 
 from .optimizer import OptimizerStateSlice, apply_optimizer_surgery, plan_optimizer_surgery
@@ -349,6 +349,7 @@ class Plan:
             bound.append((edit, module))
         return bound
 
+    @collector_paused()
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Apply the plan to ``model`` (the planned model or a copy with the same architecture).
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from torchpruner._state import input_shape, make_example_inputs, preserved_state, unwrap_model
+from torchpruner._state import collector_paused, input_shape, make_example_inputs, preserved_state, unwrap_model
 from torchpruner.graph import CallSite, ModelGraph, get_graph
 from torchpruner.graph.dependency import Group, get_dependency_graph
 from torchpruner.rules import (
@@ -263,6 +263,7 @@ class Pruner:
         Groups reaching the model output (see ``include_outputs``) are not refusals."""
         return get_dependency_graph(self.graph()).refused_groups(ignored_layers)
 
+    @collector_paused()
     def plan_groups(self, selection: dict[Group, Any], description: str | None = None) -> Plan:
         """Plan the removal of ``{group: units}`` (units index ``range(group.num_units)``); changes nothing."""
         if not isinstance(selection, Mapping):
