@@ -5,6 +5,8 @@ Rows:
 - ``ours 0.3``: ``prune_groups(fraction=0.3)``: 0.3 of every group, heads included (a group of
   3 heads floors 0.9 to 0 heads);
 - ``ours 0.3, heads 1/3``: the same with one head in three per block (``ratios={attn.qkv: 1/3}``);
+- ``ours 0.3 nearest``: ``prune_groups(fraction=0.3, rounding="nearest")``: each group's count
+  rounded to the nearest (0.9 of a head is one);
 - ``TP 0.3``: Torch-Pruning's MagnitudePruner as in zoo_prunability.py (``num_heads`` passed: it
   prunes head_dim), and ``TP 0.3 heads``: with ``prune_num_heads=True, prune_head_dims=False``.
 ``runs`` says whether the pruned model still runs its forward.
@@ -34,7 +36,7 @@ def _runs(model, inputs) -> bool:
         return False
 
 
-def ours(name: str, heads_ratio: float | None) -> tuple[int, int, bool]:
+def ours(name: str, heads_ratio: float | None, rounding: str = "floor") -> tuple[int, int, bool]:
     from torchpruner import Pruner
     from torchpruner.schedule import prune_groups
 
@@ -52,7 +54,7 @@ def ours(name: str, heads_ratio: float | None) -> tuple[int, int, bool]:
             ratios.update(
                 {g.source_modules[0]: 0.3 for g in groups if not any(g.source_modules[0] is m for m in ratios)}
             )
-        prune_groups(pruner, fraction=0.3, ratios=ratios, ignored_layers=ignored)
+        prune_groups(pruner, fraction=0.3, ratios=ratios, ignored_layers=ignored, rounding=rounding)
     return before, num_params(model), _runs(model, inputs)
 
 
@@ -85,6 +87,7 @@ def main() -> None:
         rows = [
             ("ours 0.3", lambda: ours(name, None)),
             ("ours 0.3, heads 1/3", lambda: ours(name, 1 / 3)),
+            ("ours 0.3 nearest", lambda: ours(name, None, "nearest")),
             ("TP 0.3", lambda: torch_pruning(name, False)),
             ("TP 0.3 heads", lambda: torch_pruning(name, True)),
         ]
