@@ -23,7 +23,11 @@ the size the fast algorithm uses, the loss computed as the library computes it),
 prefix pass or the contributions. ``limit`` runs
 the model's layers on its own (contiguous) layout; ``limit CL`` the same in channels-last layout,
 which is how the fast algorithm walks a 2-d convolution's output (the same for layers whose
-first linear layer is a ``Linear``).
+first linear layer is a ``Linear``). ``prefix``: one pass of the layers up to the evaluation point
+over the data (the activations any algorithm needs once); ``adds``: the walk's own share of each
+incremental step (adding one unit's contribution to the state, ``samples · units`` times per batch,
+as the walk does), which the issue counts in the step's cost and ``limit`` leaves out;
+``% of step limit`` is ``(limit CL + adds + prefix) / fast``.
 
 ``peak MiB``: peak resident memory of one fast run above the process's resident memory just
 before it, in a fresh process per layer after a tiny warm-up run (Linux: the peak is reset with ``/proc/self/clear_refs``
@@ -50,6 +54,7 @@ from torch import nn
 
 from torchpruner.attributions import ShapleyAttributionMetric, per_example_loss
 from torchpruner.attributions import suffix
+from torchpruner.attributions.methods.shapley import SIDE_BY_SIDE_ELEMENTS
 from torchpruner.attributions.suffix import DEFAULT_MAX_BATCH_ELEMENTS
 
 
@@ -188,6 +193,47 @@ def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int
     return seconds
 
 
+def step_add_seconds(model: nn.Sequential, index: int, data, samples: int, budget: int) -> float:
+    """Seconds for the walk's own part of the incremental step, the issue's "one unit's share of
+    the op": adding a unit's contribution to the state of the first linear layer after ``index``,
+    ``samples · units`` times per batch, as the walk adds them: from the state before into the next
+    slot of a buffer of the coalitions of one call, reading the unit's row of a contributions tensor
+    (states of at most ``SIDE_BY_SIDE_ELEMENTS`` elements: one add per step for every ordering)."""
+    linear = next(i for i in range(index + 1, len(model)) if isinstance(model[i], (nn.Linear, nn.Conv2d)))
+    head = model[: linear + 1]
+    seconds = 0.0
+    for xb, _ in data:
+        with torch.no_grad():
+            state = head(xb)
+        units = model[: index + 1](xb[:1]).shape[1]
+        if state.numel() <= SIDE_BY_SIDE_ELEMENTS:
+            state = state.unsqueeze(0).repeat(samples, *([1] * state.dim()))
+            adds = units
+        else:
+            adds = samples * units
+        contributions = torch.randn(units, *state.shape)
+        slots = torch.empty(max(1, min(adds, budget // state.numel())), *state.shape)
+        order = torch.randint(units, (adds,)).tolist()
+        start = time.perf_counter()
+        previous = state
+        for step, unit in enumerate(order):
+            previous = torch.add(previous, contributions[unit], out=slots[step % len(slots)])
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def prefix_seconds(model: nn.Sequential, index: int, data) -> float:
+    """Seconds for one pass of the layers up to ``index`` (the evaluation point) over ``data``."""
+    prefix = model[: index + 1]
+    seconds = 0.0
+    for xb, _ in data:
+        with torch.no_grad():
+            start = time.perf_counter()
+            prefix(xb)
+            seconds += time.perf_counter() - start
+    return seconds
+
+
 def _peak_worker(
     state: dict, index: int, x: torch.Tensor, y: torch.Tensor, samples: int, threads: int, channels_last: bool, queue
 ) -> None:
@@ -274,7 +320,8 @@ def main() -> None:
         "ratios are within this run"
     )
     header = (
-        "| layer | units | fast (s) | limit (s) | limit CL (s) | % of limit | % of limit CL | reference (s) "
+        "| layer | units | fast (s) | limit (s) | limit CL (s) | % of limit | % of limit CL | prefix (s) "
+        "| adds (s) | % of step limit | reference (s) "
         "| 2020 (s) | captum (s) | fast vs 2020 | reference vs 2020 | captum vs 2020 | fast vs captum "
         "| peak MiB | path |"
     )
@@ -282,7 +329,7 @@ def main() -> None:
     print("|---" * (header.count("|") - 1) + "|")
     for name, index in layers.items():
         point = model[index]
-        best = {"fast": math.inf, "limit": math.inf, "limit CL": math.inf, "captum": math.inf}
+        best = dict.fromkeys(("fast", "limit", "limit CL", "prefix", "adds", "captum"), math.inf)
         for _ in range(args.repeats):
             metric = ShapleyAttributionMetric(model, data, F.cross_entropy, "cpu", sv_samples=args.samples, seed=0)
             fast_s, fast = timed(lambda: metric.run(point))
@@ -290,6 +337,10 @@ def main() -> None:
             for key, channels_last in (("limit", False), ("limit CL", True)):
                 seconds = cost_limit(model, index, data, args.samples, DEFAULT_MAX_BATCH_ELEMENTS, channels_last)
                 best[key] = min(best[key], seconds)
+            best["prefix"] = min(best["prefix"], prefix_seconds(model, index, data))
+            best["adds"] = min(
+                best["adds"], step_add_seconds(model, index, data, args.samples, DEFAULT_MAX_BATCH_ELEMENTS)
+            )
             captum_s, _ = timed(lambda: shapley_captum(model, index, data, args.samples))
             best["captum"] = min(best["captum"], captum_s)
         path = metric.last_path
@@ -307,7 +358,8 @@ def main() -> None:
         fast_s, captum_s = best["fast"], best["captum"]
         print(
             f"| {name} | {units} | {fast_s:.2f} | {best['limit']:.2f} | {best['limit CL']:.2f} "
-            f"| {100 * best['limit'] / fast_s:.0f}% | {100 * best['limit CL'] / fast_s:.0f}% | {ref_s:.2f} "
+            f"| {100 * best['limit'] / fast_s:.0f}% | {100 * best['limit CL'] / fast_s:.0f}% | {best['prefix']:.3f} "
+            f"| {best['adds']:.3f} | {100 * (best['limit CL'] + best['adds'] + best['prefix']) / fast_s:.0f}% | {ref_s:.2f} "
             f"| {old_s:.2f} | {captum_s:.2f} | {old_s / fast_s:.1f}× | {old_s / ref_s:.1f}× "
             f"| {old_s / captum_s:.1f}× | {captum_s / fast_s:.1f}× | {peak:.0f} | {path} |",
             flush=True,
