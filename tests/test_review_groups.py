@@ -102,9 +102,9 @@ def test_prune_groups_fraction_is_not_rounded_down_by_float_error(hidden, fracti
         (3, 0.1, "nearest", 1, 0),  # 0.3 of a unit
         (3, 0.1, "ceil", 1, 1),
         (4, 0.125, "nearest", 1, 1),  # a half rounds up
-        (10, 0.7, "ceil", 1, 7),  # 10 * 0.7 is 7.000000000000001: not 8
-        (100, 0.29, "ceil", 1, 29),  # 28.999999999999996: not 28 either way
-        (100, 0.29, "nearest", 1, 29),
+        (25, 0.28, "ceil", 1, 7),  # 25 * 0.28 is 7.000000000000001: not 8
+        (25, 0.58, "nearest", 1, 15),  # 25 * 0.58 is 14.499999999999998: a half, so 15
+        (100, 0.29, "nearest", 1, 29),  # 28.999999999999996
         (40, 0.3, "floor", 8, 8),  # 12 units: one multiple of 8 at most
         (40, 0.3, "nearest", 8, 16),  # 1.5 multiples of 8: two
         (40, 0.3, "ceil", 8, 16),
@@ -120,12 +120,31 @@ def test_rounding_turns_the_fraction_into_a_count(hidden, fraction, rounding, ro
     assert model[0].out_features == hidden - removed, plan
 
 
-@pytest.mark.parametrize("rounding, removed", [("floor", 0), ("nearest", 1), ("ceil", 1)])
-def test_rounding_applies_to_each_event_of_an_iterative_schedule(rounding, removed):
-    model = mlp(3)
-    schedule = IterativePruning(Pruner(model, input_size=(4,)), target=0.3, steps=1, every=1, rounding=rounding)
+@pytest.mark.parametrize(
+    "hidden, target, rounding, round_to, min_units, removed",
+    [
+        (3, 0.3, "floor", 1, 1, 0),
+        (3, 0.3, "nearest", 1, 1, 1),
+        (3, 0.3, "ceil", 1, 1, 1),
+        (40, 0.3, "floor", 8, 1, 8),  # in multiples of round_to, as select_units counts them
+        (40, 0.3, "nearest", 8, 1, 16),
+        (40, 0.3, "ceil", 8, 1, 16),
+        (10, 0.95, "nearest", 1, 0, 9),  # min_units=0 still leaves a unit (it used to raise)
+        (10, 0.95, "ceil", 1, 0, 9),
+    ],
+)
+def test_rounding_applies_to_each_event_of_an_iterative_schedule(
+    hidden, target, rounding, round_to, min_units, removed
+):
+    model = mlp(hidden)
+    pruner = Pruner(model, input_size=(4,))
+    expected = select_units(pruner.groups(), target, rounding=rounding, round_to=round_to, min_units=min_units)
+    assert sum(len(units) for units in expected.values()) == removed  # one event: the same count
+    schedule = IterativePruning(
+        pruner, target=target, steps=1, every=1, rounding=rounding, round_to=round_to, min_units=min_units
+    )
     schedule.step()
-    assert model[0].out_features == 3 - removed
+    assert model[0].out_features == hidden - removed
 
 
 def test_rounding_with_a_global_ranking_rounds_the_total():

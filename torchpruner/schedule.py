@@ -394,7 +394,8 @@ class IterativePruning:
             original = self._original.get(self._key(group))
             if original is None:
                 continue
-            wanted = max(self.min_units, original - _units_of(fraction, original, self.rounding))
+            removed = _units_of(fraction, original, self.rounding, self.round_to)
+            wanted = max(self.min_units, 1, original - removed)  # a group keeps a unit, as in select_units
             count = group.num_units - wanted
             count = (count // self.round_to) * self.round_to if count > 0 else 0
             if count <= 0:

@@ -223,6 +223,11 @@ class WrittenNorm(nn.Module):
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
         if self.kind == "cube":  # not a mean square
             return self.weight * (x * torch.rsqrt(x.pow(3).abs().mean(-1, keepdim=True) + 1e-6))
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.kind == "unweighted":  # the weight scales x, not the normalised tensor
+            return torch.addcmul(normed, self.weight, x)
+        if self.kind == "other_axis":  # the weight runs along the tokens (as many as the units)
+            return normed * self.weight.view(-1, 1)
         # centred: a LayerNorm written out
         centred = x - x.mean(-1, keepdim=True)
         return self.weight * (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-6))
@@ -263,10 +268,10 @@ def test_a_written_out_rmsnorm_prunes_like_the_rebuilt_model():
         torch.testing.assert_close(model(x), expected_model(x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["cube", "centred"])
+@pytest.mark.parametrize("kind", ["cube", "centred", "unweighted", "other_axis"])
 def test_a_reduction_over_the_units_that_is_not_an_rmsnorm_is_refused(kind):
     model = NormBlock(kind).eval()
-    assert_reduction_refused(model, torch.randn(4, 6, 5), model.embed)
+    assert_reduction_refused(model, torch.randn(4, 8, 5), model.embed)  # 8 tokens, 8 units
 
 
 # --------------------------------------------------------------------------------------------

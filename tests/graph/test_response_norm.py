@@ -39,6 +39,12 @@ class ResponseNorm(nn.Module):
         if self.kind == "product":  # written with a product and a sum instead of addcmul
             n = g / (g.mean(dim=self.channel, keepdim=True) + 1e-6)
             return x + self.weight.view(self.shape) * (x * n) + self.bias.view(self.shape)
+        if self.kind == "floor":  # a rounding division: not a normalisation
+            n = g.div(g.mean(dim=self.channel, keepdim=True) + 1e-6, rounding_mode="floor")
+            return x + torch.addcmul(self.bias.view(self.shape), self.weight.view(self.shape), x * n)
+        if self.kind == "unweighted":  # the weight scales another tensor than the normalised one
+            n = g / (g.mean(dim=self.channel, keepdim=True) + 1e-6)
+            return torch.addcmul(x * n, self.weight.view(self.shape), x)
         if self.kind == "other":  # the channel mean divides x, not the norm
             return self.weight.view(self.shape) * (x / (g.mean(dim=self.channel, keepdim=True) + 1e-6))
         # "plain": a mean over the channels of x itself, no norm
@@ -121,7 +127,7 @@ def test_channels_first_grn_prunes_like_the_rebuilt_smaller_model_and_trains_on(
         assert not torch.equal(p.detach(), before[name]), f"{name} did not update"
 
 
-@pytest.mark.parametrize("kind", ["other", "plain"])
+@pytest.mark.parametrize("kind", ["other", "plain", "floor", "unweighted"])
 def test_a_mean_over_the_units_that_is_not_a_grn_statistic_is_refused(kind):
     model = LastBlock(kind=kind).eval()
     assert_reduction_refused(model, torch.randn(2, 4, 4, 5), model.fc1)

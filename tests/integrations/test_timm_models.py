@@ -3,6 +3,7 @@ fx traces into) is pruned once, and the pruned model trains on with the live opt
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,78 @@ def test_batchnorm_act_that_is_not_its_base_op_is_traced_through(variant):
     prune_groups(pruner, fraction=0.25)
     assert bn.num_features == bn.running_var.shape[0] == 6
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4, 6, 6)
+
+
+@pytest.mark.parametrize("size, kernel, stride, dilation", [(7, 3, 2, 1), (8, 3, 2, 1), (9, 5, 3, 2), (6, 1, 1, 1)])
+def test_base_layer_input_pads_a_same_padded_conv_as_its_forward(size, kernel, stride, dilation):
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from torchpruner.graph.trace import base_layer_input
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(4, 5, kernel, stride=stride, dilation=dilation).double()
+    x = torch.randn(2, 4, size, size + 1, dtype=torch.float64)
+    padded = base_layer_input(conv, x)
+    expected = conv(x)
+    got = torch.nn.functional.conv2d(padded, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    plain = torch.nn.Conv2d(4, 5, 3)
+    assert base_layer_input(plain, x) is x
+
+
+def test_thinet_reads_a_same_padded_consumer_as_it_computes():
+    """ThiNet recomputes its consumer from the layer's attributes: a Conv2dSame (padding=0, padded
+    in its forward) must be padded first. Its scores equal those of the same model written with
+    an explicit zero padding and a plain Conv2d."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from torchpruner.attributions import ThiNetAttributionMetric
+    from torchpruner.graph.trace import base_layer_input
+
+    torch.manual_seed(0)
+    same = Conv2dSame(8, 4, 3, stride=2)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), same, torch.nn.Flatten(), torch.nn.Linear(64, 2)
+    ).eval()
+    x = torch.randn(4, 3, 7, 7)
+    pads = [p for p in base_layer_input(same, torch.zeros(1, 8, 7, 7)).shape[-2:]]
+    assert pads == [9, 9]  # (ceil(7 / 2) - 1) * 2 + 3 - 7 = 2 rows and columns of padding
+    plain = torch.nn.Conv2d(8, 4, 3, stride=2)
+    plain.load_state_dict(same.state_dict())
+    twin = torch.nn.Sequential(
+        model[0],
+        torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.ZeroPad2d((1, 1, 1, 1)), plain),
+        torch.nn.Flatten(),
+        model[4],
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x))
+    data = [(x, torch.zeros(4, dtype=torch.long))]
+    scores = ThiNetAttributionMetric(model, data, torch.nn.CrossEntropyLoss()).run(model[0], samples_per_batch=None)
+    expected = ThiNetAttributionMetric(twin, data, torch.nn.CrossEntropyLoss()).run(twin[0], samples_per_batch=None)
+    np.testing.assert_allclose(scores, expected)
+
+
+def test_the_act_of_a_batchnorm_act_traced_as_one_call_is_still_scored():
+    """Scoring ``bn.act`` of a BatchNormAct2d that is one call site scores that call's output (the
+    act's), as when fx traced through it: APoZ is the fraction of positive outputs of the act,
+    without the "not a ReLU-like activation" warning."""
+    import warnings
+
+    from torchpruner.attributions import APoZAttributionMetric
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=4).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    seen = []
+    handle = model.bn1.act.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    expected = (seen[0] > 0).double().mean(dim=(0, 2, 3)).numpy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = APoZAttributionMetric(model, [(x, y)], torch.nn.CrossEntropyLoss()).run(model.bn1.act)
+    assert not [w for w in caught if "ReLU-like" in str(w.message)]
+    np.testing.assert_allclose(scores, expected)

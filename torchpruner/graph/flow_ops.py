@@ -329,7 +329,8 @@ class TensorOpFlow(HeadFlow):
             _uncast(a) is source for a in product.args if a is not rsqrt
         ):
             return None
-        return self._weighted_by_own_weight(node, _single_user(_cast_of(product)), space)
+        product = _cast_of(product)
+        return self._weighted_by_own_weight(node, product, _single_user(product), space)
 
     def _response_statistic(self, node: fx.Node, x: fx.Node, space: _Space, dims: list[int]) -> str | None:
         """The name of the module whose global response normalisation (ConvNeXt-V2's GRN)
@@ -345,14 +346,19 @@ class TensorOpFlow(HeadFlow):
             return None
         source = _uncast(x.args[0])
         divide = _single_user(self._plus_epsilon(node))
-        if not _is_op(divide, (operator.truediv, torch.div, torch.true_divide), "div") or divide.args[0] is not x:
-            return None
+        if (
+            not _is_op(divide, (operator.truediv, torch.div, torch.true_divide), "div")
+            or divide.args[0] is not x
+            or len(divide.args) != 2
+            or divide.kwargs
+        ):
+            return None  # not g / (mean + eps) (a rounding division is not a normalisation)
         product = _single_user(divide)
         if not _is_op(product, _MULTIPLY, "mul") or not any(
             _uncast(a) is source for a in product.args if a is not divide
         ):
             return None
-        return self._weighted_by_own_weight(node, _single_user(product), space)
+        return self._weighted_by_own_weight(node, product, _single_user(product), space)
 
     def _keeps_one_unit_axis(self, node: fx.Node, space: _Space, dims: list[int]) -> bool:
         """``node`` is a mean over the unit axis alone, with ``keepdim=True``."""
@@ -375,24 +381,34 @@ class TensorOpFlow(HeadFlow):
             return None
         return add
 
-    def _weighted_by_own_weight(self, node: fx.Node, scaled: fx.Node | None, space: _Space) -> str | None:
-        """The module owning the one 1-d weight of ``space.size`` entries that ``scaled`` (a product
-        or ``torch.addcmul``) multiplies by, when ``node`` is computed inside that module."""
+    def _weighted_by_own_weight(
+        self, node: fx.Node, product: fx.Node, scaled: fx.Node | None, space: _Space
+    ) -> str | None:
+        """The module owning the one 1-d weight of ``space.size`` entries that ``scaled`` (a product,
+        or ``torch.addcmul``'s product term) multiplies the normalised ``product`` by, lined up with
+        the unit axis (the weight itself on the last axis, or a view of it with every other axis of
+        size 1), when ``node`` is computed inside that module; else None."""
         if _is_op(scaled, (torch.addcmul,), "addcmul"):
             factors = list(scaled.args[1:3])
         elif _is_op(scaled, _MULTIPLY, "mul"):
             factors = list(scaled.args)
         else:
             return None
-        weights = []
-        for factor in factors:
-            while _is_op(factor, (), "view") or _is_op(factor, (), "reshape"):
-                factor = factor.args[0]
-            if isinstance(factor, fx.Node) and factor.op == "get_attr":
-                weights.append(factor)
-        if len(weights) != 1 or self._shape(weights[0]) != (space.size,):
+        if sum(1 for f in factors if f is product) != 1:
+            return None  # the weight must scale the normalised tensor itself
+        (factor,) = [f for f in factors if f is not product] or [None]
+        weight = factor
+        while _is_op(weight, (), "view") or _is_op(weight, (), "reshape"):
+            weight = weight.args[0]
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or self._shape(weight) != (space.size,):
             return None
-        owner, _, _attribute = str(weights[0].target).rpartition(".")
+        shape = self._shape(factor)
+        if shape is None or len(shape) > space.ndim:
+            return None
+        offset = space.ndim - len(shape)
+        if any(size != (space.size if offset + i == space.axis else 1) for i, size in enumerate(shape)):
+            return None  # the weight runs along another axis than the units
+        owner, _, _attribute = str(weight.target).rpartition(".")
         caller = self._calling_module(node)
         if caller is not None and caller != owner:
             return None  # the weight of another module: not this norm's

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import linecache
 import logging
+import math
 import weakref
 from dataclasses import dataclass, field
 from collections.abc import Container, Iterable
@@ -53,6 +54,7 @@ import torch
 import torch.fx as fx
 import torch.fx.graph_module as fx_graph_module
 import torch.nn as nn
+import torch.nn.functional as F
 
 from torchpruner._ops import (
     ACTIVATION_FUNCTIONS,
@@ -160,6 +162,8 @@ class CallSite:
 
     @property
     def is_relu_like(self) -> bool:
+        if self.kind == "module" and isinstance(_final_child(self.module), RELU_LIKE_MODULES):
+            return True  # a BatchNormAct2d traced as one call ends with its ReLU
         return self.is_op(RELU_LIKE_FUNCTIONS, RELU_LIKE_METHODS, RELU_LIKE_MODULES)
 
     @property
@@ -362,6 +366,36 @@ def _computes_its_base_layer(m: nn.Module) -> bool:
         ):
             return False
     return not children
+
+
+def _final_child(module: nn.Module | None) -> nn.Module | None:
+    """The child whose output is the output of a layer traced as its base layer (a BatchNormAct2d
+    ends with ``self.act``), so that scoring that child scores the layer's call; else None."""
+    if module is None or not _computes_its_base_layer(module) or not isinstance(module, nn.BatchNorm2d):
+        return None
+    act = getattr(module, "act", None)
+    return act if isinstance(act, nn.Module) else None
+
+
+def base_layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input that the base-layer op of a layer traced as its base layer
+    (:data:`_BASE_LAYER_OF`) sees, for code that recomputes the layer from its attributes: timm's
+    ``Conv2dSame`` pads its input "same" in its forward (TensorFlow's rule: the output has
+    ``ceil(size / stride)`` positions; the padding is split with the smaller half first), then
+    convolves with ``padding=0``. Any other module: ``x`` itself."""
+    cls = type(module)
+    if f"{cls.__module__}.{cls.__qualname__}" != "timm.layers.conv2d_same.Conv2dSame" or not _computes_its_base_layer(
+        module
+    ):
+        return x
+    assert isinstance(module, nn.Conv2d)
+    pads: list[int] = []
+    for axis in (1, 0):  # F.pad lists the last dim first
+        size, kernel = x.shape[-2 + axis], module.kernel_size[axis]
+        stride, dilation = module.stride[axis], module.dilation[axis]
+        total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
 
 
 class _LeafTracer(fx.Tracer):
@@ -625,6 +659,10 @@ class ModelGraph:
         for site in self.sites:
             if site.module is not None:
                 self._by_module.setdefault(id(site.module), []).append(site)
+        for site in self.sites:  # a BatchNormAct2d traced as one call: its output is its act's
+            act = _final_child(site.module) if site.kind == "module" else None
+            if act is not None and id(act) not in self._by_module:
+                self._by_module[id(act)] = self._by_module[id(site.module)]
 
     # -- building -------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpruner.graph import CallSite, ModelGraph, get_graph, unwrap_model
+from torchpruner.graph.trace import base_layer_input
 from torchpruner.graph.dependency import Group, get_dependency_graph
 
 from ..base import AttributionMetric, left_as_found
@@ -59,7 +60,7 @@ def channel_contributions(
         ``[N, out channels, positions]``.
     """
     weight = consumer.weight.detach().to(torch.float64)
-    x = x.detach().to(torch.float64)
+    x = base_layer_input(consumer, x.detach().to(torch.float64))  # a same-padded conv pads first
     n = x.shape[0]
     if isinstance(consumer, nn.Linear):
         rows = x.reshape(n, -1, x.shape[-1])  # [N, L, F]
