@@ -164,11 +164,16 @@ def shapley_captum(model: nn.Sequential, index: int, data, samples: int) -> np.n
     return (total / count).numpy()
 
 
+def _first_linear_after(model: nn.Sequential, index: int) -> int:
+    """The index of the first linear layer after ``index``: the layer the walk goes through."""
+    return next(i for i in range(index + 1, len(model)) if isinstance(model[i], (nn.Linear, nn.Conv2d)))
+
+
 def cost_limit(model: nn.Sequential, index: int, data, samples: int, budget: int, channels_last: bool = False) -> float:
     """Seconds for ``samples · units`` coalition evaluations per example at the cost of the
     incremental step: the layers after the first linear layer following ``index`` (on stacked
     batches in channels-last layout with ``channels_last=True``, for 4-d activations)."""
-    linear = next(i for i in range(index + 1, len(model)) if isinstance(model[i], (nn.Linear, nn.Conv2d)))
+    linear = _first_linear_after(model, index)
     head, rest = model[: linear + 1], model[linear + 1 :]
     seconds = 0.0
     for xb, yb in data:
@@ -199,7 +204,7 @@ def step_add_seconds(model: nn.Sequential, index: int, data, samples: int, budge
     ``samples · units`` times per batch, as the walk adds them: from the state before into the next
     slot of a buffer of the coalitions of one call, reading the unit's row of a contributions tensor
     (states of at most ``SIDE_BY_SIDE_ELEMENTS`` elements: one add per step for every ordering)."""
-    linear = next(i for i in range(index + 1, len(model)) if isinstance(model[i], (nn.Linear, nn.Conv2d)))
+    linear = _first_linear_after(model, index)
     head = model[: linear + 1]
     seconds = 0.0
     for xb, _ in data:

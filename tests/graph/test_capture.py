@@ -18,6 +18,15 @@ from torchpruner.rules import register_slicing_rule_by_path
 from torchpruner.rules.layers import TransposedLinearRule
 
 
+def captured(model: nn.Module, *examples: torch.Tensor):
+    """``capture(model, (examples[0],))``, checked to compute what ``model`` computes on every example."""
+    graph = capture(model, (examples[0],))
+    with torch.no_grad():
+        for x in examples:
+            torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-12)
+    return graph
+
+
 class Ops(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -36,11 +45,7 @@ def test_captured_graph_keeps_negative_dims_rounding_modes_and_divisor_overrides
     torch.manual_seed(0)
     model = Ops().double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    graph = capture(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-12)
-        x3 = torch.randn(3, 3, 6, 6, dtype=torch.float64)
-        torch.testing.assert_close(graph(x3), model(x3), rtol=0, atol=1e-12)
+    captured(model, x, torch.randn(3, 3, 6, 6, dtype=torch.float64))  # another batch size too
 
 
 def test_a_rule_registered_by_class_path_makes_the_class_a_leaf_from_the_first_trace():
@@ -87,12 +92,10 @@ def test_an_exported_pad_with_a_mode_is_followed_and_prunes_like_the_zeroed_twin
     torch.manual_seed(0)
     model = PaddedSame().double().eval()
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
-    graph = capture(model, (x,))
+    graph = captured(model, x)
     pads = [n for n in graph.graph.nodes if n.target is F.pad]
     # aten.pad, or the reflection_pad2d / constant_pad_nd older exports decompose it into
     assert [n.kwargs.get("mode", "constant") for n in pads] == ["reflect", "constant", "replicate"]
-    with torch.no_grad():
-        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-12)
     pruner = Pruner(model, example_inputs=(x,))
     assert pruner.graph().capture == "export"
     assert pruner.refused_groups() == []
@@ -128,9 +131,7 @@ def test_an_exported_in_place_residual_add_is_followed_and_prunes_like_the_zeroe
     torch.manual_seed(0)
     model = InPlaceResidual().double().eval()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    graph = capture(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-12)
+    captured(model, x)
     pruner = Pruner(model, example_inputs=(x,))
     assert pruner.graph().capture == "export"
     assert pruner.refused_groups() == []

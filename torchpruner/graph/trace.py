@@ -344,11 +344,15 @@ _BASE_LAYER_OF = {
 }
 
 
+def _class_path(m: nn.Module) -> str:
+    cls = type(m)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _computes_its_base_layer(m: nn.Module) -> bool:
     """True for a layer of :data:`_BASE_LAYER_OF` (its exact class) in a form that computes its
     base class's op: no children beyond a BatchNormAct2d's element-wise ``drop`` and ``act``."""
-    cls = type(m)
-    base = _BASE_LAYER_OF.get(f"{cls.__module__}.{cls.__qualname__}")
+    base = _BASE_LAYER_OF.get(_class_path(m))
     if base is None or not isinstance(m, base):
         return False
     children = dict(m.named_children())
@@ -383,10 +387,7 @@ def base_layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``Conv2dSame`` pads its input "same" in its forward (TensorFlow's rule: the output has
     ``ceil(size / stride)`` positions; the padding is split with the smaller half first), then
     convolves with ``padding=0``. Any other module: ``x`` itself."""
-    cls = type(module)
-    if f"{cls.__module__}.{cls.__qualname__}" != "timm.layers.conv2d_same.Conv2dSame" or not _computes_its_base_layer(
-        module
-    ):
+    if _class_path(module) != "timm.layers.conv2d_same.Conv2dSame" or not _computes_its_base_layer(module):
         return x
     assert isinstance(module, nn.Conv2d)
     pads: list[int] = []
