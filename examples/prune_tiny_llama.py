@@ -1,9 +1,9 @@
 """Prune a tiny Llama (grouped-query attention, 2 KV heads) by group Taylor scores, then keep
 training it with the AdamW that existed before the prune.
 
-torch.fx cannot trace Hugging Face models, so the Pruner captures this one with torch.export
-(non-strict). Its groups are the hidden size (the embedding, every projection's inputs, o_proj and
-down_proj outputs, every RMSNorm weight), the attention heads of each layer (a KV head together
+The Pruner traces it with torch.fx and the example inputs at hand (its shape-dependent Python is
+decided on the example; torch.export, non-strict, is the fallback and gives the same groups). Its
+groups are the hidden size (the embedding, every projection's inputs, o_proj and down_proj outputs, every RMSNorm weight), the attention heads of each layer (a KV head together
 with its two query heads: q_proj rows, k_proj/v_proj rows, o_proj columns) and each MLP
 (gate_proj + up_proj + down_proj). They are scored on a few batches of token ids and half of
 every group is removed. The hidden size is scored by zeroing its units, which is not exactly

@@ -26,7 +26,7 @@ SCRIPTS = {
     "prune_tiny_llama.py": (
         ("transformers",),
         [
-            "captured by export: 5 prunable groups",
+            "captured by symbolic_trace: 5 prunable groups",
             "parameters 90,432 -> 26,784; hidden size 64 -> 32; KV heads [1, 1] query heads [2, 2]",
             "every parameter updated",
             "save_pretrained -> from_pretrained: hidden 32, heads 2, KV heads 1, MLP 64; same logits: True",

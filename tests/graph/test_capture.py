@@ -72,8 +72,8 @@ def test_a_rule_registered_by_class_path_makes_the_class_a_leaf_from_the_first_t
 
 
 class PaddedSame(nn.Module):
-    """Padding computed from the input size (timm's Conv2dSame): fx cannot trace the branch, the
-    export captures ``aten.pad`` (F.pad with a mode), which pads the spatial axes only."""
+    """Padding chosen from the input size as a Python int: fx cannot trace it, the export
+    captures ``aten.pad`` (F.pad with a mode), which pads the spatial axes only."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,7 +82,7 @@ class PaddedSame(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
-        if h.shape[-1] % 2 == 1:  # shape-dependent control flow
+        if int(h.shape[-1]) % 2 == 1:  # a size as a Python int: fx cannot trace it, torch.export can
             h = F.pad(h, [1, 1, 1, 1], mode="reflect") + F.pad(h, [1, 1, 1, 1], value=0.5)
             h = h + F.pad(h[..., 1:-1, 1:-1], [1, 1, 1, 1], mode="replicate")
         return self.head(h)
@@ -121,7 +121,7 @@ class InPlaceResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.stem(x)
         hidden = self.conv(torch.relu(residual))
-        if hidden.shape[-1] % 2 == 1:  # shape-dependent control flow: fx fails, torch.export captures
+        if int(hidden.shape[-1]) % 2 == 1:  # a size as a Python int: fx fails, torch.export captures
             hidden += residual
             hidden *= 0.5
         return self.head(torch.relu(hidden))

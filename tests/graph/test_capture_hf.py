@@ -101,6 +101,8 @@ def mlp_groups(pruner: Pruner, expected: list[tuple[str, ...]]) -> list:
 
 
 KINDS = ["bert", "gpt2", "llama", "distilbert", "vit"]
+#: the kinds that torch.fx traces with the example inputs at hand (the others: torch.export)
+FX_TRACED = {"gpt2": "symbolic_trace", "llama": "symbolic_trace", "vit": "symbolic_trace"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -115,7 +117,12 @@ def test_capture_computes_the_model_and_returns_its_output_structure(kind):
         x3 = torch.cat([x, x[:1]])
         torch.testing.assert_close(logits(traced(x3)), logits(model(x3)), rtol=0, atol=1e-12)
     graph = get_graph(model, (x,))
-    assert graph.method == "fx" and graph.capture == "export" and graph.fx_error is not None
+    # fx traces GPT-2, Llama and ViT with the example inputs (graph.concrete); BERT and DistilBERT
+    # slice their position buffers by the sequence length as an int: torch.export
+    assert graph.method == "fx" and graph.capture == FX_TRACED.get(kind, "export")
+    if graph.capture == "symbolic_trace":
+        return
+    assert graph.fx_error is not None
     assert not any(
         n.op == "call_function"
         and isinstance(n.target, torch._ops.OpOverload)
@@ -257,7 +264,7 @@ def test_a_model_returning_a_cache_is_captured_with_use_cache_false():
     graph = ModelGraph(model, (ids,))
     assert graph.capture == "hooks" and "use_cache=False" in graph.fx_failure
     graph = ModelGraph(model, (), {"input_ids": ids, "use_cache": False})
-    assert graph.capture == "export"
+    assert graph.capture == "symbolic_trace"  # fx with the example (use_cache fixed to False)
     with torch.no_grad():
         torch.testing.assert_close(graph.traced(input_ids=ids).logits, model(ids).logits, rtol=0, atol=0)
 
@@ -310,3 +317,41 @@ def test_attention_heads_of_a_captured_model_prune_like_the_zeroed_twin(kind):
     with torch.no_grad():
         torch.testing.assert_close(logits(model(x)), expected, rtol=1e-9, atol=1e-9)
         assert logits(model(torch.cat([x, x[:1]]))).shape[0] == 3
+
+
+def tiny_vision(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "resnet":
+        config = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+        return tf.ResNetForImageClassification(config).double().eval()
+    config = tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3)
+    return tf.ConvNextForImageClassification(config).double().eval()
+
+
+@pytest.mark.parametrize("kind", ["resnet", "convnext"])
+def test_hf_vision_models_are_traced_by_fx_and_prune_like_the_zeroed_twin(kind):
+    """Hugging Face ResNet and ConvNeXt stopped fx at ``if num_channels != self.num_channels`` in
+    their embeddings and at the ``(*args, **kwargs)`` wrapper of their forward: torch.export took
+    ~1 s of their trace + prune time. fx now decides the shape check on the example (guarded in
+    the graph), traces the wrapped forward with a ``pixel_values`` placeholder and returns the
+    ``ModelOutput``; the analysis and a prune are the same."""
+    model = tiny_vision(kind)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    graph = ModelGraph(model, (), {"pixel_values": x})
+    assert graph.capture == "symbolic_trace", graph.fx_failure
+    with torch.no_grad():
+        got, expected = graph.traced(x), model(pixel_values=x)
+        assert type(got) is type(expected)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-12)
+    pruner = Pruner(model, example_inputs={"pixel_values": x})
+    groups = pruner.groups()
+    assert len(groups) >= 3 and pruner.refused_groups() == []
+    group = max(groups, key=lambda g: g.num_units)
+    twin = copy.deepcopy(model)
+    with masked_at_mask_points(twin, (x,), {group.index: [0, 2]}) as forward, torch.no_grad():
+        want = forward(x).logits
+    before = sum(p.numel() for p in model.parameters())
+    pruner.plan_groups({group: [0, 2]}).apply(model)
+    assert sum(p.numel() for p in model.parameters()) < before
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, want, rtol=1e-9, atol=1e-9)

@@ -404,13 +404,14 @@ def test_a_shape_read_from_the_stream_for_another_tensor_refuses_the_stream():
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> int:
+    size = int(size)  # a traced size as a Python int: fx cannot trace it, torch.export can
     return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
 
 
 class SamePaddedConv(nn.Conv2d):
-    """timm's Conv2dSame: the padding is computed in Python from the input size (math.ceil on a
-    traced size fails in fx), so the model is captured by torch.export, which keeps ``groups`` as
-    a literal: where it comes from is found by running the layer."""
+    """timm's Conv2dSame: the padding is computed in Python from the input size as an int (fx
+    cannot trace that), so the model is captured by torch.export, which keeps ``groups`` as a
+    literal: where it comes from is found by running the layer."""
 
     literal_groups: int | None = None
 

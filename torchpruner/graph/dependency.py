@@ -569,7 +569,9 @@ class DependencyGraph(LayerFlow):
         self._statistics: list[tuple[_Space, str]] = []  # hand-written RMSNorms, GRNs: (input, owner)
         self._count_constraints: List[Tuple[_Space, int]] = []  # (space, conv groups): equal counts per block
         self._equal_pieces: list[_Space] = []  # tensors split into equal pieces (positions linked across pieces)
-        self._count_sources: list[tuple[_Space, fx.Node, str]] = []  # (counted units, the op, refusal)
+        self._count_sources: list[
+            tuple[_Space, fx.Node, str, fx.Node]
+        ] = []  # (counted units, the op, refusal, the counted tensor)
         # x[:, :self.a] pieces: (module id, attribute) -> {source space id: the piece's space}
         self._bounded_prefixes: Dict[Tuple[int, str], Dict[int, _Space]] = {}
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
@@ -632,6 +634,9 @@ class DependencyGraph(LayerFlow):
             return
         target = node.target
         is_fn, is_method = node.op == "call_function", node.op == "call_method"
+        if is_fn and target is torch._assert:  # a decided shape check (graph.concrete)
+            self._check_branch(node)
+            return
         if is_fn and target is getattr:
             self._visit_getattr(node, slotted)
             return
@@ -875,7 +880,8 @@ class DependencyGraph(LayerFlow):
         args, kwargs = self.graph.export_inputs
         try:
             with temporarily_pruned(edits):
-                again = capture_again(self.model, args, kwargs)
+                exported = self.graph.capture == "export"
+                again = capture_again(self.model, args, kwargs) if exported else self.graph.trace_again()
         except Exception:  # noqa: BLE001 - the model's own code fails with a unit fewer
             return False
         matched = same_ops(self.graph.traced.graph, again)

@@ -92,7 +92,41 @@ class TensorOpFlow(HeadFlow):
                         f"{self._label(node)} computes an argument from the number of units of "
                         f"{self._label(tensor)} (e.g. B, N, C = x.shape reused for another tensor); a prune "
                         f"would change it",
+                        tensor,
                     )
+                )
+
+    def _check_branch(self, node: fx.Node) -> None:
+        """``node`` guards a shape check that the tracer decided on the example
+        (``torch._assert(cond)``, :mod:`torchpruner.graph.concrete`). When the condition reads the
+        unit count of a tensor with units and some count a prune can leave (1 to all of them) makes
+        it go the other way, the model would compute something else after that prune: those units
+        are refused, naming the check. Every count is tried (the condition is shape arithmetic,
+        computed on meta tensors)."""
+        condition = node.args[0] if node.args else None
+        if not isinstance(condition, fx.Node):
+            return
+        for tensor in self._counted_tensors(node):
+            space = self._spaces.get(tensor)
+            if space is None:
+                continue
+            outcomes: set[bool] = set()
+            try:
+                for count in range(1, space.size + 1):
+                    shape = list(space.shape)
+                    shape[space.axis] = count
+                    stand_in = torch.empty(shape, device="meta")
+                    outcomes.add(bool(self._evaluate(condition, {tensor: stand_in})))
+                    if len(outcomes) > 1:
+                        break
+            except Exception:  # noqa: BLE001 - the check fails on fewer units: it depends on them
+                outcomes = {True, False}
+            if len(outcomes) > 1:
+                self._block(
+                    space,
+                    f"a shape check in the forward ({self._label(condition)}, decided on the example "
+                    f"input) tests the number of units of {self._label(tensor)}; a prune could make "
+                    f"it go the other way",
                 )
 
     def _resolve_count_sources(self) -> None:
@@ -100,7 +134,7 @@ class TensorOpFlow(HeadFlow):
         (``B, H, W, C = x.shape`` then ``windows.view(-1, N, C)``, Swin): both lose the same
         positions (linked), so the count it reads stays its own. Any other use of a unit count
         (a tensor created with it, a size on another axis) refuses the counted units, naming the op."""
-        for space, node, reason in self._count_sources:
+        for space, node, reason, tensor in self._count_sources:
             out = self._spaces.get(node)
             shape = self._shape_list(node)
             if (
@@ -108,12 +142,33 @@ class TensorOpFlow(HeadFlow):
                 and out.size == space.size
                 and id(out) not in self._blocked
                 and shape is not None
-                and len(shape[0]) == out.ndim
-                and isinstance(shape[0][out.axis], fx.Node)
+                and (
+                    (len(shape[0]) == out.ndim and isinstance(shape[0][out.axis], fx.Node))
+                    or self._counts_only_its_unit_axis(shape[0], out, space, tensor)
+                )
             ):
                 self._link_same(space, out)
             else:
                 self._block(space, reason)
+
+    def _counts_only_its_unit_axis(self, shape: list[Any], out: _Space, space: _Space, tensor: fx.Node) -> bool:
+        """The target shape is one computed tuple (``x.view(input_shape + (h.size(-1),))``, GPT-2)
+        whose only entry that follows the units of ``tensor`` is the output's unit axis, and it
+        follows them exactly (two units removed: two fewer there)."""
+        if len(shape) != 1 or not isinstance(shape[0], fx.Node):
+            return False
+        try:
+            before = self._evaluate_value(shape[0], {tensor: _slot_ids(space.shape, space.axis, np.arange(space.size))})
+            removed = np.setdiff1d(np.arange(space.size), [0, space.size // 2])
+            after = self._evaluate_value(shape[0], {tensor: _slot_ids(space.shape, space.axis, removed)})
+        except Exception:  # noqa: BLE001 - it fails on fewer units
+            return False
+        if not isinstance(before, (tuple, list)) or not isinstance(after, (tuple, list)):
+            return False
+        if len(before) != out.ndim or len(after) != out.ndim:
+            return False
+        changed = [axis for axis in range(out.ndim) if before[axis] != after[axis]]
+        return changed == [out.axis] and before[out.axis] == space.size and after[out.axis] == space.size - 2
 
     def _check_pair_users(self, node: fx.Node, pair: str) -> None:
         """A pair (``node`` runs the op ``pair``) is followed at its items; refuse it when it is read
@@ -695,7 +750,7 @@ class TensorOpFlow(HeadFlow):
         int attribute of the calling module (GPT-2's ``split(self.split_size, dim=2)``): the pieces
         are taken as equal, and the attribute (among those equal to ``length``) is found by
         capturing the model again with it changed (:class:`_LiteralSize`); None otherwise."""
-        if source is None or self.graph.capture != "export":
+        if source is None or self.graph.export_inputs is None:  # exported, or fx on a wrapped forward
             return None
         called = self._split_in_module(source, length)
         if called is None:

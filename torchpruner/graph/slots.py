@@ -387,7 +387,7 @@ class SlotFlow:
     _statistics: list[tuple[_Space, str]]  # hand-written RMSNorms, GRNs over the units: (input, owner)
     _count_constraints: List[Tuple[_Space, int]]  # (space, conv groups): equal counts per block
     _equal_pieces: list[_Space]  # tensors split into equal pieces (positions linked across pieces)
-    _count_sources: list[tuple[_Space, fx.Node, str]]  # ops reading another tensor's unit count
+    _count_sources: list[tuple[_Space, fx.Node, str, fx.Node]]  # ops reading another tensor's unit count
     _bounded_prefixes: Dict[Tuple[int, str], Dict[int, _Space]]  # x[:, :self.a] pieces by attribute, source
     _modules: Dict[str, nn.Module]
     _traced_modules: Dict[str, nn.Module]

@@ -78,6 +78,7 @@ from torchpruner._ops import (
 from torchpruner._state import collector_paused, make_example_inputs, preserved_state, unwrap_model
 from torchpruner.rules import get_slicing_rule
 from torchpruner.graph.capture import capture as export_capture
+from torchpruner.graph.concrete import ExampleBinding, ExampleProxy, check_against_model
 
 logger = logging.getLogger(__name__)
 
@@ -407,14 +408,56 @@ class _LeafTracer(fx.Tracer):
     names the module that could not be traced rather than the model around it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, example: ExampleBinding | None = None) -> None:
         super().__init__()
         self.failure: tuple[BaseException, str, type] | None = None
         self._tensor_names: _TensorNames | None = None
+        #: the example inputs, when given: shape checks are decided on them and a wrapped
+        #: forward gets one placeholder per input (:mod:`torchpruner.graph.concrete`)
+        self.example = example
+
+    def create_args_for_root(
+        self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+    ) -> tuple[Any, list[Any]]:
+        example = self.example
+        if example is None or not is_module or concrete_args is not None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        if example.wrapped(root_fn):
+            return example.root_arguments(self, self.root, root_fn)
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for position, node in enumerate(placeholders):
+            name = str(node.target).lstrip("*")
+            if position < len(example.args):
+                example.values[node] = example.args[position]
+            elif name in example.kwargs:
+                example.values[node] = example.kwargs[name]
+            elif node.args:
+                example.values[node] = node.args[0]
+        return fn, args
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ExampleProxy(node, self) if self.example is not None else super().proxy(node)
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        if self.example is not None:
+            items = self.example.unpack(self, obj)
+            if items is not None:
+                return iter(items)
+        return super().iter(obj)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.example is not None:
+            value = self.example.decide(self, obj)
+            if value is not None:
+                return value
+        return super().to_bool(obj)
 
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if self.example is not None and self.example.evaluating:
+            return forward(*args, **kwargs)  # deciding a shape check: the real module on real tensors
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
@@ -434,7 +477,10 @@ class _LeafTracer(fx.Tracer):
         self._tensor_names = None
         try:
             with _sdpa_taking_proxies():
-                return super().trace(root, concrete_args)
+                graph = super().trace(root, concrete_args)
+            if self.example is not None:
+                self.example.set_codegen(graph)
+            return graph
         finally:
             self._tensor_names = None
 
@@ -447,6 +493,8 @@ class _LeafTracer(fx.Tracer):
         # fx finds the name of a parameter a traced forward reads by scanning named_parameters()
         # at every read: quadratic in the parameter count (seconds on timm's BatchNormAct2d
         # models). The same name from a map built once; anything else is left to fx.
+        if self.example is not None and self.example.evaluating:
+            return attr_val
         if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
             name = self._names().parameter(attr_val)
             if name is not None:
@@ -621,12 +669,19 @@ class ModelGraph:
         self._release_traced: Callable[[], None] = lambda: None
         self.sites: List[CallSite] = []
         self.export_error: Optional[BaseException] = None
+        #: the example inputs the dependency analysis captures the model again with, to check
+        #: literal sizes (graphs of torch.export and of fx on a wrapped forward); else None
         self.export_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._traced_with_named_inputs = False
         self.method, self.capture = "hooks", "hooks"
         if method in ("auto", "fx"):
             try:
                 self._build_fx(args, kwargs)
                 self.method, self.capture = "fx", "symbolic_trace"
+                if self._traced_with_named_inputs:
+                    # sizes a wrapped (Hugging Face) forward passes as ints from module attributes
+                    # are checked by tracing again with units removed, as for an exported graph
+                    self.export_inputs = (tuple(args), dict(kwargs))
             except Exception as exc:  # fx cannot trace data-dependent control flow and more
                 self.fx_error = exc
                 if method == "fx":
@@ -692,7 +747,7 @@ class ModelGraph:
         )
 
     def _build_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any], exported: bool = False) -> None:
-        tracer = _LeafTracer()
+        tracer = _LeafTracer(None if exported else ExampleBinding(args, kwargs))
         traced: fx.GraphModule | None = None
         release: Callable[[], None] = lambda: None
         try:
@@ -716,7 +771,14 @@ class ModelGraph:
                         raise ValueError(f"no example value for the model input {name!r}")
                 recorder = _ShapeRecorder(traced)
                 with torch.no_grad():
-                    recorder.run(*flat_args)
+                    output = recorder.run(*flat_args)
+                example = tracer.example
+                if example is not None and example.flat_output is not None:
+                    # a wrapped forward (Hugging Face's): the graph must compute what the model
+                    # computes (a branch on isinstance(x, Tensor) or is_tracing() must not have
+                    # taken another path than the real forward)
+                    check_against_model(self.model, output, args, kwargs, "the fx graph")
+                    self._traced_with_named_inputs = True
         except Exception as exc:
             release()
             if tracer.failure is not None and _in_chain(tracer.failure[0], exc):
@@ -771,6 +833,17 @@ class ModelGraph:
             by_node[node] = site
             self.sites.append(site)
         self._site_by_node = by_node
+
+    def trace_again(self) -> fx.Graph:
+        """The fx graph of the model as it is now, traced with the same example inputs (the
+        dependency analysis compares it op by op with :attr:`traced`'s; an exported graph is
+        captured again with :func:`torchpruner.graph.recapture.capture_again`)."""
+        if self.export_inputs is None or self.capture != "symbolic_trace":
+            raise RuntimeError("this graph was not traced by fx with example inputs to trace again with")
+        args, kwargs = self.export_inputs
+        tracer = _LeafTracer(ExampleBinding(args, kwargs))
+        with preserved_state(self.model), torch.no_grad():
+            return tracer.trace(self.model)
 
     def _build_hooks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         producer_of: Dict[int, CallSite] = {}
