@@ -120,7 +120,6 @@ class ExampleBinding:
         self.args = tuple(args)
         self.kwargs = dict(kwargs)
         self.values: dict[fx.Node, Any] = {}
-        self.inputs: dict[str, Any] = {}
         self.decided = 0  # branches decided (guards written)
         self.flat_output: pytree.TreeSpec | None = None
         self.input_names: list[str] = []
@@ -169,7 +168,6 @@ class ExampleBinding:
         proxies = []
         for name, value in zip(names, values):
             proxy = tracer.create_proxy("placeholder", name, (), {})
-            self.inputs[name] = value
             self.values[proxy.node] = value
             proxies.append(proxy)
         positional = len(self.args)
@@ -207,18 +205,8 @@ class ExampleBinding:
     def unpack(self, tracer: fx.Tracer, proxy: fx.Proxy) -> list[Any] | None:
         """The items of a shape ``proxy`` iterated (``(*x.shape[:-1], -1, d)``), one proxy each,
         with its length guarded in the graph; None when it reads tensor values or is no sequence."""
-        try:
-            self._check_sizes_only(proxy.node)
-            value = self._value(tracer, proxy.node)
-        except _Untraceable:
-            return None
-        if not isinstance(value, (tuple, list)):  # torch.Size is a tuple
-            return None
-        length = tracer.create_node("call_function", len, (proxy.node,), {})
-        same = tracer.create_node("call_function", operator.eq, (length, len(value)), {})
-        tracer.create_node("call_function", torch._assert, (same, GUARD_MESSAGE + f"of length {len(value)}"), {})
-        self.decided += 1
-        return [proxy[index] for index in range(len(value))]  # type: ignore[index]
+        length = self.length(tracer, proxy)
+        return None if length is None else [proxy[index] for index in range(length)]  # type: ignore[index]
 
     def length(self, tracer: fx.Tracer, proxy: fx.Proxy) -> int | None:
         """``len`` of a shape ``proxy`` (``list.extend`` asks it before iterating), guarded in the
@@ -228,7 +216,7 @@ class ExampleBinding:
             value = self._value(tracer, proxy.node)
         except _Untraceable:
             return None
-        if not isinstance(value, (tuple, list)):
+        if not isinstance(value, (tuple, list)):  # torch.Size is a tuple
             return None
         length = tracer.create_node("call_function", len, (proxy.node,), {})
         same = tracer.create_node("call_function", operator.eq, (length, len(value)), {})
@@ -288,12 +276,12 @@ class ExampleBinding:
 def check_against_model(
     model: nn.Module, graph_output: Any, args: Sequence[Any], kwargs: dict[str, Any], what: str
 ) -> None:
-    """The graph's output on the example inputs is the model's own (same structure, tensors
-    equal to float tolerance); else :class:`GraphMismatch` names the first difference."""
+    """The graph's output on the example inputs is the model's own (the same leaves in the same
+    order, tensors equal to float tolerance); else :class:`GraphMismatch` names the first difference."""
     with torch.no_grad():
         expected = model(*args, **kwargs)
-    got_leaves, got_spec = pytree.tree_flatten(graph_output)
-    want_leaves, want_spec = pytree.tree_flatten(expected)
+    got_leaves = pytree.tree_leaves(graph_output)
+    want_leaves = pytree.tree_leaves(expected)
     if len(got_leaves) != len(want_leaves):
         raise GraphMismatch(f"{what}: the graph returns {len(got_leaves)} values, the model {len(want_leaves)}")
     for index, (got, want) in enumerate(zip(got_leaves, want_leaves)):

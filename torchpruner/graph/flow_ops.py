@@ -78,9 +78,7 @@ class TensorOpFlow(HeadFlow):
             if space is None or space.size < 3:
                 continue
             try:
-                before = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, np.arange(space.size))})
-                removed = np.setdiff1d(np.arange(space.size), [0, space.size // 2])
-                after = self._evaluate_value(args, {tensor: _slot_ids(space.shape, space.axis, removed)})
+                before, after = self._with_two_units_fewer(args, tensor, space)
             except Exception:  # noqa: BLE001 - the shape code fails on fewer units: it depends on them
                 before, after = None, ()
             if _shape_values(before) != _shape_values(after):
@@ -95,6 +93,13 @@ class TensorOpFlow(HeadFlow):
                         tensor,
                     )
                 )
+
+    def _with_two_units_fewer(self, value: Any, tensor: fx.Node, space: _Space) -> tuple[Any, Any]:
+        """``value`` (nested arguments) computed with all units of ``tensor`` and with two of them
+        removed (the first and the middle one); raises what the model's code raises."""
+        before = self._evaluate_value(value, {tensor: _slot_ids(space.shape, space.axis, np.arange(space.size))})
+        removed = np.setdiff1d(np.arange(space.size), [0, space.size // 2])
+        return before, self._evaluate_value(value, {tensor: _slot_ids(space.shape, space.axis, removed)})
 
     def _check_branch(self, node: fx.Node) -> None:
         """``node`` guards a shape check that the tracer decided on the example
@@ -158,9 +163,7 @@ class TensorOpFlow(HeadFlow):
         if len(shape) != 1 or not isinstance(shape[0], fx.Node):
             return False
         try:
-            before = self._evaluate_value(shape[0], {tensor: _slot_ids(space.shape, space.axis, np.arange(space.size))})
-            removed = np.setdiff1d(np.arange(space.size), [0, space.size // 2])
-            after = self._evaluate_value(shape[0], {tensor: _slot_ids(space.shape, space.axis, removed)})
+            before, after = self._with_two_units_fewer(shape[0], tensor, space)
         except Exception:  # noqa: BLE001 - it fails on fewer units
             return False
         if not isinstance(before, (tuple, list)) or not isinstance(after, (tuple, list)):

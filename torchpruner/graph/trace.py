@@ -400,6 +400,23 @@ def base_layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pads)
 
 
+def _placeholder_examples(
+    placeholders: list[fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[fx.Node, Any]:
+    """The example value of each placeholder of a traced forward: the positional inputs in order,
+    then the keyword inputs by name, then the forward's defaults (one without any is left out)."""
+    found: dict[fx.Node, Any] = {}
+    for position, node in enumerate(placeholders):
+        name = str(node.target).lstrip("*")
+        if position < len(args):
+            found[node] = args[position]
+        elif name in kwargs:
+            found[node] = kwargs[name]
+        elif node.args:
+            found[node] = node.args[0]
+    return found
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every torch.nn module, childless torchvision ops modules and
     registered user types (:func:`register_leaf_module`) as leaves.
@@ -426,14 +443,7 @@ class _LeafTracer(fx.Tracer):
             return example.root_arguments(self, self.root, root_fn)
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        for position, node in enumerate(placeholders):
-            name = str(node.target).lstrip("*")
-            if position < len(example.args):
-                example.values[node] = example.args[position]
-            elif name in example.kwargs:
-                example.values[node] = example.kwargs[name]
-            elif node.args:
-                example.values[node] = node.args[0]
+        example.values.update(_placeholder_examples(placeholders, example.args, example.kwargs))
         return fn, args
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -672,18 +682,14 @@ class ModelGraph:
         #: the example inputs the dependency analysis captures the model again with, to check
         #: literal sizes (graphs of torch.export and of fx on a wrapped forward); else None
         self.export_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        self._traced_with_named_inputs = False
         self.method, self.capture = "hooks", "hooks"
         if method in ("auto", "fx"):
             try:
                 self._build_fx(args, kwargs)
                 self.method, self.capture = "fx", "symbolic_trace"
-                if self._traced_with_named_inputs:
-                    # sizes a wrapped (Hugging Face) forward passes as ints from module attributes
-                    # are checked by tracing again with units removed, as for an exported graph
-                    self.export_inputs = (tuple(args), dict(kwargs))
             except Exception as exc:  # fx cannot trace data-dependent control flow and more
                 self.fx_error = exc
+                self.export_inputs = None  # set only for a graph that was kept
                 if method == "fx":
                     if hasattr(exc, "add_note"):  # Python 3.11+: the traceback names the failing module
                         exc.add_note(f"torch.fx could not trace {self.fx_failure}")
@@ -760,15 +766,12 @@ class ModelGraph:
                     traced = fx.GraphModule(tracer.root, graph, type(self.model).__name__)
                 release = _source_release(traced)
                 placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+                examples = _placeholder_examples(placeholders, args, kwargs)
                 flat_args = list(args)
                 for node in placeholders[len(args) :]:
-                    name = node.target.lstrip("*")
-                    if name in kwargs:
-                        flat_args.append(kwargs[name])
-                    elif node.args:
-                        flat_args.append(node.args[0])
-                    else:
-                        raise ValueError(f"no example value for the model input {name!r}")
+                    if node not in examples:
+                        raise ValueError(f"no example value for the model input {node.target.lstrip('*')!r}")
+                    flat_args.append(examples[node])
                 recorder = _ShapeRecorder(traced)
                 with torch.no_grad():
                     output = recorder.run(*flat_args)
@@ -778,7 +781,9 @@ class ModelGraph:
                     # computes (a branch on isinstance(x, Tensor) or is_tracing() must not have
                     # taken another path than the real forward)
                     check_against_model(self.model, output, args, kwargs, "the fx graph")
-                    self._traced_with_named_inputs = True
+                    # sizes a wrapped (Hugging Face) forward passes as ints from module attributes
+                    # are checked by tracing again with units removed, as for an exported graph
+                    self.export_inputs = (tuple(args), dict(kwargs))
         except Exception as exc:
             release()
             if tracer.failure is not None and _in_chain(tracer.failure[0], exc):
